@@ -1,0 +1,646 @@
+"""Topology configuration: frozen pydantic models, YAML loading, ${ENV} interpolation, checks.
+
+Loading runs in three passes, each collecting every problem before it reports:
+
+1. YAML: syntax, duplicate keys (PyYAML would silently keep the last one), ``${VAR}`` values;
+2. structure: the pydantic models (types, unknown keys, missing fields);
+3. meaning: slot coverage, table references, strategy names and parameters, the id layout.
+
+A ConfigError carries one line per problem naming the field path, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import itertools
+import os
+import re
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from . import strategies
+from .errors import ConfigError
+from .ids import ID_BITS, IdLayout
+from .strategies.base import StrategyContext
+from .types import KeyType
+
+DEFAULT_SLOTS = 1024
+MAX_SLOTS = 1 << 16
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PoolConfig(_Model):
+    """Connection pool settings of one shard's engines (SQLAlchemy QueuePool)."""
+
+    size: Annotated[int, Field(ge=1, le=1000)] = 5
+    max_overflow: Annotated[int, Field(ge=0, le=1000)] = 10
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    recycle_s: Annotated[int, Field(ge=-1)] = 3600
+    pre_ping: bool = True
+    connect_timeout_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+
+
+class ShardConfig(_Model):
+    """One physical shard: where it is and which slot ranges it owns."""
+
+    primary: str
+    replicas: list[str] = []
+    pool: PoolConfig = PoolConfig()
+    slots: list[tuple[int, int]]
+
+
+StrategySpec = str | dict[str, Any]
+
+
+class SecondaryKeyConfig(_Model):
+    """A further column that routes the table: order_id by gene, merchant_id by lookup."""
+
+    column: str
+    type: KeyType = KeyType.INT
+    strategy: StrategySpec
+
+
+class TableConfig(_Model):
+    """A logical table: sharded by a column, bound to another table, or broadcast."""
+
+    column: str | None = None
+    type: KeyType = KeyType.INT
+    strategy: StrategySpec | None = None
+    secondary: list[SecondaryKeyConfig] = []
+    bound_to: str | None = None
+    broadcast: bool = False
+    split: Annotated[int, Field(ge=1)] = 1
+
+
+class IdConfig(_Model):
+    """The id layout: bit widths (adding up to 63), custom epoch (UTC), this process's worker."""
+
+    epoch: dt.datetime = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
+    timestamp_bits: Annotated[int, Field(ge=1, le=62)] = 41
+    gene_bits: Annotated[int, Field(ge=0, le=16)] = 10
+    worker_bits: Annotated[int, Field(ge=0, le=20)] = 5
+    sequence_bits: Annotated[int, Field(ge=1, le=30)] = 7
+    worker_id: Annotated[int, Field(ge=0)] = 0
+    max_backward_ms: Annotated[int, Field(ge=0, le=60_000)] = 100
+
+
+class TopologyConfig(_Model):
+    """The whole placement as written in YAML."""
+
+    name: str = "default"
+    version: Annotated[int, Field(ge=1)] = 1
+    slots: int = DEFAULT_SLOTS
+    ids: IdConfig = IdConfig()
+    shards: dict[str, ShardConfig]
+    tables: dict[str, TableConfig] = {}
+
+    def id_layout(self) -> IdLayout:
+        ids = self.ids
+        return IdLayout(
+            epoch_ms=int(ids.epoch.timestamp() * 1000),
+            timestamp_bits=ids.timestamp_bits,
+            gene_bits=ids.gene_bits,
+            worker_bits=ids.worker_bits,
+            sequence_bits=ids.sequence_bits,
+        )
+
+
+# -- loading --------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first at line {seen[key]}; remove one of them)",
+                key_node.start_mark,
+            )
+        seen[key] = line
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(raw: Any, path: str, env: Mapping[str, str], problems: list[str]) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of ``raw``."""
+    if isinstance(raw, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(
+                f"{path}: environment variable {name} is not set"
+                f" (export it, or write ${{{name}:-default}})"
+            )
+            return ""
+
+        return _ENV.sub(sub, raw)
+    if isinstance(raw, dict):
+        return {k: _interpolate(v, _join(path, k), env, problems) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_interpolate(v, f"{path}[{i}]", env, problems) for i, v in enumerate(raw)]
+    return raw
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML text, refusing duplicate keys; ConfigError names the line and column."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise ConfigError([f"YAML error at {where}: {exc.problem}"], source) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"YAML error: {exc}"], source) from None
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> TopologyConfig:
+    """Load and fully validate a topology file; ConfigError lists every problem found."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror}"], source) from None
+    return config_from_dict(parse_yaml(text, source), source=source, env=env)
+
+
+def config_from_dict(
+    raw: Any, *, source: str = "<dict>", env: Mapping[str, str] | None = None
+) -> TopologyConfig:
+    """Validate an already-parsed configuration (what YAML gives); ConfigError on problems."""
+    if not isinstance(raw, dict):
+        kind = "empty" if raw is None else f"a {type(raw).__name__}"
+        raise ConfigError(
+            [f"the top level is {kind}, not a mapping (start with 'shards:' and 'tables:')"],
+            source,
+        )
+    problems: list[str] = []
+    raw = _interpolate(raw, "", os.environ if env is None else env, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        model = TopologyConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_structure_problems(exc), source) from None
+    problems = list(check(model))
+    if problems:
+        raise ConfigError(problems, source)
+    return model
+
+
+def validate_file(path: str | Path, env: Mapping[str, str] | None = None) -> list[str]:
+    """Every problem of a topology file, as lines; empty when the file is valid."""
+    try:
+        load_config(path, env)
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
+
+
+# -- pass 2: structure (pydantic) -------------------------------------------------------------
+
+
+def _loc_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out = f"{out}[{part}]" if isinstance(part, int) else _join(out, part)
+    return out
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model class that owns the field at ``loc`` (to list its allowed keys)."""
+    current: Any = TopologyConfig
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif typing.get_origin(current) in (dict, list, tuple):
+            args = typing.get_args(current)
+            current = args[-1] if args else Any
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(tp: Any) -> Any:
+    """Strip Annotated/Optional so the model class or container is left."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            models = [
+                a
+                for a in typing.get_args(tp)
+                if a is not type(None) and not (isinstance(a, type) and a in (str, int))
+            ]
+            if len(models) != 1:
+                return tp
+            tp = models[0]
+        else:
+            return tp
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _structure_problems(exc: ValidationError) -> list[str]:
+    problems: list[str] = []
+    seen: set[str] = set()
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        # pydantic tries each member of a union and reports each; the member name is noise.
+        loc = tuple(p for p in loc if p not in ("str", "int", "dict[str,any]", "bool"))
+        path = _loc_path(loc) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            owner = _model_at(loc[:-1])
+            known = sorted(owner.model_fields) if owner else []
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            fix = f"did you mean '{hint[0]}'? " if hint else ""
+            line = f"{path}: unknown key ({fix}known here: {', '.join(known)})"
+        elif kind == "missing":
+            line = f"{path}: required but missing (add it)"
+        else:
+            line = f"{path}: {err['msg']} (got {_show(err.get('input'))})"
+        if line not in seen:
+            seen.add(line)
+            problems.append(line)
+    return problems
+
+
+# -- pass 3: meaning ------------------------------------------------------------------------
+
+
+def safe_url(url: str) -> str:
+    """A URL for messages: the password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
+
+
+def check(model: TopologyConfig) -> Iterator[str]:
+    """Every semantic problem of a structurally valid configuration."""
+    yield from _check_slots_and_ids(model)
+    yield from _check_shards(model)
+    yield from _check_tables(model)
+
+
+def _check_slots_and_ids(model: TopologyConfig) -> Iterator[str]:
+    slots = model.slots
+    if not 1 <= slots <= MAX_SLOTS or slots & (slots - 1):
+        yield (
+            f"slots: {slots} is not a power of two in [1, {MAX_SLOTS}]"
+            " (use e.g. 1024; it is fixed for the life of the cluster)"
+        )
+        return
+    ids = model.ids
+    bits = ids.timestamp_bits + ids.gene_bits + ids.worker_bits + ids.sequence_bits
+    if bits != ID_BITS:
+        yield (
+            f"ids: timestamp_bits {ids.timestamp_bits} + gene_bits {ids.gene_bits} + worker_bits"
+            f" {ids.worker_bits} + sequence_bits {ids.sequence_bits} = {bits}, not {ID_BITS}"
+            " (ids are 63-bit; adjust timestamp_bits or worker_bits)"
+        )
+    slot_bits = slots.bit_length() - 1
+    if ids.gene_bits != slot_bits:
+        yield (
+            f"ids.gene_bits: {ids.gene_bits} does not match {slots} slots"
+            f" (gene_bits must be log2(slots) = {slot_bits})"
+        )
+    if ids.worker_id >= 1 << ids.worker_bits:
+        yield (
+            f"ids.worker_id: {ids.worker_id} does not fit in {ids.worker_bits} worker bits"
+            f" (use 0..{(1 << ids.worker_bits) - 1} or widen worker_bits)"
+        )
+    epoch = ids.epoch
+    if epoch.tzinfo is None or epoch.utcoffset() != dt.timedelta(0):
+        yield (
+            f"ids.epoch: {epoch.isoformat()} is not in UTC"
+            " (write it with a Z suffix, e.g. 2025-01-01T00:00:00Z)"
+        )
+    elif epoch > dt.datetime.now(dt.UTC):
+        yield f"ids.epoch: {epoch.isoformat()} is in the future (ids would be refused until then)"
+
+
+def _check_shards(model: TopologyConfig) -> Iterator[str]:
+    slots = model.slots
+    if not model.shards:
+        yield "shards: no shards defined (add at least one under shards:)"
+        return
+    ranges: list[tuple[int, int, str]] = []
+    for name, shard in model.shards.items():
+        base = f"shards.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            yield f"{base}: name {name!r} must be 1-64 letters, digits, '_' or '-'"
+        for field_name, url in [("primary", shard.primary)] + [
+            (f"replicas[{i}]", r) for i, r in enumerate(shard.replicas)
+        ]:
+            yield from _check_url(f"{base}.{field_name}", url)
+        if not shard.slots:
+            yield f"{base}.slots: empty (give the shard at least one [start, end) range)"
+        for i, (start, end) in enumerate(shard.slots):
+            where = f"{base}.slots[{i}]"
+            if start >= end:
+                yield (
+                    f"{where}: [{start}, {end}) is empty or reversed"
+                    " (write [start, end) with start < end)"
+                )
+            elif start < 0 or end > slots:
+                yield f"{where}: [{start}, {end}) is outside [0, {slots}) (slots is {slots})"
+            else:
+                ranges.append((start, end, name))
+    ranges.sort()
+    covered_to = 0
+    for (s1, e1, n1), (s2, e2, n2) in itertools.pairwise(ranges):
+        if s2 < e1:
+            yield f"shards.{n2}.slots: [{s2}, {e2}) overlaps {n1} [{s1}, {e1})"
+    for start, end, _ in ranges:
+        if start > covered_to:
+            yield (
+                f"slots: [{covered_to}, {start}) are owned by no shard"
+                " (add the range to a shard's slots)"
+            )
+        covered_to = max(covered_to, end)
+    if ranges and covered_to < slots:
+        yield (
+            f"slots: [{covered_to}, {slots}) are owned by no shard"
+            " (add the range to a shard's slots)"
+        )
+
+
+def _check_url(path: str, url: str) -> Iterator[str]:
+    try:
+        parsed: URL = make_url(url)
+    except ArgumentError:
+        yield (
+            f"{path}: {safe_url(url)!r} is not a database URL"
+            " (write e.g. mysql+pymysql://user:${DB_PASSWORD}@host:3306/orders_s0)"
+        )
+        return
+    backend = parsed.get_backend_name()
+    if backend not in ("mysql", "mariadb", "sqlite"):
+        yield (
+            f"{path}: backend {backend!r} in {safe_url(url)!r} is not supported"
+            " (use a mysql+<driver>:// or mariadb+<driver>:// URL; sqlite:// for the demo)"
+        )
+    elif backend != "sqlite" and not parsed.database:
+        yield (
+            f"{path}: {safe_url(url)!r} names no database"
+            " (end the URL with /<database>, e.g. /orders_s0)"
+        )
+
+
+def _strategy_name_and_params(spec: StrategySpec) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, {}
+    params = dict(spec)
+    name = params.pop("name", None)
+    return (name if isinstance(name, str) else ""), params
+
+
+def _check_strategy(
+    path: str,
+    spec: StrategySpec,
+    key_type: KeyType,
+    model: TopologyConfig,
+    *,
+    primary: bool,
+) -> Iterator[str]:
+    name, params = _strategy_name_and_params(spec)
+    known = strategies.known_strategies()
+    if not name:
+        yield f"{path}: no strategy name (write strategy: hash, or strategy: {{name: ...}})"
+        return
+    if name not in known:
+        hint = difflib.get_close_matches(name, known, n=1)
+        fix = f"did you mean '{hint[0]}'? " if hint else ""
+        yield f"{path}: unknown {name!r} ({fix}known: {', '.join(known)})"
+        return
+    if name == "lookup" and primary:
+        yield (
+            f"{path}: lookup cannot be a table's primary strategy (it needs a query to find"
+            " slots); shard the table by hash and list the lookup under secondary"
+        )
+        return
+    params_model = strategies.params_model(name)
+    try:
+        params_model.model_validate(params)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = _loc_path(tuple(err["loc"]))
+            if err["type"] == "extra_forbidden":
+                names = sorted(f.alias or n for n, f in params_model.model_fields.items())
+                yield (
+                    f"{path}.{loc}: unknown parameter of {name}"
+                    f" (known: {', '.join(names) or 'none'})"
+                )
+            elif err["type"] == "missing":
+                yield f"{path}.{loc}: required by strategy {name} but missing (add it)"
+            else:
+                yield f"{path}.{loc}: {err['msg']} (got {_show(err.get('input'))})"
+        return
+    strat_types = strategies.key_types(name)
+    if key_type not in strat_types:
+        allowed = ", ".join(sorted(t.value for t in strat_types))
+        yield (
+            f"{path}: strategy {name} cannot route a {key_type.value} column"
+            f" (it takes {allowed}; fix the column's type or pick another strategy)"
+        )
+        return
+    context = StrategyContext(
+        slots=model.slots, id_layout=_layout_or_none(model), key_type=key_type
+    )
+    try:
+        strategies.build(name, params, context)
+    except (ValueError, TypeError) as exc:
+        yield f"{path}: {exc}"
+
+
+def _layout_or_none(model: TopologyConfig) -> IdLayout | None:
+    try:
+        return model.id_layout()
+    except ValueError:
+        return None
+
+
+def _check_tables(model: TopologyConfig) -> Iterator[str]:
+    tables = model.tables
+    for name, table in tables.items():
+        base = f"tables.{name}"
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,58}", name):
+            yield f"{base}: name {name!r} is not a plain SQL identifier (letters, digits, '_')"
+        if table.split > model.slots:
+            yield f"{base}.split: {table.split} is more than the {model.slots} slots"
+        kinds = [
+            k for k, on in [("broadcast", table.broadcast), ("bound_to", table.bound_to)] if on
+        ]
+        if len(kinds) > 1:
+            yield f"{base}: broadcast and bound_to exclude each other (keep one)"
+            continue
+        if table.broadcast:
+            for field_name in ("column", "strategy"):
+                if getattr(table, field_name) is not None:
+                    yield f"{base}.{field_name}: a broadcast table has no {field_name} (remove it)"
+            if table.secondary:
+                yield f"{base}.secondary: a broadcast table has no sharding keys (remove it)"
+            if table.split != 1:
+                yield f"{base}.split: a broadcast table is not split (remove split)"
+            continue
+        if table.bound_to is not None:
+            yield from _check_bound(name, table, tables)
+        elif table.column is None or table.strategy is None:
+            missing = " and ".join(
+                f for f, v in [("column", table.column), ("strategy", table.strategy)] if v is None
+            )
+            yield (
+                f"{base}: {missing} missing (give column and strategy, or bound_to: <table>,"
+                " or broadcast: true)"
+            )
+            continue
+        else:
+            yield from _check_strategy(
+                f"{base}.strategy", table.strategy, table.type, model, primary=True
+            )
+        yield from _check_secondaries(name, table, model)
+
+
+def _check_bound(name: str, table: TableConfig, tables: Mapping[str, TableConfig]) -> Iterator[str]:
+    base = f"tables.{name}"
+    owner_name = table.bound_to
+    owner = tables.get(owner_name or "")
+    if owner is None:
+        yield (
+            f"{base}.bound_to: unknown table {owner_name!r}"
+            f" (known: {', '.join(sorted(tables)) or 'none'})"
+        )
+    elif owner_name == name:
+        yield f"{base}.bound_to: a table cannot be bound to itself"
+    elif owner.broadcast or owner.bound_to is not None:
+        what = "broadcast" if owner.broadcast else f"itself bound to {owner.bound_to}"
+        yield (
+            f"{base}.bound_to: {owner_name} is {what}"
+            " (bind to a table that has its own column and strategy)"
+        )
+    for field_name in ("column", "strategy"):
+        if getattr(table, field_name) is not None:
+            yield (f"{base}.{field_name}: a bound table takes its owner's {field_name} (remove it)")
+    if owner is not None and table.split != 1 and table.split != owner.split:
+        yield (f"{base}.split: a bound table is split like its owner ({owner.split}); remove split")
+
+
+def _check_secondaries(name: str, table: TableConfig, model: TopologyConfig) -> Iterator[str]:
+    primary_column = table.column
+    if table.bound_to is not None:
+        owner = model.tables.get(table.bound_to)
+        primary_column = owner.column if owner is not None else None
+    seen: set[str] = set()
+    for i, key in enumerate(table.secondary):
+        path = f"tables.{name}.secondary[{i}]"
+        if key.column == primary_column or key.column in seen:
+            yield f"{path}.column: {key.column!r} is already a sharding column of {name}"
+        seen.add(key.column)
+        yield from _check_strategy(f"{path}.strategy", key.strategy, key.type, model, primary=False)
+        strat, params = _strategy_name_and_params(key.strategy)
+        if strat == "lookup":
+            yield from _check_lookup_target(path, key, params, name, model)
+
+
+def _check_lookup_target(
+    path: str,
+    key: SecondaryKeyConfig,
+    params: Mapping[str, Any],
+    owner: str,
+    model: TopologyConfig,
+) -> Iterator[str]:
+    lookup_name = params.get("table")
+    if not isinstance(lookup_name, str):
+        return
+    lookup = model.tables.get(lookup_name)
+    where = f"{path}.strategy.table"
+    if lookup is None:
+        yield (
+            f"{where}: unknown table {lookup_name!r} (define the lookup table under tables:,"
+            f" sharded by {params.get('from', key.column)})"
+        )
+        return
+    if lookup_name == owner:
+        yield f"{where}: a table cannot be its own lookup table"
+        return
+    if lookup.column != params.get("from"):
+        yield (
+            f"{path}.strategy.from: {params.get('from')!r} is not the sharding column of"
+            f" {lookup_name} ({lookup.column!r}); a lookup table is sharded by its 'from' column"
+        )
+    if lookup.type != key.type:
+        yield (
+            f"{path}.type: {key.type.value} but lookup table {lookup_name} is sharded by a"
+            f" {lookup.type.value} column (make them the same)"
+        )
+    owner_table = model.tables[owner]
+    owner_column = owner_table.column
+    if owner_table.bound_to is not None:
+        bound_owner = model.tables.get(owner_table.bound_to)
+        owner_column = bound_owner.column if bound_owner is not None else None
+    if params.get("to") != owner_column:
+        yield (
+            f"{path}.strategy.to: {params.get('to')!r} is not {owner}'s sharding column"
+            f" ({owner_column!r}); a lookup maps to the owner's primary key"
+        )
+
+
+__all__ = [
+    "IdConfig",
+    "PoolConfig",
+    "SecondaryKeyConfig",
+    "ShardConfig",
+    "TableConfig",
+    "TopologyConfig",
+    "check",
+    "config_from_dict",
+    "load_config",
+    "parse_yaml",
+    "safe_url",
+    "validate_file",
+]

@@ -1,0 +1,102 @@
+"""The exception hierarchy of shardrouter: every error the library raises derives from one root.
+
+::
+
+    ShardRouterError                    root; catch this to catch everything shardrouter raises
+    ├── ConfigError                     a topology file or model is invalid (load time);
+    │                                   ``.problems`` lists every problem found, not only the first
+    ├── RoutingError                    a statement or key cannot be routed (run time)
+    │   ├── UnknownTableError           the logical table is not in the topology
+    │   ├── UnknownKeyError             the column is not a sharding column of that table
+    │   └── KeyValueError               the key's value has the wrong type, is NULL or out of range
+    ├── IdError                         id generation or decoding failed
+    │   ├── ClockMovedBackwardsError    the clock went back further than the configured bound
+    │   └── IdDecodeError               a value is not an id of this layout
+    └── SandboxError                    the local MariaDB sandbox could not start or stop
+        ├── ServerBinaryMissingError    mariadbd / mariadb-install-db are not installed
+        └── PortInUseError              a port the sandbox needs is taken by another process
+
+Configuration problems are raised when a topology is loaded; routing and id problems when a key
+is routed. Messages name the operation, the value and the way out. Handle errors by class,
+never by message text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class ShardRouterError(Exception):
+    """Root of every exception raised by shardrouter."""
+
+
+class ConfigError(ShardRouterError):
+    """A topology configuration is invalid; raised at load time, before anything is applied.
+
+    ``problems`` holds one human-readable line per problem, each naming the field path, the bad
+    value and the fix; ``source`` names the file (or ``<dict>``) the configuration came from.
+    """
+
+    def __init__(self, problems: Sequence[str], source: str = "<config>") -> None:
+        self.problems: tuple[str, ...] = tuple(problems)
+        self.source = source
+        lines = "\n".join(f"  {source}: {p}" for p in self.problems)
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        super().__init__(f"invalid topology config {source} ({count} {noun}):\n{lines}")
+
+
+class RoutingError(ShardRouterError):
+    """A key or statement cannot be routed to a shard."""
+
+
+class UnknownTableError(RoutingError):
+    """The logical table is not defined in the topology."""
+
+
+class UnknownKeyError(RoutingError):
+    """The column given as a key is not a sharding column (primary or secondary) of the table."""
+
+
+class KeyValueError(RoutingError):
+    """A sharding key's value has the wrong type, is NULL, or is outside the strategy's domain."""
+
+
+class IdError(ShardRouterError):
+    """Id generation or decoding failed."""
+
+
+class ClockMovedBackwardsError(IdError):
+    """The wall clock moved backwards by more than the configured bound; no id was issued."""
+
+
+class IdDecodeError(IdError):
+    """A value cannot be an id of this layout (not an integer, negative, or wider than 63 bits)."""
+
+
+class SandboxError(ShardRouterError):
+    """The local MariaDB sandbox could not be started, reached or stopped."""
+
+
+class ServerBinaryMissingError(SandboxError):
+    """``mariadbd`` or ``mariadb-install-db`` is not installed on this machine."""
+
+
+class PortInUseError(SandboxError):
+    """A TCP port the sandbox wants is already taken by a process it did not start."""
+
+
+__all__ = [
+    "ClockMovedBackwardsError",
+    "ConfigError",
+    "IdDecodeError",
+    "IdError",
+    "KeyValueError",
+    "PortInUseError",
+    "RoutingError",
+    "SandboxError",
+    "ServerBinaryMissingError",
+    "ShardRouterError",
+    "UnknownKeyError",
+    "UnknownTableError",
+]
