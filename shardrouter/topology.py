@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -129,7 +129,9 @@ class KeyRule:
         )
         # The common key types are matched by exact type first: one identity test on the hot path.
         self._exact: type = {KeyType.INT: int, KeyType.STR: str}.get(key_type, type(None))
-        self._map = strategy.slot if isinstance(strategy, FunctionalStrategy) else None
+        self._map: Callable[[Any], Slot] = (
+            strategy.slot if isinstance(strategy, FunctionalStrategy) else self._needs_lookup
+        )
 
     def __repr__(self) -> str:
         return f"KeyRule({self.table}.{self.column}, {self.strategy.name})"
@@ -146,15 +148,16 @@ class KeyRule:
             f" {self.column} as {self.key_type.label}"
         )
 
+    def _needs_lookup(self, value: Any) -> Slot:
+        raise RoutingError(
+            f"{self.table}.{self.column} routes through lookup table {self.lookup_table}:"
+            " finding its slots needs a query (use the router, or route by the owner's key)"
+        )
+
     def slot(self, value: Any) -> Slot:
         """The slot of ``value``; the routing hot path for functional strategies."""
         if type(value) is not self._exact:
             self.check(value)
-        if self._map is None:
-            raise RoutingError(
-                f"{self.table}.{self.column} routes through lookup table {self.lookup_table}:"
-                " finding its slots needs a query (use the router, or route by the owner's key)"
-            )
         try:
             return self._map(value)
         except StrategyDomainError as exc:
@@ -162,6 +165,24 @@ class KeyRule:
                 f"{self.table}.{self.column}: value {value!r}: {exc}"
                 f" (strategy {self.strategy.name} expects {self.key_type.value})"
             ) from None
+
+    def shard_function(self, owner: Sequence[ShardId]) -> Callable[[Any], ShardId]:
+        """A fused value -> shard function for ``owner`` (slot -> shard): the hot path.
+
+        Values of the column's exact type go straight to the strategy, which checks its own
+        domain; anything else (bool, None, a str in an int column) takes the checked path.
+        """
+        exact, fast, checked = self._exact, self._map, self.slot
+
+        def shard_of(value: Any) -> ShardId:
+            if type(value) is exact:
+                try:
+                    return owner[fast(value)]
+                except StrategyDomainError:
+                    pass  # re-raised with the table and column by the checked path
+            return owner[checked(value)]
+
+        return shard_of
 
     def keyspace_id(self, value: Any) -> KeyspaceId | None:
         self.check(value)
@@ -250,6 +271,12 @@ class Topology:
         for name in config.tables:
             self._tables[name] = self._build_table(name, config.tables)
         self.tables: Mapping[str, TableRule] = MappingProxyType(self._tables)
+        # Per table, the primary key's value -> shard function: shard_for's common case.
+        self._primary_shard: dict[str, Callable[[Any], ShardId]] = {
+            name: rule.primary.shard_function(self._owner)
+            for name, rule in self._tables.items()
+            if rule.primary
+        }
 
     @classmethod
     def load(cls, path: str | Path, env: Mapping[str, str] | None = None) -> Topology:
@@ -328,8 +355,12 @@ class Topology:
     def shard_for(self, table: str, value: Any, column: str | None = None) -> ShardId:
         """The shard of a row of ``table`` whose key ``column`` (default: primary) is ``value``.
 
-        The hot path: one dict lookup, one type check, one hash and two indexings.
+        The hot path: one dict lookup, one type check, one hash and one indexing.
         """
+        if column is None:
+            shard_of = self._primary_shard.get(table)
+            if shard_of is not None:
+                return shard_of(value)
         return self._owner[self.slot_for(table, value, column)]
 
     def route(self, table: str, column: str, value: Any) -> Route:

@@ -7,8 +7,6 @@ from typing import Any, ClassVar
 from ..types import KeyspaceId, KeyType, Slot
 from .base import StrategyContext, StrategyDomainError, StrategyParams, register
 
-_ID_LIMIT = 2**63
-
 
 class GeneParams(StrategyParams):
     """``gene`` takes no parameters: the bit positions come from the topology's id layout."""
@@ -37,8 +35,8 @@ class GeneStrategy:
         return None
 
     def slot(self, value: Any) -> Slot:
-        if type(value) is not int or not 0 <= value < _ID_LIMIT:
+        if type(value) is not int or not 0 <= value <= 0x7FFFFFFFFFFFFFFF:
             raise StrategyDomainError(
                 f"{value!r} is not a shardrouter id (a non-negative 63-bit integer)"
             )
-        return Slot((value >> self._shift) & self._mask)
+        return (value >> self._shift) & self._mask  # type: ignore[return-value]

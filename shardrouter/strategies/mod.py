@@ -35,4 +35,4 @@ class ModStrategy:
     def slot(self, value: Any) -> Slot:
         if type(value) is not int or value < 0:
             raise StrategyDomainError(f"{value!r} is not a non-negative integer (mod needs one)")
-        return Slot(value & self._mask)
+        return value & self._mask  # type: ignore[return-value]

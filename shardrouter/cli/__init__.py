@@ -1,0 +1,23 @@
+"""shardctl: the command line of shardrouter. Each command parses, calls the library, prints."""
+
+from __future__ import annotations
+
+import click
+
+from .config_cmd import config
+from .ids_cmd import ids
+from .misc import bench, demo
+from .route import route
+from .sandbox import sandbox
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="shardrouter")
+def main() -> None:
+    """shardrouter: route orders to MySQL shards, hand out ids that carry their shard."""
+
+
+for command in (bench, config, demo, ids, route, sandbox):
+    main.add_command(command)
+
+__all__ = ["main"]

@@ -1,0 +1,48 @@
+"""``shardctl config``: validate topology files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..config import load_config
+from ..errors import ConfigError
+from ._common import emit_json, json_option
+
+
+@click.group("config")
+def config() -> None:
+    """Check topology configuration files."""
+
+
+@config.command("validate")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@json_option
+def validate(file: Path, as_json: bool) -> None:
+    """Validate FILE; print every problem; exit 0 only when it is valid."""
+    try:
+        model = load_config(file)
+    except ConfigError as exc:
+        if as_json:
+            emit_json({"file": str(file), "valid": False, "problems": list(exc.problems)})
+        else:
+            click.echo(str(exc), err=True)
+        raise SystemExit(1) from None
+    summary = {
+        "file": str(file),
+        "valid": True,
+        "problems": [],
+        "name": model.name,
+        "version": model.version,
+        "slots": model.slots,
+        "shards": len(model.shards),
+        "tables": len(model.tables),
+    }
+    if as_json:
+        emit_json(summary)
+    else:
+        click.echo(
+            f"{file}: valid (topology {model.name!r} v{model.version}: {model.slots} slots,"
+            f" {len(model.shards)} shards, {len(model.tables)} tables)"
+        )

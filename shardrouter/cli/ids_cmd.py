@@ -1,0 +1,72 @@
+"""``shardctl ids``: generate and decode ids that carry their shard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..topology import Topology
+from ._common import config_option, emit_json, handle_errors, json_option, parse_key
+
+
+@click.group("ids")
+def ids() -> None:
+    """Generate and decode ids."""
+
+
+@ids.command("new")
+@config_option
+@click.option("--table", required=True, help="Logical table whose key the ids carry.")
+@click.option("--key", required=True, help="COL=VALUE, e.g. user_id=42.")
+@click.option("--count", default=1, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--worker", type=int, default=None, help="Worker id (default: ids.worker_id).")
+@json_option
+@handle_errors
+def new(
+    config_path: Path, table: str, key: str, count: int, worker: int | None, as_json: bool
+) -> None:
+    """Generate COUNT ids for the row whose sharding key is KEY."""
+    topology = Topology.load(config_path)
+    column, value = parse_key(topology, table, key)
+    generator = topology.id_generator(table, worker)
+    new_ids = generator.next_ids(count, **{column: value})
+    slot = generator.decode(new_ids[0]).slot
+    shard = topology.shard_of_slot(slot)
+    if as_json:
+        emit_json(
+            {"table": table, "key": {column: value}, "slot": slot, "shard": shard, "ids": new_ids}
+        )
+    else:
+        for id_ in new_ids:
+            click.echo(id_)
+        click.echo(f"# slot {slot}, shard {shard}", err=True)
+
+
+@ids.command("decode")
+@click.argument("id_text", metavar="ID")
+@config_option
+@json_option
+@handle_errors
+def decode(id_text: str, config_path: Path, as_json: bool) -> None:
+    """Show the timestamp, slot (and its shard), worker and sequence of ID."""
+    topology = Topology.load(config_path)
+    try:
+        id_ = int(id_text, 10)
+    except ValueError:
+        raise click.BadParameter(f"{id_text!r} is not an integer id", param_hint="ID") from None
+    d = topology.id_layout.decode(id_)
+    data = {
+        "id": d.id,
+        "timestamp_ms": d.timestamp_ms,
+        "time": d.time.isoformat(),
+        "slot": d.slot,
+        "shard": topology.shard_of_slot(d.slot),
+        "worker": d.worker,
+        "sequence": d.sequence,
+    }
+    if as_json:
+        emit_json(data)
+    else:
+        for k, v in data.items():
+            click.echo(f"{k:<13} {v}")
