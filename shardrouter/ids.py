@@ -244,7 +244,10 @@ class IdGenerator:
                     continue
                 take = min(count - len(out), max_seq - seq + 1)
                 stamp = (now << ts_shift) | base
-                out.extend(stamp | s for s in range(seq, seq + take))
+                if take == 1:  # the common single-id call skips building a generator
+                    out.append(stamp | seq)
+                else:
+                    out.extend(range(stamp | seq, (stamp | seq) + take))
                 self._last_ms[slot] = now
                 self._next_seq[slot] = seq + take
                 if now > self._high_ms:
