@@ -65,6 +65,14 @@ def physical_metadata(topology: Topology) -> MetaData:
             Column("user_id", BigInteger, nullable=False),
             Column("sku", String(64), nullable=False),
         )
+    for name in topology.table("merchant_orders").physical_names:
+        Table(
+            name,
+            md,
+            Column("merchant_id", BigInteger, primary_key=True, autoincrement=False),
+            Column("order_id", BigInteger, primary_key=True, autoincrement=False),
+            Column("user_id", BigInteger, nullable=False),
+        )
     return md
 
 

@@ -8,7 +8,13 @@
     ├── RoutingError                    a statement or key cannot be routed (run time)
     │   ├── UnknownTableError           the logical table is not in the topology
     │   ├── UnknownKeyError             the column is not a sharding column of that table
-    │   └── KeyValueError               the key's value has the wrong type, is NULL or out of range
+    │   ├── KeyValueError               the key's value has the wrong type, is NULL or out of range
+    │   ├── UnsupportedQueryError       the planner cannot run this SQL correctly on shards
+    │   ├── ScatterWriteError           an UPDATE/DELETE without a sharding key, not allowed
+    │   └── FanoutLimitError            a query exceeds the configured fan-out or OFFSET cap
+    ├── ExecutionError                  a statement failed on a shard (``.shard``, ``.orig``)
+    │   ├── ShardUnavailableError       the shard did not answer within its timeout
+    │   └── CrossShardTransactionError  a transaction would touch a second shard (no XA)
     ├── IdError                         id generation or decoding failed
     │   ├── ClockMovedBackwardsError    the clock went back further than the configured bound
     │   └── IdDecodeError               a value is not an id of this layout
@@ -62,6 +68,38 @@ class KeyValueError(RoutingError):
     """A sharding key's value has the wrong type, is NULL, or is outside the strategy's domain."""
 
 
+class UnsupportedQueryError(RoutingError):
+    """The planner cannot run this statement correctly on shards; the message names the
+    construct and what to do instead. Nothing was executed."""
+
+
+class ScatterWriteError(RoutingError):
+    """An UPDATE or DELETE has no sharding-key predicate and scatter writes are not allowed."""
+
+
+class FanoutLimitError(RoutingError):
+    """A query would reach more shards, or skip more rows (OFFSET), than configured."""
+
+
+class ExecutionError(ShardRouterError):
+    """A statement failed on a shard. ``shard`` names it; ``orig`` is the driver's error."""
+
+    def __init__(
+        self, message: str, *, shard: str | None = None, orig: BaseException | None = None
+    ):
+        super().__init__(message)
+        self.shard = shard
+        self.orig = orig
+
+
+class ShardUnavailableError(ExecutionError):
+    """A shard did not answer (refused, timed out, went away); other shards keep serving."""
+
+
+class CrossShardTransactionError(ExecutionError):
+    """A transaction would touch a second shard and XA mode is not configured."""
+
+
 class IdError(ShardRouterError):
     """Id generation or decoding failed."""
 
@@ -89,14 +127,20 @@ class PortInUseError(SandboxError):
 __all__ = [
     "ClockMovedBackwardsError",
     "ConfigError",
+    "CrossShardTransactionError",
+    "ExecutionError",
+    "FanoutLimitError",
     "IdDecodeError",
     "IdError",
     "KeyValueError",
     "PortInUseError",
     "RoutingError",
     "SandboxError",
+    "ScatterWriteError",
     "ServerBinaryMissingError",
     "ShardRouterError",
+    "ShardUnavailableError",
     "UnknownKeyError",
     "UnknownTableError",
+    "UnsupportedQueryError",
 ]

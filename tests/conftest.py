@@ -149,6 +149,20 @@ def scratch_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def oracle(_sandbox_root: Path) -> Iterator[sb.Sandbox]:
+    """One more MariaDB instance holding every row unsharded: the answer multi-shard queries
+    must equal. Its own instance (not the system server) so a fresh machine needs nothing
+    running, and with the same server settings and collation as the shards."""
+    directory = _sandbox_root / "oracle"
+    _live[directory] = None
+    try:
+        yield sb.up(directory, shards=1, base_port=SANDBOX_PORT + 20)
+    finally:
+        _live.pop(directory, None)
+        sb.down(directory)
+
+
+@pytest.fixture(scope="session")
 def oracle_url() -> str:
-    """The system MariaDB (one unsharded database) that multi-shard answers are compared with."""
+    """The system MariaDB (one unsharded database), for ad-hoc comparisons."""
     return ORACLE_URL

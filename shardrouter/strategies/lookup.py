@@ -16,11 +16,15 @@ from .base import StrategyContext, StrategyParams, register
 class LookupParams(StrategyParams):
     """``table``: the logical lookup table (itself sharded by ``from``);
     ``from``: its column holding the secondary key; ``to``: its column holding the owner's
-    primary sharding key (for merchant_orders: merchant_id -> user_id)."""
+    primary sharding key (for merchant_orders: merchant_id -> user_id);
+    ``key``: optional, a unique column of the owner row copied into the lookup row so each
+    owner row has its own lookup row (merchant_orders.order_id); without it the lookup is
+    unique: one ``from`` value belongs to one owner (user_emails: email -> user_id)."""
 
     table: str
     from_: str = Field(alias="from")
     to: str
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +53,19 @@ class LookupStrategy:
     needs_io: ClassVar[bool] = True
     key_types: ClassVar[frozenset[KeyType]] = frozenset(KeyType)
 
-    __slots__ = ("from_column", "table", "to_column")
+    __slots__ = ("from_column", "key_column", "table", "to_column")
 
     def __init__(self, params: LookupParams, context: StrategyContext) -> None:
         self.table = params.table
         self.from_column = params.from_
         self.to_column = params.to
+        self.key_column = params.key
+
+    @property
+    def row_columns(self) -> tuple[str, ...]:
+        """The columns of one lookup row, in order: from, to[, key]."""
+        cols = (self.from_column, self.to_column)
+        return cols if self.key_column is None else (*cols, self.key_column)
 
     def query(self, values: Sequence[Any], physical_table: str | None = None) -> LookupQuery:
         """The statement that finds the owner keys of ``values``; values are bound parameters.

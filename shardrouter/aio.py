@@ -1,0 +1,255 @@
+"""AsyncRouter: the async twin of Router over aiomysql; same planner, same core, other waiting."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import TextClause, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql import Executable
+
+from .engines import make_async_engine
+from .errors import CrossShardTransactionError, RoutingError
+from .execution import Job, JobResult, Limits, ResultSet, Step, run
+from .planner import Planner
+from .router import _explicit_key_rules, _sql_and_params, classify
+from .topology import Topology
+from .types import ShardId, Slot
+
+
+class AsyncShardConnection:
+    """An AsyncConnection on the shard that owns a key, inside a transaction."""
+
+    def __init__(
+        self, connection: AsyncConnection, topology: Topology, shard: ShardId, slot: Slot
+    ) -> None:
+        self.connection = connection
+        self.shard = shard
+        self.slot = slot
+        self._topology = topology
+
+    def physical(self, table: str) -> str:
+        return self._topology.table(table).physical(self.slot)
+
+    async def execute(self, statement: Executable, params: Any = None) -> Any:
+        return await self.connection.execute(statement, params)
+
+
+class AsyncTransaction:
+    """A single-shard async transaction, bound to the shard of its first statement."""
+
+    def __init__(self, router: AsyncRouter) -> None:
+        self._router = router
+        self.shard: ShardId | None = None
+        self._conn: AsyncConnection | None = None
+        self._deferred: list[Job] = []
+
+    async def execute(
+        self, statement: str | Executable, params: Mapping[str, Any] | None = None
+    ) -> ResultSet:
+        return await self._router._execute(statement, params, self)
+
+    async def _run(self, jobs: Sequence[Job]) -> list[JobResult]:
+        out: list[JobResult] = []
+        for job in jobs:
+            if job.role == "lookup_cleanup":
+                self._deferred.append(job)
+                out.append(JobResult((), [], 0))
+            elif job.role == "lookup":
+                out.append(await self._router._run_job(job))
+            else:
+                out.append(await self._run_bound(job))
+        return out
+
+    async def _run_bound(self, job: Job) -> JobResult:
+        if self.shard is None:
+            self.shard = job.shard
+            try:
+                self._conn = await self._router._engine(job.shard).connect()
+                await self._conn.begin()
+            except (DBAPIError, PoolTimeoutError, OSError) as exc:
+                raise classify(exc, job.shard) from exc
+        elif job.shard != self.shard:
+            raise CrossShardTransactionError(
+                f"this transaction is bound to shard {self.shard} and the statement needs"
+                f" shard {job.shard}; keep a transaction on one key's rows, or configure XA",
+                shard=job.shard,
+            )
+        assert self._conn is not None
+        return await self._router._execute_on(self._conn, job)
+
+    async def _finish(self, commit: bool) -> None:
+        conn = self._conn
+        if conn is not None:
+            try:
+                if commit:
+                    await conn.commit()
+                else:
+                    await conn.rollback()
+            finally:
+                await conn.close()
+        if commit and self._deferred:
+            await self._router._gather(self._deferred)
+
+
+class AsyncRouter:
+    """Routes statements to shards over asyncio; fan-out runs concurrently, bounded per query.
+
+    The planner, routing, lookups and merge are the same code as Router's (execution.run):
+    only the waiting differs.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        allow_scatter_write: bool = False,
+        max_fanout: int | None = None,
+        max_offset: int | None = 10_000,
+        max_concurrency: int | None = None,
+    ) -> None:
+        self.topology = topology
+        self.planner = Planner(topology)
+        self.limits = Limits(allow_scatter_write, max_fanout, max_offset)
+        self.max_concurrency = max_concurrency or 4 * max(1, len(topology.shards))
+        self._engines: dict[ShardId, AsyncEngine] = {
+            sid: make_async_engine(spec.primary, spec.pool) for sid, spec in topology.shards.items()
+        }
+        self._texts: dict[str, TextClause] = {}
+        self._key_rules = _explicit_key_rules(topology)
+
+    @classmethod
+    def load(cls, path: str | Path, **options: Any) -> AsyncRouter:
+        return cls(Topology.load(path), **options)
+
+    async def __aenter__(self) -> AsyncRouter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        for engine in self._engines.values():
+            await engine.dispose()
+
+    def _engine(self, shard: ShardId) -> AsyncEngine:
+        try:
+            return self._engines[shard]
+        except KeyError:
+            raise RoutingError(f"shard {shard!r} is not in the topology") from None
+
+    # -- explicit path ----------------------------------------------------------------------
+
+    def route_key(self, **key: Any) -> tuple[ShardId, Slot]:
+        if len(key) != 1:
+            raise RoutingError(
+                f"give exactly one sharding key (e.g. user_id=42), got {sorted(key)}"
+            )
+        ((column, value),) = key.items()
+        rule = self._key_rules.get(column)
+        if rule is None:
+            raise RoutingError(
+                f"{column} is not a sharding column of any table"
+                f" (known: {', '.join(sorted(self._key_rules))})"
+            )
+        slot = rule.slot(value)
+        return self.topology.shard_of_slot(slot), slot
+
+    @asynccontextmanager
+    async def connection(self, **key: Any) -> AsyncIterator[AsyncShardConnection]:
+        """An AsyncConnection on the key's shard inside a transaction (committed on success)."""
+        shard, slot = self.route_key(**key)
+        try:
+            async with self._engine(shard).begin() as conn:
+                yield AsyncShardConnection(conn, self.topology, shard, slot)
+        except (DBAPIError, PoolTimeoutError) as exc:
+            raise classify(exc, shard) from exc
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncTransaction]:
+        txn = AsyncTransaction(self)
+        try:
+            yield txn
+        except BaseException:
+            await txn._finish(commit=False)
+            raise
+        await txn._finish(commit=True)
+
+    # -- transparent SQL ----------------------------------------------------------------------
+
+    async def execute(
+        self, statement: str | Executable, params: Mapping[str, Any] | None = None
+    ) -> ResultSet:
+        return await self._execute(statement, params, None)
+
+    async def _execute(
+        self,
+        statement: str | Executable,
+        params: Mapping[str, Any] | None,
+        txn: AsyncTransaction | None,
+    ) -> ResultSet:
+        sql, bound = _sql_and_params(statement, params)
+        plan = self.planner.plan(sql)
+        return await self._drive(run(self.topology, plan, bound, self.limits), txn)
+
+    async def _drive(self, step: Step, txn: AsyncTransaction | None) -> ResultSet:
+        try:
+            jobs = next(step)
+            while True:
+                results = await (txn._run(jobs) if txn is not None else self._gather(jobs))
+                jobs = step.send(results)
+        except StopIteration as stop:
+            result: ResultSet = stop.value
+            return result
+
+    async def _gather(self, jobs: Sequence[Job]) -> list[JobResult]:
+        if len(jobs) == 1:
+            return [await self._run_job(jobs[0])]
+        limit = asyncio.Semaphore(self.max_concurrency)
+
+        async def bounded(job: Job) -> JobResult:
+            async with limit:
+                return await self._run_job(job)
+
+        # Wait for every job (no task left running behind the caller); first error wins.
+        results = await asyncio.gather(*(bounded(j) for j in jobs), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [r for r in results if isinstance(r, JobResult)]
+
+    def _text(self, sql: str) -> TextClause:
+        clause = self._texts.get(sql)
+        if clause is None:
+            if len(self._texts) > 4096:
+                self._texts.clear()
+            clause = self._texts[sql] = text(sql)
+        return clause
+
+    async def _execute_on(self, conn: AsyncConnection, job: Job) -> JobResult:
+        stmt = self._text(job.statement) if isinstance(job.statement, str) else job.statement
+        try:
+            result = await conn.execute(stmt, job.params)
+            if result.returns_rows:
+                columns = tuple(result.keys())
+                rows = [tuple(r) for r in result]
+                return JobResult(columns, rows, len(rows))
+            return JobResult((), [], result.rowcount)
+        except (DBAPIError, PoolTimeoutError) as exc:
+            raise classify(exc, job.shard, str(stmt)) from exc
+
+    async def _run_job(self, job: Job) -> JobResult:
+        try:
+            async with self._engine(job.shard).begin() as conn:
+                return await self._execute_on(conn, job)
+        except (DBAPIError, PoolTimeoutError, OSError) as exc:
+            raise classify(exc, job.shard) from exc
+
+
+__all__ = ["AsyncRouter", "AsyncShardConnection", "AsyncTransaction"]

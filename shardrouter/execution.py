@@ -1,0 +1,435 @@
+"""The sans-I/O core of statement execution, shared by the sync and async routers.
+
+``run(...)`` is a generator: it yields batches of Jobs (statements to run on shards) and is sent
+back their results; it returns the final ResultSet. The sync router drives it with a thread
+pool, the async router with asyncio tasks: the two differ only in how they wait. Routing,
+lookups, the order of lookup writes and the merge all live here, once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from sqlalchemy import and_, column, delete, literal_column, table, text
+from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy.sql import Executable
+
+from .errors import (
+    ExecutionError,
+    FanoutLimitError,
+    RoutingError,
+    ScatterWriteError,
+)
+from .merge import merge
+from .planner import KeyCondition, Plan, Target
+from .strategies import LookupStrategy
+from .topology import KeyRule, TableRule, Topology
+from .types import ShardId, Slot
+
+JobKind = Literal["read", "write"]
+JobRole = Literal["statement", "lookup", "lookup_cleanup"]
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One statement to run on one shard, in its own transaction unless the caller holds one."""
+
+    shard: ShardId
+    statement: str | Executable
+    params: Mapping[str, Any] | Sequence[Mapping[str, Any]]
+    kind: JobKind
+    role: JobRole = "statement"
+    """Lookup reads and writes run outside the caller's transaction (a lookup row may live on
+    another shard; it is written first, so an aborted transaction leaves an orphan at worst);
+    lookup cleanups run only after the owner's delete committed."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+    rowcount: int
+
+
+@dataclass(slots=True)
+class ResultSet:
+    """Rows of a routed statement and the route it took."""
+
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+    rowcount: int
+    shards: tuple[ShardId, ...]
+    """The shards the statement ran on (lookup queries not included)."""
+    lookups: tuple[ShardId, ...] = ()
+    """The shards lookup tables were read or written on."""
+    scatter: bool = False
+    """Whether the statement fanned out to every shard."""
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def all(self) -> list[tuple[Any, ...]]:
+        return list(self.rows)
+
+    def one(self) -> tuple[Any, ...]:
+        if len(self.rows) != 1:
+            raise ExecutionError(f"expected exactly one row, got {len(self.rows)}")
+        return self.rows[0]
+
+    def scalar(self) -> Any:
+        return self.rows[0][0] if self.rows else None
+
+    def scalars(self) -> list[Any]:
+        return [r[0] for r in self.rows]
+
+    def mappings(self) -> list[dict[str, Any]]:
+        return [dict(zip(self.columns, r, strict=False)) for r in self.rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Caps that keep one query from hurting the cluster; 0 or None means no cap."""
+
+    allow_scatter_write: bool = False
+    max_fanout: int | None = None
+    max_offset: int | None = 10_000
+
+
+Step = Generator[list[Job], list[JobResult], ResultSet]
+
+
+@dataclass
+class _Targets:
+    targets: list[Target]
+    scatter: bool
+    lookups: list[ShardId] = field(default_factory=list)
+
+
+def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limits) -> Step:
+    """Execute ``plan``: yields job batches, receives their results, returns the ResultSet."""
+    if plan.kind == "insert":
+        return (yield from _insert(topology, plan, params))
+    found = yield from _resolve_targets(topology, plan, params)
+    _check_limits(plan, found, limits, topology)
+    scatter_sql = len(found.targets) > 1 and plan.kind == "select"
+    pending_lookup_deletes: list[Job] = []
+    if plan.kind == "delete" and plan.sharded is not None and _owned_lookups(plan.sharded):
+        pending_lookup_deletes = yield from _delete_lookups_prepare(topology, plan, params, found)
+    jobs = [
+        Job(
+            ShardId(t.shard),
+            plan.render(t, scatter=scatter_sql),
+            params,
+            "read" if plan.kind == "select" else "write",
+        )
+        for t in found.targets
+    ]
+    results = yield jobs
+    shards = tuple(dict.fromkeys(j.shard for j in jobs))
+    if plan.kind != "select":
+        rowcount = sum(r.rowcount for r in results)
+        if pending_lookup_deletes:
+            yield pending_lookup_deletes
+        return ResultSet((), [], rowcount, shards, tuple(found.lookups), found.scatter)
+    columns = results[0].columns if results else ()
+    if not scatter_sql or plan.merge is None:
+        rows = [row for r in results for row in r.rows]
+        return ResultSet(columns, rows, len(rows), shards, tuple(found.lookups), found.scatter)
+    merged = list(merge(plan.merge, [r.rows for r in results]))
+    visible = columns[: plan.merge.width]
+    return ResultSet(visible, merged, len(merged), shards, tuple(found.lookups), found.scatter)
+
+
+# -- targets --------------------------------------------------------------------------------
+
+
+def _all_targets(topology: Topology, table: TableRule) -> list[Target]:
+    return [Target(sid, i) for sid in topology.shards for i in range(table.split)]
+
+
+def _slot_targets(
+    topology: Topology,
+    table: TableRule,
+    slots_by_pos: Mapping[int, Slot],
+    in_list: bool,
+    conjunct: int | None = None,
+) -> list[Target]:
+    """Group value positions by (shard, split): each target keeps only its own values."""
+    grouped: dict[tuple[ShardId, int], list[int]] = defaultdict(list)
+    for pos, slot in slots_by_pos.items():
+        grouped[(topology.shard_of_slot(slot), slot % table.split)].append(pos)
+    return [
+        Target(shard, split, tuple(sorted(positions)) if in_list else None, conjunct)
+        for (shard, split), positions in grouped.items()
+    ]
+
+
+def _resolve_targets(
+    topology: Topology, plan: Plan, params: Mapping[str, Any]
+) -> Generator[list[Job], list[JobResult], _Targets]:
+    table = plan.sharded
+    if table is None:
+        shards = list(topology.shards)
+        if plan.kind == "select":  # a broadcast table has the same rows everywhere
+            return _Targets([Target(shards[0], 0)], False)
+        return _Targets([Target(s, 0) for s in shards], True)
+    condition = next((c for c in plan.conditions if c.rule.lookup_table is None), None)
+    if condition is not None:
+        slots = {
+            i: condition.rule.slot(ref.resolve(params)) for i, ref in enumerate(condition.refs)
+        }
+        return _Targets(
+            _slot_targets(topology, table, slots, condition.in_node_path is not None), False
+        )
+    lookup = next((c for c in plan.conditions if c.rule.lookup_table is not None), None)
+    if lookup is not None:
+        return (yield from _lookup_targets(topology, table, lookup, params))
+    return _Targets(_all_targets(topology, table), True)
+
+
+def _lookup_targets(
+    topology: Topology, table: TableRule, cond: KeyCondition, params: Mapping[str, Any]
+) -> Generator[list[Job], list[JobResult], _Targets]:
+    """Read the lookup table, then target the owners' shards (orphans cost a wasted query)."""
+    rule = cond.rule
+    strategy = rule.strategy
+    assert isinstance(strategy, LookupStrategy) and rule.lookup_table is not None
+    lookup_table = topology.table(rule.lookup_table)
+    values = [ref.resolve(params) for ref in cond.refs]
+    for v in values:
+        rule.check(v)
+    jobs: list[Job] = []
+    by_place: dict[tuple[ShardId, str], list[Any]] = defaultdict(list)
+    for v in values:
+        slot = topology.slot_for(lookup_table.name, v)
+        by_place[(topology.shard_of_slot(slot), lookup_table.physical(slot))].append(v)
+    for (shard, physical), vals in by_place.items():
+        query = strategy.query(vals, physical)
+        jobs.append(Job(shard, query.statement, {}, "read", "lookup"))
+    results = yield jobs
+    owner_keys = {row[1] for r in results for row in r.rows}
+    owner = topology.table(table.bound_to or table.name)
+    assert owner.primary is not None
+    slots = {i: owner.primary.slot(k) for i, k in enumerate(sorted(owner_keys, key=repr))}
+    targets = _slot_targets(topology, table, slots, in_list=False)
+    if not targets:
+        # No owner: run on one shard anyway so aggregates still return their one row.
+        targets = [Target(next(iter(topology.shards)), 0)]
+    return _Targets(targets, False, [j.shard for j in jobs])
+
+
+def _check_limits(plan: Plan, found: _Targets, limits: Limits, topology: Topology) -> None:
+    if plan.kind in ("update", "delete") and found.scatter and plan.sharded is not None:
+        if not limits.allow_scatter_write:
+            raise ScatterWriteError(
+                f"{plan.kind.upper()} on {plan.sharded.name} has no sharding-key predicate"
+                f" ({', '.join(plan.sharded.keys)}), so it would run on every shard;"
+                " add the key, or pass allow_scatter_write=True if you mean it"
+            )
+        if plan.has_limit:
+            raise RoutingError(
+                f"{plan.kind.upper()} with ORDER BY/LIMIT across shards has no single order;"
+                " add the sharding key"
+            )
+    shards = {t.shard for t in found.targets}
+    if limits.max_fanout and len(shards) > limits.max_fanout:
+        raise FanoutLimitError(
+            f"query would reach {len(shards)} shards, more than max_fanout={limits.max_fanout};"
+            " add a sharding-key predicate or raise max_fanout"
+        )
+    if (
+        limits.max_offset is not None
+        and len(found.targets) > 1
+        and plan.offset_depth > limits.max_offset
+    ):
+        raise FanoutLimitError(
+            f"OFFSET {plan.offset_depth} across shards makes every shard return"
+            f" {plan.offset_depth}+ rows (max_offset={limits.max_offset}); page by key instead"
+            " (Router.page), or raise max_offset"
+        )
+
+
+# -- inserts and owned lookups ----------------------------------------------------------------
+
+
+def _owned_lookups(table: TableRule) -> list[KeyRule]:
+    return [r for r in table.keys.values() if isinstance(r.strategy, LookupStrategy)]
+
+
+def _dialect_insert(topology: Topology, shard: ShardId) -> Any:
+    backend = topology.shards[shard].primary.get_backend_name()
+    return sqlite.insert if backend == "sqlite" else mysql.insert
+
+
+def _insert(topology: Topology, plan: Plan, params: Mapping[str, Any]) -> Step:
+    table = plan.sharded
+    if table is None:  # broadcast: every shard gets the rows
+        shards = tuple(topology.shards)
+        results = yield [
+            Job(s, plan.render(Target(s, 0), scatter=False), params, "write") for s in shards
+        ]
+        return ResultSet((), [], results[0].rowcount if results else 0, shards, (), True)
+    rule = plan.insert_rule
+    assert rule is not None
+    rows = [
+        {c: ref.resolve(params) for c, ref in zip(plan.insert_columns, row, strict=True)}
+        for row in plan.insert_rows
+    ]
+    slots = {i: rule.slot(row[rule.column]) for i, row in enumerate(rows)}
+    # Owned lookup rows first: a crash between the two writes leaves an orphan lookup row
+    # (harmless: reads ignore it), never an owner row its lookup cannot find.
+    lookup_shards: list[ShardId] = []
+    lookup_jobs = _lookup_inserts(topology, table, rows)
+    if lookup_jobs:
+        lookup_shards = [j.shard for j in lookup_jobs]
+        yield lookup_jobs
+        check_jobs = _unique_lookup_checks(topology, table, rows)
+        if check_jobs:
+            results = yield [job for job, _ in check_jobs]
+            for (_, expected), result in zip(check_jobs, results, strict=True):
+                for from_value, owner in result.rows:
+                    if expected.get(from_value, owner) != owner:
+                        raise ExecutionError(
+                            f"{table.name}: {from_value!r} already belongs to another owner"
+                            f" ({owner!r}) in its lookup table; nothing was inserted"
+                        )
+    targets = _slot_targets(topology, table, slots, in_list=True)
+    jobs = [Job(ShardId(t.shard), plan.render(t, scatter=False), params, "write") for t in targets]
+    results = yield jobs
+    shards = tuple(dict.fromkeys(j.shard for j in jobs))
+    return ResultSet((), [], sum(r.rowcount for r in results), shards, tuple(lookup_shards))
+
+
+def _lookup_inserts(
+    topology: Topology, table: TableRule, rows: Sequence[Mapping[str, Any]]
+) -> list[Job]:
+    jobs: list[Job] = []
+    for rule in _owned_lookups(table):
+        strategy = rule.strategy
+        assert isinstance(strategy, LookupStrategy)
+        if rule.column not in rows[0]:
+            continue
+        missing = [c for c in strategy.row_columns[1:] if c not in rows[0]]
+        if missing:
+            raise RoutingError(
+                f"INSERT INTO {table.name} sets lookup column {rule.column} but not"
+                f" {', '.join(missing)}, which its lookup row needs"
+            )
+        lookup_table = topology.table(strategy.table)
+        grouped: dict[tuple[ShardId, str], list[dict[str, Any]]] = defaultdict(list)
+        for row in rows:
+            value = row[rule.column]
+            rule.check(value)
+            slot = topology.slot_for(lookup_table.name, value)
+            lookup_row = {c: row[c] for c in (rule.column, *strategy.row_columns[1:])}
+            lookup_row[strategy.from_column] = lookup_row.pop(rule.column)
+            grouped[(topology.shard_of_slot(slot), lookup_table.physical(slot))].append(lookup_row)
+        for (shard, physical), lookup_rows in grouped.items():
+            target = table_clause(physical, strategy.row_columns)
+            stmt = _dialect_insert(topology, shard)(target)
+            # A row left by an earlier crash is identical: keeping it is the idempotent write.
+            if _dialect_insert(topology, shard) is sqlite.insert:
+                stmt = stmt.on_conflict_do_nothing()
+            else:
+                stmt = stmt.on_duplicate_key_update(
+                    {strategy.from_column: literal_column(strategy.from_column)}
+                )
+            jobs.append(Job(shard, stmt, lookup_rows, "write", "lookup"))
+    return jobs
+
+
+def _unique_lookup_checks(
+    topology: Topology, table: TableRule, rows: Sequence[Mapping[str, Any]]
+) -> list[tuple[Job, dict[Any, Any]]]:
+    """For unique lookups (no key column), the reads that prove no value was taken already."""
+    checks: list[tuple[Job, dict[Any, Any]]] = []
+    for rule in _owned_lookups(table):
+        strategy = rule.strategy
+        assert isinstance(strategy, LookupStrategy)
+        if strategy.key_column is not None or rule.column not in rows[0]:
+            continue
+        lookup_table = topology.table(strategy.table)
+        expected: dict[tuple[ShardId, str], dict[Any, Any]] = defaultdict(dict)
+        for row in rows:
+            slot = topology.slot_for(lookup_table.name, row[rule.column])
+            place = (topology.shard_of_slot(slot), lookup_table.physical(slot))
+            expected[place][row[rule.column]] = row[strategy.to_column]
+        for (shard, physical), want in expected.items():
+            query = strategy.query(list(want), physical)
+            checks.append((Job(shard, query.statement, {}, "read", "lookup"), want))
+    return checks
+
+
+def table_clause(name: str, columns: Sequence[str]) -> Any:
+    return table(name, *(column(c) for c in columns))
+
+
+# Deleting owner rows: read the lookup columns of the doomed rows first (same WHERE), delete the
+# owners, then delete their lookup rows. A crash in between leaves orphans, never a dangling
+# owner.
+
+
+def _delete_lookups_prepare(
+    topology: Topology, plan: Plan, params: Mapping[str, Any], found: _Targets
+) -> Generator[list[Job], list[JobResult], list[Job]]:
+    """Read the doomed rows' lookup columns; return the lookup deletes to run afterwards."""
+    table = plan.sharded
+    assert table is not None
+    rules = _owned_lookups(table)
+    wanted: list[str] = []
+    for rule in rules:
+        strategy = rule.strategy
+        assert isinstance(strategy, LookupStrategy)
+        for c in (rule.column, *strategy.row_columns[1:]):
+            if c not in wanted:
+                wanted.append(c)
+    where = plan.ast.args.get("where")
+    where_sql = f" {where.sql(dialect='mysql')}" if where is not None else ""
+    reads = []
+    for t in found.targets:
+        physical = table.physical(t.split)
+        reads.append(
+            Job(
+                ShardId(t.shard),
+                text(f"SELECT {', '.join(wanted)} FROM {physical} AS {table.name}{where_sql}"),
+                params,
+                "read",
+            )
+        )
+    results = yield reads
+    deletes: list[Job] = []
+    for rule in rules:
+        strategy = rule.strategy
+        assert isinstance(strategy, LookupStrategy)
+        lookup_table = topology.table(strategy.table)
+        idx = {c: wanted.index(c) for c in (rule.column, *strategy.row_columns[1:])}
+        for r in results:
+            for row in r.rows:
+                value = row[idx[rule.column]]
+                if value is None:
+                    continue
+                slot = topology.slot_for(lookup_table.name, value)
+                physical = lookup_table.physical(slot)
+                target = table_clause(physical, strategy.row_columns)
+                conds = [target.c[strategy.from_column] == value]
+                for c in strategy.row_columns[1:]:
+                    conds.append(target.c[c] == row[idx[c]])
+                deletes.append(
+                    Job(
+                        topology.shard_of_slot(slot),
+                        delete(target).where(and_(*conds)),
+                        {},
+                        "write",
+                        "lookup_cleanup",
+                    )
+                )
+    return deletes
+
+
+__all__ = ["Job", "JobResult", "Limits", "ResultSet", "Step", "run"]

@@ -1,0 +1,660 @@
+"""SQL -> plan: parse once with sqlglot, find the sharding-key predicates, rewrite per target.
+
+A plan is built once per statement text and cached; executing it only evaluates the key
+predicates against the parameters, picks targets and fetches the SQL rendered for each kind of
+target (also cached). The planner refuses, with UnsupportedQueryError naming the construct,
+anything it cannot run correctly on shards: it never runs a guess.
+
+Parameters are named, SQLAlchemy ``text()`` style (``:user_id``); values are never written into
+SQL: rendered statements keep the placeholders and the caller's parameters are bound.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError
+
+from .errors import RoutingError, UnsupportedQueryError
+from .merge import Aggregate, Average, MergePlan, SortKey
+from .topology import KeyRule, TableRule, Topology
+
+Kind = Literal["select", "insert", "update", "delete"]
+
+_AGGREGATES: dict[type[exp.Expression], str] = {
+    exp.Count: "count",
+    exp.Sum: "sum",
+    exp.Min: "min",
+    exp.Max: "max",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ValueRef:
+    """Where a key value comes from: a named parameter or a literal in the SQL text."""
+
+    param: str | None
+    literal: Any = None
+
+    def resolve(self, params: Mapping[str, Any]) -> Any:
+        if self.param is None:
+            return self.literal
+        try:
+            return params[self.param]
+        except KeyError:
+            raise RoutingError(
+                f"parameter :{self.param} has no value (pass it in params)"
+            ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyCondition:
+    """``column = ref`` or ``column IN (refs)`` on a sharding column, a top-level conjunct."""
+
+    rule: KeyRule
+    refs: tuple[ValueRef, ...]
+    in_node_path: tuple[int, ...] | None
+    """For IN: which conjunct it is, so each target gets only its own values."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One place a statement runs: a shard and, for split tables, one physical split."""
+
+    shard: str
+    split: int
+    keep: tuple[int, ...] | None = None
+    """For IN lists and multi-row INSERTs: the positions this target keeps."""
+    conjunct: int | None = None
+    """For IN lists: which top-level WHERE conjunct ``keep`` applies to."""
+
+
+@dataclass(eq=False)
+class Plan:
+    """A parsed, analysed statement; immutable once built except for its render cache."""
+
+    sql: str
+    kind: Kind
+    tables: tuple[TableRule, ...]
+    """Every logical table named (sharded ones first)."""
+    sharded: TableRule | None
+    """The driving sharded table (the bound group's member named first)."""
+    conditions: tuple[KeyCondition, ...]
+    """Usable routing conditions, cheapest first."""
+    ast: exp.Expression
+    scatter_ast: exp.Expression | None = None
+    merge: MergePlan | None = None
+    insert_refs: tuple[ValueRef, ...] = ()
+    """INSERT: per VALUES row, where its routing key comes from."""
+    insert_rule: KeyRule | None = None
+    insert_columns: tuple[str, ...] = ()
+    insert_rows: tuple[tuple[ValueRef, ...], ...] = ()
+    has_limit: bool = False
+    offset_depth: int = 0
+    _rendered: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def broadcast_only(self) -> bool:
+        return self.sharded is None
+
+    def render(self, target: Target, *, scatter: bool) -> str:
+        """The SQL for ``target`` (physical names, IN subset); cached per kind of target."""
+        key = (target.split, target.keep, target.conjunct, scatter)
+        sql = self._rendered.get(key)
+        if sql is None:
+            sql = self._render(target, scatter)
+            with self._lock:
+                if len(self._rendered) > 512:  # bounded: IN subsets could vary without end
+                    self._rendered.clear()
+                self._rendered[key] = sql
+        return sql
+
+    def _render(self, target: Target, scatter: bool) -> str:
+        tree = (self.scatter_ast if scatter and self.scatter_ast is not None else self.ast).copy()
+        names = {t.name: t.physical(target.split) for t in self.tables}
+        for table in tree.find_all(exp.Table):
+            physical = names.get(table.name)
+            if physical is not None and physical != table.name:
+                if not table.alias:
+                    # Keep the logical name visible to column references (orders.user_id).
+                    table.set("alias", exp.TableAlias(this=exp.to_identifier(table.name)))
+                table.set("this", exp.to_identifier(physical))
+        if target.keep is not None:
+            if self.kind == "insert":
+                values = tree.args["expression"]
+                kept = [values.expressions[i] for i in target.keep]
+                values.set("expressions", kept)
+            elif target.conjunct is not None:
+                node = _conjuncts(tree.args.get("where"))[target.conjunct]
+                if isinstance(node, exp.In):
+                    node.set("expressions", [node.expressions[i] for i in target.keep])
+        return tree.sql(dialect="mysql")
+
+
+class Planner:
+    """Builds and caches plans for one topology."""
+
+    def __init__(self, topology: Topology, *, cache_size: int = 2048) -> None:
+        self.topology = topology
+        self._cache: OrderedDict[str, Plan] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def plan(self, sql: str) -> Plan:
+        """The plan of ``sql``, built on first use and cached by the statement text."""
+        plan = self._cache.get(sql)
+        if plan is not None:
+            return plan
+        plan = self._build(sql)
+        with self._lock:
+            self._cache[sql] = plan
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return plan
+
+    # -- building -------------------------------------------------------------------------
+
+    def _build(self, sql: str) -> Plan:
+        try:
+            statements = sqlglot.parse(sql, read="mysql")
+        except ParseError as exc:
+            raise UnsupportedQueryError(f"cannot parse SQL: {_first_line(exc)}") from None
+        statements = [s for s in statements if s is not None]
+        if len(statements) != 1:
+            raise UnsupportedQueryError(
+                f"{len(statements)} statements in one call; send one statement per execute()"
+            )
+        tree = statements[0]
+        if isinstance(tree, exp.Select):
+            return self._select(sql, tree)
+        if isinstance(tree, exp.Insert):
+            return self._insert(sql, tree)
+        if isinstance(tree, exp.Update):
+            return self._write(sql, tree, "update")
+        if isinstance(tree, exp.Delete):
+            return self._write(sql, tree, "delete")
+        raise UnsupportedQueryError(
+            f"{type(tree).__name__.upper()} statements are not routed; run DDL with"
+            " `shardctl schema apply`, and other statements on a shard connection"
+        )
+
+    def _tables(self, tree: exp.Expression) -> tuple[tuple[TableRule, ...], TableRule | None]:
+        topology = self.topology
+        rules: list[TableRule] = []
+        for node in tree.find_all(exp.Table):
+            if node.args.get("db"):
+                raise UnsupportedQueryError(
+                    f"table {node.sql(dialect='mysql')} names a database; use logical names only"
+                )
+            rule = topology.table(node.name)
+            if rule not in rules:
+                rules.append(rule)
+        sharded = [r for r in rules if r.kind == "sharded"]
+        if not sharded:
+            return tuple(rules), None
+        groups = {r.bound_to or r.name for r in sharded}
+        if len(groups) > 1:
+            names = ", ".join(r.name for r in sharded)
+            raise UnsupportedQueryError(
+                f"statement joins sharded tables that are not bound together ({names}):"
+                " their rows live on different shards. Bind one to the other (bound_to),"
+                " or query them separately"
+            )
+        driving = sharded[0]
+        return tuple(sharded + [r for r in rules if r.kind != "sharded"]), driving
+
+    def _conditions(
+        self, tree: exp.Expression, tables: Sequence[TableRule]
+    ) -> tuple[KeyCondition, ...]:
+        where = tree.args.get("where")
+        found: list[KeyCondition] = []
+        sharded = [t for t in tables if t.kind == "sharded"]
+        for index, node in enumerate(_conjuncts(where)):
+            column: exp.Column | None = None
+            refs: tuple[ValueRef, ...] = ()
+            in_path: tuple[int, ...] | None = None
+            if isinstance(node, exp.EQ):
+                left, right = node.this, node.expression
+                if isinstance(right, exp.Column) and not isinstance(left, exp.Column):
+                    left, right = right, left
+                ref = _value_ref(right)
+                if isinstance(left, exp.Column) and ref is not None:
+                    column, refs = left, (ref,)
+            elif isinstance(node, exp.In) and not node.args.get("query"):
+                values = [_value_ref(v) for v in node.expressions]
+                if isinstance(node.this, exp.Column) and values and None not in values:
+                    column = node.this
+                    refs = tuple(v for v in values if v is not None)
+                    in_path = (index,)
+            if column is None:
+                continue
+            for table in sharded:
+                if column.table and column.table not in (table.name, _alias_of(tree, table)):
+                    continue
+                rule = table.keys.get(column.name)
+                if rule is not None:
+                    found.append(KeyCondition(rule, refs, in_path))
+                    break
+        # Cheapest first: a functional key over a lookup, the primary key over a secondary.
+        found.sort(key=lambda c: (c.rule.strategy.cost, not c.rule.primary, len(c.refs)))
+        return tuple(found)
+
+    def _select(self, sql: str, tree: exp.Select) -> Plan:
+        tables, driving = self._tables(tree)
+        _refuse_nested(tree, driving)
+        conditions = self._conditions(tree, tables)
+        plan = Plan(sql, "select", tables, driving, conditions, tree)
+        limit = tree.args.get("limit")
+        offset = tree.args.get("offset")
+        plan.has_limit = limit is not None
+        plan.offset_depth = _int_of(offset.expression) if offset is not None else 0
+        if driving is not None:
+            plan.scatter_ast, plan.merge = _scatter(tree)
+        return plan
+
+    def _insert(self, sql: str, tree: exp.Insert) -> Plan:
+        tables, driving = self._tables(tree)
+        if tree.args.get("expression") is None or not isinstance(
+            tree.args["expression"], exp.Values
+        ):
+            raise UnsupportedQueryError(
+                "INSERT ... SELECT is not routed: read the rows, then insert them by key"
+            )
+        if driving is None:
+            return Plan(sql, "insert", tables, None, (), tree)
+        schema = tree.this
+        if not isinstance(schema, exp.Schema):
+            raise UnsupportedQueryError(
+                f"INSERT INTO {driving.name} needs an explicit column list"
+                " (INSERT INTO t (a, b) VALUES ...) so the sharding key can be found"
+            )
+        columns = tuple(c.name for c in schema.expressions)
+        rule = next(
+            (
+                driving.keys[c]
+                for c in columns
+                if c in driving.keys
+                and driving.keys[c].lookup_table is None
+                and driving.keys[c].primary
+            ),
+            None,
+        )
+        if rule is None:
+            rule = next(
+                (
+                    driving.keys[c]
+                    for c in columns
+                    if c in driving.keys and driving.keys[c].lookup_table is None
+                ),
+                None,
+            )
+        if rule is None:
+            keys = ", ".join(k for k, r in driving.keys.items() if r.lookup_table is None)
+            raise UnsupportedQueryError(
+                f"INSERT INTO {driving.name} has no sharding key column (give one of: {keys})"
+            )
+        position = columns.index(rule.column)
+        rows: list[tuple[ValueRef, ...]] = []
+        for row in tree.args["expression"].expressions:
+            refs = tuple(_value_ref(v) for v in row.expressions)
+            if len(refs) != len(columns) or any(r is None for r in refs):
+                raise UnsupportedQueryError(
+                    f"INSERT INTO {driving.name}: VALUES must be parameters or literals,"
+                    f" one per column ({len(columns)})"
+                )
+            rows.append(tuple(r for r in refs if r is not None))
+        _refuse_key_change(tree.args.get("conflict"), driving, "ON DUPLICATE KEY UPDATE")
+        plan = Plan(sql, "insert", tables, driving, (), tree)
+        plan.insert_rule = rule
+        plan.insert_columns = columns
+        plan.insert_rows = tuple(rows)
+        plan.insert_refs = tuple(r[position] for r in rows)
+        return plan
+
+    def _write(self, sql: str, tree: exp.Expression, kind: Kind) -> Plan:
+        tables, driving = self._tables(tree)
+        _refuse_nested(tree, driving)
+        if kind == "update" and driving is not None:
+            for assignment in tree.expressions:
+                target = assignment.this
+                name = target.name if isinstance(target, exp.Column) else ""
+                for table in tables:
+                    if name in table.keys:
+                        raise UnsupportedQueryError(
+                            f"UPDATE changes sharding column {table.name}.{name}: the row would"
+                            " have to move shards. Delete it and insert it again instead"
+                        )
+        conditions = self._conditions(tree, tables)
+        plan = Plan(sql, kind, tables, driving, conditions, tree)
+        plan.has_limit = tree.args.get("limit") is not None or tree.args.get("order") is not None
+        return plan
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _conjuncts(where: exp.Expression | None) -> list[exp.Expression]:
+    if where is None:
+        return []
+    node = where.this if isinstance(where, exp.Where) else where
+    out: list[exp.Expression] = []
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, exp.Paren):
+            stack.append(current.this)
+        elif isinstance(current, exp.And):
+            stack.append(current.expression)
+            stack.append(current.this)
+        else:
+            out.append(current)
+    return out
+
+
+def _value_ref(node: exp.Expression) -> ValueRef | None:
+    if isinstance(node, exp.Placeholder) and node.this:
+        return ValueRef(param=str(node.this))
+    if isinstance(node, exp.Literal):
+        if node.is_string:
+            return ValueRef(None, node.this)
+        text = node.this
+        try:
+            return ValueRef(None, int(text))
+        except ValueError:
+            return None
+    if isinstance(node, exp.Neg) and isinstance(node.this, exp.Literal):
+        inner = _value_ref(node.this)
+        if inner is not None and isinstance(inner.literal, int):
+            return ValueRef(None, -inner.literal)
+    return None
+
+
+def _alias_of(tree: exp.Expression, table: TableRule) -> str | None:
+    for node in tree.find_all(exp.Table):
+        if node.name == table.name and node.alias:
+            return str(node.alias)
+    return None
+
+
+def _int_of(node: exp.Expression | None) -> int:
+    if isinstance(node, exp.Literal) and not node.is_string:
+        try:
+            return int(node.this)
+        except ValueError:
+            pass
+    raise UnsupportedQueryError(
+        "LIMIT/OFFSET must be integer literals for multi-shard queries (the merge needs them)"
+    )
+
+
+def _refuse_nested(tree: exp.Expression, driving: TableRule | None) -> None:
+    for node in tree.find_all(exp.Select, exp.Union):
+        if node is tree:  # type: ignore[comparison-overlap]
+            continue
+        if driving is not None:
+            raise UnsupportedQueryError(
+                "subqueries and UNIONs over sharded tables are not routed (a subquery may need"
+                " rows from other shards); run the inner query first and pass its result"
+            )
+
+
+def _refuse_key_change(node: exp.Expression | None, table: TableRule, where: str) -> None:
+    if node is None:
+        return
+    for column in node.find_all(exp.Column):
+        parent = column.parent
+        if isinstance(parent, exp.EQ) and parent.this is column and column.name in table.keys:
+            raise UnsupportedQueryError(
+                f"{where} changes sharding column {table.name}.{column.name}; delete the row"
+                " and insert it again instead"
+            )
+
+
+def _scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
+    """Rewrite a SELECT for fan-out and describe how to merge the shards' rows."""
+    shard = tree.copy()
+    select_items = list(shard.expressions)
+    if any(
+        isinstance(item, exp.Star)
+        or (isinstance(item, exp.Column) and isinstance(item.this, exp.Star))
+        for item in select_items
+    ):
+        if shard.args.get("group") or any(_aggregate_of(i) for i in select_items):
+            raise UnsupportedQueryError("SELECT * with aggregates is not supported")
+        if shard.args.get("order"):
+            raise UnsupportedQueryError(
+                "SELECT * with ORDER BY across shards: name the columns so the merge can"
+                " find the sort keys"
+            )
+    width = len(select_items)
+    hidden: list[exp.Expression] = []
+
+    def position_of(expr: exp.Expression) -> int:
+        """Position of ``expr`` among select items (by alias, position or equality)."""
+        if isinstance(expr, exp.Literal) and not expr.is_string:
+            pos = int(expr.this) - 1
+            if not 0 <= pos < width:
+                raise UnsupportedQueryError(f"ORDER BY position {expr.this} is out of range")
+            return pos
+        for i, item in enumerate(select_items):
+            if isinstance(expr, exp.Column) and not expr.table and item.alias == expr.name:
+                return i
+            if item.unalias() == expr or (
+                isinstance(expr, exp.Column)
+                and isinstance(item.unalias(), exp.Column)
+                and item.unalias().name == expr.name
+                and (not expr.table or item.unalias().table in ("", expr.table))
+            ):
+                return i
+        for j, extra in enumerate(hidden):
+            if extra == expr:
+                return width + j
+        hidden.append(expr.copy())
+        return width + len(hidden) - 1
+
+    aggregates: list[Aggregate] = []
+    averages: list[Average] = []
+    new_items: list[exp.Expression] = []
+    for i, item in enumerate(select_items):
+        inner = item.unalias()
+        func = _aggregate_of(inner)
+        if func is None:
+            if any(isinstance(n, (*_AGGREGATES, exp.Avg)) for n in inner.find_all(exp.AggFunc)):
+                raise UnsupportedQueryError(
+                    f"expression over aggregates {item.sql(dialect='mysql')!r} cannot be merged"
+                    " across shards; select the aggregates and compute it in the application"
+                )
+            new_items.append(item)
+            continue
+        if isinstance(inner, exp.Count) and (
+            inner.args.get("distinct") or isinstance(inner.this, exp.Distinct)
+        ):
+            raise UnsupportedQueryError(
+                "COUNT(DISTINCT ...) across shards cannot be merged from partial counts;"
+                " select DISTINCT values and count them, or route by a key"
+            )
+        if func == "avg":
+            arg = inner.this
+            sum_expr = exp.Sum(this=arg.copy())
+            count_expr = exp.Count(this=arg.copy())
+            new_items.append(exp.alias_(sum_expr, item.alias) if item.alias else sum_expr)  # type: ignore[arg-type]
+            hidden.append(count_expr)
+            averages.append(Average(index=i, sum_index=i, count_index=width + len(hidden) - 1))
+        else:
+            new_items.append(item)
+            aggregates.append(Aggregate(index=i, func=func))  # type: ignore[arg-type]
+    group = shard.args.get("group")
+    group_positions: tuple[int, ...] = ()
+    if group is not None:
+        group_positions = tuple(position_of(g) for g in group.expressions)
+    having_fn: Callable[[tuple[Any, ...]], bool] | None = None
+    having = shard.args.get("having")
+    if having is not None:
+        having_fn = _compile_having(having.this, position_of, aggregates, averages, hidden, width)
+        shard.set("having", None)
+    order = shard.args.get("order")
+    sort_keys: list[SortKey] = []
+    if order is not None:
+        for ordered in order.expressions:
+            sort_keys.append(
+                SortKey(index=position_of(ordered.this), descending=bool(ordered.args.get("desc")))
+            )
+            if ordered.args.get("nulls_first") is not None and "NULLS" in ordered.sql().upper():
+                raise UnsupportedQueryError("NULLS FIRST/LAST is not MySQL syntax")
+    # Aggregates hidden by HAVING are partials too: they merge like the visible ones.
+    for j, extra in enumerate(hidden):
+        func = _aggregate_of(extra)
+        pos = width + j
+        if (
+            func is not None
+            and func != "avg"
+            and not any(a.index == pos for a in aggregates)
+            and not any(a.count_index == pos for a in averages)
+        ):
+            aggregates.append(Aggregate(index=pos, func=func))  # type: ignore[arg-type]
+    shard.set("expressions", new_items + [h.copy() for h in hidden])
+    limit = shard.args.get("limit")
+    offset = shard.args.get("offset")
+    limit_n = _int_of(limit.expression) if limit is not None else None
+    offset_n = _int_of(offset.expression) if offset is not None else 0
+    grouped = bool(group_positions or aggregates or averages)
+    if grouped:
+        # Partial groups must all reach the merge: no LIMIT, ORDER or HAVING on the shards.
+        shard.set("limit", None)
+        shard.set("offset", None)
+        shard.set("order", None)
+    else:
+        shard.set("offset", None)
+        if limit_n is not None:
+            shard.set("limit", exp.Limit(expression=exp.Literal.number(limit_n + offset_n)))
+    if shard.args.get("distinct") and hidden and not grouped:
+        raise UnsupportedQueryError(
+            "SELECT DISTINCT with ORDER BY on a column that is not selected cannot be merged;"
+            " select the ORDER BY columns too"
+        )
+    plan = MergePlan(
+        width=width,
+        order_by=tuple(sort_keys),
+        group_by=group_positions,
+        aggregates=tuple(aggregates),
+        averages=tuple(averages),
+        having=having_fn,
+        distinct=bool(tree.args.get("distinct")),
+        limit=limit_n,
+        offset=offset_n,
+    )
+    return shard, plan
+
+
+def _aggregate_of(expr: exp.Expression) -> str | None:
+    node: Any = expr.unalias()
+    if isinstance(node, exp.Avg):
+        return "avg"
+    for cls, name in _AGGREGATES.items():
+        if type(node) is cls:
+            return name
+    return None
+
+
+_COMPARE: dict[type[exp.Expression], Callable[[Any, Any], bool]] = {
+    exp.EQ: lambda a, b: a == b,
+    exp.NEQ: lambda a, b: a != b,
+    exp.GT: lambda a, b: a > b,
+    exp.GTE: lambda a, b: a >= b,
+    exp.LT: lambda a, b: a < b,
+    exp.LTE: lambda a, b: a <= b,
+}
+
+
+def _compile_having(
+    node: exp.Expression,
+    position_of: Callable[[exp.Expression], int],
+    aggregates: list[Aggregate],
+    averages: list[Average],
+    hidden: list[exp.Expression],
+    width: int,
+) -> Callable[[tuple[Any, ...]], bool]:
+    """HAVING as a predicate over merged rows (SQL three-valued logic: NULL is not true)."""
+
+    def operand(expr: exp.Expression) -> Callable[[tuple[Any, ...]], Any]:
+        if isinstance(expr, exp.Paren):
+            return operand(expr.this)
+        ref = _value_ref(expr)
+        if ref is not None and ref.param is None:
+            value = ref.literal
+            return lambda row: value
+        if isinstance(expr, exp.Literal):
+            text = expr.this
+            number = float(text)
+            return lambda row: number
+        if isinstance(expr, exp.Placeholder):
+            raise UnsupportedQueryError(
+                "parameters in HAVING are not supported across shards; write the value"
+            )
+        if isinstance(expr, exp.Avg):
+            raise UnsupportedQueryError(
+                "AVG in HAVING across shards: select the AVG and filter on its alias"
+            )
+        pos = position_of(expr)
+        return lambda row: row[pos]
+
+    def build(expr: exp.Expression) -> Callable[[tuple[Any, ...]], bool | None]:
+        if isinstance(expr, exp.Paren):
+            return build(expr.this)
+        if isinstance(expr, exp.And):
+            left, right = build(expr.this), build(expr.expression)
+            return lambda row: _and(left(row), right(row))
+        if isinstance(expr, exp.Or):
+            left, right = build(expr.this), build(expr.expression)
+            return lambda row: _or(left(row), right(row))
+        if isinstance(expr, exp.Not):
+            inner = build(expr.this)
+            return lambda row: None if (v := inner(row)) is None else not v
+        compare = _COMPARE.get(type(expr))
+        if compare is None:
+            raise UnsupportedQueryError(
+                f"HAVING {expr.sql(dialect='mysql')!r} is not supported across shards"
+                " (use comparisons of selected columns or aggregates with literals)"
+            )
+        left_v, right_v = operand(expr.this), operand(expr.expression)
+
+        def check(row: tuple[Any, ...]) -> bool | None:
+            a, b = left_v(row), right_v(row)
+            if a is None or b is None:
+                return None
+            return compare(a, b)
+
+        return check
+
+    predicate = build(node)
+    return lambda row: predicate(row) is True
+
+
+def _and(a: bool | None, b: bool | None) -> bool | None:
+    if a is False or b is False:
+        return False
+    if a is None or b is None:
+        return None
+    return True
+
+
+def _or(a: bool | None, b: bool | None) -> bool | None:
+    if a is True or b is True:
+        return True
+    if a is None or b is None:
+        return None
+    return False
+
+
+__all__ = ["KeyCondition", "Plan", "Planner", "Target", "ValueRef"]

@@ -1,0 +1,355 @@
+"""Router: the public facade of sharded execution (sync); runs the shared core on threads."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, TextClause, text
+from sqlalchemy.dialects import mysql
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.sql import Executable
+
+from .engines import ShardEngines
+from .errors import (
+    CrossShardTransactionError,
+    ExecutionError,
+    RoutingError,
+    ShardUnavailableError,
+)
+from .execution import Job, JobResult, Limits, ResultSet, Step, run
+from .planner import Planner
+from .topology import KeyRule, Topology
+from .types import ShardId, Slot
+
+# Driver error numbers (MySQL client/server) meaning "the shard is not answering", as opposed
+# to "the statement is wrong": can't connect, server gone, lost connection, too many
+# connections, connection killed, server shutdown in progress.
+UNAVAILABLE_ERRNOS = frozenset({1040, 1053, 1927, 2002, 2003, 2005, 2006, 2013, 2055})
+
+_NAMED_MYSQL = mysql.dialect(paramstyle="named")
+
+
+def classify(exc: BaseException, shard: ShardId, statement: str | None = None) -> ExecutionError:
+    """Wrap a driver error in the project's tree, naming the shard and keeping the original.
+
+    Classified by the driver's error number (``orig.args[0]``), never by message text.
+    """
+    if isinstance(exc, PoolTimeoutError):
+        return ShardUnavailableError(
+            f"shard {shard}: no connection from its pool within the timeout ({exc.args[0]})",
+            shard=shard,
+            orig=exc,
+        )
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+    errno = args[0] if args and isinstance(args[0], int) else None
+    detail = args[1] if len(args) > 1 else (args[0] if args else type(orig).__name__)
+    if errno in UNAVAILABLE_ERRNOS or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        error: ExecutionError = ShardUnavailableError(
+            f"shard {shard} is unavailable ({errno}: {detail}); other shards keep serving",
+            shard=shard,
+            orig=orig,
+        )
+    else:
+        code = f"{errno}: " if errno is not None else ""
+        error = ExecutionError(f"shard {shard}: {code}{detail}", shard=shard, orig=orig)
+    error.statement = statement  # type: ignore[attr-defined]
+    return error
+
+
+class ShardConnection:
+    """A Connection on the shard that owns a key, inside a transaction (the explicit path).
+
+    ``physical("orders")`` gives the physical table that holds the key's rows (table splits);
+    everything else is the plain SQLAlchemy Connection (``.execute``, ``.connection``).
+    """
+
+    def __init__(self, connection: Connection, topology: Topology, shard: ShardId, slot: Slot):
+        self.connection = connection
+        self.shard = shard
+        self.slot = slot
+        self._topology = topology
+
+    def physical(self, table: str) -> str:
+        return self._topology.table(table).physical(self.slot)
+
+    def execute(self, statement: Executable, params: Any = None) -> Any:
+        return self.connection.execute(statement, params)
+
+
+class _Runner:
+    """Runs jobs (one inline, several on the pool), optionally inside one bound transaction."""
+
+    def __init__(self, router: Router, transaction: Transaction | None = None) -> None:
+        self.router = router
+        self.transaction = transaction
+        self.deferred: list[Job] = []
+
+    def drive(self, step: Step) -> ResultSet:
+        try:
+            jobs = next(step)
+            while True:
+                jobs = step.send(self.run(jobs))
+        except StopIteration as stop:
+            result: ResultSet = stop.value
+            return result
+
+    def run(self, jobs: Sequence[Job]) -> list[JobResult]:
+        txn = self.transaction
+        if txn is not None:
+            out: list[JobResult] = []
+            for job in jobs:
+                if job.role == "lookup_cleanup":
+                    self.deferred.append(job)  # only once the owner's delete has committed
+                    out.append(JobResult((), [], 0))
+                elif job.role == "lookup":
+                    out.append(self.router._run_job(job))
+                else:
+                    out.append(txn._run(job))
+            return out
+        if len(jobs) == 1:
+            return [self.router._run_job(jobs[0])]
+        return self.router._fan_out(jobs)
+
+
+class Transaction:
+    """A single-shard transaction: bound to the shard of its first statement.
+
+    A statement that would touch another shard raises CrossShardTransactionError (XA is not
+    configured). Lookup rows are written outside it, before it (see execution.Job.role).
+    """
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self.shard: ShardId | None = None
+        self._conn: Connection | None = None
+        self._runner = _Runner(router, self)
+
+    def execute(
+        self, statement: str | Executable, params: Mapping[str, Any] | None = None
+    ) -> ResultSet:
+        return self._router._execute(statement, params, self._runner)
+
+    def _run(self, job: Job) -> JobResult:
+        if self.shard is None:
+            self.shard = job.shard
+            engine = self._router.engines.primary(job.shard)
+            try:
+                self._conn = engine.connect()
+                self._conn.begin()
+            except (DBAPIError, PoolTimeoutError) as exc:
+                raise classify(exc, job.shard) from exc
+        elif job.shard != self.shard:
+            raise CrossShardTransactionError(
+                f"this transaction is bound to shard {self.shard} and the statement needs"
+                f" shard {job.shard}; keep a transaction on one key's rows (an order and its"
+                " items share the user's shard), or configure XA",
+                shard=job.shard,
+            )
+        assert self._conn is not None
+        return self._router._execute_on(self._conn, job)
+
+    def _finish(self, commit: bool) -> None:
+        conn = self._conn
+        if conn is not None:
+            try:
+                if commit:
+                    conn.commit()
+                else:
+                    conn.rollback()
+            finally:
+                conn.close()
+        if commit and self._runner.deferred:
+            self._router._fan_out(self._runner.deferred)
+
+
+class Router:
+    """Routes statements to shards and merges multi-shard results.
+
+    ``execute(sql, params)`` parses once (cached), routes by the key predicates, fans out on a
+    thread pool when needed and merges. ``connection(user_id=42)`` is the fast path: no parsing.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        allow_scatter_write: bool = False,
+        max_fanout: int | None = None,
+        max_offset: int | None = 10_000,
+        max_concurrency: int | None = None,
+        engines: ShardEngines | None = None,
+    ) -> None:
+        self.topology = topology
+        self.engines = engines or ShardEngines(topology)
+        self.planner = Planner(topology)
+        self.limits = Limits(allow_scatter_write, max_fanout, max_offset)
+        workers = max_concurrency or min(32, 4 * max(1, len(topology.shards)))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardrouter")
+        self._texts: OrderedDict[str, TextClause] = OrderedDict()
+        self._texts_lock = threading.Lock()
+        self._key_rules = _explicit_key_rules(topology)
+
+    @classmethod
+    def load(cls, path: str | Path, **options: Any) -> Router:
+        return cls(Topology.load(path), **options)
+
+    def __enter__(self) -> Router:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.engines.dispose()
+
+    # -- the explicit path ----------------------------------------------------------------------
+
+    def route_key(self, **key: Any) -> tuple[ShardId, Slot]:
+        """(shard, slot) of one sharding key, e.g. ``route_key(user_id=42)``."""
+        if len(key) != 1:
+            raise RoutingError(
+                f"give exactly one sharding key (e.g. user_id=42), got {sorted(key)}"
+            )
+        ((column, value),) = key.items()
+        rule = self._key_rules.get(column)
+        if rule is None:
+            raise RoutingError(
+                f"{column} is not a sharding column of any table"
+                f" (known: {', '.join(sorted(self._key_rules))})"
+            )
+        slot = rule.slot(value)
+        return self.topology.shard_of_slot(slot), slot
+
+    @contextmanager
+    def connection(self, **key: Any) -> Iterator[ShardConnection]:
+        """A Connection on the key's shard inside a transaction (committed on success)."""
+        shard, slot = self.route_key(**key)
+        engine = self.engines.primary(shard)
+        try:
+            with engine.begin() as conn:
+                yield ShardConnection(conn, self.topology, shard, slot)
+        except (DBAPIError, PoolTimeoutError) as exc:
+            raise classify(exc, shard) from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """A transaction bound to the shard of its first statement; commits on success."""
+        txn = Transaction(self)
+        try:
+            yield txn
+        except BaseException:
+            txn._finish(commit=False)
+            raise
+        txn._finish(commit=True)
+
+    # -- transparent SQL ------------------------------------------------------------------------
+
+    def execute(
+        self, statement: str | Executable, params: Mapping[str, Any] | None = None
+    ) -> ResultSet:
+        """Run one statement on the shards it needs and return the merged rows."""
+        return self._execute(statement, params, _Runner(self))
+
+    def _execute(
+        self, statement: str | Executable, params: Mapping[str, Any] | None, runner: _Runner
+    ) -> ResultSet:
+        sql, bound = _sql_and_params(statement, params)
+        plan = self.planner.plan(sql)
+        return runner.drive(run(self.topology, plan, bound, self.limits))
+
+    # -- job execution --------------------------------------------------------------------------
+
+    def _text(self, sql: str) -> TextClause:
+        clause = self._texts.get(sql)
+        if clause is None:
+            clause = text(sql)
+            with self._texts_lock:
+                self._texts[sql] = clause
+                if len(self._texts) > 4096:
+                    self._texts.popitem(last=False)
+        return clause
+
+    def _execute_on(self, conn: Connection, job: Job) -> JobResult:
+        stmt = self._text(job.statement) if isinstance(job.statement, str) else job.statement
+        try:
+            result = conn.execute(stmt, job.params)
+            if result.returns_rows:
+                columns = tuple(result.keys())
+                rows = [tuple(r) for r in result]
+                return JobResult(columns, rows, len(rows))
+            return JobResult((), [], result.rowcount)
+        except (DBAPIError, PoolTimeoutError) as exc:
+            raise classify(exc, job.shard, str(stmt)) from exc
+
+    def _run_job(self, job: Job) -> JobResult:
+        engine = self.engines.primary(job.shard)
+        try:
+            with engine.begin() as conn:
+                return self._execute_on(conn, job)
+        except (DBAPIError, PoolTimeoutError) as exc:
+            raise classify(exc, job.shard) from exc
+
+    def _fan_out(self, jobs: Sequence[Job]) -> list[JobResult]:
+        futures: list[Future[JobResult]] = [self._pool.submit(self._run_job, j) for j in jobs]
+        results: list[JobResult] = []
+        first_error: BaseException | None = None
+        for future in futures:  # wait for all: no job is left running behind the caller
+            try:
+                results.append(future.result())
+            except BaseException as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return results
+
+
+def route_key(
+    topology: Topology, rules: Mapping[str, KeyRule], key: Mapping[str, Any]
+) -> tuple[ShardId, Slot]:
+    """(shard, slot) of ``{column: value}``, for the explicit path of both routers."""
+    if len(key) != 1:
+        raise RoutingError(f"give exactly one sharding key (e.g. user_id=42), got {sorted(key)}")
+    ((column, value),) = key.items()
+    rule = rules.get(column)
+    if rule is None:
+        raise RoutingError(
+            f"{column} is not a sharding column of any table (known: {', '.join(sorted(rules))})"
+        )
+    slot = rule.slot(value)
+    return topology.shard_of_slot(slot), slot
+
+
+def _explicit_key_rules(topology: Topology) -> dict[str, KeyRule]:
+    """column -> the first functional key rule on it (user_id -> users' hash, order_id -> gene)."""
+    rules: dict[str, KeyRule] = {}
+    for table in topology.tables.values():
+        for column, rule in table.keys.items():
+            if rule.lookup_table is None and column not in rules:
+                rules[column] = rule
+    return rules
+
+
+def _sql_and_params(
+    statement: str | Executable, params: Mapping[str, Any] | None
+) -> tuple[str, Mapping[str, Any]]:
+    if isinstance(statement, str):
+        return statement, params or {}
+    compiled = statement.compile(  # type: ignore[attr-defined]
+        dialect=_NAMED_MYSQL, compile_kwargs={"render_postcompile": True}
+    )
+    bound: dict[str, Any] = dict(compiled.params)
+    if params:
+        bound.update(params)
+    return str(compiled), bound
+
+
+__all__ = ["Router", "ShardConnection", "Transaction", "classify", "route_key"]
