@@ -119,13 +119,20 @@ class Plan:
     def _render(self, target: Target, scatter: bool) -> str:
         tree = (self.scatter_ast if scatter and self.scatter_ast is not None else self.ast).copy()
         names = {t.name: t.physical(target.split) for t in self.tables}
-        for table in tree.find_all(exp.Table):
+        renamed: dict[str, str] = {}
+        for table in list(tree.find_all(exp.Table)):
             physical = names.get(table.name)
             if physical is not None and physical != table.name:
                 if not table.alias:
-                    # Keep the logical name visible to column references (orders.user_id).
-                    table.set("alias", exp.TableAlias(this=exp.to_identifier(table.name)))
+                    renamed[table.name] = physical
                 table.set("this", exp.to_identifier(physical))
+        if renamed:
+            # Unaliased qualifiers (orders.user_id) follow the table to its physical name; an
+            # alias would do it too, but MySQL refuses one on INSERT.
+            for col in tree.find_all(exp.Column):
+                physical = renamed.get(col.table)
+                if physical is not None:
+                    col.set("table", exp.to_identifier(physical))
         if target.keep is not None:
             if self.kind == "insert":
                 values = tree.args["expression"]
