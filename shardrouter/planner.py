@@ -192,6 +192,9 @@ class Planner:
             " `shardctl schema apply`, and other statements on a shard connection"
         )
 
+    def _refuse_nested(self, tree: exp.Expression) -> None:
+        _refuse_nested_in(tree, self.topology)
+
     def _tables(self, tree: exp.Expression) -> tuple[tuple[TableRule, ...], TableRule | None]:
         topology = self.topology
         rules: list[TableRule] = []
@@ -254,8 +257,8 @@ class Planner:
         return tuple(found)
 
     def _select(self, sql: str, tree: exp.Select) -> Plan:
+        self._refuse_nested(tree)
         tables, driving = self._tables(tree)
-        _refuse_nested(tree, driving)
         conditions = self._conditions(tree, tables)
         plan = Plan(sql, "select", tables, driving, conditions, tree)
         limit = tree.args.get("limit")
@@ -326,8 +329,8 @@ class Planner:
         return plan
 
     def _write(self, sql: str, tree: exp.Expression, kind: Kind) -> Plan:
+        self._refuse_nested(tree)
         tables, driving = self._tables(tree)
-        _refuse_nested(tree, driving)
         if kind == "update" and driving is not None:
             for assignment in tree.expressions:
                 target = assignment.this
@@ -405,11 +408,15 @@ def _int_of(node: exp.Expression | None) -> int:
     )
 
 
-def _refuse_nested(tree: exp.Expression, driving: TableRule | None) -> None:
+def _refuse_nested_in(tree: exp.Expression, topology: Topology) -> None:
+    sharded = any(
+        topology.tables.get(t.name) is not None and topology.tables[t.name].kind == "sharded"
+        for t in tree.find_all(exp.Table)
+    )
     for node in tree.find_all(exp.Select, exp.Union):
         if node is tree:  # type: ignore[comparison-overlap]
             continue
-        if driving is not None:
+        if sharded:
             raise UnsupportedQueryError(
                 "subqueries and UNIONs over sharded tables are not routed (a subquery may need"
                 " rows from other shards); run the inner query first and pass its result"

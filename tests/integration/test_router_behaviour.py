@@ -1,0 +1,391 @@
+"""Writes, lookups, refusals, transactions and failures of the routers on real MariaDB shards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+
+from shardrouter import sandbox as sb
+from shardrouter.aio import AsyncRouter
+from shardrouter.config import config_from_dict
+from shardrouter.errors import (
+    CrossShardTransactionError,
+    ExecutionError,
+    FanoutLimitError,
+    ScatterWriteError,
+    ShardUnavailableError,
+    UnsupportedQueryError,
+)
+from shardrouter.router import Router
+from shardrouter.topology import Topology
+
+pytestmark = pytest.mark.mariadb
+
+DDL = [
+    "CREATE TABLE IF NOT EXISTS {orders} (order_id BIGINT PRIMARY KEY, user_id BIGINT NOT NULL,"
+    " merchant_id BIGINT NOT NULL, amount_cents BIGINT, KEY (user_id))",
+    "CREATE TABLE IF NOT EXISTS {merchant_orders} (merchant_id BIGINT, order_id BIGINT,"
+    " user_id BIGINT NOT NULL, PRIMARY KEY (merchant_id, order_id))",
+    "CREATE TABLE IF NOT EXISTS {users} (user_id BIGINT PRIMARY KEY, email VARCHAR(255) NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS {user_emails} (email VARCHAR(255) PRIMARY KEY,"
+    " user_id BIGINT NOT NULL)",
+]
+TABLES = ("orders", "merchant_orders", "users", "user_emails")
+
+
+def _create(router: Router) -> None:
+    topology = router.topology
+    for engine in router.engines.primaries.values():
+        with engine.begin() as conn:
+            for split in range(topology.table("orders").split):
+                names = {t: topology.table(t).physical(split) for t in TABLES}
+                for ddl in DDL:
+                    conn.execute(text(ddl.format(**names)))
+                for name in names.values():
+                    conn.execute(text(f"DELETE FROM {name}"))
+
+
+@pytest.fixture(scope="module")
+def router(sandbox) -> Iterator[Router]:  # type: ignore[no-untyped-def]
+    r = Router(Topology.load(sandbox.topology_path), max_fanout=None)
+    _create(r)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def ids(router: Router) -> Any:
+    return router.topology.id_generator("orders")
+
+
+def _count(router: Router, table: str) -> int:
+    return int(router.execute(f"SELECT COUNT(*) FROM {table}").scalar())
+
+
+def _insert_order(router: Router, order_id: int, user_id: int, merchant: int) -> Any:
+    return router.execute(
+        "INSERT INTO orders (order_id, user_id, merchant_id, amount_cents)"
+        " VALUES (:o, :u, :m, 100)",
+        {"o": order_id, "u": user_id, "m": merchant},
+    )
+
+
+class Recorder:
+    """Records (shard, statement) in execution order across every shard engine."""
+
+    def __init__(self, router: Router) -> None:
+        self.log: list[tuple[str, str]] = []
+        self._hooks = []
+        for sid, engine in router.engines.primaries.items():
+
+            def hook(conn: Any, cursor: Any, statement: str, *args: Any, _sid: str = sid) -> None:
+                self.log.append((_sid, statement.split()[0].upper() + " " + _target(statement)))
+
+            event.listen(engine, "before_cursor_execute", hook)
+            self._hooks.append((engine, hook))
+
+    def close(self) -> None:
+        for engine, hook in self._hooks:
+            event.remove(engine, "before_cursor_execute", hook)
+
+
+def _target(statement: str) -> str:
+    words = statement.replace("(", " ").split()
+    for i, w in enumerate(words):
+        if w.upper() in ("INTO", "FROM", "UPDATE") and i + 1 < len(words):
+            return words[i + 1]
+    return ""
+
+
+def test_lookup_row_is_written_before_its_owner(router: Router, ids: Any) -> None:
+    order_id = ids.next_id(user_id=7001)
+    rec = Recorder(router)
+    try:
+        res = _insert_order(router, order_id, 7001, 55)
+    finally:
+        rec.close()
+    writes = [entry for entry in rec.log if entry[1].startswith("INSERT")]
+    assert [w[1].split()[1].rstrip("_0123456789") for w in writes] == ["merchant_orders", "orders"]
+    assert res.lookups and res.shards == (router.topology.shard_for("orders", 7001),)
+
+
+def test_owner_delete_comes_before_its_lookup_delete(router: Router, ids: Any) -> None:
+    order_id = ids.next_id(user_id=7002)
+    _insert_order(router, order_id, 7002, 56)
+    rec = Recorder(router)
+    try:
+        router.execute("DELETE FROM orders WHERE order_id = :o", {"o": order_id})
+    finally:
+        rec.close()
+    deletes = [e[1].split()[1].rstrip("_0123456789") for e in rec.log if e[1].startswith("DELETE")]
+    assert deletes == ["orders", "merchant_orders"]
+    assert (
+        router.execute("SELECT COUNT(*) FROM merchant_orders WHERE merchant_id = 56").scalar() == 0
+    )
+
+
+def test_crash_between_lookup_and_owner_leaves_only_an_orphan(router: Router, ids: Any) -> None:
+    # The owner insert fails after the lookup row was written (a duplicate order id stands in
+    # for a crash): the lookup row is an orphan, and reads through the lookup ignore it.
+    first, second = ids.next_ids(2, user_id=7003)
+    _insert_order(router, first, 7003, 57)
+    with pytest.raises(ExecutionError) as err:
+        router.execute(
+            "INSERT INTO orders (order_id, user_id, merchant_id, amount_cents)"
+            " VALUES (:o, :u, :m, 1)",
+            {"o": first, "u": 7003, "m": 58},
+        )
+    assert err.value.shard == router.topology.shard_for("orders", 7003)
+    assert err.value.orig is not None and err.value.orig.args[0] == 1062  # duplicate key
+    orphan = router.execute("SELECT order_id FROM merchant_orders WHERE merchant_id = 58")
+    assert orphan.scalars() == [first]  # the orphan lookup row exists
+    via_lookup = router.execute("SELECT order_id FROM orders WHERE merchant_id = :m", {"m": 58})
+    assert via_lookup.rows == []  # ... and is ignored: no owner row matches
+    _insert_order(router, second, 7003, 58)
+    again = router.execute("SELECT order_id FROM orders WHERE merchant_id = :m", {"m": 58})
+    assert again.scalars() == [second]
+
+
+def test_unique_lookup_refuses_a_taken_value(router: Router) -> None:
+    sql = "INSERT INTO users (user_id, email) VALUES (:u, :e)"
+    router.execute(sql, {"u": 8001, "e": "ada@example.com"})
+    with pytest.raises(ExecutionError, match="already belongs"):
+        router.execute(sql, {"u": 8002, "e": "ada@example.com"})
+    assert (
+        router.execute("SELECT COUNT(*) FROM users WHERE user_id = :u", {"u": 8002}).scalar() == 0
+    )
+    found = router.execute("SELECT user_id FROM users WHERE email = :e", {"e": "ada@example.com"})
+    assert found.scalars() == [8001] and len(found.shards) == 1
+
+
+def test_update_and_delete_by_key(router: Router, ids: Any) -> None:
+    oids = ids.next_ids(3, user_id=7004)
+    for o in oids:
+        _insert_order(router, o, 7004, 59)
+    res = router.execute("UPDATE orders SET amount_cents = 5 WHERE user_id = :u", {"u": 7004})
+    assert res.rowcount == 3 and len(res.shards) == 1
+    total = router.execute("SELECT SUM(amount_cents) FROM orders WHERE user_id = :u", {"u": 7004})
+    assert total.scalar() == 15
+    res = router.execute(
+        "DELETE FROM orders WHERE order_id IN (:a, :b)", {"a": oids[0], "b": oids[1]}
+    )
+    assert res.rowcount == 2
+    assert router.execute(
+        "SELECT order_id FROM orders WHERE user_id = :u", {"u": 7004}
+    ).scalars() == [oids[2]]
+
+
+@pytest.mark.parametrize(
+    ("sql", "error", "words"),
+    [
+        pytest.param(
+            "DELETE FROM orders WHERE amount_cents > 0",
+            ScatterWriteError,
+            "allow_scatter_write",
+            id="scatter-delete",
+        ),
+        pytest.param(
+            "UPDATE orders SET amount_cents = 1",
+            ScatterWriteError,
+            "no sharding-key",
+            id="scatter-update",
+        ),
+        pytest.param(
+            "UPDATE orders SET user_id = 2 WHERE user_id = 1",
+            UnsupportedQueryError,
+            "Delete it and insert it again",
+            id="update-key",
+        ),
+        pytest.param(
+            "SELECT * FROM orders o JOIN users u ON o.user_id = u.user_id",
+            UnsupportedQueryError,
+            "not bound",
+            id="unbound-join",
+        ),
+        pytest.param(
+            "SELECT * FROM orders WHERE user_id IN (SELECT user_id FROM users)",
+            UnsupportedQueryError,
+            "subqueries",
+            id="subquery",
+        ),
+        pytest.param(
+            "SELECT COUNT(DISTINCT merchant_id) FROM orders",
+            UnsupportedQueryError,
+            "COUNT(DISTINCT",
+            id="count-distinct",
+        ),
+        pytest.param(
+            "INSERT INTO orders SELECT * FROM orders",
+            UnsupportedQueryError,
+            "INSERT ... SELECT",
+            id="insert-select",
+        ),
+        pytest.param(
+            "INSERT INTO orders (amount_cents) VALUES (1)",
+            UnsupportedQueryError,
+            "no sharding key",
+            id="insert-without-key",
+        ),
+        pytest.param("SELECT 1; SELECT 2", UnsupportedQueryError, "2 statements", id="two"),
+        pytest.param("DROP TABLE orders", UnsupportedQueryError, "schema apply", id="ddl"),
+        pytest.param("SELEC * FROM orders", UnsupportedQueryError, "parse", id="syntax"),
+        pytest.param(
+            "SELECT SUM(amount_cents) / COUNT(*) FROM orders",
+            UnsupportedQueryError,
+            "over aggregates",
+            id="expression-of-aggregates",
+        ),
+    ],
+)
+def test_refusals_name_the_construct(router: Router, sql: str, error: type, words: str) -> None:
+    before = _count(router, "orders")
+    with pytest.raises(error, match=words.replace("(", r"\(")):
+        router.execute(sql)
+    assert _count(router, "orders") == before  # nothing ran
+
+
+def test_caps_on_fanout_and_offset(router: Router) -> None:
+    capped = Router(router.topology, engines=router.engines, max_fanout=2, max_offset=100)
+    with pytest.raises(FanoutLimitError, match="max_fanout=2"):
+        capped.execute("SELECT order_id FROM orders ORDER BY order_id LIMIT 5")
+    with pytest.raises(FanoutLimitError, match="OFFSET 101"):
+        Router(router.topology, engines=router.engines, max_offset=100).execute(
+            "SELECT order_id FROM orders ORDER BY order_id LIMIT 5 OFFSET 101"
+        )
+    # One key is one shard: the caps do not apply.
+    assert capped.execute("SELECT COUNT(*) FROM orders WHERE user_id = 1").scalar() == 0
+
+
+def test_scatter_write_when_allowed(router: Router, ids: Any) -> None:
+    o = ids.next_id(user_id=7005)
+    _insert_order(router, o, 7005, 60)
+    permissive = Router(router.topology, engines=router.engines, allow_scatter_write=True)
+    res = permissive.execute(
+        "UPDATE orders SET amount_cents = 77 WHERE merchant_id = 60 AND amount_cents = 100"
+    )
+    assert res.rowcount == 1 and len(res.shards) == 1  # routed by the lookup, not scattered
+    res = permissive.execute("UPDATE orders SET amount_cents = 78 WHERE amount_cents = 77")
+    assert res.rowcount == 1 and res.scatter and len(res.shards) == len(router.topology.shards)
+
+
+def test_transaction_is_single_shard(router: Router, ids: Any) -> None:
+    users = [u for u in range(9000, 9100)]
+    a = users[0]
+    b = next(
+        u
+        for u in users
+        if router.topology.shard_for("orders", u) != router.topology.shard_for("orders", a)
+    )
+    oa, ob = ids.next_id(user_id=a), ids.next_id(user_id=b)
+    sql = "INSERT INTO orders (order_id, user_id, merchant_id, amount_cents) VALUES (:o, :u, 61, 1)"
+    with (
+        pytest.raises(CrossShardTransactionError, match="bound to shard"),
+        router.transaction() as tx,
+    ):
+        tx.execute(sql, {"o": oa, "u": a})
+        tx.execute(sql, {"o": ob, "u": b})
+    # Rolled back: nothing of the transaction is visible, not even its first statement.
+    assert router.execute("SELECT COUNT(*) FROM orders WHERE user_id = :u", {"u": a}).scalar() == 0
+    with router.transaction() as tx:
+        tx.execute(sql, {"o": oa, "u": a})
+        tx.execute("UPDATE orders SET amount_cents = 2 WHERE order_id = :o", {"o": oa})
+    assert (
+        router.execute("SELECT amount_cents FROM orders WHERE order_id = :o", {"o": oa}).scalar()
+        == 2
+    )
+
+
+def test_explicit_connection_reaches_the_key_shard(router: Router, ids: Any) -> None:
+    o = ids.next_id(user_id=7006)
+    _insert_order(router, o, 7006, 62)
+    with router.connection(user_id=7006) as conn:
+        assert conn.shard == router.topology.shard_for("orders", 7006)
+        table = conn.physical("orders")
+        got = conn.execute(text(f"SELECT user_id FROM {table} WHERE order_id = :o"), {"o": o})
+        assert got.scalar() == 7006
+    with router.connection(order_id=o) as conn:  # the gene finds the same shard
+        assert conn.shard == router.topology.shard_for("orders", 7006)
+
+
+def test_async_router_writes_and_reads(router: Router, ids: Any) -> None:
+    async def scenario() -> list[Any]:
+        async with AsyncRouter(router.topology) as aio:
+            o = ids.next_id(user_id=7007)
+            await aio.execute(
+                "INSERT INTO orders (order_id, user_id, merchant_id, amount_cents)"
+                " VALUES (:o, :u, 63, 9)",
+                {"o": o, "u": 7007},
+            )
+            async with aio.connection(user_id=7007) as conn:
+                direct = (
+                    await conn.execute(
+                        text(
+                            f"SELECT amount_cents FROM {conn.physical('orders')} WHERE order_id = :o"
+                        ),
+                        {"o": o},
+                    )
+                ).scalar()
+            via_lookup = (
+                await aio.execute("SELECT order_id FROM orders WHERE merchant_id = :m", {"m": 63})
+            ).scalars()
+            return [o, direct, via_lookup]
+
+    o, direct, via_lookup = asyncio.run(scenario())
+    assert direct == 9 and via_lookup == [o]
+
+
+# -- a killed shard -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_shards(scratch_dir, scratch_port) -> Iterator[tuple[sb.Sandbox, Router]]:  # type: ignore[no-untyped-def]
+    box = sb.up(scratch_dir, shards=2, base_port=scratch_port)
+    raw = config_from_dict(
+        {
+            "slots": 1024,
+            "shards": {
+                s.name: {
+                    "primary": s.url,
+                    "slots": [[i * 512, (i + 1) * 512]],
+                    "pool": {"connect_timeout_s": 2, "timeout_s": 3},
+                }
+                for i, s in enumerate(box.shards)
+            },
+            "tables": {"orders": {"column": "user_id", "strategy": "hash"}},
+        }
+    )
+    router = Router(Topology(raw))
+    for engine in router.engines.primaries.values():
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE orders (order_id BIGINT PRIMARY KEY, user_id BIGINT)"))
+    yield box, router
+    router.close()
+
+
+def test_killed_shard_fails_fast_and_others_keep_serving(
+    two_shards: tuple[sb.Sandbox, Router],
+) -> None:
+    box, router = two_shards
+    topology = router.topology
+    live_user = next(u for u in range(1, 1000) if topology.shard_for("orders", u) == "s0")
+    dead_user = next(u for u in range(1, 1000) if topology.shard_for("orders", u) == "s1")
+    for n, u in enumerate((live_user, dead_user)):
+        router.execute("INSERT INTO orders (order_id, user_id) VALUES (:o, :u)", {"o": n, "u": u})
+    sb.kill_shard(box, "s1")
+    started = time.monotonic()
+    with pytest.raises(ShardUnavailableError) as err:
+        router.execute("SELECT * FROM orders WHERE user_id = :u", {"u": dead_user})
+    assert err.value.shard == "s1" and time.monotonic() - started < 10
+    assert "s1" in str(err.value) and "root" not in str(err.value).split("://")[0]
+    rows = router.execute("SELECT order_id FROM orders WHERE user_id = :u", {"u": live_user})
+    assert rows.scalars() == [0]
+    with pytest.raises(ShardUnavailableError):
+        router.execute("SELECT COUNT(*) FROM orders")  # a scatter needs every shard
+    sb.start_shard(box, "s1")
+    rows = router.execute("SELECT order_id FROM orders WHERE user_id = :u", {"u": dead_user})
+    assert rows.scalars() == [1]  # back, with its data
