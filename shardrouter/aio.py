@@ -16,7 +16,7 @@ from sqlalchemy.sql import Executable
 
 from .engines import make_async_engine
 from .errors import CrossShardTransactionError, RoutingError
-from .execution import Job, JobResult, Limits, ResultSet, Step, run
+from .execution import Job, JobResult, Limits, Page, ResultSet, Step, keyset_query, page_of, run
 from .planner import Planner
 from .router import _explicit_key_rules, _sql_and_params, classify
 from .topology import Topology
@@ -187,6 +187,24 @@ class AsyncRouter:
         self, statement: str | Executable, params: Mapping[str, Any] | None = None
     ) -> ResultSet:
         return await self._execute(statement, params, None)
+
+    async def page(
+        self,
+        table: str,
+        *,
+        columns: Sequence[str],
+        order_by: Sequence[str],
+        where: Mapping[str, Any] | None = None,
+        after: Sequence[Any] | None = None,
+        limit: int = 20,
+        descending: bool = True,
+    ) -> Page:
+        """Keyset pagination; see Router.page."""
+        sql, params, positions = keyset_query(
+            table, columns, order_by, where or {}, after, limit, descending
+        )
+        result = await self.execute(sql, params)
+        return page_of(result, positions, limit, len(columns))
 
     async def _execute(
         self,

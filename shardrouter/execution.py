@@ -432,4 +432,81 @@ def _delete_lookups_prepare(
     return deletes
 
 
-__all__ = ["Job", "JobResult", "Limits", "ResultSet", "Step", "run"]
+# -- keyset pagination --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a keyset-paginated listing; pass ``after`` back to get the next one."""
+
+    rows: list[tuple[Any, ...]]
+    columns: tuple[str, ...]
+    after: tuple[Any, ...] | None
+    """The sort-key values of the last row, or None when this was the last page."""
+
+
+def keyset_query(
+    table: str,
+    columns: Sequence[str],
+    order_by: Sequence[str],
+    where: Mapping[str, Any],
+    after: Sequence[Any] | None,
+    limit: int,
+    descending: bool,
+) -> tuple[str, dict[str, Any], tuple[int, ...]]:
+    """SQL for "the next ``limit`` rows after ``after``" ordered by ``order_by`` (unique).
+
+    Every value is a bound parameter; names are checked to be plain identifiers. Returns the
+    SQL, its parameters and the positions of the sort columns in the selected columns.
+    """
+    names = [*columns, *where, *order_by, table]
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise RoutingError(f"page: {bad[0]!r} is not a plain column or table name")
+    if not 1 <= limit <= 10_000:
+        raise RoutingError(f"page: limit {limit} must be in [1, 10000]")
+    selected = list(dict.fromkeys([*columns, *order_by]))
+    params: dict[str, Any] = {}
+    clauses = []
+    for i, (column_name, value) in enumerate(where.items()):
+        params[f"w{i}"] = value
+        clauses.append(f"{column_name} = :w{i}")
+    if after is not None:
+        if len(after) != len(order_by):
+            raise RoutingError(
+                f"page: after has {len(after)} values for {len(order_by)} sort columns"
+            )
+        op = "<" if descending else ">"
+        # (a, b) > (x, y) spelled out so every MySQL version uses the index on (a, b).
+        ors = []
+        for i in range(len(order_by)):
+            eqs = [f"{order_by[j]} = :a{j}" for j in range(i)]
+            ors.append("(" + " AND ".join([*eqs, f"{order_by[i]} {op} :a{i}"]) + ")")
+        params.update({f"a{i}": v for i, v in enumerate(after)})
+        clauses.append("(" + " OR ".join(ors) + ")")
+    direction = " DESC" if descending else ""
+    sql = (
+        f"SELECT {', '.join(selected)} FROM {table}"
+        + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
+        + f" ORDER BY {', '.join(c + direction for c in order_by)} LIMIT {int(limit)}"
+    )
+    return sql, params, tuple(selected.index(c) for c in order_by)
+
+
+def page_of(result: ResultSet, positions: Sequence[int], limit: int, width: int) -> Page:
+    rows = result.rows
+    after = tuple(rows[-1][p] for p in positions) if len(rows) == limit else None
+    return Page([r[:width] for r in rows], result.columns[:width], after)
+
+
+__all__ = [
+    "Job",
+    "JobResult",
+    "Limits",
+    "Page",
+    "ResultSet",
+    "Step",
+    "keyset_query",
+    "page_of",
+    "run",
+]

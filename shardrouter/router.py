@@ -23,7 +23,7 @@ from .errors import (
     RoutingError,
     ShardUnavailableError,
 )
-from .execution import Job, JobResult, Limits, ResultSet, Step, run
+from .execution import Job, JobResult, Limits, Page, ResultSet, Step, keyset_query, page_of, run
 from .planner import Planner
 from .topology import KeyRule, Topology
 from .types import ShardId, Slot
@@ -265,6 +265,30 @@ class Router:
         sql, bound = _sql_and_params(statement, params)
         plan = self.planner.plan(sql)
         return runner.drive(run(self.topology, plan, bound, self.limits))
+
+    def page(
+        self,
+        table: str,
+        *,
+        columns: Sequence[str],
+        order_by: Sequence[str],
+        where: Mapping[str, Any] | None = None,
+        after: Sequence[Any] | None = None,
+        limit: int = 20,
+        descending: bool = True,
+    ) -> Page:
+        """Keyset pagination: the next page of ``table`` after the ``after`` cursor.
+
+        ``order_by`` must end with a unique column (e.g. ``("created_at", "order_id")``).
+        Unlike OFFSET, every page costs the same however deep it is: each shard returns at most
+        ``limit`` rows past the cursor and the merge keeps the first ``limit``. E.g. a merchant's
+        orders: ``page("orders", where={"merchant_id": 7}, ...)`` routes through the lookup.
+        """
+        sql, params, positions = keyset_query(
+            table, columns, order_by, where or {}, after, limit, descending
+        )
+        result = self.execute(sql, params)
+        return page_of(result, positions, limit, len(columns))
 
     # -- job execution --------------------------------------------------------------------------
 

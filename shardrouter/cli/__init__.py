@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .check_cmd import check
 from .config_cmd import config
 from .ids_cmd import ids
 from .misc import bench, demo
@@ -17,7 +18,7 @@ def main() -> None:
     """shardrouter: route orders to MySQL shards, hand out ids that carry their shard."""
 
 
-for command in (bench, config, demo, ids, route, sandbox):
+for command in (bench, check, config, demo, ids, route, sandbox):
     main.add_command(command)
 
 __all__ = ["main"]

@@ -389,3 +389,85 @@ def test_killed_shard_fails_fast_and_others_keep_serving(
     sb.start_shard(box, "s1")
     rows = router.execute("SELECT order_id FROM orders WHERE user_id = :u", {"u": dead_user})
     assert rows.scalars() == [1]  # back, with its data
+
+
+def test_keyset_pages_walk_a_merchant_in_order(router: Router, ids: Any) -> None:
+    merchant = 64
+    placed = []
+    for user in range(7100, 7130):
+        for o in ids.next_ids(2, user_id=user):
+            _insert_order(router, o, user, merchant)
+            placed.append(o)
+    seen: list[int] = []
+    after = None
+    pages = 0
+    while True:
+        page = router.page(
+            "orders",
+            columns=("order_id", "user_id"),
+            order_by=("order_id",),
+            where={"merchant_id": merchant},
+            after=after,
+            limit=7,
+        )
+        seen += [r[0] for r in page.rows]
+        pages += 1
+        if page.after is None:
+            break
+        after = page.after
+    assert seen == sorted(placed, reverse=True)  # every order once, newest id first
+    assert pages == len(placed) // 7 + 1
+
+
+def test_check_lookups_finds_and_fixes_orphans_and_reports_missing(
+    router: Router, ids: Any
+) -> None:
+    from click.testing import CliRunner
+
+    from shardrouter.cli import main
+    from shardrouter.lookups import check_lookups
+
+    orphan_order, missing_order = ids.next_ids(2, user_id=7200)
+    topology = router.topology
+    slot = topology.slot_for("merchant_orders", 65)
+    with router.engines.primary(topology.shard_of_slot(slot)).begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO merchant_orders (merchant_id, order_id, user_id) VALUES (65, :o, 7200)"
+            ),
+            {"o": orphan_order},
+        )
+    with router.connection(user_id=7200) as conn:  # an owner written behind the router's back
+        conn.execute(
+            text(
+                f"INSERT INTO {conn.physical('orders')} (order_id, user_id,"
+                " merchant_id, amount_cents) VALUES (:o, 7200, 66, 1)"
+            ),
+            {"o": missing_order},
+        )
+    report = next(r for r in check_lookups(router) if r.lookup_table == "merchant_orders")
+    assert (65, 7200, orphan_order) in report.orphans
+    assert (66, 7200, missing_order) in report.missing
+    fixed = next(
+        r for r in check_lookups(router, fix=True, grace_s=0) if r.lookup_table == "merchant_orders"
+    )
+    assert fixed.removed >= 1
+    again = next(r for r in check_lookups(router) if r.lookup_table == "merchant_orders")
+    assert (65, 7200, orphan_order) not in again.orphans
+    result = CliRunner().invoke(
+        main, ["check", "lookups", "--config", str(topology_path(router)), "--json"]
+    )
+    assert result.exit_code == 1, result.output  # a missing entry fails the check
+    assert "missing" in result.output and str(missing_order) in result.output
+    router.execute("DELETE FROM orders WHERE order_id = :o", {"o": missing_order})
+
+
+def topology_path(router: Router) -> Any:
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(tempfile.mkdtemp()) / "topology.yaml"
+    path.write_text(yaml.safe_dump(router.topology.config.model_dump(by_alias=True, mode="json")))
+    return path
