@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,11 @@ class AsyncRouter:
         return clause
 
     async def _execute_on(self, conn: AsyncConnection, job: Job) -> JobResult:
+        if isinstance(job.statement, tuple):
+            parts = []
+            for sql in job.statement:
+                parts.append(await self._execute_on(conn, replace(job, statement=sql)))
+            return JobResult((), [], sum(p.rowcount for p in parts), tuple(parts))
         stmt = self._text(job.statement) if isinstance(job.statement, str) else job.statement
         try:
             result = await conn.execute(stmt, job.params)
@@ -263,8 +269,12 @@ class AsyncRouter:
             raise classify(exc, job.shard, str(stmt)) from exc
 
     async def _run_job(self, job: Job) -> JobResult:
+        engine = self._engine(job.shard)
         try:
-            async with self._engine(job.shard).begin() as conn:
+            if job.kind == "read":
+                async with engine.connect() as conn:
+                    return await self._execute_on(conn, job)
+            async with engine.begin() as conn:
                 return await self._execute_on(conn, job)
         except (DBAPIError, PoolTimeoutError, OSError) as exc:
             raise classify(exc, job.shard) from exc

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
-import itertools
 import os
 import re
 import types
@@ -279,8 +278,12 @@ def _unwrap(tp: Any) -> Any:
             return tp
 
 
+_CREDENTIALS = re.compile(r"([^\s:/@'\"\[\]{}]+):[^@\s'\"]*@")
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    """A bad value for a message: short, and with any ``user:password@`` masked."""
+    text = _CREDENTIALS.sub(r"\1:***@", repr(value))
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -316,8 +319,8 @@ def safe_url(url: str) -> str:
     """A URL for messages: the password replaced by ***."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
+    except (ArgumentError, ValueError):
+        return _CREDENTIALS.sub(r"\1:***@", url)
 
 
 def check(model: TopologyConfig) -> Iterator[str]:
@@ -393,9 +396,15 @@ def _check_shards(model: TopologyConfig) -> Iterator[str]:
                 ranges.append((start, end, name))
     ranges.sort()
     covered_to = 0
-    for (s1, e1, n1), (s2, e2, n2) in itertools.pairwise(ranges):
-        if s2 < e1:
+    # Compare each range with the earlier one reaching furthest right, so every overlap is
+    # reported (neighbours alone miss [100, 200) and [300, 400) both inside [0, 1024)).
+    widest: tuple[int, int, str] | None = None
+    for s2, e2, n2 in ranges:
+        if widest is not None and s2 < widest[1]:
+            s1, e1, n1 = widest
             yield f"shards.{n2}.slots: [{s2}, {e2}) overlaps {n1} [{s1}, {e1})"
+        if widest is None or e2 > widest[1]:
+            widest = (s2, e2, n2)
     for start, end, _ in ranges:
         if start > covered_to:
             yield (
@@ -413,7 +422,7 @@ def _check_shards(model: TopologyConfig) -> Iterator[str]:
 def _check_url(path: str, url: str) -> Iterator[str]:
     try:
         parsed: URL = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         yield (
             f"{path}: {safe_url(url)!r} is not a database URL"
             " (write e.g. mysql+pymysql://user:${DB_PASSWORD}@host:3306/orders_s0)"

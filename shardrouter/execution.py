@@ -38,7 +38,9 @@ class Job:
     """One statement to run on one shard, in its own transaction unless the caller holds one."""
 
     shard: ShardId
-    statement: str | Executable
+    statement: str | Executable | tuple[str, ...]
+    """One statement, or several run in order on one connection (a shard's split tables):
+    one pool checkout and one transaction per shard instead of one per physical table."""
     params: Mapping[str, Any] | Sequence[Mapping[str, Any]]
     kind: JobKind
     role: JobRole = "statement"
@@ -52,6 +54,11 @@ class JobResult:
     columns: tuple[str, ...]
     rows: list[tuple[Any, ...]]
     rowcount: int
+    parts: tuple[JobResult, ...] = ()
+    """For a job of several statements: one result each, in order."""
+
+    def flat(self) -> tuple[JobResult, ...]:
+        return self.parts or (self,)
 
 
 @dataclass(slots=True)
@@ -121,17 +128,21 @@ def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limit
     pending_lookup_deletes: list[Job] = []
     if plan.kind == "delete" and plan.sharded is not None and _owned_lookups(plan.sharded):
         pending_lookup_deletes = yield from _delete_lookups_prepare(topology, plan, params, found)
-    jobs = [
-        Job(
-            ShardId(t.shard),
-            plan.render(t, scatter=scatter_sql),
-            params,
-            "read" if plan.kind == "select" else "write",
-        )
-        for t in found.targets
-    ]
-    results = yield jobs
-    shards = tuple(dict.fromkeys(j.shard for j in jobs))
+    by_shard: dict[ShardId, list[Target]] = defaultdict(list)
+    for t in found.targets:
+        by_shard[ShardId(t.shard)].append(t)
+    kind: JobKind = "read" if plan.kind == "select" else "write"
+    jobs = []
+    for shard, targets in by_shard.items():
+        if len(targets) == 1:
+            statement: str | tuple[str, ...] = plan.render(targets[0], scatter=scatter_sql)
+        elif scatter_sql and _unions(topology, shard) and all(t.keep is None for t in targets):
+            statement = plan.render_union(targets)
+        else:
+            statement = tuple(plan.render(t, scatter=scatter_sql) for t in targets)
+        jobs.append(Job(shard, statement, params, kind))
+    results = [part for r in (yield jobs) for part in r.flat()]
+    shards = tuple(by_shard)
     if plan.kind != "select":
         rowcount = sum(r.rowcount for r in results)
         if pending_lookup_deletes:
@@ -144,6 +155,11 @@ def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limit
     merged = list(merge(plan.merge, [r.rows for r in results]))
     visible = columns[: plan.merge.width]
     return ResultSet(visible, merged, len(merged), shards, tuple(found.lookups), found.scatter)
+
+
+def _unions(topology: Topology, shard: ShardId) -> bool:
+    """Whether the shard takes parenthesised UNION members (MySQL/MariaDB; SQLite does not)."""
+    return topology.shards[shard].primary.get_backend_name() != "sqlite"
 
 
 # -- targets --------------------------------------------------------------------------------

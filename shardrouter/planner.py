@@ -98,6 +98,7 @@ class Plan:
     has_limit: bool = False
     offset_depth: int = 0
     _rendered: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    """Rendered SQL per kind of target; bounded (IN subsets could vary without end)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -114,6 +115,29 @@ class Plan:
                 if len(self._rendered) > 512:  # bounded: IN subsets could vary without end
                     self._rendered.clear()
                 self._rendered[key] = sql
+        return sql
+
+    def render_union(self, targets: Sequence[Target]) -> str:
+        """One statement for several splits of one shard (MySQL): their scatter queries in a
+        UNION ALL, ordered and limited again, so a shard is one round trip and one sorted
+        stream for the merge. Positions in the outer ORDER BY avoid name clashes."""
+        key = ("union", tuple(t.split for t in targets))
+        sql = self._rendered.get(key)
+        if sql is not None:
+            return sql
+        merge_plan = self.merge
+        distinct = merge_plan is not None and merge_plan.distinct and not merge_plan.grouped
+        glue = " UNION " if distinct else " UNION ALL "  # duplicates would eat the LIMIT
+        sql = glue.join(f"({self.render(t, scatter=True)})" for t in targets)
+        if merge_plan is not None and not merge_plan.grouped:
+            if merge_plan.order_by:
+                sql += " ORDER BY " + ", ".join(
+                    f"{k.index + 1}{' DESC' if k.descending else ''}" for k in merge_plan.order_by
+                )
+            if merge_plan.limit is not None:
+                sql += f" LIMIT {merge_plan.limit + merge_plan.offset}"
+        with self._lock:
+            self._rendered[key] = sql
         return sql
 
     def _render(self, target: Target, scatter: bool) -> str:
@@ -514,7 +538,10 @@ def _scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
         group_positions = tuple(position_of(g) for g in group.expressions)
     having_fn: Callable[[tuple[Any, ...]], bool] | None = None
     having = shard.args.get("having")
-    if having is not None:
+    grouping = bool(group_positions or aggregates or averages)
+    if having is not None and grouping:
+        # Partial groups cannot be filtered: HAVING moves to the merge. Without grouping it
+        # filters single rows like WHERE and stays on the shards (before their LIMIT).
         having_fn = _compile_having(having.this, position_of, aggregates, averages, hidden, width)
         shard.set("having", None)
     order = shard.args.get("order")

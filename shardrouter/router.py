@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +304,11 @@ class Router:
         return clause
 
     def _execute_on(self, conn: Connection, job: Job) -> JobResult:
+        if isinstance(job.statement, tuple):
+            parts = tuple(
+                self._execute_on(conn, replace(job, statement=sql)) for sql in job.statement
+            )
+            return JobResult((), [], sum(p.rowcount for p in parts), parts)
         stmt = self._text(job.statement) if isinstance(job.statement, str) else job.statement
         try:
             result = conn.execute(stmt, job.params)
@@ -317,6 +323,10 @@ class Router:
     def _run_job(self, job: Job) -> JobResult:
         engine = self.engines.primary(job.shard)
         try:
+            if job.kind == "read":
+                # No BEGIN/COMMIT round trips for a read; the pool resets the connection.
+                with engine.connect() as conn:
+                    return self._execute_on(conn, job)
             with engine.begin() as conn:
                 return self._execute_on(conn, job)
         except (DBAPIError, PoolTimeoutError) as exc:

@@ -368,6 +368,7 @@ class Topology:
         rule = self.table(table)
         key = rule.key(column)
         if key.lookup_table is not None:
+            key.check(value)  # name the column asked about, not the lookup table's
             lookup = self.table(key.lookup_table)
             assert lookup.primary is not None
             via = self.route(lookup.name, lookup.primary.column, value)

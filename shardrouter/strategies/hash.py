@@ -31,7 +31,15 @@ def canonical_bytes(value: Any) -> bytes:
             )
         return b"%d" % value
     if isinstance(value, str):
-        return value.encode("utf-8")
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise StrategyDomainError(
+                f"{value!r} is not valid Unicode (a lone surrogate cannot be stored or hashed)"
+            ) from None
+    if isinstance(value, dt.datetime):
+        # A DATE column stores a datetime as its date: route it where that date routes.
+        return value.date().isoformat().encode("ascii")
     if isinstance(value, dt.date):
         return value.isoformat().encode("ascii")
     raise StrategyDomainError(f"{value!r} cannot be hashed (int, str or date expected)")

@@ -1,0 +1,387 @@
+"""The merge engine: MergePlan and merge(), which combine the rows of one multi-shard SELECT.
+
+Every shard ran the planner's rewrite of the statement (sorted, limited to ``offset + limit``,
+grouped into partial aggregates); ``merge`` turns those per-shard answers into the answer one
+database holding every row would give (DESIGN.md, invariant 2). It is a pure function of the plan
+and the rows: no I/O, no SQL, so the sync and async executors share it and tests can drive it with
+lists.
+
+The way of the rows::
+
+    no grouping:  k-way merge (or concatenation) -> HAVING -> DISTINCT -> OFFSET/LIMIT -> width
+    grouping:     combine partials per group -> AVG -> HAVING -> DISTINCT -> ORDER BY
+                  -> OFFSET/LIMIT -> width
+
+The ungrouped path streams: it reads no more rows from a shard than the output needs (plus the
+one row per shard a merge must look ahead), so shards may be lazy, unbuffered cursors.
+
+Semantics follow MySQL/MariaDB:
+
+- ``NULL`` sorts before every value in ascending order and after every value in descending order.
+- ``NULL`` is a group of its own in GROUP BY and a value of its own in DISTINCT.
+- ``COUNT`` partials add up; ``SUM`` partials add up and stay ``NULL`` only when every partial is
+  ``NULL``; ``MIN``/``MAX`` ignore ``NULL``. A global aggregate (no GROUP BY) always yields
+  exactly one row, even when no shard matched a row (``COUNT`` 0, the others ``NULL``).
+- ``AVG`` of an integer or DECIMAL column is a DECIMAL with the scale of its sum plus 4
+  (``div_precision_increment``), rounded half away from zero; ``AVG`` of a float column is a
+  float.
+- A column that is neither a group key nor an aggregate takes the first non-``NULL`` value seen,
+  a value of some row of the group (MySQL picks an arbitrary row's value there).
+
+Known limitation: values are compared by Python's rules, so strings order and group by code
+point, as under a binary collation. MySQL's default case- and accent-insensitive collations order
+``'a' < 'B'`` and group ``'a'`` with ``'A'``; the planner only accepts ORDER BY, GROUP BY and
+DISTINCT on string columns whose collation is binary or orders like one.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal, TypeVar, get_args
+
+__all__ = [
+    "AVG_SCALE_INCREMENT",
+    "AggFunc",
+    "Aggregate",
+    "Average",
+    "MergePlan",
+    "SortKey",
+    "average",
+    "merge",
+    "sort_key",
+]
+
+AggFunc = Literal["count", "sum", "min", "max"]
+_AGG_FUNCS: frozenset[str] = frozenset(get_args(AggFunc))
+
+_Row = TypeVar("_Row", bound=Sequence[Any])
+
+#: MySQL's default ``div_precision_increment``: digits AVG adds to the scale of its argument.
+AVG_SCALE_INCREMENT = 4
+
+
+@dataclass(frozen=True, slots=True)
+class SortKey:
+    """One ORDER BY term: the position of its column in the shard rows and its direction."""
+
+    index: int
+    descending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    """A column holding each shard's partial aggregate, and how the partials combine.
+
+    ``count`` partials are summed; ``sum`` partials are summed (``NULL`` if all are ``NULL``);
+    ``min``/``max`` take the smallest/largest non-``NULL`` partial.
+    """
+
+    index: int
+    func: AggFunc
+
+
+@dataclass(frozen=True, slots=True)
+class Average:
+    """An AVG column: its output position and the hidden SUM(x) and COUNT(x) partials behind it.
+
+    The merged value (total sum / total count, ``NULL`` when the count is 0) is written at
+    ``index``, which may be the position of the SUM partial itself.
+    """
+
+    index: int
+    sum_index: int
+    count_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class MergePlan:
+    """How to combine the shards' rows of one SELECT into the single-database answer.
+
+    ``width`` leading columns are what the caller sees; columns at ``width`` and beyond are
+    helpers the planner added (ORDER BY and GROUP BY columns, AVG partials) and are dropped.
+    ``having`` sees the merged row at full width, hidden columns included, after AVG is computed.
+    With aggregates or averages but no ``group_by``, the result is a single global row.
+    """
+
+    width: int
+    order_by: tuple[SortKey, ...] = ()
+    group_by: tuple[int, ...] = ()
+    aggregates: tuple[Aggregate, ...] = ()
+    averages: tuple[Average, ...] = ()
+    having: Callable[[tuple[Any, ...]], bool] | None = None
+    distinct: bool = False
+    limit: int | None = None
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if self.width < 0:
+            problems.append(f"width {self.width} is negative; it counts the visible columns")
+        if self.offset < 0:
+            problems.append(f"offset {self.offset} is negative; OFFSET must be 0 or more")
+        if self.limit is not None and self.limit < 0:
+            problems.append(f"limit {self.limit} is negative; LIMIT must be 0 or more, or None")
+        for what, index in self._positions():
+            if index < 0:
+                problems.append(f"{what} index {index} is negative; positions count from 0")
+        for agg in self.aggregates:
+            if agg.func not in _AGG_FUNCS:
+                problems.append(
+                    f"aggregate at index {agg.index} has func {agg.func!r};"
+                    f" expected one of {sorted(_AGG_FUNCS)}"
+                )
+        if not problems:
+            problems.extend(self._combine_conflicts())
+        if problems:
+            raise ValueError("invalid MergePlan: " + "; ".join(problems))
+
+    def _positions(self) -> Iterator[tuple[str, int]]:
+        for key in self.order_by:
+            yield "order_by", key.index
+        for index in self.group_by:
+            yield "group_by", index
+        for agg in self.aggregates:
+            yield "aggregate", agg.index
+        for avg in self.averages:
+            yield "average", avg.index
+            yield "average sum", avg.sum_index
+            yield "average count", avg.count_index
+
+    def _combine_conflicts(self) -> list[str]:
+        # A position may be shared (two AVGs over one column share a COUNT partial), but it
+        # cannot combine two ways, and a group key is never a partial.
+        problems: list[str] = []
+        seen: dict[int, str] = {}
+        for index, func in _partials(self):
+            if seen.setdefault(index, func) != func:
+                problems.append(f"column {index} combines both as {seen[index]!r} and as {func!r}")
+        for index in self.group_by:
+            if index in seen:
+                problems.append(f"column {index} is both a group key and a {seen[index]!r}")
+        return problems
+
+    @property
+    def grouped(self) -> bool:
+        """Whether rows combine into groups (GROUP BY, or a global aggregate)."""
+        return bool(self.group_by or self.aggregates or self.averages)
+
+    @property
+    def columns_needed(self) -> int:
+        """How many columns each shard row must have for this plan."""
+        return max([self.width, *(index + 1 for _, index in self._positions())])
+
+
+def _partials(plan: MergePlan) -> Iterator[tuple[int, AggFunc]]:
+    """Every partial-aggregate position of the plan with how it combines, AVG partials included."""
+    for agg in plan.aggregates:
+        yield agg.index, agg.func
+    for avg in plan.averages:
+        yield avg.sum_index, "sum"
+        yield avg.count_index, "count"
+
+
+def merge(plan: MergePlan, shards: Sequence[Iterable[Sequence[Any]]]) -> Iterator[tuple[Any, ...]]:
+    """Combine the rows of ``shards`` (one iterable per shard) into the single-database answer.
+
+    Each row is a sequence of column values as the shard returned it; every output row is a
+    tuple of ``plan.width`` columns. Iterating raises ValueError when a shard's first row is too
+    short for the plan (a planner bug: the shard query lacks a hidden column).
+    """
+    if plan.limit == 0:
+        # LIMIT 0 is empty whatever the shards hold; do not touch their cursors.
+        return iter(())
+    need = plan.columns_needed
+    inputs = [_checked(rows, need, number) for number, rows in enumerate(shards)]
+    rows = _grouped(plan, inputs, need) if plan.grouped else _streamed(plan, inputs)
+    stop = None if plan.limit is None else plan.offset + plan.limit
+    # islice checks its stop before pulling, so no row past the last one needed is read.
+    width = plan.width
+    return (tuple(row[:width]) for row in itertools.islice(rows, plan.offset, stop))
+
+
+def _checked(rows: Iterable[Sequence[Any]], need: int, number: int) -> Iterator[Sequence[Any]]:
+    """The shard's rows, after checking once that its first row holds every column the plan
+    reads (rows of one result set all have the same length)."""
+    iterator = iter(rows)
+    for row in iterator:
+        if len(row) < need:
+            raise ValueError(
+                f"merge: shard {number} returned a row of {len(row)} columns but the plan reads"
+                f" {need}; the shard query must select the hidden sort, group and AVG columns"
+            )
+        yield row
+        break
+    yield from iterator
+
+
+def _streamed(plan: MergePlan, inputs: list[Iterator[Sequence[Any]]]) -> Iterator[Sequence[Any]]:
+    rows: Iterator[Sequence[Any]]
+    if plan.order_by:
+        # heapq.merge breaks ties by input order, so equal keys keep shard order (stable).
+        rows = heapq.merge(*inputs, key=sort_key(plan.order_by))
+    else:
+        rows = itertools.chain.from_iterable(inputs)
+    if plan.having is not None:
+        # MySQL's HAVING without GROUP BY or aggregates filters rows like a WHERE.
+        having = plan.having
+        rows = (row for row in rows if having(tuple(row)))
+    if plan.distinct:
+        rows = _distinct(rows, plan.width)
+    return rows
+
+
+def _distinct(rows: Iterable[_Row], width: int) -> Iterator[_Row]:
+    """First occurrence of each distinct visible row, in input order, lazily."""
+    seen: set[tuple[Any, ...]] = set()
+    for row in rows:
+        visible = tuple(row[:width])
+        if visible not in seen:
+            seen.add(visible)
+            yield row
+
+
+def _grouped(
+    plan: MergePlan, inputs: list[Iterator[Sequence[Any]]], need: int
+) -> Iterator[tuple[Any, ...]]:
+    """Combine partial groups from every shard, then AVG, HAVING, DISTINCT and ORDER BY."""
+    combiners = {index: _COMBINE[func] for index, func in _partials(plan)}
+    keys = plan.group_by
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for row in itertools.chain.from_iterable(inputs):
+        # Python's None == None puts every NULL key in one group, as SQL's GROUP BY does.
+        key = tuple(row[i] for i in keys)
+        state = groups.get(key)
+        if state is None:
+            groups[key] = list(row)
+            continue
+        for index, value in enumerate(row):
+            combine = combiners.get(index)
+            if combine is not None:
+                state[index] = combine(state[index], value)
+            elif state[index] is None:
+                state[index] = value
+    if not keys and not groups:
+        # A global aggregate over no rows at all is still one row: COUNT 0, the rest NULL.
+        groups[()] = [None] * need
+    merged: Iterable[tuple[Any, ...]] = (_finish(plan, state) for state in groups.values())
+    if plan.having is not None:
+        having = plan.having
+        merged = (row for row in merged if having(row))
+    if plan.distinct:
+        merged = _distinct(merged, plan.width)
+    if plan.order_by:
+        merged = sorted(merged, key=sort_key(plan.order_by))
+    yield from merged
+
+
+def _finish(plan: MergePlan, state: list[Any]) -> tuple[Any, ...]:
+    for agg in plan.aggregates:
+        if agg.func == "count" and state[agg.index] is None:
+            state[agg.index] = 0
+    # Read every partial before writing any AVG: an AVG usually replaces its own SUM partial.
+    values = [
+        (avg.index, average(state[avg.sum_index], state[avg.count_index])) for avg in plan.averages
+    ]
+    for index, value in values:
+        state[index] = value
+    return tuple(state)
+
+
+def _add(total: Any, partial: Any) -> Any:
+    if total is None:
+        return partial
+    if partial is None:
+        return total
+    return total + partial
+
+
+def _least(best: Any, partial: Any) -> Any:
+    if best is None or (partial is not None and partial < best):
+        return partial
+    return best
+
+
+def _greatest(best: Any, partial: Any) -> Any:
+    if best is None or (partial is not None and partial > best):
+        return partial
+    return best
+
+
+# COUNT and SUM combine alike; COUNT's NULL (no partial at all) becomes 0 in _finish.
+_COMBINE: dict[str, Callable[[Any, Any], Any]] = {
+    "count": _add,
+    "sum": _add,
+    "min": _least,
+    "max": _greatest,
+}
+
+
+def average(total: Any, count: Any) -> Any:
+    """MySQL's AVG from a total sum and a total count: ``NULL`` when the count is 0 or the sum
+    ``NULL``; a float for a float sum; otherwise a Decimal with the sum's scale plus 4 digits,
+    rounded half away from zero (``average(3, 2) == Decimal('1.5000')``)."""
+    if total is None or count is None or count == 0:
+        return None
+    if isinstance(total, float):
+        return total / count
+    if isinstance(total, int) and not isinstance(total, bool):
+        total = Decimal(total)
+    if not isinstance(total, Decimal) or not total.is_finite():
+        return total / count
+    # Exact integer arithmetic: Decimal division would round to the context precision first,
+    # and rounding twice can land on the wrong side of a half.
+    sign, digits, exponent = total.as_tuple()
+    assert isinstance(exponent, int)  # finite, checked above
+    scale = max(0, -exponent) + AVG_SCALE_INCREMENT
+    coefficient = int("".join(map(str, digits)) or "0")
+    numerator = coefficient * 10 ** (exponent + scale)  # exponent + scale >= 4 > 0
+    quotient, remainder = divmod(numerator, int(count))
+    if 2 * remainder >= int(count):
+        quotient += 1
+    return Decimal(f"{'-' if sign and quotient else ''}{quotient}E-{scale}")
+
+
+class _Descending:
+    """A value that orders in reverse, for DESC keys over any comparable type (str, bytes,
+    Decimal, datetime), where negating the value is not an option."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Descending) and bool(self.value == other.value)
+
+    def __lt__(self, other: _Descending) -> bool:
+        return bool(other.value < self.value)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def sort_key(order_by: Sequence[SortKey]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """A key function ordering rows as MySQL's ORDER BY does, NULLs included.
+
+    Each term contributes a flag and a value: ascending puts NULL (flag 0) before values
+    (flag 1), descending puts values (flag 0, reversed) before NULL (flag 1). Equal flags mean
+    both NULL or both not, so a value is never compared with NULL.
+    """
+    terms = tuple((key.index, key.descending) for key in order_by)
+
+    def key(row: Sequence[Any]) -> tuple[Any, ...]:
+        parts: list[Any] = []
+        for index, descending in terms:
+            value = row[index]
+            if value is None:
+                parts += (1, None) if descending else (0, None)
+            elif descending:
+                parts += (0, _Descending(value))
+            else:
+                parts += (1, value)
+        return tuple(parts)
+
+    return key

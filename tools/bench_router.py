@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Router overhead on real MariaDB shards, measured; prints JSON.
+
+Starts its own 4-shard sandbox (unless --config points at a running topology), loads orders,
+then times in one run, alternating A/B blocks so drift hits both sides alike:
+
+- point query by user id: explicit path (router.connection) and raw-SQL path (router.execute,
+  plan cached) against SQLAlchemy Core on the shard's own engine, same SQL, same driver;
+- ORDER BY ... LIMIT 20 over every shard (sync and async) against the same query on one shard.
+
+Usage: python3 tools/bench_router.py [--seconds 2] [--config topology.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from shardrouter import sandbox as sb
+from shardrouter.aio import AsyncRouter
+from shardrouter.router import Router
+from shardrouter.topology import Topology
+
+POINT = "SELECT order_id, status, amount_cents FROM orders WHERE user_id = :u"
+SCATTER = "SELECT order_id, created_at FROM orders ORDER BY created_at DESC, order_id DESC LIMIT 20"
+
+
+def rate(fn: Callable[[int], None], seconds: float) -> float:
+    """Calls per second of fn(i), over about ``seconds``."""
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(50):
+            fn(n)
+            n += 1
+    return n / (time.perf_counter() - start)
+
+
+def ab(a: Callable[[int], None], b: Callable[[int], None], seconds: float, rounds: int = 5) -> dict[str, float]:
+    """Median rates of a and b over alternating blocks, and a/b."""
+    ra, rb = [], []
+    for _ in range(rounds):
+        ra.append(rate(a, seconds / rounds))
+        rb.append(rate(b, seconds / rounds))
+    ma, mb = statistics.median(ra), statistics.median(rb)
+    return {"a_per_s": round(ma, 1), "b_per_s": round(mb, 1), "ratio": round(ma / mb, 3)}
+
+
+def load(router: Router, users: list[int]) -> None:
+    topology = router.topology
+    ddl = ("CREATE TABLE IF NOT EXISTS {t} (order_id BIGINT PRIMARY KEY, user_id BIGINT NOT NULL,"
+           " merchant_id BIGINT NOT NULL, status VARCHAR(16) NOT NULL, amount_cents BIGINT,"
+           " created_at DATETIME(3) NOT NULL, KEY (user_id), KEY (created_at))")
+    lookup = ("CREATE TABLE IF NOT EXISTS {t} (merchant_id BIGINT, order_id BIGINT,"
+              " user_id BIGINT NOT NULL, PRIMARY KEY (merchant_id, order_id))")
+    for engine in router.engines.primaries.values():
+        with engine.begin() as conn:
+            for name in topology.table("orders").physical_names:
+                conn.execute(text(ddl.format(t=name)))
+                conn.execute(text(f"DELETE FROM {name}"))
+            conn.execute(text(lookup.format(t="merchant_orders")))
+            conn.execute(text("DELETE FROM merchant_orders"))
+    ids = topology.id_generator("orders")
+    rng = random.Random(1)
+    cols = ("order_id", "user_id", "merchant_id", "status", "amount_cents", "created_at")
+    for start in range(0, len(users), 100):
+        rows = []
+        for u in users[start:start + 100]:
+            for o in ids.next_ids(3, user_id=u):
+                rows.append((o, u, rng.randrange(50), "paid", rng.randrange(10_000),
+                             f"2026-0{rng.randint(1, 9)}-1{rng.randint(0, 9)} 12:00:00"))
+        marks = ", ".join("(" + ", ".join(f":{c}{i}" for c in cols) + ")" for i in range(len(rows)))
+        params = {f"{c}{i}": v for i, r in enumerate(rows) for c, v in zip(cols, r, strict=True)}
+        router.execute(f"INSERT INTO orders ({', '.join(cols)}) VALUES {marks}", params)
+
+
+def measure(topology: Topology, seconds: float) -> dict[str, Any]:
+    router = Router(topology)
+    rng = random.Random(2)
+    users = rng.sample(range(1, 10**9), 2000)
+    load(router, users)
+    shard_for = topology.shard_for
+    table_of = topology.table("orders")
+    physical_text = {name: text(POINT.replace("orders", name)) for name in table_of.physical_names}
+    engines = router.engines
+
+    def core(i: int) -> None:
+        u = users[i % len(users)]
+        slot = topology.slot_for("orders", u)
+        stmt = physical_text[table_of.physical(slot)]
+        with engines.primary(shard_for("orders", u)).connect() as conn:
+            conn.execute(stmt, {"u": u}).all()
+
+    def explicit(i: int) -> None:
+        u = users[i % len(users)]
+        with router.connection(user_id=u) as conn:
+            conn.execute(physical_text[conn.physical("orders")], {"u": u}).all()
+
+    def raw_sql(i: int) -> None:
+        u = users[i % len(users)]
+        router.execute(POINT, {"u": u})
+
+    results: dict[str, Any] = {}
+    for fn in (core, explicit, raw_sql):  # warm pools and caches
+        for i in range(200):
+            fn(i)
+    results["point_explicit_vs_core"] = ab(explicit, core, seconds)
+    results["point_raw_sql_vs_core"] = ab(raw_sql, core, seconds)
+
+    one_shard = next(iter(topology.shards))
+    one_sql = text(SCATTER.replace("orders", table_of.physical_names[0]))
+
+    def single(i: int) -> None:
+        with engines.primary(one_shard).connect() as conn:
+            conn.execute(one_sql).all()
+
+    def scatter_sync(i: int) -> None:
+        router.execute(SCATTER)
+
+    for i in range(50):
+        scatter_sync(i)
+        single(i)
+    sync = ab(scatter_sync, single, seconds)
+    results["scatter_limit20_sync_vs_one_shard"] = {**sync, "slowdown": round(1 / sync["ratio"], 3)}
+
+    async def async_part() -> dict[str, Any]:
+        aio = AsyncRouter(topology)
+        engine = aio._engine(one_shard)
+        for _ in range(50):
+            await aio.execute(SCATTER)
+
+        async def arate(fn: Callable[[], Any], secs: float) -> float:
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < secs:
+                await fn()
+                n += 1
+            return n / (time.perf_counter() - start)
+
+        async def one() -> None:
+            async with engine.connect() as conn:
+                (await conn.execute(one_sql)).all()
+
+        async def fan() -> None:
+            await aio.execute(SCATTER)
+
+        ra, rb = [], []
+        for _ in range(5):
+            ra.append(await arate(fan, seconds / 5))
+            rb.append(await arate(one, seconds / 5))
+        await aio.close()
+        ma, mb = statistics.median(ra), statistics.median(rb)
+        return {"a_per_s": round(ma, 1), "b_per_s": round(mb, 1), "ratio": round(ma / mb, 3),
+                "slowdown": round(mb / ma, 3)}
+
+    results["scatter_limit20_async_vs_one_shard"] = asyncio.run(async_part())
+    router.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0, help="per comparison")
+    parser.add_argument("--config", type=Path, help="a running topology (default: a sandbox)")
+    args = parser.parse_args()
+    meta = {"python": platform.python_version(), "machine": platform.machine(),
+            "cores": __import__("os").cpu_count(), "seconds_per_comparison": args.seconds,
+            "point_sql": POINT, "scatter_sql": SCATTER,
+            "note": "a = through shardrouter, b = SQLAlchemy Core on one shard engine; ratio = a/b"}
+    if args.config:
+        out = measure(Topology.load(args.config), args.seconds)
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="shardrouter-bench-"))
+        try:
+            box = sb.up(directory, shards=4, base_port=3501)
+            out = measure(Topology.load(box.topology_path), args.seconds)
+        finally:
+            sb.down(directory)
+    print(json.dumps({**meta, **out}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
