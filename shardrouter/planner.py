@@ -360,7 +360,14 @@ class Planner:
                 target = assignment.this
                 name = target.name if isinstance(target, exp.Column) else ""
                 for table in tables:
-                    if name in table.keys:
+                    rule = table.keys.get(name)
+                    if rule is not None and rule.lookup_table is not None:
+                        raise UnsupportedQueryError(
+                            f"UPDATE changes lookup column {table.name}.{name}: its row in"
+                            f" {rule.lookup_table} would go stale. Delete the row and insert"
+                            " it again instead (lookup updates are not supported yet)"
+                        )
+                    if rule is not None:
                         raise UnsupportedQueryError(
                             f"UPDATE changes sharding column {table.name}.{name}: the row would"
                             " have to move shards. Delete it and insert it again instead"

@@ -15,8 +15,10 @@ from sqlalchemy import Connection, TextClause, text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
+from . import xa
 from .engines import ShardEngines
 from .errors import (
     CrossShardTransactionError,
@@ -88,10 +90,15 @@ class ShardConnection:
 class _Runner:
     """Runs jobs (one inline, several on the pool), optionally inside one bound transaction."""
 
-    def __init__(self, router: Router, transaction: Transaction | None = None) -> None:
+    def __init__(
+        self, router: Router, transaction: Transaction | None = None, *, sticky: bool = False
+    ) -> None:
         self.router = router
         self.transaction = transaction
         self.deferred: list[Job] = []
+        self.sticky = sticky
+        """Once this runner wrote, its reads stay on primaries (read-your-writes)."""
+        self.wrote = False
 
     def drive(self, step: Step) -> ResultSet:
         try:
@@ -115,23 +122,39 @@ class _Runner:
                 else:
                     out.append(txn._run(job))
             return out
+        replica = self.router.replica_reads and not (self.sticky and self.wrote)
+        if any(job.kind == "write" for job in jobs):
+            self.wrote = True
         if len(jobs) == 1:
-            return [self.router._run_job(jobs[0])]
-        return self.router._fan_out(jobs)
+            return [self.router._run_job(jobs[0], replica)]
+        return self.router._fan_out(jobs, replica)
 
 
 class Transaction:
-    """A single-shard transaction: bound to the shard of its first statement.
+    """A transaction bound to the shard of its first statement.
 
-    A statement that would touch another shard raises CrossShardTransactionError (XA is not
-    configured). Lookup rows are written outside it, before it (see execution.Job.role).
+    Without XA, a statement that needs another shard raises CrossShardTransactionError: keep a
+    transaction on one key's rows (an order and its items share the user's shard). With
+    ``Router(xa=True)`` every transaction is an XA transaction and may span shards (two-phase
+    commit, see shardrouter.xa). Lookup rows are written outside it, before it; lookup
+    cleanups run after it commits (see execution.Job.role).
     """
 
     def __init__(self, router: Router) -> None:
         self._router = router
-        self.shard: ShardId | None = None
-        self._conn: Connection | None = None
+        self._xa = router.xa
+        self._gtrid = xa.new_gtrid() if router.xa else ""
+        self._branches: dict[ShardId, Connection] = {}
         self._runner = _Runner(router, self)
+
+    @property
+    def shards(self) -> tuple[ShardId, ...]:
+        """The shards this transaction has touched, in order."""
+        return tuple(self._branches)
+
+    @property
+    def shard(self) -> ShardId | None:
+        return next(iter(self._branches), None)
 
     def execute(
         self, statement: str | Executable, params: Mapping[str, Any] | None = None
@@ -139,36 +162,66 @@ class Transaction:
         return self._router._execute(statement, params, self._runner)
 
     def _run(self, job: Job) -> JobResult:
-        if self.shard is None:
-            self.shard = job.shard
+        conn = self._branches.get(job.shard)
+        if conn is None:
+            if self._branches and not self._xa:
+                raise CrossShardTransactionError(
+                    f"this transaction is bound to shard {self.shard} and the statement needs"
+                    f" shard {job.shard}; keep a transaction on one key's rows (an order and"
+                    " its items share the user's shard), or configure Router(xa=True)",
+                    shard=job.shard,
+                )
             engine = self._router.engines.primary(job.shard)
             try:
-                self._conn = engine.connect()
-                self._conn.begin()
+                conn = engine.connect()
+                if self._xa:
+                    xa.start(conn, self._gtrid, job.shard)
+                else:
+                    conn.begin()
             except (DBAPIError, PoolTimeoutError) as exc:
                 raise classify(exc, job.shard) from exc
-        elif job.shard != self.shard:
-            raise CrossShardTransactionError(
-                f"this transaction is bound to shard {self.shard} and the statement needs"
-                f" shard {job.shard}; keep a transaction on one key's rows (an order and its"
-                " items share the user's shard), or configure XA",
-                shard=job.shard,
-            )
-        assert self._conn is not None
-        return self._router._execute_on(self._conn, job)
+            self._branches[job.shard] = conn
+        return self._router._execute_on(conn, job)
 
     def _finish(self, commit: bool) -> None:
-        conn = self._conn
-        if conn is not None:
-            try:
+        branches = self._branches
+        try:
+            if self._xa and branches:
+                coordinator = self._router.engines.primary(next(iter(self._router.topology.shards)))
                 if commit:
-                    conn.commit()
+                    try:
+                        xa.commit(branches, self._gtrid, coordinator)
+                    except (DBAPIError, PoolTimeoutError) as exc:
+                        # Before the decision row nothing is committed: roll back what we can;
+                        # after it, `recover` finishes the commit on every branch.
+                        xa.rollback(branches, self._gtrid)
+                        raise classify(exc, next(iter(branches))) from exc
                 else:
-                    conn.rollback()
-            finally:
+                    xa.rollback(branches, self._gtrid)
+            else:
+                for conn in branches.values():
+                    if commit:
+                        conn.commit()
+                    else:
+                        conn.rollback()
+        finally:
+            for conn in branches.values():
                 conn.close()
         if commit and self._runner.deferred:
             self._router._fan_out(self._runner.deferred)
+
+
+class Scope:
+    """Statements that read their own writes: see Router.scope."""
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._runner = _Runner(router, sticky=True)
+
+    def execute(
+        self, statement: str | Executable, params: Mapping[str, Any] | None = None
+    ) -> ResultSet:
+        return self._router._execute(statement, params, self._runner)
 
 
 class Router:
@@ -187,8 +240,12 @@ class Router:
         max_offset: int | None = 10_000,
         max_concurrency: int | None = None,
         engines: ShardEngines | None = None,
+        xa: bool = False,
+        replica_reads: bool = True,
     ) -> None:
         self.topology = topology
+        self.xa = xa
+        self.replica_reads = replica_reads
         self.engines = engines or ShardEngines(topology)
         self.planner = Planner(topology)
         self.limits = Limits(allow_scatter_write, max_fanout, max_offset)
@@ -251,6 +308,28 @@ class Router:
             txn._finish(commit=False)
             raise
         txn._finish(commit=True)
+
+    @contextmanager
+    def session(self, **key: Any) -> Iterator[Session]:
+        """An ORM Session on the key's shard, in a transaction committed on success.
+
+        The explicit path for mapped classes: no parsing, one shard. For routing by mapped
+        keys across shards, see shardrouter.orm.
+        """
+        with self.connection(**key) as conn, Session(bind=conn.connection) as session:
+            yield session
+            session.flush()
+
+    @contextmanager
+    def scope(self) -> Iterator[Scope]:
+        """A unit of work with read-your-writes: its reads may use replicas until it writes,
+        then stay on primaries (a replica may lag behind the write)."""
+        yield Scope(self)
+
+    def recover_xa(self) -> xa.RecoveryReport:
+        """Finish XA branches left prepared by a crash: commit the decided, roll back the rest."""
+        coordinator = self.engines.primary(next(iter(self.topology.shards)))
+        return xa.recover(self.engines.primaries, coordinator)
 
     # -- transparent SQL ------------------------------------------------------------------------
 
@@ -320,8 +399,11 @@ class Router:
         except (DBAPIError, PoolTimeoutError) as exc:
             raise classify(exc, job.shard, str(stmt)) from exc
 
-    def _run_job(self, job: Job) -> JobResult:
-        engine = self.engines.primary(job.shard)
+    def _run_job(self, job: Job, replica: bool = False) -> JobResult:
+        if replica and job.kind == "read":
+            engine = self.engines.reader(job.shard)
+        else:
+            engine = self.engines.primary(job.shard)
         try:
             if job.kind == "read":
                 # No BEGIN/COMMIT round trips for a read; the pool resets the connection.
@@ -332,8 +414,10 @@ class Router:
         except (DBAPIError, PoolTimeoutError) as exc:
             raise classify(exc, job.shard) from exc
 
-    def _fan_out(self, jobs: Sequence[Job]) -> list[JobResult]:
-        futures: list[Future[JobResult]] = [self._pool.submit(self._run_job, j) for j in jobs]
+    def _fan_out(self, jobs: Sequence[Job], replica: bool = False) -> list[JobResult]:
+        futures: list[Future[JobResult]] = [
+            self._pool.submit(self._run_job, j, replica) for j in jobs
+        ]
         results: list[JobResult] = []
         first_error: BaseException | None = None
         for future in futures:  # wait for all: no job is left running behind the caller
@@ -386,4 +470,4 @@ def _sql_and_params(
     return str(compiled), bound
 
 
-__all__ = ["Router", "ShardConnection", "Transaction", "classify", "route_key"]
+__all__ = ["Router", "Scope", "ShardConnection", "Transaction", "classify", "route_key"]

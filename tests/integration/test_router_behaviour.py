@@ -202,6 +202,12 @@ def test_update_and_delete_by_key(router: Router, ids: Any) -> None:
             id="update-key",
         ),
         pytest.param(
+            "UPDATE users SET email = 'x' WHERE user_id = 1",
+            UnsupportedQueryError,
+            "lookup column users.email",
+            id="update-lookup-column",
+        ),
+        pytest.param(
             "SELECT * FROM orders o JOIN users u ON o.user_id = u.user_id",
             UnsupportedQueryError,
             "not bound",
@@ -471,3 +477,142 @@ def topology_path(router: Router) -> Any:
     path = Path(tempfile.mkdtemp()) / "topology.yaml"
     path.write_text(yaml.safe_dump(router.topology.config.model_dump(by_alias=True, mode="json")))
     return path
+
+
+def _two_users_on_two_shards(router: Router, start: int) -> tuple[int, int]:
+    a = start
+    b = next(
+        u
+        for u in range(start + 1, start + 200)
+        if router.topology.shard_for("orders", u) != router.topology.shard_for("orders", a)
+    )
+    return a, b
+
+
+def test_xa_transaction_spans_shards_and_commits_both(router: Router, ids: Any) -> None:
+    xa_router = Router(router.topology, engines=router.engines, xa=True)
+    a, b = _two_users_on_two_shards(router, 9200)
+    oa, ob = ids.next_id(user_id=a), ids.next_id(user_id=b)
+    sql = "INSERT INTO orders (order_id, user_id, merchant_id, amount_cents) VALUES (:o, :u, 67, 3)"
+    with xa_router.transaction() as tx:
+        tx.execute(sql, {"o": oa, "u": a})
+        tx.execute(sql, {"o": ob, "u": b})
+        assert len(tx.shards) == 2
+    got = router.execute(
+        "SELECT order_id FROM orders WHERE user_id IN (:a, :b) ORDER BY order_id", {"a": a, "b": b}
+    )
+    assert got.scalars() == sorted([oa, ob])
+    oc, od = ids.next_id(user_id=a), ids.next_id(user_id=b)
+    with pytest.raises(RuntimeError, match="boom"), xa_router.transaction() as tx:
+        tx.execute(sql, {"o": oc, "u": a})
+        tx.execute(sql, {"o": od, "u": b})
+        raise RuntimeError("boom")
+    left = router.execute(
+        "SELECT COUNT(*) FROM orders WHERE order_id IN (:c, :d)", {"c": oc, "d": od}
+    )
+    assert left.scalar() == 0  # both branches rolled back
+
+
+@pytest.mark.parametrize("decided", [False, True], ids=["crash-before-decision", "crash-after"])
+def test_xa_recovery_finishes_prepared_branches(router: Router, ids: Any, decided: bool) -> None:
+    from shardrouter import xa
+
+    a, b = _two_users_on_two_shards(router, 9300 + 100 * decided)
+    rows = {a: ids.next_id(user_id=a), b: ids.next_id(user_id=b)}
+    gtrid = xa.new_gtrid()
+    conns = {}
+    for user, order in rows.items():  # a coordinator that dies after PREPARE
+        shard = router.topology.shard_for("orders", user)
+        conn = router.engines.primary(shard).connect()
+        xa.start(conn, gtrid, shard)
+        table = router.topology.table("orders").physical(router.topology.slot_for("orders", user))
+        conn.execute(
+            text(
+                f"INSERT INTO {table} (order_id, user_id, merchant_id, amount_cents)"
+                " VALUES (:o, :u, 68, 1)"
+            ),
+            {"o": order, "u": user},
+        )
+        conn.exec_driver_sql(f"XA END '{xa.xid(gtrid, shard)}'")
+        conn.exec_driver_sql(f"XA PREPARE '{xa.xid(gtrid, shard)}'")
+        conns[shard] = conn
+    coordinator = router.engines.primary(next(iter(router.topology.shards)))
+    if decided:
+        xa.record_decision(coordinator, gtrid)
+    for conn in conns.values():
+        conn.invalidate()  # the connection dies with its coordinator; the branch stays prepared
+    report = router.recover_xa()
+    mine = [x for x in report.committed + report.rolled_back if gtrid in x]
+    assert len(mine) == 2
+    assert (set(mine) <= set(report.committed)) is decided
+    found = router.execute(
+        "SELECT COUNT(*) FROM orders WHERE order_id IN (:x, :y)", {"x": rows[a], "y": rows[b]}
+    ).scalar()
+    assert found == (2 if decided else 0)  # all or nothing
+
+
+@pytest.fixture
+def with_replicas(router: Router) -> Iterator[Router]:
+    """The session shards, each with a 'replica': another real database on the same server
+    whose users rows say 'replica', so a test can tell which side answered a read."""
+    raw = router.topology.config.model_dump(by_alias=True, mode="json")
+    for name, shard in raw["shards"].items():
+        primary = router.topology.shards[name].primary
+        shard["replicas"] = [
+            primary.set(database=f"{primary.database}_replica").render_as_string(
+                hide_password=False
+            )
+        ]
+        with router.engines.primary(name).begin() as conn:
+            conn.execute(text(f"CREATE DATABASE IF NOT EXISTS {primary.database}_replica"))
+            conn.execute(
+                text(
+                    f"CREATE TABLE IF NOT EXISTS {primary.database}_replica.users"
+                    " (user_id BIGINT PRIMARY KEY, email VARCHAR(255) NOT NULL)"
+                )
+            )
+            conn.execute(text(f"DELETE FROM {primary.database}_replica.users"))
+    replicated = Router(Topology(config_from_dict(raw)))
+    for user in (9501, 9502):
+        shard = replicated.topology.shard_for("users", user)
+        primary = replicated.topology.shards[shard].primary.database
+        with replicated.engines.primary(shard).begin() as conn:
+            conn.execute(
+                text("REPLACE INTO users (user_id, email) VALUES (:u, 'primary')"), {"u": user}
+            )
+            conn.execute(
+                text(
+                    f"REPLACE INTO {primary}_replica.users (user_id, email) VALUES (:u, 'replica')"
+                ),
+                {"u": user},
+            )
+    yield replicated
+    replicated.close()
+
+
+def test_reads_use_replicas_outside_transactions_only(with_replicas: Router) -> None:
+    r = with_replicas
+    q = "SELECT email FROM users WHERE user_id = :u"
+    assert r.execute(q, {"u": 9501}).scalar() == "replica"
+    with r.transaction() as tx:
+        assert tx.execute(q, {"u": 9501}).scalar() == "primary"
+    with r.scope() as s:
+        assert s.execute(q, {"u": 9502}).scalar() == "replica"
+        s.execute(
+            "INSERT INTO users (user_id, email) VALUES (:u, 'fresh@example.com')", {"u": 9503}
+        )
+        assert s.execute(q, {"u": 9503}).scalar() == "fresh@example.com"  # read-your-writes
+        assert s.execute(q, {"u": 9502}).scalar() == "primary"
+    assert r.execute(q, {"u": 9503}).scalar() is None  # the 'replica' never saw it
+    pinned = Router(r.topology, engines=r.engines, replica_reads=False)
+    assert pinned.execute(q, {"u": 9501}).scalar() == "primary"
+
+
+def test_router_session_is_an_orm_session_on_the_key_shard(router: Router) -> None:
+    with router.session(user_id=9601) as session:
+        session.execute(text("INSERT INTO users (user_id, email) VALUES (9601, 's@example.com')"))
+    with router.connection(user_id=9601) as conn:
+        assert (
+            conn.execute(text("SELECT email FROM users WHERE user_id = 9601")).scalar()
+            == "s@example.com"
+        )
