@@ -86,7 +86,19 @@ class ShardEngines:
 
 
 def _make(url: URL, spec: ShardSpec) -> Engine:
+    url = sync_url(url)
     return create_engine(url, **engine_options(url, spec.pool))
+
+
+def sync_url(url: URL) -> URL:
+    """The sync twin of an async URL (aiomysql/asyncmy -> pymysql); sync URLs kept.
+
+    One topology serves both routers: written with async drivers it still gives the sync
+    router (and the CLI) a working engine.
+    """
+    if url.get_driver_name() in ("aiomysql", "asyncmy"):
+        return url.set(drivername=f"{url.get_backend_name()}+pymysql")
+    return url
 
 
 def async_url(url: URL) -> URL:
@@ -105,4 +117,4 @@ def make_async_engine(url: URL, pool: PoolConfig) -> AsyncEngine:
     return create_async_engine(async_url(url), **options)
 
 
-__all__ = ["ShardEngines", "async_url", "engine_options", "make_async_engine"]
+__all__ = ["ShardEngines", "async_url", "engine_options", "make_async_engine", "sync_url"]

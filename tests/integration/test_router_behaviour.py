@@ -616,3 +616,54 @@ def test_router_session_is_an_orm_session_on_the_key_shard(router: Router) -> No
             conn.execute(text("SELECT email FROM users WHERE user_id = 9601")).scalar()
             == "s@example.com"
         )
+
+
+def test_core_statements_route_like_sql(router: Router, ids: Any) -> None:
+    from sqlalchemy import BigInteger, Column, MetaData, Table, func, insert, select
+
+    orders = Table(
+        "orders",
+        MetaData(),
+        Column("order_id", BigInteger),
+        Column("user_id", BigInteger),
+        Column("merchant_id", BigInteger),
+        Column("amount_cents", BigInteger),
+    )
+    o1, o2 = ids.next_ids(2, user_id=9801)
+    res = router.execute(
+        insert(orders).values(order_id=o1, user_id=9801, merchant_id=71, amount_cents=4)
+    )
+    assert res.rowcount == 1 and res.lookups  # the lookup row came with it
+    router.execute(insert(orders).values(order_id=o2, user_id=9801, merchant_id=71, amount_cents=6))
+    one = router.execute(
+        select(orders.c.order_id).where(orders.c.user_id == 9801).order_by(orders.c.order_id)
+    )
+    assert one.scalars() == [o1, o2] and len(one.shards) == 1
+    total = router.execute(
+        select(func.sum(orders.c.amount_cents)).where(orders.c.merchant_id == 71)
+    )
+    assert total.scalar() == 10 and total.lookups
+
+
+def test_async_router_reports_a_killed_shard(two_shards: tuple[Any, Router]) -> None:
+    box, router = two_shards
+    topology = router.topology
+    dead_user = next(u for u in range(1, 1000) if topology.shard_for("orders", u) == "s1")
+    live_user = next(u for u in range(1, 1000) if topology.shard_for("orders", u) == "s0")
+    sb.kill_shard(box, "s1")
+
+    async def run() -> tuple[type, Any]:
+        async with AsyncRouter(topology) as aio:
+            try:
+                await aio.execute("SELECT * FROM orders WHERE user_id = :u", {"u": dead_user})
+            except ShardUnavailableError as exc:
+                error: Any = exc
+            live = await aio.execute(
+                "SELECT COUNT(*) FROM orders WHERE user_id = :u", {"u": live_user}
+            )
+            return type(error), (error.shard, live.scalar())
+
+    started = time.monotonic()
+    kind, (shard, live_count) = asyncio.run(run())
+    assert kind is ShardUnavailableError and shard == "s1" and live_count == 0
+    assert time.monotonic() - started < 15
