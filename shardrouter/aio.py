@@ -261,9 +261,9 @@ class AsyncRouter:
         try:
             result = await conn.execute(stmt, job.params)
             if result.returns_rows:
-                columns = tuple(result.keys())
-                rows = [tuple(r) for r in result]
-                return JobResult(columns, rows, len(rows))
+                # all() fetches in one call; iterating the Result row by row costs more.
+                rows = [tuple(r) for r in result.all()]
+                return JobResult(tuple(result.keys()), rows, len(rows))
             return JobResult((), [], result.rowcount)
         except (DBAPIError, PoolTimeoutError) as exc:
             raise classify(exc, job.shard, str(stmt)) from exc

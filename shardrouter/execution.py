@@ -122,8 +122,17 @@ def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limit
     """Execute ``plan``: yields job batches, receives their results, returns the ResultSet."""
     if plan.kind == "insert":
         return (yield from _insert(topology, plan, params))
-    found = yield from _resolve_targets(topology, plan, params)
+    found = _direct_targets(topology, plan, params)
+    if found is None:
+        found = yield from _indirect_targets(topology, plan, params)
     _check_limits(plan, found, limits, topology)
+    kind: JobKind = "read" if plan.kind == "select" else "write"
+    if len(found.targets) == 1 and plan.kind == "select" and not found.lookups:
+        # The point query: one target, one job, rows as they come (no merge, no grouping).
+        target = found.targets[0]
+        shard = ShardId(target.shard)
+        (result,) = yield [Job(shard, plan.render(target, scatter=False), params, kind)]
+        return ResultSet(result.columns, result.rows, len(result.rows), (shard,))
     scatter_sql = len(found.targets) > 1 and plan.kind == "select"
     pending_lookup_deletes: list[Job] = []
     if plan.kind == "delete" and plan.sharded is not None and _owned_lookups(plan.sharded):
@@ -131,7 +140,6 @@ def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limit
     by_shard: dict[ShardId, list[Target]] = defaultdict(list)
     for t in found.targets:
         by_shard[ShardId(t.shard)].append(t)
-    kind: JobKind = "read" if plan.kind == "select" else "write"
     jobs = []
     for shard, targets in by_shard.items():
         if len(targets) == 1:
@@ -186,23 +194,34 @@ def _slot_targets(
     ]
 
 
-def _resolve_targets(
-    topology: Topology, plan: Plan, params: Mapping[str, Any]
-) -> Generator[list[Job], list[JobResult], _Targets]:
+def _direct_targets(topology: Topology, plan: Plan, params: Mapping[str, Any]) -> _Targets | None:
+    """Targets found without I/O (broadcast, or a functional key); None if a lookup or a
+    scatter decides. A plain function: the point-query path allocates no generator here."""
     table = plan.sharded
     if table is None:
         shards = list(topology.shards)
         if plan.kind == "select":  # a broadcast table has the same rows everywhere
             return _Targets([Target(shards[0], 0)], False)
         return _Targets([Target(s, 0) for s in shards], True)
-    condition = next((c for c in plan.conditions if c.rule.lookup_table is None), None)
-    if condition is not None:
-        slots = {
-            i: condition.rule.slot(ref.resolve(params)) for i, ref in enumerate(condition.refs)
-        }
-        return _Targets(
-            _slot_targets(topology, table, slots, condition.in_node_path is not None), False
-        )
+    condition = plan.routing_condition
+    if condition is None:
+        return None
+    rule, refs = condition.rule, condition.refs
+    if len(refs) == 1:
+        slot = rule.slot(refs[0].resolve(params))
+        return _Targets([Target(topology.shard_of_slot(slot), slot % table.split)], False)
+    slots = {i: rule.slot(ref.resolve(params)) for i, ref in enumerate(refs)}
+    path = condition.in_node_path
+    conjunct = path[0] if path is not None else None
+    return _Targets(_slot_targets(topology, table, slots, path is not None, conjunct), False)
+
+
+def _indirect_targets(
+    topology: Topology, plan: Plan, params: Mapping[str, Any]
+) -> Generator[list[Job], list[JobResult], _Targets]:
+    """Targets through a lookup table (I/O), or every shard."""
+    table = plan.sharded
+    assert table is not None
     lookup = next((c for c in plan.conditions if c.rule.lookup_table is not None), None)
     if lookup is not None:
         return (yield from _lookup_targets(topology, table, lookup, params))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from functools import cached_property
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -104,6 +105,11 @@ class Plan:
     @property
     def broadcast_only(self) -> bool:
         return self.sharded is None
+
+    @cached_property
+    def routing_condition(self) -> KeyCondition | None:
+        """The cheapest condition on a functional key (no lookup needed), if any."""
+        return next((c for c in self.conditions if c.rule.lookup_table is None), None)
 
     def render(self, target: Target, *, scatter: bool) -> str:
         """The SQL for ``target`` (physical names, IN subset); cached per kind of target."""

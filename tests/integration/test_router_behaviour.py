@@ -667,3 +667,39 @@ def test_async_router_reports_a_killed_shard(two_shards: tuple[Any, Router]) -> 
     kind, (shard, live_count) = asyncio.run(run())
     assert kind is ShardUnavailableError and shard == "s1" and live_count == 0
     assert time.monotonic() - started < 15
+
+
+def test_in_list_sends_each_shard_only_its_own_values(router: Router, ids: Any) -> None:
+    users = list(range(9900, 9912))
+    placed = {u: ids.next_id(user_id=u) for u in users}
+    for u, o in placed.items():
+        _insert_order(router, o, u, 72)
+    marks = ", ".join(f":u{i}" for i in range(len(users)))
+    params = {f"u{i}": u for i, u in enumerate(users)}
+    sent: list[tuple[str, str, dict[str, Any]]] = []
+    hooks = []
+    for sid, engine in router.engines.primaries.items():
+
+        def hook(
+            conn: Any, cursor: Any, statement: str, parameters: Any, *a: Any, _s: str = sid
+        ) -> None:
+            if statement.startswith("SELECT"):
+                sent.append((_s, statement, parameters))
+
+        event.listen(engine, "before_cursor_execute", hook)
+        hooks.append((engine, hook))
+    try:
+        res = router.execute(
+            f"SELECT order_id FROM orders WHERE user_id IN ({marks}) ORDER BY order_id", params
+        )
+    finally:
+        for engine, hook in hooks:
+            event.remove(engine, "before_cursor_execute", hook)
+    assert sorted(res.scalars()) == sorted(placed.values())
+    seen: list[int] = []
+    for shard, statement, parameters in sent:
+        values = [v for v in parameters.values() if v in placed]
+        # every value a shard was sent routes to that shard, and each value went out once
+        assert all(router.topology.shard_for("orders", v) == shard for v in values), statement
+        seen += values
+    assert sorted(seen) == sorted(users)
