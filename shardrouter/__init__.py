@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+from .aio import AsyncRouter as AsyncRouter
 from .config import TopologyConfig as TopologyConfig
 from .config import config_from_dict as config_from_dict
 from .config import load_config as load_config
 from .config import validate_file as validate_file
 from .errors import ClockMovedBackwardsError as ClockMovedBackwardsError
 from .errors import ConfigError as ConfigError
+from .errors import CrossShardTransactionError as CrossShardTransactionError
+from .errors import ExecutionError as ExecutionError
+from .errors import FanoutLimitError as FanoutLimitError
 from .errors import IdDecodeError as IdDecodeError
 from .errors import IdError as IdError
 from .errors import KeyValueError as KeyValueError
 from .errors import RoutingError as RoutingError
+from .errors import ScatterWriteError as ScatterWriteError
 from .errors import ShardRouterError as ShardRouterError
+from .errors import ShardUnavailableError as ShardUnavailableError
 from .errors import UnknownKeyError as UnknownKeyError
 from .errors import UnknownTableError as UnknownTableError
+from .errors import UnsupportedQueryError as UnsupportedQueryError
+from .execution import Page as Page
+from .execution import ResultSet as ResultSet
 from .ids import DecodedId as DecodedId
 from .ids import IdGenerator as IdGenerator
 from .ids import IdLayout as IdLayout
+from .router import Router as Router
+from .router import Transaction as Transaction
 from .topology import Route as Route
 from .topology import SlotRange as SlotRange
 from .topology import Topology as Topology
@@ -29,9 +40,13 @@ from .types import Slot as Slot
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncRouter",
     "ClockMovedBackwardsError",
     "ConfigError",
+    "CrossShardTransactionError",
     "DecodedId",
+    "ExecutionError",
+    "FanoutLimitError",
     "IdDecodeError",
     "IdError",
     "IdGenerator",
@@ -39,16 +54,23 @@ __all__ = [
     "KeyType",
     "KeyValueError",
     "KeyspaceId",
+    "Page",
+    "ResultSet",
     "Route",
+    "Router",
     "RoutingError",
+    "ScatterWriteError",
     "ShardId",
     "ShardRouterError",
+    "ShardUnavailableError",
     "Slot",
     "SlotRange",
     "Topology",
     "TopologyConfig",
+    "Transaction",
     "UnknownKeyError",
     "UnknownTableError",
+    "UnsupportedQueryError",
     "config_from_dict",
     "load_config",
     "validate_file",
