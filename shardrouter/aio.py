@@ -15,11 +15,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
-from .engines import make_async_engine
+from .engines import classify, make_async_engine
 from .errors import CrossShardTransactionError, RoutingError
 from .execution import Job, JobResult, Limits, Page, ResultSet, Step, keyset_query, page_of, run
 from .planner import Planner
-from .router import _explicit_key_rules, _sql_and_params, classify
+from .router import _explicit_key_rules, _sql_and_params, route_key
 from .topology import Topology
 from .types import ShardId, Slot
 
@@ -148,19 +148,8 @@ class AsyncRouter:
     # -- explicit path ----------------------------------------------------------------------
 
     def route_key(self, **key: Any) -> tuple[ShardId, Slot]:
-        if len(key) != 1:
-            raise RoutingError(
-                f"give exactly one sharding key (e.g. user_id=42), got {sorted(key)}"
-            )
-        ((column, value),) = key.items()
-        rule = self._key_rules.get(column)
-        if rule is None:
-            raise RoutingError(
-                f"{column} is not a sharding column of any table"
-                f" (known: {', '.join(sorted(self._key_rules))})"
-            )
-        slot = rule.slot(value)
-        return self.topology.shard_of_slot(slot), slot
+        """(shard, slot) of one sharding key, e.g. ``route_key(user_id=42)``."""
+        return route_key(self.topology, self._key_rules, key)
 
     @asynccontextmanager
     async def connection(self, **key: Any) -> AsyncIterator[AsyncShardConnection]:

@@ -1,29 +1,18 @@
-"""The ``shardctl demo`` tour: place and read orders on SQLite shard files, showing each route."""
+"""The ``shardctl demo`` tour: an order service's day on SQLite shard files, each route shown."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Engine,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    create_engine,
-    func,
-    insert,
-    select,
-)
-
+from .engines import ShardEngines
+from .execution import ResultSet
+from .router import Router
+from .schema import apply as apply_schema
 from .topology import Topology
-from .types import ShardId
 
 DEMO_USERS: tuple[tuple[int, str], ...] = (
     (42, "ada@example.com"),
@@ -32,59 +21,21 @@ DEMO_USERS: tuple[tuple[int, str], ...] = (
     (314159, "barbara@example.com"),
     (8675309, "edsger@example.com"),
 )
+MERCHANT = 500
 
 
-def physical_metadata(topology: Topology) -> MetaData:
-    """users / orders / order_items under their physical names (splits expanded).
-
-    A stand-in for the versioned migrations: enough schema to show routing end to end.
-    """
-    md = MetaData()
-    for name in topology.table("users").physical_names:
-        Table(
-            name,
-            md,
-            Column("user_id", BigInteger, primary_key=True, autoincrement=False),
-            Column("email", String(255), nullable=False),
-        )
-    for name in topology.table("orders").physical_names:
-        Table(
-            name,
-            md,
-            Column("order_id", BigInteger, primary_key=True, autoincrement=False),
-            Column("user_id", BigInteger, nullable=False, index=True),
-            Column("merchant_id", BigInteger, nullable=False),
-            Column("amount_cents", Integer, nullable=False),
-        )
-    for name in topology.table("order_items").physical_names:
-        Table(
-            name,
-            md,
-            Column("order_id", BigInteger, primary_key=True, autoincrement=False),
-            Column("line", Integer, primary_key=True, autoincrement=False),
-            Column("user_id", BigInteger, nullable=False),
-            Column("sku", String(64), nullable=False),
-        )
-    for name in topology.table("merchant_orders").physical_names:
-        Table(
-            name,
-            md,
-            Column("merchant_id", BigInteger, primary_key=True, autoincrement=False),
-            Column("order_id", BigInteger, primary_key=True, autoincrement=False),
-            Column("user_id", BigInteger, nullable=False),
-        )
-    return md
-
-
-@contextmanager
-def shard_engines(topology: Topology) -> Iterator[dict[ShardId, Engine]]:
-    """One engine per shard primary, disposed on exit."""
-    engines = {sid: create_engine(spec.primary) for sid, spec in topology.shards.items()}
-    try:
-        yield engines
-    finally:
-        for engine in engines.values():
-            engine.dispose()
+def _route(result: ResultSet) -> str:
+    """How a statement travelled, in words."""
+    where = ", ".join(result.shards)
+    how = (
+        "every shard"
+        if result.scatter
+        else f"shard {where}"
+        if len(result.shards) == 1
+        else (f"shards {where}")
+    )
+    via = f" via lookup on {', '.join(dict.fromkeys(result.lookups))}" if result.lookups else ""
+    return f"[{how}{via}]"
 
 
 def run_demo(config: Path, directory: Path, say: Callable[[str], None]) -> Mapping[str, Any]:
@@ -92,6 +43,9 @@ def run_demo(config: Path, directory: Path, say: Callable[[str], None]) -> Mappi
     directory.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, SHARDROUTER_DEMO_DIR=str(directory.resolve()))
     topology = Topology.load(config, env)
+    for spec in topology.shards.values():  # a fresh tour: the shard files are the demo's own
+        if spec.primary.database:
+            Path(spec.primary.database).unlink(missing_ok=True)
     say(
         f"topology {topology.name!r} v{topology.version}: {topology.slots} slots on"
         f" {len(topology.shards)} SQLite shards in {directory}"
@@ -100,72 +54,106 @@ def run_demo(config: Path, directory: Path, say: Callable[[str], None]) -> Mappi
         ranges = ", ".join(f"{r} (Vitess {r.keyrange(topology.slot_bits)})" for r in spec.ranges)
         say(f"  {sid}: slots {ranges}")
 
-    md = physical_metadata(topology)
+    engines = ShardEngines(topology)
+    router = Router(topology, engines=engines)
+    try:
+        report = apply_schema(topology, engines)
+        report.raise_for_errors()
+        versions = sorted({v for s in report.shards for v in s.applied})
+        say(f"\nschema: migrations {versions} applied to every shard (orders split in 4 tables)")
+        return _tour(topology, router, say)
+    finally:
+        router.close()
+
+
+def _tour(topology: Topology, router: Router, say: Callable[[str], None]) -> Mapping[str, Any]:
     ids = topology.id_generator("orders")
     placed: dict[int, list[int]] = {}
-    with shard_engines(topology) as engines:
-        for engine in engines.values():
-            md.drop_all(engine)
-            md.create_all(engine)
-        say("\nplacing users and their orders (each write goes to exactly one shard):")
-        for n, (user_id, email) in enumerate(DEMO_USERS):
-            route = topology.route("users", "user_id", user_id)
-            assert route.shard is not None and route.slot is not None
-            order_ids = ids.next_ids(2, user_id=user_id)
-            placed[user_id] = order_ids
-            orders_table = md.tables[topology.table("orders").physical(route.slot)]
-            users_table = md.tables[topology.table("users").physical(route.slot)]
-            with engines[route.shard].begin() as conn:
-                conn.execute(insert(users_table), {"user_id": user_id, "email": email})
-                conn.execute(
-                    insert(orders_table),
-                    [
-                        {
-                            "order_id": oid,
-                            "user_id": user_id,
-                            "merchant_id": 500 + n % 2,
-                            "amount_cents": 1000 * (i + 1) + n,
-                        }
-                        for i, oid in enumerate(order_ids)
-                    ],
-                )
-            say(
-                f"  user {user_id:>8} -> keyspace id {route.keyspace_id:016x} -> slot"
-                f" {route.slot:>4} -> shard {route.shard} ({orders_table.name});"
-                f" orders {order_ids[0]}, {order_ids[1]}"
-            )
-
-        say("\nreading one order by its id alone (the gene bits carry the user's slot):")
-        user_id = DEMO_USERS[2][0]
-        order_id = placed[user_id][1]
-        decoded = topology.id_layout.decode(order_id)
-        by_gene = topology.route("orders", "order_id", order_id)
-        assert by_gene.shard is not None and by_gene.physical_table is not None
-        with engines[by_gene.shard].connect() as conn:
-            table = md.tables[by_gene.physical_table]
-            row = conn.execute(select(table).where(table.c.order_id == order_id)).one()
-        say(
-            f"  order {order_id}: issued {decoded.time:%Y-%m-%d %H:%M:%S.%f}"[:-3]
-            + f" UTC, slot {decoded.slot}, worker {decoded.worker}, seq {decoded.sequence}"
+    start = dt.datetime(2026, 11, 24, 9, 0)
+    say("\nplacing users and their orders (the lookup rows are written first):")
+    for n, (user_id, email) in enumerate(DEMO_USERS):
+        user = router.execute(
+            "INSERT INTO users (user_id, email) VALUES (:u, :e)", {"u": user_id, "e": email}
         )
+        order_ids = ids.next_ids(2, user_id=user_id)
+        placed[user_id] = order_ids
+        values = ", ".join(f"(:o{i}, :u, :m{i}, 'new', :a{i}, :t{i})" for i in range(2))
+        params: dict[str, Any] = {"u": user_id}
+        for i, oid in enumerate(order_ids):
+            params |= {
+                f"o{i}": oid,
+                f"m{i}": MERCHANT + (n + i) % 2,
+                f"a{i}": 1000 * (i + 1) + n,
+                f"t{i}": (start + dt.timedelta(minutes=7 * n + i)).isoformat(sep=" "),
+            }
+        orders = router.execute(
+            "INSERT INTO orders (order_id, user_id, merchant_id, status, amount_cents,"
+            f" created_at) VALUES {values}",
+            params,
+        )
+        route = topology.route("orders", "user_id", user_id)
         say(
-            f"  -> shard {by_gene.shard} ({by_gene.physical_table}) found user {row.user_id},"
-            f" {row.amount_cents} cents; user {user_id} routes to"
-            f" {topology.shard_for('users', user_id)} too"
+            f"  user {user_id:>8} -> keyspace id {route.keyspace_id:016x} -> slot"
+            f" {route.slot:>4} -> {route.shard}/{route.physical_table}: user {_route(user)},"
+            f" 2 orders {_route(orders)}"
         )
 
-        say("\ncounting orders on every shard (a scatter read; the router merges in issue 3):")
-        total = 0
-        for sid, engine in engines.items():
-            with engine.connect() as conn:
-                count = sum(
-                    conn.execute(select(func.count()).select_from(md.tables[name])).scalar_one()
-                    for name in topology.table("orders").physical_names
-                )
-            total += count
-            say(f"  {sid}: {count} orders")
-        say(f"  total: {total} orders for {len(DEMO_USERS)} users")
-    return {"users": len(DEMO_USERS), "orders": total, "placed": placed}
+    say("\nreading by user id (hash):")
+    user_id = DEMO_USERS[0][0]
+    mine = router.execute(
+        "SELECT order_id, amount_cents FROM orders WHERE user_id = :u ORDER BY order_id",
+        {"u": user_id},
+    )
+    say(f"  user {user_id}: orders {mine.scalars()} {_route(mine)}")
+
+    say("\nreading one order by its id alone (its gene bits carry the user's slot):")
+    order_id = placed[DEMO_USERS[2][0]][1]
+    decoded = topology.id_layout.decode(order_id)
+    one = router.execute(
+        "SELECT user_id, amount_cents FROM orders WHERE order_id = :o", {"o": order_id}
+    )
+    say(
+        f"  order {order_id}: issued {decoded.time:%Y-%m-%d %H:%M:%S} UTC, slot {decoded.slot},"
+        f" worker {decoded.worker}, seq {decoded.sequence}"
+    )
+    say(f"  -> user {one.one()[0]}, {one.one()[1]} cents {_route(one)}")
+
+    say("\nreading by email (the user_emails lookup finds the user's shard):")
+    email = DEMO_USERS[3][1]
+    found = router.execute("SELECT user_id FROM users WHERE email = :e", {"e": email})
+    say(f"  {email} -> user {found.scalar()} {_route(found)}")
+
+    say(f"\nmerchant {MERCHANT}'s orders, newest first, pages of 2 (keyset: no OFFSET):")
+    after = None
+    for number in (1, 2, 3):
+        page = router.page(
+            "orders",
+            columns=("order_id", "user_id", "created_at"),
+            order_by=("created_at", "order_id"),
+            where={"merchant_id": MERCHANT},
+            after=after,
+            limit=2,
+        )
+        users = [row[1] for row in page.rows]
+        say(f"  page {number}: users {users}")
+        if page.after is None:
+            break
+        after = page.after
+
+    say("\nacross all shards (fan-out, merged as one database would answer):")
+    top = router.execute(
+        "SELECT user_id, amount_cents FROM orders ORDER BY amount_cents DESC, order_id LIMIT 3"
+    )
+    say(f"  top 3 orders by amount: {top.rows} {_route(top)}")
+    totals = router.execute(
+        "SELECT merchant_id, COUNT(*), SUM(amount_cents), AVG(amount_cents) FROM orders"
+        " GROUP BY merchant_id ORDER BY merchant_id"
+    )
+    for merchant, count, total, avg in totals.rows:
+        say(f"  merchant {merchant}: {count} orders, {total} cents, average {avg}")
+    count = router.execute("SELECT COUNT(*) FROM orders")
+    say(f"  total: {count.scalar()} orders for {len(DEMO_USERS)} users {_route(count)}")
+    return {"users": len(DEMO_USERS), "orders": count.scalar(), "placed": placed}
 
 
-__all__ = ["DEMO_USERS", "physical_metadata", "run_demo", "shard_engines"]
+__all__ = ["DEMO_USERS", "run_demo"]

@@ -8,16 +8,52 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .config import PoolConfig
-from .errors import RoutingError
+from .errors import ExecutionError, RoutingError, ShardUnavailableError
 from .topology import ShardSpec, Topology
 from .types import ShardId
 
 # Drivers whose DBAPI takes read/write timeouts: a shard that stops answering mid-query fails
 # within the configured time instead of hanging the caller.
 _RW_TIMEOUT_DRIVERS = frozenset({"pymysql", "mysqldb"})
+
+
+# Driver error numbers (MySQL client/server) meaning "the shard is not answering", as opposed
+# to "the statement is wrong": can't connect, server gone, lost connection, too many
+# connections, connection killed, server shutdown in progress.
+UNAVAILABLE_ERRNOS = frozenset({1040, 1053, 1927, 2002, 2003, 2005, 2006, 2013, 2055})
+
+
+def classify(exc: BaseException, shard: ShardId, statement: str | None = None) -> ExecutionError:
+    """Wrap a driver error in the project's tree, naming the shard and keeping the original.
+
+    Classified by the driver's error number (``orig.args[0]``), never by message text.
+    """
+    if isinstance(exc, PoolTimeoutError):
+        return ShardUnavailableError(
+            f"shard {shard}: no connection from its pool within the timeout ({exc.args[0]})",
+            shard=shard,
+            orig=exc,
+        )
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
+    errno = args[0] if args and isinstance(args[0], int) else None
+    detail = args[1] if len(args) > 1 else (args[0] if args else type(orig).__name__)
+    if errno in UNAVAILABLE_ERRNOS or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        error: ExecutionError = ShardUnavailableError(
+            f"shard {shard} is unavailable ({errno}: {detail}); other shards keep serving",
+            shard=shard,
+            orig=orig,
+        )
+    else:
+        code = f"{errno}: " if errno is not None else ""
+        error = ExecutionError(f"shard {shard}: {code}{detail}", shard=shard, orig=orig)
+    error.statement = statement  # type: ignore[attr-defined]
+    return error
 
 
 def engine_options(url: URL, pool: PoolConfig) -> dict[str, Any]:
@@ -117,4 +153,12 @@ def make_async_engine(url: URL, pool: PoolConfig) -> AsyncEngine:
     return create_async_engine(async_url(url), **options)
 
 
-__all__ = ["ShardEngines", "async_url", "engine_options", "make_async_engine", "sync_url"]
+__all__ = [
+    "UNAVAILABLE_ERRNOS",
+    "ShardEngines",
+    "async_url",
+    "classify",
+    "engine_options",
+    "make_async_engine",
+    "sync_url",
+]

@@ -18,6 +18,8 @@
     ├── IdError                         id generation or decoding failed
     │   ├── ClockMovedBackwardsError    the clock went back further than the configured bound
     │   └── IdDecodeError               a value is not an id of this layout
+    ├── SchemaError                     a migration file is invalid, or could not be applied to a
+    │                                   shard (``.shard``, ``.version`` when known)
     └── SandboxError                    the local MariaDB sandbox could not start or stop
         ├── ServerBinaryMissingError    mariadbd / mariadb-install-db are not installed
         └── PortInUseError              a port the sandbox needs is taken by another process
@@ -112,6 +114,20 @@ class IdDecodeError(IdError):
     """A value cannot be an id of this layout (not an integer, negative, or wider than 63 bits)."""
 
 
+class SchemaError(ShardRouterError):
+    """A migration (``migrations/NNNN_*.sql``) is invalid, cannot be rendered for the topology,
+    or cannot be applied to a shard: a bad file name, an unknown table, a migration edited after
+    it was applied, an existing table that is not the one the migration creates.
+
+    ``shard`` and ``version`` name where it happened when that is known.
+    """
+
+    def __init__(self, message: str, *, shard: str | None = None, version: int | None = None):
+        super().__init__(message)
+        self.shard = shard
+        self.version = version
+
+
 class SandboxError(ShardRouterError):
     """The local MariaDB sandbox could not be started, reached or stopped."""
 
@@ -137,6 +153,7 @@ __all__ = [
     "RoutingError",
     "SandboxError",
     "ScatterWriteError",
+    "SchemaError",
     "ServerBinaryMissingError",
     "ShardRouterError",
     "ShardUnavailableError",

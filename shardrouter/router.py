@@ -19,52 +19,17 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
 from . import xa
-from .engines import ShardEngines
+from .engines import ShardEngines, classify
 from .errors import (
     CrossShardTransactionError,
-    ExecutionError,
     RoutingError,
-    ShardUnavailableError,
 )
 from .execution import Job, JobResult, Limits, Page, ResultSet, Step, keyset_query, page_of, run
 from .planner import Planner
 from .topology import KeyRule, Topology
 from .types import ShardId, Slot
 
-# Driver error numbers (MySQL client/server) meaning "the shard is not answering", as opposed
-# to "the statement is wrong": can't connect, server gone, lost connection, too many
-# connections, connection killed, server shutdown in progress.
-UNAVAILABLE_ERRNOS = frozenset({1040, 1053, 1927, 2002, 2003, 2005, 2006, 2013, 2055})
-
 _NAMED_MYSQL = mysql.dialect(paramstyle="named")
-
-
-def classify(exc: BaseException, shard: ShardId, statement: str | None = None) -> ExecutionError:
-    """Wrap a driver error in the project's tree, naming the shard and keeping the original.
-
-    Classified by the driver's error number (``orig.args[0]``), never by message text.
-    """
-    if isinstance(exc, PoolTimeoutError):
-        return ShardUnavailableError(
-            f"shard {shard}: no connection from its pool within the timeout ({exc.args[0]})",
-            shard=shard,
-            orig=exc,
-        )
-    orig = exc.orig if isinstance(exc, DBAPIError) else exc
-    args: tuple[Any, ...] = tuple(getattr(orig, "args", ()))
-    errno = args[0] if args and isinstance(args[0], int) else None
-    detail = args[1] if len(args) > 1 else (args[0] if args else type(orig).__name__)
-    if errno in UNAVAILABLE_ERRNOS or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
-        error: ExecutionError = ShardUnavailableError(
-            f"shard {shard} is unavailable ({errno}: {detail}); other shards keep serving",
-            shard=shard,
-            orig=orig,
-        )
-    else:
-        code = f"{errno}: " if errno is not None else ""
-        error = ExecutionError(f"shard {shard}: {code}{detail}", shard=shard, orig=orig)
-    error.statement = statement  # type: ignore[attr-defined]
-    return error
 
 
 class ShardConnection:
@@ -474,4 +439,4 @@ def _sql_and_params(
     return str(compiled), bound
 
 
-__all__ = ["Router", "Scope", "ShardConnection", "Transaction", "classify", "route_key"]
+__all__ = ["Router", "Scope", "ShardConnection", "Transaction", "route_key"]

@@ -456,9 +456,14 @@ def _user_option() -> list[str]:
 def _launch(server: str, shard: SandboxShard) -> subprocess.Popen[bytes]:
     shard_dir = shard.datadir.parent
     log_path = _log_path(shard)
+    # Its own temp dir: in the shared /tmp another process may clean up a server's temp table
+    # files under it (seen as "Error on delete of '/tmp/#sql-temptable-...'").
+    tmpdir = shard_dir / "tmp"
+    tmpdir.mkdir(exist_ok=True)
     cmd = [
         server,
         "--no-defaults",
+        f"--tmpdir={tmpdir}",
         f"--datadir={shard.datadir}",
         f"--port={shard.port}",
         f"--socket={shard.socket}",

@@ -166,3 +166,38 @@ def oracle(_sandbox_root: Path) -> Iterator[sb.Sandbox]:
 def oracle_url() -> str:
     """The system MariaDB (one unsharded database), for ad-hoc comparisons."""
     return ORACLE_URL
+
+
+@pytest.fixture(scope="module")
+def shard_databases(sandbox: sb.Sandbox, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A topology file whose shards are fresh databases on the session sandbox, private to the
+    requesting test module (``orders_s0_<module>`` ...), dropped when the module ends: modules
+    cannot see each other's tables, whatever order they run in."""
+    import yaml
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    suffix = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")[:24]
+    raw = yaml.safe_load(sandbox.topology_path.read_text())
+    created: list[tuple[str, str]] = []
+    for shard in raw["shards"].values():
+        url = make_url(shard["primary"])
+        database = f"{url.database}_{suffix}"
+        server = url.set(database="").render_as_string(hide_password=False)
+        engine = create_engine(server)
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{database}`"))
+            conn.execute(text(f"CREATE DATABASE `{database}`"))
+        engine.dispose()
+        created.append((server, database))
+        shard["primary"] = url.set(database=database).render_as_string(hide_password=False)
+    path = sandbox.directory / f"topology-{suffix}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        yield path
+    finally:
+        for server, database in created:
+            engine = create_engine(server)
+            with engine.begin() as conn:
+                conn.execute(text(f"DROP DATABASE IF EXISTS `{database}`"))
+            engine.dispose()

@@ -10,6 +10,7 @@ from .ids_cmd import ids
 from .misc import bench, demo
 from .route import route
 from .sandbox import sandbox
+from .schema_cmd import schema
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,7 +19,7 @@ def main() -> None:
     """shardrouter: route orders to MySQL shards, hand out ids that carry their shard."""
 
 
-for command in (bench, check, config, demo, ids, route, sandbox):
+for command in (bench, check, config, demo, ids, route, sandbox, schema):
     main.add_command(command)
 
 __all__ = ["main"]

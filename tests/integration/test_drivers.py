@@ -34,8 +34,8 @@ def with_driver(topology: Topology, driver: str) -> Topology:
 
 
 @pytest.fixture(scope="module")
-def loaded(sandbox) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
-    topology = Topology.load(sandbox.topology_path)
+def loaded(shard_databases) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    topology = Topology.load(shard_databases)
     router = Router(topology)
     for engine in router.engines.primaries.values():
         with engine.begin() as conn:

@@ -51,8 +51,9 @@ def _create(router: Router) -> None:
 
 
 @pytest.fixture(scope="module")
-def router(sandbox) -> Iterator[Router]:  # type: ignore[no-untyped-def]
-    r = Router(Topology.load(sandbox.topology_path), max_fanout=None)
+def router(shard_databases) -> Iterator[Router]:  # type: ignore[no-untyped-def]
+    r = Router(Topology.load(shard_databases), max_fanout=None)
+    r.topology_path = shard_databases  # type: ignore[attr-defined]
     _create(r)
     yield r
     r.close()
@@ -469,14 +470,7 @@ def test_check_lookups_finds_and_fixes_orphans_and_reports_missing(
 
 
 def topology_path(router: Router) -> Any:
-    import tempfile
-    from pathlib import Path
-
-    import yaml
-
-    path = Path(tempfile.mkdtemp()) / "topology.yaml"
-    path.write_text(yaml.safe_dump(router.topology.config.model_dump(by_alias=True, mode="json")))
-    return path
+    return router.topology_path  # type: ignore[attr-defined]
 
 
 def _two_users_on_two_shards(router: Router, start: int) -> tuple[int, int]:

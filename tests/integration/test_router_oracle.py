@@ -131,9 +131,9 @@ def generate(topology: Topology) -> dict[str, list[dict[str, Any]]]:
 
 
 @pytest.fixture(scope="module")
-def world(sandbox, oracle) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
+def world(shard_databases, oracle) -> Iterator[dict[str, Any]]:  # type: ignore[no-untyped-def]
     """4 shards and an oracle loaded with the same rows: the shards through the router."""
-    topology = Topology.load(sandbox.topology_path)
+    topology = Topology.load(shard_databases)
     oracle_url = oracle.shards[0].url
     otop = oracle_topology(topology, oracle_url)
     md, omd = schema(topology), schema(otop)

@@ -294,15 +294,37 @@ def test_ids_decode_refuses(text: str, code: int, message: str) -> None:
 
 @pytest.mark.timeout(60)
 def test_demo(tmp_path: Path) -> None:
+    import sqlite3
+
+    from shardrouter.demo import DEMO_USERS
+    from shardrouter.topology import Topology
+
     result = run("demo", "--dir", str(tmp_path))
     assert result.exit_code == 0, result.output
     out = result.stdout
     for shard, keyrange in (("s0", "-40"), ("s1", "40-80"), ("s2", "80-c0"), ("s3", "c0-")):
         assert f"  {shard}: slots " in out and f"(Vitess {keyrange})" in out
-        assert re.search(rf"^  {shard}: \d+ orders$", out, re.MULTILINE)
-    assert "  total: 10 orders for 5 users" in out
-    counts = [int(n) for n in re.findall(r"^  s\d: (\d+) orders$", out, re.MULTILINE)]
-    assert sum(counts) == 10
+    assert "  total: 10 orders for 5 users [every shard]" in out
+    assert "via lookup" in out  # merchant and email reads went through their lookup tables
+    pages = re.findall(r"^  page \d: users \[([\d, ]*)\]$", out, re.MULTILINE)
+    paged = [int(u) for page in pages for u in page.split(", ") if u]
+    assert sorted(paged) == sorted(u for u, _ in DEMO_USERS)  # merchant 500 has one order each
+    # Every order sits in the shard file and split table its user routes to, nowhere else.
+    topology = Topology.load(
+        Path(__file__).resolve().parents[2] / "config" / "orders-sqlite.yaml",
+        {"SHARDROUTER_DEMO_DIR": str(tmp_path)},
+    )
+    for shard in topology.shards:
+        with sqlite3.connect(tmp_path / f"orders_{shard}.db") as db:
+            for table in topology.table("orders").physical_names:
+                users = {u for (u,) in db.execute(f"SELECT user_id FROM {table}")}
+                expected = {
+                    u
+                    for u, _ in DEMO_USERS
+                    if topology.route("orders", "user_id", u).physical_table == table
+                    and topology.shard_for("orders", u) == shard
+                }
+                assert users == expected, (shard, table)
     assert sorted(p.name for p in tmp_path.glob("*.db")) == [f"orders_s{i}.db" for i in range(4)]
 
 
