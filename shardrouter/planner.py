@@ -24,6 +24,7 @@ from sqlglot.errors import ParseError
 
 from .errors import RoutingError, UnsupportedQueryError
 from .merge import Aggregate, Average, MergePlan, SortKey
+from .strategies import LookupStrategy
 from .topology import KeyRule, TableRule, Topology
 
 Kind = Literal["select", "insert", "update", "delete"]
@@ -341,15 +342,28 @@ class Planner:
                 f"INSERT INTO {driving.name} has no sharding key column (give one of: {keys})"
             )
         position = columns.index(rule.column)
+        # Key columns (the routing key and every lookup's columns) must be parameters or
+        # literals: their values decide where rows go. Other columns may be any expression
+        # (NOW(3), COALESCE(...)): they are sent to the shard as written.
+        needed = {rule.column} | _lookup_columns(driving)
         rows: list[tuple[ValueRef, ...]] = []
         for row in tree.args["expression"].expressions:
-            refs = tuple(_value_ref(v) for v in row.expressions)
-            if len(refs) != len(columns) or any(r is None for r in refs):
+            if len(row.expressions) != len(columns):
                 raise UnsupportedQueryError(
-                    f"INSERT INTO {driving.name}: VALUES must be parameters or literals,"
-                    f" one per column ({len(columns)})"
+                    f"INSERT INTO {driving.name}: a VALUES row has {len(row.expressions)}"
+                    f" values for {len(columns)} columns"
                 )
-            rows.append(tuple(r for r in refs if r is not None))
+            refs: list[ValueRef] = []
+            for column, value in zip(columns, row.expressions, strict=True):
+                ref = _value_ref(value)
+                if ref is None and column in needed:
+                    raise UnsupportedQueryError(
+                        f"INSERT INTO {driving.name}: {column} decides where the row goes, so"
+                        f" its value must be a parameter or a literal, not"
+                        f" {value.sql(dialect='mysql')!r}"
+                    )
+                refs.append(ref if ref is not None else _UNRESOLVED)
+            rows.append(tuple(refs))
         _refuse_key_change(tree.args.get("conflict"), driving, "ON DUPLICATE KEY UPDATE")
         plan = Plan(sql, "insert", tables, driving, (), tree)
         plan.insert_rule = rule
@@ -385,6 +399,19 @@ class Planner:
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+_UNRESOLVED = ValueRef(param=None, literal=None)
+"""Stands for a VALUES expression the router does not evaluate (it never decides routing)."""
+
+
+def _lookup_columns(table: TableRule) -> set[str]:
+    """Columns whose values an INSERT needs to write the table's lookup rows."""
+    needed: set[str] = set()
+    for rule in table.keys.values():
+        if isinstance(rule.strategy, LookupStrategy):
+            needed |= {rule.column, *rule.strategy.row_columns[1:]}
+    return needed
 
 
 def _first_line(exc: Exception) -> str:
