@@ -20,6 +20,7 @@ from sqlalchemy.sql import Executable
 from .errors import (
     ExecutionError,
     FanoutLimitError,
+    KeyValueError,
     RoutingError,
     ScatterWriteError,
 )
@@ -297,9 +298,18 @@ def _owned_lookups(table: TableRule) -> list[KeyRule]:
     return [r for r in table.keys.values() if isinstance(r.strategy, LookupStrategy)]
 
 
-def _dialect_insert(topology: Topology, shard: ShardId) -> Any:
-    backend = topology.shards[shard].primary.get_backend_name()
-    return sqlite.insert if backend == "sqlite" else mysql.insert
+def lookup_upsert(strategy: LookupStrategy, physical: str, backend: str) -> Any:
+    """The idempotent insert of lookup rows (executemany with one dict per row).
+
+    A row left by an earlier crash is identical, so keeping it is the idempotent write; a
+    unique lookup's value taken by another owner is detected by reading it back afterwards.
+    """
+    target = table_clause(physical, strategy.row_columns)
+    if backend == "sqlite":
+        return sqlite.insert(target).on_conflict_do_nothing()
+    return mysql.insert(target).on_duplicate_key_update(
+        {strategy.from_column: literal_column(strategy.from_column)}
+    )
 
 
 def _insert(topology: Topology, plan: Plan, params: Mapping[str, Any]) -> Step:
@@ -317,6 +327,7 @@ def _insert(topology: Topology, plan: Plan, params: Mapping[str, Any]) -> Step:
         for row in plan.insert_rows
     ]
     slots = {i: rule.slot(row[rule.column]) for i, row in enumerate(rows)}
+    _check_secondary_keys(table, rule, rows, slots)
     # Owned lookup rows first: a crash between the two writes leaves an orphan lookup row
     # (harmless: reads ignore it), never an owner row its lookup cannot find.
     lookup_shards: list[ShardId] = []
@@ -339,6 +350,28 @@ def _insert(topology: Topology, plan: Plan, params: Mapping[str, Any]) -> Step:
     results = yield jobs
     shards = tuple(dict.fromkeys(j.shard for j in jobs))
     return ResultSet((), [], sum(r.rowcount for r in results), shards, tuple(lookup_shards))
+
+
+def _check_secondary_keys(
+    table: TableRule,
+    rule: KeyRule,
+    rows: Sequence[Mapping[str, Any]],
+    slots: Mapping[int, Slot],
+) -> None:
+    """A row's functional secondary keys must route where its primary key does: an order id
+    whose gene names another slot would be written where reads by that id never look."""
+    for name, other in table.keys.items():
+        if other is rule or other.lookup_table is not None:
+            continue
+        for i, row in enumerate(rows):
+            value = row.get(name)
+            if value is not None and other.slot(value) != slots[i]:
+                raise KeyValueError(
+                    f"{table.name}: {name} {value!r} routes to slot {other.slot(value)} but"
+                    f" {rule.column} {row[rule.column]!r} routes to slot {slots[i]}; generate"
+                    f" {name} with the id generator for this {rule.column}"
+                    f" (topology.id_generator('{table.bound_to or table.name}'))"
+                )
 
 
 def _lookup_inserts(
@@ -366,15 +399,8 @@ def _lookup_inserts(
             lookup_row[strategy.from_column] = lookup_row.pop(rule.column)
             grouped[(topology.shard_of_slot(slot), lookup_table.physical(slot))].append(lookup_row)
         for (shard, physical), lookup_rows in grouped.items():
-            target = table_clause(physical, strategy.row_columns)
-            stmt = _dialect_insert(topology, shard)(target)
-            # A row left by an earlier crash is identical: keeping it is the idempotent write.
-            if _dialect_insert(topology, shard) is sqlite.insert:
-                stmt = stmt.on_conflict_do_nothing()
-            else:
-                stmt = stmt.on_duplicate_key_update(
-                    {strategy.from_column: literal_column(strategy.from_column)}
-                )
+            backend = topology.shards[shard].primary.get_backend_name()
+            stmt = lookup_upsert(strategy, physical, backend)
             jobs.append(Job(shard, stmt, lookup_rows, "write", "lookup"))
     return jobs
 
@@ -542,6 +568,7 @@ __all__ = [
     "ResultSet",
     "Step",
     "keyset_query",
+    "lookup_upsert",
     "page_of",
     "run",
 ]

@@ -11,9 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, TextClause, text
+from sqlalchemy import Connection, Select, TextClause, literal_column, text
 from sqlalchemy.dialects import mysql
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import CompileError, DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
@@ -23,6 +23,7 @@ from .engines import ShardEngines, classify
 from .errors import (
     CrossShardTransactionError,
     RoutingError,
+    UnsupportedQueryError,
 )
 from .execution import Job, JobResult, Limits, Page, ResultSet, Step, keyset_query, page_of, run
 from .planner import Planner
@@ -428,15 +429,36 @@ def _explicit_key_rules(topology: Topology) -> dict[str, KeyRule]:
 def _sql_and_params(
     statement: str | Executable, params: Mapping[str, Any] | None
 ) -> tuple[str, Mapping[str, Any]]:
+    """SQL text with named parameters for the planner, and the values to bind.
+
+    Core statements are compiled for MySQL with ``:name`` parameters (expanding IN lists
+    rendered); LIMIT/OFFSET become literal integers, which the merge needs to know.
+    """
     if isinstance(statement, str):
         return statement, params or {}
-    compiled = statement.compile(  # type: ignore[attr-defined]
-        dialect=_NAMED_MYSQL, compile_kwargs={"render_postcompile": True}
+    if isinstance(statement, Select):
+        limit, offset = limit_offset(statement)
+        statement = statement.limit(None if limit is None else literal_column(str(limit)))
+        statement = statement.offset(literal_column(str(offset)) if offset else None)
+    expanded = statement.compile(dialect=_NAMED_MYSQL).construct_expanded_state(  # type: ignore[attr-defined]
+        dict(params) if params else None
     )
-    bound: dict[str, Any] = dict(compiled.params)
+    bound: dict[str, Any] = dict(expanded.parameters)
     if params:
         bound.update(params)
-    return str(compiled), bound
+    return str(expanded.statement), bound
+
+
+def limit_offset(stmt: Select[Any]) -> tuple[int | None, int]:
+    """The integer LIMIT and OFFSET of a Core select (UnsupportedQueryError if not integers)."""
+    try:
+        limit = stmt._limit if stmt._limit_clause is not None else None
+        offset = stmt._offset if stmt._offset_clause is not None else None
+    except CompileError:
+        raise UnsupportedQueryError(
+            "LIMIT/OFFSET must be integers for routed queries (the merge needs them)"
+        ) from None
+    return limit, offset or 0
 
 
 __all__ = ["Router", "Scope", "ShardConnection", "Transaction", "route_key"]

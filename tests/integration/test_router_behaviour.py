@@ -17,6 +17,7 @@ from shardrouter.errors import (
     CrossShardTransactionError,
     ExecutionError,
     FanoutLimitError,
+    KeyValueError,
     ScatterWriteError,
     ShardUnavailableError,
     UnsupportedQueryError,
@@ -697,3 +698,35 @@ def test_in_list_sends_each_shard_only_its_own_values(router: Router, ids: Any) 
         assert all(router.topology.shard_for("orders", v) == shard for v in values), statement
         seen += values
     assert sorted(seen) == sorted(users)
+
+
+def test_core_select_with_limit_fans_out_and_merges(router: Router, ids: Any) -> None:
+    from sqlalchemy import BigInteger, Column, MetaData, Table, select
+
+    orders = Table(
+        "orders",
+        MetaData(),
+        Column("order_id", BigInteger),
+        Column("user_id", BigInteger),
+        Column("amount_cents", BigInteger),
+    )
+    for user in range(9960, 9970):
+        _insert_order(router, ids.next_id(user_id=user), user, 74)
+    every = router.execute("SELECT order_id FROM orders").scalars()
+    top = router.execute(
+        select(orders.c.order_id).order_by(orders.c.order_id.desc()).limit(3).offset(1)
+    )
+    assert top.scalars() == sorted(every, reverse=True)[1:4] and top.scalar() is not None
+
+
+def test_insert_refuses_an_order_id_from_another_users_slot(router: Router, ids: Any) -> None:
+    a, b = _two_users_on_two_shards(router, 9950)
+    foreign_id = ids.next_id(user_id=b)  # carries b's slot
+    with pytest.raises(KeyValueError, match="generate order_id with the id generator"):
+        _insert_order(router, foreign_id, a, 73)
+    assert (
+        router.execute(
+            "SELECT COUNT(*) FROM orders WHERE order_id = :o", {"o": foreign_id}
+        ).scalar()
+        == 0
+    )

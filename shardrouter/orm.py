@@ -1,0 +1,913 @@
+"""SQLAlchemy ORM integration: a Session that routes mapped objects and ORM queries to shards.
+
+Usage::
+
+    Session = routed_sessionmaker(router)          # a sessionmaker of RoutedSession
+    with Session() as session:
+        session.add_all([User(user_id=42, ...), Order(order_id=ids.next_id(user_id=42), ...)])
+        session.commit()                           # each row on its user's shard and split
+        order = session.get(Order, order_id)       # one shard: the id's gene names it
+        mine = session.scalars(select(Order).where(Order.user_id == 42)).all()   # one shard
+        top = session.scalars(select(Order).order_by(Order.amount_cents.desc()).limit(5)).all()
+        # ^ every shard, merged: the same five rows one database would return
+
+``RoutedSession(router, **session_kwargs)`` is a ``sqlalchemy.ext.horizontal_shard.ShardedSession``
+whose shards are the router's primary engines; ``routed_sessionmaker(router, **kw)`` is
+``sessionmaker(class_=RoutedSession, router=router, **kw)``. A mapped class is routed by its
+table: ``router.topology.table(mapper.persist_selectable.name)`` gives the rule, the primary
+sharding column's value places a new object, functional secondary keys (``orders.order_id`` by
+its gene) route ``get()`` and queries. The ORM reads and writes primaries only.
+
+Placements and identity tokens
+------------------------------
+A row lives in a *placement*: a shard and, for split tables, one physical table of it. Every
+placement has a string token, the shard id for unsplit tables (``"s0"``) and ``"<shard>/<r>"``
+for split ones (``"s0/2"`` holds ``orders_0002`` and ``order_items_0002``, the rows whose slot is
+2 modulo the split). The token is the horizontal_shard shard id and the identity token of every
+object loaded or flushed there, so the identity map stays exact: one row, one token, whichever
+query loaded it. All placements of a shard share the session's one connection (one transaction)
+to that shard. ``set_shard_id(token)`` and ``bind_arguments={"shard_id": token}`` take tokens;
+``session.placement(inspect(obj).identity_token)`` tells where an object lives.
+
+Split tables: statement rewriting
+---------------------------------
+SQLAlchemy maps a class to one table name and ``schema_translate_map`` only renames schemas, so
+the physical name is put in at the last moment: a ``before_cursor_execute`` hook on each shard
+engine rewrites, in statements that run for a split placement, the logical names of split tables
+to the placement's physical names (one precompiled regex over whole words, e.g. ``\\borders\\b``
+-> ``orders_0002``; qualified columns ``orders.user_id`` follow). This is safe here and only here
+because the ORM generated the SQL: values travel as bound parameters, never in the text, and
+``orders_count`` or ``:orders_user_id`` are other words (a string literal spelling a split
+table's name in SQL text, e.g. ``literal_column("'orders'")``, would be renamed too). A statement
+names its placement in the ``shardrouter_placement`` execution option, which the session sets on
+every ORM statement it routes; for the flush, each placement gets its own thin proxy of the
+shard's connection that adds the option, so the unit of work, which batches rows per connection
+object, never puts rows of two physical tables into one executemany. Statements without the
+option (everything else on these engines, ``router.execute`` included) pass untouched. The
+alternative, refusing split tables, would have excluded ``orders``, the table this exists for.
+Not rewritten: SQL the user wrote (``text()``, ``from_statement``), which is refused (use
+``router.execute``, which parses it properly, or
+``session.connection(bind_arguments={"shard_id": token})`` with physical names).
+
+Queries
+-------
+Each ORM statement is compiled once more to MySQL and planned by the router's planner, so the
+ORM routes and refuses exactly as ``router.execute`` does:
+
+- key criteria (``=`` or ``IN`` on the primary or a functional secondary key, a top-level
+  ``AND`` term; ``session.get`` on an id with a gene) run on their placements only; a lazy or
+  selectin load of a bound table (``order.items``) runs on the parent's placement; lookup keys
+  (``merchant_id``) and everything else fan out to every placement of the table (correct, not
+  cheap: one statement per placement, in turn, on the session's connections);
+- across placements, ORDER BY, LIMIT and OFFSET are merged correctly (each placement returns its
+  first ``offset + limit`` rows in order, with the sort keys as extra columns; a k-way merge of
+  ``shardrouter.merge`` keeps the global first ``limit`` after ``offset``); entity and column
+  queries alike; NULLs sort as MySQL sorts them;
+- column-only aggregates, GROUP BY, HAVING and DISTINCT across placements run the planner's
+  scatter SQL on the session's connections and merge the partials (``router.execute``'s merge);
+  the values come back as the driver returns them, without the ORM's type processing;
+- refused with UnsupportedQueryError (nothing runs): text SQL and ``from_statement``; subqueries,
+  EXISTS and UNION over sharded tables (including ``joinedload`` of a collection combined with
+  LIMIT, which SQLAlchemy renders as a subquery: use ``selectinload``); joins of sharded tables
+  that are not bound together; across placements, aggregates, DISTINCT or GROUP BY together with
+  mapped entities, ORDER BY terms that are not column expressions (positions, text, NULLS
+  FIRST/LAST); ORM bulk INSERT; bulk DELETE of a table that owns lookup rows; bulk UPDATE of a
+  sharding column. The router's limits apply: ScatterWriteError for a bulk UPDATE/DELETE without
+  key criteria (unless ``allow_scatter_write``), FanoutLimitError for ``max_fanout`` and
+  ``max_offset``. Results merged across placements are fetched whole (no streaming).
+
+Writes
+------
+A new object goes to the placement of its primary sharding column (its value must be set: None
+raises KeyValueError); its functional secondary keys must route to the same slot (an order id
+must carry its user's gene) or the flush is refused. Changing a sharding column of a persistent
+object is refused (the row would have to move shards: delete it and add a new one), and so is
+writing a broadcast table (use ``router.execute``, which writes every shard). As the router does,
+lookup rows (``merchant_orders`` for ``orders.merchant_id``, ``user_emails`` for
+``users.email``) are written before the owner rows, each committed on its own (a failed session
+leaves an orphan lookup row, which reads ignore, never an owner its lookup cannot find); a
+unique lookup already taken by another owner fails the flush; the lookup rows of deleted objects
+are deleted once the session's transaction has committed. On SQLite shard files, where a writer
+locks the whole file, a lookup row cannot be written while this session's own transaction holds
+a write lock on the lookup row's shard: commit before adding more such objects (MariaDB has no
+such limit). Atomicity is per shard, as with horizontal_shard: the session commits its shard
+connections one by one.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+from sqlalchemy import Connection, Engine, Table, and_, column, delete, event, inspect, text
+from sqlalchemy import table as table_clause
+from sqlalchemy.engine import Dialect, IteratorResult, Result
+from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
+from sqlalchemy.engine.result import SimpleResultMetaData
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.horizontal_shard import ShardedSession, set_shard_id
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction, sessionmaker
+from sqlalchemy.orm.exc import UnmappedColumnError
+from sqlalchemy.orm.state import InstanceState
+from sqlalchemy.sql import Delete, Select, Update, operators
+from sqlalchemy.sql.elements import (
+    ColumnClause,
+    ColumnElement,
+    TextClause,
+    UnaryExpression,
+    _label_reference,
+    _textual_label_reference,
+)
+
+from .engines import classify
+from .errors import (
+    ExecutionError,
+    FanoutLimitError,
+    KeyValueError,
+    RoutingError,
+    ScatterWriteError,
+    UnsupportedQueryError,
+)
+from .execution import lookup_upsert
+from .merge import MergePlan, SortKey, merge
+from .planner import Plan, Target
+from .router import Router, _sql_and_params
+from .strategies import LookupStrategy
+from .topology import TableRule, Topology
+from .types import ShardId, Slot
+
+__all__ = ["Placement", "RoutedSession", "routed_sessionmaker"]
+
+_TOKEN_OPTION = "shardrouter_placement"
+"""The execution option naming the placement a statement runs for (set on every routed ORM
+statement and by the flush proxies); the engine hook renames split tables by it. Not
+``identity_token``: the ORM lets a relationship load inherit its parent query's."""
+_REWRITE_CACHE_SIZE = 1024
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """A shard and, for split tables, the residue ``r`` naming their physical tables there.
+
+    ``rewrite(sql)`` turns the logical names of split tables in ORM-generated SQL into this
+    placement's physical names (``orders`` -> ``orders_0002`` for ``r == 2``).
+    """
+
+    token: str
+    shard: ShardId
+    residue: int | None
+    names: Mapping[str, str]
+    pattern: re.Pattern[str] | None
+    _cache: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def rewrite(self, sql: str) -> str:
+        if self.pattern is None:
+            return sql
+        done = self._cache.get(sql)
+        if done is None:
+            names = self.names
+            done = self.pattern.sub(lambda m: names[m.group(0)], sql)
+            if len(self._cache) >= _REWRITE_CACHE_SIZE:
+                self._cache.clear()
+            self._cache[sql] = done
+        return done
+
+
+@dataclass(frozen=True)
+class _MappedTable:
+    """A mapped class's table rule and the attribute that holds each sharding column."""
+
+    mapper: Mapper[Any]
+    rule: TableRule
+    attrs: Mapping[str, str]
+    """Mapped sharding columns only: {column name: attribute key}."""
+
+    def value(self, state: InstanceState[Any], column_name: str) -> Any:
+        key = self.attrs[column_name]
+        if key in state.dict:
+            return state.dict[key]
+        return getattr(state.obj(), key) if state.has_identity else None
+
+
+@dataclass(frozen=True)
+class _LookupRow:
+    """One lookup row an owner row needs, and where it lives."""
+
+    strategy: LookupStrategy
+    shard: ShardId
+    physical: str
+    row: Mapping[str, Any]
+
+
+class _Routing:
+    """What every session of one router shares: placements, binds, mapped tables, the hook."""
+
+    def __init__(self, router: Router) -> None:
+        # No reference to the router itself: this is the value of a WeakKeyDictionary keyed
+        # by the router, so holding it would keep every router alive.
+        topology = router.topology
+        self.topology: Topology = topology
+        split_tables = [t for t in topology.tables.values() if t.split > 1]
+        widest = max((t.split for t in split_tables), default=1)
+        pattern = (
+            re.compile(
+                r"\b(?:"
+                + "|".join(
+                    re.escape(t.name) for t in sorted(split_tables, key=lambda t: -len(t.name))
+                )
+                + r")\b"
+            )
+            if split_tables
+            else None
+        )
+        self.placements: dict[str, Placement] = {}
+        self._base: dict[ShardId, str] = {}
+        self._split: dict[ShardId, tuple[str, ...]] = {}
+        for shard in topology.shards:
+            self._base[shard] = shard
+            self.placements[shard] = Placement(shard, shard, None, {}, None)
+            tokens = []
+            for r in range(widest if widest > 1 else 0):
+                token = f"{shard}/{r}"
+                names = {t.name: t.physical(r) for t in split_tables}
+                self.placements[token] = Placement(token, shard, r, names, pattern)
+                tokens.append(token)
+            self._split[shard] = tuple(tokens)
+        self.binds: dict[str, Engine] = {
+            token: router.engines.primary(p.shard) for token, p in self.placements.items()
+        }
+        self._mapped: dict[Mapper[Any], _MappedTable] = {}
+        self._lock = threading.Lock()
+        for engine in {id(e): e for e in self.binds.values()}.values():
+            if not event.contains(engine, "before_cursor_execute", self._rewrite):
+                event.listen(engine, "before_cursor_execute", self._rewrite, retval=True)
+
+    def _rewrite(
+        self,
+        conn: Connection,
+        cursor: DBAPICursor,
+        statement: str,
+        parameters: Any,
+        context: ExecutionContext | None,
+        executemany: bool,
+    ) -> tuple[str, Any]:
+        """The engine hook: a statement run for a split placement gets its physical names."""
+        if context is None:
+            return statement, parameters
+        token = context.execution_options.get(_TOKEN_OPTION)
+        placement = self.placements.get(token) if isinstance(token, str) else None
+        if placement is None:
+            return statement, parameters
+        return placement.rewrite(statement), parameters
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def token(self, rule: TableRule, slot: Slot) -> str:
+        """The token of the placement holding ``slot``'s rows of ``rule``'s table."""
+        shard = self.topology.shard_of_slot(slot)
+        if rule.split == 1:
+            return self._base[shard]
+        return self._split[shard][slot % rule.split]
+
+    def fanout(self, rule: TableRule) -> list[str]:
+        """Every placement of ``rule``'s table, each physical table once."""
+        shards = list(self.topology.shards)
+        if rule.kind == "broadcast":
+            return [self._base[shards[0]]]  # the same rows on every shard
+        if rule.split == 1:
+            return [self._base[s] for s in shards]
+        return [self._split[s][r] for s in shards for r in range(rule.split)]
+
+    def check_token(self, token: Any) -> str:
+        if not isinstance(token, str) or token not in self.placements:
+            raise RoutingError(
+                f"shard id {token!r} is not a placement of topology {self.topology.name!r}"
+                f" (known: {', '.join(self.placements)})"
+            )
+        return token
+
+    # -- mapped tables ----------------------------------------------------------------------
+
+    def mapped(self, mapper: Mapper[Any]) -> _MappedTable:
+        """The routing facts of a mapped class (cached per mapper)."""
+        found = self._mapped.get(mapper)
+        if found is not None:
+            return found
+        selectable = mapper.persist_selectable
+        if not isinstance(selectable, Table):
+            raise UnsupportedQueryError(
+                f"{mapper.class_.__name__} is mapped to {selectable!r}, not one table; the"
+                " routed session supports classes mapped to one table (single-table"
+                " inheritance included)"
+            )
+        rule = self.topology.table(selectable.name)
+        attrs: dict[str, str] = {}
+        for name in rule.keys:
+            col = selectable.c.get(name)
+            if col is None:
+                continue
+            try:
+                attrs[name] = mapper.get_property_by_column(col).key
+            except UnmappedColumnError:  # in the table, not in the class: nothing to route by
+                continue
+        if rule.primary is not None and rule.primary.column not in attrs:
+            raise RoutingError(
+                f"{mapper.class_.__name__} maps table {rule.name} but not its sharding column"
+                f" {rule.primary.column}; map it so rows can be routed"
+            )
+        found = _MappedTable(mapper, rule, attrs)
+        with self._lock:
+            self._mapped[mapper] = found
+        return found
+
+
+_routings: weakref.WeakKeyDictionary[Router, _Routing] = weakref.WeakKeyDictionary()
+_routings_lock = threading.Lock()
+
+
+def _routing_for(router: Router) -> _Routing:
+    with _routings_lock:
+        routing = _routings.get(router)
+        if routing is None:
+            routing = _routings[router] = _Routing(router)
+        return routing
+
+
+class _PlacementConnection:
+    """The shard's session Connection as the flush sees it for one placement.
+
+    Every statement it runs carries the placement's token (so the hook renames split tables),
+    and it is a distinct object per placement, so the unit of work, which batches rows per
+    connection object, never puts rows of two physical tables into one statement.
+    """
+
+    __slots__ = ("_connection", "_token")
+
+    def __init__(self, connection: Connection, token: str) -> None:
+        self._connection = connection
+        self._token = token
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._connection.dialect
+
+    def execute(
+        self,
+        statement: Any,
+        parameters: Any = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+    ) -> Any:
+        options = dict(execution_options or {})
+        options[_TOKEN_OPTION] = self._token
+        return self._connection.execute(statement, parameters, execution_options=options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+
+class RoutedSession(ShardedSession):
+    """A horizontal_shard Session over a Router's shards (see the module docstring).
+
+    ``RoutedSession(router, **kw)`` takes the keyword arguments of ``Session`` (not ``bind`` or
+    ``binds``: the router's primaries are the binds).
+    """
+
+    def __init__(self, router: Router, **kw: Any) -> None:
+        routing = _routing_for(router)
+        super().__init__(
+            shard_chooser=self._choose_shard,
+            identity_chooser=self._choose_identity,
+            execute_chooser=self._choose_execute,
+            shards=dict(routing.binds),
+            **kw,
+        )
+        self.router = router
+        self._routing = routing
+        self._proxies: dict[tuple[int, str], _PlacementConnection] = {}
+        self._lookup_cleanups: list[_LookupRow] = []
+        self._lookups_written: set[tuple[ShardId, str, tuple[tuple[str, Any], ...]]] = set()
+        # Ahead of horizontal_shard's own handler, which then runs each routed piece.
+        event.listen(self, "do_orm_execute", self._on_execute, retval=True, insert=True)
+        event.listen(self, "before_flush", self._before_flush)
+        event.listen(self, "after_commit", self._after_commit)
+        event.listen(self, "after_rollback", self._forget_cleanups)
+        event.listen(self, "after_soft_rollback", self._forget_cleanups)
+        event.listen(self, "after_transaction_end", self._after_transaction_end)
+
+    def placement(self, token: str) -> Placement:
+        """The placement behind an identity token (``inspect(obj).identity_token``)."""
+        return self._routing.placements[self._routing.check_token(token)]
+
+    # -- horizontal_shard's choosers --------------------------------------------------------
+
+    def _choose_shard(
+        self, mapper: Mapper[Any] | None, instance: Any, clause: Any = None, **kw: Any
+    ) -> str:
+        if mapper is None or instance is None:
+            raise RoutingError(
+                "the routed session needs an object to route by; for a statement, pass"
+                " bind_arguments={'shard_id': <token>} (tokens: "
+                + ", ".join(self._routing.placements)
+                + ")"
+            )
+        info = self._routing.mapped(inspect(instance).mapper)
+        return self._token_of_new(info, inspect(instance))
+
+    def _choose_identity(
+        self,
+        mapper: Mapper[Any],
+        primary_key: Any,
+        *,
+        lazy_loaded_from: InstanceState[Any] | None,
+        execution_options: Any,
+        bind_arguments: Any,
+        **kw: Any,
+    ) -> list[str]:
+        info = self._routing.mapped(mapper)
+        identity = primary_key if isinstance(primary_key, tuple | list) else (primary_key,)
+        for col, value in zip(mapper.primary_key, identity, strict=False):
+            rule = info.rule.keys.get(col.name)
+            if rule is not None and rule.lookup_table is None and value is not None:
+                return [self._routing.token(info.rule, rule.slot(value))]
+        return self._routing.fanout(info.rule)
+
+    def _choose_execute(self, orm_context: ORMExecuteState) -> list[str]:
+        # _on_execute routes every statement before horizontal_shard sees it; reaching this
+        # means a statement came without a routing decision.
+        raise RoutingError(f"statement was not routed: {orm_context.statement}")
+
+    def _token_of_new(self, info: _MappedTable, state: InstanceState[Any]) -> str:
+        rule = info.rule
+        if rule.primary is None:
+            raise UnsupportedQueryError(
+                f"{info.mapper.class_.__name__}: {rule.name} is a broadcast table, copied to"
+                " every shard; write it with router.execute, which writes every shard"
+            )
+        slot = rule.primary.slot(info.value(state, rule.primary.column))
+        return self._routing.token(rule, slot)
+
+    # -- the flush --------------------------------------------------------------------------
+
+    def connection_callable(
+        self,
+        mapper: Mapper[Any] | None = None,
+        instance: Any | None = None,
+        shard_id: str | None = None,
+        **kw: Any,
+    ) -> Connection:
+        """The connection the unit of work uses for ``instance``: its placement's proxy."""
+        if shard_id is None:
+            shard_id = self._choose_shard_and_assign(mapper, instance)
+        connection = super().connection_callable(mapper, instance, shard_id=shard_id, **kw)
+        key = (id(connection), shard_id)
+        proxy = self._proxies.get(key)
+        if proxy is None or proxy._connection is not connection:
+            proxy = self._proxies[key] = _PlacementConnection(connection, shard_id)
+        return cast(Connection, proxy)
+
+    def _before_flush(
+        self, session: Session, flush_context: UOWTransaction, instances: Any
+    ) -> None:
+        self._proxies.clear()
+        routing = self._routing
+        lookups: list[_LookupRow] = []
+        for obj in self.new:
+            state = inspect(obj)
+            info = routing.mapped(state.mapper)
+            # Broadcast tables and missing keys fail here, before anything is written; and a
+            # token left from an earlier failed flush is replaced (the key may have changed).
+            state.identity_token = self._token_of_new(info, state)
+            self._check_secondaries(info, state)
+            lookups.extend(self._lookup_rows(info, state))
+        for obj in self.dirty:
+            state = inspect(obj)
+            info = routing.mapped(state.mapper)
+            if info.rule.primary is None:
+                self._token_of_new(info, state)  # refuses broadcast writes
+            for column_name, key in info.attrs.items():
+                if state.attrs[key].history.has_changes():
+                    raise UnsupportedQueryError(
+                        f"{info.mapper.class_.__name__}: changing sharding column"
+                        f" {info.rule.name}.{column_name} would move the row to another shard;"
+                        " delete the object and add a new one instead"
+                    )
+        cleanups: list[_LookupRow] = []
+        for obj in self.deleted:
+            state = inspect(obj)
+            info = routing.mapped(state.mapper)
+            if info.rule.primary is None:
+                self._token_of_new(info, state)
+            cleanups.extend(self._lookup_rows(info, state, deleting=True))
+        if lookups:
+            self._write_lookups(lookups)
+        self._lookup_cleanups.extend(cleanups)
+
+    def _check_secondaries(self, info: _MappedTable, state: InstanceState[Any]) -> None:
+        """Functional secondary keys must route to the row's slot, or reads by them miss it."""
+        primary = info.rule.primary
+        assert primary is not None
+        owner_value = info.value(state, primary.column)
+        slot = primary.slot(owner_value)
+        for column_name, rule in info.rule.keys.items():
+            if rule.primary or rule.lookup_table is not None or column_name not in info.attrs:
+                continue
+            value = info.value(state, column_name)
+            other = rule.slot(value)
+            if other != slot:
+                raise KeyValueError(
+                    f"{info.rule.name}.{column_name}: value {value!r} routes to slot {other} but"
+                    f" the row's {primary.column} {owner_value!r} routes to slot {slot}, so"
+                    f" reads by {column_name} would miss the row; make it with"
+                    f" topology.id_generator({info.rule.name!r}).next_id("
+                    f"{primary.column}={owner_value!r})"
+                )
+
+    def _lookup_rows(
+        self, info: _MappedTable, state: InstanceState[Any], *, deleting: bool = False
+    ) -> list[_LookupRow]:
+        """The lookup rows of an owner row (to write for a new one, to delete for a deleted
+        one). A NULL lookup value cannot be routed, as in router.execute; a deleted row with
+        one never had a lookup row."""
+        rows: list[_LookupRow] = []
+        topology = self._routing.topology
+        for column_name, rule in info.rule.keys.items():
+            strategy = rule.strategy
+            if not isinstance(strategy, LookupStrategy) or column_name not in info.attrs:
+                continue
+            missing = [c for c in strategy.row_columns[1:] if c not in info.mapper.columns]
+            if missing:
+                raise RoutingError(
+                    f"{info.mapper.class_.__name__} maps lookup column {column_name} but not"
+                    f" {', '.join(missing)}, which its lookup row in {strategy.table} needs"
+                )
+            value = info.value(state, column_name)
+            if value is None and deleting:
+                continue
+            rule.check(value)
+            lookup = topology.table(strategy.table)
+            slot = topology.slot_for(lookup.name, value)
+            row = {strategy.from_column: value}
+            for c in strategy.row_columns[1:]:
+                prop = info.mapper.get_property_by_column(info.mapper.columns[c])
+                row[c] = (
+                    state.dict[prop.key]
+                    if prop.key in state.dict
+                    else getattr(state.obj(), prop.key)
+                )
+            rows.append(
+                _LookupRow(strategy, topology.shard_of_slot(slot), lookup.physical(slot), row)
+            )
+        return rows
+
+    def _write_lookups(self, rows: Sequence[_LookupRow]) -> None:
+        """Upsert lookup rows on their shards, each shard in its own committed transaction."""
+        grouped: dict[tuple[ShardId, str, LookupStrategy], list[Mapping[str, Any]]] = defaultdict(
+            list
+        )
+        for r in rows:
+            grouped[(r.shard, r.physical, r.strategy)].append(r.row)
+            self._lookups_written.add(_lookup_key(r))
+        for (shard, physical, strategy), values in grouped.items():
+            engine = self.router.engines.primary(shard)
+            stmt = lookup_upsert(strategy, physical, engine.dialect.name)
+            try:
+                with engine.begin() as conn:
+                    conn.execute(stmt, [dict(v) for v in values])
+                    if strategy.key_column is None:
+                        want = {v[strategy.from_column]: v[strategy.to_column] for v in values}
+                        query = strategy.query(list(want), physical).statement
+                        for from_value, owner in conn.execute(query):
+                            if want.get(from_value, owner) != owner:
+                                raise ExecutionError(
+                                    f"{strategy.table}: {from_value!r} already belongs to"
+                                    f" another owner ({owner!r}); nothing was flushed",
+                                    shard=shard,
+                                )
+            except (DBAPIError, PoolTimeoutError) as exc:
+                raise classify(exc, shard) from exc
+
+    def _after_commit(self, session: Session) -> None:
+        if self.in_nested_transaction() or not self._lookup_cleanups:
+            return  # a savepoint released: the outer transaction may still roll back
+        rows, self._lookup_cleanups = self._lookup_cleanups, []
+        written, self._lookups_written = self._lookups_written, set()
+        for r in rows:
+            if _lookup_key(r) in written:
+                continue  # deleted and added again in this transaction: the row is needed
+            strategy = r.strategy
+            target = table_clause(r.physical, *(column(c) for c in strategy.row_columns))
+            stmt = delete(target).where(and_(*(target.c[c] == v for c, v in r.row.items())))
+            try:
+                with self.router.engines.primary(r.shard).begin() as conn:
+                    conn.execute(stmt)
+            except (DBAPIError, PoolTimeoutError) as exc:
+                raise classify(exc, r.shard) from exc
+
+    def _forget_cleanups(self, session: Session, *args: Any) -> None:
+        # Forgetting a cleanup leaves an orphan lookup row (harmless); running one for a row
+        # that a rollback brought back would hide it from reads by the lookup key.
+        self._lookup_cleanups.clear()
+        self._lookups_written.clear()
+
+    def _after_transaction_end(self, session: Session, transaction: Any) -> None:
+        if transaction.parent is None:  # the root ended: committed cleanups already ran
+            self._forget_cleanups(session)
+
+    # -- statements -------------------------------------------------------------------------
+
+    def _on_execute(self, ctx: ORMExecuteState) -> Result[Any] | None:
+        stmt = ctx.statement
+        if isinstance(stmt, TextClause) or ctx.is_from_statement:
+            raise UnsupportedQueryError(
+                "text SQL is not routed by the ORM session (its table names cannot be rewritten"
+                " safely); run it with router.execute(), or on one placement with"
+                " session.connection(bind_arguments={'shard_id': token}) and physical names"
+            )
+        explicit = _explicit_token(ctx)
+        if explicit is not None:
+            return self._invoke(ctx, self._routing.check_token(explicit))
+        if ctx.is_select:
+            if not isinstance(stmt, Select):
+                raise UnsupportedQueryError(
+                    f"{type(stmt).__name__} statements are not routed; use select()"
+                )
+            return self._select(ctx, stmt)
+        if (ctx.is_update or ctx.is_delete) and isinstance(stmt, Update | Delete):
+            return self._write(ctx, stmt)
+        if ctx.is_insert:
+            raise UnsupportedQueryError(
+                "ORM bulk INSERT is not routed row by row; use session.add_all() (or"
+                " router.execute for plain rows)"
+            )
+        raise UnsupportedQueryError(f"{type(stmt).__name__} statements are not routed")
+
+    def _invoke(self, ctx: ORMExecuteState, token: str, statement: Any = None) -> Result[Any]:
+        # identity_token becomes the load's identity token (and horizontal_shard's choice,
+        # over one a relationship load inherits from its parent query); _TOKEN_OPTION tells
+        # the engine hook which physical tables to use.
+        return ctx.invoke_statement(
+            statement=statement,
+            execution_options={"identity_token": token, _TOKEN_OPTION: token},
+            bind_arguments={"shard_id": token},
+        )
+
+    def _plan(
+        self, stmt: Select[Any] | Update | Delete, ctx: ORMExecuteState
+    ) -> tuple[Plan, dict[str, Any]]:
+        """Plan ``stmt`` with the router's planner: compiled to MySQL, values bound."""
+        params = ctx.parameters if isinstance(ctx.parameters, Mapping) else None
+        sql, values = _sql_and_params(stmt, params)
+        return self.router.planner.plan(sql), dict(values)
+
+    def _key_tokens(self, plan: Plan, values: Mapping[str, Any]) -> list[str] | None:
+        """The placements named by the cheapest functional key condition, if there is one."""
+        table = plan.sharded
+        assert table is not None
+        condition = next((c for c in plan.conditions if c.rule.lookup_table is None), None)
+        if condition is None:
+            return None
+        tokens = (
+            self._routing.token(table, condition.rule.slot(ref.resolve(values)))
+            for ref in condition.refs
+        )
+        return list(dict.fromkeys(tokens))
+
+    def _check_limits(self, tokens: Sequence[str], offset: int) -> None:
+        limits = self.router.limits
+        shards = {self._routing.placements[t].shard for t in tokens}
+        if limits.max_fanout and len(shards) > limits.max_fanout:
+            raise FanoutLimitError(
+                f"query would reach {len(shards)} shards, more than"
+                f" max_fanout={limits.max_fanout}; add a sharding-key criterion or raise"
+                " max_fanout"
+            )
+        if limits.max_offset is not None and len(tokens) > 1 and offset > limits.max_offset:
+            raise FanoutLimitError(
+                f"OFFSET {offset} across shards makes every shard return {offset}+ rows"
+                f" (max_offset={limits.max_offset}); page by key instead, or raise max_offset"
+            )
+
+    def _select(self, ctx: ORMExecuteState, stmt: Select[Any]) -> Result[Any]:
+        plan, values = self._plan(stmt, ctx)
+        table = plan.sharded
+        if table is None:  # broadcast tables only: every shard has the same rows
+            return self._invoke(ctx, self._routing.fanout(plan.tables[0])[0])
+        tokens = self._key_tokens(plan, values)
+        if tokens is None:
+            tokens = self._parent_tokens(ctx, table) or self._routing.fanout(table)
+        self._check_limits(tokens, plan.offset_depth)
+        if len(tokens) == 1:
+            return self._invoke(ctx, tokens[0])
+        merge_plan = plan.merge
+        assert merge_plan is not None
+        if merge_plan.grouped or merge_plan.distinct:
+            return self._scatter_text(ctx, stmt, plan, values, tokens)
+        # An eager relationship load (selectinload) reads its rows by position, so it takes no
+        # extra sort columns; each parent's collection keeps its placement's order.
+        eager = ctx.is_relationship_load and ctx.lazy_loaded_from is None
+        unordered = not merge_plan.order_by and merge_plan.limit is None and not merge_plan.offset
+        if unordered or (eager and merge_plan.limit is None and not merge_plan.offset):
+            parts = [self._invoke(ctx, t) for t in tokens]
+            return parts[0].merge(*parts[1:])
+        return self._scatter_rows(ctx, stmt, merge_plan, tokens)
+
+    def _parent_tokens(self, ctx: ORMExecuteState, table: TableRule) -> list[str] | None:
+        """A relationship load of a table bound with its parent's runs on the parent's
+        placement: a lazy load on the parent object's, an eager load (selectinload) on the
+        placement the parents were loaded from."""
+        if not ctx.is_relationship_load:
+            return None
+        parent_mapper: Any = None
+        lazy_parent = ctx.lazy_loaded_from
+        if lazy_parent is not None:
+            key = lazy_parent.key
+            token = key[2] if key is not None else lazy_parent.identity_token
+            parent_mapper = lazy_parent.mapper
+        else:
+            top = ctx.execution_options.get("sa_top_level_orm_context")
+            token = getattr(top, "identity_token", None)
+            path = ctx.loader_strategy_path
+            prop = path.path[-1] if path is not None and path.path else None
+            parent_mapper = getattr(prop, "parent", None)
+        if not isinstance(token, str) or token not in self._routing.placements:
+            return None
+        if not isinstance(parent_mapper, Mapper):
+            return None
+        try:
+            parent = self._routing.mapped(parent_mapper).rule
+        except RoutingError:
+            return None
+        if (parent.bound_to or parent.name) != (table.bound_to or table.name):
+            return None
+        return [token]
+
+    def _scatter_rows(
+        self, ctx: ORMExecuteState, stmt: Select[Any], plan: MergePlan, tokens: Sequence[str]
+    ) -> Result[Any]:
+        """ORDER BY/LIMIT/OFFSET across placements: each returns its first rows in order, with
+        the sort keys as extra columns, and a k-way merge keeps the global first ones."""
+        terms = _sort_terms(stmt)
+        shard_stmt = stmt.add_columns(*(expr for expr, _ in terms)).offset(None)
+        if plan.limit is not None:
+            shard_stmt = shard_stmt.limit(plan.limit + plan.offset)
+        parts = [self._invoke(ctx, t, shard_stmt) for t in tokens]
+        keys = list(parts[0].keys())
+        width = len(keys) - len(terms)
+        rows = [_fetch(part) for part in parts]
+        merged = merge(
+            replace(
+                plan,
+                width=width,
+                order_by=tuple(SortKey(width + i, desc) for i, (_, desc) in enumerate(terms)),
+            ),
+            rows,
+        )
+        return IteratorResult(SimpleResultMetaData(keys[:width]), iter(list(merged)))
+
+    def _scatter_text(
+        self,
+        ctx: ORMExecuteState,
+        stmt: Select[Any],
+        plan: Plan,
+        values: Mapping[str, Any],
+        tokens: Sequence[str],
+    ) -> Result[Any]:
+        """Aggregates, GROUP BY, DISTINCT across placements: the planner's scatter SQL on each
+        placement (on the session's connections), then the router's merge of the partials."""
+        for described in stmt.column_descriptions:
+            entity = described.get("expr")
+            insp = inspect(entity, raiseerr=False) if entity is not None else None
+            if getattr(insp, "is_mapper", False) or getattr(insp, "is_aliased_class", False):
+                raise UnsupportedQueryError(
+                    "aggregates, GROUP BY or DISTINCT with mapped entities across shards cannot"
+                    " be merged; select columns, or add a sharding-key criterion"
+                )
+        merge_plan = plan.merge
+        assert merge_plan is not None
+        columns: tuple[str, ...] = ()
+        rows: list[list[Any]] = []
+        for token in tokens:
+            placement = self._routing.placements[token]
+            sql = plan.render(Target(placement.shard, placement.residue or 0), scatter=True)
+            conn = self.connection(bind_arguments={"shard_id": token})
+            result = conn.execute(text(sql), dict(values))
+            columns = tuple(result.keys())
+            rows.append(list(result.all()))
+        merged = list(merge(merge_plan, rows))
+        return IteratorResult(SimpleResultMetaData(columns[: merge_plan.width]), iter(merged))
+
+    def _write(self, ctx: ORMExecuteState, stmt: Update | Delete) -> Result[Any]:
+        if ctx.is_executemany:
+            raise UnsupportedQueryError(
+                "ORM bulk UPDATE by primary key (a list of parameter sets) is not routed;"
+                " load the objects and change them, or use router.execute"
+            )
+        plan, values = self._plan(stmt, ctx)
+        table = plan.sharded
+        kind = "UPDATE" if ctx.is_update else "DELETE"
+        if table is None:
+            raise UnsupportedQueryError(
+                f"{kind} of broadcast table {plan.tables[0].name}: use router.execute, which"
+                " writes every shard"
+            )
+        if ctx.is_delete and any(r.lookup_table is not None for r in table.keys.values()):
+            raise UnsupportedQueryError(
+                f"bulk DELETE of {table.name} would leave its lookup rows behind; delete the"
+                " objects with session.delete(), or use router.execute (which cleans them up)"
+            )
+        tokens = self._key_tokens(plan, values)
+        if tokens is None:
+            if not self.router.limits.allow_scatter_write:
+                raise ScatterWriteError(
+                    f"{kind} on {table.name} has no sharding-key criterion"
+                    f" ({', '.join(table.keys)}), so it would run on every shard; add the key,"
+                    " or create the Router with allow_scatter_write=True if you mean it"
+                )
+            tokens = self._routing.fanout(table)
+        self._check_limits(tokens, 0)
+        if len(tokens) > 1 and plan.has_limit:
+            raise RoutingError(
+                f"{kind} with ORDER BY/LIMIT across shards has no single order; add the"
+                " sharding key"
+            )
+        parts = [self._invoke(ctx, t) for t in tokens]
+        return parts[0].merge(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def routed_sessionmaker(router: Router, **kw: Any) -> sessionmaker[RoutedSession]:
+    """A ``sessionmaker`` of RoutedSession over ``router`` (``kw``: Session arguments)."""
+    return sessionmaker(class_=RoutedSession, router=router, **kw)
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _explicit_token(ctx: ORMExecuteState) -> Any:
+    """A placement the caller or the ORM already chose, as horizontal_shard looks for it."""
+    for option in ctx._non_compile_orm_options:
+        if isinstance(option, set_shard_id):
+            return option.shard_id
+    options: Any = None
+    if ctx.is_select:
+        options = ctx.load_options
+    elif ctx.is_update or ctx.is_delete:
+        options = ctx.update_delete_options
+    token = getattr(options, "_identity_token", None)
+    if token is not None:
+        return token
+    if "_sa_shard_id" in ctx.execution_options:
+        return ctx.execution_options["_sa_shard_id"]
+    return ctx.bind_arguments.get("shard_id")
+
+
+def _lookup_key(row: _LookupRow) -> tuple[ShardId, str, tuple[tuple[str, Any], ...]]:
+    return row.shard, row.physical, tuple(sorted(row.row.items()))
+
+
+def _sort_terms(stmt: Select[Any]) -> list[tuple[ColumnElement[Any], bool]]:
+    """ORDER BY as (expression, descending) pairs the merge can sort on."""
+    terms: list[tuple[ColumnElement[Any], bool]] = []
+    for clause in stmt._order_by_clauses:
+        element: Any = clause
+        descending = False
+        if isinstance(element, UnaryExpression):
+            if element.modifier is operators.desc_op:
+                descending = True
+            elif element.modifier is not operators.asc_op:
+                raise UnsupportedQueryError(
+                    f"ORDER BY {clause} across shards: NULLS FIRST/LAST is not MySQL syntax"
+                )
+            element = element.element
+        if isinstance(element, _textual_label_reference):
+            name = element.element
+            element = stmt.selected_columns.get(name)
+            if element is None:
+                raise UnsupportedQueryError(
+                    f"ORDER BY {name!r} across shards: name a column expression instead"
+                )
+        elif isinstance(element, _label_reference):
+            element = element.element
+        if isinstance(element, UnaryExpression | TextClause) or (
+            isinstance(element, ColumnClause) and element.is_literal
+        ):
+            raise UnsupportedQueryError(
+                f"ORDER BY {clause} across shards: order by column expressions (positions and"
+                " text cannot be merged)"
+            )
+        terms.append((element, descending))
+    return terms
+
+
+def _fetch(result: Result[Any]) -> list[Any]:
+    """Every row of one placement's result (collections of joined eager loads made unique)."""
+    attributes: Mapping[str, Any] = getattr(result, "_attributes", {})
+    if attributes.get("filtered"):
+        return list(result.unique().all())
+    return list(result.all())
