@@ -69,6 +69,10 @@ class AsyncTransaction:
         return out
 
     async def _run_bound(self, job: Job) -> JobResult:
+        if job.anywhere and self.shard is None:
+            return await self._router._run_job(job)  # do not bind to a shard for a broadcast read
+        if job.anywhere and self.shard is not None and job.shard != self.shard:
+            job = replace(job, shard=self.shard)  # a broadcast read: any shard will do
         if self.shard is None:
             self.shard = job.shard
             try:

@@ -585,7 +585,17 @@ def _check_secondaries(name: str, table: TableConfig, model: TopologyConfig) -> 
         owner = model.tables.get(table.bound_to)
         primary_column = owner.column if owner is not None else None
     seen: set[str] = set()
+    if primary_column is not None and primary_column != primary_column.lower():
+        yield (
+            f"tables.{name}.column: {primary_column!r} must be lowercase (MySQL column names"
+            f" ignore case, and routing compares them lowercased): write {primary_column.lower()!r}"
+        )
     for i, key in enumerate(table.secondary):
+        if key.column != key.column.lower():
+            yield (
+                f"tables.{name}.secondary[{i}].column: {key.column!r} must be lowercase (MySQL"
+                f" column names ignore case): write {key.column.lower()!r}"
+            )
         path = f"tables.{name}.secondary[{i}]"
         if key.column == primary_column or key.column in seen:
             yield f"{path}.column: {key.column!r} is already a sharding column of {name}"

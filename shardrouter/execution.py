@@ -23,6 +23,7 @@ from .errors import (
     KeyValueError,
     RoutingError,
     ScatterWriteError,
+    UnsupportedQueryError,
 )
 from .merge import merge
 from .planner import KeyCondition, Plan, Target
@@ -45,6 +46,8 @@ class Job:
     params: Mapping[str, Any] | Sequence[Mapping[str, Any]]
     kind: JobKind
     role: JobRole = "statement"
+    anywhere: bool = False
+    """The same statement gives the same answer on every shard (broadcast reads)."""
     """Lookup reads and writes run outside the caller's transaction (a lookup row may live on
     another shard; it is written first, so an aborted transaction leaves an orphan at worst);
     lookup cleanups run only after the owner's delete committed."""
@@ -117,6 +120,8 @@ class _Targets:
     targets: list[Target]
     scatter: bool
     lookups: list[ShardId] = field(default_factory=list)
+    anywhere: bool = False
+    """Every shard gives the same answer (a broadcast read): a transaction may use its own."""
 
 
 def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limits) -> Step:
@@ -132,7 +137,8 @@ def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limit
         # The point query: one target, one job, rows as they come (no merge, no grouping).
         target = found.targets[0]
         shard = ShardId(target.shard)
-        (result,) = yield [Job(shard, plan.render(target, scatter=False), params, kind)]
+        job = Job(shard, plan.render(target, scatter=False), params, kind, anywhere=found.anywhere)
+        (result,) = yield [job]
         return ResultSet(result.columns, result.rows, len(result.rows), (shard,))
     scatter_sql = len(found.targets) > 1 and plan.kind == "select"
     pending_lookup_deletes: list[Job] = []
@@ -202,7 +208,7 @@ def _direct_targets(topology: Topology, plan: Plan, params: Mapping[str, Any]) -
     if table is None:
         shards = list(topology.shards)
         if plan.kind == "select":  # a broadcast table has the same rows everywhere
-            return _Targets([Target(shards[0], 0)], False)
+            return _Targets([Target(shards[0], 0)], False, anywhere=True)
         return _Targets([Target(s, 0) for s in shards], True)
     condition = plan.routing_condition
     if condition is None:
@@ -225,12 +231,17 @@ def _indirect_targets(
     assert table is not None
     lookup = next((c for c in plan.conditions if c.rule.lookup_table is not None), None)
     if lookup is not None:
-        return (yield from _lookup_targets(topology, table, lookup, params))
+        reading = plan.kind == "select"
+        return (yield from _lookup_targets(topology, table, lookup, params, reading))
     return _Targets(_all_targets(topology, table), True)
 
 
 def _lookup_targets(
-    topology: Topology, table: TableRule, cond: KeyCondition, params: Mapping[str, Any]
+    topology: Topology,
+    table: TableRule,
+    cond: KeyCondition,
+    params: Mapping[str, Any],
+    reading: bool = True,
 ) -> Generator[list[Job], list[JobResult], _Targets]:
     """Read the lookup table, then target the owners' shards (orphans cost a wasted query)."""
     rule = cond.rule
@@ -247,7 +258,8 @@ def _lookup_targets(
         by_place[(topology.shard_of_slot(slot), lookup_table.physical(slot))].append(v)
     for (shard, physical), vals in by_place.items():
         query = strategy.query(vals, physical)
-        jobs.append(Job(shard, query.statement, {}, "read", "lookup"))
+        # A write must see every committed lookup row: read the primary, never a replica.
+        jobs.append(Job(shard, query.statement, {}, "read" if reading else "write", "lookup"))
     results = yield jobs
     owner_keys = {row[1] for r in results for row in r.rows}
     owner = topology.table(table.bound_to or table.name)
@@ -261,18 +273,26 @@ def _lookup_targets(
 
 
 def _check_limits(plan: Plan, found: _Targets, limits: Limits, topology: Topology) -> None:
-    if plan.kind in ("update", "delete") and found.scatter and plan.sharded is not None:
-        if not limits.allow_scatter_write:
-            raise ScatterWriteError(
-                f"{plan.kind.upper()} on {plan.sharded.name} has no sharding-key predicate"
-                f" ({', '.join(plan.sharded.keys)}), so it would run on every shard;"
-                " add the key, or pass allow_scatter_write=True if you mean it"
+    if (
+        plan.kind in ("update", "delete")
+        and found.scatter
+        and plan.sharded is not None
+        and not limits.allow_scatter_write
+    ):
+        raise ScatterWriteError(
+            f"{plan.kind.upper()} on {plan.sharded.name} has no sharding-key predicate"
+            f" ({', '.join(plan.sharded.keys)}), so it would run on every shard;"
+            " add the key, or pass allow_scatter_write=True if you mean it"
+        )
+    if len(found.targets) > 1:
+        if plan.kind in ("update", "delete") and plan.has_limit:
+            # Each target would apply its own LIMIT: n rows per shard, not n in all.
+            raise UnsupportedQueryError(
+                f"{plan.kind.upper()} with ORDER BY/LIMIT over {len(found.targets)} targets has"
+                " no single order and would apply the LIMIT on each; route it to one key"
             )
-        if plan.has_limit:
-            raise RoutingError(
-                f"{plan.kind.upper()} with ORDER BY/LIMIT across shards has no single order;"
-                " add the sharding key"
-            )
+        if plan.scatter_refusal is not None:
+            raise UnsupportedQueryError(plan.scatter_refusal)
     shards = {t.shard for t in found.targets}
     if limits.max_fanout and len(shards) > limits.max_fanout:
         raise FanoutLimitError(
@@ -423,7 +443,8 @@ def _unique_lookup_checks(
             expected[place][row[rule.column]] = row[strategy.to_column]
         for (shard, physical), want in expected.items():
             query = strategy.query(list(want), physical)
-            checks.append((Job(shard, query.statement, {}, "read", "lookup"), want))
+            # "write": the uniqueness check must read the primary, not a lagging replica.
+            checks.append((Job(shard, query.statement, {}, "write", "lookup"), want))
     return checks
 
 

@@ -99,6 +99,8 @@ class Plan:
     insert_rows: tuple[tuple[ValueRef, ...], ...] = ()
     has_limit: bool = False
     offset_depth: int = 0
+    scatter_refusal: str | None = None
+    """Why this statement cannot run on more than one target (raised only if it would)."""
     _rendered: dict[tuple[Any, ...], str] = field(default_factory=dict)
     """Rendered SQL per kind of target; bounded (IN subsets could vary without end)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -279,7 +281,7 @@ class Planner:
             for table in sharded:
                 if column.table and column.table not in (table.name, _alias_of(tree, table)):
                     continue
-                rule = table.keys.get(column.name)
+                rule = _key_of(table, column.name)
                 if rule is not None:
                     found.append(KeyCondition(rule, refs, in_path))
                     break
@@ -292,12 +294,16 @@ class Planner:
         tables, driving = self._tables(tree)
         conditions = self._conditions(tree, tables)
         plan = Plan(sql, "select", tables, driving, conditions, tree)
-        limit = tree.args.get("limit")
-        offset = tree.args.get("offset")
-        plan.has_limit = limit is not None
-        plan.offset_depth = _int_of(offset.expression) if offset is not None else 0
+        plan.has_limit = tree.args.get("limit") is not None
         if driving is not None:
-            plan.scatter_ast, plan.merge = _scatter(tree)
+            _refuse_unsafe_joins(tree, tables)
+            try:
+                # What cannot be merged is refused only when the statement fans out: routed
+                # to one target, COUNT(DISTINCT ...), windows or LIMIT :n are fine.
+                plan.scatter_ast, plan.merge = _scatter(tree)
+                plan.offset_depth = plan.merge.offset
+            except UnsupportedQueryError as exc:
+                plan.scatter_refusal = str(exc)
         return plan
 
     def _insert(self, sql: str, tree: exp.Insert) -> Plan:
@@ -316,7 +322,8 @@ class Planner:
                 f"INSERT INTO {driving.name} needs an explicit column list"
                 " (INSERT INTO t (a, b) VALUES ...) so the sharding key can be found"
             )
-        columns = tuple(c.name for c in schema.expressions)
+        # MySQL column names ignore case; topology column names are lowercase (config checks).
+        columns = tuple(c.name.lower() for c in schema.expressions)
         rule = next(
             (
                 driving.keys[c]
@@ -380,7 +387,7 @@ class Planner:
                 target = assignment.this
                 name = target.name if isinstance(target, exp.Column) else ""
                 for table in tables:
-                    rule = table.keys.get(name)
+                    rule = _key_of(table, name)
                     if rule is not None and rule.lookup_table is not None:
                         raise UnsupportedQueryError(
                             f"UPDATE changes lookup column {table.name}.{name}: its row in"
@@ -395,6 +402,13 @@ class Planner:
         conditions = self._conditions(tree, tables)
         plan = Plan(sql, kind, tables, driving, conditions, tree)
         plan.has_limit = tree.args.get("limit") is not None or tree.args.get("order") is not None
+        if kind == "delete" and plan.has_limit and driving is not None and _lookup_columns(driving):
+            # The lookup cleanup reads the doomed rows with the same WHERE: a LIMIT would make
+            # it clean up after rows that survive.
+            raise UnsupportedQueryError(
+                f"DELETE ... LIMIT/ORDER BY on {driving.name}, which owns lookup rows, is not"
+                " routed: delete by key (e.g. WHERE order_id = :o)"
+            )
         return plan
 
 
@@ -487,12 +501,92 @@ def _refuse_nested_in(tree: exp.Expression, topology: Topology) -> None:
             )
 
 
+def _refuse_unsafe_joins(tree: exp.Select, tables: Sequence[TableRule]) -> None:
+    """Joins run inside each shard (and split): only co-located rows can meet.
+
+    Two sharded tables (or one with itself) must be joined on the same sharding column on both
+    sides (user_id, or order_id whose gene carries the user's slot); a broadcast table must not
+    be the preserved side of an outer join with a sharded one, or each shard would add its own
+    unmatched copy.
+    """
+    rules = {t.name: t for t in tables}
+    aliases: dict[str, TableRule] = {}
+    for node in tree.find_all(exp.Table):
+        rule = rules.get(node.name)
+        if rule is not None:
+            aliases[str(node.alias_or_name)] = rule
+    first = tree.args.get("from_") or tree.args.get("from")
+    left_kinds = {
+        aliases[str(t.alias_or_name)].kind
+        for t in (first.find_all(exp.Table) if first is not None else [])
+        if str(t.alias_or_name) in aliases
+    }
+    for join in tree.args.get("joins") or []:
+        table = join.this
+        if not isinstance(table, exp.Table) or str(table.alias_or_name) not in aliases:
+            continue
+        rule = aliases[str(table.alias_or_name)]
+        side = (join.args.get("side") or "").upper()
+        if (
+            rule.kind == "sharded"
+            and "sharded" in left_kinds
+            and not _colocated(join.args.get("on"), aliases)
+        ):
+            raise UnsupportedQueryError(
+                f"join of {rule.name} on {_show(join.args.get('on'))}: rows of sharded"
+                " tables meet only inside one shard, so the join must equate the same"
+                " sharding column on both sides (e.g. ON o.order_id = i.order_id or"
+                " ON a.user_id = b.user_id)"
+            )
+        if side in ("LEFT", "RIGHT", "FULL") and {rule.kind} | left_kinds == {
+            "sharded",
+            "broadcast",
+        }:
+            preserved = left_kinds if side == "LEFT" else {rule.kind}
+            if "broadcast" in preserved or side == "FULL":
+                raise UnsupportedQueryError(
+                    f"{side} JOIN keeping the rows of a broadcast table with a sharded one:"
+                    " every shard would add its own unmatched copies; join the other way or"
+                    " query the broadcast table separately"
+                )
+        left_kinds.add(rule.kind)
+
+
+def _colocated(on: exp.Expression | None, aliases: Mapping[str, TableRule]) -> bool:
+    for eq in on.find_all(exp.EQ) if on is not None else []:
+        a, b = eq.this, eq.expression
+        if not (isinstance(a, exp.Column) and isinstance(b, exp.Column)):
+            continue
+        if a.name.lower() != b.name.lower():
+            continue
+        name = a.name.lower()
+        for col in (a, b):
+            rule = aliases.get(str(col.table))
+            key = _key_of(rule, name) if rule is not None else None
+            if key is not None and key.lookup_table is None:
+                return True
+    return False
+
+
+def _key_of(table: TableRule, column: str) -> KeyRule | None:
+    """The sharding key rule of ``column`` (MySQL column names ignore case)."""
+    rule = table.keys.get(column)
+    if rule is None:
+        lowered = column.lower()
+        rule = next((r for c, r in table.keys.items() if c.lower() == lowered), None)
+    return rule
+
+
+def _show(node: exp.Expression | None) -> str:
+    return repr(node.sql(dialect="mysql")) if node is not None else "(no condition)"
+
+
 def _refuse_key_change(node: exp.Expression | None, table: TableRule, where: str) -> None:
     if node is None:
         return
     for column in node.find_all(exp.Column):
         parent = column.parent
-        if isinstance(parent, exp.EQ) and parent.this is column and column.name in table.keys:
+        if isinstance(parent, exp.EQ) and parent.this is column and _key_of(table, column.name):
             raise UnsupportedQueryError(
                 f"{where} changes sharding column {table.name}.{column.name}; delete the row"
                 " and insert it again instead"
@@ -515,6 +609,23 @@ def _scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
                 "SELECT * with ORDER BY across shards: name the columns so the merge can"
                 " find the sort keys"
             )
+    for window in tree.find_all(exp.Window):
+        raise UnsupportedQueryError(
+            f"window function {window.sql(dialect='mysql')!r} across shards would number each"
+            " shard's rows on its own; route by a key"
+        )
+    for node in tree.find_all(exp.AggFunc):
+        name = type(node).__name__.upper()
+        if not isinstance(node, (*_AGGREGATES, exp.Avg)):
+            raise UnsupportedQueryError(
+                f"aggregate {name} cannot be merged across shards (only COUNT, SUM, MIN, MAX and"
+                " AVG can); route by a key"
+            )
+        if isinstance(node, exp.Sum | exp.Avg) and isinstance(node.this, exp.Distinct):
+            raise UnsupportedQueryError(
+                f"{name}(DISTINCT ...) across shards cannot be merged from partial sums;"
+                " route by a key"
+            )
     width = len(select_items)
     hidden: list[exp.Expression] = []
 
@@ -525,9 +636,12 @@ def _scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
             if not 0 <= pos < width:
                 raise UnsupportedQueryError(f"ORDER BY position {expr.this} is out of range")
             return pos
+        if isinstance(expr, exp.Column) and not expr.table:
+            # Aliases first, as MySQL resolves ORDER BY names: `a AS b, b AS a ORDER BY a`.
+            for i, item in enumerate(select_items):
+                if item.alias and item.alias.lower() == expr.name.lower():
+                    return i
         for i, item in enumerate(select_items):
-            if isinstance(expr, exp.Column) and not expr.table and item.alias == expr.name:
-                return i
             if item.unalias() == expr or (
                 isinstance(expr, exp.Column)
                 and isinstance(item.unalias(), exp.Column)
@@ -578,7 +692,12 @@ def _scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
         group_positions = tuple(position_of(g) for g in group.expressions)
     having_fn: Callable[[tuple[Any, ...]], bool] | None = None
     having = shard.args.get("having")
-    grouping = bool(group_positions or aggregates or averages)
+    grouping = bool(
+        group_positions
+        or aggregates
+        or averages
+        or (having is not None and any(True for _ in having.find_all(exp.AggFunc)))
+    )
     if having is not None and grouping:
         # Partial groups cannot be filtered: HAVING moves to the merge. Without grouping it
         # filters single rows like WHERE and stays on the shards (before their LIMIT).
@@ -609,7 +728,7 @@ def _scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
     offset = shard.args.get("offset")
     limit_n = _int_of(limit.expression) if limit is not None else None
     offset_n = _int_of(offset.expression) if offset is not None else 0
-    grouped = bool(group_positions or aggregates or averages)
+    grouped = grouping or bool(aggregates)
     if grouped:
         # Partial groups must all reach the merge: no LIMIT, ORDER or HAVING on the shards.
         shard.set("limit", None)

@@ -128,6 +128,13 @@ class Transaction:
         return self._router._execute(statement, params, self._runner)
 
     def _run(self, job: Job) -> JobResult:
+        bound = self.shard
+        if job.anywhere and bound is None:
+            # A broadcast read before anything else: answering it must not bind the
+            # transaction to a shard its writes may not need.
+            return self._router._run_job(job)
+        if job.anywhere and bound is not None and job.shard not in self._branches:
+            job = replace(job, shard=bound)  # a broadcast read: any shard will do
         conn = self._branches.get(job.shard)
         if conn is None:
             if self._branches and not self._xa:
@@ -158,8 +165,8 @@ class Transaction:
                     try:
                         xa.commit(branches, self._gtrid, coordinator)
                     except (DBAPIError, PoolTimeoutError) as exc:
-                        # Before the decision row nothing is committed: roll back what we can;
-                        # after it, `recover` finishes the commit on every branch.
+                        # Raised only before the decision row: nothing is committed, so roll
+                        # back what we can (xa.commit never raises after the decision).
                         xa.rollback(branches, self._gtrid)
                         raise classify(exc, next(iter(branches))) from exc
                 else:

@@ -14,6 +14,7 @@ into the XA statements (which take no bound parameters) is safe.
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import Iterable, Mapping
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine, text
 
 from .types import ShardId
+
+log = logging.getLogger("shardrouter.xa")
 
 DECISIONS = "shardrouter_xa_decisions"
 _XID = re.compile(r"^sr-([0-9a-f]{32})-([A-Za-z0-9_-]{1,64})$")
@@ -60,9 +63,27 @@ def commit(branches: Mapping[ShardId, Connection], gtrid: str, coordinator: Engi
         conn.exec_driver_sql(f"XA END '{xid(gtrid, shard)}'")
         conn.exec_driver_sql(f"XA PREPARE '{xid(gtrid, shard)}'")
     record_decision(coordinator, gtrid)
+    # From here on the transaction IS committed: the decision row is durable. A branch or the
+    # coordinator failing now must not be reported as a failed commit (the caller would retry
+    # and write twice); recover() finishes what is left.
+    pending = False
     for shard, conn in branches.items():
-        conn.exec_driver_sql(f"XA COMMIT '{xid(gtrid, shard)}'")
-    forget_decision(coordinator, gtrid)
+        try:
+            conn.exec_driver_sql(f"XA COMMIT '{xid(gtrid, shard)}'")
+        except Exception as exc:
+            pending = True
+            log.warning(
+                "xa %s: branch %s not committed yet (%s); run recover_xa()",
+                gtrid,
+                shard,
+                type(exc).__name__,
+            )
+    if pending:
+        return
+    try:
+        forget_decision(coordinator, gtrid)
+    except Exception as exc:
+        log.warning("xa %s: committed; decision row not removed (%s)", gtrid, type(exc).__name__)
 
 
 def rollback(branches: Mapping[ShardId, Connection], gtrid: str) -> None:

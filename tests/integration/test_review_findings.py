@@ -163,9 +163,6 @@ def _spread(world: World, n_users: int = 4) -> list[int]:
 # -- 1. aggregates the merge does not know are passed through as plain columns ----------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: GROUP_CONCAT/STDDEV/... not refused: one row per shard"
-)
 @pytest.mark.parametrize(
     "sql",
     [
@@ -179,7 +176,6 @@ def test_unknown_aggregate_is_refused_or_merged(world: World, sql: str) -> None:
     world.agree(sql)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SUM/AVG(DISTINCT) partials are added across shards")
 @pytest.mark.parametrize(
     "sql",
     [
@@ -192,7 +188,6 @@ def test_sum_distinct_across_shards(world: World, sql: str) -> None:
     world.agree(sql)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: window functions run per shard, not refused")
 def test_window_function_across_shards(world: World) -> None:
     _spread(world)
     world.agree(
@@ -200,7 +195,6 @@ def test_window_function_across_shards(world: World) -> None:
     )
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: aggregate only in HAVING, no GROUP BY: kept per shard")
 def test_having_aggregate_without_group(world: World) -> None:
     _spread(world)
     sql = "SELECT status FROM orders HAVING MAX(amount_cents) > 5"
@@ -214,7 +208,6 @@ def test_having_aggregate_without_group(world: World) -> None:
 # -- 2. joins the bound-group check lets through -----------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: self-join of a sharded table on a non-key column")
 def test_self_join_on_non_key_column(world: World) -> None:
     users = _spread(world)
     world.agree(
@@ -226,7 +219,6 @@ def test_self_join_on_non_key_column(world: World) -> None:
     )
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: broadcast LEFT JOIN sharded repeats rows per shard")
 def test_broadcast_left_join_sharded(world: World) -> None:
     _spread(world)
     rows = {"c": "DE", "n": "Germany"}
@@ -273,20 +265,17 @@ def test_email_lookup_is_case_insensitive_like_the_column(world: World) -> None:
     world.agree("SELECT user_id FROM users WHERE email = :e", {"e": "ada@example.com"})
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: ORDER BY name resolved to a column, MariaDB uses the alias"
-)
 def test_order_by_alias_shadowing_a_column(world: World) -> None:
     _spread(world)
     world.agree(
-        "SELECT user_id AS amount_cents, amount_cents AS user_id FROM orders ORDER BY user_id"
+        "SELECT user_id AS amount_cents, amount_cents AS user_id FROM orders"
+        " ORDER BY user_id, amount_cents"  # both aliases: a total order on (col 1, col 0)
     )
 
 
 # -- 4. writes: too many rows, lost lookups, half-applied, wrong shard -------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: DELETE ... LIMIT n runs LIMIT n on every target")
 def test_delete_limit_over_in_list_deletes_at_most_limit(world: World) -> None:
     a, b = world.users_on_distinct_shards(2)
     world.add_order(a, 1)
@@ -300,7 +289,6 @@ def test_delete_limit_over_in_list_deletes_at_most_limit(world: World) -> None:
     assert res.rowcount == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: DELETE ... LIMIT cleans up lookup rows of survivors")
 def test_delete_limit_keeps_lookup_rows_of_surviving_orders(world: World) -> None:
     (u,) = world.users_on_distinct_shards(1)
     world.add_order(u, merchant=42)
@@ -317,7 +305,6 @@ def test_delete_limit_keeps_lookup_rows_of_surviving_orders(world: World) -> Non
     assert via_lookup.scalars() == survivors.scalars()  # the survivor is still found by merchant
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: UPDATE SET USER_ID (other case) not refused")
 def test_update_of_sharding_column_in_upper_case_is_refused(world: World) -> None:
     (u,) = world.users_on_distinct_shards(1)
     order_id = world.add_order(u, 1)
@@ -332,9 +319,6 @@ def test_update_of_sharding_column_in_upper_case_is_refused(world: World) -> Non
         )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: INSERT (MERCHANT_ID) in other case skips the lookup row"
-)
 def test_insert_with_upper_case_lookup_column_writes_lookup_row(world: World) -> None:
     (u,) = world.users_on_distinct_shards(1)
     order_id = world.ids.next_id(user_id=u)
@@ -365,9 +349,6 @@ def test_multi_row_insert_is_all_or_nothing(world: World) -> None:
 # -- 5. transactions and lookup maintenance -----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: a broadcast read binds the transaction to the first shard"
-)
 def test_broadcast_read_inside_a_transaction_does_not_bind_it(world: World) -> None:
     users = world.users_on_distinct_shards(4)
     first = next(iter(world.topology.shards))
@@ -438,9 +419,6 @@ def lagging_router(world: World, shard_databases: Path) -> Iterator[Router]:
             server.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: DELETE routed by a lookup reads the lookup on a replica"
-)
 def test_write_routed_by_lookup_reads_the_primary(world: World, lagging_router: Router) -> None:
     (u,) = world.users_on_distinct_shards(1)
     world.add_order(u, merchant=55)
@@ -448,9 +426,6 @@ def test_write_routed_by_lookup_reads_the_primary(world: World, lagging_router: 
     assert res.rowcount == 1
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: unique lookup check reads a replica: duplicate accepted"
-)
 def test_unique_lookup_check_reads_the_primary(world: World, lagging_router: Router) -> None:
     sql = "INSERT INTO users (user_id, email) VALUES (:u, :e)"
     lagging_router.execute(sql, {"u": 1, "e": "grace@example.com"})
@@ -461,7 +436,6 @@ def test_unique_lookup_check_reads_the_primary(world: World, lagging_router: Rou
 # -- 7. XA: an error after the commit decision is reported as a failed transaction -------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: XA commit raises after every branch committed")
 def test_xa_error_after_decision_does_not_report_a_committed_transaction(
     world: World, shard_databases: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -487,6 +461,11 @@ def test_xa_error_after_decision_does_not_report_a_committed_transaction(
             "SELECT COUNT(*) FROM order_items WHERE user_id IN (:a, :b)", {"a": a, "b": b}
         ).scalar()
         assert n == 0, "the transaction raised, yet both branches are committed"
+    else:
+        n = world.router.execute(
+            "SELECT COUNT(*) FROM order_items WHERE user_id IN (:a, :b)", {"a": a, "b": b}
+        ).scalar()
+        assert n == 2, "reported committed, so both branches must be"
     finally:
         monkeypatch.undo()
         router.recover_xa()
