@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
 from .engines import classify, make_async_engine
-from .errors import CrossShardTransactionError, RoutingError
+from .errors import CrossShardTransactionError, RoutingError, ShardUnavailableError
 from .execution import Job, JobResult, Limits, Page, ResultSet, Step, keyset_query, page_of, run
 from .planner import Planner
 from .router import _explicit_key_rules, _sql_and_params, route_key
@@ -262,6 +262,19 @@ class AsyncRouter:
             raise classify(exc, job.shard, str(stmt)) from exc
 
     async def _run_job(self, job: Job) -> JobResult:
+        # The async drivers have no read timeout: bound the wait here, so a shard that stops
+        # answering fails like it does for the sync router.
+        timeout = self.topology.shards[job.shard].pool.query_timeout_s
+        try:
+            return await asyncio.wait_for(self._run_job_unbounded(job), timeout)
+        except TimeoutError:
+            raise ShardUnavailableError(
+                f"shard {job.shard} is unavailable (no answer within query_timeout_s="
+                f"{timeout:g}); other shards keep serving",
+                shard=job.shard,
+            ) from None
+
+    async def _run_job_unbounded(self, job: Job) -> JobResult:
         engine = self._engine(job.shard)
         try:
             if job.kind == "read":

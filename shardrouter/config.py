@@ -49,6 +49,9 @@ class PoolConfig(_Model):
     recycle_s: Annotated[int, Field(ge=-1)] = 3600
     pre_ping: bool = True
     connect_timeout_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+    query_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
+    """How long one statement may wait for the shard's answer before ShardUnavailableError:
+    a shard that accepts connections but stops answering fails within it."""
 
 
 class ShardConfig(_Model):

@@ -64,8 +64,9 @@ def engine_options(url: URL, pool: PoolConfig) -> dict[str, Any]:
     timeout = int(max(1, round(pool.connect_timeout_s)))
     connect_args: dict[str, Any] = {"connect_timeout": timeout}
     if url.get_driver_name() in _RW_TIMEOUT_DRIVERS:
-        connect_args["read_timeout"] = max(timeout, 30)
-        connect_args["write_timeout"] = max(timeout, 30)
+        io_timeout = int(max(1, round(pool.query_timeout_s)))
+        connect_args["read_timeout"] = io_timeout
+        connect_args["write_timeout"] = io_timeout
     return {
         "pool_size": pool.size,
         "max_overflow": pool.max_overflow,

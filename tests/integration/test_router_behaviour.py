@@ -360,7 +360,7 @@ def two_shards(scratch_dir, scratch_port) -> Iterator[tuple[sb.Sandbox, Router]]
                 s.name: {
                     "primary": s.url,
                     "slots": [[i * 512, (i + 1) * 512]],
-                    "pool": {"connect_timeout_s": 2, "timeout_s": 3},
+                    "pool": {"connect_timeout_s": 2, "timeout_s": 3, "query_timeout_s": 2},
                 }
                 for i, s in enumerate(box.shards)
             },
@@ -730,3 +730,37 @@ def test_insert_refuses_an_order_id_from_another_users_slot(router: Router, ids:
         ).scalar()
         == 0
     )
+
+
+def test_hung_shard_fails_within_the_query_timeout(two_shards: tuple[Any, Router]) -> None:
+    """A shard that accepts connections but stops answering (SIGSTOP) fails within
+    query_timeout_s, sync and async, while the other shard keeps serving."""
+    import os
+    import signal
+
+    box, router = two_shards
+    topology = router.topology
+    hung_user = next(u for u in range(1, 1000) if topology.shard_for("orders", u) == "s1")
+    live_user = next(u for u in range(1, 1000) if topology.shard_for("orders", u) == "s0")
+    q = "SELECT COUNT(*) FROM orders WHERE user_id = :u"
+    router.execute(q, {"u": hung_user})  # a pooled connection exists: the hang is mid-query
+    pid = box.shard("s1").pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ShardUnavailableError) as err:
+            router.execute(q, {"u": hung_user})
+        assert err.value.shard == "s1" and time.monotonic() - started < 8
+        assert router.execute(q, {"u": live_user}).scalar() == 0
+
+        async def run() -> Any:
+            async with AsyncRouter(topology) as aio:
+                assert (await aio.execute(q, {"u": live_user})).scalar() == 0
+                with pytest.raises(ShardUnavailableError) as aerr:
+                    await aio.execute(q, {"u": hung_user})
+                return aerr.value.shard
+
+        started = time.monotonic()
+        assert asyncio.run(run()) == "s1" and time.monotonic() - started < 8
+    finally:
+        os.kill(pid, signal.SIGCONT)
