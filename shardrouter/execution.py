@@ -28,6 +28,7 @@ from .errors import (
 from .merge import merge
 from .planner import KeyCondition, Plan, Target
 from .strategies import LookupStrategy
+from .strategies.hash import fold
 from .topology import KeyRule, TableRule, Topology
 from .types import ShardId, Slot
 
@@ -359,8 +360,11 @@ def _insert(topology: Topology, plan: Plan, params: Mapping[str, Any]) -> Step:
         if check_jobs:
             results = yield [job for job, _ in check_jobs]
             for (_, expected), result in zip(check_jobs, results, strict=True):
+                # The column may compare without case: match what it returned loosely too.
+                loose = {_loose(k): v for k, v in expected.items()}
                 for from_value, owner in result.rows:
-                    if expected.get(from_value, owner) != owner:
+                    want = expected.get(from_value, loose.get(_loose(from_value), owner))
+                    if want != owner:
                         raise ExecutionError(
                             f"{table.name}: {from_value!r} already belongs to another owner"
                             f" ({owner!r}) in its lookup table; nothing was inserted"
@@ -446,6 +450,10 @@ def _unique_lookup_checks(
             # "write": the uniqueness check must read the primary, not a lagging replica.
             checks.append((Job(shard, query.statement, {}, "write", "lookup"), want))
     return checks
+
+
+def _loose(value: Any) -> Any:
+    return fold(value) if isinstance(value, str) else value
 
 
 def table_clause(name: str, columns: Sequence[str]) -> Any:

@@ -15,7 +15,20 @@ _UINT_MAX = 2**64 - 1
 
 
 class HashParams(StrategyParams):
-    """``hash`` takes no parameters."""
+    """``fold_case``: for string columns with a case-insensitive collation (MySQL's default
+    ``utf8mb4_general_ci``): hash the value lowercased and without trailing spaces, so
+    ``'Ada@Example.com'`` and ``'ada@example.com'``, which the column holds as one value, route
+    to one shard. Off by default: then keyspace ids equal Vitess's ``xxhash`` vindex exactly."""
+
+    fold_case: bool = False
+
+
+def fold(value: str) -> str:
+    """The form of a string that a case-insensitive, PAD SPACE collation compares equal.
+
+    Accents are not folded (general_ci equates some accented letters; this does not).
+    """
+    return value.rstrip(" ").lower()
 
 
 def canonical_bytes(value: Any) -> bytes:
@@ -60,14 +73,21 @@ class HashStrategy:
     needs_io: ClassVar[bool] = False
     key_types: ClassVar[frozenset[KeyType]] = frozenset(KeyType)
 
-    __slots__ = ("_shift",)
+    __slots__ = ("_fold", "_shift")
 
     def __init__(self, params: HashParams, context: StrategyContext) -> None:
+        if params.fold_case and context.key_type is not KeyType.STR:
+            raise ValueError(
+                f"fold_case applies to str columns, not {context.key_type.value} (remove it)"
+            )
+        self._fold = params.fold_case
         # slot_bits <= 16 (config caps slots at 2**16), so the slot lies in the keyspace id's
         # first two bytes, which are the two low bytes of the integer digest, swapped.
         self._shift = 16 - context.slot_bits
 
     def keyspace_id(self, value: Any) -> KeyspaceId:
+        if self._fold and isinstance(value, str):
+            value = fold(value)
         return KeyspaceId(int.from_bytes(xxh64_digest(canonical_bytes(value)), "little"))
 
     def slot(self, value: Any) -> Slot:
@@ -77,6 +97,8 @@ class HashStrategy:
         if type(value) is int and -0x8000000000000000 <= value <= 0xFFFFFFFFFFFFFFFF:
             h = xxh64_intdigest(b"%d" % value)
         else:
+            if self._fold and isinstance(value, str):
+                value = fold(value)
             h = xxh64_intdigest(canonical_bytes(value))
         # Slot() is a NewType call (~45 ns): the hot path returns the int itself.
         return (((h & 0xFF) << 8) | ((h >> 8) & 0xFF)) >> self._shift  # type: ignore[return-value]

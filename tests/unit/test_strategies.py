@@ -450,3 +450,31 @@ def test_strategy_declarations(
     assert isinstance(built, FunctionalStrategy) is functional
     # A strategy that needs I/O is never functional; a functional one never needs I/O.
     assert built.needs_io is not functional
+
+
+def test_fold_case_routes_case_variants_together_and_only_for_str() -> None:
+    from shardrouter.config import config_from_dict
+    from shardrouter.errors import ConfigError
+    from shardrouter.topology import Topology
+
+    def topo(strategy: object, key_type: str = "str") -> Topology:
+        return Topology(
+            config_from_dict(
+                {
+                    "shards": {
+                        "s0": {"primary": "sqlite:///a.db", "slots": [[0, 512]]},
+                        "s1": {"primary": "sqlite:///b.db", "slots": [[512, 1024]]},
+                    },
+                    "tables": {"t": {"column": "k", "type": key_type, "strategy": strategy}},
+                }
+            )
+        )
+
+    folded = topo({"name": "hash", "fold_case": True})
+    plain = topo("hash")
+    variants = ["Ada@Example.com", "ada@example.com", "ADA@EXAMPLE.COM  "]
+    assert len({folded.slot_for("t", v) for v in variants}) == 1
+    assert folded.slot_for("t", "ada@example.com") == plain.slot_for("t", "ada@example.com")
+    assert len({plain.slot_for("t", v) for v in variants}) > 1  # Vitess-exact without folding
+    with pytest.raises(ConfigError, match="fold_case applies to str columns"):
+        topo({"name": "hash", "fold_case": True}, "int")
