@@ -373,7 +373,7 @@ EXACT_CASES = [
     ),
     pytest.param(
         put("tables.merchant_orders.strategy", {"name": "hash", "seed": 3}),
-        "tables.merchant_orders.strategy.seed: unknown parameter of hash (known: none)",
+        "tables.merchant_orders.strategy.seed: unknown parameter of hash (known: fold_case)",
         id="unknown-strategy-parameter",
     ),
     pytest.param(
