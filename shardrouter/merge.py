@@ -116,6 +116,10 @@ class MergePlan:
     distinct: bool = False
     limit: int | None = None
     offset: int = 0
+    case_insensitive: bool = True
+    """Compare strings as MySQL's default collations do (utf8mb4_general_ci: case ignored,
+    trailing spaces ignored) when ordering, grouping, deduplicating and taking MIN/MAX; the
+    values returned are the shards' own. Off: code-point order (binary collations)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -222,7 +226,7 @@ def _streamed(plan: MergePlan, inputs: list[Iterator[Sequence[Any]]]) -> Iterato
     rows: Iterator[Sequence[Any]]
     if plan.order_by:
         # heapq.merge breaks ties by input order, so equal keys keep shard order (stable).
-        rows = heapq.merge(*inputs, key=sort_key(plan.order_by))
+        rows = heapq.merge(*inputs, key=sort_key(plan.order_by, _collation(plan)))
     else:
         rows = itertools.chain.from_iterable(inputs)
     if plan.having is not None:
@@ -230,15 +234,30 @@ def _streamed(plan: MergePlan, inputs: list[Iterator[Sequence[Any]]]) -> Iterato
         having = plan.having
         rows = (row for row in rows if having(tuple(row)))
     if plan.distinct:
-        rows = _distinct(rows, plan.width)
+        rows = _distinct(rows, plan.width, _collation(plan))
     return rows
 
 
-def _distinct(rows: Iterable[_Row], width: int) -> Iterator[_Row]:
+def _collation(plan: MergePlan) -> Callable[[Any], Any]:
+    return _fold if plan.case_insensitive else _same
+
+
+def _fold(value: Any) -> Any:
+    """The comparison form of a value under a case-insensitive, PAD SPACE collation."""
+    return value.rstrip(" ").lower() if isinstance(value, str) else value
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _distinct(
+    rows: Iterable[_Row], width: int, collate: Callable[[Any], Any] = _same
+) -> Iterator[_Row]:
     """First occurrence of each distinct visible row, in input order, lazily."""
     seen: set[tuple[Any, ...]] = set()
     for row in rows:
-        visible = tuple(row[:width])
+        visible = tuple(collate(v) for v in row[:width])
         if visible not in seen:
             seen.add(visible)
             yield row
@@ -248,12 +267,13 @@ def _grouped(
     plan: MergePlan, inputs: list[Iterator[Sequence[Any]]], need: int
 ) -> Iterator[tuple[Any, ...]]:
     """Combine partial groups from every shard, then AVG, HAVING, DISTINCT and ORDER BY."""
-    combiners = {index: _COMBINE[func] for index, func in _partials(plan)}
+    collate = _collation(plan)
+    combiners = {index: _combiner(func, collate) for index, func in _partials(plan)}
     keys = plan.group_by
     groups: dict[tuple[Any, ...], list[Any]] = {}
     for row in itertools.chain.from_iterable(inputs):
         # Python's None == None puts every NULL key in one group, as SQL's GROUP BY does.
-        key = tuple(row[i] for i in keys)
+        key = tuple(collate(row[i]) for i in keys)
         state = groups.get(key)
         if state is None:
             groups[key] = list(row)
@@ -272,9 +292,9 @@ def _grouped(
         having = plan.having
         merged = (row for row in merged if having(row))
     if plan.distinct:
-        merged = _distinct(merged, plan.width)
+        merged = _distinct(merged, plan.width, collate)
     if plan.order_by:
-        merged = sorted(merged, key=sort_key(plan.order_by))
+        merged = sorted(merged, key=sort_key(plan.order_by, _collation(plan)))
     yield from merged
 
 
@@ -299,14 +319,22 @@ def _add(total: Any, partial: Any) -> Any:
     return total + partial
 
 
-def _least(best: Any, partial: Any) -> Any:
-    if best is None or (partial is not None and partial < best):
+def _combiner(func: str, collate: Callable[[Any], Any]) -> Callable[[Any, Any], Any]:
+    if func == "min":
+        return lambda best, partial: _least(best, partial, collate)
+    if func == "max":
+        return lambda best, partial: _greatest(best, partial, collate)
+    return _COMBINE[func]
+
+
+def _least(best: Any, partial: Any, collate: Callable[[Any], Any] = _same) -> Any:
+    if best is None or (partial is not None and collate(partial) < collate(best)):
         return partial
     return best
 
 
-def _greatest(best: Any, partial: Any) -> Any:
-    if best is None or (partial is not None and partial > best):
+def _greatest(best: Any, partial: Any, collate: Callable[[Any], Any] = _same) -> Any:
+    if best is None or (partial is not None and collate(partial) > collate(best)):
         return partial
     return best
 
@@ -363,7 +391,9 @@ class _Descending:
     __hash__ = None  # type: ignore[assignment]
 
 
-def sort_key(order_by: Sequence[SortKey]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+def sort_key(
+    order_by: Sequence[SortKey], collate: Callable[[Any], Any] = _same
+) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
     """A key function ordering rows as MySQL's ORDER BY does, NULLs included.
 
     Each term contributes a flag and a value: ascending puts NULL (flag 0) before values
@@ -375,7 +405,7 @@ def sort_key(order_by: Sequence[SortKey]) -> Callable[[Sequence[Any]], tuple[Any
     def key(row: Sequence[Any]) -> tuple[Any, ...]:
         parts: list[Any] = []
         for index, descending in terms:
-            value = row[index]
+            value = collate(row[index])
             if value is None:
                 parts += (1, None) if descending else (0, None)
             elif descending:
