@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, delete, select
+from sqlalchemy import and_, delete, select, text
+from sqlalchemy.exc import DBAPIError
 
 from .execution import table_clause
 from .router import Router
@@ -95,24 +96,59 @@ def check_lookups(router: Router, *, fix: bool = False, grace_s: float = 2.0) ->
         if fix and report.orphans:
             time.sleep(grace_s)
             still = set(report.orphans) - _scan(router, owner, owner_columns)
-            report.removed = _remove(router, lookup, strategy, sorted(still, key=repr))
+            report.removed = _remove(router, owner, lookup, strategy, sorted(still, key=repr))
         reports.append(report)
     return reports
 
 
 def _remove(
-    router: Router, lookup: TableRule, strategy: LookupStrategy, orphans: list[tuple[Any, ...]]
+    router: Router,
+    owner: TableRule,
+    lookup: TableRule,
+    strategy: LookupStrategy,
+    orphans: list[tuple[Any, ...]],
 ) -> int:
-    """Delete orphan rows where they live, matching every column (bound parameters)."""
+    """Delete orphan rows where they live, matching every column (bound parameters).
+
+    Each orphan's owner is read once more with a locking read first: an insert of the owner
+    that is still uncommitted holds that row's lock, so the read waits for it (up to a second)
+    instead of missing it. A lookup row whose owner exists, or is locked, is kept.
+    """
     topology = router.topology
+    assert owner.primary is not None
     removed = 0
     for orphan in orphans:
+        if _owner_present(router, owner, strategy, orphan):
+            continue
         slot = topology.slot_for(lookup.name, orphan[0])
         target = table_clause(lookup.physical(slot), strategy.row_columns)
         conditions = [target.c[c] == v for c, v in zip(strategy.row_columns, orphan, strict=True)]
         with router.engines.primary(topology.shard_of_slot(slot)).begin() as conn:
             removed += conn.execute(delete(target).where(and_(*conditions))).rowcount
     return removed
+
+
+def _owner_present(
+    router: Router, owner: TableRule, strategy: LookupStrategy, orphan: tuple[Any, ...]
+) -> bool:
+    assert owner.primary is not None
+    slot = owner.primary.slot(orphan[1])  # the lookup row's `to` is the owner's primary key
+    column, value = (
+        (strategy.key_column, orphan[2]) if strategy.key_column else (strategy.to_column, orphan[1])
+    )
+    target = table_clause(owner.physical(slot), (column,))
+    query = select(target.c[column]).where(target.c[column] == value)
+    engine = router.engines.primary(router.topology.shard_of_slot(slot))
+    with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            return conn.execute(query).first() is not None
+        conn.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
+        try:
+            return conn.execute(query.with_for_update()).first() is not None
+        except DBAPIError as exc:
+            if getattr(exc.orig, "args", (None,))[0] == 1205:  # lock wait timeout: in flight
+                return True
+            raise
 
 
 __all__ = ["LookupReport", "check_lookups"]

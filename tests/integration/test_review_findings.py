@@ -380,9 +380,6 @@ def test_broadcast_read_inside_a_transaction_does_not_bind_it(world: World) -> N
             pytest.fail("broadcast read pinned the transaction to the first shard")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: check_lookups(fix) deletes lookup rows of open transactions"
-)
 def test_check_lookups_fix_spares_inserts_in_open_transactions(world: World) -> None:
     from shardrouter.lookups import check_lookups
 
