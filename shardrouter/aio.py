@@ -223,6 +223,8 @@ class AsyncRouter:
     async def _gather(self, jobs: Sequence[Job]) -> list[JobResult]:
         if len(jobs) == 1:
             return [await self._run_job(jobs[0])]
+        if all(j.kind == "write" and j.role == "statement" for j in jobs):
+            return await self._write_together(jobs)
         limit = asyncio.Semaphore(self.max_concurrency)
 
         async def bounded(job: Job) -> JobResult:
@@ -234,6 +236,32 @@ class AsyncRouter:
         for r in results:
             if isinstance(r, BaseException):
                 raise r
+        return [r for r in results if isinstance(r, JobResult)]
+
+    async def _write_together(self, jobs: Sequence[Job]) -> list[JobResult]:
+        """Every shard's part in its own open transaction; all commit or all roll back
+        (see Router._write_together)."""
+        conns: list[AsyncConnection] = []
+
+        async def part(job: Job) -> JobResult:
+            try:
+                conn = await self._engine(job.shard).connect()
+            except (DBAPIError, PoolTimeoutError, OSError) as exc:
+                raise classify(exc, job.shard) from exc
+            conns.append(conn)
+            await conn.begin()
+            return await self._execute_on(conn, job)
+
+        results = await asyncio.gather(*(part(j) for j in jobs), return_exceptions=True)
+        error = next((r for r in results if isinstance(r, BaseException)), None)
+        try:
+            for conn in conns:
+                await (conn.commit() if error is None else conn.rollback())
+        finally:
+            for conn in conns:
+                await conn.close()
+        if error is not None:
+            raise error
         return [r for r in results if isinstance(r, JobResult)]
 
     def _text(self, sql: str) -> TextClause:

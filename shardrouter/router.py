@@ -93,6 +93,8 @@ class _Runner:
             self.wrote = True
         if len(jobs) == 1:
             return [self.router._run_job(jobs[0], replica)]
+        if all(j.kind == "write" and j.role == "statement" for j in jobs):
+            return self.router._write_together(jobs)
         return self.router._fan_out(jobs, replica)
 
 
@@ -386,6 +388,43 @@ class Router:
                 return self._execute_on(conn, job)
         except (DBAPIError, PoolTimeoutError) as exc:
             raise classify(exc, job.shard) from exc
+
+    def _write_together(self, jobs: Sequence[Job]) -> list[JobResult]:
+        """One write on several shards: every shard's part runs in its own open transaction,
+        and all commit only if every part succeeded, else all roll back. An error on one shard
+        (a duplicate key, a dead shard) leaves no part applied; only a crash between the
+        commits could, which Router(xa=True) transactions close."""
+        conns: dict[int, Connection] = {}
+
+        def part(index: int, job: Job) -> JobResult:
+            try:
+                conn = self.engines.primary(job.shard).connect()
+            except (DBAPIError, PoolTimeoutError) as exc:
+                raise classify(exc, job.shard) from exc
+            conns[index] = conn
+            conn.begin()
+            return self._execute_on(conn, job)
+
+        futures = [self._pool.submit(part, i, j) for i, j in enumerate(jobs)]
+        results: list[JobResult] = []
+        first_error: BaseException | None = None
+        for future in futures:
+            try:
+                results.append(future.result())
+            except BaseException as exc:
+                first_error = first_error or exc
+        try:
+            for conn in conns.values():
+                if first_error is None:
+                    conn.commit()
+                else:
+                    conn.rollback()
+        finally:
+            for conn in conns.values():
+                conn.close()
+        if first_error is not None:
+            raise first_error
+        return results
 
     def _fan_out(self, jobs: Sequence[Job], replica: bool = False) -> list[JobResult]:
         futures: list[Future[JobResult]] = [

@@ -346,9 +346,6 @@ def test_insert_with_upper_case_lookup_column_writes_lookup_row(world: World) ->
     assert found.scalars() == [order_id]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: multi-row INSERT across shards is half-applied on error"
-)
 def test_multi_row_insert_is_all_or_nothing(world: World) -> None:
     a, b = world.users_on_distinct_shards(2)
     taken = world.add_order(b, 1)

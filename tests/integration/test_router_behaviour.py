@@ -764,3 +764,25 @@ def test_hung_shard_fails_within_the_query_timeout(two_shards: tuple[Any, Router
         assert asyncio.run(run()) == "s1" and time.monotonic() - started < 8
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_async_multi_shard_insert_is_all_or_nothing(router: Router, ids: Any) -> None:
+    a, b = _two_users_on_two_shards(router, 9980)
+    taken = ids.next_id(user_id=b)
+    _insert_order(router, taken, b, 75)
+    fresh = ids.next_id(user_id=a)
+    sql = (
+        "INSERT INTO orders (order_id, user_id, merchant_id, amount_cents)"
+        " VALUES (:o1, :a, 76, 1), (:o2, :b, 76, 1)"
+    )
+
+    async def run() -> None:
+        async with AsyncRouter(router.topology) as aio:
+            await aio.execute(sql, {"o1": fresh, "a": a, "o2": taken, "b": b})
+
+    with pytest.raises(ExecutionError):
+        asyncio.run(run())
+    assert (
+        router.execute("SELECT COUNT(*) FROM orders WHERE order_id = :o", {"o": fresh}).scalar()
+        == 0
+    )
