@@ -280,12 +280,7 @@ class AsyncRouter:
             return JobResult((), [], sum(p.rowcount for p in parts), tuple(parts))
         stmt = self._text(job.statement) if isinstance(job.statement, str) else job.statement
         try:
-            result = await conn.execute(stmt, job.params)
-            if result.returns_rows:
-                # all() fetches in one call; iterating the Result row by row costs more.
-                rows = [tuple(r) for r in result.all()]
-                return JobResult(tuple(result.keys()), rows, len(rows))
-            return JobResult((), [], result.rowcount)
+            return JobResult.of(await conn.execute(stmt, job.params))
         except (DBAPIError, PoolTimeoutError) as exc:
             raise classify(exc, job.shard, str(stmt)) from exc
 

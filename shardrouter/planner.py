@@ -92,11 +92,11 @@ class Plan:
     ast: exp.Expression
     scatter_ast: exp.Expression | None = None
     merge: MergePlan | None = None
-    insert_refs: tuple[ValueRef, ...] = ()
-    """INSERT: per VALUES row, where its routing key comes from."""
     insert_rule: KeyRule | None = None
+    """INSERT: the key that routes each VALUES row."""
     insert_columns: tuple[str, ...] = ()
     insert_rows: tuple[tuple[ValueRef, ...], ...] = ()
+    """INSERT: per VALUES row, where each column's value comes from."""
     has_limit: bool = False
     offset_depth: int = 0
     scatter_refusal: str | None = None
@@ -104,10 +104,6 @@ class Plan:
     _rendered: dict[tuple[Any, ...], str] = field(default_factory=dict)
     """Rendered SQL per kind of target; bounded (IN subsets could vary without end)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def broadcast_only(self) -> bool:
-        return self.sharded is None
 
     @cached_property
     def routing_condition(self) -> KeyCondition | None:
@@ -348,7 +344,6 @@ class Planner:
             raise UnsupportedQueryError(
                 f"INSERT INTO {driving.name} has no sharding key column (give one of: {keys})"
             )
-        position = columns.index(rule.column)
         # Key columns (the routing key and every lookup's columns) must be parameters or
         # literals: their values decide where rows go. Other columns may be any expression
         # (NOW(3), COALESCE(...)): they are sent to the shard as written.
@@ -376,7 +371,6 @@ class Planner:
         plan.insert_rule = rule
         plan.insert_columns = columns
         plan.insert_rows = tuple(rows)
-        plan.insert_refs = tuple(r[position] for r in rows)
         return plan
 
     def _write(self, sql: str, tree: exp.Expression, kind: Kind) -> Plan:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -11,6 +13,8 @@ from ..bench import run_bench
 from ..demo import run_demo
 from ..topology import Topology
 from ._common import REPO_CONFIG, emit_json, handle_errors
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _default_config(name: str) -> Path:
@@ -22,14 +26,19 @@ def _default_config(name: str) -> Path:
     return path
 
 
+def _config_defaulting_to(name: str, what: str) -> Callable[[F], F]:
+    """``--config``, optional: commands that need no server fall back to config/<name>."""
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=f"{what} (default: config/{name}).",
+    )
+
+
 @click.command("demo")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Topology on SQLite (default: config/orders-sqlite.yaml).",
-)
+@_config_defaulting_to("orders-sqlite.yaml", "Topology on SQLite")
 @click.option(
     "--dir",
     "directory",
@@ -46,13 +55,7 @@ def demo(config_path: Path | None, directory: Path | None) -> None:
 
 
 @click.command("bench")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Topology (default: config/orders.yaml; no server is used).",
-)
+@_config_defaulting_to("orders.yaml", "Topology; no server is used")
 @click.option("-n", "--ops", default=200_000, show_default=True, type=click.IntRange(1000))
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1, 20))
 @handle_errors
