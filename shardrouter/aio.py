@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError
@@ -15,10 +15,23 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
+from . import readpool
 from .engines import classify, make_async_engine
 from .errors import CrossShardTransactionError, RoutingError, ShardUnavailableError
-from .execution import Job, JobResult, Limits, Page, ResultSet, Step, keyset_query, page_of, run
+from .execution import (
+    Job,
+    JobResult,
+    Limits,
+    Page,
+    ResultSet,
+    Step,
+    keyset_query,
+    log_statement,
+    page_of,
+    run,
+)
 from .planner import Planner
+from .readpool import AsyncReadPool
 from .router import _explicit_key_rules, _sql_and_params, route_key
 from .topology import Topology
 from .types import ShardId, Slot
@@ -128,6 +141,7 @@ class AsyncRouter:
         }
         self._texts: dict[str, TextClause] = {}
         self._key_rules = _explicit_key_rules(topology)
+        self._lean: dict[ShardId, AsyncReadPool | Literal[False]] = {}
 
     @classmethod
     def load(cls, path: str | Path, **options: Any) -> AsyncRouter:
@@ -140,6 +154,9 @@ class AsyncRouter:
         await self.close()
 
     async def close(self) -> None:
+        for lean in self._lean.values():
+            if lean is not False:
+                lean.close()
         for engine in self._engines.values():
             await engine.dispose()
 
@@ -279,6 +296,7 @@ class AsyncRouter:
                 parts.append(await self._execute_on(conn, replace(job, statement=sql)))
             return JobResult((), [], sum(p.rowcount for p in parts), tuple(parts))
         stmt = self._text(job.statement) if isinstance(job.statement, str) else job.statement
+        log_statement(job.shard, stmt, job.params)
         try:
             return JobResult.of(await conn.execute(stmt, job.params))
         except (DBAPIError, PoolTimeoutError) as exc:
@@ -289,7 +307,8 @@ class AsyncRouter:
         # answering fails like it does for the sync router.
         timeout = self.topology.shards[job.shard].pool.query_timeout_s
         try:
-            return await asyncio.wait_for(self._run_job_unbounded(job), timeout)
+            async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
+                return await self._run_job_unbounded(job)
         except TimeoutError:
             raise ShardUnavailableError(
                 f"shard {job.shard} is unavailable (no answer within query_timeout_s="
@@ -299,6 +318,16 @@ class AsyncRouter:
 
     async def _run_job_unbounded(self, job: Job) -> JobResult:
         engine = self._engine(job.shard)
+        if job.kind == "read" and not isinstance(job.statement, Executable):
+            lean = self._lean.get(job.shard)
+            if lean is None:
+                lean = self._lean[job.shard] = (
+                    AsyncReadPool(engine, job.shard, self.topology.shards[job.shard].pool)
+                    if readpool.supported(engine)
+                    else False
+                )
+            if lean is not False:
+                return await lean.run(job.statement, job.params, job.lazy)  # type: ignore[arg-type]
         try:
             if job.kind == "read":
                 async with engine.connect() as conn:

@@ -8,6 +8,7 @@ lookups, the order of lookup writes and the merge all live here, once.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,23 @@ from .strategies.hash import fold
 from .topology import KeyRule, TableRule, Topology
 from .types import ShardId, Slot
 
+sql_log = logging.getLogger("shardrouter.sql")
+"""Every statement the routers send, at DEBUG: ``shard``, ``statement`` (as rendered, with
+``:name`` parameters) and ``params`` are also record attributes. SQLAlchemy's engine events do
+not see reads outside transactions (they bypass its Connection, see readpool); this does."""
+
+
+def log_statement(shard: ShardId, statement: object, params: object) -> None:
+    if sql_log.isEnabledFor(logging.DEBUG):
+        sql_log.debug(
+            "shard %s: %s %r",
+            shard,
+            statement,
+            params,
+            extra={"shard": shard, "statement": str(statement), "params": params},
+        )
+
+
 JobKind = Literal["read", "write"]
 JobRole = Literal["statement", "lookup", "lookup_cleanup"]
 
@@ -49,6 +67,9 @@ class Job:
     role: JobRole = "statement"
     anywhere: bool = False
     """The same statement gives the same answer on every shard (broadcast reads)."""
+    lazy: bool = False
+    """The rows feed a merge, which may read only some of them (ORDER BY ... LIMIT): a runner
+    may hand them over undecoded and decode each row when it is read (readpool.LazyRows)."""
     """Lookup reads and writes run outside the caller's transaction (a lookup row may live on
     another shard; it is written first, so an aborted transaction leaves an orphan at worst);
     lookup cleanups run only after the owner's delete committed."""
@@ -57,7 +78,8 @@ class Job:
 @dataclass(frozen=True, slots=True)
 class JobResult:
     columns: tuple[str, ...]
-    rows: list[tuple[Any, ...]]
+    rows: Sequence[tuple[Any, ...]]
+    """A list, or for a ``lazy`` job possibly a sequence that decodes rows as they are read."""
     rowcount: int
     parts: tuple[JobResult, ...] = ()
     """For a job of several statements: one result each, in order."""
@@ -149,7 +171,8 @@ def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limit
         shard = ShardId(target.shard)
         job = Job(shard, plan.render(target, scatter=False), params, kind, anywhere=found.anywhere)
         (result,) = yield [job]
-        return ResultSet(result.columns, result.rows, len(result.rows), (shard,))
+        rows = result.rows if isinstance(result.rows, list) else list(result.rows)
+        return ResultSet(result.columns, rows, len(rows), (shard,))
     scatter_sql = len(found.targets) > 1 and plan.kind == "select"
     pending_lookup_deletes: list[Job] = []
     if plan.kind == "delete" and plan.sharded is not None and _owned_lookups(plan.sharded):
@@ -158,6 +181,7 @@ def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limit
     for t in found.targets:
         by_shard[ShardId(t.shard)].append(t)
     jobs = []
+    lazy = scatter_sql and plan.merge is not None  # the merge may read only some rows
     for shard, targets in by_shard.items():
         if len(targets) == 1:
             statement: str | tuple[str, ...] = plan.render(targets[0], scatter=scatter_sql)
@@ -165,7 +189,7 @@ def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limit
             statement = plan.render_union(targets)
         else:
             statement = tuple(plan.render(t, scatter=scatter_sql) for t in targets)
-        jobs.append(Job(shard, statement, params, kind))
+        jobs.append(Job(shard, statement, params, kind, lazy=lazy))
     results = [part for r in (yield jobs) for part in r.flat()]
     shards = tuple(by_shard)
     if plan.kind != "select":
@@ -606,7 +630,9 @@ __all__ = [
     "ResultSet",
     "Step",
     "keyset_query",
+    "log_statement",
     "lookup_upsert",
     "page_of",
     "run",
+    "sql_log",
 ]

@@ -9,24 +9,36 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import Connection, Select, TextClause, literal_column, text
+from sqlalchemy import Connection, Engine, Select, TextClause, literal_column, text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import CompileError, DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
-from . import xa
+from . import readpool, xa
 from .engines import ShardEngines, classify
 from .errors import (
     CrossShardTransactionError,
     RoutingError,
     UnsupportedQueryError,
 )
-from .execution import Job, JobResult, Limits, Page, ResultSet, Step, keyset_query, page_of, run
+from .execution import (
+    Job,
+    JobResult,
+    Limits,
+    Page,
+    ResultSet,
+    Step,
+    keyset_query,
+    log_statement,
+    page_of,
+    run,
+)
 from .planner import Planner
+from .readpool import ReadPool
 from .topology import KeyRule, Topology
 from .types import ShardId, Slot
 
@@ -229,6 +241,7 @@ class Router:
         self._texts: OrderedDict[str, TextClause] = OrderedDict()
         self._texts_lock = threading.Lock()
         self._key_rules = _explicit_key_rules(topology)
+        self._lean: dict[Engine, ReadPool | Literal[False]] = {}
 
     @classmethod
     def load(cls, path: str | Path, **options: Any) -> Router:
@@ -242,6 +255,9 @@ class Router:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        for lean in self._lean.values():
+            if lean is not False:
+                lean.close()
         self.engines.dispose()
 
     # -- the explicit path ----------------------------------------------------------------------
@@ -364,6 +380,7 @@ class Router:
             )
             return JobResult((), [], sum(p.rowcount for p in parts), parts)
         stmt = self._text(job.statement) if isinstance(job.statement, str) else job.statement
+        log_statement(job.shard, stmt, job.params)
         try:
             return JobResult.of(conn.execute(stmt, job.params))
         except (DBAPIError, PoolTimeoutError) as exc:
@@ -374,6 +391,12 @@ class Router:
             engine = self.engines.reader(job.shard)
         else:
             engine = self.engines.primary(job.shard)
+        if job.kind == "read" and not isinstance(job.statement, Executable):
+            lean = self._lean.get(engine)
+            if lean is None:
+                lean = self._lean_pool(engine, job.shard)
+            if lean is not False:
+                return lean.run(job.statement, job.params, job.lazy)  # type: ignore[arg-type]
         try:
             if job.kind == "read":
                 # No BEGIN/COMMIT round trips for a read; the pool resets the connection.
@@ -383,6 +406,18 @@ class Router:
                 return self._execute_on(conn, job)
         except (DBAPIError, PoolTimeoutError) as exc:
             raise classify(exc, job.shard) from exc
+
+    def _lean_pool(self, engine: Engine, shard: ShardId) -> ReadPool | Literal[False]:
+        """The lean read pool of an engine (see shardrouter.readpool), made on first use;
+        False for engines whose driver it does not support (SQLite, other drivers)."""
+        with self._texts_lock:
+            lean = self._lean.get(engine)
+            if lean is None:
+                ok = readpool.supported(engine)
+                lean = self._lean[engine] = (
+                    ReadPool(engine, shard, self.topology.shards[shard].pool) if ok else False
+                )
+            return lean
 
     def _write_together(self, jobs: Sequence[Job]) -> list[JobResult]:
         """One write on several shards: every shard's part runs in its own open transaction,
