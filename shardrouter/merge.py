@@ -52,6 +52,7 @@ __all__ = [
     "SortKey",
     "average",
     "merge",
+    "ordering",
     "sort_key",
 ]
 
@@ -226,7 +227,8 @@ def _streamed(plan: MergePlan, inputs: list[Iterator[Sequence[Any]]]) -> Iterato
     rows: Iterator[Sequence[Any]]
     if plan.order_by:
         # heapq.merge breaks ties by input order, so equal keys keep shard order (stable).
-        rows = heapq.merge(*inputs, key=sort_key(plan.order_by, _collation(plan)))
+        key, reverse = ordering(plan.order_by, _collation(plan))
+        rows = heapq.merge(*inputs, key=key, reverse=reverse)
     else:
         rows = itertools.chain.from_iterable(inputs)
     if plan.having is not None:
@@ -294,7 +296,8 @@ def _grouped(
     if plan.distinct:
         merged = _distinct(merged, plan.width, collate)
     if plan.order_by:
-        merged = sorted(merged, key=sort_key(plan.order_by, _collation(plan)))
+        order, reverse = ordering(plan.order_by, collate)
+        merged = sorted(merged, key=order, reverse=reverse)
     yield from merged
 
 
@@ -391,6 +394,18 @@ class _Descending:
     __hash__ = None  # type: ignore[assignment]
 
 
+def ordering(
+    order_by: Sequence[SortKey], collate: Callable[[Any], Any] = _same
+) -> tuple[Callable[[Sequence[Any]], tuple[Any, ...]], bool]:
+    """(key, reverse) for sorted() and heapq.merge(). When every term has the same direction,
+    an all-DESC order is the ascending key reversed (NULLs, the smallest, then come last, as
+    in MySQL), which spares a wrapper object per value; mixed directions use sort_key."""
+    if all(k.descending for k in order_by):
+        ascending = [SortKey(k.index, False) for k in order_by]
+        return sort_key(ascending, collate), True
+    return sort_key(order_by, collate), False
+
+
 def sort_key(
     order_by: Sequence[SortKey], collate: Callable[[Any], Any] = _same
 ) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
@@ -401,6 +416,14 @@ def sort_key(
     both NULL or both not, so a value is never compared with NULL.
     """
     terms = tuple((key.index, key.descending) for key in order_by)
+    if len(terms) == 1 and not terms[0][1]:
+        ((index, _),) = terms
+
+        def one(row: Sequence[Any]) -> tuple[Any, ...]:
+            value = collate(row[index])
+            return (0, None) if value is None else (1, value)
+
+        return one
 
     def key(row: Sequence[Any]) -> tuple[Any, ...]:
         parts: list[Any] = []

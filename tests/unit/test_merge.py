@@ -17,6 +17,7 @@ from shardrouter.merge import (
     SortKey,
     average,
     merge,
+    ordering,
     sort_key,
 )
 
@@ -629,3 +630,31 @@ def test_short_row_is_reported_in_grouped_merge() -> None:
     plan = MergePlan(width=1, group_by=(0,), aggregates=(Aggregate(1, "count"),))
     with pytest.raises(ValueError, match="shard 0 returned a row of 1 columns"):
         list(merge(plan, [[(1,)]]))
+
+
+@pytest.mark.parametrize(
+    ("order_by", "expected_reverse"),
+    [([desc(0)], True), ([desc(0), desc(1)], True), ([ASC(0)], False), ([desc(0), ASC(1)], False)],
+)
+def test_ordering_reverses_only_uniform_descending_orders(
+    order_by: list[SortKey], expected_reverse: bool
+) -> None:
+    rows = [(None, "b"), (2, "a"), (1, None), (2, "b"), (None, None), (1, "a")]
+    key, reverse = ordering(order_by, lambda v: v)
+    assert reverse is expected_reverse
+    # Whatever the path, the order equals the general (wrapper-based) key's order.
+    assert sorted(rows, key=key, reverse=reverse) == sorted(rows, key=sort_key(order_by))
+
+
+def test_all_descending_merge_puts_nulls_last_and_keeps_shard_order_on_ties() -> None:
+    plan = MergePlan(width=2, order_by=(desc(0),))
+    shard_a = [(3, "a1"), (1, "a2"), (None, "a3")]
+    shard_b = [(3, "b1"), (2, "b2"), (None, "b3")]
+    assert list(merge(plan, [shard_a, shard_b])) == [
+        (3, "a1"),
+        (3, "b1"),  # a tie: the earlier shard first, as with any other order
+        (2, "b2"),
+        (1, "a2"),
+        (None, "a3"),
+        (None, "b3"),
+    ]
