@@ -80,11 +80,15 @@ def ab(a: Callable[[int], None], b: Callable[[int], None], seconds: float) -> di
 
 def load(router: Router, users: list[int]) -> None:
     topology = router.topology
-    ddl = ("CREATE TABLE IF NOT EXISTS {t} (order_id BIGINT PRIMARY KEY, user_id BIGINT NOT NULL,"
-           " merchant_id BIGINT NOT NULL, status VARCHAR(16) NOT NULL, amount_cents BIGINT,"
-           " created_at DATETIME(3) NOT NULL, KEY (user_id), KEY (created_at))")
-    lookup = ("CREATE TABLE IF NOT EXISTS {t} (merchant_id BIGINT, order_id BIGINT,"
-              " user_id BIGINT NOT NULL, PRIMARY KEY (merchant_id, order_id))")
+    ddl = (
+        "CREATE TABLE IF NOT EXISTS {t} (order_id BIGINT PRIMARY KEY, user_id BIGINT NOT NULL,"
+        " merchant_id BIGINT NOT NULL, status VARCHAR(16) NOT NULL, amount_cents BIGINT,"
+        " created_at DATETIME(3) NOT NULL, KEY (user_id), KEY (created_at))"
+    )
+    lookup = (
+        "CREATE TABLE IF NOT EXISTS {t} (merchant_id BIGINT, order_id BIGINT,"
+        " user_id BIGINT NOT NULL, PRIMARY KEY (merchant_id, order_id))"
+    )
     for engine in router.engines.primaries.values():
         with engine.begin() as conn:
             for name in topology.table("orders").physical_names:
@@ -97,10 +101,18 @@ def load(router: Router, users: list[int]) -> None:
     cols = ("order_id", "user_id", "merchant_id", "status", "amount_cents", "created_at")
     for start in range(0, len(users), 100):
         rows = []
-        for u in users[start:start + 100]:
+        for u in users[start : start + 100]:
             for o in ids.next_ids(3, user_id=u):
-                rows.append((o, u, rng.randrange(50), "paid", rng.randrange(10_000),
-                             f"2026-0{rng.randint(1, 9)}-1{rng.randint(0, 9)} 12:00:00"))
+                rows.append(
+                    (
+                        o,
+                        u,
+                        rng.randrange(50),
+                        "paid",
+                        rng.randrange(10_000),
+                        f"2026-0{rng.randint(1, 9)}-1{rng.randint(0, 9)} 12:00:00",
+                    )
+                )
         marks = ", ".join("(" + ", ".join(f":{c}{i}" for c in cols) + ")" for i in range(len(rows)))
         params = {f"{c}{i}": v for i, r in enumerate(rows) for c, v in zip(cols, r, strict=True)}
         router.execute(f"INSERT INTO orders ({', '.join(cols)}) VALUES {marks}", params)
@@ -153,7 +165,9 @@ def measure(topology: Topology, seconds: float) -> dict[str, Any]:
     one_shard = next(iter(topology.shards))
     plan = router.planner.plan(SCATTER)
     targets = [Target(one_shard, i) for i in range(table_of.split)]
-    one_sql = text(plan.render_union(targets) if len(targets) > 1 else plan.render(targets[0], scatter=True))
+    one_sql = text(
+        plan.render_union(targets) if len(targets) > 1 else plan.render(targets[0], scatter=True)
+    )
 
     def single(i: int) -> None:
         with engines.primary(one_shard).connect() as conn:
@@ -210,11 +224,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="per comparison")
     parser.add_argument("--config", type=Path, help="a running topology (default: a sandbox)")
     args = parser.parse_args()
-    meta = {"python": platform.python_version(), "machine": platform.machine(),
-            "cores": __import__("os").cpu_count(), "seconds_per_comparison": args.seconds,
-            "point_sql": POINT, "scatter_sql": SCATTER,
-            "note": ("a = through shardrouter, b = SQLAlchemy Core on one shard's engine (for the"
-                     " scatter: the statement the router sends to one shard); ratio = a/b")}
+    meta = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cores": __import__("os").cpu_count(),
+        "seconds_per_comparison": args.seconds,
+        "point_sql": POINT,
+        "scatter_sql": SCATTER,
+        "note": (
+            "a = through shardrouter, b = SQLAlchemy Core on one shard's engine (for the"
+            " scatter: the statement the router sends to one shard); ratio = a/b"
+        ),
+    }
     if args.config:
         out = measure(Topology.load(args.config), args.seconds)
     else:
