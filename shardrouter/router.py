@@ -317,10 +317,13 @@ class Router:
         then stay on primaries (a replica may lag behind the write)."""
         yield Scope(self)
 
-    def recover_xa(self) -> xa.RecoveryReport:
-        """Finish XA branches left prepared by a crash: commit the decided, roll back the rest."""
+    def recover_xa(self, min_age_s: float = xa.MIN_AGE_S) -> xa.RecoveryReport:
+        """Finish XA branches left prepared by a crash: commit the decided, roll back the rest.
+
+        Branches younger than ``min_age_s`` are left to their coordinator (``in_doubt`` in the
+        report), so this is safe to run while routers commit; see shardrouter.xa."""
         coordinator = self.engines.primary(next(iter(self.topology.shards)))
-        return xa.recover(self.engines.primaries, coordinator)
+        return xa.recover(self.engines.primaries, coordinator, min_age_s)
 
     # -- transparent SQL ------------------------------------------------------------------------
 

@@ -538,7 +538,10 @@ def test_xa_recovery_finishes_prepared_branches(router: Router, ids: Any, decide
         xa.record_decision(coordinator, gtrid)
     for conn in conns.values():
         conn.invalidate()  # the connection dies with its coordinator; the branch stays prepared
-    report = router.recover_xa()
+    young = router.recover_xa()  # default min_age_s: a coordinator may still be at work
+    assert sum(gtrid in x for x in young.in_doubt) == 2
+    assert not any(gtrid in x for x in young.committed + young.rolled_back)
+    report = router.recover_xa(min_age_s=0)
     mine = [x for x in report.committed + report.rolled_back if gtrid in x]
     assert len(mine) == 2
     assert (set(mine) <= set(report.committed)) is decided
@@ -546,6 +549,49 @@ def test_xa_recovery_finishes_prepared_branches(router: Router, ids: Any, decide
         "SELECT COUNT(*) FROM orders WHERE order_id IN (:x, :y)", {"x": rows[a], "y": rows[b]}
     ).scalar()
     assert found == (2 if decided else 0)  # all or nothing
+    again = router.recover_xa(min_age_s=0)
+    assert not any(gtrid in x for x in again.committed + again.rolled_back + again.in_doubt)
+
+
+def test_xa_recovery_fences_a_slow_coordinator(
+    router: Router, ids: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery that overtakes a live coordinator between PREPARE and its decision records
+    "abort" first: the coordinator then cannot record "commit", rolls back and raises."""
+    from shardrouter import xa
+    from shardrouter.errors import ExecutionError
+
+    a, b = _two_users_on_two_shards(router, 9700)
+    xa_router = Router(router.topology, xa=True)
+    real_record = xa.record_decision
+    reports: list[xa.RecoveryReport] = []
+
+    def slow_coordinator(coordinator: Any, gtrid: str, outcome: str = "commit") -> None:
+        if outcome == "commit":  # the coordinator's call (recovery's own fence passes through)
+            reports.append(router.recover_xa(min_age_s=0))  # runs while the coordinator stalls
+        real_record(coordinator, gtrid, outcome)
+
+    monkeypatch.setattr(xa, "record_decision", slow_coordinator)
+    placed = {u: ids.next_id(user_id=u) for u in (a, b)}
+    sql = "INSERT INTO orders (order_id, user_id, merchant_id, amount_cents) VALUES (:o, :u, 69, 1)"
+    try:
+        with (
+            pytest.raises(ExecutionError, match="rolled back by recover_xa"),
+            xa_router.transaction() as tx,
+        ):
+            for u, o in placed.items():
+                tx.execute(sql, {"o": o, "u": u})
+    finally:
+        monkeypatch.undo()
+        xa_router.close()
+    assert len(reports) == 1
+    found = router.execute(
+        "SELECT COUNT(*) FROM orders WHERE order_id IN (:x, :y)",
+        {"x": placed[a], "y": placed[b]},
+    ).scalar()
+    assert found == 0  # neither branch committed
+    leftover = router.recover_xa(min_age_s=0)
+    assert not leftover.in_doubt  # nothing left prepared anywhere
 
 
 @pytest.fixture
