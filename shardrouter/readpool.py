@@ -152,21 +152,50 @@ LAZY_DRIVERS = frozenset(
         ("pymysql", _pymysql_connections.MySQLResult, _pymysql_connections.Connection),
         ("aiomysql", _aiomysql_connection.MySQLResult, _aiomysql_connection.Connection),
     )
+    # ``encoding`` is set per connection, so it is not looked for on the class.
     if _lazy_capable(result_class)
-    and all(hasattr(connection_class, n) for n in ("_execute_command", "literal", "encoding"))
+    and all(hasattr(connection_class, n) for n in ("_execute_command", "escape"))
 )
-"""Drivers whose rows can be decoded lazily (pure-Python protocol code; the C drivers decode
-fast anyway)."""
+"""Drivers whose statements this module sends and whose rows it reads itself, lazily when asked
+(pure-Python protocol code; the C drivers decode fast anyway and keep their cursors)."""
+
+
+def _escape(conn: Any, value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        # A hex literal, as PyMySQL 1.2 writes it: aiomysql 0.3.2 calls a helper that PyMySQL
+        # 1.2 replaced with a string, so its own escaping fails on bytes.
+        return f"X'{bytes(value).hex()}'"
+    return str(conn.escape(value))
 
 
 def _bind(conn: Any, sql: str, args: tuple[Any, ...] | Mapping[str, Any]) -> bytes:
     """The statement with its arguments escaped by the connection, as the driver's cursor
     does; always %-formatted, so the compiler's %% becomes %."""
     if isinstance(args, tuple):
-        sql = sql % tuple(conn.literal(a) for a in args)
+        sql = sql % tuple([_escape(conn, a) for a in args])
     else:
-        sql = sql % {k: conn.literal(v) for k, v in args.items()}
+        sql = sql % _EscapedMapping(conn, args)
     return sql.encode(conn.encoding, "surrogateescape")
+
+
+class _EscapedMapping(Mapping[str, str]):
+    """The escaped value of each parameter a pyformat statement names, escaped on lookup (a
+    caller's mapping may hold more than the statement uses)."""
+
+    __slots__ = ("_args", "_conn")
+
+    def __init__(self, conn: Any, args: Mapping[str, Any]) -> None:
+        self._conn = conn
+        self._args = args
+
+    def __getitem__(self, key: str) -> str:
+        return _escape(self._conn, self._args[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._args)
+
+    def __len__(self) -> int:
+        return len(self._args)
 
 
 def _finish(conn: Any, result: Any) -> JobResult:
@@ -280,11 +309,7 @@ class _Statements:
         try:
             return driver_sql, tuple([params[n] for n in names])
         except KeyError as exc:
-            raise ExecutionError(
-                f"shard {shard}: the statement has a parameter :{exc.args[0]} and params give"
-                f" no value for it (given: {', '.join(sorted(params)) or 'none'})",
-                shard=shard,
-            ) from None
+            raise _missing(exc, params, shard) from None
 
 
 def _connect_arguments(
@@ -322,7 +347,7 @@ class ReadPool:
         self._slots = threading.BoundedSemaphore(pool.size + pool.max_overflow)
         self._ping = pool.pre_ping
         self._mysqldb = engine.url.get_driver_name() == "mysqldb"
-        self._lazy = engine.url.get_driver_name() in LAZY_DRIVERS
+        self._native = engine.url.get_driver_name() in LAZY_DRIVERS
 
     def run(
         self, statement: str | tuple[str, ...], params: Mapping[str, Any], lazy: bool = False
@@ -333,7 +358,7 @@ class ReadPool:
         try:
             held = self._checkout()
             try:
-                result = self._run(held.conn, statement, params, lazy and self._lazy)
+                result = self._run(held.conn, statement, params, lazy)
             except BaseException:
                 _close(held.conn)
                 raise
@@ -375,19 +400,19 @@ class ReadPool:
             return JobResult((), [], sum(p.rowcount for p in parts), parts)
         log_statement(self.shard, statement, params)
         sql, args = self._statements.bind(statement, params, self.shard)
-        if lazy:
-            try:
-                return _query_lazy(conn, sql, args)
-            except self._errors as exc:
-                raise classify(exc, self.shard, statement) from exc
-        cursor = conn.cursor()
         try:
-            cursor.execute(sql, args)
-            return _result(cursor, cursor.fetchall())
+            if self._native:
+                return _eager(_query_lazy(conn, sql, args), lazy)
+            cursor = conn.cursor()
+            try:
+                cursor.execute(sql, args)
+                return _result(cursor, cursor.fetchall())
+            finally:
+                cursor.close()
         except self._errors as exc:
             raise classify(exc, self.shard, statement) from exc
-        finally:
-            cursor.close()
+        except KeyError as exc:  # a pyformat statement names a parameter params lack
+            raise _missing(exc, params, self.shard) from None
 
     def close(self) -> None:
         with self._lock:
@@ -409,7 +434,7 @@ class AsyncReadPool:
         self._idle = _Idle(pool.size, pool.recycle_s)
         self._slots = asyncio.Semaphore(pool.size + pool.max_overflow)
         self._ping = pool.pre_ping
-        self._lazy = engine.url.get_driver_name() in LAZY_DRIVERS
+        self._native = engine.url.get_driver_name() in LAZY_DRIVERS
 
     async def run(
         self, statement: str | tuple[str, ...], params: Mapping[str, Any], lazy: bool = False
@@ -427,7 +452,7 @@ class AsyncReadPool:
         try:
             held = await self._checkout()
             try:
-                result = await self._run(held.conn, statement, params, lazy and self._lazy)
+                result = await self._run(held.conn, statement, params, lazy)
             except BaseException:  # also cancellation: the protocol state is unknown now
                 _close(held.conn)
                 raise
@@ -470,25 +495,40 @@ class AsyncReadPool:
             return JobResult((), [], sum(p.rowcount for p in parts), tuple(parts))
         log_statement(self.shard, statement, params)
         sql, args = self._statements.bind(statement, params, self.shard)
-        if lazy:
-            try:
-                return await _query_lazy_async(conn, sql, args)
-            except self._errors as exc:
-                raise classify(exc, self.shard, statement) from exc
-        cursor = conn.cursor()
-        if not hasattr(cursor, "execute"):  # aiomysql hands out an awaitable for the cursor
-            cursor = await cursor
         try:
-            await cursor.execute(sql, args)
-            return _result(cursor, await cursor.fetchall())
+            if self._native:
+                return _eager(await _query_lazy_async(conn, sql, args), lazy)
+            cursor = conn.cursor()
+            if not hasattr(cursor, "execute"):  # aiomysql hands out an awaitable for it
+                cursor = await cursor
+            try:
+                await cursor.execute(sql, args)
+                return _result(cursor, await cursor.fetchall())
+            finally:
+                await cursor.close()
         except self._errors as exc:
             raise classify(exc, self.shard, statement) from exc
-        finally:
-            await cursor.close()
+        except KeyError as exc:  # a pyformat statement names a parameter params lack
+            raise _missing(exc, params, self.shard) from None
 
     def close(self) -> None:
         for held in self._idle.drain():
             _close(held.conn)
+
+
+def _missing(exc: KeyError, params: Mapping[str, Any], shard: ShardId) -> ExecutionError:
+    return ExecutionError(
+        f"shard {shard}: the statement has a parameter :{exc.args[0]} and params give"
+        f" no value for it (given: {', '.join(sorted(params)) or 'none'})",
+        shard=shard,
+    )
+
+
+def _eager(result: JobResult, lazy: bool) -> JobResult:
+    """Decode every row now unless the caller takes LazyRows."""
+    if lazy or isinstance(result.rows, list):
+        return result
+    return JobResult(result.columns, list(result.rows), result.rowcount, result.parts)
 
 
 def _result(cursor: Any, rows: Sequence[Any]) -> JobResult:
