@@ -332,10 +332,11 @@ def _exhausted(shard: ShardId, pool: PoolConfig) -> ShardUnavailableError:
     )
 
 
-class ReadPool:
-    """Lean reads on one sync engine (PyMySQL or mysqlclient)."""
+class _Shell:
+    """What both shells know of their engine: how to connect, compile, and which errors are
+    the driver's."""
 
-    def __init__(self, engine: Engine, shard: ShardId, pool: PoolConfig) -> None:
+    def __init__(self, engine: Engine | AsyncEngine, shard: ShardId, pool: PoolConfig) -> None:
         self.shard = shard
         self._pool = pool
         self._dialect = engine.dialect
@@ -343,11 +344,18 @@ class ReadPool:
         self._cargs, self._cparams = _connect_arguments(engine, pool)
         self._statements = _Statements(engine.dialect)
         self._idle = _Idle(pool.size, pool.recycle_s)
+        self._ping = pool.pre_ping
+        self._native = engine.url.get_driver_name() in LAZY_DRIVERS
+
+
+class ReadPool(_Shell):
+    """Lean reads on one sync engine (PyMySQL or mysqlclient)."""
+
+    def __init__(self, engine: Engine, shard: ShardId, pool: PoolConfig) -> None:
+        super().__init__(engine, shard, pool)
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(pool.size + pool.max_overflow)
-        self._ping = pool.pre_ping
         self._mysqldb = engine.url.get_driver_name() == "mysqldb"
-        self._native = engine.url.get_driver_name() in LAZY_DRIVERS
 
     def run(
         self, statement: str | tuple[str, ...], params: Mapping[str, Any], lazy: bool = False
@@ -421,20 +429,12 @@ class ReadPool:
             _close(held.conn)
 
 
-class AsyncReadPool:
+class AsyncReadPool(_Shell):
     """Lean reads on one async engine (aiomysql or asyncmy), bound to the running loop."""
 
     def __init__(self, engine: AsyncEngine, shard: ShardId, pool: PoolConfig) -> None:
-        self.shard = shard
-        self._pool = pool
-        self._dialect = engine.dialect
-        self._errors: tuple[type[BaseException], ...] = (engine.dialect.loaded_dbapi.Error, OSError)
-        self._cargs, self._cparams = _connect_arguments(engine, pool)
-        self._statements = _Statements(engine.dialect)
-        self._idle = _Idle(pool.size, pool.recycle_s)
+        super().__init__(engine, shard, pool)
         self._slots = asyncio.Semaphore(pool.size + pool.max_overflow)
-        self._ping = pool.pre_ping
-        self._native = engine.url.get_driver_name() in LAZY_DRIVERS
 
     async def run(
         self, statement: str | tuple[str, ...], params: Mapping[str, Any], lazy: bool = False
