@@ -202,12 +202,8 @@ def _finish(conn: Any, result: Any) -> JobResult:
     conn._result = result  # as the driver's query() leaves it
     if result.server_status is not None:
         conn.server_status = result.server_status
-    rows = result.rows
-    if result.description is None:
-        return JobResult((), [], result.affected_rows)
-    return JobResult(
-        tuple(d[0] for d in result.description), rows if rows is not None else [], len(rows or ())
-    )
+    rows = result.rows if result.rows is not None else []  # an empty LazyRows stays one
+    return _result(result.description, rows, result.affected_rows)
 
 
 def _query_lazy(conn: Any, sql: str, args: tuple[Any, ...] | Mapping[str, Any]) -> JobResult:
@@ -414,7 +410,7 @@ class ReadPool(_Shell):
             cursor = conn.cursor()
             try:
                 cursor.execute(sql, args)
-                return _result(cursor, cursor.fetchall())
+                return _result(cursor.description, cursor.fetchall(), cursor.rowcount)
             finally:
                 cursor.close()
         except self._errors as exc:
@@ -503,7 +499,8 @@ class AsyncReadPool(_Shell):
                 cursor = await cursor
             try:
                 await cursor.execute(sql, args)
-                return _result(cursor, await cursor.fetchall())
+                rows = await cursor.fetchall()
+                return _result(cursor.description, rows, cursor.rowcount)
             finally:
                 await cursor.close()
         except self._errors as exc:
@@ -531,12 +528,12 @@ def _eager(result: JobResult, lazy: bool) -> JobResult:
     return JobResult(result.columns, list(result.rows), result.rowcount, result.parts)
 
 
-def _result(cursor: Any, rows: Sequence[Any]) -> JobResult:
-    description = cursor.description
+def _result(description: Any, rows: Sequence[Any], rowcount: int) -> JobResult:
+    """A JobResult from a DBAPI description and rows (LazyRows kept as they are)."""
     if description is None:
-        return JobResult((), [], cursor.rowcount)
-    out = list(rows)
-    return JobResult(tuple(d[0] for d in description), out, len(out))
+        return JobResult((), [], rowcount)
+    kept = rows if isinstance(rows, LazyRows) else list(rows)
+    return JobResult(tuple(d[0] for d in description), kept, len(kept))
 
 
 def _close(conn: Any) -> None:

@@ -239,7 +239,7 @@ class Router:
         workers = max_concurrency or min(32, 4 * max(1, len(topology.shards)))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardrouter")
         self._texts: OrderedDict[str, TextClause] = OrderedDict()
-        self._texts_lock = threading.Lock()
+        self._cache_lock = threading.Lock()  # guards _texts and _lean
         self._key_rules = _explicit_key_rules(topology)
         self._lean: dict[Engine, ReadPool | Literal[False]] = {}
 
@@ -370,7 +370,7 @@ class Router:
         clause = self._texts.get(sql)
         if clause is None:
             clause = text(sql)
-            with self._texts_lock:
+            with self._cache_lock:
                 self._texts[sql] = clause
                 if len(self._texts) > 4096:
                     self._texts.popitem(last=False)
@@ -413,7 +413,7 @@ class Router:
     def _lean_pool(self, engine: Engine, shard: ShardId) -> ReadPool | Literal[False]:
         """The lean read pool of an engine (see shardrouter.readpool), made on first use;
         False for engines whose driver it does not support (SQLite, other drivers)."""
-        with self._texts_lock:
+        with self._cache_lock:
             lean = self._lean.get(engine)
             if lean is None:
                 ok = readpool.supported(engine)
