@@ -766,6 +766,9 @@ class RoutedSession(ShardedSession):
                 plan,
                 width=width,
                 order_by=tuple(SortKey(width + i, desc) for i, (_, desc) in enumerate(terms)),
+                # This statement is the ORM's own, without the planner's weight columns.
+                weights=(),
+                hidden=0,
             ),
             rows,
         )
@@ -795,13 +798,18 @@ class RoutedSession(ShardedSession):
         rows: list[list[Any]] = []
         for token in tokens:
             placement = self._routing.placements[token]
-            sql = plan.render(Target(placement.shard, placement.residue or 0), scatter=True)
             conn = self.connection(bind_arguments={"shard_id": token})
+            sql = plan.render(
+                Target(placement.shard, placement.residue or 0),
+                scatter=True,
+                backend=conn.dialect.name,
+            )
             result = conn.execute(text(sql), dict(values))
             columns = tuple(result.keys())
             rows.append(list(result.all()))
         merged = list(merge(merge_plan, rows))
-        return IteratorResult(SimpleResultMetaData(columns[: merge_plan.width]), iter(merged))
+        visible = columns[: merge_plan.visible_width(len(columns))]
+        return IteratorResult(SimpleResultMetaData(visible), iter(merged))
 
     def _write(self, ctx: ORMExecuteState, stmt: Update | Delete) -> Result[Any]:
         if ctx.is_executemany:
