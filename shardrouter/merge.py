@@ -40,6 +40,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import operator
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -50,12 +51,12 @@ from .errors import UnsupportedQueryError
 __all__ = [
     "AVG_SCALE_INCREMENT",
     "MAX_LIMIT",
+    "WEIGHT_CHARS",
     "AggFunc",
     "Aggregate",
     "Average",
     "MergePlan",
     "SortKey",
-    "WEIGHT_CHARS",
     "average",
     "merge",
     "ordering",
@@ -245,6 +246,8 @@ def merge(plan: MergePlan, shards: Sequence[Iterable[Sequence[Any]]]) -> Iterato
     inputs = [_checked(rows, need, number) for number, rows in enumerate(shards)]
     rows = _grouped(plan, inputs, need) if plan.grouped else _streamed(plan, inputs)
     stop = None if plan.limit is None else plan.offset + plan.limit
+    if stop is not None and stop > sys.maxsize:
+        stop = None  # LIMIT 2**64-1: all the rest (islice takes no larger stop)
     # islice checks its stop before pulling, so no row past the last one needed is read.
     cut = _cut(plan)
     return (tuple(row[:cut]) for row in itertools.islice(rows, plan.offset, stop))

@@ -25,7 +25,7 @@ from sqlglot.errors import ParseError
 from .errors import UnsupportedQueryError
 from .merge import MergePlan
 from .refs import ValueRef, value_ref
-from .scatter import scatter, without_weights
+from .scatter import scatter, union_order_by, without_weights
 from .strategies import LookupStrategy
 from .topology import KeyRule, TableRule, Topology
 
@@ -113,10 +113,7 @@ class Plan:
         glue = " UNION " if distinct else " UNION ALL "  # duplicates would eat the LIMIT
         sql = glue.join(f"({self.render(t, scatter=True)})" for t in targets)
         if merge_plan is not None and not merge_plan.grouped:
-            if merge_plan.order_by:
-                sql += " ORDER BY " + ", ".join(
-                    f"{k.index + 1}{' DESC' if k.descending else ''}" for k in merge_plan.order_by
-                )
+            sql += union_order_by(merge_plan)
             if merge_plan.shard_limit is not None:
                 sql += f" LIMIT {merge_plan.shard_limit}"
         with self._lock:

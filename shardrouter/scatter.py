@@ -62,13 +62,18 @@ def weight(expr: exp.Expression) -> exp.Expression:
         true=exp.Null(),
         false=exp.If(
             this=exp.GT(
-                this=exp.Anonymous(this="CHAR_LENGTH", expressions=[exp.Trim(this=expr.copy(), position="TRAILING")]),
+                this=exp.Anonymous(
+                    this="CHAR_LENGTH",
+                    expressions=[exp.Trim(this=expr.copy(), position="TRAILING")],
+                ),
                 expression=chars,
             ),
             true=exp.HexString(this=""),
             false=exp.WeightString(
                 this=expr.copy(),
-                to=exp.DataType(this=exp.DataType.Type.CHAR, expressions=[exp.DataTypeParam(this=chars.copy())]),
+                to=exp.DataType(
+                    this=exp.DataType.Type.CHAR, expressions=[exp.DataTypeParam(this=chars.copy())]
+                ),
             ),
         ),
     )
@@ -238,9 +243,7 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
     if having is not None and grouping:
         # Partial groups cannot be filtered: HAVING moves to the merge. Without grouping it
         # filters single rows like WHERE and stays on the shards (before their LIMIT).
-        having_fn = _Having(position_of, weight_of, add_hidden, expression_at).compile(
-            having.this
-        )
+        having_fn = _Having(position_of, weight_of, add_hidden, expression_at).compile(having.this)
         shard.set("having", None)
     order = shard.args.get("order")
     sort_keys: list[SortKey] = []
@@ -286,7 +289,11 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
         # With a `*` the visible width is the shards' business: helpers count from the end.
         return pos - width - len(hidden) if star_at is not None and pos >= width else pos
 
-    shard.set("expressions", new_items + [h.copy() for h in hidden])
+    # Hidden columns are named, so a UNION of split tables can order by them (union_order).
+    shard.set(
+        "expressions",
+        new_items + [exp.alias_(h.copy(), hidden_name(j)) for j, h in enumerate(hidden)],
+    )
     plan = MergePlan(
         width=None if star_at is not None else width,
         order_by=tuple(SortKey(final(k.index), k.descending) for k in sort_keys),
@@ -310,6 +317,28 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
         if plan.shard_limit is not None:
             shard.set("limit", exp.Limit(expression=exp.Literal.number(plan.shard_limit)))
     return shard, plan
+
+
+def hidden_name(j: int) -> str:
+    """The label of the ``j``-th hidden column of a scatter statement."""
+    return f"shardrouter_h{j}"
+
+
+def union_order_by(plan: MergePlan) -> str:
+    """The ORDER BY of a UNION of scatter statements: positions for the leading columns, names
+    for the hidden ones (with a ``*`` their positions are known only from the result)."""
+    if not plan.order_by:
+        return ""
+    terms = []
+    for key in plan.order_by:
+        if plan.width is None and key.index < 0:
+            column = hidden_name(plan.hidden + key.index)
+        elif plan.width is not None and key.index >= plan.width:
+            column = hidden_name(key.index - plan.width)
+        else:
+            column = str(key.index + 1)
+        terms.append(column + (" DESC" if key.descending else ""))
+    return " ORDER BY " + ", ".join(terms)
 
 
 def _aggregate_of(expr: exp.Expression) -> str | None:
@@ -445,9 +474,7 @@ class _Having:
         # 'lit') takes x's collation (a column's beats a literal's), and its value is 'lit'.
         # Aliases resolve to their expression: the shards do not see select aliases there.
         shard_side = self.expression_at(self.position_of(target))
-        pos = self.add_hidden(
-            exp.If(this=exp.false(), true=shard_side.copy(), false=expr.copy())
-        )
+        pos = self.add_hidden(exp.If(this=exp.false(), true=shard_side.copy(), false=expr.copy()))
         weight_pos = self.weight_of(pos)
         if weight_pos is None:
             return lambda row: (text, None)
@@ -613,4 +640,4 @@ def _int_of(node: exp.Expression | None) -> int:
     )
 
 
-__all__ = ["scatter", "weight", "without_weights"]
+__all__ = ["hidden_name", "scatter", "union_order_by", "weight", "without_weights"]
