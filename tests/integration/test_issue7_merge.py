@@ -121,7 +121,7 @@ def generate(topology: Topology) -> dict[str, list[dict[str, Any]]]:
     ids = topology.id_generator("orders")
     base = dt.datetime(2026, 1, 1)
     users, orders, items = [], [], []
-    user_ids = rng.sample(range(1, 10**12), 300) + [2**63 - 1, 1]
+    user_ids = [*rng.sample(range(1, 10**12), 300), 2**63 - 1, 1]
     for user_id in user_ids:
         users.append(
             {
