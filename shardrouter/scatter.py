@@ -494,6 +494,8 @@ def compare(a: Any, wa: Any, b: Any, wb: Any) -> int:
         return _sign(a, b)
     if isinstance(a, str) or isinstance(b, str):
         text, value, flip = (a, b, 1) if isinstance(a, str) else (b, a, -1)
+        if isinstance(value, dt.date):
+            value = _as_datetime(value)
         return flip * _sign(_coerce(text, value), value)
     if isinstance(a, bytes) and isinstance(b, bytes):
         return _sign(a, b)
