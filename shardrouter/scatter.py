@@ -8,7 +8,7 @@ import datetime as dt
 import re
 from collections.abc import Callable
 from decimal import ROUND_HALF_UP, Decimal, localcontext
-from typing import Any
+from typing import Any, cast
 
 from sqlglot import exp
 
@@ -199,7 +199,9 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
             # The SUM partial stands where the AVG was: it keeps the AVG's label, the one a
             # single database gives (the statement's text of the item when it has no alias).
             label = item.alias or inner.sql(dialect="mysql")
-            new_items.append(exp.alias_(sum_expr, label, quoted=not item.alias))
+            new_items.append(
+                cast(exp.Expression, exp.alias_(sum_expr, label, quoted=not item.alias))
+            )
             hidden.append(count_expr)
             averages.append(Average(index=i, sum_index=i, count_index=width + len(hidden) - 1))
         else:
@@ -209,7 +211,9 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
     weights: dict[int, int] = {}
 
     def expression_at(pos: int) -> exp.Expression:
-        return new_items[pos].unalias() if pos < width else hidden[pos - width]
+        return (
+            cast(exp.Expression, new_items[pos].unalias()) if pos < width else hidden[pos - width]
+        )
 
     def weight_of(pos: int) -> int | None:
         """Position of the collation weight of the value at ``pos`` (added on first use), or
@@ -409,11 +413,11 @@ class _Having:
                 " (use comparisons of selected columns, aggregates and arithmetic with literals)"
             )
         left_node, right_node = expr.this, expr.expression
-        left = self.operand(left_node, right_node)
-        right = self.operand(right_node, left_node)
+        left_value = self.operand(left_node, right_node)
+        right_value = self.operand(right_node, left_node)
 
         def check(row: tuple[Any, ...]) -> bool | None:
-            (a, wa), (b, wb) = left(row), right(row)
+            (a, wa), (b, wb) = left_value(row), right_value(row)
             if a is None or b is None:
                 return None
             return test(compare(a, wa, b, wb))
@@ -465,16 +469,25 @@ class _Having:
 
     def string_literal(self, expr: exp.Literal, other: exp.Expression) -> _Operand:
         text = expr.this
-        target = other.unalias()
+        target: exp.Expression = cast(exp.Expression, other.unalias())
         while isinstance(target, exp.Paren):
             target = target.this
-        if isinstance(target, (exp.Literal, exp.Placeholder, exp.Null, exp.Neg, *_ARITHMETIC)):
+        func = _aggregate_of(target)
+        if (
+            isinstance(target, (exp.Literal, exp.Placeholder, exp.Null, exp.Neg, *_ARITHMETIC))
+            or func == "avg"
+            or (func is None and any(True for _ in target.find_all(exp.AggFunc)))
+        ):
+            # Not a string the shards can weigh (the other operand refuses what cannot merge).
             return lambda row: (text, None)
         # The literal's weight under the collation of what it is compared with: IF(FALSE, x,
         # 'lit') takes x's collation (a column's beats a literal's), and its value is 'lit'.
         # Aliases resolve to their expression: the shards do not see select aliases there.
         shard_side = self.expression_at(self.position_of(target))
-        pos = self.add_hidden(exp.If(this=exp.false(), true=shard_side.copy(), false=expr.copy()))
+        pick = cast(
+            exp.Expression, exp.If(this=exp.false(), true=shard_side.copy(), false=expr.copy())
+        )
+        pos = self.add_hidden(pick)
         weight_pos = self.weight_of(pos)
         if weight_pos is None:
             return lambda row: (text, None)
@@ -558,7 +571,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _sign(a: Any, b: Any) -> int:
-    return (a > b) - (a < b)
+    return int(a > b) - int(a < b)
 
 
 def _negate(value: Any) -> Any:
