@@ -28,12 +28,15 @@ from sqlalchemy import (
     String,
     Table,
     create_engine,
+    select,
     text,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shardrouter.aio import AsyncRouter
 from shardrouter.errors import UnsupportedQueryError
+from shardrouter.orm import routed_sessionmaker
 from shardrouter.router import Router
 from shardrouter.topology import Topology
 
@@ -67,6 +70,17 @@ PIECES = (
 )
 TAILS = ("", "", "", " ", "  ", "\t")
 STATUSES = ("new", "NEW", "New", "paid", "PAID", "paid ", "émile", "Emile", "_x", "[x", "^x")
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class User(_Base):
+    __tablename__ = "users"
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    email: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str | None] = mapped_column(String(255))
 
 
 def text_value(rng: random.Random) -> str:
@@ -509,3 +523,14 @@ def test_keyset_pages_visit_every_row_once(world: dict[str, Any], descending: bo
                     break
             # Each row once, and the oracle's order (the keys are unique, so no ties).
             assert seen == expected, (table, mode, descending)
+
+
+def test_orm_orders_strings_across_shards_under_the_collation(world: dict[str, Any]) -> None:
+    """The ORM's own scatter (entities, ORDER BY ... LIMIT) merges on the weights too."""
+    expected = _oracle_list(
+        world, "SELECT user_id FROM users ORDER BY email DESC, user_id LIMIT 3, 60"
+    )
+    with routed_sessionmaker(world["router"])() as session:
+        stmt = select(User).order_by(User.email.desc(), User.user_id).offset(3).limit(60)
+        got = [(u.user_id,) for u in session.scalars(stmt)]
+    assert got == expected
