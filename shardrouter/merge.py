@@ -239,8 +239,9 @@ def merge(plan: MergePlan, shards: Sequence[Iterable[Sequence[Any]]]) -> Iterato
     tuple of the plan's visible columns. Iterating raises ValueError when a shard's first row is
     too short for the plan (a planner bug: the shard query lacks a hidden column).
     """
-    if plan.limit == 0:
-        # LIMIT 0 is empty whatever the shards hold; do not touch their cursors.
+    if plan.limit == 0 or plan.offset > sys.maxsize:
+        # LIMIT 0 is empty whatever the shards hold (and no result has 2**63 rows to skip);
+        # do not touch their cursors.
         return iter(())
     need = plan.columns_needed
     inputs = [_checked(rows, need, number) for number, rows in enumerate(shards)]

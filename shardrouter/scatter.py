@@ -26,6 +26,8 @@ _AGGREGATES: dict[type[exp.Expression], str] = {
 
 _WEIGHT = "shardrouter_weight"
 """Meta flag on the hidden weight columns, so a backend without WEIGHT_STRING can drop them."""
+_PICK = "shardrouter_pick"
+"""Meta flag on HAVING's ``IF(FALSE, x, 'literal')`` helpers (a literal in x's collation)."""
 
 # Expressions whose value is never a string: they need no collation weight.
 _NOT_STRINGS = (
@@ -89,6 +91,8 @@ def without_weights(tree: exp.Expression) -> exp.Expression:
     for node in list(copy.find_all(exp.If)):
         if node.meta.get(_WEIGHT):
             node.replace(exp.Null())
+        elif node.meta.get(_PICK):
+            node.replace(node.args["false"])  # the literal itself (SQLite has no IF)
     return copy
 
 
@@ -487,6 +491,7 @@ class _Having:
         pick = cast(
             exp.Expression, exp.If(this=exp.false(), true=shard_side.copy(), false=expr.copy())
         )
+        pick.meta[_PICK] = True
         pos = self.add_hidden(pick)
         weight_pos = self.weight_of(pos)
         if weight_pos is None:
@@ -647,9 +652,15 @@ def _or(a: bool | None, b: bool | None) -> bool | None:
 def _int_of(node: exp.Expression | None) -> int:
     if isinstance(node, exp.Literal) and not node.is_string:
         try:
-            return min(int(node.this), MAX_LIMIT)
+            value = int(node.this)
         except ValueError:
             pass
+        else:
+            if value > MAX_LIMIT:
+                raise UnsupportedQueryError(
+                    f"LIMIT/OFFSET {value} is larger than MySQL's largest, {MAX_LIMIT}"
+                )
+            return value
     raise UnsupportedQueryError(
         "LIMIT/OFFSET must be integer literals for multi-shard queries (the merge needs them)"
     )

@@ -321,6 +321,9 @@ def test_select_star_with_order_by_and_limit(world: dict[str, Any]) -> None:
     # A position inside the * has no name to weigh it by: refused, with the way out.
     with pytest.raises(UnsupportedQueryError, match="name the column"):
         world["router"].execute("SELECT * FROM orders ORDER BY 1 LIMIT 3")
+    # DISTINCT * would need each string column's weight, and the * names none of them.
+    with pytest.raises(UnsupportedQueryError, match="DISTINCT \\*"):
+        world["router"].execute("SELECT DISTINCT * FROM orders")
     check(world, "SELECT *, 1 AS x FROM orders ORDER BY x, order_id DESC LIMIT 5")
     check(
         world,
@@ -349,6 +352,8 @@ def test_avg_and_sum_keep_their_labels(world: dict[str, Any]) -> None:
 def test_limit_to_the_end(world: dict[str, Any]) -> None:
     check(world, "SELECT order_id FROM orders ORDER BY order_id LIMIT 2, 18446744073709551615")
     check(world, "SELECT order_id FROM orders ORDER BY order_id LIMIT 18446744073709551615")
+    with pytest.raises(UnsupportedQueryError, match="larger than MySQL's largest"):
+        world["router"].execute("SELECT order_id FROM orders LIMIT 18446744073709551616")
 
 
 # -- defect 19: HAVING after the merge with MySQL's comparisons --------------------------------

@@ -254,3 +254,14 @@ def test_sqlite_keyset_pages_visit_every_row_once(demo: dict[str, Any]) -> None:
         if after is None:
             break
     assert seen == expected
+
+
+def test_sqlite_having_with_string_literals_follows_mysql(demo: dict[str, Any]) -> None:
+    # SQLite would call every number smaller than any text; the router answers as MySQL does.
+    counts = Counter(r[0] for r in demo["oracle"].execute("SELECT status FROM orders"))
+    got = demo["router"].execute(
+        "SELECT status, COUNT(*) FROM orders GROUP BY status HAVING COUNT(*) > '20'"
+        " AND status <> 'zz' ORDER BY status"
+    )
+    expected = sorted((s, n) for s, n in counts.items() if n > 20)
+    assert got.rows == expected and 0 < len(expected) < len(counts)
