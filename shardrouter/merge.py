@@ -118,7 +118,9 @@ class MergePlan:
     """How to combine the shards' rows of one SELECT into the single-database answer.
 
     ``width`` leading columns are what the caller sees; columns at ``width`` and beyond are
-    helpers the planner added (ORDER BY and GROUP BY columns, AVG partials) and are dropped.
+    helpers the planner added (ORDER BY and GROUP BY columns, AVG partials, collation weights)
+    and are dropped. With a ``*`` (``width`` None) the helpers are the last ``hidden`` columns
+    and the plan's positions of them are negative, counted from the end of the row.
     ``having`` sees the merged row at full width, hidden columns included, after AVG is computed.
     With aggregates or averages but no ``group_by``, the result is a single global row.
     """
