@@ -19,6 +19,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -539,3 +541,48 @@ def test_orm_orders_strings_across_shards_under_the_collation(world: dict[str, A
         stmt = select(User).order_by(User.email.desc(), User.user_id).offset(3).limit(60)
         got = [(u.user_id,) for u in session.scalars(stmt)]
     assert got == expected
+
+
+_STRING_COLUMNS = {
+    "users": (
+        ("email", "utf8mb4_general_ci"),
+        ("name", "utf8mb4_general_ci"),
+        ("code", "utf8mb4_bin"),
+    ),
+    "orders": (("status", "utf8mb4_general_ci"),),
+    "order_items": (("sku", "utf8mb4_general_ci"),),
+}
+_UNIQUE = {"users": "user_id", "orders": "order_id", "order_items": "order_id, line"}
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_drawn_string_merges_equal_the_oracle(world: dict[str, Any], data: st.DataObject) -> None:
+    """Drawn shapes over the string columns: ORDER BY (with a unique tiebreaker), GROUP BY with
+    MIN/MAX, DISTINCT, each with LIMIT/OFFSET; the answer equals the oracle's."""
+    table = data.draw(st.sampled_from(sorted(_STRING_COLUMNS)))
+    column, collation = data.draw(st.sampled_from(_STRING_COLUMNS[table]))
+    forced = data.draw(st.sampled_from(["", " COLLATE utf8mb4_bin", " COLLATE utf8mb4_general_ci"]))
+    if forced:
+        collation = forced.split()[-1]
+    expr = f"{column}{forced}"
+    direction = data.draw(st.sampled_from(["", " DESC"]))
+    shape = data.draw(st.sampled_from(["order", "group", "distinct"]))
+    limit = data.draw(st.sampled_from(["", " LIMIT 15", " LIMIT 4, 30"]))
+    if shape == "order":
+        sql = f"SELECT {expr} AS k, {_UNIQUE[table]} FROM {table} ORDER BY k{direction}, {_UNIQUE[table]}{limit}"
+    elif shape == "group":
+        sql = (
+            f"SELECT {expr} AS k, COUNT(*) AS n, MIN({column}) AS lo, MAX({column}) AS hi"
+            f" FROM {table} GROUP BY k ORDER BY k{direction}{limit}"
+        )
+    else:
+        sql = f"SELECT DISTINCT {expr} AS k FROM {table} ORDER BY k{direction}{limit}"
+    weigh = {0: collation}
+    if shape == "group":
+        weigh.update(
+            {2: dict(_STRING_COLUMNS[table])[column], 3: dict(_STRING_COLUMNS[table])[column]}
+        )
+    check(world, sql, weigh=weigh)
