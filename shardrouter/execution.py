@@ -183,12 +183,15 @@ def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limit
     jobs = []
     lazy = scatter_sql and plan.merge is not None  # the merge may read only some rows
     for shard, targets in by_shard.items():
+        backend = _backend(topology, shard) if scatter_sql else "mysql"
         if len(targets) == 1:
-            statement: str | tuple[str, ...] = plan.render(targets[0], scatter=scatter_sql)
-        elif scatter_sql and _unions(topology, shard) and all(t.keep is None for t in targets):
+            statement: str | tuple[str, ...] = plan.render(
+                targets[0], scatter=scatter_sql, backend=backend
+            )
+        elif scatter_sql and backend != "sqlite" and all(t.keep is None for t in targets):
             statement = plan.render_union(targets)
         else:
-            statement = tuple(plan.render(t, scatter=scatter_sql) for t in targets)
+            statement = tuple(plan.render(t, scatter=scatter_sql, backend=backend) for t in targets)
         jobs.append(Job(shard, statement, params, kind, lazy=lazy))
     results = [part for r in (yield jobs) for part in r.flat()]
     shards = tuple(by_shard)
@@ -202,13 +205,14 @@ def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limit
         rows = [row for r in results for row in r.rows]
         return ResultSet(columns, rows, len(rows), shards, tuple(found.lookups), found.scatter)
     merged = list(merge(plan.merge, [r.rows for r in results]))
-    visible = columns[: plan.merge.width]
+    visible = columns[: plan.merge.visible_width(len(columns))]
     return ResultSet(visible, merged, len(merged), shards, tuple(found.lookups), found.scatter)
 
 
-def _unions(topology: Topology, shard: ShardId) -> bool:
-    """Whether the shard takes parenthesised UNION members (MySQL/MariaDB; SQLite does not)."""
-    return topology.shards[shard].primary.get_backend_name() != "sqlite"
+def _backend(topology: Topology, shard: ShardId) -> str:
+    """The shard's database ("mysql", "sqlite"): the scatter SQL differs (collation weights),
+    and only MySQL/MariaDB take parenthesised UNION members."""
+    return str(topology.shards[shard].primary.get_backend_name())
 
 
 # -- targets --------------------------------------------------------------------------------

@@ -28,23 +28,30 @@ Semantics follow MySQL/MariaDB:
 - A column that is neither a group key nor an aggregate takes the first non-``NULL`` value seen,
   a value of some row of the group (MySQL picks an arbitrary row's value there).
 
-Known limitation: values are compared by Python's rules, so strings order and group by code
-point, as under a binary collation. MySQL's default case- and accent-insensitive collations order
-``'a' < 'B'`` and group ``'a'`` with ``'A'``; the planner only accepts ORDER BY, GROUP BY and
-DISTINCT on string columns whose collation is binary or orders like one.
+Strings compare as the shards' collation does: the planner has each shard compute a sort
+key, ``WEIGHT_STRING(expr AS CHAR(n))``, as a hidden column next to every string it orders,
+groups, deduplicates or takes MIN/MAX of (``MergePlan.weights``). The merge compares those bytes
+instead of the strings and returns the shards' own values. A weight of ``NULL`` (a number, a
+date, a binary string, a SQLite shard whose strings compare as BINARY) means: compare the value.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import operator
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, TypeVar, get_args
 
+from .errors import UnsupportedQueryError
+
 __all__ = [
     "AVG_SCALE_INCREMENT",
+    "MAX_LIMIT",
+    "WEIGHT_CHARS",
     "AggFunc",
     "Aggregate",
     "Average",
@@ -63,6 +70,14 @@ _Row = TypeVar("_Row", bound=Sequence[Any])
 
 #: MySQL's default ``div_precision_increment``: digits AVG adds to the scale of its argument.
 AVG_SCALE_INCREMENT = 4
+
+#: MySQL's largest LIMIT (2**64 - 1), its spelling of "all the rest".
+MAX_LIMIT = 18446744073709551615
+
+#: Characters a string sort key covers (``WEIGHT_STRING(x AS CHAR(255))``): the padding to a
+#: fixed length gives PAD SPACE collations' ``'a' = 'a  '``; a longer string (trailing spaces
+#: aside) would be cut, so the shards send an empty weight for it and the merge refuses.
+WEIGHT_CHARS = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +118,16 @@ class MergePlan:
     """How to combine the shards' rows of one SELECT into the single-database answer.
 
     ``width`` leading columns are what the caller sees; columns at ``width`` and beyond are
-    helpers the planner added (ORDER BY and GROUP BY columns, AVG partials) and are dropped.
+    helpers the planner added (ORDER BY and GROUP BY columns, AVG partials, collation weights)
+    and are dropped. With a ``*`` (``width`` None) the helpers are the last ``hidden`` columns
+    and the plan's positions of them are negative, counted from the end of the row.
     ``having`` sees the merged row at full width, hidden columns included, after AVG is computed.
     With aggregates or averages but no ``group_by``, the result is a single global row.
     """
 
-    width: int
+    width: int | None
+    """Visible columns; None when the select list has a ``*``: then every column but the
+    ``hidden`` trailing ones is visible (the count is known only from the shards' rows)."""
     order_by: tuple[SortKey, ...] = ()
     group_by: tuple[int, ...] = ()
     aggregates: tuple[Aggregate, ...] = ()
@@ -117,22 +136,27 @@ class MergePlan:
     distinct: bool = False
     limit: int | None = None
     offset: int = 0
-    case_insensitive: bool = True
-    """Compare strings as MySQL's default collations do (utf8mb4_general_ci: case ignored,
-    trailing spaces ignored) when ordering, grouping, deduplicating and taking MIN/MAX; the
-    values returned are the shards' own. Off: code-point order (binary collations)."""
+    weights: tuple[tuple[int, int], ...] = ()
+    """(value position, weight position) pairs: where the shard put the collation sort key
+    (``WEIGHT_STRING``) of a value that is ordered, grouped, deduplicated or a MIN/MAX. The
+    merge compares the weight when it is not NULL, the value otherwise."""
+    hidden: int = 0
+    """How many trailing columns are the planner's helpers (used when ``width`` is None)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        if self.width < 0:
+        if self.width is not None and self.width < 0:
             problems.append(f"width {self.width} is negative; it counts the visible columns")
         if self.offset < 0:
             problems.append(f"offset {self.offset} is negative; OFFSET must be 0 or more")
         if self.limit is not None and self.limit < 0:
             problems.append(f"limit {self.limit} is negative; LIMIT must be 0 or more, or None")
         for what, index in self._positions():
-            if index < 0:
-                problems.append(f"{what} index {index} is negative; positions count from 0")
+            if index < 0 and (self.width is not None or index < -self.hidden):
+                problems.append(
+                    f"{what} index {index} is negative; positions count from 0 (from the end,"
+                    " within the hidden columns, when width is None)"
+                )
         for agg in self.aggregates:
             if agg.func not in _AGG_FUNCS:
                 problems.append(
@@ -155,6 +179,9 @@ class MergePlan:
             yield "average", avg.index
             yield "average sum", avg.sum_index
             yield "average count", avg.count_index
+        for value, weight in self.weights:
+            yield "weighted value", value
+            yield "weight", weight
 
     def _combine_conflicts(self) -> list[str]:
         # A position may be shared (two AVGs over one column share a COUNT partial), but it
@@ -177,7 +204,25 @@ class MergePlan:
     @property
     def columns_needed(self) -> int:
         """How many columns each shard row must have for this plan."""
+        if self.width is None:
+            return self.hidden + 1
         return max([self.width, *(index + 1 for _, index in self._positions())])
+
+    @property
+    def shard_limit(self) -> int | None:
+        """The LIMIT each shard runs: ``offset + limit`` rows, capped at MySQL's largest LIMIT
+        (``LIMIT m, 18446744073709551615`` means "to the end")."""
+        if self.limit is None:
+            return None
+        return min(self.limit + self.offset, MAX_LIMIT)
+
+    def visible_width(self, columns: int) -> int:
+        """How many of a shard result's ``columns`` the caller sees."""
+        return columns - self.hidden if self.width is None else self.width
+
+    def weight_of(self) -> dict[int, int]:
+        """The weights as a mapping from value position to weight position."""
+        return dict(self.weights)
 
 
 def _partials(plan: MergePlan) -> Iterator[tuple[int, AggFunc]]:
@@ -193,19 +238,29 @@ def merge(plan: MergePlan, shards: Sequence[Iterable[Sequence[Any]]]) -> Iterato
     """Combine the rows of ``shards`` (one iterable per shard) into the single-database answer.
 
     Each row is a sequence of column values as the shard returned it; every output row is a
-    tuple of ``plan.width`` columns. Iterating raises ValueError when a shard's first row is too
-    short for the plan (a planner bug: the shard query lacks a hidden column).
+    tuple of the plan's visible columns. Iterating raises ValueError when a shard's first row is
+    too short for the plan (a planner bug: the shard query lacks a hidden column).
     """
-    if plan.limit == 0:
-        # LIMIT 0 is empty whatever the shards hold; do not touch their cursors.
+    if plan.limit == 0 or plan.offset > sys.maxsize:
+        # LIMIT 0 is empty whatever the shards hold (and no result has 2**63 rows to skip);
+        # do not touch their cursors.
         return iter(())
     need = plan.columns_needed
     inputs = [_checked(rows, need, number) for number, rows in enumerate(shards)]
     rows = _grouped(plan, inputs, need) if plan.grouped else _streamed(plan, inputs)
     stop = None if plan.limit is None else plan.offset + plan.limit
+    if stop is not None and stop > sys.maxsize:
+        stop = None  # LIMIT 2**64-1: all the rest (islice takes no larger stop)
     # islice checks its stop before pulling, so no row past the last one needed is read.
-    width = plan.width
-    return (tuple(row[:width]) for row in itertools.islice(rows, plan.offset, stop))
+    cut = _cut(plan)
+    return (tuple(row[:cut]) for row in itertools.islice(rows, plan.offset, stop))
+
+
+def _cut(plan: MergePlan) -> int | None:
+    """The slice end that keeps the visible columns (a negative one drops the hidden tail)."""
+    if plan.width is not None:
+        return plan.width
+    return -plan.hidden if plan.hidden else None
 
 
 def _checked(rows: Iterable[Sequence[Any]], need: int, number: int) -> Iterator[Sequence[Any]]:
@@ -225,9 +280,10 @@ def _checked(rows: Iterable[Sequence[Any]], need: int, number: int) -> Iterator[
 
 def _streamed(plan: MergePlan, inputs: list[Iterator[Sequence[Any]]]) -> Iterator[Sequence[Any]]:
     rows: Iterator[Sequence[Any]]
+    weights = plan.weight_of()
     if plan.order_by:
         # heapq.merge breaks ties by input order, so equal keys keep shard order (stable).
-        key, reverse = ordering(plan.order_by, _collation(plan))
+        key, reverse = ordering(plan.order_by, weights)
         rows = heapq.merge(*inputs, key=key, reverse=reverse)
     else:
         rows = itertools.chain.from_iterable(inputs)
@@ -236,32 +292,58 @@ def _streamed(plan: MergePlan, inputs: list[Iterator[Sequence[Any]]]) -> Iterato
         having = plan.having
         rows = (row for row in rows if having(tuple(row)))
     if plan.distinct:
-        rows = _distinct(rows, plan.width, _collation(plan))
+        rows = _distinct(rows, _cut(plan), weights)
     return rows
 
 
-def _collation(plan: MergePlan) -> Callable[[Any], Any]:
-    return _fold if plan.case_insensitive else _same
+def _too_long() -> UnsupportedQueryError:
+    return UnsupportedQueryError(
+        f"a string longer than {WEIGHT_CHARS} characters is ordered, grouped, deduplicated or"
+        " compared across shards, where its collation sort key (WEIGHT_STRING) would be cut;"
+        " route the query by a key, or order by a prefix (LEFT(x, 255))"
+    )
 
 
-def _fold(value: Any) -> Any:
-    """The comparison form of a value under a case-insensitive, PAD SPACE collation."""
-    return value.rstrip(" ").lower() if isinstance(value, str) else value
+def _comparable(value: Any, weight: Any) -> Any:
+    """What the merge compares for a value: its collation weight, or itself (no weight)."""
+    if weight is None:
+        return value
+    if weight:
+        return weight
+    raise _too_long()
 
 
-def _same(value: Any) -> Any:
-    return value
+def _getter(index: int, weights: Mapping[int, int]) -> Callable[[Sequence[Any]], Any]:
+    """A function giving the comparable form of the value at ``index`` of a row."""
+    weight = weights.get(index)
+    if weight is None:
+        return operator.itemgetter(index)
+
+    def comparable(row: Sequence[Any]) -> Any:
+        w = row[weight]
+        if w is None:
+            return row[index]
+        if w:
+            return w
+        raise _too_long()
+
+    return comparable
 
 
 def _distinct(
-    rows: Iterable[_Row], width: int, collate: Callable[[Any], Any] = _same
+    rows: Iterable[_Row], cut: int | None, weights: Mapping[int, int] | None = None
 ) -> Iterator[_Row]:
     """First occurrence of each distinct visible row, in input order, lazily."""
     seen: set[tuple[Any, ...]] = set()
+    pairs = sorted((weights or {}).items())
     for row in rows:
-        visible = tuple(collate(v) for v in row[:width])
-        if visible not in seen:
-            seen.add(visible)
+        visible = list(row[:cut])
+        for index, weight in pairs:
+            if index < len(visible):
+                visible[index] = _comparable(row[index], row[weight])
+        key = tuple(visible)
+        if key not in seen:
+            seen.add(key)
             yield row
 
 
@@ -269,13 +351,21 @@ def _grouped(
     plan: MergePlan, inputs: list[Iterator[Sequence[Any]]], need: int
 ) -> Iterator[tuple[Any, ...]]:
     """Combine partial groups from every shard, then AVG, HAVING, DISTINCT and ORDER BY."""
-    collate = _collation(plan)
-    combiners = {index: _combiner(func, collate) for index, func in _partials(plan)}
-    keys = plan.group_by
+    weights = plan.weight_of()
+    combiners = {index: _COMBINE[func] for index, func in _partials(plan)}
+    # MIN/MAX of strings compare by weight and carry the weight along with the value.
+    paired: dict[int, tuple[int, bool]] = {}
+    for agg in plan.aggregates:
+        weight = weights.get(agg.index)
+        if agg.func in ("min", "max") and weight is not None:
+            paired[agg.index] = (weight, agg.func == "min")
+            del combiners[agg.index]
+    carried = {w for w, _ in paired.values()}
+    getters = [_getter(i, weights) for i in plan.group_by]
     groups: dict[tuple[Any, ...], list[Any]] = {}
     for row in itertools.chain.from_iterable(inputs):
         # Python's None == None puts every NULL key in one group, as SQL's GROUP BY does.
-        key = tuple(collate(row[i]) for i in keys)
+        key = tuple(get(row) for get in getters)
         state = groups.get(key)
         if state is None:
             groups[key] = list(row)
@@ -284,9 +374,14 @@ def _grouped(
             combine = combiners.get(index)
             if combine is not None:
                 state[index] = combine(state[index], value)
-            elif state[index] is None:
+            elif index in paired:
+                weight, smallest = paired[index]
+                if _better(value, row[weight], state[index], state[weight], smallest):
+                    state[index] = value
+                    state[weight] = row[weight]
+            elif state[index] is None and index not in carried:
                 state[index] = value
-    if not keys and not groups:
+    if not plan.group_by and not groups:
         # A global aggregate over no rows at all is still one row: COUNT 0, the rest NULL.
         groups[()] = [None] * need
     merged: Iterable[tuple[Any, ...]] = (_finish(plan, state) for state in groups.values())
@@ -294,11 +389,21 @@ def _grouped(
         having = plan.having
         merged = (row for row in merged if having(row))
     if plan.distinct:
-        merged = _distinct(merged, plan.width, collate)
+        merged = _distinct(merged, _cut(plan), weights)
     if plan.order_by:
-        order, reverse = ordering(plan.order_by, collate)
+        order, reverse = ordering(plan.order_by, weights)
         merged = sorted(merged, key=order, reverse=reverse)
     yield from merged
+
+
+def _better(value: Any, weight: Any, best: Any, best_weight: Any, smallest: bool) -> bool:
+    """Whether a MIN (``smallest``) or MAX partial beats the best so far; NULLs never do."""
+    if value is None:
+        return False
+    if best is None:
+        return True
+    a, b = _comparable(value, weight), _comparable(best, best_weight)
+    return bool(a < b) if smallest else bool(a > b)
 
 
 def _finish(plan: MergePlan, state: list[Any]) -> tuple[Any, ...]:
@@ -322,22 +427,14 @@ def _add(total: Any, partial: Any) -> Any:
     return total + partial
 
 
-def _combiner(func: str, collate: Callable[[Any], Any]) -> Callable[[Any, Any], Any]:
-    if func == "min":
-        return lambda best, partial: _least(best, partial, collate)
-    if func == "max":
-        return lambda best, partial: _greatest(best, partial, collate)
-    return _COMBINE[func]
-
-
-def _least(best: Any, partial: Any, collate: Callable[[Any], Any] = _same) -> Any:
-    if best is None or (partial is not None and collate(partial) < collate(best)):
+def _least(best: Any, partial: Any) -> Any:
+    if best is None or (partial is not None and partial < best):
         return partial
     return best
 
 
-def _greatest(best: Any, partial: Any, collate: Callable[[Any], Any] = _same) -> Any:
-    if best is None or (partial is not None and collate(partial) > collate(best)):
+def _greatest(best: Any, partial: Any) -> Any:
+    if best is None or (partial is not None and partial > best):
         return partial
     return best
 
@@ -394,41 +491,45 @@ class _Descending:
     __hash__ = None  # type: ignore[assignment]
 
 
+_NO_WEIGHTS: Mapping[int, int] = {}
+
+
 def ordering(
-    order_by: Sequence[SortKey], collate: Callable[[Any], Any] = _same
+    order_by: Sequence[SortKey], weights: Mapping[int, int] = _NO_WEIGHTS
 ) -> tuple[Callable[[Sequence[Any]], tuple[Any, ...]], bool]:
     """(key, reverse) for sorted() and heapq.merge(). When every term has the same direction,
     an all-DESC order is the ascending key reversed (NULLs, the smallest, then come last, as
     in MySQL), which spares a wrapper object per value; mixed directions use sort_key."""
     if all(k.descending for k in order_by):
         ascending = [SortKey(k.index, False) for k in order_by]
-        return sort_key(ascending, collate), True
-    return sort_key(order_by, collate), False
+        return sort_key(ascending, weights), True
+    return sort_key(order_by, weights), False
 
 
 def sort_key(
-    order_by: Sequence[SortKey], collate: Callable[[Any], Any] = _same
+    order_by: Sequence[SortKey], weights: Mapping[int, int] = _NO_WEIGHTS
 ) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-    """A key function ordering rows as MySQL's ORDER BY does, NULLs included.
+    """A key function ordering rows as MySQL's ORDER BY does, NULLs included, comparing a
+    value's collation weight where ``weights`` has one.
 
     Each term contributes a flag and a value: ascending puts NULL (flag 0) before values
     (flag 1), descending puts values (flag 0, reversed) before NULL (flag 1). Equal flags mean
     both NULL or both not, so a value is never compared with NULL.
     """
-    terms = tuple((key.index, key.descending) for key in order_by)
+    terms = tuple((_getter(key.index, weights), key.descending) for key in order_by)
     if len(terms) == 1 and not terms[0][1]:
-        ((index, _),) = terms
+        ((get, _),) = terms
 
         def one(row: Sequence[Any]) -> tuple[Any, ...]:
-            value = collate(row[index])
+            value = get(row)
             return (0, None) if value is None else (1, value)
 
         return one
 
     def key(row: Sequence[Any]) -> tuple[Any, ...]:
         parts: list[Any] = []
-        for index, descending in terms:
-            value = collate(row[index])
+        for get, descending in terms:
+            value = get(row)
             if value is None:
                 parts += (1, None) if descending else (0, None)
             elif descending:

@@ -104,7 +104,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, and_, column, delete, event, inspect, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    LargeBinary,
+    Table,
+    and_,
+    case,
+    column,
+    delete,
+    event,
+    func,
+    inspect,
+    literal,
+    null,
+    text,
+)
 from sqlalchemy import table as table_clause
 from sqlalchemy.engine import Dialect, IteratorResult, Result
 from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
@@ -135,7 +150,7 @@ from .errors import (
     UnsupportedQueryError,
 )
 from .execution import lookup_upsert
-from .merge import MergePlan, SortKey, merge
+from .merge import WEIGHT_CHARS, MergePlan, SortKey, merge
 from .planner import Plan, Target
 from .router import Router, _sql_and_params
 from .strategies import LookupStrategy
@@ -754,18 +769,30 @@ class RoutedSession(ShardedSession):
         """ORDER BY/LIMIT/OFFSET across placements: each returns its first rows in order, with
         the sort keys as extra columns, and a k-way merge keeps the global first ones."""
         terms = _sort_terms(stmt)
-        shard_stmt = stmt.add_columns(*(expr for expr, _ in terms)).offset(None)
-        if plan.limit is not None:
-            shard_stmt = shard_stmt.limit(plan.limit + plan.offset)
+        extra = [expr for expr, _ in terms]
+        # MySQL/MariaDB: each sort key's collation weight too, as the router's scatter does
+        # (SQLite's BINARY strings order as Python's do).
+        backend = self.connection(bind_arguments={"shard_id": tokens[0]}).dialect.name
+        weighed = backend in ("mysql", "mariadb")
+        if weighed:
+            extra += [_weight(expr) for expr, _ in terms]
+        shard_stmt = stmt.add_columns(*extra).offset(None)
+        if plan.shard_limit is not None:
+            shard_stmt = shard_stmt.limit(plan.shard_limit)
         parts = [self._invoke(ctx, t, shard_stmt) for t in tokens]
         keys = list(parts[0].keys())
-        width = len(keys) - len(terms)
+        width = len(keys) - len(extra)
+        count = len(terms)
         rows = [_fetch(part) for part in parts]
         merged = merge(
             replace(
                 plan,
                 width=width,
                 order_by=tuple(SortKey(width + i, desc) for i, (_, desc) in enumerate(terms)),
+                weights=tuple(
+                    (width + i, width + count + i) for i in range(count if weighed else 0)
+                ),
+                hidden=len(extra),
             ),
             rows,
         )
@@ -795,13 +822,18 @@ class RoutedSession(ShardedSession):
         rows: list[list[Any]] = []
         for token in tokens:
             placement = self._routing.placements[token]
-            sql = plan.render(Target(placement.shard, placement.residue or 0), scatter=True)
             conn = self.connection(bind_arguments={"shard_id": token})
+            sql = plan.render(
+                Target(placement.shard, placement.residue or 0),
+                scatter=True,
+                backend=conn.dialect.name,
+            )
             result = conn.execute(text(sql), dict(values))
             columns = tuple(result.keys())
             rows.append(list(result.all()))
         merged = list(merge(merge_plan, rows))
-        return IteratorResult(SimpleResultMetaData(columns[: merge_plan.width]), iter(merged))
+        visible = columns[: merge_plan.visible_width(len(columns))]
+        return IteratorResult(SimpleResultMetaData(visible), iter(merged))
 
     def _write(self, ctx: ORMExecuteState, stmt: Update | Delete) -> Result[Any]:
         if ctx.is_executemany:
@@ -869,6 +901,17 @@ def _explicit_token(ctx: ORMExecuteState) -> Any:
 
 def _lookup_key(row: _LookupRow) -> tuple[ShardId, str, tuple[tuple[str, Any], ...]]:
     return row.shard, row.physical, tuple(sorted(row.row.items()))
+
+
+def _weight(expr: ColumnElement[Any]) -> ColumnElement[Any]:
+    """The collation sort key of ``expr``, spelled as scatter.weight spells it for the router
+    (RPAD to 255 characters stands for ``AS CHAR(255)``, which SQLAlchemy has no construct
+    for: the same weights under PAD SPACE collations)."""
+    return case(
+        (func.collation(expr) == "binary", null()),
+        (func.char_length(func.rtrim(expr)) > WEIGHT_CHARS, literal(b"", LargeBinary)),
+        else_=func.weight_string(func.rpad(expr, WEIGHT_CHARS, " ")),
+    )
 
 
 def _sort_terms(stmt: Select[Any]) -> list[tuple[ColumnElement[Any], bool]]:

@@ -25,7 +25,7 @@ from sqlglot.errors import ParseError
 from .errors import UnsupportedQueryError
 from .merge import MergePlan
 from .refs import ValueRef, value_ref
-from .scatter import scatter
+from .scatter import scatter, union_order_by, without_weights
 from .strategies import LookupStrategy
 from .topology import KeyRule, TableRule, Topology
 
@@ -87,12 +87,13 @@ class Plan:
         """The cheapest condition on a functional key (no lookup needed), if any."""
         return next((c for c in self.conditions if c.rule.lookup_table is None), None)
 
-    def render(self, target: Target, *, scatter: bool) -> str:
-        """The SQL for ``target`` (physical names, IN subset); cached per kind of target."""
-        key = (target.split, target.keep, target.conjunct, scatter)
+    def render(self, target: Target, *, scatter: bool, backend: str = "mysql") -> str:
+        """The SQL for ``target`` (physical names, IN subset); cached per kind of target.
+        ``backend`` "sqlite": the scatter SQL without collation weights (SQLite has none)."""
+        key = (target.split, target.keep, target.conjunct, scatter, backend)
         sql = self._rendered.get(key)
         if sql is None:
-            sql = self._render(target, scatter)
+            sql = self._render(target, scatter, backend)
             with self._lock:
                 if len(self._rendered) > 512:  # bounded: IN subsets could vary without end
                     self._rendered.clear()
@@ -112,18 +113,17 @@ class Plan:
         glue = " UNION " if distinct else " UNION ALL "  # duplicates would eat the LIMIT
         sql = glue.join(f"({self.render(t, scatter=True)})" for t in targets)
         if merge_plan is not None and not merge_plan.grouped:
-            if merge_plan.order_by:
-                sql += " ORDER BY " + ", ".join(
-                    f"{k.index + 1}{' DESC' if k.descending else ''}" for k in merge_plan.order_by
-                )
-            if merge_plan.limit is not None:
-                sql += f" LIMIT {merge_plan.limit + merge_plan.offset}"
+            sql += union_order_by(merge_plan)
+            if merge_plan.shard_limit is not None:
+                sql += f" LIMIT {merge_plan.shard_limit}"
         with self._lock:
             self._rendered[key] = sql
         return sql
 
-    def _render(self, target: Target, scatter: bool) -> str:
+    def _render(self, target: Target, scatter: bool, backend: str = "mysql") -> str:
         tree = (self.scatter_ast if scatter and self.scatter_ast is not None else self.ast).copy()
+        if scatter and backend == "sqlite":
+            tree = without_weights(tree)
         names = {t.name: t.physical(target.split) for t in self.tables}
         renamed: dict[str, str] = {}
         for table in list(tree.find_all(exp.Table)):

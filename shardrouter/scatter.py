@@ -1,16 +1,20 @@
 """The scatter rewrite: a SELECT as each shard runs it for a fan-out, and how the merge
-combines the shards' rows (hidden ORDER/GROUP columns, AVG -> SUM + COUNT, LIMIT n+m, HAVING
-moved after the merge)."""
+combines the shards' rows (hidden ORDER/GROUP columns and their collation weights, AVG -> SUM +
+COUNT, LIMIT n+m, HAVING moved after the merge)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from collections.abc import Callable
-from typing import Any
+from decimal import ROUND_HALF_UP, Decimal, localcontext
+from typing import Any, cast
 
 from sqlglot import exp
 
 from .errors import UnsupportedQueryError
-from .merge import Aggregate, Average, MergePlan, SortKey
+from .merge import AVG_SCALE_INCREMENT, MAX_LIMIT, WEIGHT_CHARS, Aggregate, Average, MergePlan
+from .merge import SortKey as SortKey
 from .refs import value_ref
 
 _AGGREGATES: dict[type[exp.Expression], str] = {
@@ -20,22 +24,99 @@ _AGGREGATES: dict[type[exp.Expression], str] = {
     exp.Max: "max",
 }
 
+_WEIGHT = "shardrouter_weight"
+"""Meta flag on the hidden weight columns, so a backend without WEIGHT_STRING can drop them."""
+_PICK = "shardrouter_pick"
+"""Meta flag on HAVING's ``IF(FALSE, x, 'literal')`` helpers (a literal in x's collation)."""
+
+# Expressions whose value is never a string: they need no collation weight.
+_NOT_STRINGS = (
+    exp.Count,
+    exp.Sum,
+    exp.Avg,
+    exp.Add,
+    exp.Sub,
+    exp.Mul,
+    exp.Div,
+    exp.Mod,
+    exp.Neg,
+    exp.Predicate,
+    exp.Connector,
+    exp.Not,
+    exp.Boolean,
+    exp.Null,
+)
+
+
+def weight(expr: exp.Expression) -> exp.Expression:
+    """The shard-side sort key of ``expr`` under its own collation, as a hidden column.
+
+    ``WEIGHT_STRING(x AS CHAR(n))`` pads to ``n`` characters, which makes PAD SPACE collations'
+    ``'a' = 'a  '`` hold for the weights too (without AS CHAR, MariaDB 10.11 weighs trailing
+    spaces). Numbers, dates and binary strings have the collation ``binary``: their weight is
+    NULL and the merge compares the value itself (WEIGHT_STRING(12) weighs the text '12', which
+    orders 9 after 12). A string that padding would cut gets an empty weight; the merge refuses
+    it rather than compare a prefix.
+    """
+    chars = exp.Literal.number(WEIGHT_CHARS)
+    node = exp.If(
+        this=exp.EQ(this=exp.Collation(this=expr.copy()), expression=exp.Literal.string("binary")),
+        true=exp.Null(),
+        false=exp.If(
+            this=exp.GT(
+                this=exp.Anonymous(
+                    this="CHAR_LENGTH",
+                    expressions=[exp.Trim(this=expr.copy(), position="TRAILING")],
+                ),
+                expression=chars,
+            ),
+            true=exp.HexString(this=""),
+            false=exp.WeightString(
+                this=expr.copy(),
+                to=exp.DataType(
+                    this=exp.DataType.Type.CHAR, expressions=[exp.DataTypeParam(this=chars.copy())]
+                ),
+            ),
+        ),
+    )
+    node.meta[_WEIGHT] = True
+    return node
+
+
+def without_weights(tree: exp.Expression) -> exp.Expression:
+    """``tree`` for a shard without WEIGHT_STRING (SQLite, whose strings compare as BINARY,
+    i.e. by code point, as Python's do): every weight column becomes NULL, so the merge
+    compares the values."""
+    copy = tree.copy()
+    for node in list(copy.find_all(exp.If)):
+        if node.meta.get(_WEIGHT):
+            node.replace(exp.Null())
+        elif node.meta.get(_PICK):
+            node.replace(node.args["false"])  # the literal itself (SQLite has no IF)
+    return copy
+
 
 def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
     """Rewrite a SELECT for fan-out and describe how to merge the shards' rows."""
     shard = tree.copy()
     select_items = list(shard.expressions)
-    if any(
-        isinstance(item, exp.Star)
+    stars = [
+        i
+        for i, item in enumerate(select_items)
+        if isinstance(item, exp.Star)
         or (isinstance(item, exp.Column) and isinstance(item.this, exp.Star))
-        for item in select_items
-    ):
+    ]
+    star_at = stars[0] if stars else None
+    if star_at is not None:
         if shard.args.get("group") or any(_aggregate_of(i) for i in select_items):
-            raise UnsupportedQueryError("SELECT * with aggregates is not supported")
-        if shard.args.get("order"):
             raise UnsupportedQueryError(
-                "SELECT * with ORDER BY across shards: name the columns so the merge can"
-                " find the sort keys"
+                "SELECT * with aggregates or GROUP BY across shards is not supported; name the"
+                " columns"
+            )
+        if shard.args.get("distinct"):
+            raise UnsupportedQueryError(
+                "SELECT DISTINCT * across shards: name the columns (the merge deduplicates each"
+                " string column by its collation weight)"
             )
     for window in tree.find_all(exp.Window):
         raise UnsupportedQueryError(
@@ -56,11 +137,26 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
             )
     width = len(select_items)
     hidden: list[exp.Expression] = []
+    # With a `*`, only the items before it have a position known before the shards answer;
+    # other references get a hidden copy after everything (positions from the end).
+    known = width if star_at is None else star_at
+
+    def add_hidden(expr: exp.Expression) -> int:
+        for j, extra in enumerate(hidden):
+            if extra == expr:
+                return width + j
+        hidden.append(expr.copy())
+        return width + len(hidden) - 1
 
     def position_of(expr: exp.Expression) -> int:
         """Position of ``expr`` among select items (by alias, position or equality)."""
         if isinstance(expr, exp.Literal) and not expr.is_string:
             pos = int(expr.this) - 1
+            if star_at is not None and pos >= known:
+                raise UnsupportedQueryError(
+                    f"ORDER BY/GROUP BY position {expr.this} points into a * across shards;"
+                    " name the column"
+                )
             if not 0 <= pos < width:
                 raise UnsupportedQueryError(f"ORDER BY position {expr.this} is out of range")
             return pos
@@ -68,8 +164,8 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
             # Aliases first, as MySQL resolves ORDER BY names: `a AS b, b AS a ORDER BY a`.
             for i, item in enumerate(select_items):
                 if item.alias and item.alias.lower() == expr.name.lower():
-                    return i
-        for i, item in enumerate(select_items):
+                    return i if i < known else add_hidden(item.unalias())
+        for i, item in enumerate(select_items[:known]):
             if item.unalias() == expr or (
                 isinstance(expr, exp.Column)
                 and isinstance(item.unalias(), exp.Column)
@@ -77,11 +173,7 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
                 and (not expr.table or item.unalias().table in ("", expr.table))
             ):
                 return i
-        for j, extra in enumerate(hidden):
-            if extra == expr:
-                return width + j
-        hidden.append(expr.copy())
-        return width + len(hidden) - 1
+        return add_hidden(expr)
 
     aggregates: list[Aggregate] = []
     averages: list[Average] = []
@@ -108,12 +200,42 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
             arg = inner.this
             sum_expr = exp.Sum(this=arg.copy())
             count_expr = exp.Count(this=arg.copy())
-            new_items.append(exp.alias_(sum_expr, item.alias) if item.alias else sum_expr)  # type: ignore[arg-type]
+            # The SUM partial stands where the AVG was: it keeps the AVG's label, the one a
+            # single database gives (the statement's text of the item when it has no alias).
+            label = item.alias or inner.sql(dialect="mysql")
+            new_items.append(
+                cast(exp.Expression, exp.alias_(sum_expr, label, quoted=not item.alias))
+            )
             hidden.append(count_expr)
             averages.append(Average(index=i, sum_index=i, count_index=width + len(hidden) - 1))
         else:
             new_items.append(item)
             aggregates.append(Aggregate(index=i, func=func))  # type: ignore[arg-type]
+
+    weights: dict[int, int] = {}
+
+    def expression_at(pos: int) -> exp.Expression:
+        return (
+            cast(exp.Expression, new_items[pos].unalias()) if pos < width else hidden[pos - width]
+        )
+
+    def weight_of(pos: int) -> int | None:
+        """Position of the collation weight of the value at ``pos`` (added on first use), or
+        None for an expression that is never a string."""
+        if pos in weights:
+            return weights[pos]
+        expr = expression_at(pos)
+        if (
+            isinstance(expr, _NOT_STRINGS)
+            or (isinstance(expr, exp.Literal) and not expr.is_string)
+            or any(a.index == pos and a.func in ("count", "sum") for a in aggregates)
+            or any(pos in (a.index, a.sum_index, a.count_index) for a in averages)
+        ):
+            return None
+        hidden.append(weight(expr))
+        weights[pos] = width + len(hidden) - 1
+        return weights[pos]
+
     group = shard.args.get("group")
     group_positions: tuple[int, ...] = ()
     if group is not None:
@@ -129,7 +251,7 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
     if having is not None and grouping:
         # Partial groups cannot be filtered: HAVING moves to the merge. Without grouping it
         # filters single rows like WHERE and stays on the shards (before their LIMIT).
-        having_fn = _compile_having(having.this, position_of, aggregates, averages, hidden, width)
+        having_fn = _Having(position_of, weight_of, add_hidden, expression_at).compile(having.this)
         shard.set("having", None)
     order = shard.args.get("order")
     sort_keys: list[SortKey] = []
@@ -140,6 +262,7 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
             )
             if ordered.args.get("nulls_first") is not None and "NULLS" in ordered.sql().upper():
                 raise UnsupportedQueryError("NULLS FIRST/LAST is not MySQL syntax")
+    sort_hidden = len(hidden)  # the helpers before any weight column
     # Aggregates hidden by HAVING are partials too: they merge like the visible ones.
     for j, extra in enumerate(hidden):
         func = _aggregate_of(extra)
@@ -151,29 +274,37 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
             and not any(a.count_index == pos for a in averages)
         ):
             aggregates.append(Aggregate(index=pos, func=func))  # type: ignore[arg-type]
-    shard.set("expressions", new_items + [h.copy() for h in hidden])
+    # Every value the merge compares gets its weight: sort keys, group keys, MIN/MAX partials
+    # and, for DISTINCT, every visible column.
+    compared = [k.index for k in sort_keys] + list(group_positions)
+    compared += [a.index for a in aggregates if a.func in ("min", "max")]
+    if shard.args.get("distinct"):
+        compared += range(width)
+    for pos in compared:
+        weight_of(pos)
     limit = shard.args.get("limit")
     offset = shard.args.get("offset")
     limit_n = _int_of(limit.expression) if limit is not None else None
     offset_n = _int_of(offset.expression) if offset is not None else 0
     grouped = grouping or bool(aggregates)
-    if grouped:
-        # Partial groups must all reach the merge: no LIMIT, ORDER or HAVING on the shards.
-        shard.set("limit", None)
-        shard.set("offset", None)
-        shard.set("order", None)
-    else:
-        shard.set("offset", None)
-        if limit_n is not None:
-            shard.set("limit", exp.Limit(expression=exp.Literal.number(limit_n + offset_n)))
-    if shard.args.get("distinct") and hidden and not grouped:
+    if shard.args.get("distinct") and sort_hidden and not grouped:
         raise UnsupportedQueryError(
             "SELECT DISTINCT with ORDER BY on a column that is not selected cannot be merged;"
             " select the ORDER BY columns too"
         )
+
+    def final(pos: int) -> int:
+        # With a `*` the visible width is the shards' business: helpers count from the end.
+        return pos - width - len(hidden) if star_at is not None and pos >= width else pos
+
+    # Hidden columns are named, so a UNION of split tables can order by them (union_order).
+    shard.set(
+        "expressions",
+        new_items + [exp.alias_(h.copy(), hidden_name(j)) for j, h in enumerate(hidden)],
+    )
     plan = MergePlan(
-        width=width,
-        order_by=tuple(sort_keys),
+        width=None if star_at is not None else width,
+        order_by=tuple(SortKey(final(k.index), k.descending) for k in sort_keys),
         group_by=group_positions,
         aggregates=tuple(aggregates),
         averages=tuple(averages),
@@ -181,8 +312,41 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
         distinct=bool(tree.args.get("distinct")),
         limit=limit_n,
         offset=offset_n,
+        weights=tuple((final(v), final(w)) for v, w in weights.items()),
+        hidden=len(hidden),
     )
+    if grouped:
+        # Partial groups must all reach the merge: no LIMIT, ORDER or HAVING on the shards.
+        shard.set("limit", None)
+        shard.set("offset", None)
+        shard.set("order", None)
+    else:
+        shard.set("offset", None)
+        if plan.shard_limit is not None:
+            shard.set("limit", exp.Limit(expression=exp.Literal.number(plan.shard_limit)))
     return shard, plan
+
+
+def hidden_name(j: int) -> str:
+    """The label of the ``j``-th hidden column of a scatter statement."""
+    return f"shardrouter_h{j}"
+
+
+def union_order_by(plan: MergePlan) -> str:
+    """The ORDER BY of a UNION of scatter statements: positions for the leading columns, names
+    for the hidden ones (with a ``*`` their positions are known only from the result)."""
+    if not plan.order_by:
+        return ""
+    terms = []
+    for key in plan.order_by:
+        if plan.width is None and key.index < 0:
+            column = hidden_name(plan.hidden + key.index)
+        elif plan.width is not None and key.index >= plan.width:
+            column = hidden_name(key.index - plan.width)
+        else:
+            column = str(key.index + 1)
+        terms.append(column + (" DESC" if key.descending else ""))
+    return " ORDER BY " + ", ".join(terms)
 
 
 def _aggregate_of(expr: exp.Expression) -> str | None:
@@ -195,78 +359,278 @@ def _aggregate_of(expr: exp.Expression) -> str | None:
     return None
 
 
-_COMPARE: dict[type[exp.Expression], Callable[[Any, Any], bool]] = {
-    exp.EQ: lambda a, b: a == b,
-    exp.NEQ: lambda a, b: a != b,
-    exp.GT: lambda a, b: a > b,
-    exp.GTE: lambda a, b: a >= b,
-    exp.LT: lambda a, b: a < b,
-    exp.LTE: lambda a, b: a <= b,
+# -- HAVING after the merge ------------------------------------------------------------------
+
+_Operand = Callable[[tuple[Any, ...]], tuple[Any, Any]]
+"""A HAVING operand: its value in a merged row and, for a string, its collation weight."""
+
+_COMPARE: dict[type[exp.Expression], Callable[[int], bool]] = {
+    exp.EQ: lambda c: c == 0,
+    exp.NEQ: lambda c: c != 0,
+    exp.GT: lambda c: c > 0,
+    exp.GTE: lambda c: c >= 0,
+    exp.LT: lambda c: c < 0,
+    exp.LTE: lambda c: c <= 0,
 }
 
+_ARITHMETIC = (exp.Add, exp.Sub, exp.Mul, exp.Div)
 
-def _compile_having(
-    node: exp.Expression,
-    position_of: Callable[[exp.Expression], int],
-    aggregates: list[Aggregate],
-    averages: list[Average],
-    hidden: list[exp.Expression],
-    width: int,
-) -> Callable[[tuple[Any, ...]], bool]:
-    """HAVING as a predicate over merged rows (SQL three-valued logic: NULL is not true)."""
 
-    def operand(expr: exp.Expression) -> Callable[[tuple[Any, ...]], Any]:
+class _Having:
+    """Compiles a HAVING condition into a predicate over merged rows, with MySQL's rules:
+    three-valued logic (NULL is not true), a string compared with a number as a number, with a
+    date or datetime as one, with a string under the collation (both weights from the shards),
+    and ``/`` giving a DECIMAL with 4 more digits of scale."""
+
+    def __init__(
+        self,
+        position_of: Callable[[exp.Expression], int],
+        weight_of: Callable[[int], int | None],
+        add_hidden: Callable[[exp.Expression], int],
+        expression_at: Callable[[int], exp.Expression],
+    ) -> None:
+        self.position_of = position_of
+        self.weight_of = weight_of
+        self.add_hidden = add_hidden
+        self.expression_at = expression_at
+
+    def compile(self, node: exp.Expression) -> Callable[[tuple[Any, ...]], bool]:
+        predicate = self.build(node)
+        return lambda row: predicate(row) is True
+
+    def build(self, expr: exp.Expression) -> Callable[[tuple[Any, ...]], bool | None]:
         if isinstance(expr, exp.Paren):
-            return operand(expr.this)
-        ref = value_ref(expr)
-        if ref is not None and ref.param is None:
-            value = ref.literal
-            return lambda row: value
-        if isinstance(expr, exp.Literal):
-            text = expr.this
-            number = float(text)
-            return lambda row: number
+            return self.build(expr.this)
+        if isinstance(expr, exp.And):
+            left, right = self.build(expr.this), self.build(expr.expression)
+            return lambda row: _and(left(row), right(row))
+        if isinstance(expr, exp.Or):
+            left, right = self.build(expr.this), self.build(expr.expression)
+            return lambda row: _or(left(row), right(row))
+        if isinstance(expr, exp.Not):
+            inner = self.build(expr.this)
+            return lambda row: None if (v := inner(row)) is None else not v
+        test = _COMPARE.get(type(expr))
+        if test is None:
+            raise UnsupportedQueryError(
+                f"HAVING {expr.sql(dialect='mysql')!r} is not supported across shards"
+                " (use comparisons of selected columns, aggregates and arithmetic with literals)"
+            )
+        left_node, right_node = expr.this, expr.expression
+        left_value = self.operand(left_node, right_node)
+        right_value = self.operand(right_node, left_node)
+
+        def check(row: tuple[Any, ...]) -> bool | None:
+            (a, wa), (b, wb) = left_value(row), right_value(row)
+            if a is None or b is None:
+                return None
+            return test(compare(a, wa, b, wb))
+
+        return check
+
+    def operand(self, expr: exp.Expression, other: exp.Expression) -> _Operand:
+        """``expr``'s value (and weight); ``other`` is what it is compared with, whose collation
+        a string literal takes."""
+        if isinstance(expr, exp.Paren):
+            return self.operand(expr.this, other)
         if isinstance(expr, exp.Placeholder):
             raise UnsupportedQueryError(
                 "parameters in HAVING are not supported across shards; write the value"
             )
+        if isinstance(expr, exp.Literal) and expr.is_string:
+            return self.string_literal(expr, other)
+        ref = value_ref(expr)
+        if ref is not None and ref.param is None:
+            value = ref.literal
+            return lambda row: (value, None)
+        if isinstance(expr, exp.Literal):
+            number = _number(expr.this)
+            return lambda row: (number, None)
+        if isinstance(expr, exp.Null):
+            return lambda row: (None, None)
+        if isinstance(expr, exp.Neg):
+            inner = self.operand(expr.this, other)
+            return lambda row: (_negate(inner(row)[0]), None)
+        if isinstance(expr, _ARITHMETIC):
+            a, b = self.operand(expr.this, other), self.operand(expr.expression, other)
+            apply = _ARITHMETIC_OPS[type(expr)]
+            return lambda row: (apply(a(row)[0], b(row)[0]), None)
         if isinstance(expr, exp.Avg):
             raise UnsupportedQueryError(
                 "AVG in HAVING across shards: select the AVG and filter on its alias"
             )
-        pos = position_of(expr)
-        return lambda row: row[pos]
-
-    def build(expr: exp.Expression) -> Callable[[tuple[Any, ...]], bool | None]:
-        if isinstance(expr, exp.Paren):
-            return build(expr.this)
-        if isinstance(expr, exp.And):
-            left, right = build(expr.this), build(expr.expression)
-            return lambda row: _and(left(row), right(row))
-        if isinstance(expr, exp.Or):
-            left, right = build(expr.this), build(expr.expression)
-            return lambda row: _or(left(row), right(row))
-        if isinstance(expr, exp.Not):
-            inner = build(expr.this)
-            return lambda row: None if (v := inner(row)) is None else not v
-        compare = _COMPARE.get(type(expr))
-        if compare is None:
+        if _aggregate_of(expr) is None and any(True for _ in expr.find_all(exp.AggFunc)):
+            # A function of an aggregate computed per shard would see only partials.
             raise UnsupportedQueryError(
-                f"HAVING {expr.sql(dialect='mysql')!r} is not supported across shards"
-                " (use comparisons of selected columns or aggregates with literals)"
+                f"HAVING operand {expr.sql(dialect='mysql')!r} applies a function to an"
+                " aggregate across shards; select the aggregate and filter in the application"
             )
-        left_v, right_v = operand(expr.this), operand(expr.expression)
+        pos = self.position_of(expr)
+        weight_pos = self.weight_of(pos)
+        if weight_pos is None:
+            return lambda row: (row[pos], None)
+        return lambda row: (row[pos], row[weight_pos])
 
-        def check(row: tuple[Any, ...]) -> bool | None:
-            a, b = left_v(row), right_v(row)
-            if a is None or b is None:
-                return None
-            return compare(a, b)
+    def string_literal(self, expr: exp.Literal, other: exp.Expression) -> _Operand:
+        text = expr.this
+        target: exp.Expression = cast(exp.Expression, other.unalias())
+        while isinstance(target, exp.Paren):
+            target = target.this
+        func = _aggregate_of(target)
+        if (
+            isinstance(target, (exp.Literal, exp.Placeholder, exp.Null, exp.Neg, *_ARITHMETIC))
+            or func == "avg"
+            or (func is None and any(True for _ in target.find_all(exp.AggFunc)))
+        ):
+            # Not a string the shards can weigh (the other operand refuses what cannot merge).
+            return lambda row: (text, None)
+        # The literal's weight under the collation of what it is compared with: IF(FALSE, x,
+        # 'lit') takes x's collation (a column's beats a literal's), and its value is 'lit'.
+        # Aliases resolve to their expression: the shards do not see select aliases there.
+        shard_side = self.expression_at(self.position_of(target))
+        pick = cast(
+            exp.Expression, exp.If(this=exp.false(), true=shard_side.copy(), false=expr.copy())
+        )
+        pick.meta[_PICK] = True
+        pos = self.add_hidden(pick)
+        weight_pos = self.weight_of(pos)
+        if weight_pos is None:
+            return lambda row: (text, None)
+        return lambda row: (text, row[weight_pos])
 
-        return check
 
-    predicate = build(node)
-    return lambda row: predicate(row) is True
+def compare(a: Any, wa: Any, b: Any, wb: Any) -> int:
+    """-1, 0 or 1 as MySQL compares two non-NULL values (weights for strings, if any)."""
+    if isinstance(a, str) and isinstance(b, str):
+        if wa is not None and wb is not None:
+            if not wa or not wb:
+                raise UnsupportedQueryError(
+                    f"HAVING compares a string longer than {WEIGHT_CHARS} characters across"
+                    " shards; route by a key"
+                )
+            return _sign(wa, wb)
+        return _sign(a, b)
+    if isinstance(a, str) or isinstance(b, str):
+        text, value, flip = (a, b, 1) if isinstance(a, str) else (b, a, -1)
+        if isinstance(value, dt.date):
+            value = _as_datetime(value)
+        return flip * _sign(_coerce(text, value), value)
+    if isinstance(a, bytes) and isinstance(b, bytes):
+        return _sign(a, b)
+    if _is_number(a) and _is_number(b):
+        if isinstance(a, float) or isinstance(b, float):
+            return _sign(float(a), float(b))
+        return _sign(a, b)
+    if isinstance(a, dt.date) and isinstance(b, dt.date):
+        return _sign(_as_datetime(a), _as_datetime(b))
+    raise UnsupportedQueryError(
+        f"HAVING compares a {type(a).__name__} with a {type(b).__name__} across shards;"
+        " compare values of one type"
+    )
+
+
+def _coerce(text: str, value: Any) -> Any:
+    """A string as MySQL converts it to compare with ``value``: a temporal for a date or
+    datetime, a double for a number, bytes for a binary string."""
+    if isinstance(value, dt.date):
+        try:
+            return _as_datetime(dt.datetime.fromisoformat(text.strip()))
+        except ValueError:
+            raise UnsupportedQueryError(
+                f"HAVING compares a date with {text!r}, which is not a date or datetime literal"
+                " ('YYYY-MM-DD' or 'YYYY-MM-DD hh:mm:ss')"
+            ) from None
+    if _is_number(value):
+        return _leading_number(text)
+    if isinstance(value, bytes):
+        return text.encode()
+    raise UnsupportedQueryError(
+        f"HAVING compares {text!r} with a {type(value).__name__} across shards; compare values"
+        " of one type"
+    )
+
+
+def _as_datetime(value: dt.date) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        return value.replace(tzinfo=None)
+    return dt.datetime(value.year, value.month, value.day)
+
+
+_NUMBER_PREFIX = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _leading_number(text: str) -> float:
+    """MySQL's string-to-number conversion: the longest numeric prefix, 0 if there is none."""
+    match = _NUMBER_PREFIX.match(text)
+    return float(match.group(0)) if match else 0.0
+
+
+def _number(text: str) -> Any:
+    if "e" in text.lower():
+        return float(text)  # 1e3 is a DOUBLE in MySQL, 1.5 a DECIMAL
+    return Decimal(text)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
+
+
+def _sign(a: Any, b: Any) -> int:
+    return int(a > b) - int(a < b)
+
+
+def _negate(value: Any) -> Any:
+    if value is None:
+        return None
+    return -_numeric(value)
+
+
+def _numeric(value: Any) -> Any:
+    if isinstance(value, str):
+        return _leading_number(value)
+    if _is_number(value):
+        return value
+    raise UnsupportedQueryError(
+        f"HAVING does arithmetic on a {type(value).__name__} across shards; only numbers merge"
+    )
+
+
+def _arith(op: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    def apply(a: Any, b: Any) -> Any:
+        if a is None or b is None:
+            return None
+        x, y = _numeric(a), _numeric(b)
+        if isinstance(x, float) or isinstance(y, float):
+            return op(float(x), float(y))
+        return op(x, y)
+
+    return apply
+
+
+def _divide(a: Any, b: Any) -> Any:
+    """MySQL's ``/``: NULL for a zero divisor, a double for doubles, otherwise a DECIMAL with
+    the dividend's scale plus div_precision_increment, rounded half up."""
+    if a is None or b is None:
+        return None
+    x, y = _numeric(a), _numeric(b)
+    if y == 0:
+        return None
+    if isinstance(x, float) or isinstance(y, float):
+        return float(x) / float(y)
+    dx = Decimal(x)
+    exponent = dx.as_tuple().exponent
+    scale = (-exponent if isinstance(exponent, int) and exponent < 0 else 0) + AVG_SCALE_INCREMENT
+    with localcontext() as context:
+        context.prec = 100
+        return (dx / Decimal(y)).quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP)
+
+
+_ARITHMETIC_OPS: dict[type[exp.Expression], Callable[[Any, Any], Any]] = {
+    exp.Add: _arith(lambda x, y: x + y),
+    exp.Sub: _arith(lambda x, y: x - y),
+    exp.Mul: _arith(lambda x, y: x * y),
+    exp.Div: _divide,
+}
 
 
 def _and(a: bool | None, b: bool | None) -> bool | None:
@@ -288,12 +652,18 @@ def _or(a: bool | None, b: bool | None) -> bool | None:
 def _int_of(node: exp.Expression | None) -> int:
     if isinstance(node, exp.Literal) and not node.is_string:
         try:
-            return int(node.this)
+            value = int(node.this)
         except ValueError:
             pass
+        else:
+            if value > MAX_LIMIT:
+                raise UnsupportedQueryError(
+                    f"LIMIT/OFFSET {value} is larger than MySQL's largest, {MAX_LIMIT}"
+                )
+            return value
     raise UnsupportedQueryError(
         "LIMIT/OFFSET must be integer literals for multi-shard queries (the merge needs them)"
     )
 
 
-__all__ = ["scatter"]
+__all__ = ["hidden_name", "scatter", "union_order_by", "weight", "without_weights"]

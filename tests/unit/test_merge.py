@@ -640,7 +640,7 @@ def test_ordering_reverses_only_uniform_descending_orders(
     order_by: list[SortKey], expected_reverse: bool
 ) -> None:
     rows = [(None, "b"), (2, "a"), (1, None), (2, "b"), (None, None), (1, "a")]
-    key, reverse = ordering(order_by, lambda v: v)
+    key, reverse = ordering(order_by, {})
     assert reverse is expected_reverse
     # Whatever the path, the order equals the general (wrapper-based) key's order.
     assert sorted(rows, key=key, reverse=reverse) == sorted(rows, key=sort_key(order_by))
