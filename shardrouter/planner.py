@@ -404,9 +404,7 @@ class Planner:
         plan.insert_rows = tuple(rows)
         return plan
 
-    def _write(
-        self, sql: str, tree: exp.Expression, kind: Kind, verdict: shapes.Verdict
-    ) -> Plan:
+    def _write(self, sql: str, tree: exp.Expression, kind: Kind, verdict: shapes.Verdict) -> Plan:
         self._refuse_nested(tree)
         tables, driving = self._tables(tree)
         first = tree.this if isinstance(tree.this, exp.Table) else None
@@ -647,9 +645,7 @@ def _refuse_owner_multi_table_delete(
             )
         deleted.append(rule)
     for rule in deleted:
-        owned = sorted(
-            r.lookup_table for r in rule.keys.values() if r.lookup_table is not None
-        )
+        owned = sorted(r.lookup_table for r in rule.keys.values() if r.lookup_table is not None)
         if owned:
             raise UnsupportedQueryError(
                 f"multi-table DELETE of {rule.name}, which owns lookup rows"

@@ -95,7 +95,7 @@ NODES: Mapping[type[exp.Expression], frozenset[str] | None] = {
     exp.Distinct: frozenset({"expressions"}),
     exp.Schema: frozenset({"this", "expressions"}),
     exp.Values: frozenset({"expressions"}),
-    exp.OnConflict: frozenset({"duplicate", "expressions"}),
+    exp.OnConflict: frozenset({"duplicate", "expressions", "action"}),  # ON DUPLICATE KEY UPDATE
     # operators
     exp.Paren: _ANY,
     exp.Neg: _ANY,
@@ -250,9 +250,7 @@ _FUNCTION_LIST: tuple[Function, ...] = (
 
 FUNCTIONS: Mapping[str, Function] = {f.name: f for f in _FUNCTION_LIST}
 
-TIME_FUNCTIONS: frozenset[str] = frozenset(
-    f.name for f in _FUNCTION_LIST if f.why == _NOW
-)
+TIME_FUNCTIONS: frozenset[str] = frozenset(f.name for f in _FUNCTION_LIST if f.why == _NOW)
 """Accepted in INSERT VALUES of a sharded table too: every row is written once, by one shard."""
 
 RANDOM_FUNCTIONS: frozenset[str] = frozenset(f.name for f in _FUNCTION_LIST if f.why == _RANDOM)
@@ -271,7 +269,7 @@ REFUSED_FUNCTIONS: Mapping[str, str] = {
     "LOAD_FILE": "reads a file on the shard's server",
 }
 
-_BY_NODE: dict[type[exp.Expression], Function] = {}
+_BY_NODE: dict[type, Function] = {}  # sqlglot's Func is a mixin, not an Expression type
 for _f in _FUNCTION_LIST:
     if _f.node is not None:
         _BY_NODE.setdefault(_f.node, _f)
@@ -303,7 +301,6 @@ class Verdict:
     """Like fanout_refusal, but ignoring time and random functions: an INSERT writes each row
     once, on one shard, so NOW() or RAND() in its VALUES are what one database computes."""
 
-
     def refuse_fanout(self, reason: str, *, per_row: bool = False) -> None:
         if self.fanout_refusal is None:
             self.fanout_refusal = reason
@@ -326,7 +323,9 @@ def refuse_hidden_syntax(sql: str) -> None:
         if c in "'\"`":
             i = _skip_quoted(sql, i, c)
             continue
-        if c == "#" or (c == "-" and sql.startswith("--", i) and (i + 2 >= n or sql[i + 2] in " \t\r\n")):
+        if c == "#" or (
+            c == "-" and sql.startswith("--", i) and (i + 2 >= n or sql[i + 2] in " \t\r\n")
+        ):
             end = sql.find("\n", i)
             i = n if end < 0 else end + 1
             continue
@@ -371,7 +370,7 @@ def check(tree: exp.Expression, kind: StatementKind) -> Verdict:
     restricts the statement to one target."""
     verdict = Verdict()
     _check_args(tree, CLAUSES[kind], f"{kind.upper()} clause")
-    for key, value in tree.args.items():
+    for value in tree.args.values():
         for child in _children(value):
             _walk(child, verdict, in_conflict=False)
     return verdict
@@ -421,7 +420,9 @@ def _walk(node: exp.Expression, verdict: Verdict, *, in_conflict: bool) -> None:
                 f"{node.args['kind']} JOIN is not routed; write [LEFT|RIGHT] JOIN ... ON"
             )
     elif kind in ONE_TARGET_NODES:
-        verdict.refuse_fanout(ONE_TARGET_NODES[kind].format(sql=_show(node)) + "; route it by a key")
+        verdict.refuse_fanout(
+            ONE_TARGET_NODES[kind].format(sql=_show(node)) + "; route it by a key"
+        )
     elif isinstance(node, exp.Func):
         _function(node, verdict, in_conflict=in_conflict)
     elif isinstance(node, exp.Parameter | exp.PropertyEQ):
@@ -475,10 +476,10 @@ def _describe(node: exp.Expression) -> str:
     return f"{type(node).__name__} {_show(node)}"
 
 
-def _show(node: exp.Expression) -> str:
+def _show(node: object) -> str:
     try:
-        text = node.sql(dialect="mysql")
-    except Exception:  # noqa: BLE001 - only for the message
+        text = node.sql(dialect="mysql") if isinstance(node, exp.Expression) else str(node)
+    except Exception:  # only for the message: never let rendering hide the refusal
         text = type(node).__name__
     return text if len(text) <= 80 else text[:77] + "..."
 
