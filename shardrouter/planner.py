@@ -413,6 +413,7 @@ class Planner:
             _refuse_owner_multi_table_delete(tree, first, tables)
         if driving is not None and joins:
             _refuse_unsafe_joins(tree, first, joins, tables)
+            _refuse_broadcast_write_by_join(tree, kind, tables)
         if kind == "update" and driving is not None:
             for assignment in tree.expressions:
                 target = assignment.this
@@ -610,6 +611,34 @@ def _colocated(
         ):
             return True
     return False
+
+
+def _refuse_broadcast_write_by_join(
+    tree: exp.Expression, kind: Kind, tables: Sequence[TableRule]
+) -> None:
+    """A multi-table UPDATE/DELETE that writes a broadcast table joined with a sharded one:
+    each shard would change its copy by its own rows, and the copies would differ."""
+    targets = _delete_targets(tree)
+    refs: dict[str, TableRule] = {}
+    for node in tree.find_all(exp.Table):
+        rule = next((t for t in tables if t.name == node.name), None)
+        if rule is not None and not any(node is t for t in targets):
+            refs[str(node.alias_or_name)] = rule
+    if kind == "update":
+        written = [a.this.table if isinstance(a.this, exp.Column) else "" for a in tree.expressions]
+    else:
+        written = [str(t.name) for t in targets]
+    broadcast = {ref for ref, rule in refs.items() if rule.kind == "broadcast"}
+    for ref in written:
+        # An unqualified SET column could belong to the broadcast table: refuse that too.
+        if ref in broadcast or (not ref and broadcast):
+            raise UnsupportedQueryError(
+                f"multi-table {kind.upper()} writing broadcast table"
+                f" {refs[ref].name if ref else sorted(broadcast)[0]} joined with a sharded"
+                " table: every shard would change its own copy by its own rows, and the copies"
+                " would differ; qualify the columns you SET, and write broadcast tables by"
+                " their own key"
+            )
 
 
 def _delete_targets(tree: exp.Expression) -> list[exp.Expression]:

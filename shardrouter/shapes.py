@@ -79,7 +79,7 @@ NODES: Mapping[type[exp.Expression], frozenset[str] | None] = {
     exp.DataTypeParam: _ANY,
     # clauses
     exp.From: frozenset({"this"}),
-    exp.Table: frozenset({"this", "alias", "joins", "hints"}),
+    exp.Table: frozenset({"this", "alias", "joins", "hints", "db"}),  # db: planner refuses
     exp.TableAlias: frozenset({"this"}),
     exp.IndexTableHint: _ANY,  # USE/FORCE/IGNORE INDEX: the plan changes, never the rows
     exp.Join: frozenset({"this", "on", "side", "kind", "using"}),

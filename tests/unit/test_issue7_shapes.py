@@ -134,7 +134,25 @@ def test_write_joins_are_checked_for_colocation(planner: Planner, sql: str) -> N
     refused(planner, sql, "join")
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE countries c JOIN orders o ON o.status = c.code SET c.name = 'x'"
+        " WHERE o.user_id = :u",
+        "UPDATE orders o JOIN countries c ON o.status = c.code SET name = 'x' WHERE o.user_id = :u",
+        "DELETE c FROM countries c JOIN orders o ON o.status = c.code WHERE o.user_id = :u",
+    ],
+)
+def test_write_of_a_broadcast_table_by_a_join_is_refused(planner: Planner, sql: str) -> None:
+    refused(planner, sql, "broadcast")
+
+
 def test_colocated_write_joins_are_planned(planner: Planner) -> None:
+    plan = planner.plan(
+        "UPDATE orders o JOIN countries c ON o.status = c.code SET o.amount_cents = 1"
+        " WHERE o.user_id = :u"
+    )
+    assert plan.routing_condition is not None
     plan = planner.plan(
         "UPDATE orders o JOIN order_items i ON o.order_id = i.order_id SET o.amount_cents = 1"
         " WHERE o.user_id = :u AND i.sku = 'x'"
