@@ -77,6 +77,8 @@ NODES: Mapping[type[exp.Expression], frozenset[str] | None] = {
     exp.Interval: _ANY,
     exp.DataType: _ANY,
     exp.DataTypeParam: _ANY,
+    # sqlglot's implicit argument cast of DATE_FORMAT(d, f): rendered back as written
+    exp.TsOrDsToTimestamp: _ANY,
     # clauses
     exp.From: frozenset({"this"}),
     exp.Table: frozenset({"this", "alias", "joins", "hints", "db"}),  # db: planner refuses
@@ -234,10 +236,39 @@ _FUNCTION_LIST: tuple[Function, ...] = (
     Function("JSON_UNQUOTE", None, ANYWHERE),
     Function("WEIGHT_STRING", exp.WeightString, ANYWHERE),
     Function("REGEXP", exp.RegexpLike, ANYWHERE),
+    Function("SUBSTRING_INDEX", exp.SubstringIndex, ANYWHERE),
+    Function("MID", None, ANYWHERE),
+    Function("FIELD", None, ANYWHERE),
+    Function("STRCMP", None, ANYWHERE),
+    Function("ASCII", exp.Ascii, ANYWHERE),
+    Function("CHAR", exp.Chr, ANYWHERE),
+    Function("OCTET_LENGTH", None, ANYWHERE),
+    Function("BIT_LENGTH", exp.BitLength, ANYWHERE),
+    Function("FORMAT", exp.NumberToStr, ANYWHERE),
+    Function("CRC32", None, ANYWHERE),
+    Function("SHA1", exp.SHA, ANYWHERE),
+    Function("TO_BASE64", exp.ToBase64, ANYWHERE),
+    Function("LN", exp.Ln, ANYWHERE),
+    Function("EXP", exp.Exp, ANYWHERE),
+    Function("WEEK", exp.Week, ANYWHERE),
+    Function("WEEKDAY", None, ANYWHERE),
+    Function("QUARTER", exp.Quarter, ANYWHERE),
+    Function("DAYOFYEAR", exp.DayOfYear, ANYWHERE),
+    Function("DAYNAME", exp.Dayname, ANYWHERE),
+    Function("LAST_DAY", exp.LastDay, ANYWHERE),
+    Function("TIME", exp.Time, ANYWHERE),
+    Function("TIMESTAMP", exp.Timestamp, ANYWHERE),
+    Function("TIMESTAMPADD", exp.TimestampAdd, ANYWHERE),
+    Function("FROM_UNIXTIME", exp.UnixToTime, ANYWHERE),
+    Function("CONVERT_TZ", exp.ConvertTimezone, ANYWHERE),
+    Function("JSON_OBJECT", exp.JSONObject, ANYWHERE),
+    Function("JSON_CONTAINS", None, ANYWHERE),
+    Function("JSON_LENGTH", None, ANYWHERE),
     # right on one target only: the moment, chance or the server decide the value
     Function("NOW", None, ONE_TARGET, _NOW),
     Function("CURRENT_TIMESTAMP", exp.CurrentTimestamp, ONE_TARGET, _NOW),
     Function("CURRENT_DATE", exp.CurrentDate, ONE_TARGET, _NOW),
+    Function("CURRENT_TIME", exp.CurrentTime, ONE_TARGET, _NOW),
     Function("UTC_TIMESTAMP", exp.UtcTimestamp, ONE_TARGET, _NOW),
     Function("UNIX_TIMESTAMP", None, ONE_TARGET, _NOW),
     Function("RAND", exp.Rand, ONE_TARGET, _RANDOM),
@@ -464,6 +495,8 @@ def _function(node: exp.Func, verdict: Verdict, *, in_conflict: bool) -> None:
             " listed in docs/SQL.md (deterministic ones everywhere, NOW()/RAND()/CONNECTION_ID()"
             " and the like on one target)"
         )
+    if function.name == "UNIX_TIMESTAMP" and node.expressions:
+        return  # UNIX_TIMESTAMP(d) converts d; only UNIX_TIMESTAMP() reads the clock
     if function.where == ONE_TARGET:
         verdict.refuse_fanout(
             f"function {function.name}() across shards: {function.why}; route the statement"
