@@ -634,7 +634,7 @@ def _refuse_broadcast_write_by_join(
         if ref in broadcast or (not ref and broadcast):
             raise UnsupportedQueryError(
                 f"multi-table {kind.upper()} writing broadcast table"
-                f" {refs[ref].name if ref else sorted(broadcast)[0]} joined with a sharded"
+                f" {refs[ref or sorted(broadcast)[0]].name} joined with a sharded"
                 " table: every shard would change its own copy by its own rows, and the copies"
                 " would differ; qualify the columns you SET, and write broadcast tables by"
                 " their own key"

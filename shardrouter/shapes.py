@@ -88,7 +88,7 @@ NODES: Mapping[type[exp.Expression], frozenset[str] | None] = {
     exp.Where: _ANY,
     exp.Group: frozenset({"expressions"}),  # no WITH ROLLUP, no grouping sets
     exp.Having: _ANY,
-    exp.Order: frozenset({"expressions"}),
+    exp.Order: frozenset({"this", "expressions"}),  # this: GROUP_CONCAT(x ORDER BY y)
     exp.Ordered: frozenset({"this", "desc", "nulls_first"}),
     exp.Limit: frozenset({"expression"}),
     exp.Offset: frozenset({"expression"}),
@@ -423,8 +423,9 @@ def _check_args(node: exp.Expression, allowed: frozenset[str], what: str) -> Non
     for key, value in node.args.items():
         if key not in allowed and _set(value):
             name = _CLAUSE_NAMES.get(key, key)
+            shown = _show(value if isinstance(value, exp.Expression) else node)
             raise UnsupportedQueryError(
-                f"{what} {name!s} ({_show(node)}) is not routed: the planner accepts only the"
+                f"{what} {name!s} ({shown}) is not routed: the planner accepts only the"
                 " clauses listed in docs/SQL.md; rewrite without it or run it on a shard"
                 " connection"
             )
