@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 import sqlglot
 from sqlglot import exp
-from sqlglot.errors import ParseError
+from sqlglot.errors import SqlglotError
 
+from . import shapes
 from .errors import UnsupportedQueryError
 from .merge import MergePlan
 from .refs import ValueRef, value_ref
@@ -148,7 +149,13 @@ class Plan:
                 node = _conjuncts(tree.args.get("where"))[target.conjunct]
                 if isinstance(node, exp.In):
                     node.set("expressions", [node.expressions[i] for i in target.keep])
-        return tree.sql(dialect="mysql")
+        locks = tree.args.get("locks")
+        if not locks:
+            return tree.sql(dialect="mysql")
+        # sqlglot writes a shared lock as FOR SHARE (MySQL 8), which MariaDB refuses; LOCK IN
+        # SHARE MODE is what both accept. Locks come last in a MySQL SELECT.
+        tree.set("locks", None)
+        return " ".join([tree.sql(dialect="mysql"), *(_lock_sql(lock) for lock in locks)])
 
 
 class Planner:
@@ -175,9 +182,11 @@ class Planner:
     # -- building -------------------------------------------------------------------------
 
     def _build(self, sql: str) -> Plan:
+        # Before parsing: sqlglot drops what executable comments would make the shards run.
+        shapes.refuse_hidden_syntax(sql)
         try:
             statements = sqlglot.parse(sql, read="mysql")
-        except ParseError as exc:
+        except SqlglotError as exc:
             raise UnsupportedQueryError(f"cannot parse SQL: {_first_line(exc)}") from None
         statements = [s for s in statements if s is not None]
         if len(statements) != 1:
@@ -186,13 +195,13 @@ class Planner:
             )
         tree = statements[0]
         if isinstance(tree, exp.Select):
-            return self._select(sql, tree)
+            return self._select(sql, tree, shapes.check(tree, "select"))
         if isinstance(tree, exp.Insert):
-            return self._insert(sql, tree)
+            return self._insert(sql, tree, shapes.check(tree, "insert"))
         if isinstance(tree, exp.Update):
-            return self._write(sql, tree, "update")
+            return self._write(sql, tree, "update", shapes.check(tree, "update"))
         if isinstance(tree, exp.Delete):
-            return self._write(sql, tree, "delete")
+            return self._write(sql, tree, "delete", shapes.check(tree, "delete"))
         raise UnsupportedQueryError(
             f"{type(tree).__name__.upper()} statements are not routed; run DDL with"
             " `shardctl schema apply`, and other statements on a shard connection"
@@ -204,7 +213,10 @@ class Planner:
     def _tables(self, tree: exp.Expression) -> tuple[tuple[TableRule, ...], TableRule | None]:
         topology = self.topology
         rules: list[TableRule] = []
+        targets = _delete_targets(tree)
         for node in tree.find_all(exp.Table):
+            if any(node is t for t in targets):
+                continue  # DELETE o FROM orders o ...: names a table of the FROM, checked apart
             if node.args.get("db"):
                 raise UnsupportedQueryError(
                     f"table {node.sql(dialect='mysql')} names a database; use logical names only"
@@ -262,14 +274,30 @@ class Planner:
         found.sort(key=lambda c: (c.rule.strategy.cost, not c.rule.primary, len(c.refs)))
         return tuple(found)
 
-    def _select(self, sql: str, tree: exp.Select) -> Plan:
+    def _select(self, sql: str, tree: exp.Select, verdict: shapes.Verdict) -> Plan:
         self._refuse_nested(tree)
         tables, driving = self._tables(tree)
         conditions = self._conditions(tree, tables)
         plan = Plan(sql, "select", tables, driving, conditions, tree)
         plan.has_limit = tree.args.get("limit") is not None
         if driving is not None:
-            _refuse_unsafe_joins(tree, tables)
+            first = tree.args.get("from_")
+            _refuse_unsafe_joins(
+                tree, first.this if first is not None else None, tree.args.get("joins"), tables
+            )
+            if verdict.fanout_refusal is not None:
+                plan.scatter_refusal = verdict.fanout_refusal
+                return plan
+            if tree.args.get("locks"):
+                # Each shard would lock its rows on its own connection outside any one
+                # transaction (a transaction stays on one shard), so the locks would not be
+                # the caller's; on one target they are.
+                plan.scatter_refusal = (
+                    "locking read (FOR UPDATE / LOCK IN SHARE MODE) across shards: the locks"
+                    " would be taken outside your transaction, which stays on one shard; route"
+                    " it by a key"
+                )
+                return plan
             try:
                 # What cannot be merged is refused only when the statement fans out: routed
                 # to one target, COUNT(DISTINCT ...), windows or LIMIT :n are fine.
@@ -279,7 +307,7 @@ class Planner:
                 plan.scatter_refusal = str(exc)
         return plan
 
-    def _insert(self, sql: str, tree: exp.Insert) -> Plan:
+    def _insert(self, sql: str, tree: exp.Insert, verdict: shapes.Verdict) -> Plan:
         tables, driving = self._tables(tree)
         if tree.args.get("expression") is None or not isinstance(
             tree.args["expression"], exp.Values
@@ -287,8 +315,34 @@ class Planner:
             raise UnsupportedQueryError(
                 "INSERT ... SELECT is not routed: read the rows, then insert them by key"
             )
+        for node in tree.find_all(exp.Select, exp.Union):
+            # Each shard would evaluate it over its own rows (or a table it does not hold).
+            raise UnsupportedQueryError(
+                f"subquery {node.sql(dialect='mysql')!r} in an INSERT is not routed: each shard"
+                " would evaluate it over its own rows only; read the value first and pass it as"
+                " a parameter"
+            )
         if driving is None:
+            if verdict.fanout_refusal is not None and len(self.topology.shards) > 1:
+                # A broadcast row is written once per shard: each copy would differ.
+                raise UnsupportedQueryError(
+                    f"INSERT into broadcast table {tables[0].name if tables else '?'}:"
+                    f" {verdict.fanout_refusal}, and every shard holds a copy of the row that"
+                    " must be identical; compute the value in the application and pass it"
+                )
             return Plan(sql, "insert", tables, None, (), tree)
+        if tree.args.get("ignore") and _lookup_columns(driving):
+            raise UnsupportedQueryError(
+                f"INSERT IGNORE into {driving.name}, which owns lookup rows, is not routed: a"
+                " row the shard ignores would still get its lookup rows; insert without IGNORE"
+                " and handle the duplicate-key error"
+            )
+        rows_node = tree.args["expression"].expressions
+        if verdict.strict_refusal is not None and len(rows_node) > 1:
+            raise UnsupportedQueryError(
+                f"multi-row INSERT into {driving.name}: {verdict.strict_refusal}"
+                " (the rows may go to different shards); insert one row per statement"
+            )
         schema = tree.this
         if not isinstance(schema, exp.Schema):
             raise UnsupportedQueryError(
@@ -350,9 +404,16 @@ class Planner:
         plan.insert_rows = tuple(rows)
         return plan
 
-    def _write(self, sql: str, tree: exp.Expression, kind: Kind) -> Plan:
+    def _write(self, sql: str, tree: exp.Expression, kind: Kind, verdict: shapes.Verdict) -> Plan:
         self._refuse_nested(tree)
         tables, driving = self._tables(tree)
+        first = tree.this if isinstance(tree.this, exp.Table) else None
+        joins = first.args.get("joins") if first is not None else None
+        if kind == "delete":
+            _refuse_owner_multi_table_delete(tree, first, tables)
+        if driving is not None and joins:
+            _refuse_unsafe_joins(tree, first, joins, tables)
+            _refuse_broadcast_write_by_join(tree, kind, tables)
         if kind == "update" and driving is not None:
             for assignment in tree.expressions:
                 target = assignment.this
@@ -372,6 +433,7 @@ class Planner:
                         )
         conditions = self._conditions(tree, tables)
         plan = Plan(sql, kind, tables, driving, conditions, tree)
+        plan.scatter_refusal = verdict.fanout_refusal
         plan.has_limit = tree.args.get("limit") is not None or tree.args.get("order") is not None
         if kind == "delete" and plan.has_limit and driving is not None and _lookup_columns(driving):
             # The lookup cleanup reads the doomed rows with the same WHERE: a LIMIT would make
@@ -397,6 +459,18 @@ def _lookup_columns(table: TableRule) -> set[str]:
         if isinstance(rule.strategy, LookupStrategy):
             needed |= {rule.column, *rule.strategy.row_columns[1:]}
     return needed
+
+
+def _lock_sql(lock: exp.Expression) -> str:
+    text = "FOR UPDATE" if lock.args.get("update") else "LOCK IN SHARE MODE"
+    wait = lock.args.get("wait")
+    if wait is True:
+        text += " NOWAIT"
+    elif wait is False:
+        text += " SKIP LOCKED"
+    elif isinstance(wait, exp.Expression):
+        text += f" WAIT {wait.sql(dialect='mysql')}"
+    return text
 
 
 def _first_line(exc: Exception) -> str:
@@ -443,43 +517,56 @@ def _refuse_nested_in(tree: exp.Expression, topology: Topology) -> None:
             )
 
 
-def _refuse_unsafe_joins(tree: exp.Select, tables: Sequence[TableRule]) -> None:
+def _refuse_unsafe_joins(
+    tree: exp.Expression,
+    first: exp.Expression | None,
+    joins: Sequence[exp.Expression] | None,
+    tables: Sequence[TableRule],
+) -> None:
     """Joins run inside each shard (and split): only co-located rows can meet.
 
-    Two sharded tables (or one with itself) must be joined on the same sharding column on both
-    sides (user_id, or order_id whose gene carries the user's slot); a broadcast table must not
-    be the preserved side of an outer join with a sharded one, or each shard would add its own
-    unmatched copy.
+    Joins are read in order. A sharded table joined when sharded tables are already in the
+    FROM must be joined to one of them by an equality, a top-level conjunct of its ON, between
+    the same functional sharding column of both (two different table references: user_id =
+    user_id, or order_id = order_id whose gene carries the user's slot). An equality under OR
+    or NOT, against a constant, or of a reference with itself proves nothing. A broadcast table
+    must not be the preserved side of an outer join with a sharded one, or each shard would add
+    its own unmatched copy. Comma and CROSS joins of sharded tables are refused (no ON).
     """
     rules = {t.name: t for t in tables}
     aliases: dict[str, TableRule] = {}
+    targets = _delete_targets(tree)
     for node in tree.find_all(exp.Table):
         rule = rules.get(node.name)
-        if rule is not None:
+        if rule is not None and not any(node is t for t in targets):
             aliases[str(node.alias_or_name)] = rule
-    first = tree.args.get("from_") or tree.args.get("from")
-    left_kinds = {
-        aliases[str(t.alias_or_name)].kind
-        for t in (first.find_all(exp.Table) if first is not None else [])
-        if str(t.alias_or_name) in aliases
-    }
-    for join in tree.args.get("joins") or []:
+    present: list[str] = []  # references in the FROM so far
+    if isinstance(first, exp.Table) and str(first.alias_or_name) in aliases:
+        present.append(str(first.alias_or_name))
+    for join in joins or []:
         table = join.this
         if not isinstance(table, exp.Table) or str(table.alias_or_name) not in aliases:
             continue
-        rule = aliases[str(table.alias_or_name)]
+        ref = str(table.alias_or_name)
+        rule = aliases[ref]
+        left_kinds = {aliases[r].kind for r in present}
         side = (join.args.get("side") or "").upper()
-        if (
-            rule.kind == "sharded"
-            and "sharded" in left_kinds
-            and not _colocated(join.args.get("on"), aliases)
-        ):
-            raise UnsupportedQueryError(
-                f"join of {rule.name} on {_show(join.args.get('on'))}: rows of sharded"
-                " tables meet only inside one shard, so the join must equate the same"
-                " sharding column on both sides (e.g. ON o.order_id = i.order_id or"
-                " ON a.user_id = b.user_id)"
-            )
+        if rule.kind == "sharded" and "sharded" in left_kinds:
+            if join.args.get("using"):
+                raise UnsupportedQueryError(
+                    f"JOIN {rule.name} USING (...) with another sharded table is not routed:"
+                    " write the join as ON a.user_id = b.user_id (or order_id) so the planner"
+                    " can see which tables it equates"
+                )
+            earlier = [r for r in present if aliases[r].kind == "sharded"]
+            if not _colocated(join.args.get("on"), ref, earlier, aliases):
+                raise UnsupportedQueryError(
+                    f"join of {rule.name} on {_show(join.args.get('on'))}: rows of sharded"
+                    " tables meet only inside one shard, so the ON must have, as a top-level"
+                    " AND term (not under OR or NOT), an equality of the same sharding column"
+                    f" of {ref} and of a sharded table joined before it (e.g. ON o.order_id ="
+                    " i.order_id or ON a.user_id = b.user_id)"
+                )
         if side in ("LEFT", "RIGHT", "FULL") and {rule.kind} | left_kinds == {
             "sharded",
             "broadcast",
@@ -491,23 +578,110 @@ def _refuse_unsafe_joins(tree: exp.Select, tables: Sequence[TableRule]) -> None:
                     " every shard would add its own unmatched copies; join the other way or"
                     " query the broadcast table separately"
                 )
-        left_kinds.add(rule.kind)
+        present.append(ref)
 
 
-def _colocated(on: exp.Expression | None, aliases: Mapping[str, TableRule]) -> bool:
-    for eq in on.find_all(exp.EQ) if on is not None else []:
-        a, b = eq.this, eq.expression
+def _colocated(
+    on: exp.Expression | None,
+    joined: str,
+    earlier: Sequence[str],
+    aliases: Mapping[str, TableRule],
+) -> bool:
+    """Whether a top-level conjunct of ``on`` equates a functional sharding column of the
+    reference ``joined`` with the same column of one of the ``earlier`` references."""
+    for node in _conjuncts(on):
+        if not isinstance(node, exp.EQ):
+            continue
+        a, b = node.this, node.expression
         if not (isinstance(a, exp.Column) and isinstance(b, exp.Column)):
             continue
-        if a.name.lower() != b.name.lower():
+        if str(b.table) == joined:
+            a, b = b, a
+        if str(a.table) != joined or str(b.table) not in earlier or str(b.table) == joined:
             continue
-        name = a.name.lower()
-        for col in (a, b):
-            rule = aliases.get(str(col.table))
-            key = _key_of(rule, name) if rule is not None else None
-            if key is not None and key.lookup_table is None:
-                return True
+        key_a = _key_of(aliases[joined], a.name)
+        key_b = _key_of(aliases[str(b.table)], b.name)
+        if (
+            key_a is not None
+            and key_b is not None
+            and key_a.lookup_table is None
+            and key_b.lookup_table is None
+            and key_a.column.lower() == key_b.column.lower()
+            and key_a.strategy.name == key_b.strategy.name
+        ):
+            return True
     return False
+
+
+def _refuse_broadcast_write_by_join(
+    tree: exp.Expression, kind: Kind, tables: Sequence[TableRule]
+) -> None:
+    """A multi-table UPDATE/DELETE that writes a broadcast table joined with a sharded one:
+    each shard would change its copy by its own rows, and the copies would differ."""
+    targets = _delete_targets(tree)
+    refs: dict[str, TableRule] = {}
+    for node in tree.find_all(exp.Table):
+        rule = next((t for t in tables if t.name == node.name), None)
+        if rule is not None and not any(node is t for t in targets):
+            refs[str(node.alias_or_name)] = rule
+    if kind == "update":
+        written = [a.this.table if isinstance(a.this, exp.Column) else "" for a in tree.expressions]
+    else:
+        written = [str(t.name) for t in targets]
+    broadcast = {ref for ref, rule in refs.items() if rule.kind == "broadcast"}
+    for ref in written:
+        # An unqualified SET column could belong to the broadcast table: refuse that too.
+        if ref in broadcast or (not ref and broadcast):
+            raise UnsupportedQueryError(
+                f"multi-table {kind.upper()} writing broadcast table"
+                f" {refs[ref or sorted(broadcast)[0]].name} joined with a sharded"
+                " table: every shard would change its own copy by its own rows, and the copies"
+                " would differ; qualify the columns you SET, and write broadcast tables by"
+                " their own key"
+            )
+
+
+def _delete_targets(tree: exp.Expression) -> list[exp.Expression]:
+    """The tables a multi-table DELETE deletes from (``DELETE o, i FROM ...``), else []."""
+    if not isinstance(tree, exp.Delete):
+        return []
+    return list(tree.args.get("tables") or [])
+
+
+def _refuse_owner_multi_table_delete(
+    tree: exp.Expression, first: exp.Table | None, tables: Sequence[TableRule]
+) -> None:
+    """A multi-table DELETE of a table that owns lookup rows: the lookup cleanup reads the doomed
+    rows with a single-table WHERE, which a join changes, so it would remove lookup rows of
+    rows that survive (issue 7, defect 2)."""
+    targets = _delete_targets(tree)
+    joins = first.args.get("joins") if first is not None else None
+    if not targets and not joins:
+        return
+    named: dict[str, TableRule] = {}
+    for node in tree.find_all(exp.Table):
+        if any(node is t for t in targets):
+            continue
+        rule = next((t for t in tables if t.name == node.name), None)
+        if rule is not None:
+            named[str(node.alias_or_name)] = rule
+    deleted: list[TableRule] = []
+    for target in targets or ([first] if first is not None else []):
+        rule = named.get(str(target.name)) if isinstance(target, exp.Table) else None
+        if rule is None:
+            raise UnsupportedQueryError(
+                f"DELETE target {_show(target)} names no table of the FROM clause"
+            )
+        deleted.append(rule)
+    for rule in deleted:
+        owned = sorted(r.lookup_table for r in rule.keys.values() if r.lookup_table is not None)
+        if owned:
+            raise UnsupportedQueryError(
+                f"multi-table DELETE of {rule.name}, which owns lookup rows"
+                f" ({', '.join(owned)}), is not routed: the lookup cleanup could not tell which"
+                f" rows the join removed; delete by key from the owner table (DELETE FROM"
+                f" {rule.name} WHERE <key> = :k)"
+            )
 
 
 def _key_of(table: TableRule, column: str) -> KeyRule | None:

@@ -322,6 +322,17 @@ class Topology:
                 self._build_strategy(sec.strategy, sec.type),
                 primary=False,
             )
+        if table.bound_to:
+            # A bound table's rows sit with their owner's, so a functional secondary key of
+            # the owner (order_id, whose gene carries the slot) routes the bound table's rows
+            # too. Lookups are not inherited: their rows index the owner table only. A bound
+            # table without the column never names it in a statement, so the rule is inert.
+            for sec in source.secondary:
+                if sec.column in keys:
+                    continue
+                strategy = self._build_strategy(sec.strategy, sec.type)
+                if isinstance(strategy, FunctionalStrategy):
+                    keys[sec.column] = KeyRule(name, sec.column, sec.type, strategy, primary=False)
         split = source.split
         physical = (name,) if split == 1 else tuple(f"{name}_{i:04d}" for i in range(split))
         return TableRule(
