@@ -742,16 +742,10 @@ def test_config_error_is_raised_by_topology_load(tmp_path: Path) -> None:
 def test_shipped_configs_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert validate_file(ORDERS_YAML, env={}) == []
     monkeypatch.delenv("SHARDROUTER_DEMO_DIR", raising=False)
-    assert validate_file(ORDERS_SQLITE_YAML) == [
-        "shards.s0.primary: environment variable SHARDROUTER_DEMO_DIR is not set"
-        " (export it, or write ${SHARDROUTER_DEMO_DIR:-default})",
-        "shards.s1.primary: environment variable SHARDROUTER_DEMO_DIR is not set"
-        " (export it, or write ${SHARDROUTER_DEMO_DIR:-default})",
-        "shards.s2.primary: environment variable SHARDROUTER_DEMO_DIR is not set"
-        " (export it, or write ${SHARDROUTER_DEMO_DIR:-default})",
-        "shards.s3.primary: environment variable SHARDROUTER_DEMO_DIR is not set"
-        " (export it, or write ${SHARDROUTER_DEMO_DIR:-default})",
-    ]
+    # Shipped configs validate as shipped (issue 7, defect 25): the demo folder has a default.
+    assert validate_file(ORDERS_SQLITE_YAML) == []
+    unset = load_config(ORDERS_SQLITE_YAML)
+    assert unset.shards["s0"].primary == "sqlite:///.shardrouter-demo/orders_s0.db"
     monkeypatch.setenv("SHARDROUTER_DEMO_DIR", str(tmp_path))
     assert validate_file(ORDERS_SQLITE_YAML) == []
     model = load_config(ORDERS_SQLITE_YAML)
