@@ -1,0 +1,163 @@
+"""Issue 7, operations part, on real MariaDB shards: the XA decision survives a reordered
+topology, and ``shardctl check lookups`` reports problems with clean errors and exit codes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import bindparam, text
+
+from shardrouter import xa
+from shardrouter.config import config_from_dict
+from shardrouter.router import Router
+from shardrouter.topology import Topology
+
+pytestmark = pytest.mark.mariadb
+
+
+class _Crash(BaseException):
+    """The coordinator process dies: nothing after this point of the commit runs."""
+
+
+def _topology(raw: dict[str, Any], shard_order: list[str] | None = None) -> Topology:
+    shards = raw["shards"]
+    order = shard_order or list(shards)
+    config = dict(raw, shards={name: shards[name] for name in order})
+    return Topology(config_from_dict(config, env={}))
+
+
+@pytest.fixture(scope="module")
+def xa_raw(shard_databases: Path) -> Iterator[dict[str, Any]]:
+    raw = yaml.safe_load(shard_databases.read_text())
+    raw["tables"] = {"xa_rows": {"column": "user_id", "strategy": "hash"}}
+    with Router(_topology(raw)) as router:
+        for engine in router.engines.primaries.values():
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "CREATE TABLE IF NOT EXISTS xa_rows"
+                        " (id BIGINT PRIMARY KEY, user_id BIGINT NOT NULL)"
+                    )
+                )
+    yield raw
+
+
+def _users_on_two_shards(topology: Topology, start: int) -> tuple[int, int]:
+    a = start
+    b = next(
+        u
+        for u in range(start + 1, start + 500)
+        if topology.shard_for("xa_rows", u) != topology.shard_for("xa_rows", a)
+    )
+    return a, b
+
+
+def _rows(router: Router, ids: list[int]) -> int:
+    total = 0
+    for engine in router.engines.primaries.values():
+        with engine.connect() as conn:
+            total += int(
+                conn.execute(
+                    text("SELECT COUNT(*) FROM xa_rows WHERE id IN :ids").bindparams(
+                        bindparam("ids", expanding=True)
+                    ),
+                    {"ids": ids},
+                ).scalar_one()
+            )
+    return total
+
+
+@pytest.mark.parametrize("reorder", ["reversed", "rotated"])
+def test_xa_decision_survives_reordered_shards(
+    xa_raw: dict[str, Any], monkeypatch: pytest.MonkeyPatch, reorder: str
+) -> None:
+    """Defect 3: commit via XA, the coordinator dies right after recording its decision, the
+    shards are listed in another order, recovery runs: the committed rows are there."""
+    names = list(xa_raw["shards"])
+    topology = _topology(xa_raw)
+    start = 1000 if reorder == "reversed" else 2000
+    a, b = _users_on_two_shards(topology, start)
+    ids = [start * 10 + 1, start * 10 + 2]
+
+    def commit_then_die(branches: Any, gtrid: str, coordinator: Any) -> None:
+        # xa.commit's first phase and decision, then the process dies: its connections go
+        # with it and the branches stay prepared on the shards.
+        first = next(iter(branches))
+        for shard, conn in branches.items():
+            conn.exec_driver_sql(f"XA END '{xa.xid(gtrid, shard, first)}'")
+            conn.exec_driver_sql(f"XA PREPARE '{xa.xid(gtrid, shard, first)}'")
+        xa.record_decision(coordinator, gtrid)
+        for conn in branches.values():
+            conn.invalidate()
+        raise _Crash
+
+    monkeypatch.setattr(xa, "commit", commit_then_die)
+    with Router(topology, xa=True) as router:
+        with pytest.raises(_Crash), router.transaction() as tx:
+            tx.execute("INSERT INTO xa_rows (id, user_id) VALUES (:i, :u)", {"i": ids[0], "u": a})
+            tx.execute("INSERT INTO xa_rows (id, user_id) VALUES (:i, :u)", {"i": ids[1], "u": b})
+    monkeypatch.undo()
+    order = names[::-1] if reorder == "reversed" else names[1:] + names[:1]
+    with Router(_topology(xa_raw, order)) as later:
+        assert _rows(later, ids) == 0  # prepared, not committed yet
+        report = later.recover_xa(min_age_s=0)
+        assert not report.rolled_back, report
+        assert len(report.committed) == 2, report
+        assert _rows(later, ids) == 2  # the committed transaction is committed
+        again = later.recover_xa(min_age_s=0)
+        assert not (again.committed or again.rolled_back or again.in_doubt), again
+
+
+def test_xa_branch_whose_decider_is_missing_stays_prepared(
+    xa_raw: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery that cannot ask the decider (gone from the topology, or down) must not guess:
+    the branch stays prepared, reported in doubt, and a later full recovery commits it."""
+    topology = _topology(xa_raw)
+    a, b = _users_on_two_shards(topology, 3000)
+    ids = [30001, 30002]
+    decider = topology.shard_for("xa_rows", a)  # the first statement's shard decides
+
+    def commit_then_die(branches: Any, gtrid: str, engine: Any) -> None:
+        first = next(iter(branches))
+        for shard, conn in branches.items():
+            conn.exec_driver_sql(f"XA END '{xa.xid(gtrid, shard, first)}'")
+            conn.exec_driver_sql(f"XA PREPARE '{xa.xid(gtrid, shard, first)}'")
+        xa.record_decision(engine, gtrid)
+        for conn in branches.values():
+            conn.invalidate()
+        raise _Crash
+
+    monkeypatch.setattr(xa, "commit", commit_then_die)
+    with Router(topology, xa=True) as router:
+        with pytest.raises(_Crash), router.transaction() as tx:
+            tx.execute("INSERT INTO xa_rows (id, user_id) VALUES (:i, :u)", {"i": ids[0], "u": a})
+            tx.execute("INSERT INTO xa_rows (id, user_id) VALUES (:i, :u)", {"i": ids[1], "u": b})
+        monkeypatch.undo()
+        without = {s: e for s, e in router.engines.primaries.items() if s != decider}
+        partial = xa.recover(without, min_age_s=0)
+        assert not partial.committed and not partial.rolled_back, partial
+        assert len(partial.in_doubt) == 1 and f".{decider}" in partial.in_doubt[0], partial
+        full = router.recover_xa(min_age_s=0)
+        assert len(full.committed) == 2 and not full.rolled_back, full
+        assert _rows(router, ids) == 2
+
+
+def test_xa_commit_records_the_decision_on_the_first_branch(xa_raw: dict[str, Any]) -> None:
+    """A normal XA commit across two shards: both rows land, no decision row is left."""
+    topology = _topology(xa_raw, list(xa_raw["shards"])[::-1])
+    a, b = _users_on_two_shards(topology, 4000)
+    with Router(topology, xa=True) as router:
+        with router.transaction() as tx:
+            tx.execute("INSERT INTO xa_rows (id, user_id) VALUES (40001, :u)", {"u": a})
+            tx.execute("INSERT INTO xa_rows (id, user_id) VALUES (40002, :u)", {"u": b})
+        assert _rows(router, [40001, 40002]) == 2
+        for engine in router.engines.primaries.values():
+            with engine.begin() as conn:
+                conn.exec_driver_sql(xa._CREATE)  # absent on a shard that never decided
+                left = conn.execute(text(f"SELECT COUNT(*) FROM {xa.OUTCOMES}")).scalar_one()
+            assert left == 0
