@@ -96,10 +96,9 @@ def test_xa_decision_survives_reordered_shards(
         raise _Crash
 
     monkeypatch.setattr(xa, "commit", commit_then_die)
-    with Router(topology, xa=True) as router:
-        with pytest.raises(_Crash), router.transaction() as tx:
-            tx.execute("INSERT INTO xa_rows (id, user_id) VALUES (:i, :u)", {"i": ids[0], "u": a})
-            tx.execute("INSERT INTO xa_rows (id, user_id) VALUES (:i, :u)", {"i": ids[1], "u": b})
+    with Router(topology, xa=True) as router, pytest.raises(_Crash), router.transaction() as tx:
+        tx.execute("INSERT INTO xa_rows (id, user_id) VALUES (:i, :u)", {"i": ids[0], "u": a})
+        tx.execute("INSERT INTO xa_rows (id, user_id) VALUES (:i, :u)", {"i": ids[1], "u": b})
     monkeypatch.undo()
     order = names[::-1] if reorder == "reversed" else names[1:] + names[:1]
     with Router(_topology(xa_raw, order)) as later:
