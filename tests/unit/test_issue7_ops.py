@@ -84,3 +84,101 @@ def _child_new_generator(queue: object) -> None:
         queue.put(("other", f"{type(exc).__name__}: {exc}"))  # type: ignore[attr-defined]
     else:
         queue.put(("issued", value))  # type: ignore[attr-defined]
+
+
+# -- defect 23: passwords never in repr/str/dumps/messages -----------------------------------
+
+SECRET = "Pw-7f3Kq"
+URL_WITH_PASSWORD = f"mysql+pymysql://app:{SECRET}@db1:3306/orders_s0"
+
+
+def _raw(primary: str, replica: str | None = None) -> dict[str, object]:
+    shard: dict[str, object] = {"primary": primary, "slots": [[0, 1024]]}
+    if replica is not None:
+        shard["replicas"] = [replica]
+    return {"shards": {"s0": shard}, "tables": {"t": {"column": "user_id", "strategy": "hash"}}}
+
+
+def test_config_models_never_show_the_password() -> None:
+    from shardrouter.config import config_from_dict
+    from shardrouter.topology import Topology
+
+    model = config_from_dict(_raw(URL_WITH_PASSWORD, URL_WITH_PASSWORD), env={})
+    shard = model.shards["s0"]
+    rendered = [
+        repr(model),
+        str(model),
+        repr(shard),
+        str(shard),
+        repr(shard.primary),
+        str(shard.primary),
+        f"{shard.primary}",
+        model.model_dump_json(),
+        json.dumps(model.model_dump(mode="json")),
+        repr(model.model_dump()),
+        repr(Topology(model)),
+    ]
+    for text in rendered:
+        assert SECRET not in text, text
+    assert "app:***@db1:3306/orders_s0" in model.model_dump_json()
+    # Code that needs the password asks for it explicitly.
+    assert shard.primary.password == SECRET
+    revealed = model.model_dump(mode="json", context={"reveal_passwords": True})
+    assert revealed["shards"]["s0"]["primary"] == URL_WITH_PASSWORD
+    assert config_from_dict(revealed, env={}) == model  # a revealed dump round-trips
+
+
+@pytest.mark.parametrize(
+    "password",
+    [f"{SECRET}'x", f"it's-{SECRET}", f'{SECRET}"q', f"a/{SECRET}"],
+    ids=["quote-end", "quote-mid", "double-quote", "slash"],
+)
+def test_unparsable_url_with_quotes_in_the_password_is_masked(password: str) -> None:
+    for url in (f"mysql+pymysql//app:{password}@db1/orders_s0", f"app:{password}@db1/orders_s0"):
+        problems = validate_file_text(_raw(url))
+        assert problems, url
+        assert not any(SECRET in p for p in problems), problems
+
+
+def validate_file_text(raw: dict[str, object]) -> list[str]:
+    from shardrouter.config import config_from_dict
+    from shardrouter.errors import ConfigError
+
+    try:
+        config_from_dict(raw, env={})
+    except ConfigError as exc:
+        assert SECRET not in str(exc)
+        return list(exc.problems)
+    return []
+
+
+def test_password_with_an_unencoded_at_is_refused_with_the_fix() -> None:
+    problems = validate_file_text(_raw(f"mysql+pymysql://app:{SECRET}@x@db1:3306/orders_s0"))
+    assert len(problems) == 1, problems
+    assert "percent-encode it as %40" in problems[0]
+    assert SECRET not in problems[0] and "x@db1" not in problems[0]
+    # percent-encoded, it is accepted and the password is the real one
+    from urllib.parse import quote
+
+    from shardrouter.config import config_from_dict
+
+    encoded = f"mysql+pymysql://app:{quote(SECRET + '@x', safe='')}@db1:3306/orders_s0"
+    model = config_from_dict(_raw(encoded), env={})
+    assert model.shards["s0"].primary.password == SECRET + "@x"
+    assert model.shards["s0"].primary.host == "db1"
+
+
+def test_config_validate_cli_never_prints_the_password(tmp_path: Path) -> None:
+    cases = {
+        "quote": f"mysql+pymysql//app:{SECRET}'q@db1/orders_s0",
+        "at": f"mysql+pymysql://app:{SECRET}@x@db1/orders_s0",
+        "backend": f"postgresql://app:{SECRET}@db1/orders",
+        "valid": URL_WITH_PASSWORD,
+    }
+    for name, url in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps(_raw(url)), encoding="utf-8")  # JSON is YAML
+        for extra in ([], ["--json"]):
+            result = CliRunner().invoke(main, ["config", "validate", str(path), *extra], env=NO_ENV)
+            assert result.exit_code == (0 if name == "valid" else 1), result.output
+            assert SECRET not in result.output, (name, result.output)
