@@ -4,6 +4,8 @@ secrets, clean CLI errors and exit codes, lazy imports."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,3 +184,83 @@ def test_config_validate_cli_never_prints_the_password(tmp_path: Path) -> None:
             result = CliRunner().invoke(main, ["config", "validate", str(path), *extra], env=NO_ENV)
             assert result.exit_code == (0 if name == "valid" else 1), result.output
             assert SECRET not in result.output, (name, result.output)
+
+
+# -- defect 26 (CLI start-up): importing the CLI loads no database or SQL stack --------------
+
+
+HEAVY = ("sqlglot", "sqlalchemy", "sqlalchemy.ext.asyncio", "aiomysql", "shardrouter.readpool")
+
+
+@pytest.mark.parametrize("module", ["shardrouter", "shardrouter.cli"])
+def test_importing_loads_no_heavy_module(module: str) -> None:
+    code = f"import sys, {module}\nprint(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "", f"{module} imports {out.stdout.strip()}"
+
+
+def test_help_of_every_command_loads_no_heavy_module() -> None:
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from shardrouter.cli import main\n"
+        "cmds = [[], ['check', 'lookups'], ['config', 'validate'], ['ids', 'new'], ['route'],\n"
+        "        ['sandbox', 'up'], ['schema', 'apply'], ['demo'], ['bench']]\n"
+        "for c in cmds:\n"
+        "    r = CliRunner().invoke(main, [*c, '--help'])\n"
+        "    assert r.exit_code == 0, (c, r.output)\n"
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "", out.stdout
+
+
+def test_lazy_public_names_resolve_to_their_modules() -> None:
+    import shardrouter
+    from shardrouter.errors import IdGeneratorForkedError
+    from shardrouter.router import Router
+
+    assert shardrouter.Router is Router
+    assert shardrouter.IdGeneratorForkedError is IdGeneratorForkedError
+    assert set(shardrouter.__all__) <= set(dir(shardrouter))
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        shardrouter.Nope  # noqa: B018
+
+
+# -- defect 24: every command has --json; check lookups documents its exit status -------------
+
+
+def _leaf_commands() -> list[tuple[str, ...]]:
+    import click
+
+    out: list[tuple[str, ...]] = []
+
+    def walk(cmd: click.Command, path: tuple[str, ...]) -> None:
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, (*path, name))
+        else:
+            out.append(path)
+
+    walk(main, ())
+    return out
+
+
+def test_every_command_has_json() -> None:
+    leaves = _leaf_commands()
+    assert len(leaves) >= 10
+    for path in leaves:
+        result = CliRunner().invoke(main, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert "--json" in result.output, path
+
+
+def test_check_lookups_help_documents_exit_status() -> None:
+    result = CliRunner().invoke(main, ["check", "lookups", "--help"])
+    assert "Exit status:" in result.output
+    assert "1  orphan or missing lookup rows found" in result.output
+    assert "3  the check could not run" in result.output
