@@ -160,3 +160,91 @@ def test_xa_commit_records_the_decision_on_the_first_branch(xa_raw: dict[str, An
                 conn.exec_driver_sql(xa._CREATE)  # absent on a shard that never decided
                 left = conn.execute(text(f"SELECT COUNT(*) FROM {xa.OUTCOMES}")).scalar_one()
             assert left == 0
+
+
+# -- defect 24: shardctl check lookups -------------------------------------------------------
+
+
+def _write(tmp_path: Path, raw: dict[str, Any], name: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _check(path: Path, *extra: str) -> Any:
+    from click.testing import CliRunner
+
+    from shardrouter.cli import main
+
+    return CliRunner().invoke(main, ["check", "lookups", "--config", str(path), *extra])
+
+
+@pytest.fixture(scope="module")
+def orders_raw(shard_databases: Path) -> dict[str, Any]:
+    """The shipped order tables on this module's (schema-less) shard databases."""
+    return dict(yaml.safe_load(shard_databases.read_text()))
+
+
+def test_check_lookups_with_a_shard_down_is_one_line_and_exit_3(
+    orders_raw: dict[str, Any], tmp_path: Path, scratch_port: int
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    raw = yaml.safe_load(yaml.safe_dump(orders_raw))
+    s1 = make_url(raw["shards"]["s1"]["primary"])
+    raw["shards"]["s1"]["primary"] = s1.set(port=scratch_port + 40).render_as_string(False)
+    path = _write(tmp_path, raw, "down")
+    result = _check(path)
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output and "sqlalchemy" not in result.output.lower()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "shard s1" in lines[0] and "does not answer" in lines[0] and "2003" in lines[0]
+    as_json = _check(path, "--json")
+    assert as_json.exit_code == 3
+    data = __import__("json").loads(as_json.stdout)
+    assert data["ok"] is False and "shard s1" in data["error"]
+
+
+def test_check_lookups_with_schema_missing_is_one_line_and_exit_3(
+    orders_raw: dict[str, Any], tmp_path: Path
+) -> None:
+    path = _write(tmp_path, orders_raw, "noschema")
+    result = _check(path)
+    assert result.exit_code == 3, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "1146" in lines[0] and "doesn't exist" in lines[0] and "schema apply" in lines[0]
+
+
+def test_check_lookups_exit_status_reports_orphans_and_fix_clears_them(
+    orders_raw: dict[str, Any], tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from shardrouter.cli import main
+
+    path = _write(tmp_path, orders_raw, "orders")
+    applied = CliRunner().invoke(main, ["schema", "apply", "--config", str(path), "--json"])
+    assert applied.exit_code == 0, applied.output
+    clean = _check(path)
+    assert clean.exit_code == 0, clean.output
+    with Router.load(path) as router:
+        topology = router.topology
+        slot = topology.slot_for("merchant_orders", 4242)
+        with router.engines.primary(topology.shard_of_slot(slot)).begin() as conn:
+            conn.execute(
+                text(
+                    f"INSERT INTO {topology.table('merchant_orders').physical(slot)}"
+                    " (merchant_id, order_id, user_id) VALUES (4242, 99, 77)"
+                )
+            )
+    found = _check(path)
+    assert found.exit_code == 1, found.output  # was 0: orphans did not fail the check
+    assert "1 orphans" in found.stdout and "orphan lookup row (4242, 77, 99)" in found.stdout
+    as_json = _check(path, "--json")
+    assert as_json.exit_code == 1
+    fixed = _check(path, "--fix", "--grace", "0")
+    assert fixed.exit_code == 0, fixed.output
+    assert _check(path).exit_code == 0
