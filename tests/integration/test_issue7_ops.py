@@ -3,6 +3,9 @@ topology, and ``shardctl check lookups`` reports problems with clean errors and 
 
 from __future__ import annotations
 
+import shlex
+import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -209,8 +212,28 @@ def test_check_lookups_with_a_shard_down_is_one_line_and_exit_3(
 def test_check_lookups_with_schema_missing_is_one_line_and_exit_3(
     orders_raw: dict[str, Any], tmp_path: Path
 ) -> None:
-    path = _write(tmp_path, orders_raw, "noschema")
-    result = _check(path)
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    raw = yaml.safe_load(yaml.safe_dump(orders_raw))
+    servers = []
+    for shard in raw["shards"].values():  # empty databases of this test's own
+        url = make_url(shard["primary"])
+        database = f"{url.database}_noschema"
+        server = create_engine(url.set(database=""))
+        with server.begin() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{database}`"))
+            conn.execute(text(f"CREATE DATABASE `{database}`"))
+        servers.append((server, database))
+        shard["primary"] = url.set(database=database).render_as_string(False)
+    path = _write(tmp_path, raw, "noschema")
+    try:
+        result = _check(path)
+    finally:
+        for server, database in servers:
+            with server.begin() as conn:
+                conn.execute(text(f"DROP DATABASE IF EXISTS `{database}`"))
+            server.dispose()
     assert result.exit_code == 3, result.output
     assert "Traceback" not in result.output
     lines = result.stderr.strip().splitlines()
@@ -248,3 +271,79 @@ def test_check_lookups_exit_status_reports_orphans_and_fix_clears_them(
     fixed = _check(path, "--fix", "--grace", "0")
     assert fixed.exit_code == 0, fixed.output
     assert _check(path).exit_code == 0
+
+
+# -- defect 26: README blocks that need MariaDB ----------------------------------------------
+
+
+def _readme() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "unit" / "test_readme.py"
+    spec = importlib.util.spec_from_file_location("readme_blocks", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(240)
+def test_readme_blocks_run_on_mariadb(
+    orders_raw: dict[str, Any],
+    sandbox: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The README's MariaDB tour as a reader runs it: `.sandbox/topology.yaml` is this module's
+    databases on the session sandbox (what `shardctl sandbox up --shards 4 --dir .sandbox`
+    writes, on SHARDROUTER_SANDBOX_PORT), and every block runs as written, in order."""
+    from click.testing import CliRunner
+
+    from shardrouter.cli import main
+
+    readme = _readme()
+    repo = Path(readme.REPO)
+    assert len(sandbox.shards) == 4  # the sandbox the README's `sandbox up --shards 4` starts
+    (tmp_path / ".sandbox").mkdir()
+    _write(tmp_path / ".sandbox", orders_raw, "topology")
+    (tmp_path / "config").symlink_to(repo / "config")
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    for b in readme.readme_blocks():
+        if b.lang not in ("bash", "console"):
+            continue
+        for command, _ in readme.shell_commands(b):
+            if readme.COMMANDS.get(command) == readme.INTEGRATION and "schema" in command:
+                result = CliRunner().invoke(main, shlex.split(command)[1:])
+                assert result.exit_code == 0, (command, result.output)
+                ran.append(command)
+    # A module of its own, as a reader's script would be: SQLAlchemy resolves the ORM block's
+    # annotations in the module its classes are defined in.
+    tour = types.ModuleType("readme_tour")
+    monkeypatch.setitem(sys.modules, "readme_tour", tour)
+    namespace: dict[str, Any] = tour.__dict__
+    for first in (
+        "from shardrouter import Topology",
+        "from sqlalchemy import text",
+        "import datetime as dt",
+    ):
+        code = readme.block(first).code
+        exec(compile(code, f"README block {first!r}", "exec"), namespace)
+        if readme.BLOCKS[first] == readme.INTEGRATION:  # the quickstart is the unit test's
+            ran.append(first)
+    # What the comments say holds.
+    assert namespace["page"].scatter is True
+    assert namespace["order"].order_id == namespace["orm_order_id"]
+    assert 1 <= len(namespace["top"]) <= 5
+    for b in readme.readme_blocks():
+        if b.lang != "console":
+            continue
+        for command, _ in readme.shell_commands(b):
+            if readme.COMMANDS.get(command) == readme.INTEGRATION:
+                result = CliRunner().invoke(main, shlex.split(command)[1:])
+                assert result.exit_code == 0, (command, result.output)
+                ran.append(command)
+    claimed = [c for c, v in readme.COMMANDS.items() if v == readme.INTEGRATION]
+    claimed += [k for k, v in readme.BLOCKS.items() if v == readme.INTEGRATION]
+    assert sorted(claimed) == sorted(ran)
