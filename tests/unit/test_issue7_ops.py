@@ -264,3 +264,36 @@ def test_check_lookups_help_documents_exit_status() -> None:
     assert "Exit status:" in result.output
     assert "1  orphan or missing lookup rows found" in result.output
     assert "3  the check could not run" in result.output
+
+
+@pytest.mark.timeout(60)
+def test_check_lookups_error_never_shows_the_password(tmp_path: Path) -> None:
+    """A shard that does not answer is named with its URL, password masked (nothing listens
+    on port 1 of 127.0.0.1: the connection is refused at once, no server needed)."""
+    raw = _raw(f"mysql+pymysql://app:{SECRET}@127.0.0.1:1/orders_s0")
+    raw["tables"] = {
+        "orders": {
+            "column": "user_id",
+            "strategy": "hash",
+            "secondary": [
+                {
+                    "column": "merchant_id",
+                    "strategy": {
+                        "name": "lookup",
+                        "table": "merchant_orders",
+                        "from": "merchant_id",
+                        "to": "user_id",
+                    },
+                }
+            ],
+        },
+        "merchant_orders": {"column": "merchant_id", "strategy": "hash"},
+    }
+    path = tmp_path / "down.yaml"
+    path.write_text(json.dumps(raw), encoding="utf-8")
+    for extra in ([], ["--json"]):
+        result = CliRunner().invoke(main, ["check", "lookups", "--config", str(path), *extra])
+        assert result.exit_code == 3, result.output
+        assert SECRET not in result.output
+        assert "app:***@127.0.0.1:1/orders_s0" in result.output
+        assert "Traceback" not in result.output
