@@ -297,3 +297,10 @@ def test_check_lookups_error_never_shows_the_password(tmp_path: Path) -> None:
         assert SECRET not in result.output
         assert "app:***@127.0.0.1:1/orders_s0" in result.output
         assert "Traceback" not in result.output
+
+
+def test_demo_json_prints_only_json(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["demo", "--dir", str(tmp_path), "--json"], env=NO_ENV)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["users"] == 5 and data["directory"] == str(tmp_path)
