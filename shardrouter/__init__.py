@@ -1,43 +1,106 @@
-"""shardrouter: the sharding layer for Python order services on MySQL."""
+"""shardrouter: the sharding layer for Python order services on MySQL.
+
+The public names below are imported on first use (PEP 562): ``import shardrouter`` (and so
+``shardctl --help``) does not load SQLAlchemy, sqlglot or the async stack until a name that
+needs them is touched.
+"""
 
 from __future__ import annotations
 
-from .aio import AsyncRouter as AsyncRouter
-from .config import TopologyConfig as TopologyConfig
-from .config import config_from_dict as config_from_dict
-from .config import load_config as load_config
-from .config import validate_file as validate_file
-from .errors import ClockMovedBackwardsError as ClockMovedBackwardsError
-from .errors import ConfigError as ConfigError
-from .errors import CrossShardTransactionError as CrossShardTransactionError
-from .errors import ExecutionError as ExecutionError
-from .errors import FanoutLimitError as FanoutLimitError
-from .errors import IdDecodeError as IdDecodeError
-from .errors import IdError as IdError
-from .errors import KeyValueError as KeyValueError
-from .errors import RoutingError as RoutingError
-from .errors import ScatterWriteError as ScatterWriteError
-from .errors import ShardRouterError as ShardRouterError
-from .errors import ShardUnavailableError as ShardUnavailableError
-from .errors import UnknownKeyError as UnknownKeyError
-from .errors import UnknownTableError as UnknownTableError
-from .errors import UnsupportedQueryError as UnsupportedQueryError
-from .execution import Page as Page
-from .execution import ResultSet as ResultSet
-from .ids import DecodedId as DecodedId
-from .ids import IdGenerator as IdGenerator
-from .ids import IdLayout as IdLayout
-from .router import Router as Router
-from .router import Transaction as Transaction
-from .topology import Route as Route
-from .topology import SlotRange as SlotRange
-from .topology import Topology as Topology
-from .types import KeyspaceId as KeyspaceId
-from .types import KeyType as KeyType
-from .types import ShardId as ShardId
-from .types import Slot as Slot
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .aio import AsyncRouter as AsyncRouter
+    from .config import TopologyConfig as TopologyConfig
+    from .config import config_from_dict as config_from_dict
+    from .config import load_config as load_config
+    from .config import validate_file as validate_file
+    from .errors import ClockMovedBackwardsError as ClockMovedBackwardsError
+    from .errors import ConfigError as ConfigError
+    from .errors import CrossShardTransactionError as CrossShardTransactionError
+    from .errors import ExecutionError as ExecutionError
+    from .errors import FanoutLimitError as FanoutLimitError
+    from .errors import IdDecodeError as IdDecodeError
+    from .errors import IdError as IdError
+    from .errors import IdGeneratorForkedError as IdGeneratorForkedError
+    from .errors import KeyValueError as KeyValueError
+    from .errors import RoutingError as RoutingError
+    from .errors import ScatterWriteError as ScatterWriteError
+    from .errors import ShardRouterError as ShardRouterError
+    from .errors import ShardUnavailableError as ShardUnavailableError
+    from .errors import UnknownKeyError as UnknownKeyError
+    from .errors import UnknownTableError as UnknownTableError
+    from .errors import UnsupportedQueryError as UnsupportedQueryError
+    from .execution import Page as Page
+    from .execution import ResultSet as ResultSet
+    from .ids import DecodedId as DecodedId
+    from .ids import IdGenerator as IdGenerator
+    from .ids import IdLayout as IdLayout
+    from .router import Router as Router
+    from .router import Transaction as Transaction
+    from .topology import Route as Route
+    from .topology import SlotRange as SlotRange
+    from .topology import Topology as Topology
+    from .types import KeyspaceId as KeyspaceId
+    from .types import KeyType as KeyType
+    from .types import ShardId as ShardId
+    from .types import Slot as Slot
+
+_WHERE: dict[str, str] = {
+    "AsyncRouter": "aio",
+    "ClockMovedBackwardsError": "errors",
+    "ConfigError": "errors",
+    "CrossShardTransactionError": "errors",
+    "DecodedId": "ids",
+    "ExecutionError": "errors",
+    "FanoutLimitError": "errors",
+    "IdDecodeError": "errors",
+    "IdError": "errors",
+    "IdGenerator": "ids",
+    "IdGeneratorForkedError": "errors",
+    "IdLayout": "ids",
+    "KeyType": "types",
+    "KeyValueError": "errors",
+    "KeyspaceId": "types",
+    "Page": "execution",
+    "ResultSet": "execution",
+    "Route": "topology",
+    "Router": "router",
+    "RoutingError": "errors",
+    "ScatterWriteError": "errors",
+    "ShardId": "types",
+    "ShardRouterError": "errors",
+    "ShardUnavailableError": "errors",
+    "Slot": "types",
+    "SlotRange": "topology",
+    "Topology": "topology",
+    "TopologyConfig": "config",
+    "Transaction": "router",
+    "UnknownKeyError": "errors",
+    "UnknownTableError": "errors",
+    "UnsupportedQueryError": "errors",
+    "config_from_dict": "config",
+    "load_config": "config",
+    "validate_file": "config",
+}
+"""Public name -> the module (under shardrouter) that defines it."""
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'shardrouter' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "AsyncRouter",
@@ -50,6 +113,7 @@ __all__ = [
     "IdDecodeError",
     "IdError",
     "IdGenerator",
+    "IdGeneratorForkedError",
     "IdLayout",
     "KeyType",
     "KeyValueError",

@@ -22,7 +22,17 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    SerializationInfo,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic_core import PydanticCustomError
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -54,11 +64,60 @@ class PoolConfig(_Model):
     a shard that accepts connections but stops answering fails within it."""
 
 
+def _to_url(value: Any) -> URL:
+    """A shard URL from YAML: parsed once, refused with a masked message when it cannot be."""
+    if isinstance(value, URL):
+        return value
+    if not isinstance(value, str):
+        raise PydanticCustomError("string_type", "Input should be a valid string")
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise PydanticCustomError(
+            "database_url",
+            "{message}",
+            {
+                "message": f"{safe_url(value)!r} is not a database URL (write e.g."
+                " mysql+pymysql://user:${DB_PASSWORD}@host:3306/orders_s0)"
+            },
+        ) from None
+    if "@" in (url.host or ""):
+        # "user:p@ss@host": the URL grammar ends the password at the first '@', so the rest of
+        # the password would be taken for the host (and shown in every message naming it).
+        raise PydanticCustomError(
+            "database_url",
+            "{message}",
+            {
+                "message": f"{safe_url(value)!r}: the user name or password holds an '@';"
+                " percent-encode it as %40 (urllib.parse.quote(password, safe=''))"
+            },
+        )
+    return url
+
+
+def _dump_url(url: URL, info: SerializationInfo) -> str:
+    # Dumps mask the password like repr() does; a caller that must round-trip the secret asks
+    # for it explicitly: model_dump(context={"reveal_passwords": True}).
+    reveal = isinstance(info.context, dict) and info.context.get("reveal_passwords") is True
+    return url.render_as_string(hide_password=not reveal)
+
+
+DatabaseURL = Annotated[
+    URL,
+    PlainValidator(_to_url),
+    PlainSerializer(_dump_url, return_type=str, when_used="always"),
+    WithJsonSchema({"type": "string", "format": "uri"}),
+]
+"""A database URL whose password never shows: SQLAlchemy's URL masks it in repr() and str(),
+dumps mask it, and code that needs it asks explicitly (``create_engine(url)``,
+``url.render_as_string(hide_password=False)``)."""
+
+
 class ShardConfig(_Model):
     """One physical shard: where it is and which slot ranges it owns."""
 
-    primary: str
-    replicas: list[str] = []
+    primary: DatabaseURL
+    replicas: list[DatabaseURL] = []
     pool: PoolConfig = PoolConfig()
     slots: list[tuple[int, int]]
 
@@ -284,9 +343,40 @@ def _unwrap(tp: Any) -> Any:
 _CREDENTIALS = re.compile(r"([^\s:/@'\"\[\]{}]+):[^@\s'\"]*@")
 
 
+def _mask_text(text: str) -> str:
+    """``text`` with the password of every ``user:password@`` masked, even one that holds
+    quotes, '/' or '@' (everything up to the last '@' of a word is the user part)."""
+    words = text.split(" ")
+    for i, word in enumerate(words):
+        head, at, tail = word.rpartition("@")
+        if not at:
+            continue
+        scheme = head.find("//")
+        prefix, userinfo = (head[: scheme + 2], head[scheme + 2 :]) if scheme >= 0 else ("", head)
+        user, colon, _ = userinfo.partition(":")
+        if colon:
+            words[i] = f"{prefix}{user}:***@{tail}"
+        elif "@" in userinfo:  # a user name holding '@': show none of it
+            words[i] = f"{prefix}***@{tail}"
+    return " ".join(words)
+
+
+def _scrub(value: Any) -> Any:
+    """``value`` with every string masked by _mask_text (lists and dicts too)."""
+    if isinstance(value, str):
+        return _mask_text(value)
+    if isinstance(value, URL):
+        return value.render_as_string(hide_password=True)
+    if isinstance(value, dict):
+        return {_scrub(k): _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
 def _show(value: Any) -> str:
     """A bad value for a message: short, and with any ``user:password@`` masked."""
-    text = _CREDENTIALS.sub(r"\1:***@", repr(value))
+    text = repr(_scrub(value))
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -307,6 +397,8 @@ def _structure_problems(exc: ValidationError) -> list[str]:
             line = f"{path}: unknown key ({fix}known here: {', '.join(known)})"
         elif kind == "missing":
             line = f"{path}: required but missing (add it)"
+        elif kind == "database_url":  # its message shows the URL masked, never the input
+            line = f"{path}: {err['msg']}"
         else:
             line = f"{path}: {err['msg']} (got {_show(err.get('input'))})"
         if line not in seen:
@@ -318,12 +410,17 @@ def _structure_problems(exc: ValidationError) -> list[str]:
 # -- pass 3: meaning ------------------------------------------------------------------------
 
 
-def safe_url(url: str) -> str:
+def safe_url(url: str | URL) -> str:
     """A URL for messages: the password replaced by ***."""
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except (ArgumentError, ValueError):
-        return _CREDENTIALS.sub(r"\1:***@", url)
+        return _CREDENTIALS.sub(r"\1:***@", _mask_text(url))
+    if "@" in (parsed.host or ""):  # the password held an '@': the parse is wrong
+        return _mask_text(url)
+    return parsed.render_as_string(hide_password=True)
 
 
 def check(model: TopologyConfig) -> Iterator[str]:
@@ -422,24 +519,16 @@ def _check_shards(model: TopologyConfig) -> Iterator[str]:
         )
 
 
-def _check_url(path: str, url: str) -> Iterator[str]:
-    try:
-        parsed: URL = make_url(url)
-    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
-        yield (
-            f"{path}: {safe_url(url)!r} is not a database URL"
-            " (write e.g. mysql+pymysql://user:${DB_PASSWORD}@host:3306/orders_s0)"
-        )
-        return
+def _check_url(path: str, parsed: URL) -> Iterator[str]:
     backend = parsed.get_backend_name()
     if backend not in ("mysql", "mariadb", "sqlite"):
         yield (
-            f"{path}: backend {backend!r} in {safe_url(url)!r} is not supported"
+            f"{path}: backend {backend!r} in {safe_url(parsed)!r} is not supported"
             " (use a mysql+<driver>:// or mariadb+<driver>:// URL; sqlite:// for the demo)"
         )
     elif backend != "sqlite" and not parsed.database:
         yield (
-            f"{path}: {safe_url(url)!r} names no database"
+            f"{path}: {safe_url(parsed)!r} names no database"
             " (end the URL with /<database>, e.g. /orders_s0)"
         )
 
@@ -653,6 +742,7 @@ def _check_lookup_target(
 
 
 __all__ = [
+    "DatabaseURL",
     "IdConfig",
     "PoolConfig",
     "SecondaryKeyConfig",

@@ -17,6 +17,8 @@
     │   └── CrossShardTransactionError  a transaction would touch a second shard (no XA)
     ├── IdError                         id generation or decoding failed
     │   ├── ClockMovedBackwardsError    the clock went back further than the configured bound
+    │   ├── IdGeneratorForkedError      a generator was inherited through fork(): the child
+    │   │                               must make its own, with its own worker_id
     │   └── IdDecodeError               a value is not an id of this layout
     ├── SchemaError                     a migration file is invalid, or could not be applied to a
     │                                   shard (``.shard``, ``.version`` when known)
@@ -110,6 +112,12 @@ class ClockMovedBackwardsError(IdError):
     """The wall clock moved backwards by more than the configured bound; no id was issued."""
 
 
+class IdGeneratorForkedError(IdError):
+    """An IdGenerator was used in a process forked after it was made: parent and child would
+    issue the same ids (same worker, same state). Make a new generator in the child, with a
+    worker_id no other live process uses."""
+
+
 class IdDecodeError(IdError):
     """A value cannot be an id of this layout (not an integer, negative, or wider than 63 bits)."""
 
@@ -148,6 +156,7 @@ __all__ = [
     "FanoutLimitError",
     "IdDecodeError",
     "IdError",
+    "IdGeneratorForkedError",
     "KeyValueError",
     "PortInUseError",
     "RoutingError",

@@ -7,18 +7,28 @@ Bit layout, high to low (the sign bit stays 0 so ids fit a signed BIGINT)::
 The sequence is kept per slot: every slot has its own per-millisecond ceiling of
 ``2**sequence_bits`` ids per worker, and uniqueness only needs (timestamp, slot, worker,
 sequence) to differ, so slots never contend with each other for sequence numbers.
+
+**One worker_id per live process.** Uniqueness rests on no two processes issuing ids with the
+same worker_id at the same time; nothing coordinates them yet (worker-id leases from the meta
+store come with the control plane). Two processes given the same worker_id issue the same ids.
+What can be detected is refused: a generator inherited through ``fork()`` (multiprocessing,
+gunicorn/uwsgi pre-fork workers, Celery prefork) raises IdGeneratorForkedError in the child
+instead of issuing its parent's ids; make the generator after the fork, with the worker's own
+worker_id.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ClockMovedBackwardsError, IdDecodeError, IdError
+from .errors import ClockMovedBackwardsError, IdDecodeError, IdError, IdGeneratorForkedError
 from .types import Slot
 
 ID_BITS = 63
@@ -124,8 +134,48 @@ class IdLayout:
         )
 
 
+class _ForkedLock:
+    """Stands in for a generator's lock in a forked child: entering it refuses.
+
+    Swapping the lock costs the hot path nothing (``with self._lock`` is there anyway, no pid
+    check per id), and the child can never block on a lock another parent thread held at the
+    fork."""
+
+    def __init__(self, worker_id: int, parent_pid: int) -> None:
+        self._message = (
+            f"this IdGenerator (worker_id {worker_id}) was made in process {parent_pid} and"
+            f" inherited through fork() by process {os.getpid()}: parent and child would issue"
+            " the same ids. Make a new generator in the child, after the fork, with a worker_id"
+            " no other live process uses (Topology.id_generator(table, worker_id=N)); each"
+            " process needs its own worker_id until worker-id leases exist"
+        )
+
+    def __enter__(self) -> None:
+        raise IdGeneratorForkedError(self._message)
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_LIVE: weakref.WeakSet[IdGenerator] = weakref.WeakSet()
+"""Every generator of this process, so a fork can poison the child's copies."""
+
+
+def _poison_after_fork() -> None:
+    for generator in list(_LIVE):
+        generator._lock = _ForkedLock(generator.worker_id, generator._pid)
+
+
+os.register_at_fork(after_in_child=_poison_after_fork)
+
+
 class IdGenerator:
     """Thread-safe id generator for one worker.
+
+    **Each process needs its own worker_id** (until worker-id leases exist): two processes with
+    the same worker_id issue the same ids, and nothing can detect that. A generator inherited
+    through ``fork()`` is detected: in the child it raises IdGeneratorForkedError instead of
+    issuing ids; make a new one after the fork, with that process's own worker_id.
 
     ``slot_of(column, value)`` maps a sharding key to its slot (the topology supplies it), so
     ``next_id(user_id=42)`` embeds user 42's slot. Ids are strictly increasing per slot.
@@ -157,7 +207,9 @@ class IdGenerator:
         self._max_backward_ms = max_backward_ms
         self._clock_ms = clock_ms
         self._sleep = sleep
-        self._lock = threading.Lock()
+        self._lock: threading.Lock | _ForkedLock = threading.Lock()
+        self._pid = os.getpid()
+        _LIVE.add(self)
         slots = 1 << layout.gene_bits
         self._slots = slots
         # Per slot: the last millisecond (since epoch) issued and the next free sequence.

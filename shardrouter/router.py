@@ -159,10 +159,15 @@ class Transaction:
                     shard=job.shard,
                 )
             engine = self._router.engines.primary(job.shard)
+            # The first branch decides (see shardrouter.xa); the xid names it, checked here,
+            # before a connection is taken.
+            decider = self.shard or job.shard
+            if self._xa:
+                xa.xid(self._gtrid, job.shard, decider)
             try:
                 conn = engine.connect()
                 if self._xa:
-                    xa.start(conn, self._gtrid, job.shard)
+                    xa.start(conn, self._gtrid, job.shard, decider)
                 else:
                     conn.begin()
             except (DBAPIError, PoolTimeoutError) as exc:
@@ -174,10 +179,11 @@ class Transaction:
         branches = self._branches
         try:
             if self._xa and branches:
-                coordinator = self._router.engines.primary(next(iter(self._router.topology.shards)))
+                # The decision goes to the first branch's shard, which every xid names.
+                decider = self._router.engines.primary(next(iter(branches)))
                 if commit:
                     try:
-                        xa.commit(branches, self._gtrid, coordinator)
+                        xa.commit(branches, self._gtrid, decider)
                     except (DBAPIError, PoolTimeoutError) as exc:
                         # Raised only before the decision row: nothing is committed, so roll
                         # back what we can (xa.commit never raises after the decision).
@@ -322,8 +328,7 @@ class Router:
 
         Branches younger than ``min_age_s`` are left to their coordinator (``in_doubt`` in the
         report), so this is safe to run while routers commit; see shardrouter.xa."""
-        coordinator = self.engines.primary(next(iter(self.topology.shards)))
-        return xa.recover(self.engines.primaries, coordinator, min_age_s)
+        return xa.recover(self.engines.primaries, min_age_s)
 
     # -- transparent SQL ------------------------------------------------------------------------
 

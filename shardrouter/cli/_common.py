@@ -1,33 +1,81 @@
-"""Helpers shared by the shardctl commands: error mapping, JSON output, key parsing."""
+"""Helpers shared by the shardctl commands: error mapping, JSON output, key parsing.
+
+The command modules import only click at import time (``shardctl --help`` stays fast); the
+library's heavy modules (SQLAlchemy, sqlglot, the async stack) load inside the commands.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 
 from ..errors import ShardRouterError
-from ..topology import Topology
+
+if TYPE_CHECKING:
+    from ..topology import Topology
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent.parent / "config"
 
+_HINTS = {
+    1044: "check the user's grants on that database",
+    1045: "check the user name and password in the shard URL",
+    1049: "create the database, then run `shardctl schema apply --config FILE`",
+    1146: "apply the schema: `shardctl schema apply --config FILE`",
+    2003: "is the server running? (`shardctl sandbox status`)",
+    2013: "the server dropped the connection; check it is up",
+}
+
+
+def describe_error(exc: BaseException) -> str | None:
+    """One line for an error shardctl knows (ours, or a database error); None otherwise.
+
+    Database errors show the server's own message (it names the database or host), never the
+    SQLAlchemy wrapper, which carries the statement and its parameters."""
+    if isinstance(exc, ShardRouterError):
+        return str(exc)
+    sa_exc = sys.modules.get("sqlalchemy.exc")  # loaded if the error can be SQLAlchemy's
+    if sa_exc is None or not isinstance(exc, sa_exc.SQLAlchemyError):
+        return None
+    orig = getattr(exc, "orig", None)
+    args: tuple[Any, ...] = tuple(getattr(orig, "args", ())) if orig is not None else ()
+    if len(args) >= 2 and isinstance(args[0], int):
+        hint = _HINTS.get(args[0])
+        text = f"database error {args[0]}: {str(args[1]).splitlines()[0] if args[1] else ''}"
+        return f"{text} ({hint})" if hint else text
+    first = str(orig if orig is not None else exc).splitlines()
+    return f"{type(orig or exc).__name__}: {first[0] if first else ''}"
+
+
+class CommandError(click.ClickException):
+    """A one-line error with its own exit status."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 def handle_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn a ShardRouterError into a one-message click error (exit status 1, no traceback)."""
+    """Turn a ShardRouterError or a database error into a one-message click error (exit
+    status 1, no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except ShardRouterError as exc:
-            raise click.ClickException(str(exc)) from None
+        except Exception as exc:
+            message = describe_error(exc)
+            if message is None:
+                raise
+            raise CommandError(message) from None
 
     return wrapper
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..config import load_config
 from ..errors import ConfigError
 from ._common import emit_json, json_option
 
@@ -20,7 +19,9 @@ def config() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @json_option
 def validate(file: Path, as_json: bool) -> None:
-    """Validate FILE; print every problem; exit 0 only when it is valid."""
+    """Validate FILE; print every problem; exit 0 only when it is valid (1 when not)."""
+    from ..config import load_config
+
     try:
         model = load_config(file)
     except ConfigError as exc:

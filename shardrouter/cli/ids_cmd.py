@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..topology import Topology
 from ._common import config_option, emit_json, handle_errors, json_option, parse_key
 
 
@@ -26,7 +25,12 @@ def ids() -> None:
 def new(
     config_path: Path, table: str, key: str, count: int, worker: int | None, as_json: bool
 ) -> None:
-    """Generate COUNT ids for the row whose sharding key is KEY."""
+    """Generate COUNT ids for the row whose sharding key is KEY.
+
+    Each process that generates ids needs its own worker id (--worker / ids.worker_id):
+    two processes with the same worker id issue the same ids."""
+    from ..topology import Topology
+
     topology = Topology.load(config_path)
     column, value = parse_key(topology, table, key)
     generator = topology.id_generator(table, worker)
@@ -50,6 +54,8 @@ def new(
 @handle_errors
 def decode(id_text: str, config_path: Path, as_json: bool) -> None:
     """Show the timestamp, slot (and its shard), worker and sequence of ID."""
+    from ..topology import Topology
+
     topology = Topology.load(config_path)
     try:
         id_ = int(id_text, 10)

@@ -9,10 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ..bench import run_bench
-from ..demo import run_demo
-from ..topology import Topology
-from ._common import REPO_CONFIG, emit_json, handle_errors
+from ._common import REPO_CONFIG, emit_json, handle_errors, json_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,20 +43,33 @@ def _config_defaulting_to(name: str, what: str) -> Callable[[F], F]:
     default=None,
     help="Folder for the shard files (default: a new temp folder).",
 )
+@json_option
 @handle_errors
-def demo(config_path: Path | None, directory: Path | None) -> None:
-    """A tour on SQLite shard files: place orders, route by user and order id, count."""
+def demo(config_path: Path | None, directory: Path | None, as_json: bool) -> None:
+    """A tour on SQLite shard files: place orders, route by user and order id, count.
+
+    With --json, the tour's text is left out and its figures are printed as JSON."""
+    from ..demo import run_demo
+
     config_path = config_path or _default_config("orders-sqlite.yaml")
     directory = directory or Path(tempfile.mkdtemp(prefix="shardrouter-demo-"))
-    run_demo(config_path, directory, click.echo)
+    figures = run_demo(config_path, directory, (lambda _: None) if as_json else click.echo)
+    if as_json:
+        emit_json({"directory": str(directory), **dict(figures)})
 
 
 @click.command("bench")
 @_config_defaulting_to("orders.yaml", "Topology; no server is used")
 @click.option("-n", "--ops", default=200_000, show_default=True, type=click.IntRange(1000))
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1, 20))
+@json_option
 @handle_errors
-def bench(config_path: Path | None, ops: int, repeat: int) -> None:
-    """Measure routes/s and ids/s on this machine and print JSON."""
+def bench(config_path: Path | None, ops: int, repeat: int, as_json: bool) -> None:
+    """Measure routes/s and ids/s on this machine and print JSON (always; --json is accepted
+    like every command's)."""
+    from ..bench import run_bench
+    from ..topology import Topology
+
+    del as_json  # the output is JSON either way
     topology = Topology.load(config_path or _default_config("orders.yaml"))
     emit_json(run_bench(topology, ops, repeat))

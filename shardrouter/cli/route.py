@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from ..topology import Route, Topology
 from ._common import config_option, emit_json, handle_errors, json_option, parse_key
+
+if TYPE_CHECKING:
+    from ..topology import Route
 
 
 def _describe(route: Route) -> list[str]:
@@ -42,6 +45,8 @@ def _describe(route: Route) -> list[str]:
 @handle_errors
 def route(config_path: Path, table: str, key: str, as_json: bool) -> None:
     """Show the keyspace id, slot, shard and physical table of one key."""
+    from ..topology import Topology
+
     topology = Topology.load(config_path)
     column, value = parse_key(topology, table, key)
     result = topology.route(table, column, value)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .. import sandbox as sb
 from ..errors import SandboxError
+
+if TYPE_CHECKING:
+    from .. import sandbox as sb
 
 _DIR_OPTION = click.option(
     "--dir",
@@ -57,6 +59,9 @@ def up_command(
     shards: int, directory: Path, base_port: int, template: Path | None, as_json: bool
 ) -> None:
     """Start the shards (or keep those already running) and write topology.yaml."""
+    from .. import sandbox as sb
+    from ..config import safe_url
+
     try:
         box = sb.up(directory, shards=shards, base_port=base_port, template=template)
     except SandboxError as err:
@@ -65,7 +70,7 @@ def up_command(
         click.echo(json.dumps(_sandbox_json(box), indent=2))
         return
     for shard in box.shards:
-        click.echo(f"{shard.name}  port {shard.port}  {shard.url}")
+        click.echo(f"{shard.name}  port {shard.port}  {safe_url(shard.url)}")
     click.echo(f"topology: {box.topology_path}")
 
 
@@ -74,6 +79,8 @@ def up_command(
 @_JSON_OPTION
 def down_command(directory: Path, as_json: bool) -> None:
     """Stop the shards and remove the sandbox's data."""
+    from .. import sandbox as sb
+
     try:
         stopped = sb.down(directory)
     except SandboxError as err:
@@ -91,6 +98,9 @@ def down_command(directory: Path, as_json: bool) -> None:
 @_JSON_OPTION
 def status_command(directory: Path, as_json: bool) -> None:
     """Show the shards recorded in the directory and whether each is running."""
+    from .. import sandbox as sb
+    from ..config import safe_url
+
     try:
         box = sb.status(directory)
     except SandboxError as err:
@@ -111,17 +121,20 @@ def status_command(directory: Path, as_json: bool) -> None:
         return
     for shard in box.shards:
         state = "running" if sb.is_running(shard) else "stopped"
-        click.echo(f"{shard.name}  port {shard.port}  {state:<7}  {shard.url}")
+        click.echo(f"{shard.name}  port {shard.port}  {state:<7}  {safe_url(shard.url)}")
     click.echo(f"topology: {box.topology_path}")
 
 
 def _sandbox_json(box: sb.Sandbox, with_state: bool = False) -> dict[str, Any]:
+    from .. import sandbox as sb
+    from ..config import safe_url
+
     shards: list[dict[str, Any]] = []
     for shard in box.shards:
         entry: dict[str, Any] = {
             "name": shard.name,
             "port": shard.port,
-            "url": shard.url,
+            "url": safe_url(shard.url),
             "socket": str(shard.socket),
             "datadir": str(shard.datadir),
             "pid": shard.pid,

@@ -6,10 +6,6 @@ from pathlib import Path
 
 import click
 
-from ..engines import ShardEngines
-from ..schema import DEFAULT_DIRECTORY, apply, describe_failure, load_migrations, status
-from ..topology import Topology
-from ..types import ShardId
 from ._common import config_option, emit_json, handle_errors, json_option
 
 dir_option = click.option(
@@ -17,8 +13,7 @@ dir_option = click.option(
     "directory",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help=f"Folder of NNNN_description.sql files (default: {DEFAULT_DIRECTORY.name}/ of the"
-    " repository).",
+    help="Folder of NNNN_description.sql files (default: migrations/ of the repository).",
 )
 
 
@@ -34,11 +29,15 @@ def schema() -> None:
 @handle_errors
 def apply_command(config_path: Path, directory: Path | None, as_json: bool) -> None:
     """Apply the pending migrations on every shard; exit 1 if any shard failed."""
+    from ..engines import ShardEngines
+    from ..schema import apply, describe_failure, load_migrations
+    from ..topology import Topology
+
     topology = Topology.load(config_path)
     migrations = load_migrations(directory)
     labels = {m.version: m.label for m in migrations}
 
-    def progress(shard: ShardId, version: int, outcome: str) -> None:
+    def progress(shard: str, version: int, outcome: str) -> None:
         click.echo(f"{shard}  {labels.get(version, version)}  {outcome}")
 
     engines = ShardEngines(topology)
@@ -75,6 +74,10 @@ def apply_command(config_path: Path, directory: Path | None, as_json: bool) -> N
 @handle_errors
 def status_command(config_path: Path, as_json: bool) -> None:
     """Show the versions applied on every shard."""
+    from ..engines import ShardEngines
+    from ..schema import status
+    from ..topology import Topology
+
     topology = Topology.load(config_path)
     engines = ShardEngines(topology)
     try:

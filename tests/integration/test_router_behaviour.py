@@ -521,7 +521,7 @@ def test_xa_recovery_finishes_prepared_branches(router: Router, ids: Any, decide
     for user, order in rows.items():  # a coordinator that dies after PREPARE
         shard = router.topology.shard_for("orders", user)
         conn = router.engines.primary(shard).connect()
-        xa.start(conn, gtrid, shard)
+        xa.start(conn, gtrid, shard, None)  # the older xid form
         table = router.topology.table("orders").physical(router.topology.slot_for("orders", user))
         conn.execute(
             text(
