@@ -205,6 +205,49 @@ def kill_shard(sandbox: Sandbox, name: str) -> None:
             raise SandboxError(f"shard {name} (pid {shard.pid}) did not die after SIGKILL")
 
 
+def pause_shard(sandbox: Sandbox, name: str, timeout_s: float = STOP_TIMEOUT) -> None:
+    """SIGSTOP one shard's server (a hung server, for fault tests) and wait until it is stopped.
+
+    ``kill()`` returns before the stop has reached every thread: the kernel hands SIGSTOP to one
+    thread, which stops the others when it next runs. On a loaded machine a connection thread
+    woken by a query can answer it in between, so this waits until /proc shows every thread
+    stopped. Undo with ``resume_shard``.
+    """
+    shard = _current_shard(sandbox, name)
+    if not _is_our_server(shard.pid, shard.datadir):
+        raise SandboxError(f"shard {name} is not running; nothing to pause")
+    _signal(shard.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout_s
+    while not _all_threads_stopped(shard.pid):
+        if time.monotonic() > deadline:
+            _signal(shard.pid, signal.SIGCONT)
+            raise SandboxError(f"shard {name} (pid {shard.pid}) did not stop within {timeout_s} s")
+        time.sleep(0.005)
+
+
+def resume_shard(sandbox: Sandbox, name: str) -> None:
+    """SIGCONT a shard paused with ``pause_shard``; harmless on a running or dead one."""
+    shard = _current_shard(sandbox, name)
+    if _is_our_server(shard.pid, shard.datadir):
+        _signal(shard.pid, signal.SIGCONT)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for task in tasks:
+        try:
+            stat = Path(f"/proc/{pid}/task/{task}/stat").read_text()
+        except FileNotFoundError:
+            continue  # the thread exited
+        # Field 3 follows the command name, which is parenthesised and may hold spaces.
+        if stat.rpartition(")")[2].split()[0] not in ("T", "t"):
+            return False
+    return True
+
+
 def start_shard(sandbox: Sandbox, name: str) -> SandboxShard:
     """Start a stopped or killed shard again on its port and datadir; wait until it answers.
 

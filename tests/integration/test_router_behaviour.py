@@ -776,17 +776,13 @@ def test_insert_refuses_an_order_id_from_another_users_slot(router: Router, ids:
 def test_hung_shard_fails_within_the_query_timeout(two_shards: tuple[Any, Router]) -> None:
     """A shard that accepts connections but stops answering (SIGSTOP) fails within
     query_timeout_s, sync and async, while the other shard keeps serving."""
-    import os
-    import signal
-
     box, router = two_shards
     topology = router.topology
     hung_user = next(u for u in range(1, 1000) if topology.shard_for("orders", u) == "s1")
     live_user = next(u for u in range(1, 1000) if topology.shard_for("orders", u) == "s0")
     q = "SELECT COUNT(*) FROM orders WHERE user_id = :u"
     router.execute(q, {"u": hung_user})  # a pooled connection exists: the hang is mid-query
-    pid = box.shard("s1").pid
-    os.kill(pid, signal.SIGSTOP)
+    sb.pause_shard(box, "s1")
     try:
         started = time.monotonic()
         with pytest.raises(ShardUnavailableError) as err:
@@ -804,7 +800,7 @@ def test_hung_shard_fails_within_the_query_timeout(two_shards: tuple[Any, Router
         started = time.monotonic()
         assert asyncio.run(run()) == "s1" and time.monotonic() - started < 8
     finally:
-        os.kill(pid, signal.SIGCONT)
+        sb.resume_shard(box, "s1")
 
 
 def test_async_multi_shard_insert_is_all_or_nothing(router: Router, ids: Any) -> None:
