@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -68,6 +68,19 @@ class AsyncTransaction:
         self, statement: str | Executable, params: Mapping[str, Any] | None = None
     ) -> ResultSet:
         return await self._router._execute(statement, params, self)
+
+    def bind(self, shards: Collection[ShardId]) -> None:
+        """Refuse a statement that needs another shard before any of its jobs runs (see
+        Transaction.bind): a multi-shard first statement is refused and binds nothing."""
+        others = sorted(s for s in shards if s != self.shard)
+        if others and (self.shard is not None or len(others) > 1):
+            where = f"is bound to shard {self.shard}" if self.shard else "runs on one shard"
+            raise CrossShardTransactionError(
+                f"this transaction {where} and the statement needs shard(s)"
+                f" {', '.join(others)}; nothing ran. Keep a transaction on one key's rows, run"
+                " multi-shard reads outside it, or use the sync Router(xa=True)",
+                shard=others[0],
+            )
 
     async def _run(self, jobs: Sequence[Job]) -> list[JobResult]:
         out: list[JobResult] = []
@@ -225,7 +238,8 @@ class AsyncRouter:
     ) -> ResultSet:
         sql, bound = _sql_and_params(statement, params)
         plan = self.planner.plan(sql)
-        return await self._drive(run(self.topology, plan, bound, self.limits), txn)
+        bind = txn.bind if txn is not None else None
+        return await self._drive(run(self.topology, plan, bound, self.limits, bind), txn)
 
     async def _drive(self, step: Step, txn: AsyncTransaction | None) -> ResultSet:
         try:
