@@ -231,9 +231,7 @@ def run(
     return ResultSet(visible, merged, len(merged), shards, tuple(found.lookups), found.scatter)
 
 
-def _broadcast_rowcount(
-    plan: Plan, shards: Sequence[ShardId], results: Sequence[JobResult]
-) -> int:
+def _broadcast_rowcount(plan: Plan, shards: Sequence[ShardId], results: Sequence[JobResult]) -> int:
     """A broadcast write changes the same rows on every shard: report one shard's count, as one
     database would. Different counts mean the copies diverged: say so loudly (the write itself
     made no divergence worse: every copy got the same statement, all or nothing)."""
