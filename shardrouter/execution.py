@@ -576,33 +576,39 @@ def _take_over_orphans(
 ) -> Generator[list[Job], list[JobResult], None]:
     """Refuse values whose other owner exists; take over those an orphan holds.
 
-    The owner is read on its shard's primary with a locking read: an insert of it that is still
-    uncommitted holds the row's lock, so the read waits for it and sees it (a lock wait timeout
-    is an error, never a takeover). The takeover is a conditional UPDATE of the orphan row
-    (still pointing at the absent owner), so two racing takeovers cannot both win. Left open: an
-    owner whose lookup row is written and checked but whose own INSERT has not started yet looks
-    absent for those milliseconds (a lookup without a cross-shard transaction cannot close it).
+    The owner row (its key and this value) is read on its shard's primary twice: a plain read
+    refuses at once when it is there (also when this caller's own open transaction is deleting
+    it: the cleanup of its lookup row comes after the commit), then a locking read with NOWAIT
+    finds an owner whose insert is still uncommitted: its row lock makes the read fail (a lock
+    error, a refusal: retry) instead of seeing no row. Only an owner absent both times is an
+    orphan's; the takeover is a conditional UPDATE of the orphan row (still pointing at the
+    absent owner), so two racing takeovers cannot both win. Left open: an owner whose lookup
+    row is written and checked but whose own INSERT has not reached its shard yet looks absent
+    for those milliseconds (closing it needs a transaction across the two shards).
     """
-    reads = []
-    for ours, stored, other in conflicts:
-        owner = ours.owner
-        slot = topology.table(owner.bound_to or owner.name).primary.slot(other)  # type: ignore[union-attr]
-        strategy = ours.strategy
-        target = table_clause(owner.physical(slot), (strategy.to_column, ours.column))
-        query = (
-            select(target.c[strategy.to_column])
-            .where(target.c[strategy.to_column] == other, target.c[ours.column] == stored)
-            .with_for_update()
-        )
-        reads.append(Job(topology.shard_of_slot(slot), query, {}, "write", "lookup"))
-    results = yield reads
-    for (ours, stored, other), result in zip(conflicts, results, strict=True):
-        if result.rows:
-            raise ExecutionError(
-                f"{ours.owner.name}: {stored!r} already belongs to another owner ({other!r});"
-                " nothing was written",
-                shard=ours.shard,
+    for locking in (False, True):
+        reads = []
+        for ours, stored, other in conflicts:
+            owner = ours.owner
+            rule = topology.table(owner.bound_to or owner.name).primary
+            assert rule is not None
+            slot = rule.slot(other)
+            strategy = ours.strategy
+            target = table_clause(owner.physical(slot), (strategy.to_column, ours.column))
+            query = select(target.c[strategy.to_column]).where(
+                target.c[strategy.to_column] == other, target.c[ours.column] == stored
             )
+            if locking:
+                query = query.with_for_update(nowait=True)
+            reads.append(Job(topology.shard_of_slot(slot), query, {}, "write", "lookup"))
+        results = yield reads
+        for (ours, stored, other), result in zip(conflicts, results, strict=True):
+            if result.rows:
+                raise ExecutionError(
+                    f"{ours.owner.name}: {stored!r} already belongs to another owner"
+                    f" ({other!r}); nothing was written",
+                    shard=ours.shard,
+                )
     takeovers = []
     for ours, stored, other in conflicts:
         strategy = ours.strategy

@@ -316,6 +316,31 @@ def test_orphan_email_of_an_owner_now_holding_another_address_is_taken_over(
     assert _users_with_email(router, "old@example.com") == [11]
 
 
+def test_email_of_an_owner_being_inserted_is_not_taken_over(router: Router) -> None:
+    """The lookup row of an insert still in flight (owner row written, not committed) looks
+    like an orphan to a plain read: the locking read sees the insert's row lock and refuses."""
+    _orphan_email(router, "lin@example.com", 12)  # written by user 12's insert, which ...
+    engine = router.engines.primary(router.topology.shard_for("users", 12))
+    with engine.connect() as other:
+        other.begin()
+        other.execute(text("INSERT INTO users VALUES (12, 'lin@example.com')"))  # ... is open
+        with pytest.raises(ExecutionError):
+            router.execute(INSERT_USER, {"u": 13, "e": "LIN@example.com"})
+        other.commit()
+    assert _users_with_email(router, "lin@example.com") == [12]
+
+
+@pytest.mark.timeout(30)
+def test_transaction_reusing_an_email_it_deletes_is_refused_at_once(router: Router) -> None:
+    shard_of = router.topology.shard_for
+    other = next(u for u in range(15, 10_000) if shard_of("users", u) == shard_of("users", 14))
+    router.execute(INSERT_USER, {"u": 14, "e": "kay@example.com"})
+    with pytest.raises(ExecutionError, match="already belongs"), router.transaction() as txn:
+        txn.execute("DELETE FROM users WHERE user_id = :u", {"u": 14})
+        txn.execute(INSERT_USER, {"u": other, "e": "kay@example.com"})
+    assert _users_with_email(router, "kay@example.com") == [14]
+
+
 # -- 17. broadcast UPDATE/DELETE report one database's rowcount ------------------------------
 
 
