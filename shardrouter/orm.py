@@ -90,10 +90,10 @@ unique lookup already taken by another owner fails the flush (compared the way t
 table's hash folds it: ``fold_case`` e-mail addresses in any case are one value), one held by an
 orphan lookup row whose owner does not exist is taken over; the lookup rows of deleted objects
 are deleted once the session's transaction has committed. All of it is the router's own code
-(``execution.lookup_rows``/``write_lookups``/``delete_lookups``), not a second implementation. On SQLite shard files, where a writer
-locks the whole file, a lookup row cannot be written while this session's own transaction holds
-a write lock on the lookup row's shard: commit before adding more such objects (MariaDB has no
-such limit). Atomicity is per shard, as with horizontal_shard: the session commits its shard
+(``execution.lookup_rows``/``write_lookups``/``delete_lookups``), not a second implementation.
+On SQLite shard files, where a writer locks the whole file, a lookup row cannot be written while
+this session's own transaction holds a write lock on the lookup row's shard: commit before adding
+more such objects (MariaDB has no such limit). Atomicity is per shard, as with horizontal_shard: the session commits its shard
 connections one by one.
 """
 

@@ -123,6 +123,11 @@ class Transaction:
     ``Router(xa=True)`` every transaction is an XA transaction and may span shards (two-phase
     commit, see shardrouter.xa). Lookup rows are written outside it, before it; lookup
     cleanups run after it commits (see execution.Job.role).
+
+    Every target of a statement is checked before any of its jobs runs (``bind``): a statement
+    that needs another shard runs nowhere, and a multi-shard read (a scatter) is refused rather
+    than run outside the transaction's snapshot; it binds nothing, so the next statement still
+    chooses the shard. A broadcast read runs on the bound shard, or outside before binding.
     """
 
     def __init__(self, router: Router) -> None:
