@@ -93,8 +93,8 @@ are deleted once the session's transaction has committed. All of it is the route
 (``execution.lookup_rows``/``write_lookups``/``delete_lookups``), not a second implementation.
 On SQLite shard files, where a writer locks the whole file, a lookup row cannot be written while
 this session's own transaction holds a write lock on the lookup row's shard: commit before adding
-more such objects (MariaDB has no such limit). Atomicity is per shard, as with horizontal_shard: the session commits its shard
-connections one by one.
+more such objects (MariaDB has no such limit). Atomicity is per shard, as with horizontal_shard:
+the session commits its shard connections one by one.
 """
 
 from __future__ import annotations
