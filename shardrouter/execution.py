@@ -189,8 +189,8 @@ def run(
         rows = result.rows if isinstance(result.rows, list) else list(result.rows)
         return ResultSet(result.columns, rows, len(rows), (shard,))
     scatter_sql = len(found.targets) > 1 and plan.kind == "select"
-    owner = plan.sharded if plan.kind == "delete" else None
-    returning = _returning(plan, owner) if owner is not None and _owned_lookups(owner) else None
+    owner = _deleted_owner(plan) if plan.kind == "delete" else None
+    returning = _returning(plan, owner) if owner is not None else None
     by_shard: dict[ShardId, list[Target]] = defaultdict(list)
     for t in found.targets:
         by_shard[ShardId(t.shard)].append(t)
@@ -247,26 +247,36 @@ def _broadcast_rowcount(plan: Plan, shards: Sequence[ShardId], results: Sequence
     return counts[0] if counts else 0
 
 
-def _returning(plan: Plan, owner: TableRule) -> str:
-    """`` RETURNING <the lookup columns>`` for a DELETE of ``owner``, which owns lookup rows.
+def _deleted_owner(plan: Plan) -> TableRule | None:
+    """The table of a DELETE whose lookup rows must go with its rows, if it has any.
 
-    Only a single-table DELETE returns its rows (MariaDB 10.0+, SQLite 3.35+); a multi-table
-    one could not say which rows it removed, so it is refused, like a RETURNING of the user's
-    own (the lookup cleanup needs the rows, the caller gets a rowcount)."""
+    Only a single-table DELETE returns its rows (``RETURNING``: MariaDB 10.0+, SQLite 3.35+); a
+    multi-table one that could remove rows of a lookup owner could not say which rows it
+    removed, so it is refused (whichever table it names first)."""
     ast = plan.ast
     this = ast.args.get("this")
-    if (
+    multi = bool(
         ast.args.get("tables")
         or ast.args.get("using")
         or (this is not None and this.args.get("joins"))
-        or len(plan.tables) > 1
-    ):
-        raise UnsupportedQueryError(
-            f"a multi-table DELETE of {owner.name}, which owns lookup rows, is not routed: the"
-            " lookup rows of exactly the deleted rows could not be found; delete from"
-            f" {owner.name} alone (DELETE FROM {owner.name} WHERE ...)"
-        )
-    if ast.args.get("returning"):
+    )
+    if multi:
+        owner = next((t for t in plan.tables if _owned_lookups(t)), None)
+        if owner is not None:
+            raise UnsupportedQueryError(
+                f"a multi-table DELETE naming {owner.name}, which owns lookup rows, is not"
+                " routed: the lookup rows of exactly the deleted rows could not be found;"
+                f" delete from {owner.name} alone (DELETE FROM {owner.name} WHERE ...)"
+            )
+        return None
+    table = plan.sharded
+    return table if table is not None and _owned_lookups(table) else None
+
+
+def _returning(plan: Plan, owner: TableRule) -> str:
+    """`` RETURNING <the lookup columns>`` for a single-table DELETE of ``owner``: the rows it
+    removed, exactly, for their lookup cleanup (the caller gets a rowcount, as before)."""
+    if plan.ast.args.get("returning"):
         raise UnsupportedQueryError(
             f"DELETE ... RETURNING on {owner.name}, which owns lookup rows, is not routed;"
             " select the rows first, then delete them by key"
