@@ -77,8 +77,19 @@ def _users_on_two_shards(router: Router, start: int = 1000) -> tuple[int, int]:
     return a, b
 
 
+_GENERATORS: dict[int, Any] = {}
+
+
+def _next_order_id(router: Router, user: int) -> int:
+    """From one generator per topology: two made in one millisecond would repeat ids."""
+    key = id(router.topology)
+    if key not in _GENERATORS:
+        _GENERATORS[key] = router.topology.id_generator("orders")
+    return int(_GENERATORS[key].next_id(user_id=user))
+
+
 def _add_order(router: Router, user: int, merchant: int, amount: int) -> int:
-    order_id = router.topology.id_generator("orders").next_id(user_id=user)
+    order_id = _next_order_id(router, user)
     router.execute(
         "INSERT INTO orders (order_id, user_id, merchant_id, amount_cents) VALUES (:o, :u, :m, :a)",
         {"o": order_id, "u": user, "m": merchant, "a": amount},
@@ -124,12 +135,25 @@ def _delete_racing_an_update(router: Router, delete: Any) -> tuple[int, int]:
 
         worker = threading.Thread(target=run)
         worker.start()
-        time.sleep(1.0)  # the DELETE now waits for the row lock of `kept`
-        assert worker.is_alive(), "the DELETE did not wait for the concurrent update's lock"
+        _wait_for_the_delete(other, errors)  # ... which waits for `kept`'s row lock
         other.commit()
         worker.join(30)
     assert not worker.is_alive() and not errors, errors
     return gone, kept
+
+
+def _wait_for_the_delete(conn: Any, errors: list[BaseException]) -> None:
+    """Until the DELETE runs on ``conn``'s server (at most 30 s): it cannot finish before
+    ``conn`` commits, as it needs a row ``conn`` holds locked; asked on ``conn`` itself,
+    as another connection from the pool could starve the DELETE of one."""
+    running = (
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'DELETE FROM orders%'"
+    )
+    deadline = time.monotonic() + 30
+    while conn.execute(text(running)).scalar() == 0:
+        assert not errors and time.monotonic() < deadline, f"the DELETE did not run: {errors}"
+        time.sleep(0.05)
+    time.sleep(0.3)  # from running to waiting for the lock
 
 
 def _check_survivor(router: Router, gone: int, kept: int) -> None:
@@ -202,7 +226,7 @@ def test_transaction_refuses_a_fan_out_before_running_any_part(router: Router) -
 
 def test_transaction_insert_for_another_shard_writes_no_lookup_row(router: Router) -> None:
     a, b = _users_on_two_shards(router)
-    order_b = router.topology.id_generator("orders").next_id(user_id=b)
+    order_b = _next_order_id(router, b)
     with router.transaction() as txn:
         txn.execute("SELECT COUNT(*) FROM orders WHERE user_id = :a", {"a": a})
         with pytest.raises(CrossShardTransactionError):
