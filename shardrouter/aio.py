@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError
@@ -35,6 +36,8 @@ from .readpool import AsyncReadPool
 from .router import _explicit_key_rules, _sql_and_params, route_key
 from .topology import Topology
 from .types import ShardId, Slot
+
+T = TypeVar("T")
 
 
 class AsyncShardConnection:
@@ -69,6 +72,19 @@ class AsyncTransaction:
     ) -> ResultSet:
         return await self._router._execute(statement, params, self)
 
+    def bind(self, shards: Collection[ShardId]) -> None:
+        """Refuse a statement that needs another shard before any of its jobs runs (see
+        Transaction.bind): a multi-shard first statement is refused and binds nothing."""
+        others = sorted(s for s in shards if s != self.shard)
+        if others and (self.shard is not None or len(others) > 1):
+            where = f"is bound to shard {self.shard}" if self.shard else "runs on one shard"
+            raise CrossShardTransactionError(
+                f"this transaction {where} and the statement needs shard(s)"
+                f" {', '.join(others)}; nothing ran. Keep a transaction on one key's rows, run"
+                " multi-shard reads outside it, or use the sync Router(xa=True)",
+                shard=others[0],
+            )
+
     async def _run(self, jobs: Sequence[Job]) -> list[JobResult]:
         out: list[JobResult] = []
         for job in jobs:
@@ -87,12 +103,8 @@ class AsyncTransaction:
         if job.anywhere and self.shard is not None and job.shard != self.shard:
             job = replace(job, shard=self.shard)  # a broadcast read: any shard will do
         if self.shard is None:
+            self._conn = await self._router._begin(job.shard)
             self.shard = job.shard
-            try:
-                self._conn = await self._router._engine(job.shard).connect()
-                await self._conn.begin()
-            except (DBAPIError, PoolTimeoutError, OSError) as exc:
-                raise classify(exc, job.shard) from exc
         elif job.shard != self.shard:
             raise CrossShardTransactionError(
                 f"this transaction is bound to shard {self.shard} and the statement needs"
@@ -100,18 +112,13 @@ class AsyncTransaction:
                 shard=job.shard,
             )
         assert self._conn is not None
-        return await self._router._execute_on(self._conn, job)
+        return await self._router._bounded(job.shard, self._router._execute_on(self._conn, job))
 
     async def _finish(self, commit: bool) -> None:
         conn = self._conn
         if conn is not None:
-            try:
-                if commit:
-                    await conn.commit()
-                else:
-                    await conn.rollback()
-            finally:
-                await conn.close()
+            assert self.shard is not None
+            await self._router._end(self.shard, conn, commit)
         if commit and self._deferred:
             await self._router._gather(self._deferred)
 
@@ -225,7 +232,8 @@ class AsyncRouter:
     ) -> ResultSet:
         sql, bound = _sql_and_params(statement, params)
         plan = self.planner.plan(sql)
-        return await self._drive(run(self.topology, plan, bound, self.limits), txn)
+        bind = txn.bind if txn is not None else None
+        return await self._drive(run(self.topology, plan, bound, self.limits, bind), txn)
 
     async def _drive(self, step: Step, txn: AsyncTransaction | None) -> ResultSet:
         try:
@@ -258,28 +266,87 @@ class AsyncRouter:
     async def _write_together(self, jobs: Sequence[Job]) -> list[JobResult]:
         """Every shard's part in its own open transaction; all commit or all roll back
         (see Router._write_together)."""
-        conns: list[AsyncConnection] = []
+        conns: list[tuple[ShardId, AsyncConnection]] = []
 
         async def part(job: Job) -> JobResult:
-            try:
-                conn = await self._engine(job.shard).connect()
-            except (DBAPIError, PoolTimeoutError, OSError) as exc:
-                raise classify(exc, job.shard) from exc
-            conns.append(conn)
-            await conn.begin()
-            return await self._execute_on(conn, job)
+            conn = await self._begin(job.shard)
+            conns.append((job.shard, conn))
+            return await self._bounded(job.shard, self._execute_on(conn, job))
 
         results = await asyncio.gather(*(part(j) for j in jobs), return_exceptions=True)
         error = next((r for r in results if isinstance(r, BaseException)), None)
-        try:
-            for conn in conns:
-                await (conn.commit() if error is None else conn.rollback())
-        finally:
-            for conn in conns:
-                await conn.close()
+        ends = await asyncio.gather(
+            *(self._end(shard, conn, error is None) for shard, conn in conns),
+            return_exceptions=True,
+        )
+        error = error or next((r for r in ends if isinstance(r, BaseException)), None)
         if error is not None:
             raise error
         return [r for r in results if isinstance(r, JobResult)]
+
+    async def _bounded(self, shard: ShardId, step: Awaitable[T]) -> T:
+        """``step`` within the shard's query_timeout_s: the async drivers have no read timeout,
+        so a shard that stops answering (SIGSTOP, a dead host) fails here as it does for the
+        sync router, instead of hanging the caller forever."""
+        timeout = self.topology.shards[shard].pool.query_timeout_s
+        try:
+            async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
+                return await step
+        except TimeoutError:
+            raise ShardUnavailableError(
+                f"shard {shard} is unavailable (no answer within query_timeout_s="
+                f"{timeout:g}); other shards keep serving",
+                shard=shard,
+            ) from None
+
+    async def _begin(self, shard: ShardId) -> AsyncConnection:
+        """A primary connection of ``shard`` with a transaction begun, within the timeout."""
+        conn: AsyncConnection | None = None
+
+        async def begin() -> AsyncConnection:
+            nonlocal conn
+            conn = await self._engine(shard).connect()
+            await conn.begin()
+            return conn
+
+        try:
+            return await self._bounded(shard, begin())
+        except (DBAPIError, PoolTimeoutError, OSError) as exc:
+            if conn is not None:
+                await self._discard(conn)
+            raise classify(exc, shard) from exc
+        except ShardUnavailableError:
+            if conn is not None:
+                await self._discard(conn)
+            raise
+
+    async def _end(self, shard: ShardId, conn: AsyncConnection, commit: bool) -> None:
+        """Commit or roll back, then return the connection, each within the timeout. A
+        connection that did not finish is invalidated (its state is unknown), never pooled;
+        only a failed commit raises: a failed rollback or close loses nothing, the server
+        rolls back what a dropped connection leaves open."""
+        done = False
+        try:
+            await self._bounded(shard, conn.commit() if commit else conn.rollback())
+            done = True
+            await self._bounded(shard, conn.close())
+        except Exception as exc:
+            await self._discard(conn)
+            if commit and not done:
+                if isinstance(exc, (DBAPIError, PoolTimeoutError, OSError)):
+                    raise classify(exc, shard) from exc
+                raise
+        except BaseException:  # cancelled: drop the connection, let the cancellation through
+            await self._discard(conn)
+            raise
+
+    async def _discard(self, conn: AsyncConnection) -> None:
+        """Drop a connection without waiting on its server (which may not answer)."""
+        with contextlib.suppress(Exception):  # best effort: the connection is gone either way
+            await conn.invalidate()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1):
+                await conn.close()
 
     def _text(self, sql: str) -> TextClause:
         clause = self._texts.get(sql)
@@ -303,18 +370,7 @@ class AsyncRouter:
             raise classify(exc, job.shard, str(stmt)) from exc
 
     async def _run_job(self, job: Job) -> JobResult:
-        # The async drivers have no read timeout: bound the wait here, so a shard that stops
-        # answering fails like it does for the sync router.
-        timeout = self.topology.shards[job.shard].pool.query_timeout_s
-        try:
-            async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
-                return await self._run_job_unbounded(job)
-        except TimeoutError:
-            raise ShardUnavailableError(
-                f"shard {job.shard} is unavailable (no answer within query_timeout_s="
-                f"{timeout:g}); other shards keep serving",
-                shard=job.shard,
-            ) from None
+        return await self._bounded(job.shard, self._run_job_unbounded(job))
 
     async def _run_job_unbounded(self, job: Job) -> JobResult:
         engine = self._engine(job.shard)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import and_, column, delete, literal_column, table, text
+from sqlalchemy import and_, column, delete, literal_column, select, table, update
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.sql import Executable
 
@@ -33,6 +33,7 @@ from .strategies.hash import fold
 from .topology import KeyRule, TableRule, Topology
 from .types import ShardId, Slot
 
+log = logging.getLogger("shardrouter")
 sql_log = logging.getLogger("shardrouter.sql")
 """Every statement the routers send, at DEBUG: ``shard``, ``statement`` (as rendered, with
 ``:name`` parameters) and ``params`` are also record attributes. SQLAlchemy's engine events do
@@ -156,14 +157,28 @@ class _Targets:
     """Every shard gives the same answer (a broadcast read): a transaction may use its own."""
 
 
-def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limits) -> Step:
+Bind = Callable[[Collection[ShardId]], None]
+"""Called with a statement's target shards before any of its jobs is yielded (lookup writes
+included): a transaction bound to one shard refuses a statement that needs others here, before
+anything ran, instead of after the part on its own shard did."""
+
+
+def run(
+    topology: Topology,
+    plan: Plan,
+    params: Mapping[str, Any],
+    limits: Limits,
+    bind: Bind | None = None,
+) -> Step:
     """Execute ``plan``: yields job batches, receives their results, returns the ResultSet."""
     if plan.kind == "insert":
-        return (yield from _insert(topology, plan, params))
+        return (yield from _insert(topology, plan, params, bind))
     found = _direct_targets(topology, plan, params)
     if found is None:
         found = yield from _indirect_targets(topology, plan, params)
     _check_limits(plan, found, limits, topology)
+    if bind is not None and not found.anywhere:
+        bind({ShardId(t.shard) for t in found.targets})
     kind: JobKind = "read" if plan.kind == "select" else "write"
     if len(found.targets) == 1 and plan.kind == "select" and not found.lookups:
         # The point query: one target, one job, rows as they come (no merge, no grouping).
@@ -174,9 +189,8 @@ def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limit
         rows = result.rows if isinstance(result.rows, list) else list(result.rows)
         return ResultSet(result.columns, rows, len(rows), (shard,))
     scatter_sql = len(found.targets) > 1 and plan.kind == "select"
-    pending_lookup_deletes: list[Job] = []
-    if plan.kind == "delete" and plan.sharded is not None and _owned_lookups(plan.sharded):
-        pending_lookup_deletes = yield from _delete_lookups_prepare(topology, plan, params, found)
+    owner = _deleted_owner(plan) if plan.kind == "delete" else None
+    returning = _returning(plan, owner) if owner is not None else None
     by_shard: dict[ShardId, list[Target]] = defaultdict(list)
     for t in found.targets:
         by_shard[ShardId(t.shard)].append(t)
@@ -184,21 +198,30 @@ def run(topology: Topology, plan: Plan, params: Mapping[str, Any], limits: Limit
     lazy = scatter_sql and plan.merge is not None  # the merge may read only some rows
     for shard, targets in by_shard.items():
         backend = _backend(topology, shard) if scatter_sql else "mysql"
-        if len(targets) == 1:
-            statement: str | tuple[str, ...] = plan.render(
-                targets[0], scatter=scatter_sql, backend=backend
+        if returning is not None:
+            statement: str | tuple[str, ...] = tuple(
+                plan.render(t, scatter=False, backend=backend) + returning for t in targets
             )
+        elif len(targets) == 1:
+            statement = plan.render(targets[0], scatter=scatter_sql, backend=backend)
         elif scatter_sql and backend != "sqlite" and all(t.keep is None for t in targets):
             statement = plan.render_union(targets)
         else:
             statement = tuple(plan.render(t, scatter=scatter_sql, backend=backend) for t in targets)
-        jobs.append(Job(shard, statement, params, kind, lazy=lazy))
+        jobs.append(Job(shard, statement, params, kind, anywhere=found.anywhere, lazy=lazy))
     results = [part for r in (yield jobs) for part in r.flat()]
     shards = tuple(by_shard)
     if plan.kind != "select":
-        rowcount = sum(r.rowcount for r in results)
-        if pending_lookup_deletes:
-            yield pending_lookup_deletes
+        if plan.sharded is None:
+            rowcount = _broadcast_rowcount(plan, shards, results)
+        else:
+            rowcount = sum(r.rowcount for r in results)
+        if owner is not None and returning is not None:
+            # Exactly the rows this DELETE removed (RETURNING), never a separate read of them.
+            doomed = [dict(zip(r.columns, row, strict=True)) for r in results for row in r.rows]
+            cleanups = delete_lookups(lookup_rows(topology, owner, doomed, deleting=True))
+            if cleanups:
+                yield cleanups
         return ResultSet((), [], rowcount, shards, tuple(found.lookups), found.scatter)
     columns = results[0].columns if results else ()
     if not scatter_sql or plan.merge is None:
@@ -213,6 +236,50 @@ def _backend(topology: Topology, shard: ShardId) -> str:
     """The shard's database ("mysql", "sqlite"): the scatter SQL differs (collation weights),
     and only MySQL/MariaDB take parenthesised UNION members."""
     return str(topology.shards[shard].primary.get_backend_name())
+
+
+def _broadcast_rowcount(plan: Plan, shards: Sequence[ShardId], results: Sequence[JobResult]) -> int:
+    """A broadcast write changes the same rows on every shard: report one shard's count, as one
+    database would. Different counts mean the copies diverged: say so loudly (the write itself
+    made no divergence worse: every copy got the same statement, all or nothing)."""
+    counts = [r.rowcount for r in results]
+    if len(set(counts)) > 1:
+        log.warning(
+            "broadcast %s on %s changed different row counts per shard (%s): the copies of"
+            " this table differ; re-sync them (see docs/ARCHITECTURE.md, broadcast tables)",
+            plan.kind.upper(),
+            ", ".join(t.name for t in plan.tables),
+            ", ".join(f"{s}={c}" for s, c in zip(shards, counts, strict=False)),
+        )
+    return counts[0] if counts else 0
+
+
+def _deleted_owner(plan: Plan) -> TableRule | None:
+    """The table of a DELETE whose lookup rows must go with its rows, if it has any.
+
+    Only a single-table DELETE returns its rows (``RETURNING``: MariaDB 10.0+, SQLite 3.35+). A
+    multi-table DELETE of a lookup owner could not say which rows it removed: the planner
+    refuses it (``_refuse_owner_multi_table_delete``), so a multi-table DELETE that reaches here
+    deletes only tables without lookups (``DELETE i FROM order_items i JOIN orders o ...``)."""
+    ast = plan.ast
+    this = ast.args.get("this")
+    if ast.args.get("tables") or ast.args.get("using") or (
+        this is not None and this.args.get("joins")
+    ):
+        return None
+    table = plan.sharded
+    return table if table is not None and _owned_lookups(table) else None
+
+
+def _returning(plan: Plan, owner: TableRule) -> str:
+    """`` RETURNING <the lookup columns>`` for a single-table DELETE of ``owner``: the rows it
+    removed, exactly, for their lookup cleanup (the caller gets a rowcount, as before)."""
+    if plan.ast.args.get("returning"):
+        raise UnsupportedQueryError(
+            f"DELETE ... RETURNING on {owner.name}, which owns lookup rows, is not routed;"
+            " select the rows first, then delete them by key"
+        )
+    return " RETURNING " + ", ".join(_lookup_columns(owner))
 
 
 # -- targets --------------------------------------------------------------------------------
@@ -304,10 +371,13 @@ def _lookup_targets(
     assert owner.primary is not None
     slots = {i: owner.primary.slot(k) for i, k in enumerate(sorted(owner_keys, key=repr))}
     targets = _slot_targets(topology, table, slots, in_list=False)
+    anywhere = False
     if not targets:
-        # No owner: run on one shard anyway so aggregates still return their one row.
+        # No owner: run on one shard anyway so aggregates still return their one row; for a
+        # read any shard gives that answer (a transaction need not bind to it).
         targets = [Target(next(iter(topology.shards)), 0)]
-    return _Targets(targets, False, [j.shard for j in jobs])
+        anywhere = reading
+    return _Targets(targets, False, [j.shard for j in jobs], anywhere)
 
 
 def _check_limits(plan: Plan, found: _Targets, limits: Limits, topology: Topology) -> None:
@@ -350,10 +420,82 @@ def _check_limits(plan: Plan, found: _Targets, limits: Limits, topology: Topolog
 
 
 # -- inserts and owned lookups ----------------------------------------------------------------
+#
+# One implementation of lookup rows for the router and the ORM (shardrouter.orm drives these
+# same generators): which lookup rows an owner row has, how they are written and checked, how
+# they are deleted. Lookup rows are written before their owner and deleted after it, so a crash
+# leaves an orphan lookup row (reads ignore it), never an owner its lookup cannot find.
+
+
+@dataclass(frozen=True, slots=True)
+class LookupRow:
+    """One lookup row an owner row has (or had), and where it lives."""
+
+    strategy: LookupStrategy
+    shard: ShardId
+    physical: str
+    row: Mapping[str, Any]
+    """The lookup table's columns: from, to[, key]."""
+    owner: TableRule
+    """The table whose rows own this lookup (users for user_emails)."""
+    column: str
+    """The owner's column the lookup is of (users.email)."""
 
 
 def _owned_lookups(table: TableRule) -> list[KeyRule]:
     return [r for r in table.keys.values() if isinstance(r.strategy, LookupStrategy)]
+
+
+def _lookup_columns(table: TableRule) -> list[str]:
+    """The owner columns its lookup rows are made of (merchant_id, user_id, order_id)."""
+    wanted: list[str] = []
+    for rule in _owned_lookups(table):
+        strategy = rule.strategy
+        assert isinstance(strategy, LookupStrategy)
+        for c in (rule.column, *strategy.row_columns[1:]):
+            if c not in wanted:
+                wanted.append(c)
+    return wanted
+
+
+def lookup_rows(
+    topology: Topology,
+    table: TableRule,
+    owners: Sequence[Mapping[str, Any]],
+    *,
+    deleting: bool = False,
+) -> list[LookupRow]:
+    """The lookup rows of ``owners`` (rows of ``table`` as {column: value}).
+
+    A lookup whose column the rows do not have is skipped; one whose column they have without
+    the other columns its lookup row needs is refused. A NULL lookup value cannot be routed
+    (KeyValueError), except when ``deleting``: a row with one never had a lookup row.
+    """
+    out: list[LookupRow] = []
+    for rule in _owned_lookups(table):
+        strategy = rule.strategy
+        assert isinstance(strategy, LookupStrategy)
+        lookup_table = topology.table(strategy.table)
+        for owner in owners:
+            if rule.column not in owner:
+                continue
+            missing = [c for c in strategy.row_columns[1:] if c not in owner]
+            if missing:
+                raise RoutingError(
+                    f"a row of {table.name} with lookup column {rule.column} needs"
+                    f" {', '.join(missing)} too (its lookup row in {strategy.table} holds them)"
+                )
+            value = owner[rule.column]
+            if value is None and deleting:
+                continue
+            rule.check(value)
+            slot = topology.slot_for(lookup_table.name, value)
+            row = {strategy.from_column: value}
+            for c in strategy.row_columns[1:]:
+                row[c] = owner[c]
+            shard, physical = topology.shard_of_slot(slot), lookup_table.physical(slot)
+            out.append(LookupRow(strategy, shard, physical, row, table, rule.column))
+    return out
 
 
 def lookup_upsert(strategy: LookupStrategy, physical: str, backend: str) -> Any:
@@ -370,14 +512,153 @@ def lookup_upsert(strategy: LookupStrategy, physical: str, backend: str) -> Any:
     )
 
 
-def _insert(topology: Topology, plan: Plan, params: Mapping[str, Any]) -> Step:
+def write_lookups(
+    topology: Topology, rows: Sequence[LookupRow]
+) -> Generator[list[Job], list[JobResult], list[ShardId]]:
+    """Write lookup rows (one committed write per lookup table place), then prove each unique
+    lookup's value is this owner's: taken by a live other owner raises ExecutionError, held by
+    an orphan (an owner that does not exist) is taken over. Returns the shards written."""
+    grouped: dict[tuple[ShardId, str, LookupStrategy], list[LookupRow]] = defaultdict(list)
+    for r in rows:
+        grouped[(r.shard, r.physical, r.strategy)].append(r)
+    if not grouped:
+        return []
+    jobs = []
+    for (shard, physical, strategy), group in grouped.items():
+        backend = topology.shards[shard].primary.get_backend_name()
+        stmt = lookup_upsert(strategy, physical, backend)
+        jobs.append(Job(shard, stmt, [dict(r.row) for r in group], "write", "lookup"))
+    yield jobs
+    unique = [(place, g) for place, g in grouped.items() if place[2].key_column is None]
+    if unique:
+        checks = []
+        for (shard, physical, strategy), group in unique:
+            query = strategy.query([r.row[strategy.from_column] for r in group], physical)
+            # "write": the uniqueness check must read the primary, not a lagging replica.
+            checks.append(Job(shard, query.statement, {}, "write", "lookup"))
+        results = yield checks
+        conflicts: list[tuple[LookupRow, Any, Any]] = []
+        for (_, group), result in zip(unique, results, strict=True):
+            conflicts.extend(_conflicts(group, result.rows))
+        if conflicts:
+            yield from _take_over_orphans(topology, conflicts)
+    return [j.shard for j in jobs]
+
+
+def _conflicts(
+    group: Sequence[LookupRow], found: Sequence[tuple[Any, ...]]
+) -> list[tuple[LookupRow, Any, Any]]:
+    """(our row, the stored value, its owner) for each value the lookup gives another owner.
+
+    The lookup column may compare without case or trailing spaces (user_emails.email): the
+    stored value is matched to ours the way its table's hash folds it (``fold_case``), so
+    'ADA@example.com ' finds the row of 'Ada@Example.com'."""
+    strategy = group[0].strategy
+    exact = {r.row[strategy.from_column]: r for r in group}
+    loose = {_loose(k): r for k, r in exact.items()}
+    out = []
+    for stored, owner in found:
+        ours = exact.get(stored) or loose.get(_loose(stored))
+        if ours is None and len(group) == 1:
+            ours = group[0]  # the database found it equal to our one value (accents, say)
+        if ours is None:
+            # Equal to one of ours under the column's collation, but which one is unknown.
+            if any(r.row[strategy.to_column] != owner for r in group):
+                raise ExecutionError(
+                    f"{group[0].owner.name}: {stored!r} already belongs to an owner ({owner!r})"
+                    " and matches one of several values written together; nothing was written",
+                    shard=group[0].shard,
+                )
+        elif ours.row[strategy.to_column] != owner:
+            out.append((ours, stored, owner))
+    return out
+
+
+def _take_over_orphans(
+    topology: Topology, conflicts: Sequence[tuple[LookupRow, Any, Any]]
+) -> Generator[list[Job], list[JobResult], None]:
+    """Refuse values whose other owner exists; take over those an orphan holds.
+
+    The owner row (its key and this value) is read on its shard's primary twice: a plain read
+    refuses at once when it is there (also when this caller's own open transaction is deleting
+    it: the cleanup of its lookup row comes after the commit), then a locking read with NOWAIT
+    finds an owner whose insert is still uncommitted: its row lock makes the read fail (a lock
+    error, a refusal: retry) instead of seeing no row. Only an owner absent both times is an
+    orphan's; the takeover is a conditional UPDATE of the orphan row (still pointing at the
+    absent owner), so two racing takeovers cannot both win. Left open: an owner whose lookup
+    row is written and checked but whose own INSERT has not reached its shard yet looks absent
+    for those milliseconds (closing it needs a transaction across the two shards).
+    """
+    for locking in (False, True):
+        reads = []
+        for ours, stored, other in conflicts:
+            owner = ours.owner
+            rule = topology.table(owner.bound_to or owner.name).primary
+            assert rule is not None
+            slot = rule.slot(other)
+            strategy = ours.strategy
+            target = table_clause(owner.physical(slot), (strategy.to_column, ours.column))
+            query = select(target.c[strategy.to_column]).where(
+                target.c[strategy.to_column] == other, target.c[ours.column] == stored
+            )
+            if locking:
+                query = query.with_for_update(nowait=True)
+            reads.append(Job(topology.shard_of_slot(slot), query, {}, "write", "lookup"))
+        results = yield reads
+        for (ours, stored, other), result in zip(conflicts, results, strict=True):
+            if result.rows:
+                raise ExecutionError(
+                    f"{ours.owner.name}: {stored!r} already belongs to another owner"
+                    f" ({other!r}); nothing was written",
+                    shard=ours.shard,
+                )
+    takeovers = []
+    for ours, stored, other in conflicts:
+        strategy = ours.strategy
+        target = table_clause(ours.physical, strategy.row_columns)
+        stmt = (
+            update(target)
+            .where(target.c[strategy.from_column] == stored, target.c[strategy.to_column] == other)
+            .values({c: v for c, v in ours.row.items()})
+        )
+        takeovers.append(Job(ours.shard, stmt, {}, "write", "lookup"))
+    results = yield takeovers
+    for (ours, stored, other), result in zip(conflicts, results, strict=True):
+        if result.rowcount != 1:
+            raise ExecutionError(
+                f"{ours.owner.name}: the lookup row of {stored!r} (an orphan of absent owner"
+                f" {other!r}) changed while it was being taken over; nothing was written, retry",
+                shard=ours.shard,
+            )
+        log.info(
+            "%s: took over %r from absent owner %r (an orphan lookup row)",
+            ours.strategy.table,
+            stored,
+            other,
+        )
+
+
+def delete_lookups(rows: Sequence[LookupRow]) -> list[Job]:
+    """The deletes of lookup rows, matching every column (run after the owner's delete)."""
+    jobs = []
+    for r in rows:
+        target = table_clause(r.physical, r.strategy.row_columns)
+        stmt = delete(target).where(and_(*(target.c[c] == v for c, v in r.row.items())))
+        jobs.append(Job(r.shard, stmt, {}, "write", "lookup_cleanup"))
+    return jobs
+
+
+def _insert(topology: Topology, plan: Plan, params: Mapping[str, Any], bind: Bind | None) -> Step:
     table = plan.sharded
     if table is None:  # broadcast: every shard gets the rows
         shards = tuple(topology.shards)
+        if bind is not None:
+            bind(shards)
         results = yield [
             Job(s, plan.render(Target(s, 0), scatter=False), params, "write") for s in shards
         ]
-        return ResultSet((), [], results[0].rowcount if results else 0, shards, (), True)
+        rowcount = _broadcast_rowcount(plan, shards, results)
+        return ResultSet((), [], rowcount, shards, (), True)
     rule = plan.insert_rule
     assert rule is not None
     rows = [
@@ -386,27 +667,10 @@ def _insert(topology: Topology, plan: Plan, params: Mapping[str, Any]) -> Step:
     ]
     slots = {i: rule.slot(row[rule.column]) for i, row in enumerate(rows)}
     _check_secondary_keys(table, rule, rows, slots)
-    # Owned lookup rows first: a crash between the two writes leaves an orphan lookup row
-    # (harmless: reads ignore it), never an owner row its lookup cannot find.
-    lookup_shards: list[ShardId] = []
-    lookup_jobs = _lookup_inserts(topology, table, rows)
-    if lookup_jobs:
-        lookup_shards = [j.shard for j in lookup_jobs]
-        yield lookup_jobs
-        check_jobs = _unique_lookup_checks(topology, table, rows)
-        if check_jobs:
-            results = yield [job for job, _ in check_jobs]
-            for (_, expected), result in zip(check_jobs, results, strict=True):
-                # The column may compare without case: match what it returned loosely too.
-                loose = {_loose(k): v for k, v in expected.items()}
-                for from_value, owner in result.rows:
-                    want = expected.get(from_value, loose.get(_loose(from_value), owner))
-                    if want != owner:
-                        raise ExecutionError(
-                            f"{table.name}: {from_value!r} already belongs to another owner"
-                            f" ({owner!r}) in its lookup table; nothing was inserted"
-                        )
     targets = _slot_targets(topology, table, slots, in_list=True)
+    if bind is not None:
+        bind({ShardId(t.shard) for t in targets})  # before any lookup row is written
+    lookup_shards = yield from write_lookups(topology, lookup_rows(topology, table, rows))
     jobs = [Job(ShardId(t.shard), plan.render(t, scatter=False), params, "write") for t in targets]
     results = yield jobs
     shards = tuple(dict.fromkeys(j.shard for j in jobs))
@@ -435,128 +699,12 @@ def _check_secondary_keys(
                 )
 
 
-def _lookup_inserts(
-    topology: Topology, table: TableRule, rows: Sequence[Mapping[str, Any]]
-) -> list[Job]:
-    jobs: list[Job] = []
-    for rule in _owned_lookups(table):
-        strategy = rule.strategy
-        assert isinstance(strategy, LookupStrategy)
-        if rule.column not in rows[0]:
-            continue
-        missing = [c for c in strategy.row_columns[1:] if c not in rows[0]]
-        if missing:
-            raise RoutingError(
-                f"INSERT INTO {table.name} sets lookup column {rule.column} but not"
-                f" {', '.join(missing)}, which its lookup row needs"
-            )
-        lookup_table = topology.table(strategy.table)
-        grouped: dict[tuple[ShardId, str], list[dict[str, Any]]] = defaultdict(list)
-        for row in rows:
-            value = row[rule.column]
-            rule.check(value)
-            slot = topology.slot_for(lookup_table.name, value)
-            lookup_row = {c: row[c] for c in (rule.column, *strategy.row_columns[1:])}
-            lookup_row[strategy.from_column] = lookup_row.pop(rule.column)
-            grouped[(topology.shard_of_slot(slot), lookup_table.physical(slot))].append(lookup_row)
-        for (shard, physical), lookup_rows in grouped.items():
-            backend = topology.shards[shard].primary.get_backend_name()
-            stmt = lookup_upsert(strategy, physical, backend)
-            jobs.append(Job(shard, stmt, lookup_rows, "write", "lookup"))
-    return jobs
-
-
-def _unique_lookup_checks(
-    topology: Topology, table: TableRule, rows: Sequence[Mapping[str, Any]]
-) -> list[tuple[Job, dict[Any, Any]]]:
-    """For unique lookups (no key column), the reads that prove no value was taken already."""
-    checks: list[tuple[Job, dict[Any, Any]]] = []
-    for rule in _owned_lookups(table):
-        strategy = rule.strategy
-        assert isinstance(strategy, LookupStrategy)
-        if strategy.key_column is not None or rule.column not in rows[0]:
-            continue
-        lookup_table = topology.table(strategy.table)
-        expected: dict[tuple[ShardId, str], dict[Any, Any]] = defaultdict(dict)
-        for row in rows:
-            slot = topology.slot_for(lookup_table.name, row[rule.column])
-            place = (topology.shard_of_slot(slot), lookup_table.physical(slot))
-            expected[place][row[rule.column]] = row[strategy.to_column]
-        for (shard, physical), want in expected.items():
-            query = strategy.query(list(want), physical)
-            # "write": the uniqueness check must read the primary, not a lagging replica.
-            checks.append((Job(shard, query.statement, {}, "write", "lookup"), want))
-    return checks
-
-
 def _loose(value: Any) -> Any:
     return fold(value) if isinstance(value, str) else value
 
 
 def table_clause(name: str, columns: Sequence[str]) -> Any:
     return table(name, *(column(c) for c in columns))
-
-
-# Deleting owner rows: read the lookup columns of the doomed rows first (same WHERE), delete the
-# owners, then delete their lookup rows. A crash in between leaves orphans, never a dangling
-# owner.
-
-
-def _delete_lookups_prepare(
-    topology: Topology, plan: Plan, params: Mapping[str, Any], found: _Targets
-) -> Generator[list[Job], list[JobResult], list[Job]]:
-    """Read the doomed rows' lookup columns; return the lookup deletes to run afterwards."""
-    table = plan.sharded
-    assert table is not None
-    rules = _owned_lookups(table)
-    wanted: list[str] = []
-    for rule in rules:
-        strategy = rule.strategy
-        assert isinstance(strategy, LookupStrategy)
-        for c in (rule.column, *strategy.row_columns[1:]):
-            if c not in wanted:
-                wanted.append(c)
-    where = plan.ast.args.get("where")
-    where_sql = f" {where.sql(dialect='mysql')}" if where is not None else ""
-    reads = []
-    for t in found.targets:
-        physical = table.physical(t.split)
-        reads.append(
-            Job(
-                ShardId(t.shard),
-                text(f"SELECT {', '.join(wanted)} FROM {physical} AS {table.name}{where_sql}"),
-                params,
-                "read",
-            )
-        )
-    results = yield reads
-    deletes: list[Job] = []
-    for rule in rules:
-        strategy = rule.strategy
-        assert isinstance(strategy, LookupStrategy)
-        lookup_table = topology.table(strategy.table)
-        idx = {c: wanted.index(c) for c in (rule.column, *strategy.row_columns[1:])}
-        for r in results:
-            for row in r.rows:
-                value = row[idx[rule.column]]
-                if value is None:
-                    continue
-                slot = topology.slot_for(lookup_table.name, value)
-                physical = lookup_table.physical(slot)
-                target = table_clause(physical, strategy.row_columns)
-                conds = [target.c[strategy.from_column] == value]
-                for c in strategy.row_columns[1:]:
-                    conds.append(target.c[c] == row[idx[c]])
-                deletes.append(
-                    Job(
-                        topology.shard_of_slot(slot),
-                        delete(target).where(and_(*conds)),
-                        {},
-                        "write",
-                        "lookup_cleanup",
-                    )
-                )
-    return deletes
 
 
 # -- keyset pagination --------------------------------------------------------------------------
@@ -627,16 +775,21 @@ def page_of(result: ResultSet, positions: Sequence[int], limit: int, width: int)
 
 
 __all__ = [
+    "Bind",
     "Job",
     "JobResult",
     "Limits",
+    "LookupRow",
     "Page",
     "ResultSet",
     "Step",
+    "delete_lookups",
     "keyset_query",
     "log_statement",
+    "lookup_rows",
     "lookup_upsert",
     "page_of",
     "run",
     "sql_log",
+    "write_lookups",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, delete, select, text
+from sqlalchemy import and_, delete, select
 from sqlalchemy.exc import DBAPIError
 
 from .execution import table_clause
@@ -139,16 +139,35 @@ def _owner_present(
     target = table_clause(owner.physical(slot), (column,))
     query = select(target.c[column]).where(target.c[column] == value)
     engine = router.engines.primary(router.topology.shard_of_slot(slot))
-    with engine.begin() as conn:
-        if engine.dialect.name == "sqlite":
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
             return conn.execute(query).first() is not None
-        conn.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
+    # Wait at most a second for a lock, for this one statement only: the setting must not
+    # outlive it on a pooled connection (SET STATEMENT on MariaDB; MySQL has none, so the
+    # session value is put back before the connection returns to the pool).
+    locking = query.with_for_update().compile(engine)
+    params = locking.params
+    with engine.begin() as conn:
         try:
-            return conn.execute(query.with_for_update()).first() is not None
+            if getattr(conn.dialect, "is_mariadb", False):  # known once connected
+                sql = f"SET STATEMENT innodb_lock_wait_timeout = 1 FOR {locking}"
+                return conn.exec_driver_sql(sql, _positional(locking, params)).first() is not None
+            conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 1")
+            try:
+                return conn.execute(query.with_for_update()).first() is not None
+            finally:
+                conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = DEFAULT")
         except DBAPIError as exc:
             if getattr(exc.orig, "args", (None,))[0] == 1205:  # lock wait timeout: in flight
                 return True
             raise
+
+
+def _positional(compiled: Any, params: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+    """The compiled statement's parameters in the form its driver's paramstyle wants."""
+    if compiled.positiontup is not None:
+        return tuple(params[name] for name in compiled.positiontup)
+    return params
 
 
 __all__ = ["LookupReport", "check_lookups"]

@@ -86,12 +86,15 @@ writing a broadcast table (use ``router.execute``, which writes every shard). As
 lookup rows (``merchant_orders`` for ``orders.merchant_id``, ``user_emails`` for
 ``users.email``) are written before the owner rows, each committed on its own (a failed session
 leaves an orphan lookup row, which reads ignore, never an owner its lookup cannot find); a
-unique lookup already taken by another owner fails the flush; the lookup rows of deleted objects
-are deleted once the session's transaction has committed. On SQLite shard files, where a writer
-locks the whole file, a lookup row cannot be written while this session's own transaction holds
-a write lock on the lookup row's shard: commit before adding more such objects (MariaDB has no
-such limit). Atomicity is per shard, as with horizontal_shard: the session commits its shard
-connections one by one.
+unique lookup already taken by another owner fails the flush (compared the way the lookup
+table's hash folds it: ``fold_case`` e-mail addresses in any case are one value), one held by an
+orphan lookup row whose owner does not exist is taken over; the lookup rows of deleted objects
+are deleted once the session's transaction has committed. All of it is the router's own code
+(``execution.lookup_rows``/``write_lookups``/``delete_lookups``), not a second implementation.
+On SQLite shard files, where a writer locks the whole file, a lookup row cannot be written while
+this session's own transaction holds a write lock on the lookup row's shard: commit before adding
+more such objects (MariaDB has no such limit). Atomicity is per shard, as with horizontal_shard:
+the session commits its shard connections one by one.
 """
 
 from __future__ import annotations
@@ -99,7 +102,6 @@ from __future__ import annotations
 import re
 import threading
 import weakref
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -109,10 +111,7 @@ from sqlalchemy import (
     Engine,
     LargeBinary,
     Table,
-    and_,
     case,
-    column,
-    delete,
     event,
     func,
     inspect,
@@ -120,12 +119,9 @@ from sqlalchemy import (
     null,
     text,
 )
-from sqlalchemy import table as table_clause
 from sqlalchemy.engine import Dialect, IteratorResult, Result
 from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
 from sqlalchemy.engine.result import SimpleResultMetaData
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.horizontal_shard import ShardedSession, set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction, sessionmaker
 from sqlalchemy.orm.exc import UnmappedColumnError
@@ -140,19 +136,17 @@ from sqlalchemy.sql.elements import (
     _textual_label_reference,
 )
 
-from .engines import classify
 from .errors import (
-    ExecutionError,
     FanoutLimitError,
     KeyValueError,
     RoutingError,
     ScatterWriteError,
     UnsupportedQueryError,
 )
-from .execution import lookup_upsert
+from .execution import LookupRow, delete_lookups, lookup_rows, write_lookups
 from .merge import WEIGHT_CHARS, MergePlan, SortKey, merge
 from .planner import Plan, Target
-from .router import Router, _sql_and_params
+from .router import Router, _Runner, _sql_and_params
 from .strategies import LookupStrategy
 from .topology import TableRule, Topology
 from .types import ShardId, Slot
@@ -208,16 +202,6 @@ class _MappedTable:
         if key in state.dict:
             return state.dict[key]
         return getattr(state.obj(), key) if state.has_identity else None
-
-
-@dataclass(frozen=True)
-class _LookupRow:
-    """One lookup row an owner row needs, and where it lives."""
-
-    strategy: LookupStrategy
-    shard: ShardId
-    physical: str
-    row: Mapping[str, Any]
 
 
 class _Routing:
@@ -406,7 +390,7 @@ class RoutedSession(ShardedSession):
         self.router = router
         self._routing = routing
         self._proxies: dict[tuple[int, str], _PlacementConnection] = {}
-        self._lookup_cleanups: list[_LookupRow] = []
+        self._lookup_cleanups: list[LookupRow] = []
         self._lookups_written: set[tuple[ShardId, str, tuple[tuple[str, Any], ...]]] = set()
         # Ahead of horizontal_shard's own handler, which then runs each routed piece.
         event.listen(self, "do_orm_execute", self._on_execute, retval=True, insert=True)
@@ -492,7 +476,7 @@ class RoutedSession(ShardedSession):
     ) -> None:
         self._proxies.clear()
         routing = self._routing
-        lookups: list[_LookupRow] = []
+        lookups: list[LookupRow] = []
         for obj in self.new:
             state = inspect(obj)
             info = routing.mapped(state.mapper)
@@ -513,7 +497,7 @@ class RoutedSession(ShardedSession):
                         f" {info.rule.name}.{column_name} would move the row to another shard;"
                         " delete the object and add a new one instead"
                     )
-        cleanups: list[_LookupRow] = []
+        cleanups: list[LookupRow] = []
         for obj in self.deleted:
             state = inspect(obj)
             info = routing.mapped(state.mapper)
@@ -550,12 +534,10 @@ class RoutedSession(ShardedSession):
 
     def _lookup_rows(
         self, info: _MappedTable, state: InstanceState[Any], *, deleting: bool = False
-    ) -> list[_LookupRow]:
+    ) -> list[LookupRow]:
         """The lookup rows of an owner row (to write for a new one, to delete for a deleted
-        one). A NULL lookup value cannot be routed, as in router.execute; a deleted row with
-        one never had a lookup row."""
-        rows: list[_LookupRow] = []
-        topology = self._routing.topology
+        one), made by the router's own code (execution.lookup_rows) from the mapped values."""
+        owner: dict[str, Any] = {}
         for column_name, rule in info.rule.keys.items():
             strategy = rule.strategy
             if not isinstance(strategy, LookupStrategy) or column_name not in info.attrs:
@@ -566,68 +548,34 @@ class RoutedSession(ShardedSession):
                     f"{info.mapper.class_.__name__} maps lookup column {column_name} but not"
                     f" {', '.join(missing)}, which its lookup row in {strategy.table} needs"
                 )
-            value = info.value(state, column_name)
-            if value is None and deleting:
-                continue
-            rule.check(value)
-            lookup = topology.table(strategy.table)
-            slot = topology.slot_for(lookup.name, value)
-            row = {strategy.from_column: value}
-            for c in strategy.row_columns[1:]:
+            for c in (column_name, *strategy.row_columns[1:]):
                 prop = info.mapper.get_property_by_column(info.mapper.columns[c])
-                row[c] = (
+                owner[c] = (
                     state.dict[prop.key]
                     if prop.key in state.dict
                     else getattr(state.obj(), prop.key)
                 )
-            rows.append(
-                _LookupRow(strategy, topology.shard_of_slot(slot), lookup.physical(slot), row)
-            )
-        return rows
+        if not owner:
+            return []
+        return lookup_rows(self._routing.topology, info.rule, [owner], deleting=deleting)
 
-    def _write_lookups(self, rows: Sequence[_LookupRow]) -> None:
-        """Upsert lookup rows on their shards, each shard in its own committed transaction."""
-        grouped: dict[tuple[ShardId, str, LookupStrategy], list[Mapping[str, Any]]] = defaultdict(
-            list
-        )
+    def _write_lookups(self, rows: Sequence[LookupRow]) -> None:
+        """Write lookup rows and prove unique ones are this owner's: the router's own code
+        (execution.write_lookups: upserts committed per place, the case-folding uniqueness
+        check, orphans taken over), driven on the router's threads."""
         for r in rows:
-            grouped[(r.shard, r.physical, r.strategy)].append(r.row)
             self._lookups_written.add(_lookup_key(r))
-        for (shard, physical, strategy), values in grouped.items():
-            engine = self.router.engines.primary(shard)
-            stmt = lookup_upsert(strategy, physical, engine.dialect.name)
-            try:
-                with engine.begin() as conn:
-                    conn.execute(stmt, [dict(v) for v in values])
-                    if strategy.key_column is None:
-                        want = {v[strategy.from_column]: v[strategy.to_column] for v in values}
-                        query = strategy.query(list(want), physical).statement
-                        for from_value, owner in conn.execute(query):
-                            if want.get(from_value, owner) != owner:
-                                raise ExecutionError(
-                                    f"{strategy.table}: {from_value!r} already belongs to"
-                                    f" another owner ({owner!r}); nothing was flushed",
-                                    shard=shard,
-                                )
-            except (DBAPIError, PoolTimeoutError) as exc:
-                raise classify(exc, shard) from exc
+        _Runner(self.router).drive(write_lookups(self.router.topology, rows))
 
     def _after_commit(self, session: Session) -> None:
         if self.in_nested_transaction() or not self._lookup_cleanups:
             return  # a savepoint released: the outer transaction may still roll back
         rows, self._lookup_cleanups = self._lookup_cleanups, []
         written, self._lookups_written = self._lookups_written, set()
-        for r in rows:
-            if _lookup_key(r) in written:
-                continue  # deleted and added again in this transaction: the row is needed
-            strategy = r.strategy
-            target = table_clause(r.physical, *(column(c) for c in strategy.row_columns))
-            stmt = delete(target).where(and_(*(target.c[c] == v for c, v in r.row.items())))
-            try:
-                with self.router.engines.primary(r.shard).begin() as conn:
-                    conn.execute(stmt)
-            except (DBAPIError, PoolTimeoutError) as exc:
-                raise classify(exc, r.shard) from exc
+        jobs = delete_lookups([r for r in rows if _lookup_key(r) not in written])
+        # (a row deleted and added again in this transaction keeps its lookup row)
+        if jobs:
+            _Runner(self.router).run(jobs)
 
     def _forget_cleanups(self, session: Session, *args: Any) -> None:
         # Forgetting a cleanup leaves an orphan lookup row (harmless); running one for a row
@@ -903,7 +851,7 @@ def _explicit_token(ctx: ORMExecuteState) -> Any:
     return ctx.bind_arguments.get("shard_id")
 
 
-def _lookup_key(row: _LookupRow) -> tuple[ShardId, str, tuple[tuple[str, Any], ...]]:
+def _lookup_key(row: LookupRow) -> tuple[ShardId, str, tuple[tuple[str, Any], ...]]:
     return row.shard, row.physical, tuple(sorted(row.row.items()))
 
 

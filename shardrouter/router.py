@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Connection, Engine, Select, TextClause, literal_column, text
 from sqlalchemy.dialects import mysql
@@ -26,12 +26,12 @@ from .errors import (
     UnsupportedQueryError,
 )
 from .execution import (
+    Bind,
     Job,
     JobResult,
     Limits,
     Page,
     ResultSet,
-    Step,
     keyset_query,
     log_statement,
     page_of,
@@ -43,6 +43,7 @@ from .topology import KeyRule, Topology
 from .types import ShardId, Slot
 
 _NAMED_MYSQL = mysql.dialect(paramstyle="named")
+T = TypeVar("T")
 
 
 class ShardConnection:
@@ -78,14 +79,18 @@ class _Runner:
         """Once this runner wrote, its reads stay on primaries (read-your-writes)."""
         self.wrote = False
 
-    def drive(self, step: Step) -> ResultSet:
+    def drive(self, step: Generator[list[Job], list[JobResult], T]) -> T:
         try:
             jobs = next(step)
             while True:
                 jobs = step.send(self.run(jobs))
         except StopIteration as stop:
-            result: ResultSet = stop.value
+            result: T = stop.value
             return result
+
+    @property
+    def bind(self) -> Bind | None:
+        return self.transaction.bind if self.transaction is not None else None
 
     def run(self, jobs: Sequence[Job]) -> list[JobResult]:
         txn = self.transaction
@@ -118,6 +123,11 @@ class Transaction:
     ``Router(xa=True)`` every transaction is an XA transaction and may span shards (two-phase
     commit, see shardrouter.xa). Lookup rows are written outside it, before it; lookup
     cleanups run after it commits (see execution.Job.role).
+
+    Every target of a statement is checked before any of its jobs runs (``bind``): a statement
+    that needs another shard runs nowhere, and a multi-shard read (a scatter) is refused rather
+    than run outside the transaction's snapshot; it binds nothing, so the next statement still
+    chooses the shard. A broadcast read runs on the bound shard, or outside before binding.
     """
 
     def __init__(self, router: Router) -> None:
@@ -140,6 +150,26 @@ class Transaction:
         self, statement: str | Executable, params: Mapping[str, Any] | None = None
     ) -> ResultSet:
         return self._router._execute(statement, params, self._runner)
+
+    def bind(self, shards: Collection[ShardId]) -> None:
+        """Refuse a statement that needs a shard this transaction cannot join, before any of
+        its jobs runs: without XA, one shard (the bound one, or the only one needed). A
+        multi-shard read as the first statement is refused too and binds nothing: run it
+        outside the transaction (its answer would not be this transaction's snapshot anyway),
+        or use Router(xa=True)."""
+        if self._xa:
+            return
+        bound = self.shard
+        others = sorted(s for s in shards if s != bound)
+        if others and (bound is not None or len(others) > 1):
+            where = f"is bound to shard {bound}" if bound is not None else "runs on one shard"
+            raise CrossShardTransactionError(
+                f"this transaction {where} and the statement needs shard(s)"
+                f" {', '.join(others)}; nothing ran. Keep a transaction on one key's rows (an"
+                " order and its items share the user's shard), run multi-shard reads outside"
+                " it, or configure Router(xa=True)",
+                shard=others[0],
+            )
 
     def _run(self, job: Job) -> JobResult:
         bound = self.shard
@@ -343,7 +373,7 @@ class Router:
     ) -> ResultSet:
         sql, bound = _sql_and_params(statement, params)
         plan = self.planner.plan(sql)
-        return runner.drive(run(self.topology, plan, bound, self.limits))
+        return runner.drive(run(self.topology, plan, bound, self.limits, runner.bind))
 
     def page(
         self,
