@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -479,7 +477,6 @@ def test_async_transaction_and_multi_shard_write_fail_within_the_query_timeout(
     hung = next(u for u in range(1, 1000) if topology.shard_for("orders", u) == "s1")
     live = next(u for u in range(1, 1000) if topology.shard_for("orders", u) == "s0")
     insert = "INSERT INTO orders (order_id, user_id) VALUES (:o, :u)"
-    pid = box.shard("s1").pid
 
     async def run() -> list[float]:
         took = []
@@ -487,7 +484,7 @@ def test_async_transaction_and_multi_shard_write_fail_within_the_query_timeout(
             # pooled connections on both shards exist: the hang is mid-statement
             await aio.execute(insert, {"o": 1, "u": hung})
             await aio.execute(insert, {"o": 2, "u": live})
-            os.kill(pid, signal.SIGSTOP)
+            sb.pause_shard(box, "s1")
             try:
                 started = time.monotonic()
                 with pytest.raises(ShardUnavailableError) as err:
@@ -513,7 +510,7 @@ def test_async_transaction_and_multi_shard_write_fail_within_the_query_timeout(
                 count = "SELECT COUNT(*) FROM orders WHERE user_id = :u"
                 took.append(float((await aio.execute(count, {"u": live})).scalar()))
             finally:
-                os.kill(pid, signal.SIGCONT)
+                sb.resume_shard(box, "s1")
         return took
 
     took = asyncio.run(asyncio.wait_for(run(), 60))
