@@ -17,8 +17,6 @@ a shard can compute the same key in SQL (tests/integration/test_issue7_fold_mari
 from __future__ import annotations
 
 import re
-import sys
-from array import array
 from codecs import charmap_decode, utf_16_be_encode
 from importlib.resources import files
 
@@ -27,19 +25,27 @@ from .base import StrategyDomainError
 _BMP = 0x10000
 
 
+def _weights(raw: bytes) -> str:
+    """Big-endian 2-byte weights as the characters of those code points."""
+    # surrogatepass lets a weight be any 16-bit value; two that formed a surrogate pair would
+    # decode to one character, which the length check refuses.
+    text = raw.decode("utf-16-be", "surrogatepass")
+    if 2 * len(text) != len(raw):
+        raise ImportError("general_ci.bin holds weights that pair up as UTF-16 surrogates")
+    return text
+
+
 def _load() -> tuple[str, str]:
     raw = files(__package__).joinpath("general_ci.bin").read_bytes()
     if len(raw) != 2 * (_BMP + 1):
         raise ImportError(f"general_ci.bin holds {len(raw)} bytes, not {2 * (_BMP + 1)}")
-    weights = array("H", raw)
-    if sys.byteorder == "little":  # the file is big-endian
-        weights.byteswap()
     # A 65,536-character str is the translate table: indexing it is C, and a supplementary
-    # character (beyond its end) raises IndexError, which str.translate leaves unchanged.
-    # Built from chr() one by one, its surrogate entries stay single (a UTF-16 decode would
-    # pair them), so a lone surrogate maps to itself and the UTF-16 encode refuses it.
+    # character (beyond its end) raises IndexError, which str.translate leaves unchanged. The
+    # surrogates (not characters) map to themselves, so the UTF-16 encode refuses a lone one.
+    surrogates = "".join(map(chr, range(0xD800, 0xE000)))
+    table = _weights(raw[: 2 * 0xD800]) + surrogates + _weights(raw[2 * 0xE000 : 2 * _BMP])
     # re.sub's replacement is a template: a backslash would be an escape.
-    return "".join(map(chr, weights[:_BMP])), chr(weights[_BMP]).replace("\\", "\\\\")
+    return table, _weights(raw[2 * _BMP :]).replace("\\", "\\\\")
 
 
 _TABLE, _SUPPLEMENTARY_WEIGHT = _load()
@@ -64,7 +70,8 @@ def weight_string(value: str) -> bytes:
     """
     if _ASCII_IS_UPPER and value.isascii():
         return utf_16_be_encode(value.rstrip(" ").upper())[0]
-    latin1 = value.encode("latin-1", "ignore")  # no exception raised for other text: slow
+    # "ignore" and a length check, not try/except: raising for other text costs more.
+    latin1 = value.encode("latin-1", "ignore")
     if len(latin1) == len(value):
         return utf_16_be_encode(charmap_decode(latin1, "strict", _LATIN1)[0].rstrip(" "))[0]
     folded = value.translate(_TABLE).rstrip(" ")
