@@ -86,6 +86,11 @@ class HashStrategy:
         # first two bytes, which are the two low bytes of the integer digest, swapped.
         self._shift = 16 - context.slot_bits
 
+    @property
+    def fold_case(self) -> bool:
+        """Whether string keys are compared (and hashed) by their general_ci fold."""
+        return self._fold
+
     def keyspace_id(self, value: Any) -> KeyspaceId:
         if self._fold and isinstance(value, str):
             key = weight_string(value)

@@ -305,3 +305,13 @@ def test_orm_refuses_an_address_taken_with_an_accent(world: World) -> None:
             session.flush()
         session.rollback()
     assert world.same_users() == [(5, "émile@example.com", None)]
+
+
+def test_two_spellings_of_one_address_in_one_insert_are_refused(world: World) -> None:
+    sql = "INSERT INTO users (user_id, email, name) VALUES (:u, :e, NULL), (:v, :f, NULL)"
+    params = {"u": 80, "e": "zoë@example.com", "v": 81, "f": "ZOE@example.com"}
+    with pytest.raises(ExecutionError):
+        world.router.execute(sql, params)
+    with pytest.raises(IntegrityError, match="Duplicate entry"), world.single.begin() as conn:
+        conn.execute(text(sql), params)
+    assert world.same_users() == []

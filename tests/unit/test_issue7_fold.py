@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardrouter.config import config_from_dict
-from shardrouter.errors import KeyValueError
-from shardrouter.execution import _conflicts, lookup_rows
+from shardrouter.errors import ExecutionError, KeyValueError
+from shardrouter.execution import _conflicts, lookup_rows, write_lookups
 from shardrouter.strategies import general_ci
 from shardrouter.strategies.hash import fold
 from shardrouter.topology import Topology
@@ -207,3 +207,25 @@ def test_installs_carry_the_weight_table() -> None:
     cfg.read(Path(__file__).resolve().parents[2] / "setup.cfg")
     shipped = [p.strip() for p in cfg["options.package_data"]["shardrouter"].split(",")]
     assert "strategies/general_ci.bin" in shipped
+
+
+def test_two_spellings_of_one_address_for_two_owners_are_refused_before_writing() -> None:
+    """'zoë@…' and 'ZOE@…' written together for users 80 and 81: the lookup upsert would keep
+    the first and the read-back would not notice the second; refused before any job."""
+    owners = [
+        {"user_id": 80, "email": "zoë@example.com"},
+        {"user_id": 81, "email": "ZOE@example.com "},
+    ]
+    steps = write_lookups(TOPOLOGY, lookup_rows(TOPOLOGY, TOPOLOGY.table("users"), owners))
+    with pytest.raises(ExecutionError, match="one value of user_emails for two owners"):
+        next(steps)
+    # One owner with two spellings, or two owners with two addresses, are written.
+    for same in (
+        [{**owners[0]}, {**owners[1], "user_id": 80}],
+        [owners[0], {**owners[1], "email": "zed@example.com"}],
+    ):
+        steps = write_lookups(TOPOLOGY, lookup_rows(TOPOLOGY, TOPOLOGY.table("users"), same))
+        jobs = next(steps)
+        assert sorted(row["user_id"] for job in jobs for row in job.params) == sorted(  # type: ignore[index]
+            o["user_id"] for o in same
+        )
