@@ -28,7 +28,7 @@ from .errors import (
 )
 from .merge import merge
 from .planner import KeyCondition, Plan, Target
-from .strategies import LookupStrategy
+from .strategies import HashStrategy, LookupStrategy
 from .strategies.hash import fold
 from .topology import KeyRule, TableRule, Topology
 from .types import ShardId, Slot
@@ -523,6 +523,9 @@ def write_lookups(
         grouped[(r.shard, r.physical, r.strategy)].append(r)
     if not grouped:
         return []
+    for (_, _, strategy), group in grouped.items():
+        if strategy.key_column is None:
+            _one_owner_per_value(topology, group)
     jobs = []
     for (shard, physical, strategy), group in grouped.items():
         backend = topology.shards[shard].primary.get_backend_name()
@@ -543,6 +546,27 @@ def write_lookups(
         if conflicts:
             yield from _take_over_orphans(topology, conflicts)
     return [j.shard for j in jobs]
+
+
+def _one_owner_per_value(topology: Topology, group: Sequence[LookupRow]) -> None:
+    """Refuse values written together for two owners that a ``fold_case`` lookup holds as one
+    ('zoë@…' and 'ZOE@…'): the upsert keeps the first, and the read-back cannot see the second
+    was never this owner's. Checked before anything is written."""
+    strategy = group[0].strategy
+    rule = topology.table(strategy.table).primary
+    if rule is None or not (isinstance(rule.strategy, HashStrategy) and rule.strategy.fold_case):
+        return
+    first: dict[Any, LookupRow] = {}
+    for r in group:
+        other = first.setdefault(_loose(r.row[strategy.from_column]), r)
+        if other.row[strategy.to_column] != r.row[strategy.to_column]:
+            raise ExecutionError(
+                f"{r.owner.name}: {other.row[strategy.from_column]!r} and"
+                f" {r.row[strategy.from_column]!r} are one value of {strategy.table} for two"
+                f" owners ({other.row[strategy.to_column]!r}, {r.row[strategy.to_column]!r});"
+                " nothing was written",
+                shard=r.shard,
+            )
 
 
 def _conflicts(

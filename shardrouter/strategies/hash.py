@@ -9,26 +9,27 @@ from xxhash import xxh64_digest, xxh64_intdigest
 
 from ..types import KeyspaceId, KeyType, Slot
 from .base import StrategyContext, StrategyDomainError, StrategyParams, register
+from .general_ci import weight_string
 
 _INT_MIN = -(2**63)
 _UINT_MAX = 2**64 - 1
 
 
 class HashParams(StrategyParams):
-    """``fold_case``: for string columns with a case-insensitive collation (MySQL's default
-    ``utf8mb4_general_ci``): hash the value lowercased and without trailing spaces, so
-    ``'Ada@Example.com'`` and ``'ada@example.com'``, which the column holds as one value, route
-    to one shard. Off by default: then keyspace ids equal Vitess's ``xxhash`` vindex exactly."""
+    """``fold_case``: for string columns of collation ``utf8mb4_general_ci`` (MariaDB's default
+    for utf8mb4): hash the value's weight string under that collation (trailing spaces aside)
+    instead of its text, so ``'Ada@Example.com'``, ``'ada@example.com  '`` and
+    ``'ÄDA@example.com'``, which the column holds as one value, route to one shard, and values
+    the column tells apart route independently. Off by default: then keyspace ids equal
+    Vitess's ``xxhash`` vindex exactly."""
 
     fold_case: bool = False
 
 
-def fold(value: str) -> str:
-    """The form of a string that a case-insensitive, PAD SPACE collation compares equal.
-
-    Accents are not folded (general_ci equates some accented letters; this does not).
-    """
-    return value.rstrip(" ").lower()
+fold = weight_string
+"""The form of a string in which values equal under utf8mb4_general_ci are equal: its weight
+string without trailing spaces (general_ci.weight_string). ``fold_case`` keys hash it, and the
+unique-lookup check matches stored values to written ones with it."""
 
 
 def canonical_bytes(value: Any) -> bytes:
@@ -85,10 +86,17 @@ class HashStrategy:
         # first two bytes, which are the two low bytes of the integer digest, swapped.
         self._shift = 16 - context.slot_bits
 
+    @property
+    def fold_case(self) -> bool:
+        """Whether string keys are compared (and hashed) by their general_ci fold."""
+        return self._fold
+
     def keyspace_id(self, value: Any) -> KeyspaceId:
         if self._fold and isinstance(value, str):
-            value = fold(value)
-        return KeyspaceId(int.from_bytes(xxh64_digest(canonical_bytes(value)), "little"))
+            key = weight_string(value)
+        else:
+            key = canonical_bytes(value)
+        return KeyspaceId(int.from_bytes(xxh64_digest(key), "little"))
 
     def slot(self, value: Any) -> Slot:
         # The int fast path avoids the generic canonical_bytes dispatch, and reading the slot
@@ -96,9 +104,9 @@ class HashStrategy:
         # Literal bounds (not the module constants) save two global lookups per call.
         if type(value) is int and -0x8000000000000000 <= value <= 0xFFFFFFFFFFFFFFFF:
             h = xxh64_intdigest(b"%d" % value)
+        elif self._fold and isinstance(value, str):
+            h = xxh64_intdigest(weight_string(value))
         else:
-            if self._fold and isinstance(value, str):
-                value = fold(value)
             h = xxh64_intdigest(canonical_bytes(value))
         # Slot() is a NewType call (~45 ns): the hot path returns the int itself.
         return (((h & 0xFF) << 8) | ((h >> 8) & 0xFF)) >> self._shift  # type: ignore[return-value]

@@ -1,4 +1,5 @@
-"""Golden keyspace ids of the hash strategy, equal to those of Vitess's xxhash vindex."""
+"""Golden keyspace ids of the hash strategy, equal to those of Vitess's xxhash vindex, and of
+``fold_case`` keys, equal to xxHash64 of MariaDB's utf8mb4_general_ci weight string."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def _topology(slots: int) -> Topology:
                 "tables": {
                     "t": {"column": "k", "strategy": "hash"},
                     "ts": {"column": "k", "type": "str", "strategy": "hash"},
+                    "tf": {
+                        "column": "k",
+                        "type": "str",
+                        "strategy": {"name": "hash", "fold_case": True},
+                    },
                 },
             },
             env={},
@@ -57,6 +63,34 @@ GOLDEN = [
     pytest.param("ünïcødé", "3959522906be5a4d", id="pinned-latin-accents"),
     pytest.param("订单", "51854a02820b1b42", id="pinned-cjk"),
 ]
+
+
+# fold_case keys: xxHash64 (laid out as above) of what MariaDB 10.11 answers for
+# WEIGHT_STRING(RTRIM(CONVERT(:v USING utf8mb4)) COLLATE utf8mb4_general_ci), computed from the
+# server's answer, not with this package. Before issue 7 (A6) fold_case hashed the lowercased
+# text (accents not folded): these slots moved, a pre-1.0 placement change.
+GOLDEN_FOLDED = [
+    pytest.param("test1", "96526cb42efe6bbd", id="ascii"),
+    pytest.param("ada@example.com", "65fb5b05e7f691da", id="email"),
+    pytest.param("Ada@Example.com  ", "65fb5b05e7f691da", id="email-case-and-trailing-spaces"),
+    pytest.param("émile@example.com", "072ef537ea27855b", id="email-accent"),
+    pytest.param("EMILE@EXAMPLE.COM", "072ef537ea27855b", id="email-accent-folded"),
+    pytest.param("ünïcødé", "977510fef6be2437", id="latin-accents"),
+    pytest.param("订单", "85cec8ed1c8980dd", id="cjk"),
+    pytest.param("😀", "33e7a9324ca1245d", id="supplementary-weighs-fffd"),
+    pytest.param("", "99e9d85137db46ef", id="empty-string"),
+    pytest.param("   ", "99e9d85137db46ef", id="spaces-are-empty"),
+]
+
+
+@pytest.mark.parametrize(("value", "ksid_hex"), GOLDEN_FOLDED)
+def test_fold_case_keyspace_id_golden(value: str, ksid_hex: str) -> None:
+    rule = TOPO_1024.table("tf").primary
+    assert rule is not None
+    assert f"{rule.keyspace_id(value):016x}" == ksid_hex
+    assert rule.slot(value) == int(ksid_hex, 16) >> 54
+    assert TOPO_256.slot_for("tf", value) == int(ksid_hex, 16) >> 56
+    assert TOPO_1024.route("tf", "k", value).as_dict()["keyspace_id"] == ksid_hex
 
 
 @pytest.mark.parametrize(("value", "ksid_hex"), GOLDEN)
