@@ -263,8 +263,10 @@ def _deleted_owner(plan: Plan) -> TableRule | None:
     deletes only tables without lookups (``DELETE i FROM order_items i JOIN orders o ...``)."""
     ast = plan.ast
     this = ast.args.get("this")
-    if ast.args.get("tables") or ast.args.get("using") or (
-        this is not None and this.args.get("joins")
+    if (
+        ast.args.get("tables")
+        or ast.args.get("using")
+        or (this is not None and this.args.get("joins"))
     ):
         return None
     table = plan.sharded
