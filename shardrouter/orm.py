@@ -143,7 +143,15 @@ from .errors import (
     ScatterWriteError,
     UnsupportedQueryError,
 )
-from .execution import LookupRow, delete_lookups, lookup_rows, write_lookups
+from .execution import (
+    LookupLedger,
+    LookupRow,
+    Written,
+    delete_lookups,
+    log,
+    lookup_rows,
+    write_lookups,
+)
 from .merge import WEIGHT_CHARS, MergePlan, SortKey, merge
 from .planner import Plan, Target
 from .router import Router, _Runner, _sql_and_params
@@ -392,6 +400,8 @@ class RoutedSession(ShardedSession):
         self._proxies: dict[tuple[int, str], _PlacementConnection] = {}
         self._lookup_cleanups: list[LookupRow] = []
         self._lookups_written: set[tuple[ShardId, str, tuple[tuple[str, Any], ...]]] = set()
+        self._ledger = LookupLedger()
+        self._committed = False
         # Ahead of horizontal_shard's own handler, which then runs each routed piece.
         event.listen(self, "do_orm_execute", self._on_execute, retval=True, insert=True)
         event.listen(self, "before_flush", self._before_flush)
@@ -565,11 +575,21 @@ class RoutedSession(ShardedSession):
         check, orphans taken over), driven on the router's threads."""
         for r in rows:
             self._lookups_written.add(_lookup_key(r))
-        _Runner(self.router).drive(write_lookups(self.router.topology, rows))
+        written = Written()
+        try:
+            _Runner(self.router).drive(write_lookups(self.router.topology, rows, written))
+        except Exception:
+            self._ledger.add(written, doubtful=True)
+            raise
+        # Inside a savepoint the owner rows may be rolled back while the session commits.
+        self._ledger.add(written, doubtful=self.in_nested_transaction())
 
     def _after_commit(self, session: Session) -> None:
-        if self.in_nested_transaction() or not self._lookup_cleanups:
+        if self.in_nested_transaction():
             return  # a savepoint released: the outer transaction may still roll back
+        self._committed = True
+        if not self._lookup_cleanups:
+            return
         rows, self._lookup_cleanups = self._lookup_cleanups, []
         written, self._lookups_written = self._lookups_written, set()
         jobs = delete_lookups([r for r in rows if _lookup_key(r) not in written])
@@ -586,6 +606,13 @@ class RoutedSession(ShardedSession):
     def _after_transaction_end(self, session: Session, transaction: Any) -> None:
         if transaction.parent is None:  # the root ended: committed cleanups already ran
             self._forget_cleanups(session)
+            # Lookup rows written for owners the session did not commit are removed (the
+            # router's own settling, see execution.LookupLedger); best effort.
+            committed, self._committed = self._committed, False
+            try:
+                _Runner(self.router).drive(self._ledger.settle(self.router.topology, committed))
+            except Exception as exc:
+                log.error("session end: lookup rows not settled: %s", exc)
 
     # -- statements -------------------------------------------------------------------------
 
