@@ -20,7 +20,6 @@ from shardrouter.errors import (
     ExecutionError,
     UnsupportedQueryError,
 )
-from shardrouter.execution import discard_lookups, lookup_rows
 from shardrouter.lookups import check_lookups
 from shardrouter.orm import routed_sessionmaker
 from shardrouter.router import Router, _Runner
@@ -344,6 +343,8 @@ def test_discard_puts_the_row_back_when_its_owner_appears_after_the_check(
     """The owner's insert lands between the discard's owner check and its delete (its lookup
     write found the row there): the discard's second read sees the owner and writes the row
     back, so the owner is not left without its lookup row."""
+    from shardrouter.execution import discard_lookups, lookup_rows
+
     order = _order_id(router, 8)
     owner = {"order_id": order, "user_id": 8, "merchant_id": 7}
     table = router.topology.table("orders")
