@@ -72,8 +72,9 @@ class Job:
     """The rows feed a merge, which may read only some of them (ORDER BY ... LIMIT): a runner
     may hand them over undecoded and decode each row when it is read (readpool.LazyRows)."""
     """Lookup reads and writes run outside the caller's transaction (a lookup row may live on
-    another shard; it is written first, so an aborted transaction leaves an orphan at worst);
-    lookup cleanups run only after the owner's delete committed."""
+    another shard; it is written first, and the rows a statement created are removed if its
+    owner rows are not written, see LookupLedger); lookup cleanups run only after the owner's
+    delete committed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,7 +433,8 @@ def _check_limits(plan: Plan, found: _Targets, limits: Limits, topology: Topolog
 # One implementation of lookup rows for the router and the ORM (shardrouter.orm drives these
 # same generators): which lookup rows an owner row has, how they are written and checked, how
 # they are deleted. Lookup rows are written before their owner and deleted after it, so a crash
-# leaves an orphan lookup row (reads ignore it), never an owner its lookup cannot find.
+# leaves an orphan lookup row (reads ignore it), never an owner its lookup cannot find; the
+# rows a failed or rolled-back write created are removed again (discard_lookups).
 
 
 @dataclass(frozen=True, slots=True)
@@ -700,9 +702,10 @@ def delete_lookups(rows: Sequence[LookupRow]) -> list[Job]:
 
 
 def _owner_check(topology: Topology, r: LookupRow) -> Job:
-    """A locking read (NOWAIT) of the owner row of ``r`` carrying its lookup value, on the
-    owner's shard primary: an owner whose insert is uncommitted holds the lock, so the read
-    fails (counted as present) instead of missing it."""
+    """A locking read (shared, NOWAIT) of the owner row of ``r`` carrying its lookup value, on
+    the owner's shard primary: an owner whose insert is uncommitted holds the lock, so the read
+    fails (counted as present) instead of missing it. Shared: the checks of one owner's rows
+    run together and must not fail on each other's locks."""
     s = r.strategy
     rule = topology.table(r.owner.bound_to or r.owner.name).primary
     assert rule is not None
@@ -713,7 +716,7 @@ def _owner_check(topology: Topology, r: LookupRow) -> Job:
     query = select(target.c[s.to_column]).where(
         and_(*(target.c[c] == r.row[key if c == r.column else c] for c in matched))
     )
-    query = query.with_for_update(nowait=True)
+    query = query.with_for_update(read=True, nowait=True)
     return Job(topology.shard_of_slot(slot), query, {}, "write", "lookup")
 
 

@@ -84,13 +84,15 @@ must carry its user's gene) or the flush is refused. Changing a sharding column 
 object is refused (the row would have to move shards: delete it and add a new one), and so is
 writing a broadcast table (use ``router.execute``, which writes every shard). As the router does,
 lookup rows (``merchant_orders`` for ``orders.merchant_id``, ``user_emails`` for
-``users.email``) are written before the owner rows, each committed on its own (a failed session
-leaves an orphan lookup row, which reads ignore, never an owner its lookup cannot find); a
+``users.email``) are written before the owner rows, each committed on its own (never an owner
+its lookup cannot find), and those created for owners the session did not commit (a rollback,
+a failed flush) are removed when its transaction ends; a
 unique lookup already taken by another owner fails the flush (compared the way the lookup
 table's hash folds it: ``fold_case`` e-mail addresses in any case are one value), one held by an
 orphan lookup row whose owner does not exist is taken over; the lookup rows of deleted objects
 are deleted once the session's transaction has committed. All of it is the router's own code
-(``execution.lookup_rows``/``write_lookups``/``delete_lookups``), not a second implementation.
+(``execution.lookup_rows``/``write_lookups``/``LookupLedger``/``delete_lookups``), not a
+second implementation.
 On SQLite shard files, where a writer locks the whole file, a lookup row cannot be written while
 this session's own transaction holds a write lock on the lookup row's shard: commit before adding
 more such objects (MariaDB has no such limit). Atomicity is per shard, as with horizontal_shard:
@@ -410,6 +412,15 @@ class RoutedSession(ShardedSession):
         event.listen(self, "after_soft_rollback", self._forget_cleanups)
         event.listen(self, "after_transaction_end", self._after_transaction_end)
 
+    def begin_nested(self) -> Any:
+        """Refused: horizontal_shard flushes through the root transaction's connections (no
+        SAVEPOINT is issued), so rolling a savepoint back would not undo its rows."""
+        raise UnsupportedQueryError(
+            "savepoints (Session.begin_nested) are not supported by the routed session: its"
+            " flushes run in the root transaction, so a savepoint rollback would keep the rows;"
+            " use a separate session (a separate transaction) for work that may be undone"
+        )
+
     def placement(self, token: str) -> Placement:
         """The placement behind an identity token (``inspect(obj).identity_token``)."""
         return self._routing.placements[self._routing.check_token(token)]
@@ -581,8 +592,7 @@ class RoutedSession(ShardedSession):
         except Exception:
             self._ledger.add(written, doubtful=True)
             raise
-        # Inside a savepoint the owner rows may be rolled back while the session commits.
-        self._ledger.add(written, doubtful=self.in_nested_transaction())
+        self._ledger.add(written, doubtful=False)
 
     def _after_commit(self, session: Session) -> None:
         if self.in_nested_transaction():

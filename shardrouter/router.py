@@ -133,8 +133,9 @@ class Transaction:
     Without XA, a statement that needs another shard raises CrossShardTransactionError: keep a
     transaction on one key's rows (an order and its items share the user's shard). With
     ``Router(xa=True)`` every transaction is an XA transaction and may span shards (two-phase
-    commit, see shardrouter.xa). Lookup rows are written outside it, before it; lookup
-    cleanups run after it commits (see execution.Job.role).
+    commit, see shardrouter.xa). Lookup rows are written outside it, before it, and settled
+    when it ends: those created for owners it did not commit are removed
+    (execution.LookupLedger); lookup cleanups run after it commits (see execution.Job.role).
 
     Every target of a statement is checked before any of its jobs runs (``bind``): a statement
     that needs another shard runs nowhere, and a multi-shard read (a scatter) is refused rather

@@ -384,3 +384,42 @@ def test_check_lookups_fix_removes_an_orphan_whose_owner_has_another_value(
     merchants = next(r for r in reports if r.lookup_table == "merchant_orders")
     assert merchants.removed == 1
     assert _merchant_rows(router) == [(1, order, 8)]
+
+
+def test_insert_writes_again_a_lookup_row_a_discard_removed_before_its_owner_landed(
+    router: Router,
+) -> None:
+    """The other side of the hand-over: the insert found its lookup row there (an orphan), a
+    discard removed it before the owner row landed; the insert writes it again afterwards."""
+    from sqlalchemy import event
+
+    order = _order_id(router, 8)
+    _orphan_merchant_row(router, 7, order, 8)
+    topology = router.topology
+    slot = topology.slot_for("merchant_orders", 7)
+    lookup_engine = router.engines.primary(topology.shard_of_slot(slot))
+    physical = topology.table("merchant_orders").physical(slot)
+    owner_engine = router.engines.primary(topology.shard_for("orders", 8))
+
+    def discard_meanwhile(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("INSERT INTO orders_"):
+            with lookup_engine.begin() as other:
+                other.execute(text(f"DELETE FROM {physical} WHERE order_id = :o"), {"o": order})
+
+    event.listen(owner_engine, "before_cursor_execute", discard_meanwhile)
+    try:
+        router.execute(INSERT_ORDER, {"o": order, "u": 8, "m": 7, "a": 1})
+    finally:
+        event.remove(owner_engine, "before_cursor_execute", discard_meanwhile)
+    assert _merchant_rows(router) == [(7, order, 8)]
+
+
+def test_orm_savepoint_is_refused(router: Router) -> None:
+    """horizontal_shard flushes through the root transaction (no SAVEPOINT): a savepoint
+    rolled back kept its owner rows and their lookup rows."""
+    with routed_sessionmaker(router)() as session:
+        session.add(User(user_id=24, email="kept@example.com"))
+        with pytest.raises(UnsupportedQueryError, match="savepoint"):
+            session.begin_nested()
+        session.commit()
+    assert _email_rows(router) == [("kept@example.com", 24)]
