@@ -784,9 +784,12 @@ class LookupLedger:
     """The lookup rows a transaction's statements wrote, settled when it ends.
 
     Lookup rows are written outside the transaction, before it (their table lives on another
-    shard). Rolled back, its created rows are discarded (those whose owner is absent); committed,
-    only those of statements that failed or upserted (ON DUPLICATE KEY UPDATE keeps a row's old
-    lookup value) are checked, and the adopted rows are written again (see discard_lookups)."""
+    shard). Rolled back, its created rows are discarded (those whose owner is absent).
+    Committed, the rows of statements that failed or upserted (ON DUPLICATE KEY UPDATE keeps a
+    row's old lookup value) are discarded the same way, and every other row it wrote is written
+    again (one idempotent insert per lookup table place): a transaction may stay open long
+    enough for ``check lookups --fix`` to take its lookup rows for orphans and remove them
+    before its owner rows commit (see discard_lookups)."""
 
     created: list[LookupRow] = field(default_factory=list)
     doubtful: list[LookupRow] = field(default_factory=list)
@@ -805,7 +808,9 @@ class LookupLedger:
         self.created, self.doubtful, self.adopted = [], [], []
         if committed:
             yield from discard_lookups(topology, doubtful)
-            yield from restore_lookups(topology, adopted)
+            dropped = {id(r) for r in doubtful}
+            kept = [r for r in created if id(r) not in dropped]
+            yield from restore_lookups(topology, kept + adopted)
         else:
             yield from discard_lookups(topology, created)
 
@@ -849,8 +854,8 @@ def _insert(
         # The owner rows were not written (a multi-shard insert rolls back every part): the
         # lookup rows this statement created are nobody's. A transaction settles them at its
         # end (its own locks on the owners would block the check now).
-        if ledger is not None:
-            ledger.add(written, doubtful=True)
+        if ledger is not None:  # (rows found there are not this statement's: not rewritten)
+            ledger.add(Written(written.created), doubtful=True)
         else:
             yield from discard_lookups(topology, written.created)
         raise

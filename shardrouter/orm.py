@@ -590,7 +590,7 @@ class RoutedSession(ShardedSession):
         try:
             _Runner(self.router).drive(write_lookups(self.router.topology, rows, written))
         except Exception:
-            self._ledger.add(written, doubtful=True)
+            self._ledger.add(Written(written.created), doubtful=True)
             raise
         self._ledger.add(written, doubtful=False)
 

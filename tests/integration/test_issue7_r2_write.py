@@ -423,3 +423,17 @@ def test_orm_savepoint_is_refused(router: Router) -> None:
             session.begin_nested()
         session.commit()
     assert _email_rows(router) == [("kept@example.com", 24)]
+
+
+def test_committed_transaction_writes_its_lookup_rows_again(router: Router) -> None:
+    """A lookup row removed while the transaction was open (check lookups --fix took it for
+    an orphan: its owner row was not there yet) is written again when the transaction
+    commits."""
+    topology = router.topology
+    slot = topology.slot_for("user_emails", "long@example.com")
+    physical = topology.table("user_emails").physical(slot)
+    with router.transaction() as txn:
+        txn.execute(INSERT_USER, {"u": 31, "e": "long@example.com"})
+        with router.engines.primary(topology.shard_of_slot(slot)).begin() as conn:
+            conn.execute(text(f"DELETE FROM {physical}"))
+    assert _email_rows(router) == [("long@example.com", 31)]
