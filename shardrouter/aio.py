@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Collection, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -23,10 +23,11 @@ from .execution import (
     Job,
     JobResult,
     Limits,
+    LookupLedger,
     Page,
     ResultSet,
-    Step,
     keyset_query,
+    log,
     log_statement,
     page_of,
     run,
@@ -66,6 +67,7 @@ class AsyncTransaction:
         self.shard: ShardId | None = None
         self._conn: AsyncConnection | None = None
         self._deferred: list[Job] = []
+        self._ledger = LookupLedger()
 
     async def execute(
         self, statement: str | Executable, params: Mapping[str, Any] | None = None
@@ -115,12 +117,23 @@ class AsyncTransaction:
         return await self._router._bounded(job.shard, self._router._execute_on(self._conn, job))
 
     async def _finish(self, commit: bool) -> None:
-        conn = self._conn
-        if conn is not None:
-            assert self.shard is not None
-            await self._router._end(self.shard, conn, commit)
-        if commit and self._deferred:
-            await self._router._gather(self._deferred)
+        committed = False
+        try:
+            conn = self._conn
+            if conn is not None:
+                assert self.shard is not None
+                await self._router._end(self.shard, conn, commit)
+            committed = commit
+            if commit and self._deferred:
+                await self._router._gather(self._deferred)
+        finally:
+            # Lookup rows written for owners this transaction did not commit are removed
+            # (see Transaction._finish).
+            settle = self._ledger.settle(self._router.topology, committed)
+            try:
+                await self._router._drive(settle, None)
+            except Exception as exc:  # best effort: the crash case, which check lookups fixes
+                log.error("transaction end: lookup rows not settled: %s", exc)
 
 
 class AsyncRouter:
@@ -233,16 +246,23 @@ class AsyncRouter:
         sql, bound = _sql_and_params(statement, params)
         plan = self.planner.plan(sql)
         bind = txn.bind if txn is not None else None
-        return await self._drive(run(self.topology, plan, bound, self.limits, bind), txn)
+        ledger = txn._ledger if txn is not None else None
+        return await self._drive(run(self.topology, plan, bound, self.limits, bind, ledger), txn)
 
-    async def _drive(self, step: Step, txn: AsyncTransaction | None) -> ResultSet:
+    async def _drive(
+        self, step: Generator[list[Job], list[JobResult], T], txn: AsyncTransaction | None
+    ) -> T:
         try:
             jobs = next(step)
             while True:
-                results = await (txn._run(jobs) if txn is not None else self._gather(jobs))
-                jobs = step.send(results)
+                try:
+                    results = await (txn._run(jobs) if txn is not None else self._gather(jobs))
+                except Exception as exc:
+                    jobs = step.throw(exc)  # the step may clean up what it wrote first
+                else:
+                    jobs = step.send(results)
         except StopIteration as stop:
-            result: ResultSet = stop.value
+            result: T = stop.value
             return result
 
     async def _gather(self, jobs: Sequence[Job]) -> list[JobResult]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from sqlalchemy import and_, column, delete, literal_column, select, table, update
+from sqlalchemy import and_, column, delete, select, table, update
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.sql import Executable
 
@@ -72,8 +72,9 @@ class Job:
     """The rows feed a merge, which may read only some of them (ORDER BY ... LIMIT): a runner
     may hand them over undecoded and decode each row when it is read (readpool.LazyRows)."""
     """Lookup reads and writes run outside the caller's transaction (a lookup row may live on
-    another shard; it is written first, so an aborted transaction leaves an orphan at worst);
-    lookup cleanups run only after the owner's delete committed."""
+    another shard; it is written first, and the rows a statement created are removed if its
+    owner rows are not written, see LookupLedger); lookup cleanups run only after the owner's
+    delete committed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,10 +170,16 @@ def run(
     params: Mapping[str, Any],
     limits: Limits,
     bind: Bind | None = None,
+    ledger: LookupLedger | None = None,
 ) -> Step:
-    """Execute ``plan``: yields job batches, receives their results, returns the ResultSet."""
+    """Execute ``plan``: yields job batches, receives their results, returns the ResultSet.
+
+    A driver that fails to run a batch throws the error into the generator (``throw``) rather
+    than abandoning it: an INSERT then removes the lookup rows it created for owner rows that
+    were not written. ``ledger``: the caller's transaction, which settles lookup rows when it
+    ends instead (see LookupLedger)."""
     if plan.kind == "insert":
-        return (yield from _insert(topology, plan, params, bind))
+        return (yield from _insert(topology, plan, params, bind, ledger))
     found = _direct_targets(topology, plan, params)
     if found is None:
         found = yield from _indirect_targets(topology, plan, params)
@@ -426,7 +433,8 @@ def _check_limits(plan: Plan, found: _Targets, limits: Limits, topology: Topolog
 # One implementation of lookup rows for the router and the ORM (shardrouter.orm drives these
 # same generators): which lookup rows an owner row has, how they are written and checked, how
 # they are deleted. Lookup rows are written before their owner and deleted after it, so a crash
-# leaves an orphan lookup row (reads ignore it), never an owner its lookup cannot find.
+# leaves an orphan lookup row (reads ignore it), never an owner its lookup cannot find; the
+# rows a failed or rolled-back write created are removed again (discard_lookups).
 
 
 @dataclass(frozen=True, slots=True)
@@ -500,26 +508,49 @@ def lookup_rows(
     return out
 
 
-def lookup_upsert(strategy: LookupStrategy, physical: str, backend: str) -> Any:
-    """The idempotent insert of lookup rows (executemany with one dict per row).
+def lookup_insert(
+    strategy: LookupStrategy, physical: str, backend: str, rows: Sequence[Mapping[str, Any]]
+) -> Any:
+    """The idempotent insert of lookup rows that says which rows it created.
 
-    A row left by an earlier crash is identical, so keeping it is the idempotent write; a
-    unique lookup's value taken by another owner is detected by reading it back afterwards.
-    """
+    An existing row is kept (a row left by an earlier crash is identical; a unique lookup's
+    value taken by another owner is detected by reading it back afterwards); RETURNING gives
+    exactly the rows this statement inserted (MariaDB >= 10.5, SQLite >= 3.35): only those
+    are this statement's to remove if its owner rows are not written. The values are bound."""
     target = table_clause(physical, strategy.row_columns)
+    values = [dict(r) for r in rows]
+    stmt: Any
     if backend == "sqlite":
-        return sqlite.insert(target).on_conflict_do_nothing()
-    return mysql.insert(target).on_duplicate_key_update(
-        {strategy.from_column: literal_column(strategy.from_column)}
-    )
+        stmt = sqlite.insert(target).values(values).on_conflict_do_nothing()
+    else:
+        # IGNORE here skips only duplicates in practice: every value was checked by its key
+        # rule and is the owner row's own value, which the owner's strict insert also takes.
+        stmt = mysql.insert(target).prefix_with("IGNORE").values(values)
+    return stmt.returning(*(target.c[c] for c in strategy.row_columns))
+
+
+@dataclass(slots=True)
+class Written:
+    """What a lookup write did, row by row."""
+
+    created: list[LookupRow] = field(default_factory=list)
+    """Rows it inserted (or took over from an orphan): its own to remove if the owner rows
+    are not written."""
+    adopted: list[LookupRow] = field(default_factory=list)
+    """Rows that were already there: written again once the owner row is (a concurrent
+    discard of them, which checked the owner before it existed, is undone)."""
 
 
 def write_lookups(
-    topology: Topology, rows: Sequence[LookupRow]
+    topology: Topology, rows: Sequence[LookupRow], written: Written | None = None
 ) -> Generator[list[Job], list[JobResult], list[ShardId]]:
     """Write lookup rows (one committed write per lookup table place), then prove each unique
     lookup's value is this owner's: taken by a live other owner raises ExecutionError, held by
-    an orphan (an owner that does not exist) is taken over. Returns the shards written."""
+    an orphan (an owner that does not exist) is taken over. Returns the shards written.
+
+    ``written`` is filled as the rows are written, also when this raises: the caller removes
+    the created rows if the owner write does not happen (discard_lookups)."""
+    written = written if written is not None else Written()
     grouped: dict[tuple[ShardId, str, LookupStrategy], list[LookupRow]] = defaultdict(list)
     for r in rows:
         grouped[(r.shard, r.physical, r.strategy)].append(r)
@@ -531,9 +562,11 @@ def write_lookups(
     jobs = []
     for (shard, physical, strategy), group in grouped.items():
         backend = topology.shards[shard].primary.get_backend_name()
-        stmt = lookup_upsert(strategy, physical, backend)
-        jobs.append(Job(shard, stmt, [dict(r.row) for r in group], "write", "lookup"))
-    yield jobs
+        stmt = lookup_insert(strategy, physical, backend, [r.row for r in group])
+        jobs.append(Job(shard, stmt, {}, "write", "lookup"))
+    inserted = yield jobs
+    for group, result in zip(grouped.values(), inserted, strict=True):
+        _sort_written(group, result.rows, written)
     unique = [(place, g) for place, g in grouped.items() if place[2].key_column is None]
     if unique:
         checks = []
@@ -546,7 +579,7 @@ def write_lookups(
         for (_, group), result in zip(unique, results, strict=True):
             conflicts.extend(_conflicts(group, result.rows))
         if conflicts:
-            yield from _take_over_orphans(topology, conflicts)
+            yield from _take_over_orphans(topology, conflicts, written)
     return [j.shard for j in jobs]
 
 
@@ -569,6 +602,20 @@ def _one_owner_per_value(topology: Topology, group: Sequence[LookupRow]) -> None
                 " nothing was written",
                 shard=r.shard,
             )
+
+
+def _sort_written(
+    group: Sequence[LookupRow], returned: Sequence[tuple[Any, ...]], written: Written
+) -> None:
+    """Split ``group`` into the rows its insert created (RETURNING) and those it found."""
+    first = group[0]
+    columns = first.strategy.row_columns
+    made = {tuple(_loose(v) for v in row) for row in returned}
+    for row in returned:
+        written.created.append(replace(first, row=dict(zip(columns, row, strict=True))))
+    for r in group:
+        if tuple(_loose(r.row[c]) for c in columns) not in made:
+            written.adopted.append(r)
 
 
 def _conflicts(
@@ -601,7 +648,7 @@ def _conflicts(
 
 
 def _take_over_orphans(
-    topology: Topology, conflicts: Sequence[tuple[LookupRow, Any, Any]]
+    topology: Topology, conflicts: Sequence[tuple[LookupRow, Any, Any]], written: Written
 ) -> Generator[list[Job], list[JobResult], None]:
     """Refuse values whose other owner exists; take over those an orphan holds.
 
@@ -649,6 +696,10 @@ def _take_over_orphans(
         )
         takeovers.append(Job(ours.shard, stmt, {}, "write", "lookup"))
     results = yield takeovers
+    # A row taken over is this write's own: it is removed with the created ones on failure.
+    written.created.extend(
+        ours for (ours, _, _), r in zip(conflicts, results, strict=True) if r.rowcount == 1
+    )
     for (ours, stored, other), result in zip(conflicts, results, strict=True):
         if result.rowcount != 1:
             raise ExecutionError(
@@ -674,7 +725,127 @@ def delete_lookups(rows: Sequence[LookupRow]) -> list[Job]:
     return jobs
 
 
-def _insert(topology: Topology, plan: Plan, params: Mapping[str, Any], bind: Bind | None) -> Step:
+def _owner_check(topology: Topology, r: LookupRow) -> Job:
+    """A locking read (shared, NOWAIT) of the owner row of ``r`` carrying its lookup value, on
+    the owner's shard primary: an owner whose insert is uncommitted holds the lock, so the read
+    fails (counted as present) instead of missing it. Shared: the checks of one owner's rows
+    run together and must not fail on each other's locks."""
+    s = r.strategy
+    rule = topology.table(r.owner.bound_to or r.owner.name).primary
+    assert rule is not None
+    slot = rule.slot(r.row[s.to_column])
+    matched = [s.to_column, r.column] + ([s.key_column] if s.key_column else [])
+    target = table_clause(r.owner.physical(slot), matched)
+    key = s.from_column
+    query = select(target.c[s.to_column]).where(
+        and_(*(target.c[c] == r.row[key if c == r.column else c] for c in matched))
+    )
+    query = query.with_for_update(read=True, nowait=True)
+    return Job(topology.shard_of_slot(slot), query, {}, "write", "lookup")
+
+
+def discard_lookups(
+    topology: Topology, rows: Sequence[LookupRow]
+) -> Generator[list[Job], list[JobResult], int]:
+    """Remove the lookup rows in ``rows`` whose owner row (with that lookup value) is absent;
+    best effort: an error is logged and the rows stay (orphans, as after a crash: reads ignore
+    them, ``shardctl check lookups --fix`` removes them). Returns the number removed.
+
+    Each owner is read with a locking read first (a lock held means an insert in flight: the
+    row is kept). The owner lives on another shard, so no lock spans the read and the delete;
+    instead, after the delete the owner is read again and a row whose owner appeared meanwhile
+    is written back. A writer of that owner writes its lookup row again after its owner row
+    when the row was already there (Written.adopted): whichever of the two reads second sees
+    the other's write, so an owner never ends up without its lookup row."""
+    if not rows:
+        return 0
+    try:
+        checked = yield [_owner_check(topology, r) for r in rows]
+    except Exception as exc:
+        log.warning("lookup rows kept (their owners could not be checked): %s", exc)
+        return 0
+    doomed = [r for r, found in zip(rows, checked, strict=True) if not found.rows]
+    if not doomed:
+        return 0
+    try:
+        deleted = yield [replace(j, role="lookup") for j in delete_lookups(doomed)]
+    except Exception as exc:
+        log.warning("orphan lookup rows not removed: %s", exc)
+        return 0
+    try:
+        again = yield [_owner_check(topology, r) for r in doomed]
+        back = [r for r, found in zip(doomed, again, strict=True) if found.rows]
+    except Exception:
+        back = list(doomed)  # unknown: put them back (an orphan at worst)
+    if back:
+        yield from restore_lookups(topology, back)
+    return sum(r.rowcount for r in deleted) - len(back)
+
+
+def restore_lookups(
+    topology: Topology, rows: Sequence[LookupRow]
+) -> Generator[list[Job], list[JobResult], None]:
+    """Write lookup rows again (idempotent), after their owners were written; best effort:
+    an error is logged (the rows are then missing: ``check lookups`` reports them)."""
+    grouped: dict[tuple[ShardId, str, LookupStrategy], list[LookupRow]] = defaultdict(list)
+    for r in rows:
+        grouped[(r.shard, r.physical, r.strategy)].append(r)
+    jobs = []
+    for (shard, physical, strategy), group in grouped.items():
+        backend = topology.shards[shard].primary.get_backend_name()
+        stmt = lookup_insert(strategy, physical, backend, [r.row for r in group])
+        jobs.append(Job(shard, stmt, {}, "write", "lookup"))
+    if not jobs:
+        return
+    try:
+        yield jobs
+    except Exception as exc:
+        log.error("lookup rows not written again (check lookups reports them): %s", exc)
+
+
+@dataclass(slots=True)
+class LookupLedger:
+    """The lookup rows a transaction's statements wrote, settled when it ends.
+
+    Lookup rows are written outside the transaction, before it (their table lives on another
+    shard). Rolled back, its created rows are discarded (those whose owner is absent).
+    Committed, the rows of statements that failed or upserted (ON DUPLICATE KEY UPDATE keeps a
+    row's old lookup value) are discarded the same way, and every other row it wrote is written
+    again (one idempotent insert per lookup table place): a transaction may stay open long
+    enough for ``check lookups --fix`` to take its lookup rows for orphans and remove them
+    before its owner rows commit (see discard_lookups)."""
+
+    created: list[LookupRow] = field(default_factory=list)
+    doubtful: list[LookupRow] = field(default_factory=list)
+    adopted: list[LookupRow] = field(default_factory=list)
+
+    def add(self, written: Written, *, doubtful: bool) -> None:
+        self.created.extend(written.created)
+        if doubtful:
+            self.doubtful.extend(written.created)
+        self.adopted.extend(written.adopted)
+
+    def settle(
+        self, topology: Topology, committed: bool
+    ) -> Generator[list[Job], list[JobResult], None]:
+        created, doubtful, adopted = self.created, self.doubtful, self.adopted
+        self.created, self.doubtful, self.adopted = [], [], []
+        if committed:
+            yield from discard_lookups(topology, doubtful)
+            dropped = {id(r) for r in doubtful}
+            kept = [r for r in created if id(r) not in dropped]
+            yield from restore_lookups(topology, kept + adopted)
+        else:
+            yield from discard_lookups(topology, created)
+
+
+def _insert(
+    topology: Topology,
+    plan: Plan,
+    params: Mapping[str, Any],
+    bind: Bind | None,
+    ledger: LookupLedger | None,
+) -> Step:
     table = plan.sharded
     if table is None:  # broadcast: every shard gets the rows
         shards = tuple(topology.shards)
@@ -696,9 +867,31 @@ def _insert(topology: Topology, plan: Plan, params: Mapping[str, Any], bind: Bin
     targets = _slot_targets(topology, table, slots, in_list=True)
     if bind is not None:
         bind({ShardId(t.shard) for t in targets})  # before any lookup row is written
-    lookup_shards = yield from write_lookups(topology, lookup_rows(topology, table, rows))
     jobs = [Job(ShardId(t.shard), plan.render(t, scatter=False), params, "write") for t in targets]
-    results = yield jobs
+    written = Written()
+    try:
+        lookup_shards = yield from write_lookups(
+            topology, lookup_rows(topology, table, rows), written
+        )
+        results = yield jobs
+    except Exception:
+        # The owner rows were not written (a multi-shard insert rolls back every part): the
+        # lookup rows this statement created are nobody's. A transaction settles them at its
+        # end (its own locks on the owners would block the check now).
+        if ledger is not None:  # (rows found there are not this statement's: not rewritten)
+            ledger.add(Written(written.created), doubtful=True)
+        else:
+            yield from discard_lookups(topology, written.created)
+        raise
+    # ON DUPLICATE KEY UPDATE keeps an existing row's lookup values (changing them is refused
+    # by the planner): a lookup row created for a value the row did not take is nobody's.
+    upsert = plan.ast.args.get("conflict") is not None
+    if ledger is not None:
+        ledger.add(written, doubtful=upsert)
+    else:
+        if upsert:
+            yield from discard_lookups(topology, written.created)
+        yield from restore_lookups(topology, written.adopted)
     shards = tuple(dict.fromkeys(j.shard for j in jobs))
     return ResultSet((), [], sum(r.rowcount for r in results), shards, tuple(lookup_shards))
 
@@ -805,16 +998,20 @@ __all__ = [
     "Job",
     "JobResult",
     "Limits",
+    "LookupLedger",
     "LookupRow",
     "Page",
     "ResultSet",
     "Step",
+    "Written",
     "delete_lookups",
+    "discard_lookups",
     "keyset_query",
     "log_statement",
+    "lookup_insert",
     "lookup_rows",
-    "lookup_upsert",
     "page_of",
+    "restore_lookups",
     "run",
     "sql_log",
     "write_lookups",

@@ -1,7 +1,9 @@
 """Lookup-table consistency: find orphan lookup rows (and remove them) and missing entries.
 
 Lookup rows are written before their owner and deleted after it, so a crash leaves at worst
-an orphan: a lookup row whose owner row does not exist. Reads ignore orphans (the owner's shard
+an orphan: a lookup row whose owner row does not exist (or no longer carries its value).
+Ordinary failures leave none (a failed statement or a rolled-back transaction removes the
+lookup rows it created, see execution.discard_lookups). Reads ignore orphans (the owner's shard
 is asked anyway), so they only cost a wasted query; this check finds and removes them. A
 missing entry (an owner row with no lookup row) would hide the row from lookups: that is a bug
 or a manual write, and is reported, never guessed at.
@@ -14,11 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, delete, select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import select
 
-from .execution import table_clause
-from .router import Router
+from .execution import LookupRow, discard_lookups, table_clause
+from .router import Router, _Runner
 from .strategies import LookupStrategy
 from .topology import KeyRule, TableRule
 
@@ -96,7 +97,7 @@ def check_lookups(router: Router, *, fix: bool = False, grace_s: float = 2.0) ->
         if fix and report.orphans:
             time.sleep(grace_s)
             still = set(report.orphans) - _scan(router, owner, owner_columns)
-            report.removed = _remove(router, owner, lookup, strategy, sorted(still, key=repr))
+            report.removed = _remove(router, owner, rule, lookup, strategy, sorted(still, key=repr))
         reports.append(report)
     return reports
 
@@ -104,70 +105,33 @@ def check_lookups(router: Router, *, fix: bool = False, grace_s: float = 2.0) ->
 def _remove(
     router: Router,
     owner: TableRule,
+    rule: KeyRule,
     lookup: TableRule,
     strategy: LookupStrategy,
     orphans: list[tuple[Any, ...]],
 ) -> int:
     """Delete orphan rows where they live, matching every column (bound parameters).
 
-    Each orphan's owner is read once more with a locking read first: an insert of the owner
-    that is still uncommitted holds that row's lock, so the read waits for it (up to a second)
-    instead of missing it. A lookup row whose owner exists, or is locked, is kept.
-    """
+    The router's own discard (execution.discard_lookups), one orphan at a time: the owner row
+    carrying the lookup value is read with a locking read first (NOWAIT: an owner insert still
+    uncommitted holds the lock, and a lookup row whose owner exists or is locked is kept); the
+    owner lives on another shard, so no lock spans that read and the delete, and instead the
+    owner is read again after the delete and a row whose owner appeared meanwhile is written
+    back (its writer had found the row there and writes it again after its owner row too)."""
     topology = router.topology
-    assert owner.primary is not None
     removed = 0
     for orphan in orphans:
-        if _owner_present(router, owner, strategy, orphan):
-            continue
         slot = topology.slot_for(lookup.name, orphan[0])
-        target = table_clause(lookup.physical(slot), strategy.row_columns)
-        conditions = [target.c[c] == v for c, v in zip(strategy.row_columns, orphan, strict=True)]
-        with router.engines.primary(topology.shard_of_slot(slot)).begin() as conn:
-            removed += conn.execute(delete(target).where(and_(*conditions))).rowcount
+        row = LookupRow(
+            strategy,
+            topology.shard_of_slot(slot),
+            lookup.physical(slot),
+            dict(zip(strategy.row_columns, orphan, strict=True)),
+            owner,
+            rule.column,
+        )
+        removed += _Runner(router).drive(discard_lookups(topology, [row]))
     return removed
-
-
-def _owner_present(
-    router: Router, owner: TableRule, strategy: LookupStrategy, orphan: tuple[Any, ...]
-) -> bool:
-    assert owner.primary is not None
-    slot = owner.primary.slot(orphan[1])  # the lookup row's `to` is the owner's primary key
-    column, value = (
-        (strategy.key_column, orphan[2]) if strategy.key_column else (strategy.to_column, orphan[1])
-    )
-    target = table_clause(owner.physical(slot), (column,))
-    query = select(target.c[column]).where(target.c[column] == value)
-    engine = router.engines.primary(router.topology.shard_of_slot(slot))
-    if engine.dialect.name == "sqlite":
-        with engine.connect() as conn:
-            return conn.execute(query).first() is not None
-    # Wait at most a second for a lock, for this one statement only: the setting must not
-    # outlive it on a pooled connection (SET STATEMENT on MariaDB; MySQL has none, so the
-    # session value is put back before the connection returns to the pool).
-    locking = query.with_for_update().compile(engine)
-    params = locking.params
-    with engine.begin() as conn:
-        try:
-            if getattr(conn.dialect, "is_mariadb", False):  # known once connected
-                sql = f"SET STATEMENT innodb_lock_wait_timeout = 1 FOR {locking}"
-                return conn.exec_driver_sql(sql, _positional(locking, params)).first() is not None
-            conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 1")
-            try:
-                return conn.execute(query.with_for_update()).first() is not None
-            finally:
-                conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = DEFAULT")
-        except DBAPIError as exc:
-            if getattr(exc.orig, "args", (None,))[0] == 1205:  # lock wait timeout: in flight
-                return True
-            raise
-
-
-def _positional(compiled: Any, params: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
-    """The compiled statement's parameters in the form its driver's paramstyle wants."""
-    if compiled.positiontup is not None:
-        return tuple(params[name] for name in compiled.positiontup)
-    return params
 
 
 __all__ = ["LookupReport", "check_lookups"]

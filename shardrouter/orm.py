@@ -84,13 +84,15 @@ must carry its user's gene) or the flush is refused. Changing a sharding column 
 object is refused (the row would have to move shards: delete it and add a new one), and so is
 writing a broadcast table (use ``router.execute``, which writes every shard). As the router does,
 lookup rows (``merchant_orders`` for ``orders.merchant_id``, ``user_emails`` for
-``users.email``) are written before the owner rows, each committed on its own (a failed session
-leaves an orphan lookup row, which reads ignore, never an owner its lookup cannot find); a
+``users.email``) are written before the owner rows, each committed on its own (never an owner
+its lookup cannot find), and those created for owners the session did not commit (a rollback,
+a failed flush) are removed when its transaction ends; a
 unique lookup already taken by another owner fails the flush (compared the way the lookup
 table's hash folds it: ``fold_case`` e-mail addresses in any case are one value), one held by an
 orphan lookup row whose owner does not exist is taken over; the lookup rows of deleted objects
 are deleted once the session's transaction has committed. All of it is the router's own code
-(``execution.lookup_rows``/``write_lookups``/``delete_lookups``), not a second implementation.
+(``execution.lookup_rows``/``write_lookups``/``LookupLedger``/``delete_lookups``), not a
+second implementation.
 On SQLite shard files, where a writer locks the whole file, a lookup row cannot be written while
 this session's own transaction holds a write lock on the lookup row's shard: commit before adding
 more such objects (MariaDB has no such limit). Atomicity is per shard, as with horizontal_shard:
@@ -143,7 +145,15 @@ from .errors import (
     ScatterWriteError,
     UnsupportedQueryError,
 )
-from .execution import LookupRow, delete_lookups, lookup_rows, write_lookups
+from .execution import (
+    LookupLedger,
+    LookupRow,
+    Written,
+    delete_lookups,
+    log,
+    lookup_rows,
+    write_lookups,
+)
 from .merge import WEIGHT_CHARS, MergePlan, SortKey, merge
 from .planner import Plan, Target
 from .router import Router, _Runner, _sql_and_params
@@ -392,6 +402,8 @@ class RoutedSession(ShardedSession):
         self._proxies: dict[tuple[int, str], _PlacementConnection] = {}
         self._lookup_cleanups: list[LookupRow] = []
         self._lookups_written: set[tuple[ShardId, str, tuple[tuple[str, Any], ...]]] = set()
+        self._ledger = LookupLedger()
+        self._committed = False
         # Ahead of horizontal_shard's own handler, which then runs each routed piece.
         event.listen(self, "do_orm_execute", self._on_execute, retval=True, insert=True)
         event.listen(self, "before_flush", self._before_flush)
@@ -399,6 +411,15 @@ class RoutedSession(ShardedSession):
         event.listen(self, "after_rollback", self._forget_cleanups)
         event.listen(self, "after_soft_rollback", self._forget_cleanups)
         event.listen(self, "after_transaction_end", self._after_transaction_end)
+
+    def begin_nested(self) -> Any:
+        """Refused: horizontal_shard flushes through the root transaction's connections (no
+        SAVEPOINT is issued), so rolling a savepoint back would not undo its rows."""
+        raise UnsupportedQueryError(
+            "savepoints (Session.begin_nested) are not supported by the routed session: its"
+            " flushes run in the root transaction, so a savepoint rollback would keep the rows;"
+            " use a separate session (a separate transaction) for work that may be undone"
+        )
 
     def placement(self, token: str) -> Placement:
         """The placement behind an identity token (``inspect(obj).identity_token``)."""
@@ -565,11 +586,20 @@ class RoutedSession(ShardedSession):
         check, orphans taken over), driven on the router's threads."""
         for r in rows:
             self._lookups_written.add(_lookup_key(r))
-        _Runner(self.router).drive(write_lookups(self.router.topology, rows))
+        written = Written()
+        try:
+            _Runner(self.router).drive(write_lookups(self.router.topology, rows, written))
+        except Exception:
+            self._ledger.add(Written(written.created), doubtful=True)
+            raise
+        self._ledger.add(written, doubtful=False)
 
     def _after_commit(self, session: Session) -> None:
-        if self.in_nested_transaction() or not self._lookup_cleanups:
+        if self.in_nested_transaction():
             return  # a savepoint released: the outer transaction may still roll back
+        self._committed = True
+        if not self._lookup_cleanups:
+            return
         rows, self._lookup_cleanups = self._lookup_cleanups, []
         written, self._lookups_written = self._lookups_written, set()
         jobs = delete_lookups([r for r in rows if _lookup_key(r) not in written])
@@ -586,6 +616,13 @@ class RoutedSession(ShardedSession):
     def _after_transaction_end(self, session: Session, transaction: Any) -> None:
         if transaction.parent is None:  # the root ended: committed cleanups already ran
             self._forget_cleanups(session)
+            # Lookup rows written for owners the session did not commit are removed (the
+            # router's own settling, see execution.LookupLedger); best effort.
+            committed, self._committed = self._committed, False
+            try:
+                _Runner(self.router).drive(self._ledger.settle(self.router.topology, committed))
+            except Exception as exc:
+                log.error("session end: lookup rows not settled: %s", exc)
 
     # -- statements -------------------------------------------------------------------------
 

@@ -30,9 +30,11 @@ from .execution import (
     Job,
     JobResult,
     Limits,
+    LookupLedger,
     Page,
     ResultSet,
     keyset_query,
+    log,
     log_statement,
     page_of,
     run,
@@ -83,7 +85,13 @@ class _Runner:
         try:
             jobs = next(step)
             while True:
-                jobs = step.send(self.run(jobs))
+                try:
+                    results = self.run(jobs)
+                except Exception as exc:
+                    # The step learns of the failure (and may clean up what it wrote first).
+                    jobs = step.throw(exc)
+                else:
+                    jobs = step.send(results)
         except StopIteration as stop:
             result: T = stop.value
             return result
@@ -91,6 +99,10 @@ class _Runner:
     @property
     def bind(self) -> Bind | None:
         return self.transaction.bind if self.transaction is not None else None
+
+    @property
+    def ledger(self) -> LookupLedger | None:
+        return self.transaction._ledger if self.transaction is not None else None
 
     def run(self, jobs: Sequence[Job]) -> list[JobResult]:
         txn = self.transaction
@@ -121,8 +133,9 @@ class Transaction:
     Without XA, a statement that needs another shard raises CrossShardTransactionError: keep a
     transaction on one key's rows (an order and its items share the user's shard). With
     ``Router(xa=True)`` every transaction is an XA transaction and may span shards (two-phase
-    commit, see shardrouter.xa). Lookup rows are written outside it, before it; lookup
-    cleanups run after it commits (see execution.Job.role).
+    commit, see shardrouter.xa). Lookup rows are written outside it, before it, and settled
+    when it ends: those created for owners it did not commit are removed
+    (execution.LookupLedger); lookup cleanups run after it commits (see execution.Job.role).
 
     Every target of a statement is checked before any of its jobs runs (``bind``): a statement
     that needs another shard runs nowhere, and a multi-shard read (a scatter) is refused rather
@@ -136,6 +149,7 @@ class Transaction:
         self._gtrid = xa.new_gtrid() if router.xa else ""
         self._branches: dict[ShardId, Connection] = {}
         self._runner = _Runner(router, self)
+        self._ledger = LookupLedger()
 
     @property
     def shards(self) -> tuple[ShardId, ...]:
@@ -206,6 +220,18 @@ class Transaction:
         return self._router._execute_on(conn, job)
 
     def _finish(self, commit: bool) -> None:
+        committed = False
+        try:
+            self._end(commit)
+            committed = commit
+        finally:
+            # Lookup rows written for owners this transaction did not commit are removed.
+            try:
+                _Runner(self._router).drive(self._ledger.settle(self._router.topology, committed))
+            except Exception as exc:  # best effort: the crash case, which check lookups fixes
+                log.error("transaction end: lookup rows not settled: %s", exc)
+
+    def _end(self, commit: bool) -> None:
         branches = self._branches
         try:
             if self._xa and branches:
@@ -373,7 +399,9 @@ class Router:
     ) -> ResultSet:
         sql, bound = _sql_and_params(statement, params)
         plan = self.planner.plan(sql)
-        return runner.drive(run(self.topology, plan, bound, self.limits, runner.bind))
+        return runner.drive(
+            run(self.topology, plan, bound, self.limits, runner.bind, runner.ledger)
+        )
 
     def page(
         self,

@@ -134,8 +134,9 @@ def test_owner_delete_comes_before_its_lookup_delete(router: Router, ids: Any) -
 
 
 def test_crash_between_lookup_and_owner_leaves_only_an_orphan(router: Router, ids: Any) -> None:
-    # The owner insert fails after the lookup row was written (a duplicate order id stands in
-    # for a crash): the lookup row is an orphan, and reads through the lookup ignore it.
+    # An owner insert that fails after the lookup row was written (a duplicate order id)
+    # removes the lookup row it created (issue 7, fuzz A1); only a crash between the two
+    # writes leaves an orphan (written directly here), and reads through the lookup ignore it.
     first, second = ids.next_ids(2, user_id=7003)
     _insert_order(router, first, 7003, 57)
     with pytest.raises(ExecutionError) as err:
@@ -146,6 +147,15 @@ def test_crash_between_lookup_and_owner_leaves_only_an_orphan(router: Router, id
         )
     assert err.value.shard == router.topology.shard_for("orders", 7003)
     assert err.value.orig is not None and err.value.orig.args[0] == 1062  # duplicate key
+    gone = router.execute("SELECT order_id FROM merchant_orders WHERE merchant_id = 58")
+    assert gone.scalars() == []  # the failed insert left no lookup row
+    slot = router.topology.slot_for("merchant_orders", 58)
+    physical = router.topology.table("merchant_orders").physical(slot)
+    with router.engines.primary(router.topology.shard_of_slot(slot)).begin() as conn:
+        conn.execute(  # the crash: the lookup row written, the owner never
+            text(f"INSERT INTO {physical} (merchant_id, order_id, user_id) VALUES (58, :o, 7003)"),
+            {"o": first},
+        )
     orphan = router.execute("SELECT order_id FROM merchant_orders WHERE merchant_id = 58")
     assert orphan.scalars() == [first]  # the orphan lookup row exists
     via_lookup = router.execute("SELECT order_id FROM orders WHERE merchant_id = :m", {"m": 58})
