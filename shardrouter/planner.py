@@ -23,7 +23,8 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.mysql import MySQL
 from sqlglot.errors import SqlglotError
-from sqlglot.tokens import Token, TokenType
+from sqlglot.generators.mysql import MySQLGenerator
+from sqlglot.tokenizer_core import Token, TokenType
 
 from . import shapes
 from .errors import UnsupportedQueryError
@@ -41,7 +42,7 @@ class ShardSQL(MySQL):
     ``x'8'``, which MariaDB rejects for an odd number of digits (1064); ``0x`` digits mean the
     same as ``X'..'`` in every context (a binary string, a number in numeric context)."""
 
-    class Generator(MySQL.Generator):  # type: ignore[name-defined,misc]
+    class Generator(MySQLGenerator):
         def hexstring_sql(
             self, expression: exp.HexString, binary_function_repr: str | None = None
         ) -> str:
