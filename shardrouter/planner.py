@@ -20,11 +20,9 @@ from functools import cached_property
 from typing import Any, Literal
 
 import sqlglot
-from sqlglot import exp
+from sqlglot import Token, TokenType, exp
 from sqlglot.dialects.mysql import MySQL
 from sqlglot.errors import SqlglotError
-from sqlglot.generators.mysql import MySQLGenerator
-from sqlglot.tokenizer_core import Token, TokenType
 
 from . import shapes
 from .errors import UnsupportedQueryError
@@ -37,12 +35,15 @@ from .topology import KeyRule, TableRule, Topology
 Kind = Literal["select", "insert", "update", "delete"]
 
 
+_MYSQL_GENERATOR: Any = MySQL.Generator  # its module moved between sqlglot versions
+
+
 class ShardSQL(MySQL):
     """MySQL as the shards must read it back: sqlglot writes a hex literal ``0x8`` as
     ``x'8'``, which MariaDB rejects for an odd number of digits (1064); ``0x`` digits mean the
     same as ``X'..'`` in every context (a binary string, a number in numeric context)."""
 
-    class Generator(MySQLGenerator):
+    class Generator(_MYSQL_GENERATOR):  # type: ignore[misc]
         def hexstring_sql(
             self, expression: exp.HexString, binary_function_repr: str | None = None
         ) -> str:
