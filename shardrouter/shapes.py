@@ -164,8 +164,8 @@ _NOW = "each shard reads its own clock, so the statement would see several insta
 _RANDOM = "each shard draws its own random values"
 _SESSION = "each shard answers for its own server and session"
 _IDENTITY = (
-    "answers with the shard's own identity (its physical database, account, connection or"
-    " server), not the logical database's, even on one target"
+    "answers with the shard's own identity (its physical database, account or server), not"
+    " the logical database's, even on one target"
 )
 _AGG = "each shard would aggregate only its own rows and the merge cannot combine them"
 
@@ -277,6 +277,9 @@ _FUNCTION_LIST: tuple[Function, ...] = (
     Function("UNIX_TIMESTAMP", None, ONE_TARGET, _NOW),
     Function("RAND", exp.Rand, ONE_TARGET, _RANDOM),
     Function("UUID", exp.Uuid, ONE_TARGET, _RANDOM),
+    # The id of the pooled shard connection that ran the statement: that session's own id, as
+    # on one database (diagnostics of the pool use it); meaningless across shards.
+    Function("CONNECTION_ID", None, ONE_TARGET, _SESSION),
     Function("VERSION", exp.CurrentVersion, ONE_TARGET, _SESSION),
     Function("SLEEP", None, ONE_TARGET, "every shard would sleep"),
 )
@@ -307,7 +310,6 @@ REFUSED_FUNCTIONS: Mapping[str, str] = {
     "CURRENT_USER": _IDENTITY,
     "SESSION_USER": _IDENTITY,
     "SYSTEM_USER": _IDENTITY,
-    "CONNECTION_ID": _IDENTITY,
 }
 
 _REFUSED_NODES: Mapping[type, str] = {
@@ -324,7 +326,6 @@ IDENTITY_VARIABLES: frozenset[str] = frozenset(
         "socket",
         "server_id",
         "server_uuid",
-        "pseudo_thread_id",
         "datadir",
         "basedir",
         "pid_file",

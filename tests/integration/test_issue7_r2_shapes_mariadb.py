@@ -412,11 +412,9 @@ def test_sum_and_avg_of_a_quotient_are_refused_across_shards(world: dict[str, An
         "CURRENT_USER",
         "SESSION_USER()",
         "SYSTEM_USER()",
-        "CONNECTION_ID()",
         "@@hostname",
         "@@port",
         "@@global.server_id",
-        "@@SESSION.pseudo_thread_id",
     ],
 )
 def test_environment_functions_are_refused_even_on_one_target(

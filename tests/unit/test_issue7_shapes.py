@@ -294,7 +294,7 @@ def test_constructs_outside_the_allow_list_are_refused(
             "SELECT order_id FROM orders WHERE status = 'x' AND amount_cents < UNIX_TIMESTAMP()",
             "UNIX_TIMESTAMP",
         ),
-        ("SELECT VERSION(), order_id FROM orders", "VERSION"),
+        ("SELECT CONNECTION_ID(), order_id FROM orders", "CONNECTION_ID"),
         ("SELECT @@sql_mode, order_id FROM orders", "system variable"),
         ("UPDATE orders SET status = CONCAT('x', UUID()) WHERE status = 'y'", "UUID"),
         ("SELECT GROUP_CONCAT(order_id) FROM orders", "GROUP_CONCAT"),
@@ -321,8 +321,8 @@ def test_time_functions_in_insert_values(planner: Planner) -> None:
     refused(
         planner,
         "INSERT INTO orders (order_id, user_id, merchant_id, status) VALUES"
-        " (:o, :u, :m, VERSION()), (:o2, :u2, :m, 'x')",
-        "VERSION",
+        " (:o, :u, :m, CONNECTION_ID()), (:o2, :u2, :m, 'x')",
+        "CONNECTION_ID",
     )
 
 
@@ -355,7 +355,7 @@ def test_insert_ignore_into_a_lookup_owner_is_refused(planner: Planner) -> None:
         "INSERT INTO orders (order_id, user_id, merchant_id) VALUES (:o, :u, :m)"
         " ON DUPLICATE KEY UPDATE status = VALUES(status)",
         "UPDATE orders SET amount_cents = amount_cents + 1 WHERE order_id = :o LIMIT 1",
-        "SELECT VERSION() AS v, order_id FROM orders WHERE user_id = :u",
+        "SELECT CONNECTION_ID() AS cid, order_id FROM orders WHERE user_id = :u",
         "SELECT order_id FROM orders USE INDEX (PRIMARY) WHERE user_id = :u",
     ],
 )
