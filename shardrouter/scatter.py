@@ -161,6 +161,14 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
         """Position of ``expr`` among select items (by alias, position or equality)."""
         while isinstance(expr, exp.Paren):
             expr = expr.this  # MySQL reads ORDER BY (2) as position 2, like ORDER BY 2
+        if isinstance(expr, exp.Placeholder):
+            # The driver writes the value into the text: ORDER BY :p with p = 2 reaches the
+            # shards as ORDER BY 2, a position, and with p = 'x' as a constant.
+            raise UnsupportedQueryError(
+                f"ORDER BY/GROUP BY {expr.sql(dialect='mysql')} across shards: a parameter there"
+                " becomes a position or a constant once bound, which the merge cannot know;"
+                " write the column (or its position)"
+            )
         if _negative_position(expr):
             # MySQL: error 1054 "Unknown column '-1'"; a shard would say so, the merge cannot.
             raise UnsupportedQueryError(

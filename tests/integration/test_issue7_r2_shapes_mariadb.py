@@ -504,3 +504,21 @@ def test_decimal_columns_stay_decimal(world: dict[str, Any]) -> None:
     # Sanity for _norm: the router returns Decimals where the oracle does.
     (row,) = world["router"].execute("SELECT SUM(price_cents * 1.5) FROM order_items").rows
     assert isinstance(row[0], Decimal)
+
+
+def test_a_parameter_in_order_by_is_refused_across_shards(world: dict[str, Any]) -> None:
+    # Bound as ORDER BY 2 on every shard, the merge took it for a constant and interleaved the
+    # shards' runs in shard order: a different order from one database's.
+    refused(
+        world,
+        "SELECT status, order_id FROM orders ORDER BY :p LIMIT 20",
+        "parameter",
+        params={"p": 2},
+    )
+    refused(world, "SELECT status, COUNT(*) FROM orders GROUP BY :p", "parameter", params={"p": 1})
+    user = _user_with_orders(world)
+    check(
+        world,
+        "SELECT status, order_id FROM orders WHERE user_id = :u ORDER BY :p",
+        {"u": user, "p": 2},
+    )

@@ -246,3 +246,14 @@ def test_inexact_sums_are_one_target_only(planner: Planner, sql: str, named: str
 )
 def test_exact_sums_still_merge(planner: Planner, sql: str) -> None:
     assert planner.plan(sql).scatter_refusal is None
+
+
+@pytest.mark.parametrize("clause", ["ORDER BY", "GROUP BY"])
+def test_a_parameter_as_order_or_group_term_is_one_target_only(
+    planner: Planner, clause: str
+) -> None:
+    # Bound client-side, ORDER BY :p with p = 2 is ORDER BY 2 (a position) on the shards, while
+    # the merge took it for a constant and interleaved rows the shards sorted by column 2.
+    plan = planner.plan(f"SELECT status, order_id FROM orders {clause} :p")
+    assert plan.scatter_refusal is not None and "parameter" in plan.scatter_refusal
+    assert planner.plan(f"SELECT status FROM orders WHERE user_id = 1 {clause} :p") is not None
