@@ -11,6 +11,7 @@ SQL: rendered statements keep the placeholders and the caller's parameters are b
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -19,7 +20,8 @@ from functools import cached_property
 from typing import Any, Literal
 
 import sqlglot
-from sqlglot import exp
+from sqlglot import Token, TokenType, exp
+from sqlglot.dialects.mysql import MySQL
 from sqlglot.errors import SqlglotError
 
 from . import shapes
@@ -31,6 +33,26 @@ from .strategies import LookupStrategy
 from .topology import KeyRule, TableRule, Topology
 
 Kind = Literal["select", "insert", "update", "delete"]
+
+
+_MYSQL_GENERATOR: Any = MySQL.Generator  # its module moved between sqlglot versions
+
+
+class ShardSQL(MySQL):
+    """MySQL as the shards must read it back: sqlglot writes a hex literal ``0x8`` as
+    ``x'8'``, which MariaDB rejects for an odd number of digits (1064); ``0x`` digits mean the
+    same as ``X'..'`` in every context (a binary string, a number in numeric context)."""
+
+    class Generator(_MYSQL_GENERATOR):  # type: ignore[misc]
+        def hexstring_sql(
+            self, expression: exp.HexString, binary_function_repr: str | None = None
+        ) -> str:
+            digits = expression.name
+            return f"0x{digits}" if digits else "X''"  # 0x alone is not a literal
+
+
+SHARD_DIALECT = ShardSQL()
+"""How every statement sent to a shard is rendered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,11 +173,11 @@ class Plan:
                     node.set("expressions", [node.expressions[i] for i in target.keep])
         locks = tree.args.get("locks")
         if not locks:
-            return tree.sql(dialect="mysql")
+            return tree.sql(dialect=SHARD_DIALECT)
         # sqlglot writes a shared lock as FOR SHARE (MySQL 8), which MariaDB refuses; LOCK IN
         # SHARE MODE is what both accept. Locks come last in a MySQL SELECT.
         tree.set("locks", None)
-        return " ".join([tree.sql(dialect="mysql"), *(_lock_sql(lock) for lock in locks)])
+        return " ".join([tree.sql(dialect=SHARD_DIALECT), *(_lock_sql(lock) for lock in locks)])
 
 
 class Planner:
@@ -276,6 +298,7 @@ class Planner:
 
     def _select(self, sql: str, tree: exp.Select, verdict: shapes.Verdict) -> Plan:
         self._refuse_nested(tree)
+        label_as_written(sql, tree)
         tables, driving = self._tables(tree)
         conditions = self._conditions(tree, tables)
         plan = Plan(sql, "select", tables, driving, conditions, tree)
@@ -443,6 +466,101 @@ class Planner:
                 " routed: delete by key (e.g. WHERE order_id = :o)"
             )
         return plan
+
+
+# -- labels ---------------------------------------------------------------------------------
+
+# Where the select list ends (at paren depth 0).
+_LIST_END = frozenset(
+    {
+        TokenType.FROM,
+        TokenType.WHERE,
+        TokenType.GROUP_BY,
+        TokenType.HAVING,
+        TokenType.ORDER_BY,
+        TokenType.LIMIT,
+        TokenType.INTO,
+        TokenType.UNION,
+        TokenType.FOR,
+        TokenType.LOCK,
+        TokenType.WINDOW,
+        TokenType.SEMICOLON,
+    }
+)
+_SELECT_MODIFIERS = frozenset({TokenType.DISTINCT, TokenType.ALL})
+# An item whose label is not its text (a column's is its name, a string's its value) or
+# whose text holds a parameter (the label is the bound value): left as it is.
+_NOT_RELABELLED = (
+    exp.Column,
+    exp.Star,
+    exp.Literal,
+    exp.Null,
+    exp.Boolean,
+    exp.Placeholder,
+)
+# SQLAlchemy text() reads :name as a bind parameter, even inside a backtick-quoted alias.
+_BIND = re.compile(r"(?<![:\w\\]):\w")
+
+
+def label_as_written(sql: str, tree: exp.Select) -> None:
+    """Alias each unaliased expression of the select list with its text as written.
+
+    MySQL labels an unaliased select item by its text (``count( * )``, ``a +  1``, leading and
+    trailing comments and spaces left out; MariaDB cuts a label to 255 bytes, an alias too),
+    while every statement the router sends is sqlglot's rendering of the tree (physical table
+    names, split tables, the scatter rewrite): ``COUNT(*)``, ``INTERVAL '1' DAY``,
+    ``SEPARATOR ','``. The alias makes the shards answer with the label one database gives.
+    Columns (labelled by their name), literals (a string by its value) and items with
+    parameters (labelled by the bound value) keep sqlglot's rendering, which labels them alike.
+    """
+    texts = _item_texts(sql, len(tree.expressions))
+    if texts is None:
+        return
+    items = list(tree.expressions)
+    for i, (item, text) in enumerate(zip(items, texts, strict=True)):
+        inner: exp.Expression = item
+        while isinstance(inner, exp.Paren):
+            inner = inner.this
+        if (
+            isinstance(item, exp.Alias)
+            or isinstance(inner, _NOT_RELABELLED)
+            or any(True for _ in item.find_all(exp.Placeholder))
+            or _BIND.search(text)
+        ):
+            continue
+        items[i] = exp.alias_(item, text, quoted=True)
+    tree.set("expressions", items)
+
+
+def _item_texts(sql: str, count: int) -> list[str] | None:
+    """The text of each item of the top-level select list, or None when the list cannot be
+    found in the tokens (the items are then left as they are)."""
+    try:
+        tokens: list[Token] = SHARD_DIALECT.tokenize(sql)
+    except SqlglotError:
+        return None
+    if not tokens or tokens[0].token_type != TokenType.SELECT:
+        return None
+    i = 1
+    while i < len(tokens) and tokens[i].token_type in _SELECT_MODIFIERS:
+        i += 1
+    items: list[list[Token]] = [[]]
+    depth = 0
+    for token in tokens[i:]:
+        kind = token.token_type
+        if depth == 0 and kind in _LIST_END:
+            break
+        if kind == TokenType.L_PAREN:
+            depth += 1
+        elif kind == TokenType.R_PAREN:
+            depth -= 1
+        elif kind == TokenType.COMMA and depth == 0:
+            items.append([])
+            continue
+        items[-1].append(token)
+    if len(items) != count or any(not item for item in items):
+        return None
+    return [sql[item[0].start : item[-1].end + 1] for item in items]
 
 
 # -- helpers --------------------------------------------------------------------------------

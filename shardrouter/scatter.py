@@ -135,6 +135,15 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
                 f"{name}(DISTINCT ...) across shards cannot be merged from partial sums;"
                 " route by a key"
             )
+        if isinstance(node, exp.Sum | exp.Avg):
+            inexact = _inexact_term(node.this)
+            if inexact is not None:
+                raise UnsupportedQueryError(
+                    f"{name}({node.this.sql(dialect='mysql')}) across shards: {inexact}, so"
+                    " partial sums rounded on each shard do not add up to what one database"
+                    " computes. SUM the numerator (and COUNT) and divide after the query, or"
+                    " route by a key"
+                )
     width = len(select_items)
     hidden: list[exp.Expression] = []
     # With a `*`, only the items before it have a position known before the shards answer;
@@ -150,7 +159,23 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
 
     def position_of(expr: exp.Expression) -> int:
         """Position of ``expr`` among select items (by alias, position or equality)."""
-        if isinstance(expr, exp.Literal) and not expr.is_string:
+        while isinstance(expr, exp.Paren):
+            expr = expr.this  # MySQL reads ORDER BY (2) as position 2, like ORDER BY 2
+        if isinstance(expr, exp.Placeholder):
+            # The driver writes the value into the text: ORDER BY :p with p = 2 reaches the
+            # shards as ORDER BY 2, a position, and with p = 'x' as a constant.
+            raise UnsupportedQueryError(
+                f"ORDER BY/GROUP BY {expr.sql(dialect='mysql')} across shards: a parameter there"
+                " becomes a position or a constant once bound, which the merge cannot know;"
+                " write the column (or its position)"
+            )
+        if _negative_position(expr):
+            # MySQL: error 1054 "Unknown column '-1'"; a shard would say so, the merge cannot.
+            raise UnsupportedQueryError(
+                f"ORDER BY/GROUP BY {expr.sql(dialect='mysql')} is not a column position"
+                " (positions count from 1); name the column"
+            )
+        if is_position(expr):
             pos = int(expr.this) - 1
             if star_at is not None and pos >= known:
                 raise UnsupportedQueryError(
@@ -202,10 +227,12 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
             count_expr = exp.Count(this=arg.copy())
             # The SUM partial stands where the AVG was: it keeps the AVG's label, the one a
             # single database gives (the statement's text of the item when it has no alias).
-            label = item.alias or inner.sql(dialect="mysql")
-            new_items.append(
-                cast(exp.Expression, exp.alias_(sum_expr, label, quoted=not item.alias))
+            # The alias keeps its identifier (quoting included: `my avg`).
+            alias = item.args.get("alias") if isinstance(item, exp.Alias) else None
+            label: exp.Identifier | str = (
+                alias.copy() if isinstance(alias, exp.Identifier) else inner.sql(dialect="mysql")
             )
+            new_items.append(cast(exp.Expression, exp.alias_(sum_expr, label, quoted=True)))
             hidden.append(count_expr)
             averages.append(Average(index=i, sum_index=i, count_index=width + len(hidden) - 1))
         else:
@@ -257,6 +284,10 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
     sort_keys: list[SortKey] = []
     if order is not None:
         for ordered in order.expressions:
+            if is_constant(ordered.this):
+                # ORDER BY 2.50 or 'x' orders by a constant: a no-op (only an unsigned integer
+                # literal is a position).
+                continue
             sort_keys.append(
                 SortKey(index=position_of(ordered.this), descending=bool(ordered.args.get("desc")))
             )
@@ -325,6 +356,55 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
         if plan.shard_limit is not None:
             shard.set("limit", exp.Limit(expression=exp.Literal.number(plan.shard_limit)))
     return shard, plan
+
+
+def is_position(expr: exp.Expression) -> bool:
+    """Whether ``expr`` in ORDER BY/GROUP BY is a column position: MySQL reads only an unsigned
+    integer literal so (``2``, ``02``, ``(2)``); ``2.0``, ``2e0``, ``0x2`` or ``'2'`` are
+    constants."""
+    while isinstance(expr, exp.Paren):
+        expr = expr.this
+    return isinstance(expr, exp.Literal) and not expr.is_string and expr.this.isdigit()
+
+
+def is_constant(expr: exp.Expression) -> bool:
+    """Whether ``expr`` is a literal that is not a position: ordering by it changes nothing."""
+    while isinstance(expr, exp.Paren):
+        expr = expr.this
+    if is_position(expr) or _negative_position(expr):
+        return False
+    return isinstance(expr, exp.Literal | exp.HexString | exp.BitString | exp.Null | exp.Boolean)
+
+
+def _negative_position(expr: exp.Expression) -> bool:
+    return isinstance(expr, exp.Neg) and is_position(expr.this)
+
+
+# Functions whose value is a DOUBLE: a sum of doubles depends on the order of the additions.
+_DOUBLES = (exp.Sqrt, exp.Ln, exp.Exp, exp.Pow, exp.Log)
+
+
+def _inexact_term(expr: exp.Expression) -> str | None:
+    """Why a SUM/AVG argument cannot be summed from per-shard partials exactly, or None.
+
+    Integer, DECIMAL and `*`/`+`/`-`/`DIV` arithmetic sum exactly in any grouping (DECIMAL
+    scales add up, SUM(a * 1.5) is exact). A `/` is a DECIMAL kept at full precision inside the
+    aggregate and rounded once (div_precision_increment) at the end, while each shard rounds its
+    partial; a DOUBLE (1e0, SQRT, CAST AS DOUBLE) sums in an order-dependent way.
+    """
+    for node in expr.find_all(exp.Div, exp.Literal, exp.Cast, *_DOUBLES):
+        if isinstance(node, exp.Div):
+            return f"the division {node.sql(dialect='mysql')} is a DECIMAL of more digits"
+        if isinstance(node, exp.Literal):
+            if not node.is_string and "e" in node.this.lower():
+                return f"{node.this} is a DOUBLE"
+            continue
+        if isinstance(node, exp.Cast):
+            if node.to.this in (exp.DataType.Type.DOUBLE, exp.DataType.Type.FLOAT):
+                return f"{node.sql(dialect='mysql')} is a DOUBLE"
+            continue
+        return f"{node.sql(dialect='mysql')} is a DOUBLE"
+    return None
 
 
 def hidden_name(j: int) -> str:

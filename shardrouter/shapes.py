@@ -163,6 +163,10 @@ class Function:
 _NOW = "each shard reads its own clock, so the statement would see several instants"
 _RANDOM = "each shard draws its own random values"
 _SESSION = "each shard answers for its own server and session"
+_IDENTITY = (
+    "answers with the shard's own identity (its physical database, account or server), not"
+    " the logical database's, even on one target"
+)
 _AGG = "each shard would aggregate only its own rows and the merge cannot combine them"
 
 _FUNCTION_LIST: tuple[Function, ...] = (
@@ -273,8 +277,9 @@ _FUNCTION_LIST: tuple[Function, ...] = (
     Function("UNIX_TIMESTAMP", None, ONE_TARGET, _NOW),
     Function("RAND", exp.Rand, ONE_TARGET, _RANDOM),
     Function("UUID", exp.Uuid, ONE_TARGET, _RANDOM),
+    # The id of the pooled shard connection that ran the statement: that session's own id, as
+    # on one database (diagnostics of the pool use it); meaningless across shards.
     Function("CONNECTION_ID", None, ONE_TARGET, _SESSION),
-    Function("DATABASE", exp.CurrentSchema, ONE_TARGET, _SESSION),
     Function("VERSION", exp.CurrentVersion, ONE_TARGET, _SESSION),
     Function("SLEEP", None, ONE_TARGET, "every shard would sleep"),
 )
@@ -298,7 +303,48 @@ REFUSED_FUNCTIONS: Mapping[str, str] = {
     "UUID_SHORT": "depends on the server id; use the router's id generator",
     "BENCHMARK": "is a load test, not a query",
     "LOAD_FILE": "reads a file on the shard's server",
+    # The shard's identity is not the logical database's: orders_s1 is not "the" database.
+    "DATABASE": _IDENTITY,
+    "SCHEMA": _IDENTITY,
+    "USER": _IDENTITY,
+    "CURRENT_USER": _IDENTITY,
+    "SESSION_USER": _IDENTITY,
+    "SYSTEM_USER": _IDENTITY,
 }
+
+_REFUSED_NODES: Mapping[type, str] = {
+    exp.CurrentSchema: "DATABASE",
+    exp.CurrentUser: "CURRENT_USER",
+    exp.SessionUser: "SESSION_USER",
+}
+"""Refused functions sqlglot parses to a node of their own (the others parse by name)."""
+
+IDENTITY_VARIABLES: frozenset[str] = frozenset(
+    {
+        "hostname",
+        "port",
+        "socket",
+        "server_id",
+        "server_uuid",
+        "datadir",
+        "basedir",
+        "pid_file",
+        "tmpdir",
+        "bind_address",
+        "report_host",
+        "report_port",
+        "log_bin_basename",
+        "gtid_domain_id",
+        "gtid_current_pos",
+        "gtid_binlog_pos",
+        "gtid_slave_pos",
+        "wsrep_node_name",
+        "wsrep_node_address",
+    }
+)
+"""System variables that name the shard's server or connection: refused even on one target
+(``@@hostname`` of a shard is not the logical database's). Other ``@@`` variables are settings
+every shard shares (the sandbox and `shardctl schema` keep them alike): one target only."""
 
 _BY_NODE: dict[type, Function] = {}  # sqlglot's Func is a mixin, not an Expression type
 for _f in _FUNCTION_LIST:
@@ -463,6 +509,11 @@ def _walk(node: exp.Expression, verdict: Verdict, *, in_conflict: bool) -> None:
             " connection of one shard; pass the value as a parameter"
         )
     elif isinstance(node, exp.SessionParameter):
+        if str(node.name).lower() in IDENTITY_VARIABLES:
+            raise UnsupportedQueryError(
+                f"system variable {_show(node)} {_IDENTITY}: not routed; read it on a shard"
+                " connection if you mean that shard's server"
+            )
         verdict.refuse_fanout(f"system variable {_show(node)}: {_SESSION}; read it on one target")
     elif isinstance(node, exp.Union | exp.Intersect | exp.Except):
         pass  # the planner refuses set operations over sharded tables
@@ -486,7 +537,10 @@ def _function(node: exp.Func, verdict: Verdict, *, in_conflict: bool) -> None:
         function = _BY_NAME.get(name)
     else:
         function = _BY_NODE.get(type(node))
-        name = function.name if function is not None else type(node).__name__.upper()
+        if function is not None:
+            name = function.name
+        else:
+            name = _REFUSED_NODES.get(type(node), type(node).__name__.upper())
     if function is None:
         reason = REFUSED_FUNCTIONS.get(name)
         if reason is not None:
@@ -522,6 +576,7 @@ __all__ = [
     "ANYWHERE",
     "CLAUSES",
     "FUNCTIONS",
+    "IDENTITY_VARIABLES",
     "NODES",
     "ONE_TARGET",
     "ONE_TARGET_NODES",

@@ -336,11 +336,11 @@ def test_executable_comments_are_refused(world: World, sql: str) -> None:
 def test_session_functions_run_on_one_target_and_are_refused_across(world: World) -> None:
     users, _ = _spread(world)
     one = world.router.execute(
-        "SELECT order_id, DATABASE() FROM orders WHERE user_id = :u", {"u": users[0]}
+        "SELECT order_id, VERSION() FROM orders WHERE user_id = :u", {"u": users[0]}
     )
     assert len(one.rows) == 2 and all(r[1] for r in one.rows)
     for sql in (
-        "SELECT order_id, DATABASE() FROM orders",
+        "SELECT order_id, VERSION() FROM orders",
         "SELECT order_id FROM orders ORDER BY RAND() LIMIT 2",
     ):
         with pytest.raises(UnsupportedQueryError, match="across shards"):
