@@ -464,10 +464,16 @@ def _init_template(root: Path, install_db: str) -> Path:
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     datadir = base / "data"
+    # Its own temp dir, as the servers get: in the shared /tmp another server's cleanup can
+    # remove the bootstrap's temp table files (seen as install-db failing on a missing
+    # '/tmp/#sql-temptable-...' while other sandboxes ran).
+    tmpdir = base / "tmp"
+    tmpdir.mkdir()
     cmd = [
         install_db,
         "--no-defaults",
         f"--datadir={datadir}",
+        f"--tmpdir={tmpdir}",
         "--auth-root-authentication-method=normal",
         "--skip-test-db",
         *_user_option(),
