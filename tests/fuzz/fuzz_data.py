@@ -54,7 +54,7 @@ SKUS = [
     "Zed",
     "zed",
     "x'y",
-    "q\"r",
+    'q"r',
 ]
 NAMES: list[str | None] = [None, "Ann", "ann", "ANN ", "Émile", "emile", "_x", "[x", "^x", None]
 # user_emails compares without case and without trailing spaces: these stay distinct under

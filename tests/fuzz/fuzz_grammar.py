@@ -17,14 +17,11 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from hypothesis import strategies as st
-
 from fuzz_data import (
     BIGINT_MAX,
     COLUMNS,
     DATES,
     DATETIMES,
-    DECIMALS,
     EXTRA_INTS,
     NAMES,
     SKUS,
@@ -32,6 +29,7 @@ from fuzz_data import (
     UNIQUE,
     Dataset,
 )
+from hypothesis import strategies as st
 
 RANK = "fuzz_rank__"
 
@@ -217,11 +215,19 @@ JOINS: list[tuple[str, str, list[str]]] = [
     (
         "orders",
         "users",
-        ["o.user_id = u.user_id", "u.user_id = o.user_id AND u.name IS NOT NULL", "o.merchant_id = u.user_id"],
+        [
+            "o.user_id = u.user_id",
+            "u.user_id = o.user_id AND u.name IS NOT NULL",
+            "o.merchant_id = u.user_id",
+        ],
     ),
     ("orders", "countries", ["c.code = LEFT(o.status, 2)", "(c.name = o.status OR c.code = 'US')"]),
     ("order_items", "countries", ["c.code = LEFT(i.sku, 2)", "c.code <> i.sku"]),
-    ("orders", "merchant_orders", ["m.order_id = o.order_id", "m.merchant_id = o.merchant_id AND m.order_id = o.order_id"]),
+    (
+        "orders",
+        "merchant_orders",
+        ["m.order_id = o.order_id", "m.merchant_id = o.merchant_id AND m.order_id = o.order_id"],
+    ),
     ("users", "user_emails", ["e.user_id = u.user_id", "e.email = u.email"]),
 ]
 
@@ -235,7 +241,18 @@ def from_clause(g: Gen) -> tuple[str, list[Col], list[str]]:
     """FROM text, the columns in scope, and the unique key (as refs) of the row source."""
     shape = g.draw(st.integers(0, 9))
     if shape <= 5:
-        table = g.pick(["orders", "orders", "orders", "order_items", "users", "countries", "merchant_orders", "user_emails"])
+        table = g.pick(
+            [
+                "orders",
+                "orders",
+                "orders",
+                "order_items",
+                "users",
+                "countries",
+                "merchant_orders",
+                "user_emails",
+            ]
+        )
         aliased = g.chance(0.6)
         alias = TABLE_ALIAS[table] if aliased else None
         cols = [Col(alias, table, c, t) for c, t in COLUMNS[table]]
@@ -261,7 +278,10 @@ def from_clause(g: Gen) -> tuple[str, list[Col], list[str]]:
         cols = [Col(la, left, c, t) for c, t in COLUMNS[left]]
         rcols = [Col(ra, right, c, t) for c, t in COLUMNS[right]]
         if kind == "LEFT JOIN":  # right side may be NULL
-            rcols = [Col(c.alias, c.table, c.name, c.type + "?" if not c.type.endswith("?") else c.type) for c in rcols]
+            rcols = [
+                Col(c.alias, c.table, c.name, c.type + "?" if not c.type.endswith("?") else c.type)
+                for c in rcols
+            ]
         unique = [f"{la}.{c}" for c in UNIQUE[left]] + [f"{ra}.{c}" for c in UNIQUE[right]]
         return f"{left} {la} {kind} {right} {ra} ON {on}", cols + rcols, unique
     g.features.add("subquery:derived")
@@ -453,7 +473,13 @@ def select_case(g: Gen) -> Case:
                 items.append(Item(f"{alias}.*", None, agg=False, star=True))
                 g.features.add("select:t.star")
             elif roll == 2:
-                items.append(Item(g.value(g.pick([1, "x", Decimal("2.50"), dt.date(2026, 1, 1)])), "k" + next(aliases), agg=False))
+                items.append(
+                    Item(
+                        g.value(g.pick([1, "x", Decimal("2.50"), dt.date(2026, 1, 1)])),
+                        "k" + next(aliases),
+                        agg=False,
+                    )
+                )
                 g.features.add("select:constant")
             else:
                 expr, _ = scalar(g, cols)
@@ -472,7 +498,9 @@ def select_case(g: Gen) -> Case:
                     items.append(Item(expr, maybe_alias(), agg=False))
         for _ in range(g.draw(st.integers(1, 3))):
             items.append(Item(aggregate(g, cols), maybe_alias(), agg=True))
-    if mode == "distinct" and all(i.expr.startswith(":") or i.alias and i.alias.startswith("k") for i in items):
+    if mode == "distinct" and all(
+        i.expr.startswith(":") or (i.alias and i.alias.startswith("k")) for i in items
+    ):
         # MariaDB 10.11 answers SELECT DISTINCT <constants> ... LIMIT 4, 4 with one row (it
         # ignores the OFFSET): the oracle itself is wrong there, so give the list a column.
         items.append(Item(cols[0].ref, None, agg=False))
@@ -590,7 +618,9 @@ def having_clause(g: Gen, cols: list[Col], items: list[Item]) -> str:
         form = g.draw(st.integers(0, 5))
         if form == 0 and aliased:
             g.features.add("having:alias")
-            parts.append(f"{g.pick(aliased).alias} > {g.value(g.pick([0, 1, 2, Decimal('1.5'), '1']))}")
+            parts.append(
+                f"{g.pick(aliased).alias} > {g.value(g.pick([0, 1, 2, Decimal('1.5'), '1']))}"
+            )
         elif form == 1 and len(aliased) >= 2:
             g.features.add("having:alias-expr")
             a, b = aliased[0].alias, aliased[1].alias
@@ -602,7 +632,9 @@ def having_clause(g: Gen, cols: list[Col], items: list[Item]) -> str:
             dcols = [c for c in cols if c.type.rstrip("?") == "dt"]
             if dcols:
                 g.features.add("having:date-vs-string")
-                parts.append(f"MIN({g.pick(dcols).ref}) > {g.value(g.pick(['2026-01-01', dt.date(2026, 1, 1), '2026-01-01 12:00:00']))}")
+                parts.append(
+                    f"MIN({g.pick(dcols).ref}) > {g.value(g.pick(['2026-01-01', dt.date(2026, 1, 1), '2026-01-01 12:00:00']))}"
+                )
             else:
                 parts.append("COUNT(*) >= 1")
         elif form == 4:
@@ -652,7 +684,7 @@ def update_case(g: Gen) -> Case:
             [
                 f"status = {g.value(g.str_value(Col(None, 'orders', 'status', 'str')))}",
                 "amount_cents = amount_cents + 1",
-                f"merchant_id = {g.value(g.pick(g.data.values('orders', 'merchant_id') + [99]))}",
+                f"merchant_id = {g.value(g.pick([*g.data.values('orders', 'merchant_id'), 99]))}",
                 f"user_id = {g.value(g.pick(g.data.values('orders', 'user_id')))}",
                 f"created_at = {g.value(g.dt_value())}",
                 "status = (SELECT MAX(sku) FROM order_items)",
@@ -660,9 +692,20 @@ def update_case(g: Gen) -> Case:
         )
         where = order_key_predicate(g, None)
         tail = " ORDER BY order_id LIMIT 1" if g.chance(0.1) else ""
-        return Case(f"UPDATE orders SET {sets} WHERE {where}{tail}", g.params, "update", frozenset(g.features), tables=("orders",))
+        return Case(
+            f"UPDATE orders SET {sets} WHERE {where}{tail}",
+            g.params,
+            "update",
+            frozenset(g.features),
+            tables=("orders",),
+        )
     if target == "order_items":
-        sets = g.pick(["qty = qty + 1", f"sku = {g.value(g.str_value(Col(None, 'order_items', 'sku', 'str')))}"])
+        sets = g.pick(
+            [
+                "qty = qty + 1",
+                f"sku = {g.value(g.str_value(Col(None, 'order_items', 'sku', 'str')))}",
+            ]
+        )
         form = g.draw(st.integers(0, 2))
         if form == 0:
             where = f"order_id = {g.value(g.pick(g.data.values('order_items', 'order_id')))}"
@@ -671,9 +714,17 @@ def update_case(g: Gen) -> Case:
             where = f"user_id = {g.value(g.pick(g.data.values('order_items', 'user_id')))}"
             g.features.add("write:by-key")
         else:
-            where = predicate(g, [Col(None, "order_items", c, t) for c, t in COLUMNS["order_items"]], 1)
+            where = predicate(
+                g, [Col(None, "order_items", c, t) for c, t in COLUMNS["order_items"]], 1
+            )
             g.features.add("write:scatter")
-        return Case(f"UPDATE order_items SET {sets} WHERE {where}", g.params, "update", frozenset(g.features), tables=("order_items",))
+        return Case(
+            f"UPDATE order_items SET {sets} WHERE {where}",
+            g.params,
+            "update",
+            frozenset(g.features),
+            tables=("order_items",),
+        )
     if target == "users":
         sets = g.pick(
             [
@@ -687,15 +738,29 @@ def update_case(g: Gen) -> Case:
         else:
             where = f"email = {g.value(g.str_value(Col(None, 'users', 'email', 'str')))}"
             g.features.add("write:by-lookup")
-        return Case(f"UPDATE users SET {sets} WHERE {where}", g.params, "update", frozenset(g.features), tables=("users",))
+        return Case(
+            f"UPDATE users SET {sets} WHERE {where}",
+            g.params,
+            "update",
+            frozenset(g.features),
+            tables=("users",),
+        )
     if target == "countries":
         where = predicate(g, [Col(None, "countries", c, t) for c, t in COLUMNS["countries"]], 1)
         g.features.add("write:broadcast")
-        return Case(f"UPDATE countries SET name = {g.value('renamed')} WHERE {where}", g.params, "update", frozenset(g.features), tables=("countries",))
+        return Case(
+            f"UPDATE countries SET name = {g.value('renamed')} WHERE {where}",
+            g.params,
+            "update",
+            frozenset(g.features),
+            tables=("countries",),
+        )
     g.features.add("write:join")
     _, _, ons = JOINS[0]
     on = g.pick(ons)
-    sets = g.pick(["i.qty = i.qty + 1", "o.status = 'joined', i.qty = 2", "o.amount_cents = i.price_cents"])
+    sets = g.pick(
+        ["i.qty = i.qty + 1", "o.status = 'joined', i.qty = 2", "o.amount_cents = i.price_cents"]
+    )
     where = order_key_predicate(g, "o")
     return Case(
         f"UPDATE orders o JOIN order_items i ON {on} SET {sets} WHERE {where}",
@@ -707,29 +772,57 @@ def update_case(g: Gen) -> Case:
 
 
 def delete_case(g: Gen) -> Case:
-    target = g.pick(["orders", "orders", "order_items", "users", "countries", "join-owner", "join-items"])
+    target = g.pick(
+        ["orders", "orders", "order_items", "users", "countries", "join-owner", "join-items"]
+    )
     g.features.add(f"delete:{target}")
     if target == "orders":
-        return Case(f"DELETE FROM orders WHERE {order_key_predicate(g, None)}", g.params, "delete", frozenset(g.features), tables=("orders",))
+        return Case(
+            f"DELETE FROM orders WHERE {order_key_predicate(g, None)}",
+            g.params,
+            "delete",
+            frozenset(g.features),
+            tables=("orders",),
+        )
     if target == "order_items":
         if g.chance(0.5):
             where = f"order_id = {g.value(g.pick(g.data.values('order_items', 'order_id')))}"
             g.features.add("write:by-gene")
         else:
-            where = predicate(g, [Col(None, "order_items", c, t) for c, t in COLUMNS["order_items"]], 1)
+            where = predicate(
+                g, [Col(None, "order_items", c, t) for c, t in COLUMNS["order_items"]], 1
+            )
             g.features.add("write:scatter")
-        return Case(f"DELETE FROM order_items WHERE {where}", g.params, "delete", frozenset(g.features), tables=("order_items",))
+        return Case(
+            f"DELETE FROM order_items WHERE {where}",
+            g.params,
+            "delete",
+            frozenset(g.features),
+            tables=("order_items",),
+        )
     if target == "users":
         if g.chance(0.5):
             where = f"user_id = {g.value(g.pick(g.data.values('users', 'user_id')))}"
         else:
             where = f"email = {g.value(g.str_value(Col(None, 'users', 'email', 'str')))}"
             g.features.add("write:by-lookup")
-        return Case(f"DELETE FROM users WHERE {where}", g.params, "delete", frozenset(g.features), tables=("users",))
+        return Case(
+            f"DELETE FROM users WHERE {where}",
+            g.params,
+            "delete",
+            frozenset(g.features),
+            tables=("users",),
+        )
     if target == "countries":
         where = predicate(g, [Col(None, "countries", c, t) for c, t in COLUMNS["countries"]], 1)
         g.features.add("write:broadcast")
-        return Case(f"DELETE FROM countries WHERE {where}", g.params, "delete", frozenset(g.features), tables=("countries",))
+        return Case(
+            f"DELETE FROM countries WHERE {where}",
+            g.params,
+            "delete",
+            frozenset(g.features),
+            tables=("countries",),
+        )
     g.features.add("write:join")
     on = g.pick(JOINS[0][2])
     victim = "o" if target == "join-owner" else "i"
@@ -744,7 +837,18 @@ def delete_case(g: Gen) -> Case:
 
 
 def insert_case(g: Gen) -> Case:
-    target = g.pick(["orders", "orders", "orders-multi", "order_items", "users", "countries", "select", "subquery"])
+    target = g.pick(
+        [
+            "orders",
+            "orders",
+            "orders-multi",
+            "order_items",
+            "users",
+            "countries",
+            "select",
+            "subquery",
+        ]
+    )
     g.features.add(f"insert:{target}")
 
     def order_row() -> str:
@@ -757,7 +861,7 @@ def insert_case(g: Gen) -> Case:
         values = [
             order_id,
             user,
-            g.pick(g.data.values("orders", "merchant_id") + [42]),
+            g.pick([*g.data.values("orders", "merchant_id"), 42]),
             g.str_value(Col(None, "orders", "status", "str")),
             g.pick([0, 5, BIGINT_MAX]),
             g.pick(DATETIMES),
@@ -771,13 +875,28 @@ def insert_case(g: Gen) -> Case:
             tail = " ON DUPLICATE KEY UPDATE status = VALUES(status)"
             g.features.add("insert:on-duplicate")
         ignore = "IGNORE " if g.chance(0.1) else ""
-        return Case(f"INSERT {ignore}INTO orders ({ORDER_COLS}) VALUES {', '.join(rows)}{tail}", g.params, "insert", frozenset(g.features), tables=("orders",))
+        return Case(
+            f"INSERT {ignore}INTO orders ({ORDER_COLS}) VALUES {', '.join(rows)}{tail}",
+            g.params,
+            "insert",
+            frozenset(g.features),
+            tables=("orders",),
+        )
     if target == "order_items":
         order = g.pick([r for r in g.data.orders])
         line = g.pick([1, 7, 8])
-        values = [order[0], line, order[1], g.str_value(Col(None, "order_items", "sku", "str")), 1, 100]
+        values = [
+            order[0],
+            line,
+            order[1],
+            g.str_value(Col(None, "order_items", "sku", "str")),
+            1,
+            100,
+        ]
         return Case(
-            "INSERT INTO order_items (order_id, line, user_id, sku, qty, price_cents) VALUES (" + ", ".join(g.value(v) for v in values) + ")",
+            "INSERT INTO order_items (order_id, line, user_id, sku, qty, price_cents) VALUES ("
+            + ", ".join(g.value(v) for v in values)
+            + ")",
             g.params,
             "insert",
             frozenset(g.features),
@@ -785,10 +904,20 @@ def insert_case(g: Gen) -> Case:
         )
     if target == "users":
         user = g.pick([77, 78, BIGINT_MAX - 2, 1])
-        email = g.pick(["new@example.com", "NEW2@example.com", "ALICE@example.com", "alice@example.com  ", "emile@example.com"])
+        email = g.pick(
+            [
+                "new@example.com",
+                "NEW2@example.com",
+                "ALICE@example.com",
+                "alice@example.com  ",
+                "emile@example.com",
+            ]
+        )
         values = [user, email, g.pick([None, "n"]), g.pick(DATETIMES)]
         return Case(
-            "INSERT INTO users (user_id, email, name, created_at) VALUES (" + ", ".join(g.value(v) for v in values) + ")",
+            "INSERT INTO users (user_id, email, name, created_at) VALUES ("
+            + ", ".join(g.value(v) for v in values)
+            + ")",
             g.params,
             "insert",
             frozenset(g.features),
@@ -796,7 +925,13 @@ def insert_case(g: Gen) -> Case:
         )
     if target == "countries":
         code = g.pick(["zz", "US", "ZZ"])
-        return Case(f"INSERT INTO countries (code, name) VALUES ({g.value(code)}, {g.value('new')})", g.params, "insert", frozenset(g.features), tables=("countries",))
+        return Case(
+            f"INSERT INTO countries (code, name) VALUES ({g.value(code)}, {g.value('new')})",
+            g.params,
+            "insert",
+            frozenset(g.features),
+            tables=("countries",),
+        )
     if target == "select":
         g.features.add("subquery")
         return Case(

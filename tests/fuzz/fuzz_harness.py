@@ -30,10 +30,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, text
-
 from fuzz_data import ALL_COLUMNS, Dataset, build
 from fuzz_grammar import Case
+from sqlalchemy import Engine, create_engine, text
+
 from shardrouter.aio import AsyncRouter
 from shardrouter.config import config_from_dict
 from shardrouter.engines import ShardEngines
@@ -47,7 +47,7 @@ LOOKUPS = {"orders": ("merchant_orders",), "users": ("user_emails",)}
 SHARDED = ("users", "orders", "order_items", "merchant_orders", "user_emails")
 
 
-class Finding(AssertionError):  # noqa: N818 -- reads as "a finding", an assertion failure
+class Finding(AssertionError):
     """A wrong answer, an untyped exception, a shard error on an accepted statement, or sync
     and async disagreeing. ``signature`` groups findings by cause for the long run."""
 
@@ -168,7 +168,9 @@ class World:
             sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"
             for row in rows[table]:
                 self.router.execute(sql, dict(zip(cols, row, strict=True)))
-        self.snapshot = {t: self._shard_tables(t) for t in (*BASE_TABLES, "merchant_orders", "user_emails")}
+        self.snapshot = {
+            t: self._shard_tables(t) for t in (*BASE_TABLES, "merchant_orders", "user_emails")
+        }
         with self.oracle.begin() as conn:
             for table in (*BASE_TABLES, "merchant_orders", "user_emails"):
                 conn.execute(text(f"DELETE FROM {table}"))
@@ -178,10 +180,14 @@ class World:
                     union = list(next(iter(self.snapshot[table].values())))
                 if union:
                     conn.execute(
-                        text(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"),
+                        text(
+                            f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"
+                        ),
                         [dict(zip(cols, r, strict=True)) for r in union],
                     )
-        self.oracle_snapshot = {t: self._oracle_table(t) for t in (*BASE_TABLES, "merchant_orders", "user_emails")}
+        self.oracle_snapshot = {
+            t: self._oracle_table(t) for t in (*BASE_TABLES, "merchant_orders", "user_emails")
+        }
         for table in BASE_TABLES:
             expected = Counter(rows[table])
             got = Counter(r for per in self.snapshot[table].values() for r in per)
@@ -190,7 +196,9 @@ class World:
                     if Counter(per) != expected:
                         self.load_findings.append(f"countries copy on {key} differs after load")
             elif got != expected:
-                self.load_findings.append(f"{table}: loaded rows differ: missing {expected - got}, extra {got - expected}")
+                self.load_findings.append(
+                    f"{table}: loaded rows differ: missing {expected - got}, extra {got - expected}"
+                )
         problem = self._lookup_problems(("orders", "users"))
         if problem:
             self.load_findings.append(problem)
@@ -200,7 +208,9 @@ class World:
         out = {}
         for sid, name in self._physical(table):
             with self.engines.primary(sid).connect() as conn:
-                out[(sid, name)] = [tuple(r) for r in conn.execute(text(f"SELECT {cols} FROM {name}"))]
+                out[(sid, name)] = [
+                    tuple(r) for r in conn.execute(text(f"SELECT {cols} FROM {name}"))
+                ]
         return out
 
     def _oracle_table(self, table: str) -> list[tuple[Any, ...]]:
@@ -223,7 +233,9 @@ class World:
                     conn.execute(text(f"DELETE FROM {name}"))
                     if rows:
                         conn.execute(
-                            text(f"INSERT INTO {name} ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"),
+                            text(
+                                f"INSERT INTO {name} ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"
+                            ),
                             [dict(zip(cols, r, strict=True)) for r in rows],
                         )
         with self.oracle.begin() as conn:
@@ -233,7 +245,9 @@ class World:
                 rows = self.oracle_snapshot[table]
                 if rows:
                     conn.execute(
-                        text(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"),
+                        text(
+                            f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join(':' + c for c in cols)})"
+                        ),
                         [dict(zip(cols, r, strict=True)) for r in rows],
                     )
 
@@ -243,7 +257,9 @@ class World:
         if "orders" in tables:
             orders = [r for per in self._shard_tables("orders").values() for r in per]
             expected = Counter((r[2], r[0], r[1]) for r in orders)
-            got = Counter(r[:3] for per in self._shard_tables("merchant_orders").values() for r in per)
+            got = Counter(
+                r[:3] for per in self._shard_tables("merchant_orders").values() for r in per
+            )
             if got != expected:
                 problems.append(
                     f"merchant_orders != orders' (merchant_id, order_id, user_id): "
@@ -252,7 +268,11 @@ class World:
         if "users" in tables:
             users = [r for per in self._shard_tables("users").values() for r in per]
             expected = Counter((self.weight(r[1]), r[0]) for r in users)
-            got = Counter((self.weight(r[0]), r[1]) for per in self._shard_tables("user_emails").values() for r in per)
+            got = Counter(
+                (self.weight(r[0]), r[1])
+                for per in self._shard_tables("user_emails").values()
+                for r in per
+            )
             if got != expected:
                 problems.append(
                     f"user_emails != users' (email, user_id): lost {len(expected - got)}, "
@@ -278,7 +298,9 @@ class World:
                 for i in range(len(chunk))
             )
             with self.oracle.connect() as conn:
-                row = conn.execute(text(f"SELECT {exprs}"), {f"s{i}": v for i, v in enumerate(chunk)}).one()
+                row = conn.execute(
+                    text(f"SELECT {exprs}"), {f"s{i}": v for i, v in enumerate(chunk)}
+                ).one()
             for value, weight in zip(chunk, row, strict=True):
                 # AS CHAR(n) pads with spaces (PAD SPACE: 'a' = 'a  '); drop the padding so
                 # weights stay short, and keep one original per weight for messages.
@@ -320,7 +342,9 @@ class World:
             with self.oracle.begin() as conn:
                 result = conn.execute(text(sql), params)
                 if result.returns_rows:
-                    return Outcome(tuple(result.keys()), [tuple(r) for r in result], result.rowcount)
+                    return Outcome(
+                        tuple(result.keys()), [tuple(r) for r in result], result.rowcount
+                    )
                 return Outcome(rowcount=result.rowcount)
         except Exception as exc:  # the oracle refusing is an outcome, not a failure
             return Outcome(error=exc)
@@ -403,10 +427,11 @@ class World:
                 oracle = Outcome(oracle.columns, oracle.rows, oracle.rowcount, error=ranked.error)
         else:
             self.counts["outcome:oracle-error"] += 1
-        refused = [self._judge_error(case, side, got, oracle) for side, got in (("sync", sync), ("async", aio))]
-        if refused[0] != refused[1] or (
-            refused[0] and type(sync.error) is not type(aio.error)
-        ):
+        refused = [
+            self._judge_error(case, side, got, oracle)
+            for side, got in (("sync", sync), ("async", aio))
+        ]
+        if refused[0] != refused[1] or (refused[0] and type(sync.error) is not type(aio.error)):
             raise Finding(
                 "sync-async",
                 case,
@@ -415,7 +440,12 @@ class World:
             )
         if refused[0] or oracle.error is not None or ranked is None:
             return  # both refused (or the oracle's answer is order-dependent, see above)
-        pairs = [(r, row[-1]) for r, row in zip(self.norm_rows(row[:-1] for row in ranked.rows), ranked.rows, strict=True)]
+        pairs = [
+            (r, row[-1])
+            for r, row in zip(
+                self.norm_rows(row[:-1] for row in ranked.rows), ranked.rows, strict=True
+            )
+        ]
         self._judge_rows(case, "oracle-self", oracle, oracle, pairs, harness=True)
         for side, got in (("sync", sync), ("async", aio)):
             if got.columns != oracle.columns:
@@ -451,14 +481,17 @@ class World:
             if extra:
                 row, rank = next(iter(extra))
                 where = [r for p, r in pairs if p == row]
-                problem = (
-                    f"row {_show(row, self._shown)} at rank {rank}: "
-                    + (f"one database ranks it {sorted(set(where))}" if where else "not in one database's answer")
+                problem = f"row {_show(row, self._shown)} at rank {rank}: " + (
+                    f"one database ranks it {sorted(set(where))}"
+                    if where
+                    else "not in one database's answer"
                 )
         if problem is None:
             return
         if harness:
-            raise HarnessError(f"checker rejects the oracle's own answer: {problem}\n{case}\n{case.rank_sql}")
+            raise HarnessError(
+                f"checker rejects the oracle's own answer: {problem}\n{case}\n{case.rank_sql}"
+            )
         raise Finding(
             "wrong-answer",
             case,
@@ -500,9 +533,14 @@ class World:
                 state = self._tables_state(base)
                 if refused:
                     # A refusal must leave every table as it was.
-                    expected_now = {t: Counter(r for rows in self.snapshot[t].values() for r in rows) for t in base}
+                    expected_now = {
+                        t: Counter(r for rows in self.snapshot[t].values() for r in rows)
+                        for t in base
+                    }
                     if "countries" in base:
-                        expected_now["countries"] = Counter(next(iter(self.snapshot["countries"].values())))
+                        expected_now["countries"] = Counter(
+                            next(iter(self.snapshot["countries"].values()))
+                        )
                 else:
                     expected_now = expected
                     if got.rowcount != oracle.rowcount:
@@ -534,7 +572,9 @@ class World:
                         f"lookup-drift {problem.split(':')[0]} {_cause(case)} {'after-error' if got.error else 'after-success'}",
                     )
             sync, aio = outcomes
-            if (sync.error is None) != (aio.error is None) or type(sync.error) is not type(aio.error):
+            if (sync.error is None) != (aio.error is None) or type(sync.error) is not type(
+                aio.error
+            ):
                 raise Finding(
                     "sync-async",
                     case,

@@ -3,30 +3,29 @@
 unsharded MariaDB gives or be refused with a typed shardrouter error (tests/fuzz/fuzz_harness.py
 says exactly how answers are compared).
 
-Bounded for CI: SHARDROUTER_FUZZ_EXAMPLES statements (default 250, about two minutes on two
-cores), with a fixed seed so a CI run is reproducible. Failing examples are kept in
+Bounded for CI: SHARDROUTER_FUZZ_EXAMPLES statements (default 1500: about a minute of
+statements on two cores, plus the sandbox start), with a fixed seed so a CI run is reproducible. Failing examples are kept in
 tests/fuzz/examples/ (a hypothesis DirectoryBasedExampleDatabase, committed) and replayed first
 on every run, so a found bug stays found. The long run is ``tools/fuzz --statements 100000``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import REPORTS
+from fuzz_grammar import statements
+from fuzz_harness import World, coverage
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-from fuzz_grammar import statements
-from fuzz_harness import World, coverage
-
 pytestmark = pytest.mark.mariadb
 
-EXAMPLES = int(os.environ.get("SHARDROUTER_FUZZ_EXAMPLES", "250"))
+EXAMPLES = int(os.environ.get("SHARDROUTER_FUZZ_EXAMPLES", "1500"))
 EXAMPLE_DB = DirectoryBasedExampleDatabase(str(Path(__file__).parent / "examples"))
 
 
@@ -36,7 +35,7 @@ def world(shard_databases: Path, oracle) -> Iterator[World]:  # type: ignore[no-
     try:
         yield w
     finally:
-        print("\nfuzz coverage:", json.dumps(coverage(w), indent=1))
+        REPORTS.append(coverage(w))
         w.close()
 
 
