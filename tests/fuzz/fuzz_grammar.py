@@ -753,6 +753,16 @@ def update_case(g: Gen) -> Case:
     if target == "countries":
         where = predicate(g, [Col(None, "countries", c, t) for c, t in COLUMNS["countries"]], 1)
         g.features.add("write:broadcast")
+        if g.chance(0.15):
+            g.features.add("write:nondeterministic")
+            func = g.pick(["RAND()", "UUID()", "CONCAT(name, RAND())"])
+            return Case(
+                f"UPDATE countries SET name = {func} WHERE {where}",
+                g.params,
+                "update",
+                frozenset(g.features),
+                tables=("countries",),
+            )
         return Case(
             f"UPDATE countries SET name = {g.value('renamed')} WHERE {where}",
             g.params,
