@@ -1001,6 +1001,13 @@ TEMPLATES: list[tuple[str, str]] = [
     ("agg-other", "SELECT JSON_ARRAYAGG(order_id) IS NULL FROM orders"),
     ("session", "SELECT SQL_CALC_FOUND_ROWS order_id FROM orders WHERE user_id = {u}"),
     ("session", "SELECT order_id, CONNECTION_ID() > 0 AS c FROM orders WHERE merchant_id = {m}"),
+    ("session", "SELECT DATABASE() AS d, order_id FROM orders WHERE user_id = {u}"),
+    ("literal", "SELECT order_id FROM orders WHERE user_id = 0x8"),
+    ("literal", "SELECT order_id FROM orders WHERE merchant_id = 0x1 OR merchant_id = X'07'"),
+    ("literal", "SELECT order_id FROM orders WHERE user_id = b'1000' OR user_id = 8e0"),
+    ("literal", "SELECT order_id FROM orders WHERE user_id = '8abc' OR user_id = ' 13'"),
+    ("literal", "SELECT order_id, 0x41 AS h, _utf8mb4'x' AS u FROM orders WHERE user_id = {u}"),
+    ("literal", "SELECT order_id FROM orders WHERE status = 'x\\'' OR user_id = {u}"),
     ("hint", "SELECT order_id FROM orders FORCE INDEX (idx_user_created) WHERE merchant_id = {m}"),
     (
         "hint",
