@@ -371,6 +371,11 @@ def aggregate(g: Gen, cols: list[Col]) -> str:
         return f"MAX({icol.ref}) - MIN({icol.ref})"
     if form == 12:
         g.features.add("agg:expr")
+        if g.chance(0.5):
+            # MySQL keeps the quotient's full precision inside the aggregate; per-shard
+            # partials rounded to div_precision_increment and then summed are not the same.
+            g.features.add("agg:of-division")
+            return f"{g.pick(['SUM', 'AVG'])}({icol.ref} / {g.pick([3, 7])})"
         return "COUNT(*) + 1"
     g.features.add("agg:group_concat")
     return f"GROUP_CONCAT(DISTINCT {col.ref} ORDER BY {col.ref})"

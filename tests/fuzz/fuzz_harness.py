@@ -493,6 +493,10 @@ class World:
             )
         ]
         self._judge_rows(case, "oracle-self", oracle, oracle, pairs, harness=True)
+        # Rows first (a wrong value is worse than a wrong label, and a label defect must not
+        # hide one), then labels.
+        for side, got in (("sync", sync), ("async", aio)):
+            self._judge_rows(case, side, got, oracle, pairs)
         for side, got in (("sync", sync), ("async", aio)):
             if got.columns != oracle.columns:
                 raise Finding(
@@ -501,7 +505,6 @@ class World:
                     f"  oracle columns: {oracle.columns}\n  {side} columns: {got.columns}",
                     f"wrong-labels {_cause(case)}",
                 )
-            self._judge_rows(case, side, got, oracle, pairs)
         self.counts["outcome:answered"] += 1
 
     def _judge_rows(
