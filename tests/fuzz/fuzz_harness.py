@@ -128,6 +128,7 @@ class World:
         self._weights: dict[str, bytes] = {}
         self._shown: dict[bytes, str] = {}
         self.counts: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()  # typed refusals by message shape
         self.statements = 0
         layout = self.topology.id_layout
         user_slot = self.topology.table("orders").key("user_id").slot
@@ -454,6 +455,7 @@ class World:
                 f"shard-error {_message_shape(exc.orig or exc)}",
             )
         self.counts[f"outcome:refused:{type(exc).__name__}"] += 1
+        self.refusals[_message_shape(exc)] += 1
         return True
 
     def _check_select(self, case: Case) -> None:
@@ -713,7 +715,11 @@ def _show_counter(counter: Counter[tuple[Any, ...]]) -> str:
 
 def coverage(world: World) -> dict[str, Any]:
     """Statement count and shape coverage, as the report prints it."""
-    return {"statements": world.statements, "coverage": dict(sorted(world.counts.items()))}
+    return {
+        "statements": world.statements,
+        "coverage": dict(sorted(world.counts.items())),
+        "top_refusals": dict(world.refusals.most_common(25)),
+    }
 
 
 Checker = Callable[[Case], None]
