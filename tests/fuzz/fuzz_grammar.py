@@ -244,8 +244,8 @@ DERIVED = (
 
 def from_clause(g: Gen) -> tuple[str, list[Col], list[str]]:
     """FROM text, the columns in scope, and the unique key (as refs) of the row source."""
-    shape = g.draw(st.integers(0, 9))
-    if shape <= 5:
+    shape = g.draw(st.integers(0, 19))  # 0-11 one table, 12-18 a join, 19 a derived table
+    if shape <= 11:
         table = g.pick(
             [
                 "orders",
@@ -270,7 +270,7 @@ def from_clause(g: Gen) -> tuple[str, list[Col], list[str]]:
             g.features.add("from:lookup-table")
         unique = [Col(alias, table, c, "").ref for c in UNIQUE[table]]
         return text, cols, unique
-    if shape <= 8:
+    if shape <= 18:
         left, right, ons = g.pick(JOINS)
         on = g.pick(ons)
         kind = g.pick(["JOIN", "JOIN", "INNER JOIN", "LEFT JOIN"])
@@ -392,7 +392,7 @@ def predicate(g: Gen, cols: list[Col], depth: int = 0) -> str:
             return f"NOT ({predicate(g, cols, depth + 1)})"
         op = " AND " if form == 12 else " OR "
         return "(" + predicate(g, cols, depth + 1) + op + predicate(g, cols, depth + 1) + ")"
-    if form == 11 and depth < 2:
+    if form == 11 and depth < 2 and g.chance(0.5):  # the planner refuses most subqueries
         return subquery_predicate(g, cols)
     col = g.pick(cols)
     if col.name in ("user_id", "order_id", "merchant_id", "email"):
@@ -463,12 +463,17 @@ def select_case(g: Gen) -> Case:
     group: list[str] = []
     colliding = [c.name for c in cols]
 
+    used: set[str] = set()
+
     def maybe_alias() -> str | None:
         if not g.chance(0.4):
             return None
         if cols[0].alias and g.chance(0.1):
-            g.features.add("alias:shadows-column")
-            return g.pick(colliding)
+            name = g.pick(colliding)
+            if name not in used:  # two items with one alias: ORDER BY would be ambiguous
+                used.add(name)
+                g.features.add("alias:shadows-column")
+                return name
         return next(aliases)
 
     if mode in ("plain", "distinct"):
@@ -514,7 +519,7 @@ def select_case(g: Gen) -> Case:
         # MariaDB 10.11 answers SELECT DISTINCT <constants> ... LIMIT 4, 4 with one row (it
         # ignores the OFFSET): the oracle itself is wrong there, so give the list a column.
         items.append(Item(cols[0].ref, None, agg=False))
-    if g.chance(0.1) and mode != "distinct":
+    if g.chance(0.04) and mode != "distinct":
         g.features.add("select:scalar-subquery")
         items.append(Item("(SELECT COUNT(*) FROM countries)", "nc", agg=False))
 
