@@ -535,7 +535,8 @@ def select_case(g: Gen) -> Case:
     if g.chance(0.6):
         g.features.add("order")
         for _ in range(g.draw(st.integers(1, 3))):
-            candidates = [i for i in items if not i.star]
+            # A bare integer in ORDER BY is a position, not the constant item it spells.
+            candidates = [i for i in items if not i.star and not i.expr.isdigit()]
             form = g.draw(st.integers(0, 4))
             desc = " DESC" if g.chance(0.4) else ""
             if desc:
