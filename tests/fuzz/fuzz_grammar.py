@@ -447,13 +447,6 @@ def subquery_predicate(g: Gen, cols: list[Col]) -> str:
 # ------------------------------------------------------------------------------- SELECT
 
 
-def _star_width(g: Gen, from_text: str, cols: list[Col], item: Item) -> int:
-    if item.expr == "*":
-        return len(cols)
-    alias = item.expr.split(".")[0]
-    return len([c for c in cols if c.alias == alias])
-
-
 def select_case(g: Gen) -> Case:
     from_text, cols, unique = from_clause(g)
     mode = g.pick(["plain", "plain", "distinct", "agg", "grouped", "grouped"])

@@ -25,7 +25,7 @@ import copy
 import datetime as dt
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar
@@ -383,7 +383,7 @@ class World:
 
     # -- running ----------------------------------------------------------------------------
 
-    def _oracle_run(self, sql: str, params: dict[str, Any], write: bool = False) -> Outcome:
+    def _oracle_run(self, sql: str, params: dict[str, Any]) -> Outcome:
         try:
             with self.oracle.begin() as conn:
                 result = conn.execute(text(sql), params)
@@ -571,7 +571,7 @@ class World:
         base = [t for t in case.tables if t in BASE_TABLES]
         closure = {*base, *(lk for t in base for lk in LOOKUPS.get(t, ()))}
         try:
-            oracle = self._oracle_run(case.sql, case.params, write=True)
+            oracle = self._oracle_run(case.sql, case.params)
             if oracle.error is not None:
                 self.counts["outcome:oracle-error"] += 1
             expected = {t: Counter(self._oracle_table(t)) for t in base}
@@ -720,6 +720,3 @@ def coverage(world: World) -> dict[str, Any]:
         "coverage": dict(sorted(world.counts.items())),
         "top_refusals": dict(world.refusals.most_common(25)),
     }
-
-
-Checker = Callable[[Case], None]
