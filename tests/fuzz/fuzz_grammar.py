@@ -49,8 +49,12 @@ class Case:
     offset: int = 0
     tables: tuple[str, ...] = ()
     """Writes: the logical tables the statement may change (restored after the check)."""
+    steps: tuple[Case, ...] = ()
+    """kind "txn": the statements run in order inside one transaction."""
 
     def __str__(self) -> str:
+        if self.steps:
+            return "\n".join(f"  step {i}: {step}" for i, step in enumerate(self.steps))
         return f"{self.sql}\n  params={self.params!r}"
 
 
@@ -1131,6 +1135,26 @@ def template_case(g: Gen) -> Case:
     return Case(sql, g.params, "select", frozenset(g.features), rank_sql=None)
 
 
+def txn_case(g: Gen) -> Case:
+    """2-3 statements in one transaction: writes of one user (one shard), of several users
+    (a second shard must be refused before anything runs), reads first or between."""
+    g.features.add("txn")
+    steps = []
+    for _ in range(g.draw(st.integers(2, 3))):
+        step_g = Gen(g.draw, g.data)  # own parameter names per statement
+        roll = g.draw(st.integers(0, 9))
+        if roll <= 1:
+            step = select_case(step_g)
+            g.features.add("txn:read")
+        else:
+            step = g.pick([update_case, delete_case, insert_case])(step_g)
+        g.features.update(step_g.features)
+        steps.append(step)
+    tables = tuple(sorted({t for step in steps for t in step.tables}))
+    sql = " ; ".join(step.sql for step in steps)
+    return Case(sql, {}, "txn", frozenset(g.features), tables=tables, steps=tuple(steps))
+
+
 def statements(data: Dataset, writes: float = 0.25) -> st.SearchStrategy[Case]:
     """Statements over ``data``: SELECTs, and with probability ``writes`` a write."""
 
@@ -1140,6 +1164,6 @@ def statements(data: Dataset, writes: float = 0.25) -> st.SearchStrategy[Case]:
         roll = draw(st.integers(0, 999))
         if roll >= int(writes * 1000):
             return select_case(g) if draw(st.integers(0, 9)) else template_case(g)
-        return draw(st.sampled_from([update_case, delete_case, insert_case]))(g)
+        return draw(st.sampled_from([update_case, delete_case, insert_case, txn_case]))(g)
 
     return strategy()

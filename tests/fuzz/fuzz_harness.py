@@ -55,7 +55,7 @@ class Finding(AssertionError):
         self.kind = kind
         self.case = case
         self.signature = signature
-        super().__init__(f"[{kind}] {case.sql}\n  params={case.params!r}\n{detail}")
+        super().__init__(f"[{kind}] {case}\n{detail}")
 
 
 class HarnessError(RuntimeError):
@@ -418,6 +418,8 @@ class World:
         try:
             if case.kind == "select":
                 self._check_select(case)
+            elif case.kind == "txn":
+                self._check_txn(case)
             else:
                 self._check_write(case)
         except Finding:
@@ -651,6 +653,113 @@ class World:
                 )
             if sync.error is None:
                 self.counts["outcome:answered"] += 1
+        finally:
+            self.restore(closure)
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def _txn_oracle(self, case: Case) -> Outcome:
+        """All steps in one oracle transaction; the first error rolls everything back."""
+        try:
+            with self.oracle.begin() as conn:
+                for step in case.steps:
+                    conn.execute(text(step.sql), step.params)
+            return Outcome()
+        except Exception as exc:
+            return Outcome(error=exc)
+
+    def _txn_sync(self, case: Case) -> Outcome:
+        try:
+            with self.router.transaction() as txn:
+                for step in case.steps:
+                    txn.execute(step.sql, dict(step.params))
+            return Outcome()
+        except Exception as exc:
+            return Outcome(error=exc)
+
+    def _txn_async(self, case: Case) -> Outcome:
+        async def run() -> None:
+            async with self.aio.transaction() as txn:
+                for step in case.steps:
+                    await txn.execute(step.sql, dict(step.params))
+
+        try:
+            self.loop.run_until_complete(run())
+            return Outcome()
+        except Exception as exc:
+            return Outcome(error=exc)
+
+    def _check_txn(self, case: Case) -> None:
+        """A transaction either commits exactly what one database commits or, refused or
+        failed, leaves every table as it was: never a part of it."""
+        base = [t for t in case.tables if t in BASE_TABLES]
+        closure = {*base, *(lk for t in base for lk in LOOKUPS.get(t, ()))}
+        try:
+            oracle = self._txn_oracle(case)
+            expected = {t: Counter(self._oracle_table(t)) for t in base}
+            before = {
+                t: Counter(r for rows in self.snapshot[t].values() for r in rows) for t in base
+            }
+            if "countries" in base:
+                before["countries"] = Counter(next(iter(self.snapshot["countries"].values())))
+            for side, runner in (("sync", self._txn_sync), ("async", self._txn_async)):
+                self.restore(closure)
+                got = runner(case)
+                if got.error is not None and not isinstance(got.error, ShardRouterError):
+                    raise Finding(
+                        "untyped-exception",
+                        case,
+                        f"  oracle: {oracle.describe()}\n  {side}: {got.describe()}",
+                        f"untyped {_message_shape(got.error)} (txn)",
+                    )
+                if (
+                    isinstance(got.error, ExecutionError)
+                    and got.error.orig is not None
+                    and oracle.error is None
+                ):
+                    raise Finding(
+                        "shard-error",
+                        case,
+                        f"  oracle: {oracle.describe()}\n  {side}: {got.describe()}",
+                        f"shard-error {_message_shape(got.error.orig)} (txn)",
+                    )
+                failed = got.error is not None
+                want = before if failed else expected
+                state = self._tables_state(base)
+                for table in sorted(state):
+                    if "write:nondeterministic" in case.features:
+                        break
+                    if state[table] != want.get(table.split("@")[0]):
+                        raise Finding(
+                            "txn-partial" if failed else "wrong-table",
+                            case,
+                            f"  oracle: {oracle.describe()}\n  {side}: {got.describe()}\n"
+                            f"  table {table} after the transaction:\n"
+                            f"    missing on shards: {_show_counter(want[table.split('@')[0]] - state[table])}\n"
+                            f"    extra on shards:   {_show_counter(state[table] - want[table.split('@')[0]])}",
+                            f"{'txn-partial' if failed else 'txn-wrong-table'} {table} "
+                            f"{type(got.error).__name__ if failed else 'ok'}",
+                        )
+                problem = self._lookup_problems(base)
+                if problem:
+                    raise Finding(
+                        "lookup-drift",
+                        case,
+                        f"  {side}: {got.describe()}\n  {problem}",
+                        f"lookup-drift {problem.split(':')[0]} txn",
+                    )
+                if failed:
+                    self.counts[f"outcome:refused:{type(got.error).__name__}"] += 1
+                    self.refusals[_message_shape(got.error)] += 1
+                elif oracle.error is not None and not _order_dependent(oracle.error):
+                    raise Finding(
+                        "accepted-invalid",
+                        case,
+                        f"  oracle: {oracle.describe()}\n  {side}: committed",
+                        f"accepted-invalid txn {_message_shape(oracle.error)}",
+                    )
+                else:
+                    self.counts["outcome:answered"] += 1
         finally:
             self.restore(closure)
 
