@@ -4,11 +4,9 @@ the end of every run (pass or fail) so CI logs say what the bounded run covered.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
-
-REPORTS: list[dict[str, Any]] = []  # filled by test_differential's world fixture
+from fuzz_harness import REPORTS
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -47,6 +47,10 @@ LOOKUPS = {"orders": ("merchant_orders",), "users": ("user_emails",)}
 SHARDED = ("users", "orders", "order_items", "merchant_orders", "user_emails")
 
 
+REPORTS: list[dict[str, Any]] = []
+"""Coverage of each finished fuzz session, for the pytest terminal summary (conftest.py)."""
+
+
 class Finding(AssertionError):
     """A wrong answer, an untyped exception, a shard error on an accepted statement, or sync
     and async disagreeing. ``signature`` groups findings by cause for the long run."""

@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPORTS
 from fuzz_grammar import statements
-from fuzz_harness import World, coverage
+from fuzz_harness import REPORTS, World, coverage
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
