@@ -532,8 +532,14 @@ def select_case(g: Gen) -> Case:
     if g.chance(0.6):
         g.features.add("order")
         for _ in range(g.draw(st.integers(1, 3))):
-            # A bare integer in ORDER BY is a position, not the constant item it spells.
-            candidates = [i for i in items if not i.star and not i.expr.isdigit()]
+            # A bare integer in ORDER BY is a position, not the constant item it spells; so is
+            # an int parameter (PyMySQL interpolates it client-side): order by those through
+            # their alias only.
+            candidates = [
+                i
+                for i in items
+                if not i.star and not i.expr.isdigit() and not i.expr.startswith(":")
+            ]
             form = g.draw(st.integers(0, 4))
             desc = " DESC" if g.chance(0.4) else ""
             if desc:
