@@ -1,0 +1,224 @@
+"""Issue 7 review: reproductions of defects found in the session's change (30e93b3..HEAD), each
+on real MariaDB shards compared with one MariaDB holding every row (the oracle).
+
+These tests document defects: a failing test here is a finding, not a broken test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+
+from shardrouter.aio import AsyncRouter
+from shardrouter.errors import ShardRouterError
+from shardrouter.router import Router
+from shardrouter.topology import Topology
+
+pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(300)]
+
+DDL = {
+    "users": "CREATE TABLE {t} (user_id BIGINT PRIMARY KEY, email VARCHAR(255) NOT NULL,"
+    " name VARCHAR(64) NULL, tier ENUM('zeta', 'alpha', 'mid') NOT NULL,"
+    " tag VARCHAR(32) COLLATE utf8mb4_nopad_bin NOT NULL, score INT NULL)",
+    "orders": "CREATE TABLE {t} (order_id BIGINT PRIMARY KEY, user_id BIGINT NOT NULL,"
+    " merchant_id BIGINT NOT NULL, amount_cents BIGINT NULL, status VARCHAR(16) NOT NULL,"
+    " KEY (user_id))",
+    "order_items": "CREATE TABLE {t} (order_id BIGINT NOT NULL, line INT NOT NULL,"
+    " user_id BIGINT NOT NULL, sku VARCHAR(64) NOT NULL, PRIMARY KEY (order_id, line))",
+    "merchant_orders": "CREATE TABLE {t} (merchant_id BIGINT NOT NULL, order_id BIGINT NOT NULL,"
+    " user_id BIGINT NOT NULL, PRIMARY KEY (merchant_id, order_id))",
+    "user_emails": "CREATE TABLE {t} (email VARCHAR(255) PRIMARY KEY, user_id BIGINT NOT NULL)",
+    "countries": "CREATE TABLE {t} (code CHAR(2) PRIMARY KEY, name VARCHAR(64) NOT NULL)",
+}
+
+TIERS = ("zeta", "alpha", "mid")
+TAGS = ("a", "a ", "b", "b  ", "A")
+
+
+def _rows(topology: Topology) -> dict[str, list[dict[str, Any]]]:
+    rng = random.Random(20261130)
+    ids = topology.id_generator("orders", worker_id=17)
+    users, orders = [], []
+    for n in range(60):
+        user_id = 1000 + n * 7919
+        users.append(
+            {
+                "user_id": user_id,
+                "email": f"u{n}@example.com",
+                "name": None if n % 4 == 0 else f"name{n % 9}",
+                "tier": TIERS[n % 3],
+                "tag": TAGS[n % len(TAGS)],
+                "score": None if n % 5 == 0 else n % 7,
+            }
+        )
+        for order_id in ids.next_ids(rng.randint(1, 3), user_id=user_id):
+            orders.append(
+                {
+                    "order_id": order_id,
+                    "user_id": user_id,
+                    "merchant_id": rng.randrange(4),
+                    "amount_cents": None if rng.random() < 0.1 else rng.randrange(100, 900),
+                    "status": rng.choice(("new", "paid", "void")),
+                }
+            )
+    return {"users": users, "orders": orders}
+
+
+@pytest.fixture(scope="module")
+def world(shard_databases: Any, oracle: Any) -> Iterator[dict[str, Any]]:
+    topology = Topology.load(shard_databases)
+    server = make_url(oracle.shards[0].url)
+    admin = create_engine(server.set(database="").render_as_string(hide_password=False))
+    with admin.begin() as conn:
+        conn.execute(text("DROP DATABASE IF EXISTS issue7_review"))
+        conn.execute(text("CREATE DATABASE issue7_review"))
+    oracle_engine = create_engine(
+        server.set(database="issue7_review").render_as_string(hide_password=False)
+    )
+    router = Router(topology, max_fanout=None)
+    for engine in router.engines.primaries.values():
+        with engine.begin() as conn:
+            for logical, ddl in DDL.items():
+                for name in topology.table(logical).physical_names:
+                    conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+                    conn.execute(text(ddl.format(t=name)))
+    with oracle_engine.begin() as conn:
+        for logical, ddl in DDL.items():
+            conn.execute(text(ddl.format(t=logical)))
+    data = _rows(topology)
+    cols = {t: list(rows[0]) for t, rows in data.items()}
+
+    def insert_sql(table: str) -> str:
+        c = cols[table]
+        return f"INSERT INTO {table} ({', '.join(c)}) VALUES ({', '.join(':' + x for x in c)})"
+
+    with oracle_engine.begin() as conn:
+        for table, rows in data.items():
+            conn.execute(text(insert_sql(table)), rows)
+        conn.execute(
+            text(
+                "INSERT INTO merchant_orders (merchant_id, order_id, user_id)"
+                " SELECT merchant_id, order_id, user_id FROM orders"
+            )
+        )
+        conn.execute(
+            text("INSERT INTO user_emails (email, user_id) SELECT email, user_id FROM users")
+        )
+    for table in ("users", "orders"):
+        for row in data[table]:
+            router.execute(insert_sql(table), row)
+    aio = AsyncRouter(topology, max_fanout=None)
+    loop = asyncio.new_event_loop()
+    try:
+        yield {"router": router, "aio": aio, "loop": loop, "oracle": oracle_engine, "data": data}
+    finally:
+        loop.run_until_complete(aio.close())
+        loop.close()
+        router.close()
+        oracle_engine.dispose()
+        with admin.begin() as conn:
+            conn.execute(text("DROP DATABASE IF EXISTS issue7_review"))
+        admin.dispose()
+
+
+def _norm(rows: Any) -> list[tuple[Any, ...]]:
+    return [tuple(float(v) if isinstance(v, Decimal) else v for v in r) for r in rows]
+
+
+def oracle_rows(world: dict[str, Any], sql: str, params: dict[str, Any] | None = None) -> Any:
+    engine: Engine = world["oracle"]
+    with engine.connect() as conn:
+        result = conn.execute(text(sql), params or {})
+        return tuple(result.keys()), _norm(result)
+
+
+def check(
+    world: dict[str, Any], sql: str, params: dict[str, Any] | None = None, ordered: bool = True
+) -> None:
+    """The router (sync and async) answers ``sql`` as the oracle does, or refuses it typed."""
+    labels, expected = oracle_rows(world, sql, params)
+    for name, call in (
+        ("sync", lambda: world["router"].execute(sql, params or {})),
+        (
+            "async",
+            lambda: world["loop"].run_until_complete(world["aio"].execute(sql, params or {})),
+        ),
+    ):
+        try:
+            answer = call()
+        except ShardRouterError:
+            continue  # a typed refusal is allowed by the bar
+        got = _norm(answer.rows)
+        if ordered:
+            assert got == expected, f"{name}: {sql}"
+        else:
+            assert Counter(got) == Counter(expected), f"{name}: {sql}"
+        assert tuple(answer.columns) == labels, f"{name}: {sql}"
+
+
+# -- merges that disagree with one database ----------------------------------------------------
+
+
+def test_group_by_name_that_is_also_a_select_alias(world: dict[str, Any]) -> None:
+    """MySQL/MariaDB resolve a GROUP BY name against the FROM tables' columns before the select
+    aliases; the merge resolves it to the alias and regroups by the other column."""
+    check(
+        world,
+        "SELECT merchant_id AS user_id, COUNT(*) AS n FROM orders GROUP BY user_id",
+        ordered=False,
+    )
+
+
+def test_order_by_enum_column_uses_the_enum_order(world: dict[str, Any]) -> None:
+    """ENUM sorts by its index ('zeta' < 'alpha' < 'mid' here); the merge sorts by the string's
+    collation weight."""
+    check(world, "SELECT user_id, tier FROM users ORDER BY tier, user_id")
+    check(world, "SELECT user_id, tier FROM users ORDER BY tier DESC, user_id LIMIT 10")
+
+
+def test_group_by_nopad_collation_keeps_trailing_spaces_apart(world: dict[str, Any]) -> None:
+    """utf8mb4_nopad_bin: 'a' and 'a ' are different values; WEIGHT_STRING(x AS CHAR(255))
+    pads both to the same weight, so the merge folds the groups together."""
+    check(
+        world,
+        "SELECT CONCAT('[', tag, ']') AS t, COUNT(*) AS n FROM users GROUP BY tag"
+        " ORDER BY t",
+    )
+    check(world, "SELECT DISTINCT HEX(tag) AS h FROM users ORDER BY h")
+    check(world, "SELECT COUNT(*) FROM (SELECT DISTINCT tag FROM users) AS d")
+
+
+def test_distinct_nopad_collation(world: dict[str, Any]) -> None:
+    labels, expected = oracle_rows(world, "SELECT DISTINCT tag FROM users")
+    got = world["router"].execute("SELECT DISTINCT tag FROM users").rows
+    assert sorted(r[0] for r in got) == sorted(r[0] for r in expected)
+
+
+def test_keyset_page_with_nulls_in_a_sort_column(world: dict[str, Any]) -> None:
+    """Paging users by (name, user_id), ascending: NULL names sort first, so a page can end on a
+    NULL; `name > NULL` is never true and every later row is lost."""
+    router: Router = world["router"]
+    seen: list[int] = []
+    after = None
+    for _ in range(100):
+        page = router.page(
+            "users",
+            columns=("user_id", "name"),
+            order_by=("name", "user_id"),
+            after=after,
+            limit=4,
+            descending=False,
+        )
+        seen += [r[0] for r in page.rows]
+        after = page.after
+        if after is None:
+            break
+    assert sorted(seen) == sorted(u["user_id"] for u in world["data"]["users"])
