@@ -378,3 +378,59 @@ def test_two_concurrent_signups_cannot_both_own_one_email(world: dict[str, Any])
                 row,
             )
     assert doubles == [], f"{len(doubles)} of 40 rounds: both users own one e-mail"
+
+
+# -- transactions --------------------------------------------------------------------------------
+
+
+def test_transaction_reads_by_lookup_then_writes_the_owner_shard(world: dict[str, Any]) -> None:
+    """A read through the merchant lookup finds one user's orders: the transaction must be on
+    that user's shard (where the rows are), whichever shard holds the lookup row."""
+    router: Router = world["router"]
+    topology = router.topology
+    orders = world["data"]["orders"]
+    by_merchant: dict[int, set[int]] = {}
+    for o in orders:
+        by_merchant.setdefault(o["merchant_id"], set()).add(o["user_id"])
+    # A merchant with exactly one user, whose lookup row lives on another shard than the user.
+    merchant = 900
+    user = next(
+        u["user_id"]
+        for u in world["data"]["users"]
+        if topology.shard_for("orders", u["user_id"])
+        != topology.shard_for("merchant_orders", merchant)
+    )
+    ids = topology.id_generator("orders", worker_id=18)
+    order_id = ids.next_id(user_id=user)
+    router.execute(
+        "INSERT INTO orders (order_id, user_id, merchant_id, amount_cents, status)"
+        " VALUES (:o, :u, :m, 5, 'new')",
+        {"o": order_id, "u": user, "m": merchant},
+    )
+    try:
+        with router.transaction() as txn:
+            found = txn.execute(
+                "SELECT order_id FROM orders WHERE merchant_id = :m FOR UPDATE", {"m": merchant}
+            )
+            assert found.rows == [(order_id,)]
+            txn.execute(
+                "UPDATE orders SET amount_cents = amount_cents + 1 WHERE order_id = :o",
+                {"o": order_id},
+            )
+        assert (
+            router.execute(
+                "SELECT amount_cents FROM orders WHERE order_id = :o", {"o": order_id}
+            ).scalar()
+            == 6
+        )
+    finally:
+        router.execute("DELETE FROM orders WHERE order_id = :o", {"o": order_id})
+
+
+def test_email_lookup_finds_an_accent_variant_as_the_column_does(world: dict[str, Any]) -> None:
+    """users.email is utf8mb4_general_ci: 'u7@exámple.com' = 'u7@example.com'. The unique lookup
+    hashes with fold() (lowercase, trailing spaces) only, so the accent variant routes to
+    another lookup shard: the router finds no user where one database finds one, and a second
+    user can register the accent variant (two owners of one address)."""
+    check(world, "SELECT user_id FROM users WHERE email = :e", {"e": "u7@exámple.com"})
+    check(world, "SELECT user_id FROM users WHERE email = :e", {"e": "U7@EXAMPLE.COM  "})
