@@ -434,3 +434,110 @@ def test_email_lookup_finds_an_accent_variant_as_the_column_does(world: dict[str
     user can register the accent variant (two owners of one address)."""
     check(world, "SELECT user_id FROM users WHERE email = :e", {"e": "u7@exámple.com"})
     check(world, "SELECT user_id FROM users WHERE email = :e", {"e": "U7@EXAMPLE.COM  "})
+
+
+# -- async timeouts ------------------------------------------------------------------------------
+
+
+def _short_timeout_topology(path: Any) -> Topology:
+    import yaml
+
+    from shardrouter.config import config_from_dict
+
+    raw = yaml.safe_load(open(path))
+    for shard in raw["shards"].values():
+        shard["pool"] = {"connect_timeout_s": 2, "timeout_s": 3, "query_timeout_s": 1}
+    return Topology(config_from_dict(raw))
+
+
+@pytest.mark.timeout(120)
+def test_async_transaction_after_a_timed_out_statement_reads_its_own_answer(
+    world: dict[str, Any], shard_databases: Any
+) -> None:
+    """A statement cancelled by query_timeout_s leaves its answer on the wire; the transaction
+    keeps the connection, so the next statement must not read the cancelled one's rows (or the
+    transaction must refuse to go on)."""
+    import time
+
+    topology = _short_timeout_topology(shard_databases)
+    user = world["data"]["users"][7]
+
+    async def run() -> Any:
+        async with AsyncRouter(topology) as aio, aio.transaction() as txn:
+            try:
+                await txn.execute(
+                    "SELECT SLEEP(2) AS slept, 'stale' AS email FROM users WHERE user_id = :u",
+                    {"u": user["user_id"]},
+                )
+            except ShardRouterError:
+                pass
+            time.sleep(2.5)  # the shard sends the cancelled statement's answer meanwhile
+            try:
+                got = await txn.execute(
+                    "SELECT email FROM users WHERE user_id = :u", {"u": user["user_id"]}
+                )
+            except ShardRouterError:
+                return None  # a typed refusal is fine
+            return got.rows
+
+    rows = asyncio.run(asyncio.wait_for(run(), 60))
+    assert rows is None or rows == [(user["email"],)], rows
+
+
+@pytest.mark.timeout(120)
+def test_async_read_after_a_timed_out_read_gets_its_own_answer(
+    world: dict[str, Any], shard_databases: Any
+) -> None:
+    import time
+
+    topology = _short_timeout_topology(shard_databases)
+    user = world["data"]["users"][7]
+
+    async def run() -> Any:
+        async with AsyncRouter(topology) as aio:
+            out = []
+            for _ in range(3):
+                try:
+                    await aio.execute(
+                        "SELECT SLEEP(2) AS slept, 'stale' AS email FROM users WHERE user_id = :u",
+                        {"u": user["user_id"]},
+                    )
+                except ShardRouterError:
+                    pass
+                time.sleep(2.5)
+                try:
+                    got = await aio.execute(
+                        "SELECT email FROM users WHERE user_id = :u", {"u": user["user_id"]}
+                    )
+                    out.append(got.rows)
+                except ShardRouterError as exc:
+                    out.append(type(exc).__name__)
+            return out
+
+    answers = asyncio.run(asyncio.wait_for(run(), 60))
+    assert all(a == [(user["email"],)] or isinstance(a, str) for a in answers), answers
+
+
+@pytest.mark.timeout(120)
+def test_sync_transaction_after_a_timed_out_statement_fails_typed(
+    world: dict[str, Any], shard_databases: Any
+) -> None:
+    import time
+
+    topology = _short_timeout_topology(shard_databases)
+    user = world["data"]["users"][7]
+    with Router(topology) as router, router.transaction() as txn:
+        try:
+            txn.execute(
+                "SELECT SLEEP(2) AS slept FROM users WHERE user_id = :u", {"u": user["user_id"]}
+            )
+        except ShardRouterError:
+            pass
+        time.sleep(2.5)
+        try:
+            rows = txn.execute(
+                "SELECT email FROM users WHERE user_id = :u", {"u": user["user_id"]}
+            ).rows
+        except ShardRouterError:
+            rows = None
+        assert rows is None or rows == [(user["email"],)], rows
