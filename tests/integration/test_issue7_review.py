@@ -541,3 +541,119 @@ def test_sync_transaction_after_a_timed_out_statement_fails_typed(
         except ShardRouterError:
             rows = None
         assert rows is None or rows == [(user["email"],)], rows
+
+
+# -- a sweep of ordinary statements against the oracle -------------------------------------------
+
+SWEEP = [
+    ("SELECT AVG(amount_cents * 1.5) FROM orders", True),
+    ("SELECT AVG(score) FROM users", True),
+    ("SELECT SUM(status), AVG(status) FROM orders", True),
+    ("SELECT MAX(CAST(amount_cents AS CHAR)) AS m FROM orders", True),
+    ("SELECT MIN(name), MAX(name) FROM users", True),
+    ("SELECT name, COUNT(*) FROM users GROUP BY name ORDER BY name", True),
+    ("SELECT DISTINCT name FROM users ORDER BY name LIMIT 3", True),
+    ("SELECT user_id FROM users ORDER BY name DESC, user_id LIMIT 5", True),
+    ("SELECT user_id, name FROM users ORDER BY name IS NULL, name, user_id", True),
+    ("SELECT user_id FROM users ORDER BY COALESCE(name, 'zzz'), user_id", True),
+    ("SELECT user_id FROM users ORDER BY score, user_id", True),
+    ("SELECT user_id FROM users ORDER BY score DESC, user_id LIMIT 10", True),
+    ("SELECT score, COUNT(*) FROM users GROUP BY score ORDER BY score", True),
+    (
+        "SELECT score, COUNT(*) AS c FROM users GROUP BY score HAVING c > 1 ORDER BY c DESC, score",
+        True,
+    ),
+    ("SELECT LEFT(email, 2) AS p, COUNT(*) FROM users GROUP BY p ORDER BY p", True),
+    ("SELECT email FROM users ORDER BY email LIMIT 5 OFFSET 3", True),
+    ("SELECT user_id, tag FROM users ORDER BY tag, user_id", True),
+    ("SELECT MIN(tag), MAX(tag) FROM users", True),
+    ("SELECT HEX(tag) AS h, COUNT(*) FROM users GROUP BY tag ORDER BY h", True),
+    (
+        "SELECT user_id, SUM(amount_cents) s FROM orders GROUP BY user_id ORDER BY s DESC, user_id LIMIT 5",
+        True,
+    ),
+    ("SELECT merchant_id, AVG(amount_cents) FROM orders GROUP BY merchant_id ORDER BY 2", True),
+    (
+        "SELECT COUNT(*), MIN(order_id), SUM(amount_cents), AVG(amount_cents) FROM orders WHERE 1 = 0",
+        True,
+    ),
+    ("SELECT user_id FROM users WHERE name LIKE 'NAME1%' ORDER BY user_id", True),
+    ("SELECT user_id, name FROM users ORDER BY name COLLATE utf8mb4_bin, user_id", True),
+    ("SELECT name COLLATE utf8mb4_bin AS n, COUNT(*) FROM users GROUP BY n ORDER BY n", True),
+    ("SELECT COUNT(*) AS n FROM orders HAVING n > 0", True),
+    (
+        "SELECT user_id FROM orders GROUP BY user_id HAVING COUNT(*) > 2 ORDER BY user_id LIMIT 3",
+        True,
+    ),
+    ("SELECT DISTINCT merchant_id FROM orders ORDER BY merchant_id DESC", True),
+    (
+        "SELECT order_id FROM orders ORDER BY amount_cents IS NULL, amount_cents, order_id LIMIT 5",
+        True,
+    ),
+    ("SELECT SUM(amount_cents > 500), MAX(amount_cents > 500) FROM orders", True),
+    ("SELECT score + 0.5 AS x FROM users ORDER BY x, user_id LIMIT 4", True),
+    ("SELECT user_id, IF(score > 3, 'hi', NULL) AS b FROM users ORDER BY b, user_id", True),
+    ("SELECT MAX(IF(score > 3, 'hi', 'HI')) AS m FROM users", False),
+    ("SELECT MIN(BINARY name) AS m FROM users", True),
+    (
+        "SELECT user_id, amount_cents FROM orders ORDER BY amount_cents DESC, order_id LIMIT 2, 3",
+        True,
+    ),
+    ("SELECT status, COUNT(*) FROM orders GROUP BY status ORDER BY COUNT(*) DESC, status", True),
+    (
+        "SELECT status, MAX(amount_cents) - MIN(amount_cents) AS spread FROM orders GROUP BY status",
+        False,
+    ),
+    ("SELECT COUNT(*) FROM orders WHERE amount_cents IS NULL", True),
+    ("SELECT user_id, COUNT(*) FROM orders GROUP BY user_id ORDER BY user_id DESC LIMIT 4", True),
+    ("SELECT COUNT(*) FROM orders o JOIN users u ON u.user_id = o.user_id", True),
+    (
+        "SELECT u.name, COUNT(*) FROM orders o JOIN users u ON u.user_id = o.user_id GROUP BY u.name ORDER BY u.name",
+        True,
+    ),
+    (
+        "SELECT user_id, MAX(status) AS s FROM orders GROUP BY user_id HAVING s = 'VOID' ORDER BY user_id",
+        True,
+    ),
+    (
+        "SELECT user_id, MIN(amount_cents) AS m FROM orders GROUP BY user_id HAVING m IS NULL ORDER BY user_id",
+        True,
+    ),
+    (
+        "SELECT user_id, COUNT(*) AS n FROM orders GROUP BY user_id HAVING n = 1 AND MIN(status) <> 'new' ORDER BY user_id",
+        True,
+    ),
+    ("SELECT status FROM orders GROUP BY status HAVING status > 'N' ORDER BY status", True),
+    (
+        "SELECT user_id FROM orders WHERE status IN ('NEW', 'Paid') GROUP BY user_id ORDER BY user_id",
+        True,
+    ),
+    (
+        "SELECT merchant_id, COUNT(*) FROM orders GROUP BY merchant_id HAVING SUM(amount_cents) > AVG(amount_cents) * 10 ORDER BY 1",
+        True,
+    ),
+    (
+        "SELECT merchant_id, SUM(amount_cents) / COUNT(*) AS a FROM orders GROUP BY merchant_id ORDER BY a",
+        False,
+    ),
+    (
+        "SELECT user_id, score FROM users WHERE score BETWEEN 2 AND 4 ORDER BY score DESC, user_id",
+        True,
+    ),
+    ("SELECT 'x' AS k, COUNT(*) FROM orders GROUP BY k", True),
+    ("SELECT merchant_id, COUNT(*) FROM orders GROUP BY merchant_id ORDER BY NULL", False),
+    ("SELECT user_id FROM users ORDER BY RIGHT(email, 5), user_id LIMIT 6", True),
+]
+
+
+@pytest.mark.timeout(300)
+def test_sweep_of_ordinary_statements(world: dict[str, Any]) -> None:
+    wrong = []
+    for sql, ordered in SWEEP:
+        try:
+            check(world, sql, ordered=ordered)
+        except AssertionError as exc:
+            wrong.append(f"{sql}: {str(exc).splitlines()[0][:160]}")
+        except Exception as exc:  # an untyped exception is a finding too
+            wrong.append(f"{sql}: {type(exc).__module__}.{type(exc).__name__}: {str(exc)[:160]}")
+    assert wrong == [], "\n".join(wrong)
