@@ -657,3 +657,78 @@ def test_sweep_of_ordinary_statements(world: dict[str, Any]) -> None:
         except Exception as exc:  # an untyped exception is a finding too
             wrong.append(f"{sql}: {type(exc).__module__}.{type(exc).__name__}: {str(exc)[:160]}")
     assert wrong == [], "\n".join(wrong)
+
+
+# -- DELETE ... RETURNING racing an INSERT of the same e-mail ------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_delete_racing_a_signup_of_the_same_email_leaves_a_findable_owner(
+    world: dict[str, Any],
+) -> None:
+    router: Router = world["router"]
+    shard_of = router.topology.shard_for
+    bad = []
+    try:
+        for round_ in range(30):
+            a = 7_000_000 + round_ * 1000
+            b = next(
+                u for u in range(a + 1, a + 10_000) if shard_of("users", u) != shard_of("users", a)
+            )
+            email = f"swap{round_}@example.com"
+            router.execute(INSERT_USER, {"u": a, "e": email})
+            results = _race(
+                router,
+                [
+                    lambda a=a: router.execute("DELETE FROM users WHERE user_id = :u", {"u": a}),
+                    lambda b=b, email=email: router.execute(INSERT_USER, {"u": b, "e": email}),
+                ],
+            )
+            live = [
+                u
+                for u in (a, b)
+                if router.execute("SELECT 1 FROM users WHERE user_id = :u", {"u": u}).rows
+            ]
+            found = [
+                r[0]
+                for r in router.execute(
+                    "SELECT user_id FROM users WHERE email = :e", {"e": email}
+                ).rows
+            ]
+            lookup = [
+                r[0]
+                for r in router.execute(
+                    "SELECT user_id FROM user_emails WHERE email = :e", {"e": email}
+                ).rows
+            ]
+            if sorted(found) != sorted(live) or any(u not in live for u in lookup):
+                bad.append((round_, live, found, lookup, [type(r).__name__ for r in results]))
+    finally:
+        _fresh_users(router, 0)
+        for row in world["data"]["users"]:
+            router.execute(
+                "INSERT INTO users (user_id, email, name, tier, tag, score)"
+                " VALUES (:user_id, :email, :name, :tier, :tag, :score)",
+                row,
+            )
+    assert bad == []
+
+
+def test_delete_with_limit_by_key_on_a_lookup_owner_is_routable(world: dict[str, Any]) -> None:
+    """Now that the cleanup reads exactly the deleted rows (RETURNING), a one-target
+    DELETE ... ORDER BY ... LIMIT of an owner needs no refusal (MariaDB returns the rows it
+    deleted). Refused today: a refusal that costs users a rewrite, not a wrong answer."""
+    router: Router = world["router"]
+    user = world["data"]["orders"][0]["user_id"]
+    ids = router.topology.id_generator("orders", worker_id=19)
+    order_id = ids.next_id(user_id=user)
+    router.execute(
+        "INSERT INTO orders (order_id, user_id, merchant_id, amount_cents, status)"
+        " VALUES (:o, :u, 901, 5, 'zz')",
+        {"o": order_id, "u": user},
+    )
+    result = router.execute(
+        "DELETE FROM orders WHERE user_id = :u AND status = 'zz' ORDER BY order_id LIMIT 1",
+        {"u": user},
+    )
+    assert result.rowcount == 1
