@@ -732,3 +732,18 @@ def test_delete_with_limit_by_key_on_a_lookup_owner_is_routable(world: dict[str,
         {"u": user},
     )
     assert result.rowcount == 1
+
+
+def test_labels_are_the_statement_text_as_one_database_gives_them(world: dict[str, Any]) -> None:
+    """One database labels an unaliased item with its text as written; the router renders the
+    statement through sqlglot, so `count(*)` comes back as `COUNT(*)`, `amount_cents+1` as
+    `amount_cents + 1` (point queries too): mappings() keys differ from one database's."""
+    user = world["data"]["orders"][0]["user_id"]
+    check(
+        world,
+        "SELECT amount_cents+1, count(*) FROM orders WHERE user_id = :u GROUP BY 1",
+        {"u": user},
+        ordered=False,
+    )
+    check(world, "SELECT avg(amount_cents), sum( amount_cents ) FROM orders")
+    check(world, "SELECT ifnull(name, 'x') FROM users WHERE user_id = :u", {"u": user})
