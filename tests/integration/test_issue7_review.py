@@ -747,3 +747,77 @@ def test_labels_are_the_statement_text_as_one_database_gives_them(world: dict[st
     )
     check(world, "SELECT avg(amount_cents), sum( amount_cents ) FROM orders")
     check(world, "SELECT ifnull(name, 'x') FROM users WHERE user_id = :u", {"u": user})
+
+
+# -- XA with two shards on one server ------------------------------------------------------------
+
+
+class _Crash(BaseException):
+    """The coordinator process dies mid-commit."""
+
+
+@pytest.mark.timeout(120)
+def test_xa_recovery_with_two_shards_on_one_server(
+    shard_databases: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two shards may be two databases of one MariaDB server (a small deployment). XA RECOVER
+    lists the prepared branches of the whole server, so each of the two shards' scans finds
+    both branches and recovery commits each twice: the second COMMIT fails (XAER_NOTA) and the
+    committed transaction is reported in doubt, its decision row kept."""
+    import yaml
+
+    from shardrouter import xa
+    from shardrouter.config import config_from_dict
+
+    raw = yaml.safe_load(open(shard_databases))
+    first = make_url(next(iter(raw["shards"].values()))["primary"])
+    server = create_engine(first.set(database="").render_as_string(hide_password=False))
+    with server.begin() as conn:
+        conn.execute(text("DROP DATABASE IF EXISTS review_twin"))
+        conn.execute(text("CREATE DATABASE review_twin"))
+    twin = first.set(database="review_twin").render_as_string(hide_password=False)
+    config = {
+        "slots": 1024,
+        "shards": {
+            "a": {"primary": first.render_as_string(hide_password=False), "slots": [[0, 512]]},
+            "b": {"primary": twin, "slots": [[512, 1024]]},
+        },
+        "tables": {"xa_rows": {"column": "user_id", "strategy": "hash"}},
+    }
+    topology = Topology(config_from_dict(config, env={}))
+    ua = next(u for u in range(1, 999) if topology.shard_for("xa_rows", u) == "a")
+    ub = next(u for u in range(1, 999) if topology.shard_for("xa_rows", u) == "b")
+    try:
+        with Router(topology, xa=True) as router:
+            for engine in router.engines.primaries.values():
+                with engine.begin() as conn:
+                    conn.execute(text("DROP TABLE IF EXISTS xa_rows"))
+                    conn.execute(
+                        text("CREATE TABLE xa_rows (id BIGINT PRIMARY KEY, user_id BIGINT)")
+                    )
+
+            def commit_then_die(branches: Any, gtrid: str, decider: Any) -> None:
+                lead = next(iter(branches))
+                for shard, conn in branches.items():
+                    conn.exec_driver_sql(f"XA END '{xa.xid(gtrid, shard, lead)}'")
+                    conn.exec_driver_sql(f"XA PREPARE '{xa.xid(gtrid, shard, lead)}'")
+                xa.record_decision(decider, gtrid)
+                for conn in branches.values():
+                    conn.invalidate()
+                raise _Crash
+
+            monkeypatch.setattr(xa, "commit", commit_then_die)
+            with pytest.raises(_Crash), router.transaction() as tx:
+                tx.execute("INSERT INTO xa_rows (id, user_id) VALUES (1, :u)", {"u": ua})
+                tx.execute("INSERT INTO xa_rows (id, user_id) VALUES (2, :u)", {"u": ub})
+            monkeypatch.undo()
+            report = router.recover_xa(min_age_s=0)
+            assert sorted(report.committed) and not report.in_doubt, report
+            assert not report.rolled_back, report
+    finally:
+        with server.begin() as conn:
+            for (xid,) in [r[3:4] for r in conn.execute(text("XA RECOVER"))]:
+                if str(xid).startswith("sr-"):
+                    conn.execute(text(f"XA ROLLBACK '{xid}'"))
+            conn.execute(text("DROP DATABASE IF EXISTS review_twin"))
+        server.dispose()
