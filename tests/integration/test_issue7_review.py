@@ -817,3 +817,38 @@ def test_xa_recovery_with_two_shards_on_one_server(
                     conn.execute(text(f"XA ROLLBACK '{xid}'"))
             conn.execute(text("DROP DATABASE IF EXISTS review_twin"))
         server.dispose()
+
+
+# -- multi-shard writes racing each other ----------------------------------------------------------
+
+
+@pytest.mark.timeout(200)
+def test_two_multi_shard_updates_of_the_same_rows_do_not_deadlock(
+    world: dict[str, Any], shard_databases: Any
+) -> None:
+    """One database runs two `UPDATE ... WHERE user_id IN (:a, :b)` one after the other. The
+    router runs each shard's part in parallel, each in its own transaction, and commits only
+    when every part is done: if each statement wins the row lock on a different shard, each
+    waits for the other's commit, which no database can see (two servers), until the query
+    timeout; both fail (reported as 'shard unavailable')."""
+    topology = _short_timeout_topology(shard_databases)
+    orders = world["data"]["orders"]
+    a = orders[0]["user_id"]
+    b = next(
+        o["user_id"]
+        for o in orders
+        if topology.shard_for("orders", o["user_id"]) != topology.shard_for("orders", a)
+    )
+    sql = "UPDATE orders SET amount_cents = amount_cents WHERE user_id IN (:a, :b)"
+    failures = []
+    with Router(topology) as router:
+        for _ in range(10):
+            results = _race(
+                router,
+                [
+                    lambda: router.execute(sql, {"a": a, "b": b}),
+                    lambda: router.execute(sql, {"a": a, "b": b}),
+                ],
+            )
+            failures += [type(r).__name__ for r in results if r is not None]
+    assert failures == []
