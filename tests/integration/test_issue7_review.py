@@ -240,6 +240,16 @@ def test_having_compares_a_big_integer_with_a_numeric_string_as_mysql(
         )
 
 
+def test_having_compares_a_decimal_with_a_numeric_string_as_mysql(world: dict[str, Any]) -> None:
+    """COUNT(*) / 10 is 0.1000 for a user with one order; the merge compares Decimal('0.1000')
+    with float('0.1'), which Python finds unequal."""
+    check(
+        world,
+        "SELECT user_id, COUNT(*) AS n FROM orders GROUP BY user_id"
+        " HAVING n / 10 = '0.1' ORDER BY user_id",
+    )
+
+
 def test_select_star_over_split_tables_ordered_by_strings(world: dict[str, Any]) -> None:
     check(world, "SELECT * FROM orders ORDER BY status DESC, order_id LIMIT 7")
     check(world, "SELECT *, UPPER(status) AS u FROM orders ORDER BY u, order_id DESC LIMIT 9")
@@ -852,3 +862,47 @@ def test_two_multi_shard_updates_of_the_same_rows_do_not_deadlock(
             )
             failures += [type(r).__name__ for r in results if r is not None]
     assert failures == []
+
+
+# -- a real password with special characters, end to end ---------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_routers_connect_with_a_password_holding_special_characters(
+    world: dict[str, Any], shard_databases: Any
+) -> None:
+    """Shard URLs are SQLAlchemy URL objects now (masked in every dump): the routers must still
+    connect with the real password (sync, async, the lean read pool), percent-encoded in YAML."""
+    from urllib.parse import quote
+
+    import yaml
+
+    from shardrouter.config import config_from_dict
+
+    password = "p@ss:w/rd%#? 'x\""
+    raw = yaml.safe_load(Path(shard_databases).read_text())
+    for shard in raw["shards"].values():
+        url = make_url(shard["primary"])
+        admin = create_engine(url.render_as_string(hide_password=False))
+        with admin.begin() as conn:
+            conn.execute(text("DROP USER IF EXISTS 'rv'@'%'"))
+            conn.execute(text("CREATE USER 'rv'@'%' IDENTIFIED BY :p"), {"p": password})
+            conn.execute(text(f"GRANT ALL ON `{url.database}`.* TO 'rv'@'%'"))
+        admin.dispose()
+        shard["primary"] = (
+            f"mysql+pymysql://rv:{quote(password, safe='')}@{url.host}:{url.port}/{url.database}"
+        )
+    topology = Topology(config_from_dict(raw, env={}))
+    user = world["data"]["users"][3]
+    point = "SELECT email FROM users WHERE user_id = :u"
+    with Router(topology) as router:
+        assert router.execute(point, {"u": user["user_id"]}).rows == [(user["email"],)]
+        assert router.execute("SELECT COUNT(*) FROM users").scalar() == len(world["data"]["users"])
+        shown = repr(topology.config) + str(topology.config.model_dump_json())
+        assert "w/rd" not in shown and "p%40ss" not in shown
+
+    async def run() -> Any:
+        async with AsyncRouter(topology) as aio:
+            return (await aio.execute(point, {"u": user["user_id"]})).rows
+
+    assert asyncio.run(run()) == [(user["email"],)]
