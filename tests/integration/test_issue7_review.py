@@ -906,3 +906,13 @@ def test_routers_connect_with_a_password_holding_special_characters(
             return (await aio.execute(point, {"u": user["user_id"]})).rows
 
     assert asyncio.run(run()) == [(user["email"],)]
+
+
+def test_utc_date_without_parentheses_is_not_sent_as_a_column(world: dict[str, Any]) -> None:
+    """`UTC_DATE` (no parentheses) is MySQL's function; sqlglot reads it as a column and the
+    router sends `UTC_DATE` in backticks: the shard answers "unknown column" (and as a time
+    function it should not fan out either)."""
+    user = world["data"]["users"][2]["user_id"]
+    sql = "SELECT UTC_DATE AS d FROM users WHERE user_id = :u"
+    _labels, expected = oracle_rows(world, sql, {"u": user})
+    assert world["router"].execute(sql, {"u": user}).rows == expected
