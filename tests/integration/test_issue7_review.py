@@ -664,6 +664,20 @@ SWEEP = [
     ("SELECT 'x' AS k, COUNT(*) FROM orders GROUP BY k", True),
     ("SELECT merchant_id, COUNT(*) FROM orders GROUP BY merchant_id ORDER BY NULL", False),
     ("SELECT user_id FROM users ORDER BY RIGHT(email, 5), user_id LIMIT 6", True),
+    ("SELECT name COLLATE utf8mb4_bin AS n FROM users ORDER BY name, user_id", False),
+    ("SELECT name AS n, user_id FROM users ORDER BY n COLLATE utf8mb4_bin, user_id", True),
+    (
+        "SELECT UPPER(name) COLLATE utf8mb4_bin AS n, COUNT(*) FROM users GROUP BY n ORDER BY n",
+        True,
+    ),
+    ("SELECT DISTINCT name COLLATE utf8mb4_bin AS n FROM users ORDER BY n", True),
+    ("SELECT MIN(name COLLATE utf8mb4_bin), MAX(name COLLATE utf8mb4_bin) FROM users", True),
+    ("SELECT * FROM orders ORDER BY status COLLATE utf8mb4_bin DESC, order_id LIMIT 9", True),
+    ("SELECT o.*, 1 AS x FROM orders o ORDER BY o.status, o.order_id DESC LIMIT 3, 6", True),
+    (
+        "SELECT user_id, email FROM users ORDER BY CONCAT(email, REPEAT(' ', 300)), user_id LIMIT 5",
+        True,
+    ),
 ]
 
 
@@ -1112,3 +1126,39 @@ def test_functions_docs_list_as_accepted_are_accepted(world: dict[str, Any]) -> 
         sql = f"SELECT {expr} AS v FROM users WHERE user_id = :u"
         _labels, expected = oracle_rows(world, sql, {"u": user})
         assert _norm(world["router"].execute(sql, {"u": user}).rows) == expected, expr
+
+
+def test_cli_json_errors_are_json(tmp_path: Any) -> None:
+    """With --json, `check lookups` and `schema apply` answer an error with JSON on stdout;
+    `route`, `ids new` and `schema status` print nothing there (text on stderr only), so a
+    script reading stdout gets an empty document."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    doc = yaml.safe_load(Path("config/orders.yaml").read_text())
+    for i, shard in enumerate(doc["shards"].values()):
+        shard["primary"] = f"mysql+pymysql://root:pw@127.0.0.1:{3990 + i}/orders_s{i}"
+    dead = tmp_path / "dead.yaml"
+    dead.write_text(yaml.safe_dump(doc, sort_keys=False))
+    bad = []
+    for args in (
+        ["check", "lookups", "--json", "--config", str(dead)],
+        ["schema", "status", "--json", "--config", str(dead)],
+        ["route", "--json", "--config", str(dead), "--table", "nope", "--key", "user_id=5"],
+        ["ids", "new", "--json", "--config", str(dead), "--table", "countries", "--key", "c=1"],
+        ["config", "validate", "--json", str(tmp_path / "missing.yaml")],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", "from shardrouter.cli import main; main()", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        try:
+            json.loads(done.stdout)
+        except ValueError:
+            bad.append((" ".join(args[:2]), done.returncode, done.stdout[:80]))
+    assert bad == []
