@@ -14,10 +14,10 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import sqlglot
 from sqlglot import Token, TokenType, exp
@@ -49,6 +49,16 @@ class ShardSQL(MySQL):
         ) -> str:
             digits = expression.name
             return f"0x{digits}" if digits else "X''"  # 0x alone is not a literal
+
+        def regexplike_sql(self, expression: exp.RegexpLike) -> str:
+            # sqlglot writes REGEXP_LIKE(x, y), which MariaDB lacks (shapes refuses a flag).
+            return f"({self.sql(expression, 'this')} REGEXP {self.sql(expression, 'expression')})"
+
+        TRANSFORMS = {  # noqa: RUF012 (sqlglot's own class attribute)
+            **_MYSQL_GENERATOR.TRANSFORMS,
+            # not sqlglot's CURRENT_DATE AT TIME ZONE 'UTC', which MariaDB lacks
+            exp.UtcDate: lambda self, e: "UTC_DATE()",
+        }
 
 
 SHARD_DIALECT = ShardSQL()
@@ -215,7 +225,7 @@ class Planner:
             raise UnsupportedQueryError(
                 f"{len(statements)} statements in one call; send one statement per execute()"
             )
-        tree = statements[0]
+        tree = _bare_time_functions(cast(exp.Expression, statements[0]))
         if isinstance(tree, exp.Select):
             return self._select(sql, tree, shapes.check(tree, "select"))
         if isinstance(tree, exp.Insert):
@@ -500,6 +510,34 @@ _NOT_RELABELLED = (
 )
 # SQLAlchemy text() reads :name as a bind parameter, even inside a backtick-quoted alias.
 _BIND = re.compile(r"(?<![:\w\\]):\w")
+
+
+_BARE_FUNCTIONS: dict[str, Callable[[], exp.Expression]] = {
+    "UTC_DATE": exp.UtcDate,
+    "UTC_TIME": exp.UtcTime,
+    "UTC_TIMESTAMP": exp.UtcTimestamp,
+}
+"""MySQL functions callable without parentheses that sqlglot reads as columns (CURRENT_DATE,
+LOCALTIME and the like it parses as functions)."""
+
+
+def _bare_time_functions(tree: exp.Expression) -> exp.Expression:
+    """``tree`` with unquoted, unqualified ``UTC_DATE``/``UTC_TIME``/``UTC_TIMESTAMP`` as the
+    functions MySQL reads them as (reserved words: never a column unless quoted)."""
+    for column in list(tree.find_all(exp.Column)):
+        ident = column.this
+        make = _BARE_FUNCTIONS.get(column.name.upper())
+        if (
+            make is not None
+            and not column.table
+            and isinstance(ident, exp.Identifier)
+            and not ident.quoted
+        ):
+            node = make()
+            if column is tree:
+                return node
+            column.replace(node)
+    return tree
 
 
 def label_as_written(sql: str, tree: exp.Select) -> None:
