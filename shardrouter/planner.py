@@ -468,13 +468,9 @@ class Planner:
         plan = Plan(sql, kind, tables, driving, conditions, tree)
         plan.scatter_refusal = verdict.fanout_refusal
         plan.has_limit = tree.args.get("limit") is not None or tree.args.get("order") is not None
-        if kind == "delete" and plan.has_limit and driving is not None and _lookup_columns(driving):
-            # The lookup cleanup reads the doomed rows with the same WHERE: a LIMIT would make
-            # it clean up after rows that survive.
-            raise UnsupportedQueryError(
-                f"DELETE ... LIMIT/ORDER BY on {driving.name}, which owns lookup rows, is not"
-                " routed: delete by key (e.g. WHERE order_id = :o)"
-            )
+        # DELETE ... ORDER BY ... LIMIT of a lookup owner is routed: its lookup cleanup takes
+        # exactly the rows the DELETE removed (`... LIMIT n RETURNING`, MariaDB 10.0+), and the
+        # execution refuses ORDER BY/LIMIT over more than one target.
         return plan
 
 

@@ -156,3 +156,43 @@ def test_having_compares_numbers_with_string_constants_as_mariadb(
         "SELECT user_id, COUNT(*) AS n FROM orders GROUP BY user_id"
         " HAVING n = ' 1.0abc' ORDER BY user_id",
     )
+
+
+def test_delete_order_by_limit_of_a_lookup_owner_cleans_only_the_deleted_rows(
+    world: dict[str, Any],  # noqa: F811
+) -> None:
+    """One target: DELETE ... ORDER BY ... LIMIT of orders (which owns merchant_orders rows) is
+    routed, and only the deleted row's lookup row goes (RETURNING after the LIMIT). Across
+    shards it stays refused (each shard would apply its own LIMIT)."""
+    router = world["router"]
+    user = world["data"]["orders"][1]["user_id"]
+    ids = router.topology.id_generator("orders", worker_id=23)
+    first, second = ids.next_ids(2, user_id=user)
+    for order_id, merchant in ((first, 971), (second, 972)):
+        router.execute(
+            "INSERT INTO orders (order_id, user_id, merchant_id, amount_cents, status)"
+            " VALUES (:o, :u, :m, 5, 'r3')",
+            {"o": order_id, "u": user, "m": merchant},
+        )
+    result = router.execute(
+        "DELETE FROM orders WHERE user_id = :u AND status = 'r3' ORDER BY order_id LIMIT 1",
+        {"u": user},
+    )
+    assert result.rowcount == 1
+    lookups = router.execute(
+        "SELECT merchant_id, order_id FROM merchant_orders WHERE merchant_id IN (971, 972)"
+        " ORDER BY merchant_id"
+    ).rows
+    assert [tuple(r) for r in lookups] == [(972, second)]
+    left = router.execute("SELECT order_id FROM orders WHERE merchant_id = 972").rows
+    assert [r[0] for r in left] == [second]
+    # every user's id: the IN list reaches every shard
+    users = sorted({o["user_id"] for o in world["data"]["orders"]})
+    marks = ", ".join(f":u{i}" for i in range(len(users)))
+    with pytest.raises(UnsupportedQueryError, match="LIMIT"):
+        router.execute(
+            f"DELETE FROM orders WHERE user_id IN ({marks}) AND status = 'r3'"
+            " ORDER BY order_id LIMIT 1",
+            {f"u{i}": u for i, u in enumerate(users)},
+        )
+    router.execute("DELETE FROM orders WHERE order_id = :o", {"o": second})
