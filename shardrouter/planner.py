@@ -31,6 +31,7 @@ from .refs import ValueRef, value_ref
 from .scatter import scatter, union_order_by, without_weights
 from .strategies import LookupStrategy
 from .topology import KeyRule, TableRule, Topology
+from .types import KeyType
 
 Kind = Literal["select", "insert", "update", "delete"]
 
@@ -334,7 +335,11 @@ class Planner:
             try:
                 # What cannot be merged is refused only when the statement fans out: routed
                 # to one target, COUNT(DISTINCT ...), windows or LIMIT :n are fine.
-                plan.scatter_ast, plan.merge = scatter(tree)
+                plan.scatter_ast, plan.merge = scatter(
+                    tree,
+                    _int_columns(tree, self.topology),
+                    frozenset(c for t in tables for c in t.keys),
+                )
                 plan.offset_depth = plan.merge.offset
             except UnsupportedQueryError as exc:
                 plan.scatter_refusal = str(exc)
@@ -506,6 +511,24 @@ _NOT_RELABELLED = (
 )
 # SQLAlchemy text() reads :name as a bind parameter, even inside a backtick-quoted alias.
 _BIND = re.compile(r"(?<![:\w\\]):\w")
+
+
+def _int_columns(tree: exp.Select, topology: Topology) -> dict[str, frozenset[str]]:
+    """Sharding-key columns whose strategy takes ints, by the qualifier naming their table
+    (and ``""`` when the statement reads one table): their values are never strings."""
+    tables = list(tree.find_all(exp.Table))
+    found: dict[str, frozenset[str]] = {}
+    for table in tables:
+        rule = topology.tables.get(table.name)
+        if rule is None:
+            continue
+        names = frozenset(
+            column.lower() for column, key in rule.keys.items() if key.key_type is KeyType.INT
+        )
+        found[(table.alias or table.name).lower()] = names
+        if len(tables) == 1:
+            found[""] = names
+    return found
 
 
 _BARE_FUNCTIONS: dict[str, Callable[[], exp.Expression]] = {

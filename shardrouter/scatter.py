@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 from typing import Any, cast
 
@@ -45,6 +45,43 @@ _NOT_STRINGS = (
     exp.Not,
     exp.Boolean,
     exp.Null,
+    exp.IntDiv,
+    exp.BitwiseAnd,
+    exp.BitwiseOr,
+    exp.BitwiseXor,
+    exp.BitwiseNot,
+    exp.BitwiseLeftShift,
+    exp.BitwiseRightShift,
+    # numbers whatever their argument (a string argument is converted to a number)
+    exp.Abs,
+    exp.Sign,
+    exp.Floor,
+    exp.Ceil,
+    exp.Round,
+    exp.Pow,
+    exp.Sqrt,
+    exp.Ln,
+    exp.Exp,
+    exp.Length,
+    exp.BitLength,
+    exp.StrPosition,
+    exp.Ascii,
+    # date parts and differences are integers, DATE() a DATE (never a string)
+    exp.Year,
+    exp.Month,
+    exp.Day,
+    exp.DayOfMonth,
+    exp.DayOfWeek,
+    exp.DayOfYear,
+    exp.Hour,
+    exp.Minute,
+    exp.Second,
+    exp.Quarter,
+    exp.Week,
+    exp.DateDiff,
+    exp.TimestampDiff,
+    exp.Extract,
+    exp.TsOrDsToDate,
 )
 
 
@@ -96,8 +133,30 @@ def without_weights(tree: exp.Expression) -> exp.Expression:
     return copy
 
 
-def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
-    """Rewrite a SELECT for fan-out and describe how to merge the shards' rows."""
+def scatter(
+    tree: exp.Select,
+    int_columns: Mapping[str, frozenset[str]] | None = None,
+    key_columns: frozenset[str] = frozenset(),
+) -> tuple[exp.Select, MergePlan]:
+    """Rewrite a SELECT for fan-out and describe how to merge the shards' rows.
+
+    ``int_columns``: by table qualifier (``""`` for unqualified names when the statement reads
+    one table), lower-case names of columns that hold integers (sharding keys whose strategy
+    takes ints): they need no collation weight. ``key_columns``: names of the sharding
+    columns of the statement's tables (columns that exist, for GROUP BY name resolution).
+    """
+    integers = int_columns or {}
+    # Names known to be columns of the FROM tables (a GROUP BY name is a column before an
+    # alias): the sharding keys, and names used as columns where no alias can be meant
+    # (the select items' expressions, WHERE, ON).
+    columns = {c.lower() for c in key_columns}
+    for scope in [
+        *(i.unalias() for i in tree.expressions),
+        tree.args.get("where"),
+        *(j.args.get("on") for j in tree.args.get("joins") or ()),
+    ]:
+        if isinstance(scope, exp.Expression):
+            columns.update(c.name.lower() for c in scope.find_all(exp.Column))
     shard = tree.copy()
     select_items = list(shard.expressions)
     stars = [
@@ -194,17 +253,10 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
                 inner = item.unalias()
                 if isinstance(inner, exp.Column) and inner.name.lower() == expr.name.lower():
                     return i  # the column itself is selected (aliased or not)
-            for item in select_items:
-                if item.alias and item.alias.lower() == expr.name.lower():
-                    # `merchant_id AS user_id ... GROUP BY user_id` groups by the column
-                    # user_id if the tables have one, else by the alias: the merge cannot
-                    # know which.
-                    raise UnsupportedQueryError(
-                        f"GROUP BY {expr.name} across shards names a select alias of another"
-                        " expression; MySQL groups by a table column of that name first, if"
-                        " there is one, which the merge cannot know: GROUP BY the expression"
-                        " or its position"
-                    )
+            if expr.name.lower() in columns:
+                # `merchant_id AS user_id ... GROUP BY user_id` groups by the column user_id,
+                # which exists: a sharding key, or named as a column elsewhere in the statement.
+                return add_hidden(expr)
         if isinstance(expr, exp.Column) and not expr.table:
             # Aliases first, as MySQL resolves ORDER BY names: `a AS b, b AS a ORDER BY a`.
             for i, item in enumerate(select_items):
@@ -266,6 +318,18 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
             cast(exp.Expression, new_items[pos].unalias()) if pos < width else hidden[pos - width]
         )
 
+    def never_string(expr: exp.Expression) -> bool:
+        while isinstance(expr, exp.Paren | exp.Min | exp.Max):
+            expr = expr.this  # MIN/MAX have their argument's type
+        return (
+            isinstance(expr, _NOT_STRINGS)
+            or (isinstance(expr, exp.Literal) and not expr.is_string)
+            or (
+                isinstance(expr, exp.Column)
+                and expr.name.lower() in integers.get(expr.table.lower(), ())
+            )
+        )
+
     def weight_of(pos: int) -> int | None:
         """Position of the collation weight of the value at ``pos`` (added on first use), or
         None for an expression that is never a string."""
@@ -273,8 +337,7 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
             return weights[pos]
         expr = expression_at(pos)
         if (
-            isinstance(expr, _NOT_STRINGS)
-            or (isinstance(expr, exp.Literal) and not expr.is_string)
+            never_string(expr)
             or any(a.index == pos and a.func in ("count", "sum") for a in aggregates)
             or any(pos in (a.index, a.sum_index, a.count_index) for a in averages)
         ):
@@ -588,6 +651,13 @@ class _Having:
             # Anything else would be computed by the shards, which do not know the select
             # aliases and see only partial aggregates: only a selected expression is read.
             pos = self.position_of(expr)
+            if pos >= self.width and any(True for _ in expr.find_all(exp.AggFunc)):
+                # A function of an aggregate computed per shard would see only partials.
+                raise UnsupportedQueryError(
+                    f"HAVING operand {expr.sql(dialect='mysql')!r} applies a function to an"
+                    " aggregate across shards; select the aggregate and filter in the"
+                    " application"
+                )
             if pos >= self.width:
                 raise UnsupportedQueryError(
                     f"HAVING operand {expr.sql(dialect='mysql')!r} is not supported across"

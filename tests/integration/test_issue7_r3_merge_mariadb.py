@@ -118,15 +118,26 @@ def test_having_refuses_what_it_does_not_evaluate(world: dict[str, Any]) -> None
     )
 
 
-def test_group_by_an_alias_of_another_expression_is_refused_across_shards(
+def test_group_by_a_name_that_is_a_column_and_an_alias_groups_by_the_column(
     world: dict[str, Any],  # noqa: F811
 ) -> None:
-    """MariaDB groups `merchant_id AS user_id ... GROUP BY user_id` by the column user_id; the
-    merge cannot know whether the tables have a column of the alias's name."""
-    refused(world, "SELECT merchant_id AS user_id, COUNT(*) AS n FROM orders GROUP BY user_id")
+    """MariaDB groups `merchant_id AS user_id ... GROUP BY user_id` by the column user_id (a
+    column of that name first, then the alias); the merge grouped by the alias. Known columns:
+    the sharding keys and names used as columns in the select items, WHERE and ON."""
     answers(
         world,
-        "SELECT merchant_id AS m, COUNT(*) AS n FROM orders GROUP BY 1 ORDER BY m",
+        "SELECT merchant_id AS user_id, COUNT(*) AS n FROM orders GROUP BY user_id",
+        ordered=False,
+    )
+    answers(
+        world,
+        "SELECT MAX(merchant_id) AS status, COUNT(*) AS n FROM orders WHERE status <> 'x'"
+        " GROUP BY status HAVING status <> 'VOID' ORDER BY n, status",
+        ordered=False,
+    )
+    answers(
+        world,
+        "SELECT UPPER(status) AS k, COUNT(*) AS n FROM orders GROUP BY k ORDER BY k",
     )
     answers(
         world,

@@ -63,3 +63,38 @@ def test_json_extract_path_and_str_to_date_with_a_time_render_as_written(
     )
     assert "JSON_EXTRACT(email, '$.a[1]', '$.\"b c\"[*]')" in sql
     assert "STR_TO_DATE(email, '%d/%m/%Y %l:%i %p')" in sql
+
+
+def fanned(plan: Plan) -> str:
+    return plan.render(Target("s0", 0), scatter=True)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT order_id, created_at FROM orders ORDER BY order_id DESC LIMIT 20",
+        "SELECT o.user_id, COUNT(*) FROM orders o GROUP BY o.user_id ORDER BY o.user_id",
+        "SELECT YEAR(created_at) AS y, COUNT(*) FROM orders GROUP BY 1 ORDER BY y",
+        "SELECT DISTINCT DATE(created_at), LENGTH(status), ABS(amount_cents) FROM orders",
+        "SELECT MIN(order_id), MAX(user_id) FROM orders",
+        "SELECT order_id FROM orders ORDER BY DATEDIFF(created_at, '2026-01-01'), order_id",
+    ],
+)
+def test_keys_that_are_never_strings_get_no_weight(planner: Planner, sql: str) -> None:
+    """Issue 7 item 6: the collation weight column costs a shard expression and a merge
+    comparison per row; integer sharding keys, date parts and numeric functions need none."""
+    assert "WEIGHT_STRING" not in fanned(planner.plan(sql))
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT order_id, status FROM orders ORDER BY status LIMIT 20",
+        "SELECT MAX(created_at) FROM orders",  # not a key: its type is unknown
+        # a join: an unqualified name could be either table's column
+        "SELECT o.order_id FROM orders o JOIN order_items i ON i.order_id = o.order_id"
+        " AND i.user_id = o.user_id ORDER BY sku",
+    ],
+)
+def test_keys_that_may_be_strings_keep_their_weight(planner: Planner, sql: str) -> None:
+    assert "WEIGHT_STRING" in fanned(planner.plan(sql))
