@@ -14,10 +14,10 @@ from __future__ import annotations
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import sqlglot
 from sqlglot import Token, TokenType, exp
@@ -31,6 +31,7 @@ from .refs import ValueRef, value_ref
 from .scatter import scatter, union_order_by, without_weights
 from .strategies import LookupStrategy
 from .topology import KeyRule, TableRule, Topology
+from .types import KeyType
 
 Kind = Literal["select", "insert", "update", "delete"]
 
@@ -49,6 +50,16 @@ class ShardSQL(MySQL):
         ) -> str:
             digits = expression.name
             return f"0x{digits}" if digits else "X''"  # 0x alone is not a literal
+
+        def regexplike_sql(self, expression: exp.RegexpLike) -> str:
+            # sqlglot writes REGEXP_LIKE(x, y), which MariaDB lacks (shapes refuses a flag).
+            return f"({self.sql(expression, 'this')} REGEXP {self.sql(expression, 'expression')})"
+
+        TRANSFORMS = {  # noqa: RUF012 (sqlglot's own class attribute)
+            **_MYSQL_GENERATOR.TRANSFORMS,
+            # not sqlglot's CURRENT_DATE AT TIME ZONE 'UTC', which MariaDB lacks
+            exp.UtcDate: lambda self, e: "UTC_DATE()",
+        }
 
 
 SHARD_DIALECT = ShardSQL()
@@ -215,7 +226,7 @@ class Planner:
             raise UnsupportedQueryError(
                 f"{len(statements)} statements in one call; send one statement per execute()"
             )
-        tree = statements[0]
+        tree = _bare_time_functions(cast(exp.Expression, statements[0]))
         if isinstance(tree, exp.Select):
             return self._select(sql, tree, shapes.check(tree, "select"))
         if isinstance(tree, exp.Insert):
@@ -324,7 +335,11 @@ class Planner:
             try:
                 # What cannot be merged is refused only when the statement fans out: routed
                 # to one target, COUNT(DISTINCT ...), windows or LIMIT :n are fine.
-                plan.scatter_ast, plan.merge = scatter(tree)
+                plan.scatter_ast, plan.merge = scatter(
+                    tree,
+                    _int_columns(tree, self.topology),
+                    frozenset(c for t in tables for c in t.keys),
+                )
                 plan.offset_depth = plan.merge.offset
             except UnsupportedQueryError as exc:
                 plan.scatter_refusal = str(exc)
@@ -458,13 +473,9 @@ class Planner:
         plan = Plan(sql, kind, tables, driving, conditions, tree)
         plan.scatter_refusal = verdict.fanout_refusal
         plan.has_limit = tree.args.get("limit") is not None or tree.args.get("order") is not None
-        if kind == "delete" and plan.has_limit and driving is not None and _lookup_columns(driving):
-            # The lookup cleanup reads the doomed rows with the same WHERE: a LIMIT would make
-            # it clean up after rows that survive.
-            raise UnsupportedQueryError(
-                f"DELETE ... LIMIT/ORDER BY on {driving.name}, which owns lookup rows, is not"
-                " routed: delete by key (e.g. WHERE order_id = :o)"
-            )
+        # DELETE ... ORDER BY ... LIMIT of a lookup owner is routed: its lookup cleanup takes
+        # exactly the rows the DELETE removed (`... LIMIT n RETURNING`, MariaDB 10.0+), and the
+        # execution refuses ORDER BY/LIMIT over more than one target.
         return plan
 
 
@@ -500,6 +511,52 @@ _NOT_RELABELLED = (
 )
 # SQLAlchemy text() reads :name as a bind parameter, even inside a backtick-quoted alias.
 _BIND = re.compile(r"(?<![:\w\\]):\w")
+
+
+def _int_columns(tree: exp.Select, topology: Topology) -> dict[str, frozenset[str]]:
+    """Sharding-key columns whose strategy takes ints, by the qualifier naming their table
+    (and ``""`` when the statement reads one table): their values are never strings."""
+    tables = list(tree.find_all(exp.Table))
+    found: dict[str, frozenset[str]] = {}
+    for table in tables:
+        rule = topology.tables.get(table.name)
+        if rule is None:
+            continue
+        names = frozenset(
+            column.lower() for column, key in rule.keys.items() if key.key_type is KeyType.INT
+        )
+        found[(table.alias or table.name).lower()] = names
+        if len(tables) == 1:
+            found[""] = names
+    return found
+
+
+_BARE_FUNCTIONS: dict[str, Callable[[], exp.Expression]] = {
+    "UTC_DATE": exp.UtcDate,
+    "UTC_TIME": exp.UtcTime,
+    "UTC_TIMESTAMP": exp.UtcTimestamp,
+}
+"""MySQL functions callable without parentheses that sqlglot reads as columns (CURRENT_DATE,
+LOCALTIME and the like it parses as functions)."""
+
+
+def _bare_time_functions(tree: exp.Expression) -> exp.Expression:
+    """``tree`` with unquoted, unqualified ``UTC_DATE``/``UTC_TIME``/``UTC_TIMESTAMP`` as the
+    functions MySQL reads them as (reserved words: never a column unless quoted)."""
+    for column in list(tree.find_all(exp.Column)):
+        ident = column.this
+        make = _BARE_FUNCTIONS.get(column.name.upper())
+        if (
+            make is not None
+            and not column.table
+            and isinstance(ident, exp.Identifier)
+            and not ident.quoted
+        ):
+            node = make()
+            if column is tree:
+                return node
+            column.replace(node)
+    return tree
 
 
 def label_as_written(sql: str, tree: exp.Select) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 from typing import Any, cast
 
@@ -45,6 +45,43 @@ _NOT_STRINGS = (
     exp.Not,
     exp.Boolean,
     exp.Null,
+    exp.IntDiv,
+    exp.BitwiseAnd,
+    exp.BitwiseOr,
+    exp.BitwiseXor,
+    exp.BitwiseNot,
+    exp.BitwiseLeftShift,
+    exp.BitwiseRightShift,
+    # numbers whatever their argument (a string argument is converted to a number)
+    exp.Abs,
+    exp.Sign,
+    exp.Floor,
+    exp.Ceil,
+    exp.Round,
+    exp.Pow,
+    exp.Sqrt,
+    exp.Ln,
+    exp.Exp,
+    exp.Length,
+    exp.BitLength,
+    exp.StrPosition,
+    exp.Ascii,
+    # date parts and differences are integers, DATE() a DATE (never a string)
+    exp.Year,
+    exp.Month,
+    exp.Day,
+    exp.DayOfMonth,
+    exp.DayOfWeek,
+    exp.DayOfYear,
+    exp.Hour,
+    exp.Minute,
+    exp.Second,
+    exp.Quarter,
+    exp.Week,
+    exp.DateDiff,
+    exp.TimestampDiff,
+    exp.Extract,
+    exp.TsOrDsToDate,
 )
 
 
@@ -96,8 +133,30 @@ def without_weights(tree: exp.Expression) -> exp.Expression:
     return copy
 
 
-def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
-    """Rewrite a SELECT for fan-out and describe how to merge the shards' rows."""
+def scatter(
+    tree: exp.Select,
+    int_columns: Mapping[str, frozenset[str]] | None = None,
+    key_columns: frozenset[str] = frozenset(),
+) -> tuple[exp.Select, MergePlan]:
+    """Rewrite a SELECT for fan-out and describe how to merge the shards' rows.
+
+    ``int_columns``: by table qualifier (``""`` for unqualified names when the statement reads
+    one table), lower-case names of columns that hold integers (sharding keys whose strategy
+    takes ints): they need no collation weight. ``key_columns``: names of the sharding
+    columns of the statement's tables (columns that exist, for GROUP BY name resolution).
+    """
+    integers = int_columns or {}
+    # Names known to be columns of the FROM tables (a GROUP BY name is a column before an
+    # alias): the sharding keys, and names used as columns where no alias can be meant
+    # (the select items' expressions, WHERE, ON).
+    columns = {c.lower() for c in key_columns}
+    for scope in [
+        *(i.unalias() for i in tree.expressions),
+        tree.args.get("where"),
+        *(j.args.get("on") for j in tree.args.get("joins") or ()),
+    ]:
+        if isinstance(scope, exp.Expression):
+            columns.update(c.name.lower() for c in scope.find_all(exp.Column))
     shard = tree.copy()
     select_items = list(shard.expressions)
     stars = [
@@ -157,8 +216,12 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
         hidden.append(expr.copy())
         return width + len(hidden) - 1
 
-    def position_of(expr: exp.Expression) -> int:
-        """Position of ``expr`` among select items (by alias, position or equality)."""
+    def position_of(expr: exp.Expression, *, grouping: bool = False) -> int:
+        """Position of ``expr`` among select items (by alias, position or equality).
+
+        ``grouping``: a GROUP BY name, which MySQL resolves to a column of the FROM tables
+        before a select alias (ORDER BY and HAVING take the alias first).
+        """
         while isinstance(expr, exp.Paren):
             expr = expr.this  # MySQL reads ORDER BY (2) as position 2, like ORDER BY 2
         if isinstance(expr, exp.Placeholder):
@@ -185,6 +248,15 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
             if not 0 <= pos < width:
                 raise UnsupportedQueryError(f"ORDER BY position {expr.this} is out of range")
             return pos
+        if grouping and isinstance(expr, exp.Column) and not expr.table:
+            for i, item in enumerate(select_items[:known]):
+                inner = item.unalias()
+                if isinstance(inner, exp.Column) and inner.name.lower() == expr.name.lower():
+                    return i  # the column itself is selected (aliased or not)
+            if expr.name.lower() in columns:
+                # `merchant_id AS user_id ... GROUP BY user_id` groups by the column user_id,
+                # which exists: a sharding key, or named as a column elsewhere in the statement.
+                return add_hidden(expr)
         if isinstance(expr, exp.Column) and not expr.table:
             # Aliases first, as MySQL resolves ORDER BY names: `a AS b, b AS a ORDER BY a`.
             for i, item in enumerate(select_items):
@@ -246,6 +318,18 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
             cast(exp.Expression, new_items[pos].unalias()) if pos < width else hidden[pos - width]
         )
 
+    def never_string(expr: exp.Expression) -> bool:
+        while isinstance(expr, exp.Paren | exp.Min | exp.Max):
+            expr = expr.this  # MIN/MAX have their argument's type
+        return (
+            isinstance(expr, _NOT_STRINGS)
+            or (isinstance(expr, exp.Literal) and not expr.is_string)
+            or (
+                isinstance(expr, exp.Column)
+                and expr.name.lower() in integers.get(expr.table.lower(), ())
+            )
+        )
+
     def weight_of(pos: int) -> int | None:
         """Position of the collation weight of the value at ``pos`` (added on first use), or
         None for an expression that is never a string."""
@@ -253,8 +337,7 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
             return weights[pos]
         expr = expression_at(pos)
         if (
-            isinstance(expr, _NOT_STRINGS)
-            or (isinstance(expr, exp.Literal) and not expr.is_string)
+            never_string(expr)
             or any(a.index == pos and a.func in ("count", "sum") for a in aggregates)
             or any(pos in (a.index, a.sum_index, a.count_index) for a in averages)
         ):
@@ -266,7 +349,7 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
     group = shard.args.get("group")
     group_positions: tuple[int, ...] = ()
     if group is not None:
-        group_positions = tuple(position_of(g) for g in group.expressions)
+        group_positions = tuple(position_of(g, grouping=True) for g in group.expressions)
     having_fn: Callable[[tuple[Any, ...]], bool] | None = None
     having = shard.args.get("having")
     grouping = bool(
@@ -278,7 +361,17 @@ def scatter(tree: exp.Select) -> tuple[exp.Select, MergePlan]:
     if having is not None and grouping:
         # Partial groups cannot be filtered: HAVING moves to the merge. Without grouping it
         # filters single rows like WHERE and stays on the shards (before their LIMIT).
-        having_fn = _Having(position_of, weight_of, add_hidden, expression_at).compile(having.this)
+        # MySQL resolves a HAVING name to a GROUP BY column of that name before an alias.
+        group_columns = {
+            g.name.lower(): p
+            for g, p in zip(
+                group.expressions if group is not None else (), group_positions, strict=True
+            )
+            if isinstance(g, exp.Column)
+        }
+        having_fn = _Having(
+            position_of, weight_of, add_hidden, expression_at, group_columns, width
+        ).compile(having.this)
         shard.set("having", None)
     order = shard.args.get("order")
     sort_keys: list[SortKey] = []
@@ -468,11 +561,15 @@ class _Having:
         weight_of: Callable[[int], int | None],
         add_hidden: Callable[[exp.Expression], int],
         expression_at: Callable[[int], exp.Expression],
+        group_columns: dict[str, int],
+        width: int,
     ) -> None:
+        self.width = width
         self.position_of = position_of
         self.weight_of = weight_of
         self.add_hidden = add_hidden
         self.expression_at = expression_at
+        self.group_columns = group_columns
 
     def compile(self, node: exp.Expression) -> Callable[[tuple[Any, ...]], bool]:
         predicate = self.build(node)
@@ -539,20 +636,93 @@ class _Having:
             raise UnsupportedQueryError(
                 "AVG in HAVING across shards: select the AVG and filter on its alias"
             )
-        if _aggregate_of(expr) is None and any(True for _ in expr.find_all(exp.AggFunc)):
-            # A function of an aggregate computed per shard would see only partials.
-            raise UnsupportedQueryError(
-                f"HAVING operand {expr.sql(dialect='mysql')!r} applies a function to an"
-                " aggregate across shards; select the aggregate and filter in the application"
-            )
-        pos = self.position_of(expr)
+        function = self.function(expr, other)
+        if function is not None:
+            return function
+        if (
+            isinstance(expr, exp.Column)
+            and not expr.table
+            and expr.name.lower() in (self.group_columns)
+        ):
+            pos = self.group_columns[expr.name.lower()]
+        elif isinstance(expr, exp.Column) or _aggregate_of(expr) is not None:
+            pos = self.position_of(expr)
+        else:
+            # Anything else would be computed by the shards, which do not know the select
+            # aliases and see only partial aggregates: only a selected expression is read.
+            pos = self.position_of(expr)
+            if pos >= self.width and any(True for _ in expr.find_all(exp.AggFunc)):
+                # A function of an aggregate computed per shard would see only partials.
+                raise UnsupportedQueryError(
+                    f"HAVING operand {expr.sql(dialect='mysql')!r} applies a function to an"
+                    " aggregate across shards; select the aggregate and filter in the"
+                    " application"
+                )
+            if pos >= self.width:
+                raise UnsupportedQueryError(
+                    f"HAVING operand {expr.sql(dialect='mysql')!r} is not supported across"
+                    " shards (HAVING evaluates comparisons, AND/OR/NOT, arithmetic, NULLIF,"
+                    " IFNULL/COALESCE, IF and ABS over selected columns, aggregates and"
+                    " literals); select it and filter on its alias"
+                )
         weight_pos = self.weight_of(pos)
         if weight_pos is None:
             return lambda row: (row[pos], None)
         return lambda row: (row[pos], row[weight_pos])
 
+    def function(self, expr: exp.Expression, other: exp.Expression) -> _Operand | None:
+        """The functions HAVING evaluates after the merge, with MySQL's semantics, or None."""
+        if isinstance(expr, exp.Nullif):
+            if any(True for _ in expr.find_all(exp.AggFunc)):
+                # MariaDB 10.11 answers `HAVING NULLIF(COUNT(*), 1) > 1` with no group at
+                # all (NULLIF over an aggregate in HAVING), which the merge does not mimic.
+                raise UnsupportedQueryError(
+                    f"HAVING {expr.sql(dialect='mysql')} across shards: NULLIF over an"
+                    " aggregate; select the aggregate and use NULLIF on its alias"
+                )
+            a, b = self.operand(expr.this, other), self.operand(expr.expression, expr.this)
+
+            def nullif(row: tuple[Any, ...]) -> tuple[Any, Any]:
+                (x, wx), (y, wy) = a(row), b(row)
+                if x is None or y is None or compare(x, wx, y, wy) != 0:
+                    return x, wx
+                return None, None
+
+            return nullif
+        if isinstance(expr, exp.Coalesce):
+            args = [self.operand(e, other) for e in [expr.this, *expr.expressions]]
+            return lambda row: _first_of([arg(row) for arg in args])
+        if isinstance(expr, exp.If):
+            test: exp.Expression = expr.this
+            condition: Callable[[tuple[Any, ...]], bool | None]
+            if isinstance(test, (*_COMPARE, exp.And, exp.Or, exp.Not, exp.Paren)):
+                condition = self.build(test)
+            else:
+                value = self.operand(test, other)
+
+                def condition(row: tuple[Any, ...]) -> bool | None:
+                    return _truth(value(row)[0])
+
+            true = self.operand(expr.args["true"], other)
+            false = (
+                self.operand(expr.args["false"], other)
+                if expr.args.get("false") is not None
+                else (lambda row: (None, None))
+            )
+
+            def pick(row: tuple[Any, ...]) -> tuple[Any, Any]:
+                # Both branches decide the result's type in MySQL: a mix is not evaluated.
+                _first_of([true(row), false(row)], check_only=True)
+                return true(row) if condition(row) is True else false(row)
+
+            return pick
+        if isinstance(expr, exp.Abs):
+            inner = self.operand(expr.this, other)
+            return lambda row: (_absolute(inner(row)[0]), None)
+        return None
+
     def string_literal(self, expr: exp.Literal, other: exp.Expression) -> _Operand:
-        text = expr.this
+        text = _Constant(expr.this)
         target: exp.Expression = cast(exp.Expression, other.unalias())
         while isinstance(target, exp.Paren):
             target = target.this
@@ -594,6 +764,13 @@ def compare(a: Any, wa: Any, b: Any, wb: Any) -> int:
         text, value, flip = (a, b, 1) if isinstance(a, str) else (b, a, -1)
         if isinstance(value, dt.date):
             value = _as_datetime(value)
+        elif _is_number(value):
+            if isinstance(text, _Constant) and not isinstance(value, float):
+                # MariaDB compares an integer or a (non-constant) DECIMAL with a string
+                # constant as two DECIMALs: exactly (MAX(id) = '<id + 1>' is false for a 60-bit
+                # id, 0.1000 = '0.1' is true).
+                return flip * _sign(_leading_decimal(text), value)
+            value = float(value)  # otherwise as two doubles
         return flip * _sign(_coerce(text, value), value)
     if isinstance(a, bytes) and isinstance(b, bytes):
         return _sign(a, b)
@@ -637,6 +814,19 @@ def _as_datetime(value: dt.date) -> dt.datetime:
 
 
 _NUMBER_PREFIX = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+class _Constant(str):
+    """A string literal of the statement (MariaDB compares a constant string with a number
+    differently from a string column)."""
+
+    __slots__ = ()
+
+
+def _leading_decimal(text: str) -> Decimal:
+    """The longest numeric prefix as a DECIMAL, 0 if there is none."""
+    match = _NUMBER_PREFIX.match(text)
+    return Decimal(match.group(0).strip()) if match else Decimal(0)
 
 
 def _leading_number(text: str) -> float:
@@ -711,6 +901,34 @@ _ARITHMETIC_OPS: dict[type[exp.Expression], Callable[[Any, Any], Any]] = {
     exp.Mul: _arith(lambda x, y: x * y),
     exp.Div: _divide,
 }
+
+
+def _first_of(values: list[tuple[Any, Any]], *, check_only: bool = False) -> tuple[Any, Any]:
+    """COALESCE: the first non-NULL value. MySQL gives the result one type from all the
+    arguments (a number and a string make a string), which a mix here would not reproduce."""
+    present = [v for v in values if v[0] is not None]
+    if len({isinstance(v[0], str | bytes) for v in present}) > 1:
+        raise UnsupportedQueryError(
+            "HAVING mixes strings and numbers in IFNULL/COALESCE/IF across shards; compare"
+            " values of one type"
+        )
+    if check_only or not present:
+        return None, None
+    return present[0]
+
+
+def _truth(value: Any) -> bool | None:
+    """A value as MySQL's IF reads its condition: NULL is not true, a number is true when
+    it is not zero."""
+    if value is None:
+        return None
+    return bool(_numeric(value))
+
+
+def _absolute(value: Any) -> Any:
+    if value is None:
+        return None
+    return abs(_numeric(value))
 
 
 def _and(a: bool | None, b: bool | None) -> bool | None:

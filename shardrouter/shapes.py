@@ -77,6 +77,12 @@ NODES: Mapping[type[exp.Expression], frozenset[str] | None] = {
     exp.Interval: _ANY,
     exp.DataType: _ANY,
     exp.DataTypeParam: _ANY,
+    # JSON_EXTRACT's path, written back as the same path ('$.a[1]', '$."a b"[*]')
+    exp.JSONPath: frozenset({"expressions"}),
+    exp.JSONPathRoot: frozenset(),
+    exp.JSONPathKey: frozenset({"this", "quoted"}),
+    exp.JSONPathSubscript: frozenset({"this"}),
+    exp.JSONPathWildcard: frozenset(),
     # sqlglot's implicit argument cast of DATE_FORMAT(d, f): rendered back as written
     exp.TsOrDsToTimestamp: _ANY,
     # clauses
@@ -231,6 +237,9 @@ _FUNCTION_LIST: tuple[Function, ...] = (
     Function("SECOND", exp.Second, ANYWHERE),
     Function("DATE_FORMAT", exp.TimeToStr, ANYWHERE),
     Function("STR_TO_DATE", exp.StrToDate, ANYWHERE),
+    # STR_TO_DATE with a time in its format (sqlglot's StrToTime; %I/%h and %S/%s come back as
+    # their MySQL synonyms)
+    Function("STR_TO_DATE", exp.StrToTime, ANYWHERE),
     Function("DATE_ADD", exp.DateAdd, ANYWHERE),
     Function("DATE_SUB", exp.DateSub, ANYWHERE),
     Function("DATEDIFF", exp.DateDiff, ANYWHERE),
@@ -274,6 +283,8 @@ _FUNCTION_LIST: tuple[Function, ...] = (
     Function("CURRENT_DATE", exp.CurrentDate, ONE_TARGET, _NOW),
     Function("CURRENT_TIME", exp.CurrentTime, ONE_TARGET, _NOW),
     Function("UTC_TIMESTAMP", exp.UtcTimestamp, ONE_TARGET, _NOW),
+    Function("UTC_DATE", exp.UtcDate, ONE_TARGET, _NOW),
+    Function("UTC_TIME", exp.UtcTime, ONE_TARGET, _NOW),
     Function("UNIX_TIMESTAMP", None, ONE_TARGET, _NOW),
     Function("RAND", exp.Rand, ONE_TARGET, _RANDOM),
     Function("UUID", exp.Uuid, ONE_TARGET, _RANDOM),
@@ -549,6 +560,10 @@ def _function(node: exp.Func, verdict: Verdict, *, in_conflict: bool) -> None:
             f"function {_show(node)} is not routed: the planner accepts only the functions"
             " listed in docs/SQL.md (deterministic ones everywhere, NOW()/RAND()/CONNECTION_ID()"
             " and the like on one target)"
+        )
+    if isinstance(node, exp.RegexpLike) and node.args.get("flag") is not None:
+        raise UnsupportedQueryError(
+            f"{_show(node)} is not routed: MariaDB has no REGEXP_LIKE with flags; write x REGEXP y"
         )
     if function.name == "UNIX_TIMESTAMP" and node.expressions:
         return  # UNIX_TIMESTAMP(d) converts d; only UNIX_TIMESTAMP() reads the clock
