@@ -25,7 +25,25 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 pytestmark = pytest.mark.mariadb
 
 EXAMPLES = int(os.environ.get("SHARDROUTER_FUZZ_EXAMPLES", "1500"))
-EXAMPLE_DB = DirectoryBasedExampleDatabase(str(Path(__file__).parent / "examples"))
+
+
+class _KeptExamples(DirectoryBasedExampleDatabase):
+    """The committed example database, never pruned.
+
+    Hypothesis deletes a saved example once it stops failing, so a fixed bug would leave the
+    committed set on its first green run (and CI's clone would differ from the repo). Here an
+    example is only ever added: every statement that once found a defect is replayed first on
+    every run, for good. New failures land in tests/fuzz/examples/; commit them with the fix.
+    """
+
+    def delete(self, key: bytes, value: bytes) -> None:
+        pass
+
+    def move(self, src: bytes, dest: bytes, value: bytes) -> None:
+        self.save(dest, value)
+
+
+EXAMPLE_DB = _KeptExamples(str(Path(__file__).parent / "examples"))
 
 
 @pytest.fixture(scope="module")
