@@ -408,6 +408,13 @@ def refuse_hidden_syntax(sql: str) -> None:
     i, n = 0, len(sql)
     while i < n:
         c = sql[i]
+        if c == "'" and i > 0 and sql[i - 1] in "xX" and not _identifier_char(sql, i - 2):
+            # sqlglot parses X'07' and 0x07 into one node, but MariaDB does not treat them
+            # alike: `7 = X'07'` is false (a binary string), `7 = 0x07` true (a number).
+            raise UnsupportedQueryError(
+                "hex string X'...' is not routed: it would reach the shards as 0x..., which"
+                " MariaDB compares differently; write 0x... for a number or a quoted string"
+            )
         if c in "'\"`":
             i = _skip_quoted(sql, i, c)
             continue
@@ -433,6 +440,10 @@ def refuse_hidden_syntax(sql: str) -> None:
             i = n if end < 0 else end + 2
             continue
         i += 1
+
+
+def _identifier_char(sql: str, index: int) -> bool:
+    return index >= 0 and (sql[index].isalnum() or sql[index] in "_$")
 
 
 def _skip_quoted(sql: str, start: int, quote: str) -> int:

@@ -283,7 +283,7 @@ def test_order_by_zero_or_negative_is_refused(world: dict[str, Any]) -> None:
         "SELECT GROUP_CONCAT(DISTINCT sku ORDER BY sku) FROM order_items WHERE user_id = :u",
         "SELECT /* lead */ amount_cents  +  1 /* trail */ , amount_cents /* mid */ - 1 -- end\n"
         " FROM orders WHERE user_id = :u ORDER BY 1",
-        "SELECT `amount_cents`+1, -1, - 1, (amount_cents), ((status)), 0x41, X'42', 'it''s',"
+        "SELECT `amount_cents`+1, -1, - 1, (amount_cents), ((status)), 0x41, 'it''s',"
         " 1.50, NULL, TRUE, UPPER(status), LOWER( status ) FROM orders ORDER BY order_id",
         "SELECT AVG( amount_cents ), SUM(amount_cents) FROM orders",
         "SELECT AVG(amount_cents) AS `my avg`, AVG(amount_cents) `x``y` FROM orders",
@@ -313,7 +313,7 @@ def test_hex_literals_reach_the_shards_as_written(world: dict[str, Any]) -> None
     check(world, "SELECT order_id FROM orders WHERE user_id = 0x08 AND merchant_id >= 0x0")
     check(
         world,
-        "SELECT order_id, 0x41 AS h, X'42' AS x, 0x8 + 0 AS n FROM orders"
+        "SELECT order_id, 0x41 AS h, 0x8 + 0 AS n FROM orders"
         " WHERE user_id = :u ORDER BY order_id",
         {"u": USER_8},
     )
@@ -353,9 +353,6 @@ def test_hex_literals_reach_the_shards_as_written(world: dict[str, Any]) -> None
         "''",
         "0x8",
         "0x41",
-        "X'41'",
-        "x'4142'",
-        "X''",
         "NULL",
         "TRUE",
         "FALSE",
