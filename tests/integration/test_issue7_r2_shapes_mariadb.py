@@ -313,8 +313,7 @@ def test_hex_literals_reach_the_shards_as_written(world: dict[str, Any]) -> None
     check(world, "SELECT order_id FROM orders WHERE user_id = 0x08 AND merchant_id >= 0x0")
     check(
         world,
-        "SELECT order_id, 0x41 AS h, 0x8 + 0 AS n FROM orders"
-        " WHERE user_id = :u ORDER BY order_id",
+        "SELECT order_id, 0x41 AS h, 0x8 + 0 AS n FROM orders WHERE user_id = :u ORDER BY order_id",
         {"u": USER_8},
     )
     check(world, "SELECT user_id FROM users WHERE email LIKE CONCAT(0x75, '%') ORDER BY user_id")
