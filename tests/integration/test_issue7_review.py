@@ -194,13 +194,6 @@ def test_having_name_that_is_also_a_select_alias(world: dict[str, Any]) -> None:
     )
 
 
-def test_order_by_enum_column_uses_the_enum_order(world: dict[str, Any]) -> None:
-    """ENUM sorts by its index ('zeta' < 'alpha' < 'mid' here); the merge sorts by the string's
-    collation weight."""
-    check(world, "SELECT user_id, tier FROM users ORDER BY tier, user_id")
-    check(world, "SELECT user_id, tier FROM users ORDER BY tier DESC, user_id LIMIT 10")
-
-
 def test_group_by_nopad_collation_keeps_trailing_spaces_apart(world: dict[str, Any]) -> None:
     """utf8mb4_nopad_bin: 'a' and 'a ' are different values; WEIGHT_STRING(x AS CHAR(255))
     pads both to the same weight, so the merge folds the groups together."""
