@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from sqlalchemy import and_, column, delete, select, table
 from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import Executable
 
 from .errors import (
@@ -75,6 +76,9 @@ class Job:
     lazy: bool = False
     """The rows feed a merge, which may read only some of them (ORDER BY ... LIMIT): a runner
     may hand them over undecoded and decode each row when it is read (readpool.LazyRows)."""
+    returning: bool = False
+    """The statement uses INSERT/DELETE ... RETURNING (lookup writes, an owner's DELETE): the
+    runner checks the shard's server has it first (require_returning)."""
     """Lookup reads and writes run outside the caller's transaction (a lookup row may live on
     another shard; it is written first, and the rows a statement created are removed if its
     owner rows are not written, see LookupLedger); lookup cleanups run only after the owner's
@@ -219,7 +223,17 @@ def run(
             statement = plan.render_union(targets)
         else:
             statement = tuple(plan.render(t, scatter=scatter_sql, backend=backend) for t in targets)
-        jobs.append(Job(shard, statement, params, kind, anywhere=found.anywhere, lazy=lazy))
+        jobs.append(
+            Job(
+                shard,
+                statement,
+                params,
+                kind,
+                anywhere=found.anywhere,
+                lazy=lazy,
+                returning=returning is not None,
+            )
+        )
     results = [part for r in (yield jobs) for part in r.flat()]
     shards = tuple(by_shard)
     if plan.kind != "select":
@@ -282,6 +296,27 @@ def _deleted_owner(plan: Plan) -> TableRule | None:
         return None
     table = plan.sharded
     return table if table is not None and _owned_lookups(table) else None
+
+
+RETURNING_NEEDED = (
+    "tables with lookups need MariaDB >= 10.5 (MySQL has no INSERT/DELETE ... RETURNING, which"
+    " the lookup write path uses to know exactly the rows it created and deleted)"
+)
+
+
+def require_returning(dialect: Dialect, shard: ShardId) -> None:
+    """Refuse a RETURNING statement on a server without it, before it runs: MySQL (any
+    version) and MariaDB before 10.5 would fail it as an untyped CompileError (SQLAlchemy
+    compiles RETURNING only for servers it knows have it) or a syntax error. The dialect
+    knows the server once a connection has been made, which running a job has done."""
+    if dialect.name != "mysql":
+        return  # SQLite >= 3.35 has it (SQLAlchemy refuses older ones itself)
+    version = dialect.server_version_info or ()
+    if getattr(dialect, "is_mariadb", False) and tuple(version) >= (10, 5):
+        return
+    kind = "MariaDB " if getattr(dialect, "is_mariadb", False) else "MySQL "
+    found = kind + ".".join(str(v) for v in version) if version else kind.strip()
+    raise UnsupportedQueryError(f"shard {shard} runs {found}: {RETURNING_NEEDED}")
 
 
 def _returning(plan: Plan, owner: TableRule) -> str:
@@ -568,7 +603,7 @@ def write_lookups(
     for (shard, physical, strategy), group in grouped.items():
         backend = topology.shards[shard].primary.get_backend_name()
         stmt = lookup_insert(strategy, physical, backend, [r.row for r in group])
-        jobs.append(Job(shard, stmt, {}, "write", "lookup"))
+        jobs.append(Job(shard, stmt, {}, "write", "lookup", returning=True))
     inserted = yield jobs
     for group, result in zip(grouped.values(), inserted, strict=True):
         _sort_written(group, result.rows, written)
@@ -606,7 +641,7 @@ def write_lookups(
         for (shard, physical, strategy), group in gone:
             backend = topology.shards[shard].primary.get_backend_name()
             stmt = lookup_insert(strategy, physical, backend, [r.row for r in group])
-            again.append(Job(shard, stmt, {}, "write", "lookup"))
+            again.append(Job(shard, stmt, {}, "write", "lookup", returning=True))
         inserted = yield again
         for (_, group), result in zip(gone, inserted, strict=True):
             _sort_written(group, result.rows, written)
@@ -816,7 +851,7 @@ def restore_lookups(
     for (shard, physical, strategy), group in grouped.items():
         backend = topology.shards[shard].primary.get_backend_name()
         stmt = lookup_insert(strategy, physical, backend, [r.row for r in group])
-        jobs.append(Job(shard, stmt, {}, "write", "lookup"))
+        jobs.append(Job(shard, stmt, {}, "write", "lookup", returning=True))
     if not jobs:
         return
     try:
