@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from sqlalchemy import TextClause, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, PendingRollbackError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
@@ -30,11 +30,12 @@ from .execution import (
     log,
     log_statement,
     page_of,
+    require_returning,
     run,
 )
 from .planner import Planner
 from .readpool import AsyncReadPool
-from .router import _explicit_key_rules, _sql_and_params, route_key
+from .router import _explicit_key_rules, _sql_and_params, aborted, route_key
 from .topology import Topology
 from .types import ShardId, Slot
 
@@ -68,6 +69,10 @@ class AsyncTransaction:
         self._conn: AsyncConnection | None = None
         self._deferred: list[Job] = []
         self._ledger = LookupLedger()
+        self._broken: BaseException | None = None
+        """A statement timed out (cancelled mid-answer: the connection's state is unknown)."""
+        self._wrote = False
+        """A write ran in it: a commit that cannot happen then loses it, and says so."""
 
     async def execute(
         self, statement: str | Executable, params: Mapping[str, Any] | None = None
@@ -114,7 +119,16 @@ class AsyncTransaction:
                 shard=job.shard,
             )
         assert self._conn is not None
-        return await self._router._bounded(job.shard, self._router._execute_on(self._conn, job))
+        if self._broken is not None:
+            raise aborted(job.shard, self._broken)
+        self._wrote = self._wrote or job.kind == "write"
+        try:
+            return await self._router._bounded(job.shard, self._router._execute_on(self._conn, job))
+        except ShardUnavailableError as exc:
+            # Cancelled mid-statement: its answer may still arrive on this connection, and the
+            # next statement would read it as its own. The transaction cannot go on.
+            self._broken = exc
+            raise
 
     async def _finish(self, commit: bool) -> None:
         committed = False
@@ -122,7 +136,12 @@ class AsyncTransaction:
             conn = self._conn
             if conn is not None:
                 assert self.shard is not None
-                await self._router._end(self.shard, conn, commit)
+                if self._broken is not None:
+                    await self._router._discard(conn)  # the server rolls it back
+                    if commit and self._wrote:  # a read-only one loses nothing
+                        raise aborted(self.shard, self._broken)
+                else:
+                    await self._router._end(self.shard, conn, commit)
             committed = commit
             if commit and self._deferred:
                 await self._router._gather(self._deferred)
@@ -284,17 +303,20 @@ class AsyncRouter:
         return [r for r in results if isinstance(r, JobResult)]
 
     async def _write_together(self, jobs: Sequence[Job]) -> list[JobResult]:
-        """Every shard's part in its own open transaction; all commit or all roll back
-        (see Router._write_together)."""
+        """Every shard's part in its own open transaction, one after the other in sorted
+        shard order (a global lock order: see Router._write_together); all commit or all roll
+        back."""
         conns: list[tuple[ShardId, AsyncConnection]] = []
-
-        async def part(job: Job) -> JobResult:
-            conn = await self._begin(job.shard)
-            conns.append((job.shard, conn))
-            return await self._bounded(job.shard, self._execute_on(conn, job))
-
-        results = await asyncio.gather(*(part(j) for j in jobs), return_exceptions=True)
-        error = next((r for r in results if isinstance(r, BaseException)), None)
+        results: dict[int, JobResult] = {}
+        error: BaseException | None = None
+        try:
+            for index in sorted(range(len(jobs)), key=lambda i: jobs[i].shard):
+                job = jobs[index]
+                conn = await self._begin(job.shard)
+                conns.append((job.shard, conn))
+                results[index] = await self._bounded(job.shard, self._execute_on(conn, job))
+        except BaseException as exc:  # cancelled too: every begun part is still ended
+            error = exc
         ends = await asyncio.gather(
             *(self._end(shard, conn, error is None) for shard, conn in conns),
             return_exceptions=True,
@@ -302,7 +324,7 @@ class AsyncRouter:
         error = error or next((r for r in ends if isinstance(r, BaseException)), None)
         if error is not None:
             raise error
-        return [r for r in results if isinstance(r, JobResult)]
+        return [results[i] for i in range(len(jobs))]
 
     async def _bounded(self, shard: ShardId, step: Awaitable[T]) -> T:
         """``step`` within the shard's query_timeout_s: the async drivers have no read timeout,
@@ -384,10 +406,14 @@ class AsyncRouter:
             return JobResult((), [], sum(p.rowcount for p in parts), tuple(parts))
         stmt = self._text(job.statement) if isinstance(job.statement, str) else job.statement
         log_statement(job.shard, stmt, job.params)
+        if job.returning:
+            require_returning(conn.dialect, job.shard)
         try:
             return JobResult.of(await conn.execute(stmt, job.params))
         except (DBAPIError, PoolTimeoutError) as exc:
             raise classify(exc, job.shard, str(stmt)) from exc
+        except PendingRollbackError as exc:
+            raise aborted(job.shard, exc) from exc
 
     async def _run_job(self, job: Job) -> JobResult:
         return await self._bounded(job.shard, self._run_job_unbounded(job))

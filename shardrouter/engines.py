@@ -13,7 +13,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .config import PoolConfig
-from .errors import ExecutionError, RoutingError, ShardUnavailableError
+from .errors import ExecutionError, LockConflictError, RoutingError, ShardUnavailableError
 from .topology import ShardSpec, Topology
 from .types import ShardId
 
@@ -26,6 +26,7 @@ _RW_TIMEOUT_DRIVERS = frozenset({"pymysql", "mysqldb"})
 # to "the statement is wrong": can't connect, server gone, lost connection, too many
 # connections, connection killed, server shutdown in progress.
 UNAVAILABLE_ERRNOS = frozenset({1040, 1053, 1927, 2002, 2003, 2005, 2006, 2013, 2055})
+LOCK_CONFLICT_ERRNOS = frozenset({1205, 1213})  # ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK
 
 
 def classify(exc: BaseException, shard: ShardId, statement: str | None = None) -> ExecutionError:
@@ -46,6 +47,12 @@ def classify(exc: BaseException, shard: ShardId, statement: str | None = None) -
     if errno in UNAVAILABLE_ERRNOS or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
         error: ExecutionError = ShardUnavailableError(
             f"shard {shard} is unavailable ({errno}: {detail}); other shards keep serving",
+            shard=shard,
+            orig=orig,
+        )
+    elif errno in LOCK_CONFLICT_ERRNOS:
+        error = LockConflictError(
+            f"shard {shard}: {errno}: {detail}; another writer held the rows, retry",
             shard=shard,
             orig=orig,
         )

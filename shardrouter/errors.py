@@ -14,6 +14,10 @@
     │   └── FanoutLimitError            a query exceeds the configured fan-out or OFFSET cap
     ├── ExecutionError                  a statement failed on a shard (``.shard``, ``.orig``)
     │   ├── ShardUnavailableError       the shard did not answer within its timeout
+    │   ├── LockConflictError           a lock wait timed out or a deadlock was broken (1205,
+    │   │                               1213): the statement did not apply; retry it
+    │   ├── TransactionAbortedError     an earlier statement of this transaction failed so that
+    │   │                               it cannot go on: roll it back, retry it whole
     │   └── CrossShardTransactionError  a transaction would touch a second shard (no XA)
     ├── IdError                         id generation or decoding failed
     │   ├── ClockMovedBackwardsError    the clock went back further than the configured bound
@@ -100,6 +104,18 @@ class ShardUnavailableError(ExecutionError):
     """A shard did not answer (refused, timed out, went away); other shards keep serving."""
 
 
+class LockConflictError(ExecutionError):
+    """A lock wait timed out (1205) or the shard broke a deadlock (1213): another writer held
+    the rows. Retryable: the statement (after a deadlock, its whole transaction) was rolled
+    back on that shard."""
+
+
+class TransactionAbortedError(ExecutionError):
+    """A transaction whose earlier statement failed so that its connection is gone or its
+    state unknown (a statement timed out, say): nothing more runs in it; roll it back and
+    retry the transaction from its start."""
+
+
 class CrossShardTransactionError(ExecutionError):
     """A transaction would touch a second shard and XA mode is not configured."""
 
@@ -158,6 +174,7 @@ __all__ = [
     "IdError",
     "IdGeneratorForkedError",
     "KeyValueError",
+    "LockConflictError",
     "PortInUseError",
     "RoutingError",
     "SandboxError",
@@ -166,6 +183,7 @@ __all__ = [
     "ServerBinaryMissingError",
     "ShardRouterError",
     "ShardUnavailableError",
+    "TransactionAbortedError",
     "UnknownKeyError",
     "UnknownTableError",
     "UnsupportedQueryError",

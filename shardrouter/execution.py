@@ -14,8 +14,9 @@ from collections.abc import Callable, Collection, Generator, Iterator, Mapping, 
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from sqlalchemy import and_, column, delete, select, table, update
+from sqlalchemy import and_, column, delete, select, table
 from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import Executable
 
 from .errors import (
@@ -34,6 +35,10 @@ from .topology import KeyRule, TableRule, Topology
 from .types import ShardId, Slot
 
 log = logging.getLogger("shardrouter")
+
+_RECHECKS = 3
+"""How often a unique lookup row found missing at its check is written again (see
+write_lookups) before the write gives up with a typed error."""
 sql_log = logging.getLogger("shardrouter.sql")
 """Every statement the routers send, at DEBUG: ``shard``, ``statement`` (as rendered, with
 ``:name`` parameters) and ``params`` are also record attributes. SQLAlchemy's engine events do
@@ -71,6 +76,9 @@ class Job:
     lazy: bool = False
     """The rows feed a merge, which may read only some of them (ORDER BY ... LIMIT): a runner
     may hand them over undecoded and decode each row when it is read (readpool.LazyRows)."""
+    returning: bool = False
+    """The statement uses INSERT/DELETE ... RETURNING (lookup writes, an owner's DELETE): the
+    runner checks the shard's server has it first (require_returning)."""
     """Lookup reads and writes run outside the caller's transaction (a lookup row may live on
     another shard; it is written first, and the rows a statement created are removed if its
     owner rows are not written, see LookupLedger); lookup cleanups run only after the owner's
@@ -215,7 +223,17 @@ def run(
             statement = plan.render_union(targets)
         else:
             statement = tuple(plan.render(t, scatter=scatter_sql, backend=backend) for t in targets)
-        jobs.append(Job(shard, statement, params, kind, anywhere=found.anywhere, lazy=lazy))
+        jobs.append(
+            Job(
+                shard,
+                statement,
+                params,
+                kind,
+                anywhere=found.anywhere,
+                lazy=lazy,
+                returning=returning is not None,
+            )
+        )
     results = [part for r in (yield jobs) for part in r.flat()]
     shards = tuple(by_shard)
     if plan.kind != "select":
@@ -278,6 +296,27 @@ def _deleted_owner(plan: Plan) -> TableRule | None:
         return None
     table = plan.sharded
     return table if table is not None and _owned_lookups(table) else None
+
+
+RETURNING_NEEDED = (
+    "tables with lookups need MariaDB >= 10.5 (MySQL has no INSERT/DELETE ... RETURNING, which"
+    " the lookup write path uses to know exactly the rows it created and deleted)"
+)
+
+
+def require_returning(dialect: Dialect, shard: ShardId) -> None:
+    """Refuse a RETURNING statement on a server without it, before it runs: MySQL (any
+    version) and MariaDB before 10.5 would fail it as an untyped CompileError (SQLAlchemy
+    compiles RETURNING only for servers it knows have it) or a syntax error. The dialect
+    knows the server once a connection has been made, which running a job has done."""
+    if dialect.name != "mysql":
+        return  # SQLite >= 3.35 has it (SQLAlchemy refuses older ones itself)
+    version = dialect.server_version_info or ()
+    if getattr(dialect, "is_mariadb", False) and tuple(version) >= (10, 5):
+        return
+    kind = "MariaDB " if getattr(dialect, "is_mariadb", False) else "MySQL "
+    found = kind + ".".join(str(v) for v in version) if version else kind.strip()
+    raise UnsupportedQueryError(f"shard {shard} runs {found}: {RETURNING_NEEDED}")
 
 
 def _returning(plan: Plan, owner: TableRule) -> str:
@@ -534,7 +573,7 @@ class Written:
     """What a lookup write did, row by row."""
 
     created: list[LookupRow] = field(default_factory=list)
-    """Rows it inserted (or took over from an orphan): its own to remove if the owner rows
+    """Rows it inserted: its own to remove if the owner rows
     are not written."""
     adopted: list[LookupRow] = field(default_factory=list)
     """Rows that were already there: written again once the owner row is (a concurrent
@@ -545,8 +584,9 @@ def write_lookups(
     topology: Topology, rows: Sequence[LookupRow], written: Written | None = None
 ) -> Generator[list[Job], list[JobResult], list[ShardId]]:
     """Write lookup rows (one committed write per lookup table place), then prove each unique
-    lookup's value is this owner's: taken by a live other owner raises ExecutionError, held by
-    an orphan (an owner that does not exist) is taken over. Returns the shards written.
+    lookup's value is this owner's: a row naming another owner raises ExecutionError (whether
+    that owner exists or not, see _refuse_taken); a row gone at the check is written again.
+    Returns the shards written.
 
     ``written`` is filled as the rows are written, also when this raises: the caller removes
     the created rows if the owner write does not happen (discard_lookups)."""
@@ -563,23 +603,51 @@ def write_lookups(
     for (shard, physical, strategy), group in grouped.items():
         backend = topology.shards[shard].primary.get_backend_name()
         stmt = lookup_insert(strategy, physical, backend, [r.row for r in group])
-        jobs.append(Job(shard, stmt, {}, "write", "lookup"))
+        jobs.append(Job(shard, stmt, {}, "write", "lookup", returning=True))
     inserted = yield jobs
     for group, result in zip(grouped.values(), inserted, strict=True):
         _sort_written(group, result.rows, written)
     unique = [(place, g) for place, g in grouped.items() if place[2].key_column is None]
-    if unique:
+    conflicts: list[tuple[LookupRow, Any, Any]] = []
+    for attempt in range(_RECHECKS + 1):
+        if not unique:
+            break
         checks = []
         for (shard, physical, strategy), group in unique:
             query = strategy.query([r.row[strategy.from_column] for r in group], physical)
             # "write": the uniqueness check must read the primary, not a lagging replica.
             checks.append(Job(shard, query.statement, {}, "write", "lookup"))
         results = yield checks
-        conflicts: list[tuple[LookupRow, Any, Any]] = []
-        for (_, group), result in zip(unique, results, strict=True):
+        gone: list[tuple[tuple[ShardId, str, LookupStrategy], list[LookupRow]]] = []
+        for (place, group), result in zip(unique, results, strict=True):
             conflicts.extend(_conflicts(group, result.rows))
-        if conflicts:
-            yield from _take_over_orphans(topology, conflicts, written)
+            missing = _missing(group, result.rows)
+            if missing:
+                gone.append((place, missing))
+        if not gone:
+            break
+        if attempt == _RECHECKS:
+            first = gone[0][1][0]
+            raise ExecutionError(
+                f"{first.owner.name}: the lookup row of {first.row[first.strategy.from_column]!r}"
+                f" was removed {_RECHECKS + 1} times between its write and its check (its"
+                " former owner being deleted meanwhile); nothing was written, retry",
+                shard=first.shard,
+            )
+        # No row for a value we just upserted: the row our upsert found (another owner's) was
+        # removed by that owner's DELETE meanwhile. "No row" is not "ours": write it again and
+        # check again, until the row names us or a live other owner.
+        again = []
+        for (shard, physical, strategy), group in gone:
+            backend = topology.shards[shard].primary.get_backend_name()
+            stmt = lookup_insert(strategy, physical, backend, [r.row for r in group])
+            again.append(Job(shard, stmt, {}, "write", "lookup", returning=True))
+        inserted = yield again
+        for (_, group), result in zip(gone, inserted, strict=True):
+            _sort_written(group, result.rows, written)
+        unique = gone
+    if conflicts:
+        yield from _refuse_taken(topology, conflicts)
     return [j.shard for j in jobs]
 
 
@@ -647,72 +715,61 @@ def _conflicts(
     return out
 
 
-def _take_over_orphans(
-    topology: Topology, conflicts: Sequence[tuple[LookupRow, Any, Any]], written: Written
-) -> Generator[list[Job], list[JobResult], None]:
-    """Refuse values whose other owner exists; take over those an orphan holds.
+def _missing(group: Sequence[LookupRow], found: Sequence[tuple[Any, ...]]) -> list[LookupRow]:
+    """The rows of ``group`` whose value has no lookup row at all in ``found`` (the check's
+    (stored value, owner) rows), matched as _conflicts matches them. A stored value that
+    matches none of ours by folding (an accent variant the column's collation equates) is
+    counted for one of several values only when one value was written."""
+    strategy = group[0].strategy
+    if len(group) == 1:
+        return [] if found else list(group)
+    seen = {_loose(stored) for stored, _ in found}
+    missing = [r for r in group if _loose(r.row[strategy.from_column]) not in seen]
+    unmatched = len(seen - {_loose(r.row[strategy.from_column]) for r in group})
+    # An unmatched stored value stands for one of ours we cannot name: treat as many missing
+    # ones as found (written again: idempotent) rather than guess which one it is.
+    return missing if len(missing) > unmatched else []
 
-    The owner row (its key and this value) is read on its shard's primary twice: a plain read
-    refuses at once when it is there (also when this caller's own open transaction is deleting
-    it: the cleanup of its lookup row comes after the commit), then a locking read with NOWAIT
-    finds an owner whose insert is still uncommitted: its row lock makes the read fail (a lock
-    error, a refusal: retry) instead of seeing no row. Only an owner absent both times is an
-    orphan's; the takeover is a conditional UPDATE of the orphan row (still pointing at the
-    absent owner), so two racing takeovers cannot both win. Left open: an owner whose lookup
-    row is written and checked but whose own INSERT has not reached its shard yet looks absent
-    for those milliseconds (closing it needs a transaction across the two shards).
+
+def _refuse_taken(
+    topology: Topology, conflicts: Sequence[tuple[LookupRow, Any, Any]]
+) -> Generator[list[Job], list[JobResult], None]:
+    """Refuse values the lookup gives another owner, saying whether that owner exists.
+
+    A row naming an owner that is absent is never taken over here: the owner's insert may be
+    in flight (its lookup row is written before its owner row, on another shard, and no lock
+    spans the two), and taking its row would let two owners hold one value. Such a row is
+    either that (retry in a moment) or an orphan left by a crash, which ``shardctl check
+    lookups --fix`` removes once it is still an orphan after its grace period (defect 12).
     """
-    for locking in (False, True):
-        reads = []
-        for ours, stored, other in conflicts:
-            owner = ours.owner
-            rule = topology.table(owner.bound_to or owner.name).primary
-            assert rule is not None
-            slot = rule.slot(other)
-            strategy = ours.strategy
-            target = table_clause(owner.physical(slot), (strategy.to_column, ours.column))
-            query = select(target.c[strategy.to_column]).where(
-                target.c[strategy.to_column] == other, target.c[ours.column] == stored
-            )
-            if locking:
-                query = query.with_for_update(nowait=True)
-            reads.append(Job(topology.shard_of_slot(slot), query, {}, "write", "lookup"))
-        results = yield reads
-        for (ours, stored, other), result in zip(conflicts, results, strict=True):
-            if result.rows:
-                raise ExecutionError(
-                    f"{ours.owner.name}: {stored!r} already belongs to another owner"
-                    f" ({other!r}); nothing was written",
-                    shard=ours.shard,
-                )
-    takeovers = []
+    reads = []
     for ours, stored, other in conflicts:
+        owner = ours.owner
+        rule = topology.table(owner.bound_to or owner.name).primary
+        assert rule is not None
+        slot = rule.slot(other)
         strategy = ours.strategy
-        target = table_clause(ours.physical, strategy.row_columns)
-        stmt = (
-            update(target)
-            .where(target.c[strategy.from_column] == stored, target.c[strategy.to_column] == other)
-            .values({c: v for c, v in ours.row.items()})
+        target = table_clause(owner.physical(slot), (strategy.to_column, ours.column))
+        query = select(target.c[strategy.to_column]).where(
+            target.c[strategy.to_column] == other, target.c[ours.column] == stored
         )
-        takeovers.append(Job(ours.shard, stmt, {}, "write", "lookup"))
-    results = yield takeovers
-    # A row taken over is this write's own: it is removed with the created ones on failure.
-    written.created.extend(
-        ours for (ours, _, _), r in zip(conflicts, results, strict=True) if r.rowcount == 1
-    )
+        reads.append(Job(topology.shard_of_slot(slot), query, {}, "write", "lookup"))
+    results = yield reads
     for (ours, stored, other), result in zip(conflicts, results, strict=True):
-        if result.rowcount != 1:
+        if result.rows:
             raise ExecutionError(
-                f"{ours.owner.name}: the lookup row of {stored!r} (an orphan of absent owner"
-                f" {other!r}) changed while it was being taken over; nothing was written, retry",
+                f"{ours.owner.name}: {stored!r} already belongs to another owner ({other!r});"
+                " nothing was written",
                 shard=ours.shard,
             )
-        log.info(
-            "%s: took over %r from absent owner %r (an orphan lookup row)",
-            ours.strategy.table,
-            stored,
-            other,
-        )
+    ours, stored, other = conflicts[0]
+    raise ExecutionError(
+        f"{ours.owner.name}: {stored!r} already belongs to owner {other!r} in"
+        f" {ours.strategy.table}, which has no such row: an insert still in flight (retry"
+        " in a moment) or an orphan left by a crash (`shardctl check lookups --fix` removes"
+        " it); nothing was written",
+        shard=ours.shard,
+    )
 
 
 def delete_lookups(rows: Sequence[LookupRow]) -> list[Job]:
@@ -794,7 +851,7 @@ def restore_lookups(
     for (shard, physical, strategy), group in grouped.items():
         backend = topology.shards[shard].primary.get_backend_name()
         stmt = lookup_insert(strategy, physical, backend, [r.row for r in group])
-        jobs.append(Job(shard, stmt, {}, "write", "lookup"))
+        jobs.append(Job(shard, stmt, {}, "write", "lookup", returning=True))
     if not jobs:
         return
     try:

@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Connection, Engine, Select, TextClause, literal_column, text
 from sqlalchemy.dialects import mysql
-from sqlalchemy.exc import CompileError, DBAPIError
+from sqlalchemy.exc import CompileError, DBAPIError, PendingRollbackError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
@@ -23,6 +23,7 @@ from .engines import ShardEngines, classify
 from .errors import (
     CrossShardTransactionError,
     RoutingError,
+    TransactionAbortedError,
     UnsupportedQueryError,
 )
 from .execution import (
@@ -37,6 +38,7 @@ from .execution import (
     log,
     log_statement,
     page_of,
+    require_returning,
     run,
 )
 from .planner import Planner
@@ -150,6 +152,8 @@ class Transaction:
         self._branches: dict[ShardId, Connection] = {}
         self._runner = _Runner(router, self)
         self._ledger = LookupLedger()
+        self._wrote = False
+        """A write ran in it: a commit that cannot happen then loses it, and says so."""
 
     @property
     def shards(self) -> tuple[ShardId, ...]:
@@ -217,6 +221,7 @@ class Transaction:
             except (DBAPIError, PoolTimeoutError) as exc:
                 raise classify(exc, job.shard) from exc
             self._branches[job.shard] = conn
+        self._wrote = self._wrote or job.kind == "write"
         return self._router._execute_on(conn, job)
 
     def _finish(self, commit: bool) -> None:
@@ -248,9 +253,17 @@ class Transaction:
                 else:
                     xa.rollback(branches, self._gtrid)
             else:
-                for conn in branches.values():
+                for shard, conn in branches.items():
                     if commit:
-                        conn.commit()
+                        try:
+                            conn.commit()
+                        except PendingRollbackError as exc:
+                            # An earlier statement broke the connection (its error was
+                            # raised then): the server rolled everything back. Only a
+                            # transaction that wrote loses something by that.
+                            conn.rollback()
+                            if self._wrote:
+                                raise aborted(shard, exc) from exc
                     else:
                         conn.rollback()
         finally:
@@ -447,10 +460,14 @@ class Router:
             return JobResult((), [], sum(p.rowcount for p in parts), parts)
         stmt = self._text(job.statement) if isinstance(job.statement, str) else job.statement
         log_statement(job.shard, stmt, job.params)
+        if job.returning:
+            require_returning(conn.dialect, job.shard)
         try:
             return JobResult.of(conn.execute(stmt, job.params))
         except (DBAPIError, PoolTimeoutError) as exc:
             raise classify(exc, job.shard, str(stmt)) from exc
+        except PendingRollbackError as exc:
+            raise aborted(job.shard, exc) from exc
 
     def _run_job(self, job: Job, replica: bool = False) -> JobResult:
         if replica and job.kind == "read":
@@ -489,38 +506,41 @@ class Router:
         """One write on several shards: every shard's part runs in its own open transaction,
         and all commit only if every part succeeded, else all roll back. An error on one shard
         (a duplicate key, a dead shard) leaves no part applied; only a crash between the
-        commits could, which Router(xa=True) transactions close."""
-        conns: dict[int, Connection] = {}
+        commits could, which Router(xa=True) transactions close.
 
-        def part(index: int, job: Job) -> JobResult:
-            try:
-                conn = self.engines.primary(job.shard).connect()
-            except (DBAPIError, PoolTimeoutError) as exc:
-                raise classify(exc, job.shard) from exc
-            conns[index] = conn
-            conn.begin()
-            return self._execute_on(conn, job)
-
-        futures = [self._pool.submit(part, i, j) for i, j in enumerate(jobs)]
-        results: list[JobResult] = []
-        first_error: BaseException | None = None
-        for future in futures:
-            try:
-                results.append(future.result())
-            except BaseException as exc:
-                first_error = first_error or exc
+        The parts run one after the other in sorted shard order, not in parallel: each holds
+        its row locks until every part is done, so two such writes of the same rows taking
+        their locks in different orders would each wait for the other's commit, which no
+        server can see as a deadlock (two servers) - until the query timeout failed both. In
+        one global order, the second writer waits on the first shard for the first writer's
+        commit and then proceeds."""
+        conns: list[Connection] = []
+        results: dict[int, JobResult] = {}
+        error: BaseException | None = None
         try:
-            for conn in conns.values():
-                if first_error is None:
+            for index in sorted(range(len(jobs)), key=lambda i: jobs[i].shard):
+                job = jobs[index]
+                try:
+                    conn = self.engines.primary(job.shard).connect()
+                except (DBAPIError, PoolTimeoutError) as exc:
+                    raise classify(exc, job.shard) from exc
+                conns.append(conn)
+                conn.begin()
+                results[index] = self._execute_on(conn, job)
+        except BaseException as exc:
+            error = exc
+        try:
+            for conn in conns:
+                if error is None:
                     conn.commit()
                 else:
                     conn.rollback()
         finally:
-            for conn in conns.values():
+            for conn in conns:
                 conn.close()
-        if first_error is not None:
-            raise first_error
-        return results
+        if error is not None:
+            raise error
+        return [results[i] for i in range(len(jobs))]
 
     def _fan_out(self, jobs: Sequence[Job], replica: bool = False) -> list[JobResult]:
         futures: list[Future[JobResult]] = [
@@ -540,6 +560,18 @@ class Router:
         if first_error is not None:
             raise first_error
         return results
+
+
+def aborted(shard: ShardId, exc: BaseException) -> TransactionAbortedError:
+    """The typed error for a statement (or commit) in a transaction whose earlier statement
+    broke its connection (SQLAlchemy's PendingRollbackError): both routers raise it."""
+    return TransactionAbortedError(
+        f"shard {shard}: an earlier statement of this transaction failed and took its"
+        " connection with it (a timeout, say); nothing more runs in it: roll it back and"
+        " retry the transaction from its start",
+        shard=shard,
+        orig=exc,
+    )
 
 
 def route_key(

@@ -205,13 +205,22 @@ def recover(engines: Mapping[ShardId, Engine], min_age_s: float = MIN_AGE_S) -> 
         except DBAPIError as exc:
             log.warning("xa recovery: shard %s not read (%s)", shard, type(exc).__name__)
             report.unreachable.append(shard)
+    # XA RECOVER lists the prepared branches of the whole server: two shards that are two
+    # databases of one server each see both branches. Each branch is acted on once, through
+    # the shard its xid names (a branch of a shard no longer in the topology: through the
+    # first shard that lists it).
+    seen: set[str] = set()
     for shard in outcomes:
         try:
             with _autocommit(engines[shard]) as conn:
                 for value in _prepared(conn):
                     parsed = parse_xid(value)
-                    if parsed is not None:
-                        prepared[parsed[0]].append((shard, value, parsed[2]))
+                    if parsed is None or value in seen:
+                        continue
+                    if parsed[1] != shard and parsed[1] in engines:
+                        continue  # its own shard's scan lists it too (or it is unreachable)
+                    seen.add(value)
+                    prepared[parsed[0]].append((shard, value, parsed[2]))
         except DBAPIError as exc:
             log.warning("xa recovery: shard %s not scanned (%s)", shard, type(exc).__name__)
             report.unreachable.append(shard)

@@ -290,7 +290,7 @@ def test_lookup_read_finding_no_owner_does_not_bind_the_transaction(router: Rout
     assert _amount(router, ob) == 12
 
 
-# -- 11. and 12. unique lookups: one implementation, case folded, orphans taken over ----------
+# -- 11. and 12. unique lookups: one implementation, case folded, orphans refused by name ------
 
 
 class Base(DeclarativeBase):
@@ -330,30 +330,51 @@ def _orphan_email(router: Router, email: str, owner: int) -> None:
         conn.execute(text(f"INSERT INTO {physical} VALUES (:e, :u)"), {"e": email, "u": owner})
 
 
-def test_router_takes_over_an_email_held_by_an_orphan(router: Router) -> None:
+def _refused_as_orphan(call: Any) -> None:
+    """An orphan is not taken over (its owner's insert may be in flight): the refusal names
+    the way out, ``check lookups --fix`` (defect 12 is solved by that plus this message)."""
+    with pytest.raises(ExecutionError, match="check lookups --fix"):
+        call()
+
+
+def test_router_refuses_an_email_held_by_an_orphan_until_check_lookups_fixes_it(
+    router: Router,
+) -> None:
     _orphan_email(router, "Grace@Example.com", 999)
+    _refused_as_orphan(lambda: router.execute(INSERT_USER, {"u": 7, "e": "grace@example.com"}))
+    check_lookups(router, fix=True, grace_s=0)
     router.execute(INSERT_USER, {"u": 7, "e": "grace@example.com"})
     assert _users_with_email(router, "GRACE@example.com") == [7]
     rows = router.execute("SELECT email, user_id FROM user_emails").rows
     assert rows == [("grace@example.com", 7)]
     # a live owner still keeps it
-    with pytest.raises(ExecutionError, match="already belongs"):
+    with pytest.raises(ExecutionError, match="already belongs to another owner"):
         router.execute(INSERT_USER, {"u": 8, "e": "GRACE@example.com"})
 
 
-def test_orm_takes_over_an_email_held_by_an_orphan(router: Router) -> None:
+def test_orm_refuses_an_email_held_by_an_orphan_until_check_lookups_fixes_it(
+    router: Router,
+) -> None:
     _orphan_email(router, "hopper@example.com", 998)
-    with routed_sessionmaker(router)() as session:
-        session.add(User(user_id=9, email="Hopper@example.com"))
-        session.commit()
+
+    def add() -> None:
+        with routed_sessionmaker(router)() as session:
+            session.add(User(user_id=9, email="Hopper@example.com"))
+            session.commit()
+
+    _refused_as_orphan(add)
+    check_lookups(router, fix=True, grace_s=0)
+    add()
     assert _users_with_email(router, "hopper@example.com") == [9]
 
 
-def test_orphan_email_of_an_owner_now_holding_another_address_is_taken_over(
+def test_orphan_email_of_an_owner_now_holding_another_address_is_refused_until_fixed(
     router: Router,
 ) -> None:
     router.execute(INSERT_USER, {"u": 10, "e": "new@example.com"})
     _orphan_email(router, "old@example.com", 10)  # user 10 exists, but not with this address
+    _refused_as_orphan(lambda: router.execute(INSERT_USER, {"u": 11, "e": "old@example.com"}))
+    check_lookups(router, fix=True, grace_s=0)
     router.execute(INSERT_USER, {"u": 11, "e": "old@example.com"})
     assert _users_with_email(router, "old@example.com") == [11]
 
