@@ -304,8 +304,9 @@ def _scatter_queries(world: World, table: str, driver: str) -> list[tuple[str, d
     at = next(r["at"] for r in world.rows[20:] if r["at"] is not None)
     amount = next(r["amount"] for r in world.rows[30:] if r["amount"] is not None)
     binary = next(r["bin"] for r in world.rows if r["bin"] and r["bin"][:2] == b"\x00\xff")
-    # aiomysql cannot bind bytes under this PyMySQL (test_async_drivers_bind_bytes): a literal there.
-    bin_term = f"X'{binary.hex()}'" if driver == "aiomysql" else ":b"
+    # aiomysql cannot bind bytes under this PyMySQL (test_async_drivers_bind_bytes): a literal
+    # there, written 0x.. (a binary string against a binary column; X'..' is refused).
+    bin_term = f"0x{binary.hex()}" if driver == "aiomysql" else ":b"
     return [
         (f"SELECT {COLUMNS} FROM {table} ORDER BY big, id LIMIT 17 OFFSET 5", {}),
         (f"SELECT {COLUMNS} FROM {table} ORDER BY at DESC, id DESC LIMIT 30", {}),
