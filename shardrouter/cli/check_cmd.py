@@ -70,6 +70,7 @@ def lookups(config_path: Path, fix: bool, grace: float, as_json: bool) -> None:
 
 
 def _run_lookups(config_path: Path, fix: bool, grace: float) -> list[Any]:
+    from ..config import safe_url
     from ..errors import ShardUnavailableError
     from ..lookups import check_lookups
     from ..router import Router
@@ -83,6 +84,6 @@ def _run_lookups(config_path: Path, fix: bool, grace: float) -> list[Any]:
             except Exception as exc:
                 detail = describe_error(exc) or type(exc).__name__
                 raise ShardUnavailableError(
-                    f"shard {shard} ({engine.url}) does not answer: {detail}", shard=shard
+                    f"shard {shard} ({safe_url(engine.url)}) does not answer: {detail}", shard=shard
                 ) from None
         return check_lookups(router, fix=fix, grace_s=grace)

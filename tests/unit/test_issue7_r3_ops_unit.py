@@ -1,0 +1,105 @@
+"""Issue 7, third round (ops): passwords masked in every URL shape, submodules as attributes of
+the lazy package, and --json errors as JSON for every shardctl command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from shardrouter.cli import main
+from shardrouter.config import load_config, safe_url
+from shardrouter.errors import ConfigError
+
+SECRET = "Sekr3tPW"
+
+# Shapes a password can take in a value that may not parse: spaces, quotes, several '@',
+# '//', two URLs in one value, no '@' at all (host forgotten), a query parameter.
+URL_SHAPES = [
+    f"mysql+pymysql://root:my {SECRET}@127.0.0.1:39x0/orders_s0",
+    f"mysql+pymysql://root:my {SECRET}@127.0.0.1:3306/orders_s0",
+    f"mysql+pymysql://root:{SECRET} x@y@127.0.0.1:39x0/orders_s0",
+    f"mysql+pymysql://root:{SECRET}@x@127.0.0.1/orders_s0",
+    f"mysql+pymysql://root:'{SECRET}'@127.0.0.1:39x0/orders_s0",
+    f'mysql+pymysql://root:"a {SECRET}"@127.0.0.1/orders_s0',
+    f"mysql+pymysql://root:a//{SECRET}@127.0.0.1:x/orders_s0",
+    f"mysql+pymysql:root:a//{SECRET}@127.0.0.1/orders_s0",
+    f"mysql+pymysql//root:{SECRET} @127.0.0.1/orders_s0",
+    f"  mysql+pymysql://root:{SECRET}@127.0.0.1:x/orders_s0",
+    f"mysql+pymysql://a:{SECRET}@h1/x mysql+pymysql://b:{SECRET}@h2/y",
+    f"mysql+pymysql://root:{SECRET}",
+    f"mysql+pymysql://root:{SECRET}/orders_s0",
+    f"mysql+pymysql://root:my {SECRET}/orders_s0",
+    f"mysql+pymysql://ro ot:{SECRET}@127.0.0.1:x/orders_s0",
+    f"mysql+pymysql://root@127.0.0.1/orders_s0?password={SECRET}",
+    f"mysql+pymysql://root@127.0.0.1:x/orders_s0?charset=utf8mb4&passwd={SECRET}",
+    f"root:my {SECRET}@127.0.0.1/orders_s0",
+]
+
+
+@pytest.mark.parametrize("url", URL_SHAPES)
+def test_safe_url_never_shows_the_password(url: str) -> None:
+    assert SECRET not in safe_url(url)
+
+
+def test_safe_url_keeps_what_helps() -> None:
+    """The masking hides the password, not the host and port a user must fix."""
+    shown = safe_url(f"mysql+pymysql://root:my {SECRET}@127.0.0.1:39x0/orders_s0")
+    assert shown == "mysql+pymysql://root:***@127.0.0.1:39x0/orders_s0"
+    assert safe_url("mysql+pymysql://root@h:3306/db") == "mysql+pymysql://root@h:3306/db"
+    assert safe_url("mysql+pymysql://h:3306/db") == "mysql+pymysql://h:3306/db"
+
+
+def _doc_with(url: Any, where: str = "primary") -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(Path("config/orders.yaml").read_text())
+    for shard in doc["shards"].values():
+        if where == "primary":
+            shard["primary"] = url
+        else:
+            shard["replicas"] = [url]
+    return doc
+
+
+@pytest.mark.parametrize("url", URL_SHAPES)
+@pytest.mark.parametrize("where", ["primary", "replicas"])
+def test_load_config_and_config_validate_never_show_the_password(
+    url: str, where: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(_doc_with(url, where), sort_keys=False))
+    try:
+        model = load_config(path)
+    except ConfigError as exc:
+        assert SECRET not in str(exc)
+        status = 1
+    else:  # a space or quotes in a password are legal: the model never shows it either
+        assert SECRET not in repr(model) + str(model) + model.model_dump_json()
+        status = 0
+    for args in (["config", "validate", str(path)], ["config", "validate", "--json", str(path)]):
+        done = CliRunner().invoke(main, args)
+        assert done.exit_code == status
+        assert SECRET not in done.output
+        assert SECRET not in (done.stderr if done.stderr_bytes is not None else "")
+
+
+def test_a_url_holding_a_password_in_its_query_is_refused(tmp_path: Path) -> None:
+    """repr() of a SQLAlchemy URL masks its password part only; a query password would show
+    in every repr of the config, so it is refused with the way out."""
+    url = f"mysql+pymysql://root@127.0.0.1:3306/orders_s0?password={SECRET}"
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(_doc_with(url), sort_keys=False))
+    with pytest.raises(ConfigError, match="query parameter 'password' carries a password"):
+        load_config(path)
+
+
+def test_two_urls_in_one_value_are_refused(tmp_path: Path) -> None:
+    """They parse as one URL whose database name holds the second URL and its password."""
+    url = f"mysql+pymysql://a:{SECRET}@h1/x mysql+pymysql://b:{SECRET}@h2/y"
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(_doc_with(url), sort_keys=False))
+    with pytest.raises(ConfigError, match="holds an '@'") as caught:
+        load_config(path)
+    assert SECRET not in str(caught.value)
