@@ -3,6 +3,8 @@ the lazy package, and --json errors as JSON for every shardctl command."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,39 @@ def test_two_urls_in_one_value_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="holds an '@'") as caught:
         load_config(path)
     assert SECRET not in str(caught.value)
+
+
+# -- submodules of the lazy package ---------------------------------------------------------
+
+
+def test_the_submodule_list_is_the_package_folder() -> None:
+    import pkgutil
+
+    import shardrouter
+
+    found = {m.name for m in pkgutil.iter_modules(shardrouter.__path__)}
+    assert found == set(shardrouter.SUBMODULES)
+
+
+def _fresh(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("shardrouter").SUBMODULES))
+def test_every_submodule_is_an_attribute_after_import_shardrouter(name: str) -> None:
+    done = _fresh(
+        f"import shardrouter, sys; m = shardrouter.{name};"
+        f" assert m is sys.modules['shardrouter.{name}'], m"
+    )
+    assert done.returncode == 0, done.stderr[-400:]
+
+
+def test_unknown_names_are_still_attribute_errors_and_import_loads_nothing_heavy() -> None:
+    done = _fresh(
+        "import shardrouter, sys\n"
+        "assert not hasattr(shardrouter, 'nope')\n"
+        "heavy = [m for m in ('sqlglot', 'sqlalchemy', 'aiomysql') if m in sys.modules]\n"
+        "assert heavy == [], heavy\n"
+        "assert 'errors' in dir(shardrouter)\n"
+    )
+    assert done.returncode == 0, done.stderr[-400:]
