@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ._common import config_option, describe_error, emit_json, json_option
+from ._common import CommandError, config_option, describe_error, emit_json, json_option
 
 EXIT_PROBLEMS = 1
 EXIT_CANNOT_CHECK = 3
@@ -47,10 +47,8 @@ def lookups(config_path: Path, fix: bool, grace: float, as_json: bool) -> None:
         message = describe_error(exc)
         if message is None:
             raise
-        if as_json:
-            emit_json({"ok": False, "error": message})
-        click.echo(f"Error: check lookups: {message}", err=True)
-        raise SystemExit(EXIT_CANNOT_CHECK) from None
+        # Printed by the shardctl group: text on stderr, and with --json one JSON object.
+        raise CommandError(f"check lookups: {message}", EXIT_CANNOT_CHECK) from None
     problems = any(r.missing or len(r.orphans) > (r.removed if fix else 0) for r in reports)
     if as_json:
         emit_json([r.as_dict() for r in reports])

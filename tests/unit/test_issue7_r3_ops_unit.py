@@ -3,6 +3,7 @@ the lazy package, and --json errors as JSON for every shardctl command."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,69 @@ def test_unknown_names_are_still_attribute_errors_and_import_loads_nothing_heavy
         "assert 'errors' in dir(shardrouter)\n"
     )
     assert done.returncode == 0, done.stderr[-400:]
+
+
+# -- --json errors are JSON, for every command -------------------------------------------
+
+
+def _leaves(group: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    import click
+
+    out: list[tuple[str, ...]] = []
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            out += _leaves(command, (*path, name))
+        else:
+            out.append((*path, name))
+    return out
+
+
+# One failing invocation per command (no server is needed: each fails before it connects or
+# on a config that cannot be read); the test below checks this covers `shardctl --help`.
+FAILING = {
+    ("bench",): ["--config", "{missing}", "--json"],
+    ("check", "lookups"): ["--config", "{missing}", "--json"],
+    ("config", "validate"): ["{missing}", "--json"],
+    ("demo",): ["--config", "{missing}", "--json"],
+    ("ids", "decode"): ["abc", "--config", "config/orders.yaml", "--json"],
+    ("ids", "new"): ["--json", "--config", "config/orders.yaml", "--table", "countries"],
+    ("route",): ["--config", "config/orders.yaml", "--table", "nope", "--key", "a=1", "--json"],
+    ("sandbox", "down"): ["--dir", "{file}", "--json"],
+    ("sandbox", "status"): ["--dir", "{file}", "--json"],
+    ("sandbox", "up"): ["--shards", "0", "--json"],
+    ("schema", "apply"): ["--config", "{missing}", "--json"],
+    ("schema", "status"): ["--config", "{missing}", "--json"],
+}
+
+
+def test_the_failing_invocations_cover_every_command() -> None:
+    assert sorted(FAILING) == _leaves(main)
+
+
+@pytest.mark.parametrize("command", sorted(FAILING), ids=" ".join)
+def test_json_errors_are_one_json_object_on_stdout(
+    command: tuple[str, ...], tmp_path: Path
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder\n")
+    args = [a.format(missing=tmp_path / "missing.yaml", file=a_file) for a in FAILING[command]]
+    done = CliRunner().invoke(main, [*command, *args])
+    assert done.exit_code != 0, done.output
+    data = json.loads(done.stdout)  # one document: the error, nothing before or after it
+    assert data["ok"] is False and data["error"], data
+    assert data["exit_code"] == done.exit_code
+    assert data["error"].splitlines()[0] in done.stderr  # the text for a human stays there
+
+
+def test_json_error_from_a_usage_error_before_the_json_option() -> None:
+    done = CliRunner().invoke(
+        main, ["ids", "new", "--count", "abc", "--json", "--config", "config/orders.yaml"]
+    )
+    assert done.exit_code == 2
+    assert "--count" in json.loads(done.stdout)["error"]
+
+
+def test_without_json_errors_stay_text_on_stderr() -> None:
+    done = CliRunner().invoke(main, ["route", "--config", "config/orders.yaml", "--table", "x"])
+    assert done.exit_code == 2 and done.stdout == ""
+    assert "Error:" in done.stderr
