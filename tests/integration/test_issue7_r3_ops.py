@@ -168,3 +168,51 @@ def test_where_none_is_is_null(world: dict[str, Any]) -> None:
         descending=False,
     )
     assert [r[0] for r in got] == expected
+
+
+# -- README: the long fuzz run ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_readme_fuzz_command_runs(tmp_path: Any) -> None:
+    """The README's `tools/fuzz --statements 100000 --out fuzz.json`, as written but with 20
+    statements, a fixed seed and ports of its own (base + 70: away from the session sandbox,
+    its oracle at +20 and the scratch sandboxes at +50): it starts and stops its own
+    sandbox, judges every statement and reports them, with nothing found."""
+    import json
+    import os
+    import re
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    (line,) = re.findall(r"^tools/fuzz [^#\n]*", readme, re.M)
+    argv = shlex.split(line)
+    assert argv[:3] == ["tools/fuzz", "--statements", "100000"]
+    argv[2] = "20"
+    out = tmp_path / "fuzz.json"
+    argv[argv.index("--out") + 1] = str(out)
+    port = int(os.environ.get("SHARDROUTER_SANDBOX_PORT", "3401")) + 70
+    argv += ["--seed", "20261130", "--port", str(port)]
+    helped = subprocess.run(
+        [sys.executable, str(repo / argv[0]), "--help"], capture_output=True, text=True
+    )
+    assert helped.returncode == 0 and "--statements" in helped.stdout
+    assert "default 100000" in helped.stdout and "--out" in helped.stdout
+    done = subprocess.run(
+        [sys.executable, str(repo / argv[0]), *argv[1:]],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        cwd=repo,
+    )
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:])
+    report = json.loads(done.stdout)
+    assert report["statements"] == 20 and report["findings"] == []
+    assert sum(v for k, v in report["coverage"].items() if k.startswith("kind:")) == 20
+    written = json.loads(out.read_text())  # the same report (its timings taken a moment apart)
+    for key in ("statements", "findings", "coverage", "seed"):
+        assert written[key] == report[key], key
