@@ -212,7 +212,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict
             raise yaml.constructor.ConstructorError(
                 None,
                 None,
-                f"duplicate key {key!r} (first at line {seen[key]}; remove one of them)",
+                f"duplicate key {_show(key)} (first at line {seen[key]}; remove one of them)",
                 key_node.start_mark,
             )
         seen[key] = line

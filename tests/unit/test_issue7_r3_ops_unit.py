@@ -208,3 +208,33 @@ def test_without_json_errors_stay_text_on_stderr() -> None:
     done = CliRunner().invoke(main, ["route", "--config", "config/orders.yaml", "--table", "x"])
     assert done.exit_code == 2 and done.stdout == ""
     assert "Error:" in done.stderr
+
+
+def test_a_duplicate_key_holding_a_url_is_shown_masked(tmp_path: Path) -> None:
+    key = f"mysql+pymysql://root:my {SECRET}@h/db"
+    path = tmp_path / "t.yaml"
+    path.write_text(f"shards:\n  '{key}': 1\n  '{key}': 2\n")
+    with pytest.raises(ConfigError, match="duplicate key") as caught:
+        load_config(path)
+    assert SECRET not in str(caught.value)
+
+
+# -- keyset predicate with NULLs (the SQL; tests/integration/test_issue7_r3_ops.py runs it) ----
+
+
+def test_keyset_query_spells_out_null_cursor_values() -> None:
+    from shardrouter.execution import keyset_query
+
+    sql, params, _ = keyset_query(
+        "users", ("user_id",), ("name", "user_id"), {}, (None, 7), 5, descending=False
+    )
+    assert "(name IS NOT NULL) OR (name IS NULL AND user_id > :a1)" in sql
+    assert params == {"a1": 7}  # no NULL is bound: a comparison with NULL is never true
+    sql, params, _ = keyset_query(
+        "users", ("user_id",), ("name", "user_id"), {}, ("x", 7), 5, descending=True
+    )
+    assert "((name < :a0 OR name IS NULL)) OR (name = :a0 AND user_id < :a1)" in sql
+    sql, params, _ = keyset_query(
+        "users", ("user_id",), ("name",), {"score": None}, (None,), 5, descending=True
+    )
+    assert "WHERE score IS NULL AND 1 = 0 ORDER BY name DESC" in sql and params == {}
