@@ -233,7 +233,10 @@ def test_keyset_query_spells_out_null_cursor_values() -> None:
     sql, params, _ = keyset_query(
         "users", ("user_id",), ("name", "user_id"), {}, ("x", 7), 5, descending=True
     )
-    assert "((name < :a0 OR name IS NULL)) OR (name = :a0 AND user_id < :a1)" in sql
+    assert (
+        "((name < :a0 OR name IS NULL)) OR (name = :a0 AND (user_id < :a1 OR user_id IS NULL))"
+        in sql
+    )
     sql, params, _ = keyset_query(
         "users", ("user_id",), ("name",), {"score": None}, (None,), 5, descending=True
     )
