@@ -89,17 +89,52 @@ _WHERE: dict[str, str] = {
 """Public name -> the module (under shardrouter) that defines it."""
 
 
+SUBMODULES = frozenset(
+    {
+        "aio",
+        "bench",
+        "cli",
+        "config",
+        "demo",
+        "engines",
+        "errors",
+        "execution",
+        "ids",
+        "lookups",
+        "merge",
+        "orm",
+        "planner",
+        "readpool",
+        "refs",
+        "router",
+        "sandbox",
+        "scatter",
+        "schema",
+        "shapes",
+        "strategies",
+        "topology",
+        "types",
+        "xa",
+    }
+)
+"""The package's modules: ``shardrouter.errors`` after ``import shardrouter`` works as it did
+when the package imported them eagerly (a test keeps this list equal to the folder's)."""
+
+
 def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
-    if module is None:
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+    elif name in SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module 'shardrouter' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({*globals(), *__all__, *SUBMODULES})
 
 
 __all__ = [

@@ -81,9 +81,10 @@ def _to_url(value: Any) -> URL:
                 " mysql+pymysql://user:${DB_PASSWORD}@host:3306/orders_s0)"
             },
         ) from None
-    if "@" in (url.host or ""):
+    if _misparsed(url):
         # "user:p@ss@host": the URL grammar ends the password at the first '@', so the rest of
-        # the password would be taken for the host (and shown in every message naming it).
+        # the password would be taken for the host (and shown in every message naming it);
+        # two URLs in one value put the second one's password in the database name.
         raise PydanticCustomError(
             "database_url",
             "{message}",
@@ -92,7 +93,24 @@ def _to_url(value: Any) -> URL:
                 " percent-encode it as %40 (urllib.parse.quote(password, safe=''))"
             },
         )
+    secret = sorted(k for k in url.query if "pass" in k.lower())
+    if secret:
+        # repr() and str() of a URL mask only its password part: a query password would show.
+        raise PydanticCustomError(
+            "database_url",
+            "{message}",
+            {
+                "message": f"{safe_url(value)!r}: the query parameter {secret[0]!r} carries a"
+                " password, which messages would show; write user:password@host instead"
+                " (percent-encoded)"
+            },
+        )
     return url
+
+
+def _misparsed(url: URL) -> bool:
+    """An '@' outside the user part: part of a password was taken for the host or database."""
+    return "@" in (url.host or "") or "@" in (url.database or "")
 
 
 def _dump_url(url: URL, info: SerializationInfo) -> str:
@@ -194,7 +212,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict
             raise yaml.constructor.ConstructorError(
                 None,
                 None,
-                f"duplicate key {key!r} (first at line {seen[key]}; remove one of them)",
+                f"duplicate key {_show(key)} (first at line {seen[key]}; remove one of them)",
                 key_node.start_mark,
             )
         seen[key] = line
@@ -340,25 +358,38 @@ def _unwrap(tp: Any) -> Any:
             return tp
 
 
-_CREDENTIALS = re.compile(r"([^\s:/@'\"\[\]{}]+):[^@\s'\"]*@")
+# A scheme as URLs start (``mysql+pymysql://``, or ``mysql+pymysql//`` with the colon
+# forgotten); leading blanks allowed, since a value from YAML may carry them.
+_SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*:?//")
+_PLAIN_USER = re.compile(r"[A-Za-z0-9_.$-]+")
+# A password passed as a query parameter (``?password=…``, ``&passwd=…``): up to the next '&'.
+_QUERY_SECRET = re.compile(r"(?i)([?&;][^=&?;]*pass[^=&?;]*=)[^&]*")
 
 
 def _mask_text(text: str) -> str:
-    """``text`` with the password of every ``user:password@`` masked, even one that holds
-    quotes, '/' or '@' (everything up to the last '@' of a word is the user part)."""
-    words = text.split(" ")
-    for i, word in enumerate(words):
-        head, at, tail = word.rpartition("@")
-        if not at:
-            continue
-        scheme = head.find("//")
-        prefix, userinfo = (head[: scheme + 2], head[scheme + 2 :]) if scheme >= 0 else ("", head)
-        user, colon, _ = userinfo.partition(":")
-        if colon:
-            words[i] = f"{prefix}{user}:***@{tail}"
-        elif "@" in userinfo:  # a user name holding '@': show none of it
-            words[i] = f"{prefix}***@{tail}"
-    return " ".join(words)
+    """``text`` with any credentials masked, whatever it holds (spaces, quotes, '/', several
+    '@' or URLs): everything between the scheme's ``//`` (or the start) and the LAST '@' is
+    the user part, shown as ``user:***`` when the user name is plain, else as ``***``.
+
+    Without an '@', a ``scheme://name:rest`` whose rest is no port may be a password with
+    the host forgotten: the rest is masked too. Query parameters naming a password are
+    masked in every case."""
+    scheme = _SCHEME.match(text)
+    start = scheme.end() if scheme else 0
+    at = text.rfind("@")
+    if at >= start:
+        user, colon, _ = text[start:at].partition(":")
+        shown = f"{user}:***" if colon and _PLAIN_USER.fullmatch(user) else "***"
+        text = f"{text[:start]}{shown}{text[at:]}"
+    elif scheme:
+        name, colon, rest = text[start:].partition(":")
+        if colon and not re.fullmatch(r"\d*(/[A-Za-z0-9_$-]*)?", rest):
+            text = f"{text[:start]}{name}:***"
+    return _mask_query(text)
+
+
+def _mask_query(text: str) -> str:
+    return _QUERY_SECRET.sub(r"\1***", text)
 
 
 def _scrub(value: Any) -> Any:
@@ -366,7 +397,7 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         return _mask_text(value)
     if isinstance(value, URL):
-        return value.render_as_string(hide_password=True)
+        return safe_url(value)
     if isinstance(value, dict):
         return {_scrub(k): _scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -413,14 +444,14 @@ def _structure_problems(exc: ValidationError) -> list[str]:
 def safe_url(url: str | URL) -> str:
     """A URL for messages: the password replaced by ***."""
     if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
+        return _mask_query(url.render_as_string(hide_password=True))
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
-        return _CREDENTIALS.sub(r"\1:***@", _mask_text(url))
-    if "@" in (parsed.host or ""):  # the password held an '@': the parse is wrong
         return _mask_text(url)
-    return parsed.render_as_string(hide_password=True)
+    if _misparsed(parsed):  # the password held an '@': the parse is wrong
+        return _mask_text(url)
+    return _mask_query(parsed.render_as_string(hide_password=True))
 
 
 def check(model: TopologyConfig) -> Iterator[str]:

@@ -1009,7 +1009,20 @@ def keyset_query(
 
     Every value is a bound parameter; names are checked to be plain identifiers. Returns the
     SQL, its parameters and the positions of the sort columns in the selected columns.
+
+    Sort columns may hold NULL: MySQL (and SQLite, and the merge) put NULLs first ascending and
+    last descending, and ``col > NULL`` is never true, so the cursor's NULLs are spelled out
+    (``IS NULL`` / ``IS NOT NULL``) instead of compared; a ``where`` value of None is
+    ``IS NULL`` as in SQLAlchemy's ``filter_by``.
     """
+
+    def past_cursor(name: str, param: str, value: Any) -> str | None:
+        """``name`` sorts strictly after the cursor value, NULLs placed as MySQL places them."""
+        if not descending:  # NULLs first: past a NULL is any value, past a value a greater one
+            return f"{name} IS NOT NULL" if value is None else f"{name} > {param}"
+        # NULLs last: nothing is past a NULL; past a value is a smaller one, or NULL
+        return None if value is None else f"({name} < {param} OR {name} IS NULL)"
+
     names = [*columns, *where, *order_by, table]
     bad = [n for n in names if not n.isidentifier()]
     if bad:
@@ -1020,21 +1033,31 @@ def keyset_query(
     params: dict[str, Any] = {}
     clauses = []
     for i, (column_name, value) in enumerate(where.items()):
-        params[f"w{i}"] = value
-        clauses.append(f"{column_name} = :w{i}")
+        if value is None:
+            clauses.append(f"{column_name} IS NULL")
+        else:
+            params[f"w{i}"] = value
+            clauses.append(f"{column_name} = :w{i}")
     if after is not None:
         if len(after) != len(order_by):
             raise RoutingError(
                 f"page: after has {len(after)} values for {len(order_by)} sort columns"
             )
-        op = "<" if descending else ">"
-        # (a, b) > (x, y) spelled out so every MySQL version uses the index on (a, b).
+        # (a, b) > (x, y) spelled out so every MySQL version uses the index on (a, b): rows
+        # equal on the first i columns and past the cursor on column i, for each i.
         ors = []
-        for i in range(len(order_by)):
-            eqs = [f"{order_by[j]} = :a{j}" for j in range(i)]
-            ors.append("(" + " AND ".join([*eqs, f"{order_by[i]} {op} :a{i}"]) + ")")
-        params.update({f"a{i}": v for i, v in enumerate(after)})
-        clauses.append("(" + " OR ".join(ors) + ")")
+        for i, name in enumerate(order_by):
+            past = past_cursor(name, f":a{i}", after[i])
+            if past is None:  # nothing sorts past a NULL descending: no row on this branch
+                continue
+            eqs = [
+                f"{order_by[j]} IS NULL" if after[j] is None else f"{order_by[j]} = :a{j}"
+                for j in range(i)
+            ]
+            ors.append("(" + " AND ".join([*eqs, past]) + ")")
+        params.update({f"a{i}": v for i, v in enumerate(after) if v is not None})
+        # No branch left (every cursor value NULL, descending): the listing is over.
+        clauses.append("(" + " OR ".join(ors) + ")" if ors else "1 = 0")
     direction = " DESC" if descending else ""
     sql = (
         f"SELECT {', '.join(selected)} FROM {table}"

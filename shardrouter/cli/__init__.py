@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ._common import JsonErrorsGroup
 from .check_cmd import check
 from .config_cmd import config
 from .ids_cmd import ids
@@ -13,7 +14,7 @@ from .sandbox import sandbox
 from .schema_cmd import schema
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=JsonErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="shardrouter")
 def main() -> None:
     """shardrouter: route orders to MySQL shards, hand out ids that carry their shard."""

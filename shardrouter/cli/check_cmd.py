@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ._common import config_option, describe_error, emit_json, json_option
+from ._common import CommandError, config_option, describe_error, emit_json, json_option
 
 EXIT_PROBLEMS = 1
 EXIT_CANNOT_CHECK = 3
@@ -47,10 +47,8 @@ def lookups(config_path: Path, fix: bool, grace: float, as_json: bool) -> None:
         message = describe_error(exc)
         if message is None:
             raise
-        if as_json:
-            emit_json({"ok": False, "error": message})
-        click.echo(f"Error: check lookups: {message}", err=True)
-        raise SystemExit(EXIT_CANNOT_CHECK) from None
+        # Printed by the shardctl group: text on stderr, and with --json one JSON object.
+        raise CommandError(f"check lookups: {message}", EXIT_CANNOT_CHECK) from None
     problems = any(r.missing or len(r.orphans) > (r.removed if fix else 0) for r in reports)
     if as_json:
         emit_json([r.as_dict() for r in reports])
@@ -70,6 +68,7 @@ def lookups(config_path: Path, fix: bool, grace: float, as_json: bool) -> None:
 
 
 def _run_lookups(config_path: Path, fix: bool, grace: float) -> list[Any]:
+    from ..config import safe_url
     from ..errors import ShardUnavailableError
     from ..lookups import check_lookups
     from ..router import Router
@@ -83,6 +82,6 @@ def _run_lookups(config_path: Path, fix: bool, grace: float) -> list[Any]:
             except Exception as exc:
                 detail = describe_error(exc) or type(exc).__name__
                 raise ShardUnavailableError(
-                    f"shard {shard} ({engine.url}) does not answer: {detail}", shard=shard
+                    f"shard {shard} ({safe_url(engine.url)}) does not answer: {detail}", shard=shard
                 ) from None
         return check_lookups(router, fix=fix, grace_s=grace)

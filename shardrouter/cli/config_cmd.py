@@ -26,11 +26,20 @@ def validate(file: Path, as_json: bool) -> None:
         model = load_config(file)
     except ConfigError as exc:
         if as_json:
-            emit_json({"file": str(file), "valid": False, "problems": list(exc.problems)})
-        else:
-            click.echo(str(exc), err=True)
+            emit_json(
+                {
+                    "ok": False,
+                    "error": str(exc),
+                    "exit_code": 1,
+                    "file": str(file),
+                    "valid": False,
+                    "problems": list(exc.problems),
+                }
+            )
+        click.echo(str(exc), err=True)  # for a human, as every command's errors
         raise SystemExit(1) from None
     summary = {
+        "ok": True,
         "file": str(file),
         "valid": True,
         "problems": [],

@@ -67,6 +67,7 @@ def test_config_validate_valid() -> None:
 def test_config_validate_valid_json() -> None:
     data = run_json("config", "validate", ORDERS_YAML)
     assert data == {
+        "ok": True,
         "file": ORDERS_YAML,
         "valid": True,
         "problems": [],
@@ -93,6 +94,7 @@ def test_config_validate_invalid_json(bad_config: str) -> None:
     assert result.exit_code == 1
     data = json.loads(result.stdout)
     assert data["valid"] is False and data["file"] == bad_config
+    assert data["ok"] is False and data["exit_code"] == 1 and "3 problems" in data["error"]
     assert len(data["problems"]) == 3
     for expected, problem in zip(BAD_CONFIG_PROBLEMS, data["problems"], strict=True):
         assert problem.startswith(expected)

@@ -80,6 +80,9 @@ BLOCKS = {
     "slots: 1024                     # power of two, fixed for the life of the cluster": (
         "test_topology_block_is_a_valid_config"
     ),
+    "SHARDROUTER_FUZZ_EXAMPLES=5000 python3 -m pytest tests/fuzz -q   # more statements than CI": (
+        "commands"
+    ),
     "# bad.yaml": "test_bad_yaml_block_gives_the_problems_shown",
     "$ shardctl config validate bad.yaml": "test_bad_yaml_block_gives_the_problems_shown",
     "orders.user_id: value 'abc' is not an integer (strategy hash expects int); pass the row's"
@@ -107,6 +110,12 @@ COMMANDS = {
     "shardctl config validate config/orders.yaml": "run",
     "shardctl bench": "run",
     "shardctl check lookups --config .sandbox/topology.yaml": INTEGRATION,
+    "SHARDROUTER_FUZZ_EXAMPLES=5000 python3 -m pytest tests/fuzz -q": (
+        "tests/unit/test_readme.py::test_fuzz_pytest_command_is_the_ci_module_with_its_count"
+    ),
+    "tools/fuzz --statements 100000 --out fuzz.json": (
+        "tests/integration/test_issue7_r3_ops.py::test_readme_fuzz_command_runs"
+    ),
     "shardctl sandbox down --dir .sandbox": (
         "tests/integration/test_sandbox.py::test_cli_up_status_down"
     ),
@@ -223,3 +232,15 @@ def test_error_block_is_the_real_message() -> None:
     with pytest.raises(KeyValueError) as info:
         topology.shard_for("orders", "abc")
     assert str(info.value) == expected
+
+
+def test_fuzz_pytest_command_is_the_ci_module_with_its_count() -> None:
+    """`SHARDROUTER_FUZZ_EXAMPLES=N python3 -m pytest tests/fuzz` runs the CI fuzz module (what
+    tools/test runs, since pytest's testpaths include tests/fuzz) with N statements instead of
+    the default: the variable is the module's bound and the default is the README's."""
+    module = (REPO / "tests" / "fuzz" / "test_differential.py").read_text(encoding="utf-8")
+    assert 'int(os.environ.get("SHARDROUTER_FUZZ_EXAMPLES", "1500"))' in module
+    assert "max_examples=EXAMPLES" in module
+    assert "default 1500" in README.read_text(encoding="utf-8")
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'testpaths = ["tests"]' in pyproject
