@@ -381,9 +381,21 @@ def scatter(
                 # ORDER BY 2.50 or 'x' orders by a constant: a no-op (only an unsigned integer
                 # literal is a position).
                 continue
-            sort_keys.append(
-                SortKey(index=position_of(ordered.this), descending=bool(ordered.args.get("desc")))
-            )
+            pos = position_of(ordered.this)
+            extra = hidden[pos - width] if pos >= width else None
+            if extra is not None and (
+                _aggregate_of(extra) == "avg"
+                or (_aggregate_of(extra) is None and next(extra.find_all(exp.AggFunc), None))
+            ):
+                # Only plain COUNT/SUM/MIN/MAX partials merge; an unselected AVG or expression
+                # over aggregates would be one shard's value (found by tools/fuzz:
+                # GROUP BY m.user_id ORDER BY AVG(m.merchant_id)).
+                raise UnsupportedQueryError(
+                    f"ORDER BY {extra.sql(dialect='mysql')!r} across shards: an AVG or an"
+                    " expression over aggregates that is not selected cannot be merged; select"
+                    " it with an alias and order by the alias"
+                )
+            sort_keys.append(SortKey(index=pos, descending=bool(ordered.args.get("desc"))))
             if ordered.args.get("nulls_first") is not None and "NULLS" in ordered.sql().upper():
                 raise UnsupportedQueryError("NULLS FIRST/LAST is not MySQL syntax")
     sort_hidden = len(hidden)  # the helpers before any weight column
