@@ -27,7 +27,7 @@ from .errors import (
     ScatterWriteError,
     UnsupportedQueryError,
 )
-from .merge import merge
+from .merge import MergePlan, merge
 from .planner import KeyCondition, Plan, Target
 from .strategies import HashStrategy, LookupStrategy
 from .strategies.hash import fold
@@ -93,6 +93,9 @@ class JobResult:
     rowcount: int
     parts: tuple[JobResult, ...] = ()
     """For a job of several statements: one result each, in order."""
+    index_ordered: frozenset[int] = frozenset()
+    """Positions of ENUM/SET columns (ordered by index, not text), where the driver's result
+    metadata says so (the lean readpool path: PyMySQL, aiomysql)."""
 
     @classmethod
     def of(cls, result: Any) -> JobResult:
@@ -252,9 +255,27 @@ def run(
     if not scatter_sql or plan.merge is None:
         rows = [row for r in results for row in r.rows]
         return ResultSet(columns, rows, len(rows), shards, tuple(found.lookups), found.scatter)
+    _refuse_index_ordered(plan.merge, results)
     merged = list(merge(plan.merge, [r.rows for r in results]))
     visible = columns[: plan.merge.visible_width(len(columns))]
     return ResultSet(visible, merged, len(merged), shards, tuple(found.lookups), found.scatter)
+
+
+def _refuse_index_ordered(merge_plan: MergePlan, results: Sequence[JobResult]) -> None:
+    """MySQL orders, groups and deduplicates ENUM and SET columns by their index, the merge by
+    their text: refuse rather than answer in another order. No SQL expression tells an ENUM
+    from a VARCHAR, so this reads the result metadata; drivers without it (and transactions,
+    which do not take the lean path) remain a known gap (docs/ARCHITECTURE.md)."""
+    flagged = frozenset().union(*(r.index_ordered for r in results))
+    if not flagged:
+        return
+    compared = {k.index for k in merge_plan.order_by} | set(merge_plan.group_by)
+    if merge_plan.distinct or flagged & compared:
+        raise UnsupportedQueryError(
+            "ORDER BY, GROUP BY or DISTINCT on an ENUM or SET column across shards: MySQL orders"
+            " those by their index, the merge would order them by text; order by `col + 0` (the"
+            " index) or route the statement by a key"
+        )
 
 
 def _backend(topology: Topology, shard: ShardId) -> str:

@@ -42,7 +42,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, overload
 
 import aiomysql.connection as _aiomysql_connection
@@ -203,7 +203,11 @@ def _finish(conn: Any, result: Any) -> JobResult:
     if result.server_status is not None:
         conn.server_status = result.server_status
     rows = result.rows if result.rows is not None else []  # an empty LazyRows stays one
-    return _result(result.description, rows, result.affected_rows)
+    found = _result(result.description, rows, result.affected_rows)
+    enums = frozenset(
+        i for i, field in enumerate(result.fields or ()) if field.flags & _INDEX_ORDERED_FLAGS
+    )
+    return replace(found, index_ordered=enums) if enums else found
 
 
 def _query_lazy(conn: Any, sql: str, args: tuple[Any, ...] | Mapping[str, Any]) -> JobResult:
@@ -526,6 +530,9 @@ def _eager(result: JobResult, lazy: bool) -> JobResult:
     if lazy or isinstance(result.rows, list):
         return result
     return JobResult(result.columns, list(result.rows), result.rowcount, result.parts)
+
+
+_INDEX_ORDERED_FLAGS = 256 | 2048  # the protocol's ENUM_FLAG and SET_FLAG
 
 
 def _result(description: Any, rows: Sequence[Any], rowcount: int) -> JobResult:

@@ -194,6 +194,32 @@ def test_having_name_that_is_also_a_select_alias(world: dict[str, Any]) -> None:
     )
 
 
+def test_order_by_enum_column_is_refused_not_misordered(world: dict[str, Any]) -> None:
+    """ENUM sorts by its index ('zeta' < 'alpha' < 'mid' here); the merge would sort by the
+    text. The shards' result metadata flags ENUM/SET columns, so such a merge is refused (sync
+    and async), and ordering by the index (`tier + 0`) answers as one database does."""
+    from shardrouter.errors import UnsupportedQueryError
+
+    for sql in (
+        "SELECT user_id, tier FROM users ORDER BY tier, user_id",
+        "SELECT user_id, tier FROM users ORDER BY tier DESC, user_id LIMIT 10",
+        "SELECT tier, COUNT(*) FROM users GROUP BY tier",
+        "SELECT DISTINCT tier FROM users",
+    ):
+        with pytest.raises(UnsupportedQueryError, match="ENUM or SET"):
+            world["router"].execute(sql)
+        with pytest.raises(UnsupportedQueryError, match="ENUM or SET"):
+            world["loop"].run_until_complete(world["aio"].execute(sql))
+    for sql in (
+        "SELECT user_id, tier FROM users ORDER BY tier + 0, user_id",
+        "SELECT user_id, tier FROM users ORDER BY tier + 0 DESC, user_id LIMIT 10",
+    ):
+        _labels, expected = oracle_rows(world, sql, None)
+        assert _norm(world["router"].execute(sql).rows) == expected, sql
+        got = world["loop"].run_until_complete(world["aio"].execute(sql))
+        assert _norm(got.rows) == expected, sql
+
+
 def test_group_by_nopad_collation_keeps_trailing_spaces_apart(world: dict[str, Any]) -> None:
     """utf8mb4_nopad_bin: 'a' and 'a ' are different values; WEIGHT_STRING(x AS CHAR(255))
     pads both to the same weight, so the merge folds the groups together."""
