@@ -282,3 +282,36 @@ HAVING_SWEEP = [
 @pytest.mark.parametrize("sql", HAVING_SWEEP)
 def test_having_sweep(world: dict[str, Any], sql: str) -> None:
     check(world, sql, ordered=False)
+
+
+@pytest.mark.parametrize(
+    "shard_block",
+    [
+        # a URL pasted as a key (a mis-indented or half-edited file): "unknown key" names it
+        "  s0:\n    slots: [0, 15]\n    primary: mysql+pymysql://root:Sup3rS3cret@127.0.0.1:1/db\n"
+        "    mysql+pymysql://root:Sup3rS3cret@127.0.0.2:1/db: replica\n",
+        # the URL written where the shard's name goes: every message about it names it
+        "  mysql+pymysql://root:Sup3rS3cret@127.0.0.1:1/db:\n    slots: [0, 15]\n",
+    ],
+)
+def test_password_in_a_yaml_key_is_not_printed(tmp_path: Any, shard_block: str) -> None:
+    """config._structure_problems masks the bad VALUE (_show/_scrub) but prints the key path
+    (_loc_path) as is: a URL that YAML read as a key is printed with its password, on stderr
+    and in the --json document, by every command that loads the file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "topology.yaml"
+    path.write_text(f"name: t\nversion: 1\nslots: 16\nshards:\n{shard_block}tables: {{}}\n")
+    for args in (
+        ["config", "validate", str(path), "--json"],
+        ["schema", "status", "--config", str(path), "--json"],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", "import shardrouter.cli as c; c.main()", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode != 0, done
+        assert "Sup3rS3cret" not in done.stdout + done.stderr, (args, done.stdout)
