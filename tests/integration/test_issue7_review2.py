@@ -388,3 +388,49 @@ def test_distinct_aggregates_not_selected(world: dict[str, Any], sql: str) -> No
     """HAVING COUNT(DISTINCT x) / SUM(DISTINCT x) evaluated after the merge (430ce36) on the
     SUM of the shards' partial values: a value present on two shards counts twice."""
     check(world, sql, ordered="ORDER BY" in sql)
+
+
+def test_async_transaction_after_a_deadlock_does_not_commit_half(world: dict[str, Any]) -> None:
+    """AsyncTransaction: the same as the sync test (its _broken is set only for a timeout)."""
+    from shardrouter.errors import LockConflictError
+
+    o1, o2, o3 = _fresh_orders(world, 777_000_002, 3)
+    aio = world["aio"]
+    outcome: dict[str, Any] = {}
+
+    async def run() -> None:
+        barrier = asyncio.Barrier(2)
+
+        async def worker(name: str, mark: int, first: int, second: int, delay: float) -> None:
+            try:
+                async with aio.transaction() as txn:
+                    upd = "UPDATE orders SET amount_cents = :m WHERE order_id = :o"
+                    await txn.execute(upd, {"m": mark, "o": first})
+                    await barrier.wait()
+                    await asyncio.sleep(delay)
+                    try:
+                        await txn.execute(upd, {"m": mark, "o": second})
+                    except LockConflictError:
+                        outcome[name + "_deadlocked"] = True
+                        await txn.execute(upd, {"m": mark, "o": o3})
+                outcome[name] = "committed"
+            except ShardRouterError as exc:
+                outcome[name] = type(exc).__name__
+
+        await asyncio.wait_for(
+            asyncio.gather(worker("a", 101, o1, o2, 0.0), worker("b", 202, o2, o1, 0.5)), 60
+        )
+
+    world["loop"].run_until_complete(run())
+    router: Router = world["router"]
+    got = dict(
+        router.execute(
+            "SELECT order_id, amount_cents FROM orders WHERE user_id = :u", {"u": 777_000_002}
+        ).rows
+    )
+    router.execute("DELETE FROM orders WHERE user_id = :u", {"u": 777_000_002})
+    assert outcome.get("a_deadlocked") or outcome.get("b_deadlocked"), outcome
+    victim = "a" if outcome.get("a_deadlocked") else "b"
+    mark = 101 if victim == "a" else 202
+    first = o1 if victim == "a" else o2
+    assert not (got[o3] == mark and got[first] != mark), (outcome, got)
