@@ -434,3 +434,51 @@ def test_async_transaction_after_a_deadlock_does_not_commit_half(world: dict[str
     mark = 101 if victim == "a" else 202
     first = o1 if victim == "a" else o2
     assert not (got[o3] == mark and got[first] != mark), (outcome, got)
+
+
+@pytest.mark.timeout(120)
+def test_xa_commit_after_a_timed_out_branch_is_typed_and_leaves_nothing_prepared(
+    world: dict[str, Any], shard_databases: Any
+) -> None:
+    """Router(xa=True): a statement on the second branch times out (its connection is gone);
+    the commit then runs XA END/PREPARE branch by branch: the first branch is PREPARED, the
+    second raises SQLAlchemy's PendingRollbackError, which Transaction._end's XA path does not
+    catch (only DBAPIError/PoolTimeoutError): no xa.rollback, an untyped error, and a prepared
+    branch holding its locks until recover_xa() runs."""
+    import time
+
+    from sqlalchemy import text as sql_text
+
+    from tests.integration.test_issue7_review import _short_timeout_topology
+
+    topology = _short_timeout_topology(shard_databases)
+    users = world["data"]["users"]
+    first = users[0]
+    shard_a = topology.route("users", "user_id", first["user_id"]).shard
+    other = next(
+        u for u in users if topology.route("users", "user_id", u["user_id"]).shard != shard_a
+    )
+    error: BaseException | None = None
+    with Router(topology, xa=True) as router:
+        try:
+            with router.transaction() as txn:
+                txn.execute(
+                    "UPDATE users SET score = score WHERE user_id = :u", {"u": first["user_id"]}
+                )
+                with contextlib.suppress(ShardRouterError):
+                    txn.execute(
+                        "SELECT SLEEP(2) AS s FROM users WHERE user_id = :u",
+                        {"u": other["user_id"]},
+                    )
+                time.sleep(2.5)
+        except BaseException as exc:  # noqa: BLE001 - the type is what is checked
+            error = exc
+        engine = router.engines.primary(shard_a)
+        with engine.connect() as conn:
+            prepared = [r for r in conn.execute(sql_text("XA RECOVER")).fetchall()]
+        for row in prepared:  # leave no prepared branch behind for the other tests
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                data = row[3].decode() if isinstance(row[3], bytes) else row[3]
+                with contextlib.suppress(Exception):  # 1402: rolled back, as wanted
+                    conn.exec_driver_sql(f"XA ROLLBACK '{data}'")
+    assert isinstance(error, ShardRouterError) and not prepared, (repr(error), prepared)
