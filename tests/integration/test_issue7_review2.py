@@ -471,7 +471,7 @@ def test_xa_commit_after_a_timed_out_branch_is_typed_and_leaves_nothing_prepared
                         {"u": other["user_id"]},
                     )
                 time.sleep(2.5)
-        except BaseException as exc:  # noqa: BLE001 - the type is what is checked
+        except BaseException as exc:  # the type is what is checked
             error = exc
         engine = router.engines.primary(shard_a)
         with engine.connect() as conn:
@@ -482,3 +482,23 @@ def test_xa_commit_after_a_timed_out_branch_is_typed_and_leaves_nothing_prepared
                 with contextlib.suppress(Exception):  # 1402: rolled back, as wanted
                     conn.exec_driver_sql(f"XA ROLLBACK '{data}'")
     assert isinstance(error, ShardRouterError) and not prepared, (repr(error), prepared)
+
+
+@pytest.mark.parametrize("args", [["--bogus", "--json"], ["--json", "ids", "decode", "x"]])
+def test_cli_json_error_for_a_usage_error_of_the_group_itself(args: list[str]) -> None:
+    """JsonErrorsGroup prints the JSON document from invoke(); a usage error in the shardctl
+    group's own options is raised by make_context (super().make_context) before that: no
+    JSON on stdout."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import shardrouter.cli as c; c.main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    document = json.loads(done.stdout or "null")
+    assert isinstance(document, dict) and document.get("ok") is False, (done.stdout, done.stderr)
