@@ -502,3 +502,59 @@ def test_cli_json_error_for_a_usage_error_of_the_group_itself(args: list[str]) -
     assert done.returncode != 0
     document = json.loads(done.stdout or "null")
     assert isinstance(document, dict) and document.get("ok") is False, (done.stdout, done.stderr)
+
+
+@pytest.mark.timeout(200)
+def test_xa_transaction_and_a_multi_shard_write_do_not_wait_on_each_other(
+    world: dict[str, Any], shard_databases: Any
+) -> None:
+    """_write_together takes its shards in sorted order, but an xa=True Transaction takes them
+    in statement order: T locks B (higher shard) then wants A (lower), W locks A then wants B.
+    Neither server sees a cycle: both wait innodb_lock_wait_timeout (50 s) and one fails."""
+    import threading
+    import time
+
+    from shardrouter.topology import Topology
+
+    topology = Topology.load(shard_databases)
+    users = world["data"]["users"]
+    by_shard: dict[Any, Any] = {}
+    for u in users:
+        by_shard.setdefault(topology.route("users", "user_id", u["user_id"]).shard, u)
+    low, high = (by_shard[s]["user_id"] for s in sorted(by_shard)[:2])
+    outcome: dict[str, Any] = {}
+    t_locked = threading.Event()
+    w_started = threading.Event()
+
+    def transaction() -> None:
+        with Router(topology, xa=True) as router:
+            start = time.monotonic()
+            try:
+                with router.transaction() as txn:
+                    txn.execute("UPDATE users SET score = score WHERE user_id = :u", {"u": high})
+                    t_locked.set()
+                    w_started.wait(10)
+                    time.sleep(1.0)  # W holds A and waits for B
+                    txn.execute("UPDATE users SET score = score WHERE user_id = :u", {"u": low})
+                outcome["T"] = ("committed", round(time.monotonic() - start))
+            except ShardRouterError as exc:
+                outcome["T"] = (type(exc).__name__, round(time.monotonic() - start))
+
+    def write() -> None:
+        t_locked.wait(10)
+        w_started.set()
+        start = time.monotonic()
+        try:
+            world["router"].execute(
+                "UPDATE users SET score = score WHERE user_id IN (:a, :b)", {"a": low, "b": high}
+            )
+            outcome["W"] = ("committed", round(time.monotonic() - start))
+        except ShardRouterError as exc:
+            outcome["W"] = (type(exc).__name__, round(time.monotonic() - start))
+
+    threads = [threading.Thread(target=transaction), threading.Thread(target=write)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    assert all(took < 10 for _, took in outcome.values()), outcome
