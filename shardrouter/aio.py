@@ -18,7 +18,12 @@ from sqlalchemy.sql import Executable
 
 from . import readpool
 from .engines import classify, make_async_engine
-from .errors import CrossShardTransactionError, RoutingError, ShardUnavailableError
+from .errors import (
+    CrossShardTransactionError,
+    LockConflictError,
+    RoutingError,
+    ShardUnavailableError,
+)
 from .execution import (
     Job,
     JobResult,
@@ -35,7 +40,7 @@ from .execution import (
 )
 from .planner import Planner
 from .readpool import AsyncReadPool
-from .router import _explicit_key_rules, _sql_and_params, aborted, route_key
+from .router import _explicit_key_rules, _sql_and_params, aborted, ends_transaction, route_key
 from .topology import Topology
 from .types import ShardId, Slot
 
@@ -70,7 +75,8 @@ class AsyncTransaction:
         self._deferred: list[Job] = []
         self._ledger = LookupLedger()
         self._broken: BaseException | None = None
-        """A statement timed out (cancelled mid-answer: the connection's state is unknown)."""
+        """A statement timed out (cancelled mid-answer: the connection's state is unknown) or
+        was a deadlock victim (the server rolled the transaction back)."""
         self._wrote = False
         """A write ran in it: a commit that cannot happen then loses it, and says so."""
 
@@ -129,6 +135,11 @@ class AsyncTransaction:
             # next statement would read it as its own. The transaction cannot go on.
             self._broken = exc
             raise
+        except LockConflictError as exc:
+            # A deadlock rolled back the whole transaction on the server (see Transaction._run).
+            if ends_transaction(exc):
+                self._broken = exc
+            raise
 
     async def _finish(self, commit: bool) -> None:
         committed = False
@@ -136,7 +147,11 @@ class AsyncTransaction:
             conn = self._conn
             if conn is not None:
                 assert self.shard is not None
-                if self._broken is not None:
+                if isinstance(self._broken, LockConflictError):
+                    await self._router._end(self.shard, conn, False)  # the connection is sound
+                    if commit and self._wrote:
+                        raise aborted(self.shard, self._broken)
+                elif self._broken is not None:
                     await self._router._discard(conn)  # the server rolls it back
                     if commit and self._wrote:  # a read-only one loses nothing
                         raise aborted(self.shard, self._broken)

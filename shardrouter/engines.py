@@ -26,7 +26,8 @@ _RW_TIMEOUT_DRIVERS = frozenset({"pymysql", "mysqldb"})
 # to "the statement is wrong": can't connect, server gone, lost connection, too many
 # connections, connection killed, server shutdown in progress.
 UNAVAILABLE_ERRNOS = frozenset({1040, 1053, 1927, 2002, 2003, 2005, 2006, 2013, 2055})
-LOCK_CONFLICT_ERRNOS = frozenset({1205, 1213})  # ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK
+DEADLOCK_ERRNO = 1213  # ER_LOCK_DEADLOCK: the server rolled back the whole transaction
+LOCK_CONFLICT_ERRNOS = frozenset({1205, DEADLOCK_ERRNO})  # and ER_LOCK_WAIT_TIMEOUT
 
 
 def classify(exc: BaseException, shard: ShardId, statement: str | None = None) -> ExecutionError:

@@ -19,10 +19,13 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
 from . import readpool, xa
-from .engines import ShardEngines, classify
+from .engines import DEADLOCK_ERRNO, ShardEngines, classify
 from .errors import (
     CrossShardTransactionError,
+    ExecutionError,
+    LockConflictError,
     RoutingError,
+    ShardUnavailableError,
     TransactionAbortedError,
     UnsupportedQueryError,
 )
@@ -154,6 +157,9 @@ class Transaction:
         self._ledger = LookupLedger()
         self._wrote = False
         """A write ran in it: a commit that cannot happen then loses it, and says so."""
+        self._broken: BaseException | None = None
+        """A statement ended it on the server (a deadlock) or took its connection (a timeout):
+        nothing more runs in it, and a commit is refused."""
 
     @property
     def shards(self) -> tuple[ShardId, ...]:
@@ -221,8 +227,20 @@ class Transaction:
             except (DBAPIError, PoolTimeoutError) as exc:
                 raise classify(exc, job.shard) from exc
             self._branches[job.shard] = conn
+        if self._broken is not None:
+            raise aborted(job.shard, self._broken)
         self._wrote = self._wrote or job.kind == "write"
-        return self._router._execute_on(conn, job)
+        try:
+            return self._router._execute_on(conn, job)
+        except (ShardUnavailableError, TransactionAbortedError) as exc:
+            self._broken = exc  # the connection is gone: its transaction with it
+            raise
+        except LockConflictError as exc:
+            # After a deadlock the server has rolled back the whole transaction; a later
+            # statement would run in a fresh one and a commit would commit half of it.
+            if ends_transaction(exc):
+                self._broken = exc
+            raise
 
     def _finish(self, commit: bool) -> None:
         committed = False
@@ -238,23 +256,33 @@ class Transaction:
 
     def _end(self, commit: bool) -> None:
         branches = self._branches
+        stuck: list[ShardId] = []  # XA branches not rolled back: never back to the pool
         try:
             if self._xa and branches:
                 # The decision goes to the first branch's shard, which every xid names.
                 decider = self._router.engines.primary(next(iter(branches)))
-                if commit:
+                if commit and self._broken is not None:
+                    # A branch is gone or was rolled back by its server: refused before any
+                    # XA PREPARE (a prepared branch would hold its locks until recover_xa()).
+                    stuck = xa.rollback(branches, self._gtrid)
+                    if self._wrote:
+                        shard = getattr(self._broken, "shard", None) or self.shards[0]
+                        raise aborted(shard, self._broken)
+                elif commit:
                     try:
                         xa.commit(branches, self._gtrid, decider)
-                    except (DBAPIError, PoolTimeoutError) as exc:
+                    except (DBAPIError, PoolTimeoutError, PendingRollbackError) as exc:
                         # Raised only before the decision row: nothing is committed, so roll
                         # back what we can (xa.commit never raises after the decision).
-                        xa.rollback(branches, self._gtrid)
+                        stuck = xa.rollback(branches, self._gtrid)
+                        if isinstance(exc, PendingRollbackError):
+                            raise aborted(next(iter(branches)), exc) from exc
                         raise classify(exc, next(iter(branches))) from exc
                 else:
-                    xa.rollback(branches, self._gtrid)
+                    stuck = xa.rollback(branches, self._gtrid)
             else:
                 for shard, conn in branches.items():
-                    if commit:
+                    if commit and self._broken is None:
                         try:
                             conn.commit()
                         except PendingRollbackError as exc:
@@ -266,8 +294,13 @@ class Transaction:
                                 raise aborted(shard, exc) from exc
                     else:
                         conn.rollback()
+                if commit and self._broken is not None and self._wrote:
+                    shard = getattr(self._broken, "shard", None) or self.shards[0]
+                    raise aborted(shard, self._broken)
         finally:
-            for conn in branches.values():
+            for shard, conn in branches.items():
+                if shard in stuck:
+                    conn.invalidate()  # its XA state is unknown: the server ends it
                 conn.close()
         if commit and self._runner.deferred:
             self._router._fan_out(self._runner.deferred)
@@ -562,12 +595,20 @@ class Router:
         return results
 
 
+def ends_transaction(exc: ExecutionError) -> bool:
+    """The server rolled back the whole transaction, not just the statement: a deadlock
+    (1213). A lock wait timeout (1205) rolls back only the statement. By the driver's
+    error number, never the message."""
+    args: tuple[Any, ...] = tuple(getattr(exc.orig, "args", ()))
+    return bool(args) and args[0] == DEADLOCK_ERRNO
+
+
 def aborted(shard: ShardId, exc: BaseException) -> TransactionAbortedError:
     """The typed error for a statement (or commit) in a transaction whose earlier statement
     broke its connection (SQLAlchemy's PendingRollbackError): both routers raise it."""
     return TransactionAbortedError(
-        f"shard {shard}: an earlier statement of this transaction failed and took its"
-        " connection with it (a timeout, say); nothing more runs in it: roll it back and"
+        f"shard {shard}: an earlier statement of this transaction failed and ended it (a"
+        " timeout or a deadlock, say); nothing more runs in it: roll it back and"
         " retry the transaction from its start",
         shard=shard,
         orig=exc,

@@ -35,6 +35,7 @@ on every shard and fenced on the first one listed, as that version did.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import secrets
@@ -153,16 +154,22 @@ def commit(branches: Mapping[ShardId, Connection], gtrid: str, decider: Engine) 
         log.warning("xa %s: committed; decision row not removed (%s)", gtrid, type(exc).__name__)
 
 
-def rollback(branches: Mapping[ShardId, Connection], gtrid: str) -> None:
-    """Roll back every branch, whatever state it reached; errors of one do not stop others."""
+def rollback(branches: Mapping[ShardId, Connection], gtrid: str) -> list[ShardId]:
+    """Roll back every branch, whatever state it reached; errors of one do not stop others.
+
+    Returns the shards whose XA ROLLBACK failed: their connections may still be in an XA
+    state and must not go back to the pool (invalidate them)."""
     first = next(iter(branches), None)
+    stuck: list[ShardId] = []
     for shard, conn in branches.items():
         name = xid(gtrid, shard, first)
-        for statement in (f"XA END '{name}'", f"XA ROLLBACK '{name}'"):
-            try:
-                conn.exec_driver_sql(statement)
-            except Exception:
-                continue
+        with contextlib.suppress(Exception):  # already ended (idle or prepared): roll back
+            conn.exec_driver_sql(f"XA END '{name}'")
+        try:
+            conn.exec_driver_sql(f"XA ROLLBACK '{name}'")
+        except Exception:
+            stuck.append(shard)
+    return stuck
 
 
 def record_decision(decider: Engine, gtrid: str, outcome: str = "commit") -> None:
