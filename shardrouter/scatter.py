@@ -257,6 +257,16 @@ def scatter(
                 # `merchant_id AS user_id ... GROUP BY user_id` groups by the column user_id,
                 # which exists: a sharding key, or named as a column elsewhere in the statement.
                 return add_hidden(expr)
+            for item in select_items:
+                if item.alias and item.alias.lower() == expr.name.lower():
+                    # MySQL groups by a FROM table's column of that name before the alias;
+                    # the router does not know the tables' columns, so it cannot tell which.
+                    raise UnsupportedQueryError(
+                        f"GROUP BY {expr.name} across shards: {expr.name} is the alias of"
+                        f" {item.unalias().sql(dialect='mysql')!r}, and MySQL groups by a"
+                        " table column of that name first if there is one; GROUP BY the"
+                        " expression or its position"
+                    )
         if isinstance(expr, exp.Column) and not expr.table:
             # Aliases first, as MySQL resolves ORDER BY names: `a AS b, b AS a ORDER BY a`.
             for i, item in enumerate(select_items):
