@@ -314,9 +314,11 @@ def validate_file(path: str | Path, env: Mapping[str, str] | None = None) -> lis
 
 
 def _loc_path(loc: tuple[int | str, ...]) -> str:
+    # A key can be a pasted URL (a mis-indented file, a URL where a shard name goes): each
+    # segment is masked like a value.
     out = ""
     for part in loc:
-        out = f"{out}[{part}]" if isinstance(part, int) else _join(out, part)
+        out = f"{out}[{part}]" if isinstance(part, int) else _join(out, _mask_text(part))
     return out
 
 

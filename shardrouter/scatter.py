@@ -257,6 +257,16 @@ def scatter(
                 # `merchant_id AS user_id ... GROUP BY user_id` groups by the column user_id,
                 # which exists: a sharding key, or named as a column elsewhere in the statement.
                 return add_hidden(expr)
+            for item in select_items:
+                if item.alias and item.alias.lower() == expr.name.lower():
+                    # MySQL groups by a FROM table's column of that name before the alias;
+                    # the router does not know the tables' columns, so it cannot tell which.
+                    raise UnsupportedQueryError(
+                        f"GROUP BY {expr.name} across shards: {expr.name} is the alias of"
+                        f" {item.unalias().sql(dialect='mysql')!r}, and MySQL groups by a"
+                        " table column of that name first if there is one; GROUP BY the"
+                        " expression or its position"
+                    )
         if isinstance(expr, exp.Column) and not expr.table:
             # Aliases first, as MySQL resolves ORDER BY names: `a AS b, b AS a ORDER BY a`.
             for i, item in enumerate(select_items):
@@ -383,6 +393,12 @@ def scatter(
                 continue
             pos = position_of(ordered.this)
             extra = hidden[pos - width] if pos >= width else None
+            if extra is not None and _distinct_aggregate(extra) is not None:
+                # A value counted (or summed) on two shards would count twice.
+                raise UnsupportedQueryError(
+                    f"ORDER BY {extra.sql(dialect='mysql')!r} across shards: an aggregate with"
+                    " DISTINCT cannot be merged from partial values; route by a key"
+                )
             if extra is not None and (
                 _aggregate_of(extra) == "avg"
                 or (_aggregate_of(extra) is None and next(extra.find_all(exp.AggFunc), None))
@@ -544,6 +560,15 @@ def _aggregate_of(expr: exp.Expression) -> str | None:
     return None
 
 
+def _distinct_aggregate(expr: exp.Expression) -> exp.AggFunc | None:
+    """The first aggregate with DISTINCT in ``expr`` (COUNT(DISTINCT x), SUM(DISTINCT x)), or
+    None."""
+    for node in expr.find_all(exp.AggFunc):
+        if node.args.get("distinct") or isinstance(node.this, exp.Distinct):
+            return node
+    return None
+
+
 # -- HAVING after the merge ------------------------------------------------------------------
 
 _Operand = Callable[[tuple[Any, ...]], tuple[Any, Any]]
@@ -647,6 +672,14 @@ class _Having:
         if isinstance(expr, exp.Avg):
             raise UnsupportedQueryError(
                 "AVG in HAVING across shards: select the AVG and filter on its alias"
+            )
+        distinct = _distinct_aggregate(expr)
+        if distinct is not None:
+            # Partial COUNT(DISTINCT)/SUM(DISTINCT) values add up a value seen on two shards
+            # twice.
+            raise UnsupportedQueryError(
+                f"HAVING {distinct.sql(dialect='mysql')!r} across shards: an aggregate with"
+                " DISTINCT cannot be merged from partial values; route by a key"
             )
         function = self.function(expr, other)
         if function is not None:

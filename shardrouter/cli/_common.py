@@ -109,7 +109,13 @@ class JsonErrorsGroup(click.Group):
         **extra: Any,
     ) -> click.Context:
         wanted = wants_json(list(args))
-        ctx = super().make_context(info_name, args, parent, **extra)
+        try:
+            ctx = super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as exc:
+            # A usage error of the group's own options (`--bogus --json`) comes before invoke.
+            if wanted and parent is None:
+                emit_json({"ok": False, "error": exc.format_message(), "exit_code": exc.exit_code})
+            raise
         ctx.meta[_JSON_WANTED] = wanted  # meta is shared by the subcommands' contexts
         return ctx
 

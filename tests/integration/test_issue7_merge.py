@@ -576,7 +576,7 @@ def test_drawn_string_merges_equal_the_oracle(world: dict[str, Any], data: st.Da
     elif shape == "group":
         sql = (
             f"SELECT {expr} AS k, COUNT(*) AS n, MIN({column}) AS lo, MAX({column}) AS hi"
-            f" FROM {table} GROUP BY k ORDER BY k{direction}{limit}"
+            f" FROM {table} GROUP BY 1 ORDER BY k{direction}{limit}"
         )
     else:
         sql = f"SELECT DISTINCT {expr} AS k FROM {table} ORDER BY k{direction}{limit}"

