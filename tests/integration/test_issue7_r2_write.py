@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from shard_tables import create_tables, empty_tables
 from sqlalchemy import BigInteger, String, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -49,23 +50,14 @@ INSERT_USER = "INSERT INTO users (user_id, email) VALUES (:u, :e)"
 @pytest.fixture(scope="module")
 def _router(shard_databases: Any) -> Iterator[Router]:
     router = Router(Topology.load(shard_databases), max_fanout=None)
-    for engine in router.engines.primaries.values():
-        with engine.begin() as conn:
-            for logical, ddl in DDL.items():
-                for name in router.topology.table(logical).physical_names:
-                    conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
-                    conn.execute(text(ddl.format(t=name)))
+    create_tables(router, DDL)
     yield router
     router.close()
 
 
 @pytest.fixture
 def router(_router: Router) -> Router:
-    for engine in _router.engines.primaries.values():
-        with engine.begin() as conn:
-            for logical in DDL:
-                for name in _router.topology.table(logical).physical_names:
-                    conn.execute(text(f"DELETE FROM {name}"))
+    empty_tables(_router, DDL)
     return _router
 
 

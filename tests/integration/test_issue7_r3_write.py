@@ -15,6 +15,7 @@ from typing import Any
 import pymysql
 import pytest
 import yaml
+from shard_tables import create_tables
 from sqlalchemy import text
 from sqlalchemy.dialects.mysql import pymysql as mysql_pymysql
 from sqlalchemy.exc import OperationalError
@@ -62,12 +63,7 @@ def _short_timeouts(path: Any) -> Topology:
 def world(shard_databases: Any) -> Iterator[dict[str, Any]]:
     topology = _short_timeouts(shard_databases)
     router = Router(topology, max_fanout=None)
-    for engine in router.engines.primaries.values():
-        with engine.begin() as conn:
-            for logical, ddl in DDL.items():
-                for name in topology.table(logical).physical_names:
-                    conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
-                    conn.execute(text(ddl.format(t=name)))
+    create_tables(router, DDL)
     shard_of = topology.shard_for
     a = 4242
     b = next(u for u in range(a + 1, a + 10_000) if shard_of("orders", u) != shard_of("orders", a))
