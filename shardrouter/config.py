@@ -31,6 +31,7 @@ from pydantic import (
     SerializationInfo,
     ValidationError,
     WithJsonSchema,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 from sqlalchemy.engine import URL, make_url
@@ -62,6 +63,29 @@ class PoolConfig(_Model):
     query_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
     """How long one statement may wait for the shard's answer before ShardUnavailableError:
     a shard that accepts connections but stops answering fails within it."""
+    lock_wait_timeout_s: Annotated[int, Field(ge=0, le=86_400)] | None = None
+    """The session's ``innodb_lock_wait_timeout``: how long a statement waits for a row lock
+    before LockConflictError (0: not at all). It must end before query_timeout_s, or a held row
+    reads as an unavailable shard; unset, it is half of query_timeout_s (at least 1 s)."""
+
+    @model_validator(mode="after")
+    def _lock_wait_below_query_timeout(self) -> PoolConfig:
+        lock_wait = self.lock_wait_timeout_s
+        if lock_wait is not None and lock_wait >= self.query_timeout_s:
+            raise ValueError(
+                f"lock_wait_timeout_s ({lock_wait}) must be below query_timeout_s"
+                f" ({self.query_timeout_s:g}): a longer lock wait ends in the client's read"
+                " timeout and reports a held row as an unavailable shard; lower it or raise"
+                " query_timeout_s"
+            )
+        return self
+
+    @property
+    def lock_wait_s(self) -> int:
+        """The lock wait the shard's sessions are given (see lock_wait_timeout_s)."""
+        if self.lock_wait_timeout_s is not None:
+            return self.lock_wait_timeout_s
+        return max(1, int(self.query_timeout_s // 2))
 
 
 def _to_url(value: Any) -> URL:
