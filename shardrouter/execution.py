@@ -94,20 +94,44 @@ class JobResult:
     parts: tuple[JobResult, ...] = ()
     """For a job of several statements: one result each, in order."""
     index_ordered: frozenset[int] = frozenset()
-    """Positions of ENUM/SET columns (ordered by index, not text), where the driver's result
-    metadata says so (the lean readpool path: PyMySQL, aiomysql)."""
+    """Positions of ENUM/SET columns (ordered by index, not text), from the driver's result
+    metadata (see index_ordered_columns)."""
 
     @classmethod
     def of(cls, result: Any) -> JobResult:
         """From an executed (buffered) SQLAlchemy result; sync and async results alike."""
         if result.returns_rows:
+            enums = index_ordered_columns(result.cursor)  # before all() closes the cursor
             # all() fetches in one call; iterating the Result row by row costs ~60 us more.
             rows = [tuple(r) for r in result.all()]
-            return cls(tuple(result.keys()), rows, len(rows))
+            return cls(tuple(result.keys()), rows, len(rows), (), enums)
         return cls((), [], result.rowcount)
 
     def flat(self) -> tuple[JobResult, ...]:
         return self.parts or (self,)
+
+
+_INDEX_ORDERED_FLAGS = 256 | 2048  # the protocol's ENUM_FLAG and SET_FLAG
+_NONE: frozenset[int] = frozenset()
+
+
+def index_ordered_columns(cursor: Any) -> frozenset[int]:
+    """Positions of the ENUM and SET columns of a DBAPI cursor's last result.
+
+    DBAPI descriptions carry no column flags, so each driver's own field metadata is read:
+    mysqlclient's ``description_flags``, PyMySQL's, aiomysql's and asyncmy's ``_result.fields``
+    (SQLAlchemy's async adapters hold the driver's cursor as ``_cursor``). Other drivers give
+    none: a known gap (docs/ARCHITECTURE.md).
+    """
+    raw = getattr(cursor, "_cursor", cursor)
+    flags = getattr(raw, "description_flags", None)
+    if flags is None:
+        fields = getattr(getattr(raw, "_result", None), "fields", None)
+        if not fields:
+            return _NONE
+        flags = [field.flags for field in fields]
+    found = [i for i, flag in enumerate(flags) if flag & _INDEX_ORDERED_FLAGS]
+    return frozenset(found) if found else _NONE
 
 
 @dataclass(slots=True)
@@ -264,8 +288,8 @@ def run(
 def _refuse_index_ordered(merge_plan: MergePlan, results: Sequence[JobResult]) -> None:
     """MySQL orders, groups and deduplicates ENUM and SET columns by their index, the merge by
     their text: refuse rather than answer in another order. No SQL expression tells an ENUM
-    from a VARCHAR, so this reads the result metadata; drivers without it (and transactions,
-    which do not take the lean path) remain a known gap (docs/ARCHITECTURE.md)."""
+    from a VARCHAR, so this reads the result metadata (index_ordered_columns); drivers
+    without it remain a known gap (docs/ARCHITECTURE.md)."""
     flagged = frozenset().union(*(r.index_ordered for r in results))
     if not flagged:
         return

@@ -55,7 +55,7 @@ from sqlalchemy.util import greenlet_spawn
 from .config import PoolConfig
 from .engines import classify, engine_options
 from .errors import ExecutionError, ShardUnavailableError
-from .execution import JobResult, log_statement
+from .execution import JobResult, index_ordered_columns, log_statement
 from .types import ShardId
 
 SYNC_DRIVERS = frozenset({"pymysql", "mysqldb"})
@@ -204,9 +204,7 @@ def _finish(conn: Any, result: Any) -> JobResult:
         conn.server_status = result.server_status
     rows = result.rows if result.rows is not None else []  # an empty LazyRows stays one
     found = _result(result.description, rows, result.affected_rows)
-    enums = frozenset(
-        i for i, field in enumerate(result.fields or ()) if field.flags & _INDEX_ORDERED_FLAGS
-    )
+    enums = index_ordered_columns(conn)  # conn._result is this result
     return replace(found, index_ordered=enums) if enums else found
 
 
@@ -414,7 +412,9 @@ class ReadPool(_Shell):
             cursor = conn.cursor()
             try:
                 cursor.execute(sql, args)
-                return _result(cursor.description, cursor.fetchall(), cursor.rowcount)
+                found = _result(cursor.description, cursor.fetchall(), cursor.rowcount)
+                enums = index_ordered_columns(cursor)
+                return replace(found, index_ordered=enums) if enums else found
             finally:
                 cursor.close()
         except self._errors as exc:
@@ -504,7 +504,9 @@ class AsyncReadPool(_Shell):
             try:
                 await cursor.execute(sql, args)
                 rows = await cursor.fetchall()
-                return _result(cursor.description, rows, cursor.rowcount)
+                found = _result(cursor.description, rows, cursor.rowcount)
+                enums = index_ordered_columns(cursor)
+                return replace(found, index_ordered=enums) if enums else found
             finally:
                 await cursor.close()
         except self._errors as exc:
@@ -530,9 +532,6 @@ def _eager(result: JobResult, lazy: bool) -> JobResult:
     if lazy or isinstance(result.rows, list):
         return result
     return JobResult(result.columns, list(result.rows), result.rowcount, result.parts)
-
-
-_INDEX_ORDERED_FLAGS = 256 | 2048  # the protocol's ENUM_FLAG and SET_FLAG
 
 
 def _result(description: Any, rows: Sequence[Any], rowcount: int) -> JobResult:

@@ -1,0 +1,99 @@
+"""ENUM and SET columns across shards on every driver and in transactions (issue 7, the known gap
+"ENUM and SET columns across shards"): MySQL orders, groups and deduplicates them by index, the
+merge by text, so a multi-shard merge comparing one is refused by name. Before, only the lean
+read path (PyMySQL, aiomysql outside a transaction) read the column flags; mysqlclient and
+asyncmy URLs and every transaction merged by text and answered in the wrong order.
+
+Real MariaDB shards from the session sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from shard_tables import create_tables
+
+from shardrouter.aio import AsyncRouter
+from shardrouter.config import config_from_dict
+from shardrouter.errors import UnsupportedQueryError
+from shardrouter.router import Router
+from shardrouter.topology import Topology
+
+pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(120)]
+
+TIERS = ("zeta", "alpha", "mid")  # index order: zeta < alpha < mid; text order differs
+DDL = {
+    "users": "CREATE TABLE {t} (user_id BIGINT PRIMARY KEY, tier ENUM('zeta', 'alpha', 'mid')"
+    " NOT NULL, perks SET('z', 'a') NOT NULL DEFAULT '')"
+}
+REFUSED = (
+    "SELECT user_id, tier FROM users ORDER BY tier, user_id",
+    "SELECT tier, COUNT(*) FROM users GROUP BY tier",
+    "SELECT DISTINCT tier FROM users",
+    "SELECT user_id, perks FROM users ORDER BY perks, user_id",
+)
+BY_INDEX = "SELECT user_id, tier FROM users ORDER BY tier + 0, user_id"
+
+
+def with_driver(topology: Topology, driver: str) -> Topology:
+    raw = topology.config.model_dump(by_alias=True, mode="json")
+    for name, shard in raw["shards"].items():
+        url = topology.shards[name].primary.set(drivername=f"mysql+{driver}")
+        shard["primary"] = url.render_as_string(hide_password=False)
+    return Topology(config_from_dict(raw))
+
+
+@pytest.fixture(scope="module")
+def world(shard_databases: Any) -> Iterator[dict[str, Any]]:
+    topology = Topology.load(shard_databases)
+    with Router(topology) as router:
+        create_tables(router, DDL)
+        users = list(range(1, 41))
+        for user in users:
+            router.execute(
+                "INSERT INTO users (user_id, tier, perks) VALUES (:u, :t, :p)",
+                {"u": user, "t": TIERS[user % 3], "p": ("z", "a", "z,a")[user % 3]},
+            )
+        shards = {topology.shard_for("users", u) for u in users}
+        assert len(shards) > 1  # the statements below are multi-shard
+    expected = sorted(((u, TIERS[u % 3]) for u in users), key=lambda r: (TIERS.index(r[1]), r[0]))
+    yield {"topology": topology, "users": users, "expected": expected}
+
+
+@pytest.mark.parametrize("driver", ["pymysql", "mysqldb"])
+def test_sync_router_refuses_an_enum_merge(world: dict[str, Any], driver: str) -> None:
+    topology = with_driver(world["topology"], driver)
+    with Router(topology) as router:
+        for sql in REFUSED:
+            with pytest.raises(UnsupportedQueryError, match="ENUM or SET"):
+                router.execute(sql)
+        assert [tuple(r) for r in router.execute(BY_INDEX).rows] == world["expected"]
+
+
+@pytest.mark.parametrize("driver", ["pymysql", "mysqldb"])
+def test_sync_xa_transaction_refuses_an_enum_merge(world: dict[str, Any], driver: str) -> None:
+    topology = with_driver(world["topology"], driver)
+    with Router(topology, xa=True) as router:
+        for sql in REFUSED:
+            refused = pytest.raises(UnsupportedQueryError, match="ENUM or SET")
+            with refused, router.transaction() as txn:
+                txn.execute(sql)
+        with router.transaction() as txn:
+            assert [tuple(r) for r in txn.execute(BY_INDEX).rows] == world["expected"]
+
+
+@pytest.mark.parametrize("driver", ["aiomysql", "asyncmy"])
+def test_async_router_refuses_an_enum_merge(world: dict[str, Any], driver: str) -> None:
+    """(Async transactions are single-shard: no merge across shards to refuse there.)"""
+    topology = with_driver(world["topology"], driver)
+
+    async def run() -> list[Any]:
+        async with AsyncRouter(topology) as aio:
+            for sql in REFUSED:
+                with pytest.raises(UnsupportedQueryError, match="ENUM or SET"):
+                    await aio.execute(sql)
+            return [tuple(r) for r in (await aio.execute(BY_INDEX)).rows]
+
+    assert asyncio.run(run()) == world["expected"]
