@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from shard_tables import with_driver
 from sqlalchemy import text
 
 from shardrouter.aio import AsyncRouter
-from shardrouter.config import config_from_dict
 from shardrouter.router import Router
 from shardrouter.topology import Topology
 
@@ -23,14 +23,6 @@ SCATTER = (
     "SELECT user_id, COUNT(*), SUM(amount_cents) FROM orders WHERE user_id >= 9700"
     " AND user_id < 9740 GROUP BY user_id ORDER BY user_id"
 )
-
-
-def with_driver(topology: Topology, driver: str) -> Topology:
-    raw = topology.config.model_dump(by_alias=True, mode="json")
-    for name, shard in raw["shards"].items():
-        url = topology.shards[name].primary.set(drivername=f"mysql+{driver}")
-        shard["primary"] = url.render_as_string(hide_password=False)
-    return Topology(config_from_dict(raw))
 
 
 @pytest.fixture(scope="module")

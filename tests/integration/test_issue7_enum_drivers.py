@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from shard_tables import create_tables
+from shard_tables import create_tables, with_driver
 
 from shardrouter.aio import AsyncRouter
-from shardrouter.config import config_from_dict
 from shardrouter.errors import UnsupportedQueryError
 from shardrouter.router import Router
 from shardrouter.topology import Topology
@@ -35,14 +34,6 @@ REFUSED = (
     "SELECT user_id, perks FROM users ORDER BY perks, user_id",
 )
 BY_INDEX = "SELECT user_id, tier FROM users ORDER BY tier + 0, user_id"
-
-
-def with_driver(topology: Topology, driver: str) -> Topology:
-    raw = topology.config.model_dump(by_alias=True, mode="json")
-    for name, shard in raw["shards"].items():
-        url = topology.shards[name].primary.set(drivername=f"mysql+{driver}")
-        shard["primary"] = url.render_as_string(hide_password=False)
-    return Topology(config_from_dict(raw))
 
 
 @pytest.fixture(scope="module")
