@@ -13,11 +13,19 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .aio import AsyncRouter as AsyncRouter
-    from .config import TopologyConfig as TopologyConfig
-    from .config import config_from_dict as config_from_dict
-    from .config import load_config as load_config
-    from .config import validate_file as validate_file
+    from .core.config import TopologyConfig as TopologyConfig
+    from .core.config import config_from_dict as config_from_dict
+    from .core.config import load_config as load_config
+    from .core.config import validate_file as validate_file
+    from .core.ids import DecodedId as DecodedId
+    from .core.ids import IdGenerator as IdGenerator
+    from .core.ids import IdLayout as IdLayout
+    from .core.topology import Route as Route
+    from .core.topology import SlotRange as SlotRange
+    from .core.topology import Topology as Topology
+    from .engine.aio import AsyncRouter as AsyncRouter
+    from .engine.router import Router as Router
+    from .engine.router import Transaction as Transaction
     from .errors import ClockMovedBackwardsError as ClockMovedBackwardsError
     from .errors import ConfigError as ConfigError
     from .errors import CrossShardTransactionError as CrossShardTransactionError
@@ -34,89 +42,54 @@ if TYPE_CHECKING:
     from .errors import UnknownKeyError as UnknownKeyError
     from .errors import UnknownTableError as UnknownTableError
     from .errors import UnsupportedQueryError as UnsupportedQueryError
-    from .execution import Page as Page
-    from .execution import ResultSet as ResultSet
-    from .ids import DecodedId as DecodedId
-    from .ids import IdGenerator as IdGenerator
-    from .ids import IdLayout as IdLayout
-    from .router import Router as Router
-    from .router import Transaction as Transaction
-    from .topology import Route as Route
-    from .topology import SlotRange as SlotRange
-    from .topology import Topology as Topology
+    from .sql.execution import Page as Page
+    from .sql.execution import ResultSet as ResultSet
     from .types import KeyspaceId as KeyspaceId
     from .types import KeyType as KeyType
     from .types import ShardId as ShardId
     from .types import Slot as Slot
 
 _WHERE: dict[str, str] = {
-    "AsyncRouter": "aio",
+    "AsyncRouter": "engine.aio",
     "ClockMovedBackwardsError": "errors",
     "ConfigError": "errors",
     "CrossShardTransactionError": "errors",
-    "DecodedId": "ids",
+    "DecodedId": "core.ids",
     "ExecutionError": "errors",
     "FanoutLimitError": "errors",
     "IdDecodeError": "errors",
     "IdError": "errors",
-    "IdGenerator": "ids",
+    "IdGenerator": "core.ids",
     "IdGeneratorForkedError": "errors",
-    "IdLayout": "ids",
+    "IdLayout": "core.ids",
     "KeyType": "types",
     "KeyValueError": "errors",
     "KeyspaceId": "types",
-    "Page": "execution",
-    "ResultSet": "execution",
-    "Route": "topology",
-    "Router": "router",
+    "Page": "sql.execution",
+    "ResultSet": "sql.execution",
+    "Route": "core.topology",
+    "Router": "engine.router",
     "RoutingError": "errors",
     "ScatterWriteError": "errors",
     "ShardId": "types",
     "ShardRouterError": "errors",
     "ShardUnavailableError": "errors",
     "Slot": "types",
-    "SlotRange": "topology",
-    "Topology": "topology",
-    "TopologyConfig": "config",
-    "Transaction": "router",
+    "SlotRange": "core.topology",
+    "Topology": "core.topology",
+    "TopologyConfig": "core.config",
+    "Transaction": "engine.router",
     "UnknownKeyError": "errors",
     "UnknownTableError": "errors",
     "UnsupportedQueryError": "errors",
-    "config_from_dict": "config",
-    "load_config": "config",
-    "validate_file": "config",
+    "config_from_dict": "core.config",
+    "load_config": "core.config",
+    "validate_file": "core.config",
 }
 """Public name -> the module (under shardrouter) that defines it."""
 
 
-SUBMODULES = frozenset(
-    {
-        "aio",
-        "bench",
-        "cli",
-        "config",
-        "demo",
-        "engines",
-        "errors",
-        "execution",
-        "ids",
-        "lookups",
-        "merge",
-        "orm",
-        "planner",
-        "readpool",
-        "refs",
-        "router",
-        "sandbox",
-        "scatter",
-        "schema",
-        "shapes",
-        "strategies",
-        "topology",
-        "types",
-        "xa",
-    }
-)
+SUBMODULES = frozenset({"cli", "core", "engine", "errors", "ops", "orm", "sql", "types"})
 """The package's modules: ``shardrouter.errors`` after ``import shardrouter`` works as it did
 when the package imported them eagerly (a test keeps this list equal to the folder's)."""
 

@@ -21,7 +21,7 @@ from types import FrameType
 
 import pytest
 
-from shardrouter import sandbox as sb
+from shardrouter.ops import sandbox as sb
 
 ORACLE_URL = os.environ.get("SHARDROUTER_ORACLE_URL", "mysql+pymysql://root@127.0.0.1:3306/")
 SANDBOX_SHARDS = 4

@@ -27,11 +27,11 @@ from typing import Any
 
 from sqlalchemy import text
 
-from shardrouter import sandbox as sb
-from shardrouter.aio import AsyncRouter
-from shardrouter.planner import Target
-from shardrouter.router import Router
-from shardrouter.topology import Topology
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.router import Router
+from shardrouter.ops import sandbox as sb
+from shardrouter.sql.planner import Target
 
 POINT = "SELECT order_id, status, amount_cents FROM orders WHERE user_id = :u"
 SCATTER = "SELECT order_id, created_at FROM orders ORDER BY created_at DESC, order_id DESC LIMIT 20"

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Writes shardrouter/strategies/general_ci.bin: utf8mb4_general_ci weights measured on MariaDB.
+"""Writes shardrouter/core/strategies/general_ci.bin: utf8mb4_general_ci weights measured on
+MariaDB.
 
 The ``hash`` strategy's ``fold_case`` keys hash a string's utf8mb4_general_ci weight string
-(shardrouter/strategies/general_ci.py), so that two strings the collation compares equal route
+(shardrouter/core/strategies/general_ci.py), so that two strings the collation compares equal route
 to one slot. The weights are not written by hand: this script asks a server for the weight of
 every code point and stores them. Run it again to check or refresh the file:
 

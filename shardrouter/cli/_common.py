@@ -18,7 +18,7 @@ import click
 from ..errors import ShardRouterError
 
 if TYPE_CHECKING:
-    from ..topology import Topology
+    from ..core.topology import Topology
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -68,10 +68,10 @@ def lookups(config_path: Path, fix: bool, grace: float, as_json: bool) -> None:
 
 
 def _run_lookups(config_path: Path, fix: bool, grace: float) -> list[Any]:
-    from ..config import safe_url
+    from ..core.config import safe_url
+    from ..engine.router import Router
     from ..errors import ShardUnavailableError
-    from ..lookups import check_lookups
-    from ..router import Router
+    from ..ops.lookups import check_lookups
 
     with Router.load(config_path) as router:
         # Ask every shard first, so a shard that is down is named (the scan's own error

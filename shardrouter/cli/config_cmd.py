@@ -20,7 +20,7 @@ def config() -> None:
 @json_option
 def validate(file: Path, as_json: bool) -> None:
     """Validate FILE; print every problem; exit 0 only when it is valid (1 when not)."""
-    from ..config import load_config
+    from ..core.config import load_config
 
     try:
         model = load_config(file)

@@ -29,7 +29,7 @@ def new(
 
     Each process that generates ids needs its own worker id (--worker / ids.worker_id):
     two processes with the same worker id issue the same ids."""
-    from ..topology import Topology
+    from ..core.topology import Topology
 
     topology = Topology.load(config_path)
     column, value = parse_key(topology, table, key)
@@ -54,7 +54,7 @@ def new(
 @handle_errors
 def decode(id_text: str, config_path: Path, as_json: bool) -> None:
     """Show the timestamp, slot (and its shard), worker and sequence of ID."""
-    from ..topology import Topology
+    from ..core.topology import Topology
 
     topology = Topology.load(config_path)
     try:

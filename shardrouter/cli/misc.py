@@ -49,7 +49,7 @@ def demo(config_path: Path | None, directory: Path | None, as_json: bool) -> Non
     """A tour on SQLite shard files: place orders, route by user and order id, count.
 
     With --json, the tour's text is left out and its figures are printed as JSON."""
-    from ..demo import run_demo
+    from ..ops.demo import run_demo
 
     config_path = config_path or _default_config("orders-sqlite.yaml")
     directory = directory or Path(tempfile.mkdtemp(prefix="shardrouter-demo-"))
@@ -67,8 +67,8 @@ def demo(config_path: Path | None, directory: Path | None, as_json: bool) -> Non
 def bench(config_path: Path | None, ops: int, repeat: int, as_json: bool) -> None:
     """Measure routes/s and ids/s on this machine and print JSON (always; --json is accepted
     like every command's)."""
-    from ..bench import run_bench
-    from ..topology import Topology
+    from ..core.topology import Topology
+    from ..ops.bench import run_bench
 
     del as_json  # the output is JSON either way
     topology = Topology.load(config_path or _default_config("orders.yaml"))

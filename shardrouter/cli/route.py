@@ -10,7 +10,7 @@ import click
 from ._common import config_option, emit_json, handle_errors, json_option, parse_key
 
 if TYPE_CHECKING:
-    from ..topology import Route
+    from ..core.topology import Route
 
 
 def _describe(route: Route) -> list[str]:
@@ -45,7 +45,7 @@ def _describe(route: Route) -> list[str]:
 @handle_errors
 def route(config_path: Path, table: str, key: str, as_json: bool) -> None:
     """Show the keyspace id, slot, shard and physical table of one key."""
-    from ..topology import Topology
+    from ..core.topology import Topology
 
     topology = Topology.load(config_path)
     column, value = parse_key(topology, table, key)

@@ -11,7 +11,7 @@ import click
 from ..errors import SandboxError
 
 if TYPE_CHECKING:
-    from .. import sandbox as sb
+    from ..ops import sandbox as sb
 
 _DIR_OPTION = click.option(
     "--dir",
@@ -59,8 +59,8 @@ def up_command(
     shards: int, directory: Path, base_port: int, template: Path | None, as_json: bool
 ) -> None:
     """Start the shards (or keep those already running) and write topology.yaml."""
-    from .. import sandbox as sb
-    from ..config import safe_url
+    from ..core.config import safe_url
+    from ..ops import sandbox as sb
 
     try:
         box = sb.up(directory, shards=shards, base_port=base_port, template=template)
@@ -79,7 +79,7 @@ def up_command(
 @_JSON_OPTION
 def down_command(directory: Path, as_json: bool) -> None:
     """Stop the shards and remove the sandbox's data."""
-    from .. import sandbox as sb
+    from ..ops import sandbox as sb
 
     try:
         stopped = sb.down(directory)
@@ -98,8 +98,8 @@ def down_command(directory: Path, as_json: bool) -> None:
 @_JSON_OPTION
 def status_command(directory: Path, as_json: bool) -> None:
     """Show the shards recorded in the directory and whether each is running."""
-    from .. import sandbox as sb
-    from ..config import safe_url
+    from ..core.config import safe_url
+    from ..ops import sandbox as sb
 
     try:
         box = sb.status(directory)
@@ -126,8 +126,8 @@ def status_command(directory: Path, as_json: bool) -> None:
 
 
 def _sandbox_json(box: sb.Sandbox, with_state: bool = False) -> dict[str, Any]:
-    from .. import sandbox as sb
-    from ..config import safe_url
+    from ..core.config import safe_url
+    from ..ops import sandbox as sb
 
     shards: list[dict[str, Any]] = []
     for shard in box.shards:

@@ -29,9 +29,9 @@ def schema() -> None:
 @handle_errors
 def apply_command(config_path: Path, directory: Path | None, as_json: bool) -> None:
     """Apply the pending migrations on every shard; exit 1 if any shard failed."""
-    from ..engines import ShardEngines
-    from ..schema import apply, describe_failure, load_migrations
-    from ..topology import Topology
+    from ..core.topology import Topology
+    from ..engine.engines import ShardEngines
+    from ..ops.schema import apply, describe_failure, load_migrations
 
     topology = Topology.load(config_path)
     migrations = load_migrations(directory)
@@ -74,9 +74,9 @@ def apply_command(config_path: Path, directory: Path | None, as_json: bool) -> N
 @handle_errors
 def status_command(config_path: Path, as_json: bool) -> None:
     """Show the versions applied on every shard."""
-    from ..engines import ShardEngines
-    from ..schema import status
-    from ..topology import Topology
+    from ..core.topology import Topology
+    from ..engine.engines import ShardEngines
+    from ..ops.schema import status
 
     topology = Topology.load(config_path)
     engines = ShardEngines(topology)

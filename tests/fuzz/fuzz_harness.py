@@ -34,13 +34,13 @@ from fuzz_data import ALL_COLUMNS, Dataset, build
 from fuzz_grammar import Case
 from sqlalchemy import Engine, create_engine, text
 
-from shardrouter.aio import AsyncRouter
-from shardrouter.config import config_from_dict
-from shardrouter.engines import ShardEngines
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.engines import ShardEngines
+from shardrouter.engine.router import Router
 from shardrouter.errors import ExecutionError, ShardRouterError, UnknownKeyError
-from shardrouter.router import Router
-from shardrouter.schema import apply
-from shardrouter.topology import Topology
+from shardrouter.ops.schema import apply
 
 BASE_TABLES = ("users", "orders", "order_items", "countries")
 LOOKUPS = {"orders": ("merchant_orders",), "users": ("user_emails",)}

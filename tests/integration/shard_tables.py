@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping
 from sqlalchemy import text
 
 from shardrouter import Router
-from shardrouter.config import config_from_dict
-from shardrouter.topology import Topology
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import Topology
 
 
 def create_tables(router: Router, ddl: Mapping[str, str]) -> None:

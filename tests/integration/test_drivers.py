@@ -11,9 +11,9 @@ import pytest
 from shard_tables import with_driver
 from sqlalchemy import text
 
-from shardrouter.aio import AsyncRouter
-from shardrouter.router import Router
-from shardrouter.topology import Topology
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.router import Router
 
 pytestmark = pytest.mark.mariadb
 

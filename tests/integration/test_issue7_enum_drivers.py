@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from shard_tables import create_tables, with_driver
 
-from shardrouter.aio import AsyncRouter
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.router import Router
 from shardrouter.errors import UnsupportedQueryError
-from shardrouter.router import Router
-from shardrouter.topology import Topology
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(120)]
 

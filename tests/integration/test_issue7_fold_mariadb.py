@@ -24,16 +24,16 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shardrouter import sandbox as sb
+from shardrouter.core.strategies.hash import fold
+from shardrouter.core.topology import Topology
+from shardrouter.engine.router import Router
 from shardrouter.errors import ExecutionError
-from shardrouter.orm import routed_sessionmaker
-from shardrouter.router import Router
-from shardrouter.strategies.hash import fold
-from shardrouter.topology import Topology
+from shardrouter.ops import sandbox as sb
+from shardrouter.orm.session import routed_sessionmaker
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(300)]
 
-RAW = files("shardrouter.strategies").joinpath("general_ci.bin").read_bytes()
+RAW = files("shardrouter.core.strategies").joinpath("general_ci.bin").read_bytes()
 CI = "utf8mb4_general_ci"
 
 

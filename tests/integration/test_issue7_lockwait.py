@@ -19,12 +19,12 @@ import yaml
 from shard_tables import create_tables
 from sqlalchemy import text
 
-from shardrouter.aio import AsyncRouter
-from shardrouter.config import config_from_dict
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.readpool import AsyncReadPool, ReadPool
+from shardrouter.engine.router import Router
 from shardrouter.errors import ConfigError, LockConflictError, ShardRouterError
-from shardrouter.readpool import AsyncReadPool, ReadPool
-from shardrouter.router import Router
-from shardrouter.topology import Topology
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(120)]
 

@@ -36,11 +36,11 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shardrouter.aio import AsyncRouter
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.router import Router
 from shardrouter.errors import UnsupportedQueryError
-from shardrouter.orm import routed_sessionmaker
-from shardrouter.router import Router
-from shardrouter.topology import Topology
+from shardrouter.orm.session import routed_sessionmaker
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(600)]
 

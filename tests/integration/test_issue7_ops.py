@@ -14,10 +14,10 @@ import pytest
 import yaml
 from sqlalchemy import bindparam, text
 
-from shardrouter import xa
-from shardrouter.config import config_from_dict
-from shardrouter.router import Router
-from shardrouter.topology import Topology
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import Topology
+from shardrouter.engine import xa
+from shardrouter.engine.router import Router
 
 pytestmark = pytest.mark.mariadb
 

@@ -27,10 +27,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 
-from shardrouter.aio import AsyncRouter
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.router import Router
 from shardrouter.errors import ShardRouterError, UnsupportedQueryError
-from shardrouter.router import Router
-from shardrouter.topology import Topology
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(600)]
 

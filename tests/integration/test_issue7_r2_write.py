@@ -15,16 +15,16 @@ from shard_tables import create_tables, empty_tables
 from sqlalchemy import BigInteger, String, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shardrouter.aio import AsyncRouter
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.router import Router, _Runner
 from shardrouter.errors import (
     CrossShardTransactionError,
     ExecutionError,
     UnsupportedQueryError,
 )
-from shardrouter.lookups import check_lookups
-from shardrouter.orm import routed_sessionmaker
-from shardrouter.router import Router, _Runner
-from shardrouter.topology import Topology
+from shardrouter.ops.lookups import check_lookups
+from shardrouter.orm.session import routed_sessionmaker
 
 pytestmark = pytest.mark.mariadb
 
@@ -335,7 +335,7 @@ def test_discard_puts_the_row_back_when_its_owner_appears_after_the_check(
     """The owner's insert lands between the discard's owner check and its delete (its lookup
     write found the row there): the discard's second read sees the owner and writes the row
     back, so the owner is not left without its lookup row."""
-    from shardrouter.execution import discard_lookups, lookup_rows
+    from shardrouter.sql.execution import discard_lookups, lookup_rows
 
     order = _order_id(router, 8)
     owner = {"order_id": order, "user_id": 8, "merchant_id": 7}

@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from shardrouter.aio import AsyncRouter
-from shardrouter.execution import Page
-from shardrouter.router import Router
-from shardrouter.topology import Topology
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.router import Router
+from shardrouter.sql.execution import Page
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(300)]
 

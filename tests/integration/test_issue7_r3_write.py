@@ -20,19 +20,19 @@ from sqlalchemy import text
 from sqlalchemy.dialects.mysql import pymysql as mysql_pymysql
 from sqlalchemy.exc import OperationalError
 
-from shardrouter.aio import AsyncRouter
-from shardrouter.config import config_from_dict
-from shardrouter.engines import classify
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.strategies import LookupStrategy
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.engines import classify
+from shardrouter.engine.router import Router
 from shardrouter.errors import (
     LockConflictError,
     ShardRouterError,
     TransactionAbortedError,
     UnsupportedQueryError,
 )
-from shardrouter.execution import lookup_insert, require_returning
-from shardrouter.router import Router
-from shardrouter.strategies import LookupStrategy
-from shardrouter.topology import Topology
+from shardrouter.sql.execution import lookup_insert, require_returning
 from shardrouter.types import ShardId
 
 pytestmark = pytest.mark.mariadb

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from shardrouter.engine.router import Router
 from shardrouter.errors import ShardRouterError
-from shardrouter.router import Router
 from tests.integration import test_issue7_review as _review
 from tests.integration.test_issue7_review import check, oracle_rows
 
@@ -190,7 +190,7 @@ def test_async_multi_shard_write_timed_out_leaves_no_desynchronised_connection(
     the pool one answer behind; later statements on that shard read each other's answers."""
     import time
 
-    from shardrouter.aio import AsyncRouter
+    from shardrouter.engine.aio import AsyncRouter
     from tests.integration.test_issue7_review import _short_timeout_topology
 
     topology = _short_timeout_topology(shard_databases)

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
+from shardrouter.core.topology import Topology
+from shardrouter.engine.router import Router
 from shardrouter.errors import UnsupportedQueryError
-from shardrouter.router import Router
-from shardrouter.topology import Topology
 
 pytestmark = pytest.mark.mariadb
 

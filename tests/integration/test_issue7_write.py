@@ -17,19 +17,19 @@ from shard_tables import create_tables, empty_tables
 from sqlalchemy import BigInteger, String, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from shardrouter import sandbox as sb
-from shardrouter.aio import AsyncRouter
-from shardrouter.config import config_from_dict
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.router import Router
 from shardrouter.errors import (
     CrossShardTransactionError,
     ExecutionError,
     ShardUnavailableError,
     UnsupportedQueryError,
 )
-from shardrouter.lookups import check_lookups
-from shardrouter.orm import routed_sessionmaker
-from shardrouter.router import Router
-from shardrouter.topology import Topology
+from shardrouter.ops import sandbox as sb
+from shardrouter.ops.lookups import check_lookups
+from shardrouter.orm.session import routed_sessionmaker
 
 pytestmark = pytest.mark.mariadb
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from shardrouter.engines import ShardEngines
-from shardrouter.schema import apply
-from shardrouter.topology import Topology
+from shardrouter.core.topology import Topology
+from shardrouter.engine.engines import ShardEngines
+from shardrouter.ops.schema import apply
 
 pytestmark = pytest.mark.mariadb
 

@@ -24,11 +24,11 @@ from sqlalchemy.orm import (
     selectinload,
 )
 
+from shardrouter.core.topology import Topology
+from shardrouter.engine.router import Router
 from shardrouter.errors import KeyValueError, UnsupportedQueryError
-from shardrouter.orm import RoutedSession, routed_sessionmaker
-from shardrouter.router import Router
-from shardrouter.schema import apply
-from shardrouter.topology import Topology
+from shardrouter.ops.schema import apply
+from shardrouter.orm.session import RoutedSession, routed_sessionmaker
 
 pytestmark = pytest.mark.mariadb
 

@@ -1,4 +1,4 @@
-"""The lean read path (shardrouter.readpool) on real MariaDB shards: reads outside transactions
+"""The lean read path (shardrouter.engine.readpool) on real MariaDB shards: reads outside transactions
 run on autocommit DBAPI connections of ReadPool / AsyncReadPool, with lazily decoded rows for
 merged scatters on PyMySQL and aiomysql. Every answer is checked against eager decoding and
 against one unsharded MariaDB (the oracle); the pool's life cycle (ping, cap, cancellation,
@@ -24,14 +24,14 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 
-from shardrouter import readpool
-from shardrouter.aio import AsyncRouter
-from shardrouter.config import config_from_dict
-from shardrouter.engines import make_async_engine
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import Topology
+from shardrouter.engine import readpool
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.engines import make_async_engine
+from shardrouter.engine.readpool import AsyncReadPool, LazyRows, ReadPool
+from shardrouter.engine.router import Router
 from shardrouter.errors import ExecutionError, ShardUnavailableError
-from shardrouter.readpool import AsyncReadPool, LazyRows, ReadPool
-from shardrouter.router import Router
-from shardrouter.topology import Topology
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(60)]
 

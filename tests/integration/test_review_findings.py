@@ -21,6 +21,8 @@ import yaml
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 
+from shardrouter.core.topology import Topology
+from shardrouter.engine.router import Router
 from shardrouter.errors import (
     CrossShardTransactionError,
     ExecutionError,
@@ -28,8 +30,6 @@ from shardrouter.errors import (
     RoutingError,
     UnsupportedQueryError,
 )
-from shardrouter.router import Router
-from shardrouter.topology import Topology
 
 pytestmark = pytest.mark.mariadb
 
@@ -378,7 +378,7 @@ def test_broadcast_read_inside_a_transaction_does_not_bind_it(world: World) -> N
 
 
 def test_check_lookups_fix_spares_inserts_in_open_transactions(world: World) -> None:
-    from shardrouter.lookups import check_lookups
+    from shardrouter.ops.lookups import check_lookups
 
     (u,) = world.users_on_distinct_shards(1)
     order_id = world.ids.next_id(user_id=u)
@@ -451,7 +451,7 @@ def test_xa_error_after_decision_does_not_report_a_committed_transaction(
 ) -> None:
     from sqlalchemy.exc import OperationalError
 
-    from shardrouter import xa
+    from shardrouter.engine import xa
     from shardrouter.errors import ExecutionError
 
     def lost_coordinator(coordinator: Any, gtrid: str) -> None:

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import event, text
 
-from shardrouter import sandbox as sb
-from shardrouter.aio import AsyncRouter
-from shardrouter.config import config_from_dict
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.router import Router
 from shardrouter.errors import (
     CrossShardTransactionError,
     ExecutionError,
@@ -24,8 +25,7 @@ from shardrouter.errors import (
     ShardUnavailableError,
     UnsupportedQueryError,
 )
-from shardrouter.router import Router
-from shardrouter.topology import Topology
+from shardrouter.ops import sandbox as sb
 
 pytestmark = pytest.mark.mariadb
 
@@ -445,7 +445,7 @@ def test_check_lookups_finds_and_fixes_orphans_and_reports_missing(
     from click.testing import CliRunner
 
     from shardrouter.cli import main
-    from shardrouter.lookups import check_lookups
+    from shardrouter.ops.lookups import check_lookups
 
     orphan_order, missing_order = ids.next_ids(2, user_id=7200)
     topology = router.topology
@@ -522,7 +522,7 @@ def test_xa_transaction_spans_shards_and_commits_both(router: Router, ids: Any) 
 
 @pytest.mark.parametrize("decided", [False, True], ids=["crash-before-decision", "crash-after"])
 def test_xa_recovery_finishes_prepared_branches(router: Router, ids: Any, decided: bool) -> None:
-    from shardrouter import xa
+    from shardrouter.engine import xa
 
     a, b = _two_users_on_two_shards(router, 9300 + 100 * decided)
     rows = {a: ids.next_id(user_id=a), b: ids.next_id(user_id=b)}
@@ -568,7 +568,7 @@ def test_xa_recovery_fences_a_slow_coordinator(
 ) -> None:
     """Recovery that overtakes a live coordinator between PREPARE and its decision records
     "abort" first: the coordinator then cannot record "commit", rolls back and raises."""
-    from shardrouter import xa
+    from shardrouter.engine import xa
     from shardrouter.errors import ExecutionError
 
     a, b = _two_users_on_two_shards(router, 9700)

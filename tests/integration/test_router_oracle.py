@@ -29,10 +29,10 @@ from sqlalchemy import (
     text,
 )
 
-from shardrouter.aio import AsyncRouter
-from shardrouter.config import config_from_dict
-from shardrouter.router import Router
-from shardrouter.topology import Topology
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.router import Router
 
 pytestmark = pytest.mark.mariadb
 

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine, text
 
-from shardrouter.aio import AsyncRouter
-from shardrouter.config import config_from_dict
-from shardrouter.engines import ShardEngines
-from shardrouter.router import Router
-from shardrouter.schema import apply
-from shardrouter.topology import Topology
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import Topology
+from shardrouter.engine.aio import AsyncRouter
+from shardrouter.engine.engines import ShardEngines
+from shardrouter.engine.router import Router
+from shardrouter.ops.schema import apply
 
 pytestmark = pytest.mark.mariadb
 

@@ -15,9 +15,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from shardrouter import sandbox as sb
 from shardrouter.cli.sandbox import sandbox as sandbox_cli
 from shardrouter.errors import PortInUseError, SandboxError, ServerBinaryMissingError
+from shardrouter.ops import sandbox as sb
 
 pytestmark = pytest.mark.mariadb
 

@@ -22,9 +22,10 @@ from sqlalchemy import Engine, event, inspect, text
 from sqlalchemy.engine import make_url
 
 from shardrouter.cli.schema_cmd import schema
-from shardrouter.config import config_from_dict
-from shardrouter.engines import ShardEngines
-from shardrouter.schema import (
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import Topology
+from shardrouter.engine.engines import ShardEngines
+from shardrouter.ops.schema import (
     DEFAULT_DIRECTORY,
     VERSION_TABLE,
     ApplyReport,
@@ -33,7 +34,6 @@ from shardrouter.schema import (
     render,
     status,
 )
-from shardrouter.topology import Topology
 from shardrouter.types import ShardId
 
 pytestmark = pytest.mark.mariadb

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine, MetaData, func, insert, select
 
-from shardrouter.engines import ShardEngines
-from shardrouter.schema import apply
-from shardrouter.topology import Topology
+from shardrouter.core.topology import Topology
+from shardrouter.engine.engines import ShardEngines
+from shardrouter.ops.schema import apply
 from shardrouter.types import ShardId
 
 pytestmark = pytest.mark.mariadb

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from shardrouter.topology import Topology
+from shardrouter.core.topology import Topology
 
 REPO = Path(__file__).resolve().parents[2]
 ORDERS_YAML = REPO / "config" / "orders.yaml"

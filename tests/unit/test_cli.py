@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from shardrouter.cli import main
-from shardrouter.topology import Topology
+from shardrouter.core.topology import Topology
 
 REPO = Path(__file__).resolve().parents[2]
 ORDERS_YAML = str(REPO / "config" / "orders.yaml")
@@ -297,8 +297,8 @@ def test_ids_decode_refuses(text: str, code: int, message: str) -> None:
 def test_demo(tmp_path: Path) -> None:
     import sqlite3
 
-    from shardrouter.demo import DEMO_USERS
-    from shardrouter.topology import Topology
+    from shardrouter.core.topology import Topology
+    from shardrouter.ops.demo import DEMO_USERS
 
     result = run("demo", "--dir", str(tmp_path))
     assert result.exit_code == 0, result.output

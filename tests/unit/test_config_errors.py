@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from shardrouter.config import config_from_dict, load_config, safe_url, validate_file
+from shardrouter.core.config import config_from_dict, load_config, safe_url, validate_file
+from shardrouter.core.topology import Topology
 from shardrouter.errors import ConfigError
-from shardrouter.topology import Topology
 
 REPO = Path(__file__).resolve().parents[2]
 ORDERS_YAML = REPO / "config" / "orders.yaml"

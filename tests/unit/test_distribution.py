@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from shardrouter.topology import Topology
+from shardrouter.core.topology import Topology
 
 USERS = 1_000_000
 TOLERANCE = 0.05

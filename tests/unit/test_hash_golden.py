@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from shardrouter.config import config_from_dict
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import KeyRule, Topology
 from shardrouter.errors import KeyValueError
-from shardrouter.topology import KeyRule, Topology
 
 
 def _topology(slots: int) -> Topology:

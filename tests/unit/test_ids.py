@@ -12,6 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shardrouter.core.ids import ID_BITS, IdGenerator, IdLayout
+from shardrouter.core.topology import Topology
 from shardrouter.errors import (
     ClockMovedBackwardsError,
     IdDecodeError,
@@ -19,8 +21,6 @@ from shardrouter.errors import (
     KeyValueError,
     RoutingError,
 )
-from shardrouter.ids import ID_BITS, IdGenerator, IdLayout
-from shardrouter.topology import Topology
 
 EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 LAYOUT = IdLayout(epoch_ms=EPOCH_MS)  # 41 / 10 / 5 / 7 bits

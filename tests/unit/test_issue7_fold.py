@@ -13,14 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardrouter.config import config_from_dict
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.strategies import general_ci
+from shardrouter.core.strategies.hash import fold
+from shardrouter.core.topology import Topology
 from shardrouter.errors import ExecutionError, KeyValueError
-from shardrouter.execution import _conflicts, lookup_rows, write_lookups
-from shardrouter.strategies import general_ci
-from shardrouter.strategies.hash import fold
-from shardrouter.topology import Topology
+from shardrouter.sql.execution import _conflicts, lookup_rows, write_lookups
 
-RAW = files("shardrouter.strategies").joinpath("general_ci.bin").read_bytes()
+RAW = files("shardrouter.core.strategies").joinpath("general_ci.bin").read_bytes()
 
 
 def _table_weight(c: int) -> bytes:
@@ -206,7 +206,7 @@ def test_installs_carry_the_weight_table() -> None:
     cfg = configparser.ConfigParser()
     cfg.read(Path(__file__).resolve().parents[2] / "setup.cfg")
     shipped = [p.strip() for p in cfg["options.package_data"]["shardrouter"].split(",")]
-    assert "strategies/general_ci.bin" in shipped
+    assert "core/strategies/general_ci.bin" in shipped
 
 
 def test_two_spellings_of_one_address_for_two_owners_are_refused_before_writing() -> None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from shardrouter.planner import Planner
-from shardrouter.topology import Topology
+from shardrouter.core.topology import Topology
+from shardrouter.sql.planner import Planner
 
 
 @pytest.fixture(scope="module")

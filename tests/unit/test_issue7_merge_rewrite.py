@@ -18,13 +18,13 @@ import pytest
 import sqlglot
 from sqlglot import exp
 
-from shardrouter.engines import ShardEngines
+from shardrouter.core.topology import Topology
+from shardrouter.engine.engines import ShardEngines
+from shardrouter.engine.router import Router
 from shardrouter.errors import UnsupportedQueryError
-from shardrouter.merge import MAX_LIMIT, Aggregate, MergePlan, SortKey, merge
-from shardrouter.router import Router
-from shardrouter.scatter import compare, scatter, without_weights
-from shardrouter.schema import apply as apply_schema
-from shardrouter.topology import Topology
+from shardrouter.ops.schema import apply as apply_schema
+from shardrouter.sql.merge import MAX_LIMIT, Aggregate, MergePlan, SortKey, merge
+from shardrouter.sql.scatter import compare, scatter, without_weights
 
 REPO = Path(__file__).resolve().parents[2]
 SQLITE_YAML = REPO / "config" / "orders-sqlite.yaml"

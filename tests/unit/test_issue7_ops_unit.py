@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from shardrouter.cli import main
-from shardrouter.config import validate_file
+from shardrouter.core.config import validate_file
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "config").glob("*.yaml"))
@@ -48,7 +48,7 @@ def _child_next_id(generator: object, queue: object) -> None:
 def test_forked_child_refuses_to_issue_ids_from_the_parents_generator() -> None:
     import multiprocessing
 
-    from shardrouter.ids import IdGenerator, IdLayout
+    from shardrouter.core.ids import IdGenerator, IdLayout
 
     generator = IdGenerator(IdLayout(epoch_ms=1_735_689_600_000), worker_id=1)
     parent_first = generator.next_for_slot(3)  # used before the fork: the state is shared
@@ -78,7 +78,7 @@ def test_a_generator_made_in_the_child_works() -> None:
 
 
 def _child_new_generator(queue: object) -> None:
-    from shardrouter.ids import IdGenerator, IdLayout
+    from shardrouter.core.ids import IdGenerator, IdLayout
 
     try:
         value = IdGenerator(IdLayout(epoch_ms=1_735_689_600_000), worker_id=2).next_for_slot(3)
@@ -102,8 +102,8 @@ def _raw(primary: str, replica: str | None = None) -> dict[str, object]:
 
 
 def test_config_models_never_show_the_password() -> None:
-    from shardrouter.config import config_from_dict
-    from shardrouter.topology import Topology
+    from shardrouter.core.config import config_from_dict
+    from shardrouter.core.topology import Topology
 
     model = config_from_dict(_raw(URL_WITH_PASSWORD, URL_WITH_PASSWORD), env={})
     shard = model.shards["s0"]
@@ -143,7 +143,7 @@ def test_unparsable_url_with_quotes_in_the_password_is_masked(password: str) -> 
 
 
 def validate_file_text(raw: dict[str, object]) -> list[str]:
-    from shardrouter.config import config_from_dict
+    from shardrouter.core.config import config_from_dict
     from shardrouter.errors import ConfigError
 
     try:
@@ -162,7 +162,7 @@ def test_password_with_an_unencoded_at_is_refused_with_the_fix() -> None:
     # percent-encoded, it is accepted and the password is the real one
     from urllib.parse import quote
 
-    from shardrouter.config import config_from_dict
+    from shardrouter.core.config import config_from_dict
 
     encoded = f"mysql+pymysql://app:{quote(SECRET + '@x', safe='')}@db1:3306/orders_s0"
     model = config_from_dict(_raw(encoded), env={})
@@ -189,7 +189,13 @@ def test_config_validate_cli_never_prints_the_password(tmp_path: Path) -> None:
 # -- defect 26 (CLI start-up): importing the CLI loads no database or SQL stack --------------
 
 
-HEAVY = ("sqlglot", "sqlalchemy", "sqlalchemy.ext.asyncio", "aiomysql", "shardrouter.readpool")
+HEAVY = (
+    "sqlglot",
+    "sqlalchemy",
+    "sqlalchemy.ext.asyncio",
+    "aiomysql",
+    "shardrouter.engine.readpool",
+)
 
 
 @pytest.mark.parametrize("module", ["shardrouter", "shardrouter.cli"])
@@ -221,8 +227,8 @@ def test_help_of_every_command_loads_no_heavy_module() -> None:
 
 def test_lazy_public_names_resolve_to_their_modules() -> None:
     import shardrouter
+    from shardrouter.engine.router import Router
     from shardrouter.errors import IdGeneratorForkedError
-    from shardrouter.router import Router
 
     assert shardrouter.Router is Router
     assert shardrouter.IdGeneratorForkedError is IdGeneratorForkedError

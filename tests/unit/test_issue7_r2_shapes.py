@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from shardrouter import shapes
+from shardrouter.core.topology import Topology
 from shardrouter.errors import UnsupportedQueryError
-from shardrouter.planner import Plan, Planner, Target
-from shardrouter.topology import Topology
+from shardrouter.sql import shapes
+from shardrouter.sql.planner import Plan, Planner, Target
 
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "orders.yaml"
 DOC = Path(__file__).resolve().parents[2] / "docs" / "SQL.md"

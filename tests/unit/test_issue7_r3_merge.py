@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from shardrouter.core.topology import Topology
 from shardrouter.errors import UnsupportedQueryError
-from shardrouter.planner import Plan, Planner, Target
-from shardrouter.topology import Topology
+from shardrouter.sql.planner import Plan, Planner, Target
 
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "orders.yaml"
 

@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from shardrouter.cli import main
-from shardrouter.config import load_config, safe_url
+from shardrouter.core.config import load_config, safe_url
 from shardrouter.errors import ConfigError
 
 SECRET = "Sekr3tPW"
@@ -223,7 +223,7 @@ def test_a_duplicate_key_holding_a_url_is_shown_masked(tmp_path: Path) -> None:
 
 
 def test_keyset_query_spells_out_null_cursor_values() -> None:
-    from shardrouter.execution import keyset_query
+    from shardrouter.sql.execution import keyset_query
 
     sql, params, _ = keyset_query(
         "users", ("user_id",), ("name", "user_id"), {}, (None, 7), 5, descending=False

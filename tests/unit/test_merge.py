@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from shardrouter.merge import (
+from shardrouter.sql.merge import (
     Aggregate,
     Average,
     MergePlan,

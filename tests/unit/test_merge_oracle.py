@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardrouter.merge import Aggregate, Average, MergePlan, SortKey, merge
+from shardrouter.sql.merge import Aggregate, Average, MergePlan, SortKey, merge
 
 SHARDS = 4
 

@@ -33,15 +33,15 @@ from sqlalchemy.orm import (
     selectinload,
 )
 
+from shardrouter.core.topology import Topology
+from shardrouter.engine.router import Router
 from shardrouter.errors import (
     ExecutionError,
     KeyValueError,
     ScatterWriteError,
     UnsupportedQueryError,
 )
-from shardrouter.orm import RoutedSession, routed_sessionmaker
-from shardrouter.router import Router
-from shardrouter.topology import Topology
+from shardrouter.orm.session import RoutedSession, routed_sessionmaker
 
 REPO = Path(__file__).resolve().parents[2]
 SQLITE_YAML = REPO / "config" / "orders-sqlite.yaml"

@@ -203,7 +203,7 @@ def test_readme_names_the_test_command_that_ci_runs() -> None:
 
 
 def test_topology_block_is_a_valid_config() -> None:
-    from shardrouter.config import config_from_dict
+    from shardrouter.core.config import config_from_dict
 
     raw = yaml.safe_load(block(next(k for k in BLOCKS if k.startswith("slots: 1024"))).code)
     model = config_from_dict(raw, env={"DB_PASSWORD": "pw"})
@@ -224,8 +224,8 @@ def test_bad_yaml_block_gives_the_problems_shown(
 
 
 def test_error_block_is_the_real_message() -> None:
+    from shardrouter.core.topology import Topology
     from shardrouter.errors import KeyValueError
-    from shardrouter.topology import Topology
 
     expected = next(k for k, v in BLOCKS.items() if v == "test_error_block_is_the_real_message")
     topology = Topology.load(REPO / "config" / "orders.yaml")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from shardrouter.core.topology import Topology
 from shardrouter.errors import UnsupportedQueryError
-from shardrouter.planner import Planner
-from shardrouter.topology import Topology
+from shardrouter.sql.planner import Planner
 
 
 @pytest.fixture

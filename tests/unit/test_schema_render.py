@@ -15,10 +15,11 @@ from click.testing import CliRunner
 from sqlalchemy import inspect, text
 
 from shardrouter.cli.schema_cmd import schema
-from shardrouter.config import config_from_dict
-from shardrouter.engines import ShardEngines
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import Topology
+from shardrouter.engine.engines import ShardEngines
 from shardrouter.errors import SchemaError, ShardUnavailableError
-from shardrouter.schema import (
+from shardrouter.ops.schema import (
     DEFAULT_DIRECTORY,
     VERSION_TABLE,
     Migration,
@@ -28,7 +29,6 @@ from shardrouter.schema import (
     render_steps,
     status,
 )
-from shardrouter.topology import Topology
 from shardrouter.types import ShardId
 
 REPO = Path(__file__).resolve().parents[2]

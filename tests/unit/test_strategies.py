@@ -9,11 +9,10 @@ import pytest
 from sqlalchemy import Select
 from sqlalchemy.dialects import mysql, sqlite
 
-from shardrouter import strategies
-from shardrouter.config import config_from_dict
-from shardrouter.errors import KeyValueError, RoutingError
-from shardrouter.ids import IdLayout
-from shardrouter.strategies import (
+from shardrouter.core import strategies
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.ids import IdLayout
+from shardrouter.core.strategies import (
     FunctionalStrategy,
     GeneStrategy,
     HashStrategy,
@@ -24,9 +23,10 @@ from shardrouter.strategies import (
     StrategyContext,
     StrategyDomainError,
 )
-from shardrouter.strategies import base as strategy_base
-from shardrouter.strategies.hash import HashParams
-from shardrouter.topology import Topology
+from shardrouter.core.strategies import base as strategy_base
+from shardrouter.core.strategies.hash import HashParams
+from shardrouter.core.topology import Topology
+from shardrouter.errors import KeyValueError, RoutingError
 from shardrouter.types import KeyType
 
 LAYOUT = IdLayout(epoch_ms=1_735_689_600_000)  # 2025-01-01T00:00:00Z, 41/10/5/7 bits
@@ -453,9 +453,9 @@ def test_strategy_declarations(
 
 
 def test_fold_case_routes_case_variants_together_and_only_for_str() -> None:
-    from shardrouter.config import config_from_dict
+    from shardrouter.core.config import config_from_dict
+    from shardrouter.core.topology import Topology
     from shardrouter.errors import ConfigError
-    from shardrouter.topology import Topology
 
     def topo(strategy: object, key_type: str = "str") -> Topology:
         return Topology(

@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardrouter.config import config_from_dict
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import SlotRange, Topology
 from shardrouter.errors import (
     KeyValueError,
     RoutingError,
     UnknownKeyError,
     UnknownTableError,
 )
-from shardrouter.topology import SlotRange, Topology
 
 REPO = Path(__file__).resolve().parents[2]
 ORDERS_YAML = REPO / "config" / "orders.yaml"

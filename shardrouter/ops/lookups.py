@@ -18,10 +18,10 @@ from typing import Any
 
 from sqlalchemy import select
 
-from .execution import LookupRow, discard_lookups, table_clause
-from .router import Router, _Runner
-from .strategies import LookupStrategy
-from .topology import KeyRule, TableRule
+from ..core.strategies import LookupStrategy
+from ..core.topology import KeyRule, TableRule
+from ..engine.router import Router, _Runner
+from ..sql.execution import LookupRow, discard_lookups, table_clause
 
 CHUNK = 5000
 

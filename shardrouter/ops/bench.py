@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .topology import Topology
+from ..core.topology import Topology
 
 
 def _rate(fn: Callable[[], int], repeat: int) -> float:

@@ -52,11 +52,11 @@ from sqlalchemy import Engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
-from .config import PoolConfig
+from ..core.config import PoolConfig
+from ..errors import ExecutionError, ShardUnavailableError
+from ..sql.execution import JobResult, index_ordered_columns, log_statement
+from ..types import ShardId
 from .engines import classify, engine_options
-from .errors import ExecutionError, ShardUnavailableError
-from .execution import JobResult, index_ordered_columns, log_statement
-from .types import ShardId
 
 SYNC_DRIVERS = frozenset({"pymysql", "mysqldb"})
 ASYNC_DRIVERS = frozenset({"aiomysql", "asyncmy"})

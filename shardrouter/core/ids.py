@@ -28,8 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ClockMovedBackwardsError, IdDecodeError, IdError, IdGeneratorForkedError
-from .types import Slot
+from ..errors import ClockMovedBackwardsError, IdDecodeError, IdError, IdGeneratorForkedError
+from ..types import Slot
 
 ID_BITS = 63
 

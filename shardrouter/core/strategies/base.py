@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_chec
 
 from pydantic import BaseModel, ConfigDict
 
-from ..types import KeyspaceId, KeyType, Slot
+from ...types import KeyspaceId, KeyType, Slot
 
 if TYPE_CHECKING:
     from ..ids import IdLayout

@@ -47,10 +47,10 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from .errors import ExecutionError
-from .types import ShardId
+from ..errors import ExecutionError
+from ..types import ShardId
 
-log = logging.getLogger("shardrouter.xa")
+log = logging.getLogger("shardrouter.engine.xa")
 
 OUTCOMES = "shardrouter_xa_outcomes"
 _XID = re.compile(r"^sr-([0-9a-f]{32})-([A-Za-z0-9_-]{1,64})(?:\.([A-Za-z0-9_-]{1,64}))?$")

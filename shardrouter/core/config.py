@@ -37,11 +37,11 @@ from pydantic_core import PydanticCustomError
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from ..errors import ConfigError
+from ..types import KeyType
 from . import strategies
-from .errors import ConfigError
 from .ids import ID_BITS, IdLayout
 from .strategies.base import StrategyContext
-from .types import KeyType
 
 DEFAULT_SLOTS = 1024
 MAX_SLOTS = 1 << 16

@@ -16,15 +16,14 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
-from . import readpool
-from .engines import classify, make_async_engine
-from .errors import (
+from ..core.topology import Topology
+from ..errors import (
     CrossShardTransactionError,
     LockConflictError,
     RoutingError,
     ShardUnavailableError,
 )
-from .execution import (
+from ..sql.execution import (
     Job,
     JobResult,
     Limits,
@@ -38,11 +37,12 @@ from .execution import (
     require_returning,
     run,
 )
-from .planner import Planner
+from ..sql.planner import Planner
+from ..types import ShardId, Slot
+from . import readpool
+from .engines import classify, make_async_engine
 from .readpool import AsyncReadPool
 from .router import _explicit_key_rules, _sql_and_params, aborted, ends_transaction, route_key
-from .topology import Topology
-from .types import ShardId, Slot
 
 T = TypeVar("T")
 

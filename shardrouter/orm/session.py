@@ -61,7 +61,7 @@ ORM routes and refuses exactly as ``router.execute`` does:
   cheap: one statement per placement, in turn, on the session's connections);
 - across placements, ORDER BY, LIMIT and OFFSET are merged correctly (each placement returns its
   first ``offset + limit`` rows in order, with the sort keys as extra columns; a k-way merge of
-  ``shardrouter.merge`` keeps the global first ``limit`` after ``offset``); entity and column
+  ``shardrouter.sql.merge`` keeps the global first ``limit`` after ``offset``); entity and column
   queries alike; NULLs sort as MySQL sorts them;
 - column-only aggregates, GROUP BY, HAVING and DISTINCT across placements run the planner's
   scatter SQL on the session's connections and merge the partials (``router.execute``'s merge);
@@ -138,14 +138,17 @@ from sqlalchemy.sql.elements import (
     _textual_label_reference,
 )
 
-from .errors import (
+from ..core.strategies import LookupStrategy
+from ..core.topology import TableRule, Topology
+from ..engine.router import Router, _Runner, _sql_and_params
+from ..errors import (
     FanoutLimitError,
     KeyValueError,
     RoutingError,
     ScatterWriteError,
     UnsupportedQueryError,
 )
-from .execution import (
+from ..sql.execution import (
     LookupLedger,
     LookupRow,
     Written,
@@ -154,12 +157,9 @@ from .execution import (
     lookup_rows,
     write_lookups,
 )
-from .merge import WEIGHT_CHARS, MergePlan, SortKey, merge
-from .planner import Plan, Target
-from .router import Router, _Runner, _sql_and_params
-from .strategies import LookupStrategy
-from .topology import TableRule, Topology
-from .types import ShardId, Slot
+from ..sql.merge import WEIGHT_CHARS, MergePlan, SortKey, merge
+from ..sql.planner import Plan, Target
+from ..types import ShardId, Slot
 
 __all__ = ["Placement", "RoutedSession", "routed_sessionmaker"]
 

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 from sqlglot import exp
 
-from .errors import UnsupportedQueryError
+from ..errors import UnsupportedQueryError
 from .merge import AVG_SCALE_INCREMENT, MAX_LIMIT, WEIGHT_CHARS, Aggregate, Average, MergePlan
 from .merge import SortKey as SortKey
 from .refs import value_ref

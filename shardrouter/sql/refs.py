@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlglot import exp
 
-from .errors import RoutingError
+from ..errors import RoutingError
 
 
 @dataclass(frozen=True, slots=True)

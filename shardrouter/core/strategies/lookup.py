@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 from sqlalchemy import ColumnClause, Select, column, select, table
 
-from ..types import KeyType
+from ...types import KeyType
 from .base import StrategyContext, StrategyParams, register
 
 

@@ -26,7 +26,7 @@ from typing import Literal
 
 from sqlglot import exp
 
-from .errors import UnsupportedQueryError
+from ..errors import UnsupportedQueryError
 
 Where = Literal["anywhere", "one target"]
 ANYWHERE: Where = "anywhere"

@@ -21,7 +21,7 @@ from typing import Any
 import pymysql
 import yaml
 
-from .errors import PortInUseError, SandboxError, ServerBinaryMissingError
+from ..errors import PortInUseError, SandboxError, ServerBinaryMissingError
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: The topology template used when ``up`` is given none: the repository's ``config/orders.yaml``.
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "config" / "orders.yaml"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "config" / "orders.yaml"
 
 STATE_FILE = "sandbox.json"
 TOPOLOGY_FILE = "topology.yaml"

@@ -12,10 +12,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from .config import PoolConfig
-from .errors import ExecutionError, LockConflictError, RoutingError, ShardUnavailableError
-from .topology import ShardSpec, Topology
-from .types import ShardId
+from ..core.config import PoolConfig
+from ..core.topology import ShardSpec, Topology
+from ..errors import ExecutionError, LockConflictError, RoutingError, ShardUnavailableError
+from ..types import ShardId
 
 # Drivers whose DBAPI takes read/write timeouts: a shard that stops answering mid-query fails
 # within the configured time instead of hanging the caller.

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, TypeVar, get_args
 
-from .errors import UnsupportedQueryError
+from ..errors import UnsupportedQueryError
 
 __all__ = [
     "AVG_SCALE_INCREMENT",

@@ -45,12 +45,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlglot import exp
 from sqlglot.errors import ErrorLevel, SqlglotError
 
-from .engines import ShardEngines, classify
-from .errors import ExecutionError, SchemaError, ShardUnavailableError
-from .topology import TableRule, Topology
-from .types import ShardId
+from ..core.topology import TableRule, Topology
+from ..engine.engines import ShardEngines, classify
+from ..errors import ExecutionError, SchemaError, ShardUnavailableError
+from ..types import ShardId
 
-DEFAULT_DIRECTORY = Path(__file__).resolve().parent.parent / "migrations"
+DEFAULT_DIRECTORY = Path(__file__).resolve().parents[2] / "migrations"
 """The repository's ``migrations/`` folder, used when no directory is given."""
 
 VERSION_TABLE = "shardrouter_schema_version"

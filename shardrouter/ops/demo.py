@@ -8,11 +8,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .engines import ShardEngines
-from .execution import ResultSet
-from .router import Router
+from ..core.topology import Topology
+from ..engine.engines import ShardEngines
+from ..engine.router import Router
+from ..sql.execution import ResultSet
 from .schema import apply as apply_schema
-from .topology import Topology
 
 DEMO_USERS: tuple[tuple[int, str], ...] = (
     (42, "ada@example.com"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..types import KeyspaceId, KeyType, Slot
+from ...types import KeyspaceId, KeyType, Slot
 from .base import StrategyContext, StrategyDomainError, StrategyParams, register
 
 

@@ -18,9 +18,8 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
-from . import readpool, xa
-from .engines import DEADLOCK_ERRNO, ShardEngines, classify
-from .errors import (
+from ..core.topology import KeyRule, Topology
+from ..errors import (
     CrossShardTransactionError,
     ExecutionError,
     LockConflictError,
@@ -29,7 +28,7 @@ from .errors import (
     TransactionAbortedError,
     UnsupportedQueryError,
 )
-from .execution import (
+from ..sql.execution import (
     Bind,
     Job,
     JobResult,
@@ -44,10 +43,11 @@ from .execution import (
     require_returning,
     run,
 )
-from .planner import Planner
+from ..sql.planner import Planner
+from ..types import ShardId, Slot
+from . import readpool, xa
+from .engines import DEADLOCK_ERRNO, ShardEngines, classify
 from .readpool import ReadPool
-from .topology import KeyRule, Topology
-from .types import ShardId, Slot
 
 _NAMED_MYSQL = mysql.dialect(paramstyle="named")
 T = TypeVar("T")
@@ -138,7 +138,7 @@ class Transaction:
     Without XA, a statement that needs another shard raises CrossShardTransactionError: keep a
     transaction on one key's rows (an order and its items share the user's shard). With
     ``Router(xa=True)`` every transaction is an XA transaction and may span shards (two-phase
-    commit, see shardrouter.xa). Lookup rows are written outside it, before it, and settled
+    commit, see shardrouter.engine.xa). Lookup rows are written outside it, before it, and settled
     when it ends: those created for owners it did not commit are removed
     (execution.LookupLedger); lookup cleanups run after it commits (see execution.Job.role).
 
@@ -213,7 +213,7 @@ class Transaction:
                     shard=job.shard,
                 )
             engine = self._router.engines.primary(job.shard)
-            # The first branch decides (see shardrouter.xa); the xid names it, checked here,
+            # The first branch decides (see shardrouter.engine.xa); the xid names it, checked here,
             # before a connection is taken.
             decider = self.shard or job.shard
             if self._xa:
@@ -413,7 +413,7 @@ class Router:
         """An ORM Session on the key's shard, in a transaction committed on success.
 
         The explicit path for mapped classes: no parsing, one shard. For routing by mapped
-        keys across shards, see shardrouter.orm.
+        keys across shards, see shardrouter.orm.session.
         """
         with self.connection(**key) as conn, Session(bind=conn.connection) as session:
             yield session
@@ -429,7 +429,7 @@ class Router:
         """Finish XA branches left prepared by a crash: commit the decided, roll back the rest.
 
         Branches younger than ``min_age_s`` are left to their coordinator (``in_doubt`` in the
-        report), so this is safe to run while routers commit; see shardrouter.xa."""
+        report), so this is safe to run while routers commit; see shardrouter.engine.xa."""
         return xa.recover(self.engines.primaries, min_age_s)
 
     # -- transparent SQL ------------------------------------------------------------------------
@@ -524,7 +524,7 @@ class Router:
             raise classify(exc, job.shard) from exc
 
     def _lean_pool(self, engine: Engine, shard: ShardId) -> ReadPool | Literal[False]:
-        """The lean read pool of an engine (see shardrouter.readpool), made on first use;
+        """The lean read pool of an engine (see shardrouter.engine.readpool), made on first use;
         False for engines whose driver it does not support (SQLite, other drivers)."""
         with self._cache_lock:
             lean = self._lean.get(engine)

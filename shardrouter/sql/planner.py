@@ -24,14 +24,14 @@ from sqlglot import Token, TokenType, exp
 from sqlglot.dialects.mysql import MySQL
 from sqlglot.errors import SqlglotError
 
+from ..core.strategies import LookupStrategy
+from ..core.topology import KeyRule, TableRule, Topology
+from ..errors import UnsupportedQueryError
+from ..types import KeyType
 from . import shapes
-from .errors import UnsupportedQueryError
 from .merge import MergePlan
 from .refs import ValueRef, value_ref
 from .scatter import scatter, union_order_by, without_weights
-from .strategies import LookupStrategy
-from .topology import KeyRule, TableRule, Topology
-from .types import KeyType
 
 Kind = Literal["select", "insert", "update", "delete"]
 

@@ -7,7 +7,7 @@ import itertools
 from bisect import bisect_right
 from typing import Any, ClassVar
 
-from ..types import KeyspaceId, KeyType, Slot
+from ...types import KeyspaceId, KeyType, Slot
 from .base import StrategyContext, StrategyDomainError, StrategyParams, register
 
 

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from xxhash import xxh64_digest, xxh64_intdigest
 
-from ..types import KeyspaceId, KeyType, Slot
+from ...types import KeyspaceId, KeyType, Slot
 from .base import StrategyContext, StrategyDomainError, StrategyParams, register
 from .general_ci import weight_string
 

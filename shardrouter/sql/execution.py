@@ -19,7 +19,10 @@ from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import Executable
 
-from .errors import (
+from ..core.strategies import HashStrategy, LookupStrategy
+from ..core.strategies.hash import fold
+from ..core.topology import KeyRule, TableRule, Topology
+from ..errors import (
     ExecutionError,
     FanoutLimitError,
     KeyValueError,
@@ -27,12 +30,9 @@ from .errors import (
     ScatterWriteError,
     UnsupportedQueryError,
 )
+from ..types import ShardId, Slot
 from .merge import MergePlan, merge
 from .planner import KeyCondition, Plan, Target
-from .strategies import HashStrategy, LookupStrategy
-from .strategies.hash import fold
-from .topology import KeyRule, TableRule, Topology
-from .types import ShardId, Slot
 
 log = logging.getLogger("shardrouter")
 
@@ -514,7 +514,7 @@ def _check_limits(plan: Plan, found: _Targets, limits: Limits, topology: Topolog
 
 # -- inserts and owned lookups ----------------------------------------------------------------
 #
-# One implementation of lookup rows for the router and the ORM (shardrouter.orm drives these
+# One implementation of lookup rows for the router and the ORM (shardrouter.orm.session drives these
 # same generators): which lookup rows an owner row has, how they are written and checked, how
 # they are deleted. Lookup rows are written before their owner and deleted after it, so a crash
 # leaves an orphan lookup row (reads ignore it), never an owner its lookup cannot find; the

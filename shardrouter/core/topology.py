@@ -10,13 +10,13 @@ from typing import Any, Literal
 
 from sqlalchemy.engine import URL, make_url
 
+from ..errors import KeyValueError, RoutingError, UnknownKeyError, UnknownTableError
+from ..types import KeyspaceId, KeyType, ShardId, Slot
 from . import strategies
 from .config import PoolConfig, TableConfig, TopologyConfig, load_config
-from .errors import KeyValueError, RoutingError, UnknownKeyError, UnknownTableError
 from .ids import IdGenerator, IdLayout
 from .strategies import FunctionalStrategy, LookupQuery, LookupStrategy, StrategyDomainError
 from .strategies.base import StrategyContext
-from .types import KeyspaceId, KeyType, ShardId, Slot
 
 
 @dataclass(frozen=True, slots=True, order=True)
