@@ -23,9 +23,21 @@
     │   ├── ClockMovedBackwardsError    the clock went back further than the configured bound
     │   ├── IdGeneratorForkedError      a generator was inherited through fork(): the child
     │   │                               must make its own, with its own worker_id
-    │   └── IdDecodeError               a value is not an id of this layout
+    │   ├── IdDecodeError               a value is not an id of this layout
+    │   └── WorkerLeaseError            no worker id could be leased, or the lease was lost:
+    │                                   the generator stops issuing ids rather than risk a repeat
     ├── SchemaError                     a migration file is invalid, or could not be applied to a
     │                                   shard (``.shard``, ``.version`` when known)
+    ├── MetaStoreError                  the meta store is missing its tables, holds a newer schema,
+    │   │                               or refused an operation
+    │   ├── MetaStoreUnavailableError   the meta store did not answer (routers keep serving their
+    │   │                               version; writes to moving slots fence after the lease)
+    │   └── ConcurrentChangeError       another process changed the same thing first (a push
+    │                                   raced another push): re-read and retry
+    ├── TopologyChangeError             a proposed topology change cannot be applied live (it
+    │                                   would move data or change what cannot change)
+    ├── FencedError                     a write to a slot whose placement is changing, refused
+    │                                   because this router could not renew its lease in time
     └── SandboxError                    the local MariaDB sandbox could not start or stop
         ├── ServerBinaryMissingError    mariadbd / mariadb-install-db are not installed
         └── PortInUseError              a port the sandbox needs is taken by another process
@@ -152,6 +164,49 @@ class SchemaError(ShardRouterError):
         self.version = version
 
 
+class WorkerLeaseError(IdError):
+    """No worker id could be leased from the meta store (all taken, or the store did not
+    answer), or a held lease could not be renewed before it expired: the generator refuses to
+    issue ids, since another process may now hold its worker id."""
+
+
+class MetaStoreError(ShardRouterError):
+    """The meta store cannot be used: its tables are missing (run ``shardctl meta init``), it
+    holds a schema newer than this release, or it refused an operation."""
+
+
+class MetaStoreUnavailableError(MetaStoreError):
+    """The meta store did not answer within its timeout. A router keeps serving the version it
+    has; once its lease has expired it refuses writes to slots whose placement is changing."""
+
+
+class ConcurrentChangeError(MetaStoreError):
+    """Another process changed the same record first (optimistic check): e.g. two
+    ``topology push`` of the same base version; the second fails. Re-read, then retry."""
+
+
+class TopologyChangeError(ShardRouterError):
+    """A proposed topology version cannot be applied live: it moves slots between shards (use
+    ``shardctl reshard``), changes the slot count or the id layout of a live cluster, or is
+    otherwise unsafe without moving data. ``problems`` lists each reason with its way out."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems: tuple[str, ...] = tuple(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"the topology change cannot be applied live:\n{lines}")
+
+
+class FencedError(ShardRouterError):
+    """A write to a slot whose placement is changing, refused because this router could not
+    renew its lease with the meta store before the lease expired (by its own clock): another
+    router may already write that slot under a newer version. Reads and writes to other slots
+    go on; the router recovers by itself once the meta store answers and it has caught up."""
+
+    def __init__(self, message: str, *, slot: int | None = None) -> None:
+        super().__init__(message)
+        self.slot = slot
+
+
 class SandboxError(ShardRouterError):
     """The local MariaDB sandbox could not be started, reached or stopped."""
 
@@ -166,15 +221,19 @@ class PortInUseError(SandboxError):
 
 __all__ = [
     "ClockMovedBackwardsError",
+    "ConcurrentChangeError",
     "ConfigError",
     "CrossShardTransactionError",
     "ExecutionError",
     "FanoutLimitError",
+    "FencedError",
     "IdDecodeError",
     "IdError",
     "IdGeneratorForkedError",
     "KeyValueError",
     "LockConflictError",
+    "MetaStoreError",
+    "MetaStoreUnavailableError",
     "PortInUseError",
     "RoutingError",
     "SandboxError",
@@ -183,8 +242,10 @@ __all__ = [
     "ServerBinaryMissingError",
     "ShardRouterError",
     "ShardUnavailableError",
+    "TopologyChangeError",
     "TransactionAbortedError",
     "UnknownKeyError",
     "UnknownTableError",
     "UnsupportedQueryError",
+    "WorkerLeaseError",
 ]

@@ -199,6 +199,37 @@ class IdConfig(_Model):
     max_backward_ms: Annotated[int, Field(ge=0, le=60_000)] = 100
 
 
+class MetaConfig(_Model):
+    """Where the meta store is and how routers follow it (``meta:``; absent: no meta store,
+    the file is the topology and nothing polls)."""
+
+    url: DatabaseURL
+    poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """How often a router asks for a new version (and renews its lease) when nothing moves."""
+    fast_poll_interval_s: Annotated[float, Field(gt=0, le=60)] = 0.1
+    """The same while a version change or a migration is in flight: phase switches then take
+    milliseconds, not seconds."""
+    lease_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    """How long a router's registration and a worker-id lease live without renewal; a dead
+    router blocks a version change for at most this long."""
+    fence_margin_s: Annotated[float, Field(ge=0, le=3600)] = 1.0
+    """A router fences itself this long before its lease expires by its own clock, so that
+    clock drift between it and the meta store cannot let it write after the store let go."""
+    connect_timeout_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+    query_timeout_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+
+    @model_validator(mode="after")
+    def _intervals_fit_the_lease(self) -> MetaConfig:
+        slowest = max(self.poll_interval_s, self.fast_poll_interval_s)
+        if self.fence_margin_s + 2 * slowest >= self.lease_s:
+            raise ValueError(
+                f"lease_s ({self.lease_s:g}) must exceed fence_margin_s + 2 x poll_interval_s"
+                f" ({self.fence_margin_s:g} + 2 x {slowest:g}): a router must get two chances"
+                " to renew before it fences itself; raise lease_s or poll faster"
+            )
+        return self
+
+
 class TopologyConfig(_Model):
     """The whole placement as written in YAML."""
 
@@ -208,6 +239,7 @@ class TopologyConfig(_Model):
     ids: IdConfig = IdConfig()
     shards: dict[str, ShardConfig]
     tables: dict[str, TableConfig] = {}
+    meta: MetaConfig | None = None
 
     def id_layout(self) -> IdLayout:
         ids = self.ids
@@ -801,6 +833,7 @@ def _check_lookup_target(
 __all__ = [
     "DatabaseURL",
     "IdConfig",
+    "MetaConfig",
     "PoolConfig",
     "SecondaryKeyConfig",
     "ShardConfig",
