@@ -89,7 +89,7 @@ _WHERE: dict[str, str] = {
 """Public name -> the module (under shardrouter) that defines it."""
 
 
-SUBMODULES = frozenset({"cli", "core", "engine", "errors", "ops", "orm", "sql", "types"})
+SUBMODULES = frozenset({"cli", "control", "core", "engine", "errors", "ops", "orm", "sql", "types"})
 """The package's modules: ``shardrouter.errors`` after ``import shardrouter`` works as it did
 when the package imported them eagerly (a test keeps this list equal to the folder's)."""
 
