@@ -85,12 +85,13 @@ def push(
     nothing. A file equal to the current version pushes nothing."""
     from ..control.versions import open_store as open_for
     from ..control.versions import plan_push, publish, read_proposal
+    from ..core.config import safe_url
 
     proposal = read_proposal(file)
     with open_for(proposal.config, meta_url, str(file)) as store:
         plan = plan_push(store, proposal)
         data: dict[str, Any] = {"ok": True, **plan.as_dict(), "version": None}
-        where = f"meta store {store.url.render_as_string(hide_password=True)}"
+        where = f"meta store {safe_url(store.url)}"
         if not as_json:
             base = "no version yet" if plan.bootstrap else f"current version {plan.base_version}"
             click.echo(f"{file} -> {where} ({base}):")
@@ -165,12 +166,14 @@ def _done(data: dict[str, Any], as_json: bool, line: str) -> None:
 def status(config_path: Path | None, meta_url: str | None, as_json: bool) -> None:
     """The current version and every registered router: its acknowledged version, heartbeat
     age and lease. A router is lagging (marked `!`) when it has not acknowledged the current
-    version or its lease has expired."""
+    version or its lease has expired; lagging routers do not change the exit status (--json
+    lists them under "lagging")."""
     from ..control.versions import cluster_status
+    from ..core.config import safe_url
 
     with open_store(config_path, meta_url) as store:
         state = cluster_status(store)
-        url = store.url.render_as_string(hide_password=True)
+        url = safe_url(store.url)
     if as_json:
         emit_json({"ok": True, "url": url, **state.as_dict()})
         return
@@ -237,13 +240,14 @@ def show(
     """Print VERSION (default: the current one) as YAML, passwords masked (a password written
     as a bare ${VAR} placeholder is shown as the placeholder)."""
     from ..control.versions import masked
+    from ..core.config import safe_url
     from ..errors import MetaStoreError
 
     with open_store(config_path, meta_url) as store:
         found = store.current() if version is None else store.get(version)
         if found is None:
             raise MetaStoreError(
-                f"the meta store {store.url.render_as_string(hide_password=True)} has no"
+                f"the meta store {safe_url(store.url)} has no"
                 " version yet; `shardctl topology push FILE` publishes the first"
             )
     document = _ordered(masked(dict(found.document)))
