@@ -8,10 +8,12 @@ from ._common import JsonErrorsGroup
 from .check_cmd import check
 from .config_cmd import config
 from .ids_cmd import ids
+from .meta_cmd import meta
 from .misc import bench, demo
 from .route import route
 from .sandbox import sandbox
 from .schema_cmd import schema
+from .topology_cmd import topology
 
 
 @click.group(cls=JsonErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,7 +22,7 @@ def main() -> None:
     """shardrouter: route orders to MySQL shards, hand out ids that carry their shard."""
 
 
-for command in (bench, check, config, demo, ids, route, sandbox, schema):
+for command in (bench, check, config, demo, ids, meta, route, sandbox, schema, topology):
     main.add_command(command)
 
 __all__ = ["main"]

@@ -25,6 +25,7 @@ from shardrouter.cli import main
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 INTEGRATION = "tests/integration/test_issue7_ops.py::test_readme_blocks_run_on_mariadb"
+CONTROL = "tests/integration/test_control_cli.py::test_readme_control_plane_commands"
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ BLOCKS = {
         "commands"
     ),
     "# bad.yaml": "test_bad_yaml_block_gives_the_problems_shown",
+    "meta:": "test_meta_block_is_a_valid_meta_section",
+    "shardctl meta init --config orders.yaml                 # create the store's tables"
+    " (idempotent)": "commands",
     "$ shardctl config validate bad.yaml": "test_bad_yaml_block_gives_the_problems_shown",
     "orders.user_id: value 'abc' is not an integer (strategy hash expects int); pass the row's"
     " user_id as an integer": "test_error_block_is_the_real_message",
@@ -116,6 +120,14 @@ COMMANDS = {
     "tools/fuzz --statements 100000 --out fuzz.json": (
         "tests/integration/test_issue7_r3_ops.py::test_readme_fuzz_command_runs"
     ),
+    "shardctl meta init --config orders.yaml": CONTROL,
+    'shardctl topology push orders.yaml --comment "first version"': CONTROL,
+    "shardctl topology push orders-v2.yaml --dry-run": CONTROL,
+    'shardctl topology push orders-v2.yaml --comment "replica for s0"': CONTROL,
+    "shardctl topology status --config orders.yaml": CONTROL,
+    "shardctl topology history --config orders.yaml": CONTROL,
+    "shardctl topology show 1 --config orders.yaml": CONTROL,
+    "shardctl topology diff 1 2 --config orders.yaml": CONTROL,
     "shardctl sandbox down --dir .sandbox": (
         "tests/integration/test_sandbox.py::test_cli_up_status_down"
     ),
@@ -209,6 +221,17 @@ def test_topology_block_is_a_valid_config() -> None:
     model = config_from_dict(raw, env={"DB_PASSWORD": "pw"})
     assert sorted(model.shards) == ["s0", "s1"]
     assert "pw" not in repr(model)
+
+
+def test_meta_block_is_a_valid_meta_section() -> None:
+    from shardrouter.core.config import config_from_dict
+
+    raw = yaml.safe_load((REPO / "config" / "orders-sqlite.yaml").read_text(encoding="utf-8"))
+    raw.update(yaml.safe_load(block("meta:").code))
+    model = config_from_dict(raw, env={"META_PASSWORD": "pw-meta"})
+    assert model.meta is not None and model.meta.poll_interval_s == 1.0
+    assert model.meta.url.database == "shardmeta"
+    assert "pw-meta" not in repr(model)
 
 
 def test_bad_yaml_block_gives_the_problems_shown(
