@@ -62,7 +62,8 @@ ORM routes and refuses exactly as ``router.execute`` does:
 - across placements, ORDER BY, LIMIT and OFFSET are merged correctly (each placement returns its
   first ``offset + limit`` rows in order, with the sort keys as extra columns; a k-way merge of
   ``shardrouter.sql.merge`` keeps the global first ``limit`` after ``offset``); entity and column
-  queries alike; NULLs sort as MySQL sorts them;
+  queries alike; NULLs sort as MySQL sorts them; strings by the shards' collation weights
+  (the router's ``WEIGHT_STRING(x AS CHAR(255))``);
 - column-only aggregates, GROUP BY, HAVING and DISTINCT across placements run the planner's
   scatter SQL on the session's connections and merge the partials (``router.execute``'s merge);
   the values come back as the driver returns them, without the ORM's type processing;
@@ -71,10 +72,13 @@ ORM routes and refuses exactly as ``router.execute`` does:
   LIMIT, which SQLAlchemy renders as a subquery: use ``selectinload``); joins of sharded tables
   that are not bound together; across placements, aggregates, DISTINCT or GROUP BY together with
   mapped entities, ORDER BY terms that are not column expressions (positions, text, NULLS
-  FIRST/LAST); ORM bulk INSERT; bulk DELETE of a table that owns lookup rows; bulk UPDATE of a
-  sharding column. The router's limits apply: ScatterWriteError for a bulk UPDATE/DELETE without
-  key criteria (unless ``allow_scatter_write``), FanoutLimitError for ``max_fanout`` and
-  ``max_offset``. Results merged across placements are fetched whole (no streaming).
+  FIRST/LAST), ENUM or SET columns ordered, grouped or deduplicated (MySQL orders them by index),
+  and whatever the router refuses across shards (``Plan.scatter_refusal``: COUNT(DISTINCT),
+  GROUP_CONCAT, NOW(), a bound parameter in HAVING, ...); ORM bulk INSERT; bulk DELETE of a table
+  that owns lookup rows; bulk UPDATE of a sharding column. The router's limits apply:
+  ScatterWriteError for a bulk UPDATE/DELETE without key criteria (unless
+  ``allow_scatter_write``), FanoutLimitError for ``max_fanout`` and ``max_offset``. Results merged
+  across placements are fetched whole (no streaming).
 
 Writes
 ------
