@@ -62,7 +62,8 @@ ORM routes and refuses exactly as ``router.execute`` does:
 - across placements, ORDER BY, LIMIT and OFFSET are merged correctly (each placement returns its
   first ``offset + limit`` rows in order, with the sort keys as extra columns; a k-way merge of
   ``shardrouter.sql.merge`` keeps the global first ``limit`` after ``offset``); entity and column
-  queries alike; NULLs sort as MySQL sorts them;
+  queries alike; NULLs sort as MySQL sorts them; strings by the shards' collation weights
+  (the router's ``WEIGHT_STRING(x AS CHAR(255))``);
 - column-only aggregates, GROUP BY, HAVING and DISTINCT across placements run the planner's
   scatter SQL on the session's connections and merge the partials (``router.execute``'s merge);
   the values come back as the driver returns them, without the ORM's type processing;
@@ -71,10 +72,13 @@ ORM routes and refuses exactly as ``router.execute`` does:
   LIMIT, which SQLAlchemy renders as a subquery: use ``selectinload``); joins of sharded tables
   that are not bound together; across placements, aggregates, DISTINCT or GROUP BY together with
   mapped entities, ORDER BY terms that are not column expressions (positions, text, NULLS
-  FIRST/LAST); ORM bulk INSERT; bulk DELETE of a table that owns lookup rows; bulk UPDATE of a
-  sharding column. The router's limits apply: ScatterWriteError for a bulk UPDATE/DELETE without
-  key criteria (unless ``allow_scatter_write``), FanoutLimitError for ``max_fanout`` and
-  ``max_offset``. Results merged across placements are fetched whole (no streaming).
+  FIRST/LAST), ENUM or SET columns ordered, grouped or deduplicated (MySQL orders them by index),
+  and whatever the router refuses across shards (``Plan.scatter_refusal``: COUNT(DISTINCT),
+  GROUP_CONCAT, NOW(), a bound parameter in HAVING, ...); ORM bulk INSERT; bulk DELETE of a table
+  that owns lookup rows; bulk UPDATE of a sharding column. The router's limits apply:
+  ScatterWriteError for a bulk UPDATE/DELETE without key criteria (unless
+  ``allow_scatter_write``), FanoutLimitError for ``max_fanout`` and ``max_offset``. Results merged
+  across placements are fetched whole (no streaming).
 
 Writes
 ------
@@ -124,11 +128,13 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect, IteratorResult, Result
 from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
 from sqlalchemy.engine.result import SimpleResultMetaData
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.ext.horizontal_shard import ShardedSession, set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction, sessionmaker
 from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql import Delete, Select, Update, operators
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import (
     ColumnClause,
     ColumnElement,
@@ -137,6 +143,7 @@ from sqlalchemy.sql.elements import (
     _label_reference,
     _textual_label_reference,
 )
+from sqlalchemy.sql.functions import FunctionElement
 
 from ..core.strategies import LookupStrategy
 from ..core.topology import TableRule, Topology
@@ -149,10 +156,13 @@ from ..errors import (
     UnsupportedQueryError,
 )
 from ..sql.execution import (
+    JobResult,
     LookupLedger,
     LookupRow,
     Written,
+    _refuse_index_ordered,
     delete_lookups,
+    index_ordered_columns,
     log,
     lookup_rows,
     write_lookups,
@@ -709,8 +719,14 @@ class RoutedSession(ShardedSession):
         self._check_limits(tokens, plan.offset_depth)
         if len(tokens) == 1:
             return self._invoke(ctx, tokens[0])
+        if plan.scatter_refusal is not None:  # as the router refuses it (execution._check_limits)
+            raise UnsupportedQueryError(plan.scatter_refusal)
         merge_plan = plan.merge
-        assert merge_plan is not None
+        if merge_plan is None:  # the planner makes one for every select it does not refuse
+            raise UnsupportedQueryError(
+                f"this query on {table.name} cannot be merged across shards; add a sharding-key"
+                " criterion"
+            )
         if merge_plan.grouped or merge_plan.distinct:
             return self._scatter_text(ctx, stmt, plan, values, tokens)
         # An eager relationship load (selectinload) reads its rows by position, so it takes no
@@ -758,7 +774,10 @@ class RoutedSession(ShardedSession):
         """ORDER BY/LIMIT/OFFSET across placements: each returns its first rows in order, with
         the sort keys as extra columns, and a k-way merge keeps the global first ones."""
         terms = _sort_terms(stmt)
-        extra = [expr for expr, _ in terms]
+        # Labelled, so their columns can be found in each placement's result metadata.
+        extra: list[ColumnElement[Any]] = [
+            expr.label(f"{_SORT_LABEL}{i}") for i, (expr, _) in enumerate(terms)
+        ]
         # MySQL/MariaDB: each sort key's collation weight too, as the router's scatter does
         # (SQLite's BINARY strings order as Python's do).
         backend = self.connection(bind_arguments={"shard_id": tokens[0]}).dialect.name
@@ -769,6 +788,8 @@ class RoutedSession(ShardedSession):
         if plan.shard_limit is not None:
             shard_stmt = shard_stmt.limit(plan.shard_limit)
         parts = [self._invoke(ctx, t, shard_stmt) for t in tokens]
+        for part in parts:
+            _refuse_index_ordered_sort_keys(plan, part)
         keys = list(parts[0].keys())
         width = len(keys) - len(extra)
         count = len(terms)
@@ -806,9 +827,8 @@ class RoutedSession(ShardedSession):
                     " be merged; select columns, or add a sharding-key criterion"
                 )
         merge_plan = plan.merge
-        assert merge_plan is not None
-        columns: tuple[str, ...] = ()
-        rows: list[list[Any]] = []
+        assert merge_plan is not None  # _select checked it
+        results: list[JobResult] = []
         for token in tokens:
             placement = self._routing.placements[token]
             conn = self.connection(bind_arguments={"shard_id": token})
@@ -817,10 +837,11 @@ class RoutedSession(ShardedSession):
                 scatter=True,
                 backend=conn.dialect.name,
             )
-            result = conn.execute(text(sql), dict(values))
-            columns = tuple(result.keys())
-            rows.append(list(result.all()))
-        merged = list(merge(merge_plan, rows))
+            # JobResult.of reads the ENUM/SET flags too, as the router's execution does
+            results.append(JobResult.of(conn.execute(text(sql), dict(values))))
+        _refuse_index_ordered(merge_plan, results)
+        columns = results[0].columns
+        merged = list(merge(merge_plan, [r.rows for r in results]))
         visible = columns[: merge_plan.visible_width(len(columns))]
         return IteratorResult(SimpleResultMetaData(visible), iter(merged))
 
@@ -892,14 +913,50 @@ def _lookup_key(row: LookupRow) -> tuple[ShardId, str, tuple[tuple[str, Any], ..
     return row.shard, row.physical, tuple(sorted(row.row.items()))
 
 
+_SORT_LABEL = "shardrouter_sort_"
+"""The label of the sort-key columns _scatter_rows adds (found by it in result metadata)."""
+
+
+def _refuse_index_ordered_sort_keys(plan: MergePlan, part: Result[Any]) -> None:
+    """execution._refuse_index_ordered for one placement's ORM result: refused if a sort key
+    is an ENUM or SET column, which MySQL orders by index and the merge would order by text.
+    The flags are read from the driver's result metadata (index_ordered_columns), found
+    through the ORM result's CursorResult (``raw``) before its rows are fetched."""
+    cursor = getattr(getattr(part, "raw", None), "cursor", None)
+    description = getattr(cursor, "description", None)
+    if not description:
+        return  # no metadata (a driver without flags): the router's known gap as well
+    names = [d[0] for d in description]
+    sort_keys = tuple(
+        SortKey(i, False) for i, name in enumerate(names) if name.startswith(_SORT_LABEL)
+    )
+    flagged = index_ordered_columns(cursor)
+    found = JobResult(tuple(names), [], 0, (), flagged)
+    _refuse_index_ordered(replace(plan, order_by=sort_keys, group_by=(), distinct=False), [found])
+
+
+class _WeightString(FunctionElement[bytes]):
+    """``WEIGHT_STRING(x AS CHAR(n))``, which SQLAlchemy has no construct for."""
+
+    name = "weight_string"
+    type = LargeBinary()
+    inherit_cache = True
+
+
+@compiles(_WeightString)
+def _compile_weight_string(element: _WeightString, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"WEIGHT_STRING({compiler.process(element.clauses, **kw)} AS CHAR({WEIGHT_CHARS}))"
+
+
 def _weight(expr: ColumnElement[Any]) -> ColumnElement[Any]:
-    """The collation sort key of ``expr``, spelled as scatter.weight spells it for the router
-    (RPAD to 255 characters stands for ``AS CHAR(255)``, which SQLAlchemy has no construct
-    for: the same weights under PAD SPACE collations)."""
+    """The collation sort key of ``expr``, spelled as scatter.weight spells it for the router:
+    NULL for binary values (the merge compares them), an empty weight (refused by the merge)
+    for strings the padding would cut, else ``WEIGHT_STRING(x AS CHAR(255))`` (the padding
+    gives PAD SPACE collations' ``'a' = 'a '``, and NO PAD ones keep them apart)."""
     return case(
         (func.collation(expr) == "binary", null()),
         (func.char_length(func.rtrim(expr)) > WEIGHT_CHARS, literal(b"", LargeBinary)),
-        else_=func.weight_string(func.rpad(expr, WEIGHT_CHARS, " ")),
+        else_=_WeightString(expr),
     )
 
 

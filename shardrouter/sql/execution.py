@@ -8,10 +8,12 @@ lookups, the order of lookup writes and the merge all live here, once.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import Any, Literal
 
 from sqlalchemy import and_, column, delete, select, table
@@ -1100,7 +1102,9 @@ def keyset_query(
                 for j in range(i)
             ]
             ors.append("(" + " AND ".join([*eqs, past]) + ")")
-        params.update({f"a{i}": v for i, v in enumerate(after) if v is not None})
+        params.update(
+            {f"a{i}": _cursor_value(order_by[i], v) for i, v in enumerate(after) if v is not None}
+        )
         # No branch left (every cursor value NULL, descending): the listing is over.
         clauses.append("(" + " OR ".join(ors) + ")" if ors else "1 = 0")
     direction = " DESC" if descending else ""
@@ -1112,9 +1116,69 @@ def keyset_query(
     return sql, params, tuple(selected.index(c) for c in order_by)
 
 
+_EXACT_CURSOR_TYPES = (int, Decimal, str, dt.date)
+"""Cursor values the shards compare with their column exactly as ORDER BY orders it, bound as
+the driver returned them: integers (bool is one), DECIMAL, strings (under the column's own
+collation, as ORDER BY), DATE and DATETIME (a datetime is a date). Not: floats (a FLOAT
+column's value comes back rounded: ``f = 0.1`` is false for the row that returned 0.1, so
+its page would repeat) and bytes (BIT columns come back as bytes, which the shards compare
+with the BIT column as a number read from a string, not as its value; BINARY/VARBINARY bytes
+cannot be told apart from them by value). TIME (a timedelta) is bound as its exact text."""
+
+_TIME_LIMIT = dt.timedelta(hours=838, minutes=59, seconds=59, microseconds=999_999)
+
+
+def _cursor_value(column_name: str, value: Any) -> Any:
+    """``value``, a page cursor's value of ``column_name``, as bound for the keyset comparison
+    (see _EXACT_CURSOR_TYPES); refused with UnsupportedQueryError when no bound value of its
+    type compares exactly.
+
+    A timedelta (TIME) becomes ``[-]HH:MM:SS.ffffff``, which MariaDB/MySQL compare with a TIME
+    column as a time (drivers escape a negative timedelta wrongly: PyMySQL renders -30 minutes
+    as ``-1:30:00``)."""
+    if isinstance(value, dt.timedelta):
+        if abs(value) > _TIME_LIMIT:
+            raise UnsupportedQueryError(
+                f"page: cursor value {value!r} of {column_name} is outside MySQL's TIME range"
+                " (-838:59:59.999999 .. 838:59:59.999999)"
+            )
+        sign = "-" if value < dt.timedelta(0) else ""
+        value = abs(value)
+        seconds = value.days * 86_400 + value.seconds
+        return (
+            f"{sign}{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+            f".{value.microseconds:06d}"
+        )
+    if isinstance(value, _EXACT_CURSOR_TYPES):
+        return value
+    if isinstance(value, float):
+        why = (
+            "a FLOAT comes back rounded (the shards would not find the row it came from: rows"
+            " would repeat)"
+        )
+    elif isinstance(value, bytes | bytearray):
+        why = (
+            "a BIT column comes back as bytes, which the shards compare with it as a string"
+            " read as a number, not as its value (rows would be skipped or repeated); binary"
+            " strings cannot be told apart from it"
+        )
+    else:
+        why = "the keyset comparison is exact only for numbers, strings, dates and times"
+    raise UnsupportedQueryError(
+        f"page: cannot page by {column_name}: its value {value!r} ({type(value).__name__}) is"
+        f" not a cursor the shards compare exactly: {why}. Page by another column (e.g. the"
+        " table's key), or list with router.execute and an ORDER BY ... LIMIT of your own"
+        f" (for a BIT column, compare {column_name} + 0 with an integer)"
+    )
+
+
 def page_of(result: ResultSet, positions: Sequence[int], limit: int, width: int) -> Page:
     rows = result.rows
     after = tuple(rows[-1][p] for p in positions) if len(rows) == limit else None
+    if after is not None:  # refused now rather than with the next page
+        for p, value in zip(positions, after, strict=True):
+            if value is not None:
+                _cursor_value(result.columns[p], value)
     return Page([r[:width] for r in rows], result.columns[:width], after)
 
 
