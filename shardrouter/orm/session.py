@@ -524,8 +524,9 @@ class RoutedSession(ShardedSession):
                 self._token_of_new(info, state)
             cleanups.extend(self._lookup_rows(info, state, deleting=True))
         written = self._write_lookups(lookups) if lookups else Written()
-        # One flush deletes before it inserts (an object deleted and one added with its key
-        # are one UPDATE): a lookup row deleted and written again in it is kept.
+        # A flush's deletes count before its writes: the only lookup row both name is that of
+        # an object deleted and one added with its key and value, which the flush writes as
+        # one UPDATE (SQLAlchemy's row switch): the row keeps it.
         self._ledger.remove(cleanups)
         self._ledger.add(written, doubtful=False)
 

@@ -21,7 +21,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shardrouter.engine.aio import AsyncRouter
 from shardrouter.engine.router import Router
-from shardrouter.errors import UnsupportedQueryError
+from shardrouter.errors import KeyValueError, UnsupportedQueryError
 from shardrouter.ops.lookups import check_lookups
 from shardrouter.orm import routed_sessionmaker
 from tests.integration import test_issue7_review as _review
@@ -286,6 +286,15 @@ def test_orm_user_deleted_and_added_again_keeps_its_email(world: dict[str, Any])
     ).rows
     assert got == [(930_022, "b")]
     assert ["r4-again@example.com", 930_022] not in _missing(router).get("user_emails", [])
+    with sessions() as session:  # in one flush: SQLAlchemy writes one UPDATE (row switch)
+        session.delete(session.get(User, 930_022))
+        session.add(User(user_id=930_022, email="r4-again@example.com", tier="mid", tag="c"))
+        session.commit()
+    got = router.execute(
+        "SELECT user_id, tag FROM users WHERE email = :e", {"e": "r4-again@example.com"}
+    ).rows
+    assert got == [(930_022, "c")]
+    assert ["r4-again@example.com", 930_022] not in _missing(router).get("user_emails", [])
 
 
 def test_orm_deleted_user_frees_its_email_and_rollback_keeps_it(world: dict[str, Any]) -> None:
@@ -391,6 +400,10 @@ def test_orm_insert_without_the_lookup_column_is_refused(
             OrderWithoutMerchant(order_id=first, user_id=976_003, amount_cents=1, status="new")
         )
         with pytest.raises(UnsupportedQueryError, match="merchant_id"):
+            session.flush()
+    with sessions() as session:  # mapped but not set: NULL cannot be routed (typed, too)
+        session.add(Order(order_id=first, user_id=976_003, amount_cents=1, status="new"))
+        with pytest.raises(KeyValueError, match="merchant_id"):
             session.flush()
     assert router.execute("SELECT order_id FROM orders WHERE user_id = 976003").rows == []
     with sessions() as session:
