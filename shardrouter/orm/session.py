@@ -94,7 +94,10 @@ a failed flush) are removed when its transaction ends; a
 unique lookup already taken by another owner fails the flush (compared the way the lookup
 table's hash folds it: ``fold_case`` e-mail addresses in any case are one value), one held by an
 orphan lookup row whose owner does not exist is taken over; the lookup rows of deleted objects
-are deleted once the session's transaction has committed. All of it is the router's own code
+are deleted once the session's transaction has committed (an object added, flushed and deleted
+in it leaves none, one deleted and added again keeps its row). A new object of a class that does
+not map a lookup column is refused (the row would get the column's default and no lookup row).
+All of it is the router's own code
 (``execution.lookup_rows``/``write_lookups``/``LookupLedger``/``delete_lookups``), not a
 second implementation.
 On SQLite shard files, where a writer locks the whole file, a lookup row cannot be written while
@@ -161,7 +164,6 @@ from ..sql.execution import (
     LookupRow,
     Written,
     _refuse_index_ordered,
-    delete_lookups,
     index_ordered_columns,
     log,
     lookup_rows,
@@ -410,16 +412,12 @@ class RoutedSession(ShardedSession):
         self.router = router
         self._routing = routing
         self._proxies: dict[tuple[int, str], _PlacementConnection] = {}
-        self._lookup_cleanups: list[LookupRow] = []
-        self._lookups_written: set[tuple[ShardId, str, tuple[tuple[str, Any], ...]]] = set()
         self._ledger = LookupLedger()
         self._committed = False
         # Ahead of horizontal_shard's own handler, which then runs each routed piece.
         event.listen(self, "do_orm_execute", self._on_execute, retval=True, insert=True)
         event.listen(self, "before_flush", self._before_flush)
         event.listen(self, "after_commit", self._after_commit)
-        event.listen(self, "after_rollback", self._forget_cleanups)
-        event.listen(self, "after_soft_rollback", self._forget_cleanups)
         event.listen(self, "after_transaction_end", self._after_transaction_end)
 
     def begin_nested(self) -> Any:
@@ -535,9 +533,12 @@ class RoutedSession(ShardedSession):
             if info.rule.primary is None:
                 self._token_of_new(info, state)
             cleanups.extend(self._lookup_rows(info, state, deleting=True))
-        if lookups:
-            self._write_lookups(lookups)
-        self._lookup_cleanups.extend(cleanups)
+        written = self._write_lookups(lookups) if lookups else Written()
+        # A flush's deletes count before its writes: the only lookup row both name is that of
+        # an object deleted and one added with its key and value, which the flush writes as
+        # one UPDATE (SQLAlchemy's row switch): the row keeps it.
+        self._ledger.remove(cleanups)
+        self._ledger.add(written, doubtful=False)
 
     def _check_secondaries(self, info: _MappedTable, state: InstanceState[Any]) -> None:
         """Functional secondary keys must route to the row's slot, or reads by them miss it."""
@@ -571,8 +572,17 @@ class RoutedSession(ShardedSession):
         owner: dict[str, Any] = {}
         for column_name, rule in info.rule.keys.items():
             strategy = rule.strategy
-            if not isinstance(strategy, LookupStrategy) or column_name not in info.attrs:
+            if not isinstance(strategy, LookupStrategy):
                 continue
+            if column_name not in info.attrs:
+                if deleting:
+                    continue  # its lookup row, if any, stays: an orphan (reads ignore it)
+                raise UnsupportedQueryError(
+                    f"{info.mapper.class_.__name__} does not map lookup column"
+                    f" {info.rule.name}.{column_name}: its INSERT would leave the column to its"
+                    f" default and write no row in {strategy.table}, so reads by {column_name}"
+                    f" would miss the row; map {column_name} and set it explicitly"
+                )
             missing = [c for c in strategy.row_columns[1:] if c not in info.mapper.columns]
             if missing:
                 raise RoutingError(
@@ -590,44 +600,32 @@ class RoutedSession(ShardedSession):
             return []
         return lookup_rows(self._routing.topology, info.rule, [owner], deleting=deleting)
 
-    def _write_lookups(self, rows: Sequence[LookupRow]) -> None:
+    def _write_lookups(self, rows: Sequence[LookupRow]) -> Written:
         """Write lookup rows and prove unique ones are this owner's: the router's own code
         (execution.write_lookups: upserts committed per place, the case-folding uniqueness
-        check, orphans taken over), driven on the router's threads."""
-        for r in rows:
-            self._lookups_written.add(_lookup_key(r))
+        check, orphans taken over), driven on the router's threads. Returns what it wrote
+        (the caller adds it to the ledger); the rows of a failed write are settled as
+        doubtful."""
         written = Written()
         try:
             _Runner(self.router).drive(write_lookups(self.router.topology, rows, written))
         except Exception:
             self._ledger.add(Written(written.created), doubtful=True)
             raise
-        self._ledger.add(written, doubtful=False)
+        return written
 
     def _after_commit(self, session: Session) -> None:
         if self.in_nested_transaction():
             return  # a savepoint released: the outer transaction may still roll back
         self._committed = True
-        if not self._lookup_cleanups:
-            return
-        rows, self._lookup_cleanups = self._lookup_cleanups, []
-        written, self._lookups_written = self._lookups_written, set()
-        jobs = delete_lookups([r for r in rows if _lookup_key(r) not in written])
-        # (a row deleted and added again in this transaction keeps its lookup row)
-        if jobs:
-            _Runner(self.router).run(jobs)
-
-    def _forget_cleanups(self, session: Session, *args: Any) -> None:
-        # Forgetting a cleanup leaves an orphan lookup row (harmless); running one for a row
-        # that a rollback brought back would hide it from reads by the lookup key.
-        self._lookup_cleanups.clear()
-        self._lookups_written.clear()
 
     def _after_transaction_end(self, session: Session, transaction: Any) -> None:
-        if transaction.parent is None:  # the root ended: committed cleanups already ran
-            self._forget_cleanups(session)
-            # Lookup rows written for owners the session did not commit are removed (the
-            # router's own settling, see execution.LookupLedger); best effort.
+        if transaction.parent is None:
+            # The lookup rows of the session's transaction are settled by what it did last to
+            # each owner row (the router's own settling, see execution.LookupLedger): those of
+            # deleted owners go, those of owners it did not commit too; best effort. A
+            # rollback forgets the deletes (running one for a row the rollback brought back
+            # would hide it from reads by the lookup key).
             committed, self._committed = self._committed, False
             try:
                 _Runner(self.router).drive(self._ledger.settle(self.router.topology, committed))
@@ -907,10 +905,6 @@ def _explicit_token(ctx: ORMExecuteState) -> Any:
     if "_sa_shard_id" in ctx.execution_options:
         return ctx.execution_options["_sa_shard_id"]
     return ctx.bind_arguments.get("shard_id")
-
-
-def _lookup_key(row: LookupRow) -> tuple[ShardId, str, tuple[tuple[str, Any], ...]]:
-    return row.shard, row.physical, tuple(sorted(row.row.items()))
 
 
 _SORT_LABEL = "shardrouter_sort_"

@@ -273,9 +273,13 @@ def run(
         if owner is not None and returning is not None:
             # Exactly the rows this DELETE removed (RETURNING), never a separate read of them.
             doomed = [dict(zip(r.columns, row, strict=True)) for r in results for row in r.rows]
-            cleanups = delete_lookups(lookup_rows(topology, owner, doomed, deleting=True))
-            if cleanups:
-                yield cleanups
+            gone = lookup_rows(topology, owner, doomed, deleting=True)
+            if ledger is not None:
+                ledger.remove(gone)  # removed when the transaction commits (LookupLedger)
+            else:
+                cleanups = delete_lookups(gone)
+                if cleanups:
+                    yield cleanups
         return ResultSet((), [], rowcount, shards, tuple(found.lookups), found.scatter)
     columns = results[0].columns if results else ()
     if not scatter_sql or plan.merge is None:
@@ -909,38 +913,77 @@ def restore_lookups(
 
 @dataclass(slots=True)
 class LookupLedger:
-    """The lookup rows a transaction's statements wrote, settled when it ends.
+    """The lookup rows a transaction's statements wrote and deleted, settled when it ends.
 
     Lookup rows are written outside the transaction, before it (their table lives on another
-    shard). Rolled back, its created rows are discarded (those whose owner is absent).
-    Committed, the rows of statements that failed or upserted (ON DUPLICATE KEY UPDATE keeps a
-    row's old lookup value) are discarded the same way, and every other row it wrote is written
-    again (one idempotent insert per lookup table place): a transaction may stay open long
-    enough for ``check lookups --fix`` to take its lookup rows for orphans and remove them
-    before its owner rows commit (see discard_lookups)."""
+    shard). Rolled back, its created rows are discarded (those whose owner is absent), and the
+    rows of owner rows it deleted stay (the rollback brought their owners back). Committed:
+
+    - the rows of statements that failed or upserted (ON DUPLICATE KEY UPDATE keeps a row's
+      old lookup value) are discarded the same way;
+    - every other row is settled by what the transaction did last to its owner row with that
+      value (``changes``, in statement order): written, the row is written again (one
+      idempotent insert per lookup table place: a transaction may stay open long enough for
+      ``check lookups --fix`` to take its lookup rows for orphans and remove them before its
+      owner rows commit, see discard_lookups); deleted, the row is removed. A row the
+      transaction inserted and then deleted leaves nothing, one it deleted and inserted again
+      keeps its lookup row.
+
+    Only the transaction's own statements can remove an owner row it wrote before it commits
+    (others wait for its locks), and every one that does is recorded here: a DELETE of an
+    owner says which rows it removed (RETURNING, see ``run``), the ORM its deleted objects;
+    statements that would remove or change owner rows unseen (UPDATE of a lookup column,
+    multi-table DELETE of an owner, INSERT IGNORE, REPLACE) are refused by the planner."""
 
     created: list[LookupRow] = field(default_factory=list)
+    """Every row the transaction's statements inserted (a rollback discards them)."""
     doubtful: list[LookupRow] = field(default_factory=list)
-    adopted: list[LookupRow] = field(default_factory=list)
+    """Created by a statement that failed or upserted: discarded at commit unless owned."""
+    changes: list[tuple[bool, LookupRow]] = field(default_factory=list)
+    """(True, row) for a row written for an owner row the transaction wrote, (False, row) for
+    one of an owner row it deleted; in statement order."""
 
     def add(self, written: Written, *, doubtful: bool) -> None:
         self.created.extend(written.created)
         if doubtful:
             self.doubtful.extend(written.created)
-        self.adopted.extend(written.adopted)
+        else:
+            self.changes.extend((True, r) for r in written.created)
+        self.changes.extend((True, r) for r in written.adopted)
+
+    def remove(self, rows: Sequence[LookupRow]) -> None:
+        """The lookup rows of owner rows a statement of the transaction deleted: removed once
+        it commits, unless a later statement writes the same row again."""
+        self.changes.extend((False, r) for r in rows)
 
     def settle(
         self, topology: Topology, committed: bool
     ) -> Generator[list[Job], list[JobResult], None]:
-        created, doubtful, adopted = self.created, self.doubtful, self.adopted
-        self.created, self.doubtful, self.adopted = [], [], []
-        if committed:
-            yield from discard_lookups(topology, doubtful)
-            dropped = {id(r) for r in doubtful}
-            kept = [r for r in created if id(r) not in dropped]
-            yield from restore_lookups(topology, kept + adopted)
-        else:
+        created, doubtful, changes = self.created, self.doubtful, self.changes
+        self.created, self.doubtful, self.changes = [], [], []
+        if not committed:
             yield from discard_lookups(topology, created)
+            return
+        yield from discard_lookups(topology, doubtful)
+        last: dict[tuple[Any, ...], tuple[bool, LookupRow]] = {}
+        for change in changes:
+            last[_ledger_key(topology, change[1])] = change
+        gone = [r for kept, r in last.values() if not kept]
+        if gone:
+            try:
+                yield [replace(j, role="lookup") for j in delete_lookups(gone)]
+            except Exception as exc:  # orphans, as after a crash: check lookups removes them
+                log.warning("lookup rows of deleted owner rows not removed: %s", exc)
+        yield from restore_lookups(topology, [r for kept, r in last.values() if kept])
+
+
+def _ledger_key(topology: Topology, r: LookupRow) -> tuple[Any, ...]:
+    """One lookup row, whichever statement named it: its place and its values, strings folded
+    when the lookup table's key folds them (then 'Ada@x' and 'ADA@x ' are one row of it)."""
+    rule = topology.table(r.strategy.table).primary
+    folds = rule is not None and isinstance(rule.strategy, HashStrategy) and rule.strategy.fold_case
+    values = (r.row[c] for c in r.strategy.row_columns)
+    return (r.shard, r.physical, *(_loose(v) if folds else v for v in values))
 
 
 def _insert(

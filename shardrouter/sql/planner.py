@@ -413,6 +413,7 @@ class Planner:
             raise UnsupportedQueryError(
                 f"INSERT INTO {driving.name} has no sharding key column (give one of: {keys})"
             )
+        _refuse_omitted_lookup_columns(driving, columns)
         # Key columns (the routing key and every lookup's columns) must be parameters or
         # literals: their values decide where rows go. Other columns may be any expression
         # (NOW(3), COALESCE(...)): they are sent to the shard as written.
@@ -634,6 +635,24 @@ def _lookup_columns(table: TableRule) -> set[str]:
         if isinstance(rule.strategy, LookupStrategy):
             needed |= {rule.column, *rule.strategy.row_columns[1:]}
     return needed
+
+
+def _refuse_omitted_lookup_columns(table: TableRule, columns: Sequence[str]) -> None:
+    """An INSERT into a lookup owner must name every column its lookup rows are made of: the
+    router writes lookup rows from the statement's values, and a column left out gets its
+    DEFAULT on the shard (or an AUTO_INCREMENT value), which no lookup row would point to."""
+    for name, rule in table.keys.items():
+        strategy = rule.strategy
+        if not isinstance(strategy, LookupStrategy):
+            continue
+        omitted = [c for c in (name, *strategy.row_columns[1:]) if c not in columns]
+        if omitted:
+            raise UnsupportedQueryError(
+                f"INSERT INTO {table.name} leaves out {', '.join(omitted)}: the shard would"
+                f" store the column's default with no row in lookup table {strategy.table},"
+                f" and reads by {name} would miss the row; write {', '.join(omitted)}"
+                " explicitly in the INSERT's column list"
+            )
 
 
 def _lock_sql(lock: exp.Expression) -> str:

@@ -24,8 +24,10 @@ pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(120)]
 
 TIERS = ("zeta", "alpha", "mid")  # index order: zeta < alpha < mid; text order differs
 DDL = {
-    "users": "CREATE TABLE {t} (user_id BIGINT PRIMARY KEY, tier ENUM('zeta', 'alpha', 'mid')"
-    " NOT NULL, perks SET('z', 'a') NOT NULL DEFAULT '')"
+    # users.email is a lookup column of the topology: an INSERT must give it (user_emails).
+    "users": "CREATE TABLE {t} (user_id BIGINT PRIMARY KEY, email VARCHAR(255) NOT NULL,"
+    " tier ENUM('zeta', 'alpha', 'mid') NOT NULL, perks SET('z', 'a') NOT NULL DEFAULT '')",
+    "user_emails": "CREATE TABLE {t} (email VARCHAR(255) PRIMARY KEY, user_id BIGINT NOT NULL)",
 }
 REFUSED = (
     "SELECT user_id, tier FROM users ORDER BY tier, user_id",
@@ -44,8 +46,13 @@ def world(shard_databases: Any) -> Iterator[dict[str, Any]]:
         users = list(range(1, 41))
         for user in users:
             router.execute(
-                "INSERT INTO users (user_id, tier, perks) VALUES (:u, :t, :p)",
-                {"u": user, "t": TIERS[user % 3], "p": ("z", "a", "z,a")[user % 3]},
+                "INSERT INTO users (user_id, email, tier, perks) VALUES (:u, :e, :t, :p)",
+                {
+                    "u": user,
+                    "e": f"enum{user}@example.com",
+                    "t": TIERS[user % 3],
+                    "p": ("z", "a", "z,a")[user % 3],
+                },
             )
         shards = {topology.shard_for("users", u) for u in users}
         assert len(shards) > 1  # the statements below are multi-shard

@@ -28,7 +28,12 @@ from shardrouter.errors import ConfigError, LockConflictError, ShardRouterError
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(120)]
 
-DDL = {"users": "CREATE TABLE {t} (user_id BIGINT PRIMARY KEY, score INT NOT NULL)"}
+DDL = {
+    # users.email is a lookup column of the topology: an INSERT must give it (user_emails).
+    "users": "CREATE TABLE {t} (user_id BIGINT PRIMARY KEY, email VARCHAR(255) NOT NULL,"
+    " score INT NOT NULL)",
+    "user_emails": "CREATE TABLE {t} (email VARCHAR(255) PRIMARY KEY, user_id BIGINT NOT NULL)",
+}
 
 
 def _topology(path: Any, **pool: Any) -> Topology:
@@ -49,7 +54,10 @@ def world(shard_databases: Any) -> Iterator[dict[str, Any]]:
     if shard_of("users", low) > shard_of("users", high):
         low, high = high, low  # low: the shard a multi-shard write takes first
     for user in (low, high):
-        router.execute("INSERT INTO users (user_id, score) VALUES (:u, 0)", {"u": user})
+        router.execute(
+            "INSERT INTO users (user_id, email, score) VALUES (:u, :e, 0)",
+            {"u": user, "e": f"lockwait{user}@example.com"},
+        )
     yield {"router": router, "topology": topology, "low": low, "high": high}
     router.close()
 
