@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -50,6 +51,9 @@ class Case:
     tables: tuple[str, ...] = ()
     """Writes: the logical tables the statement may change (restored after the check)."""
     steps: tuple[Case, ...] = ()
+    continue_on_error: bool = False
+    """kind "txn": a failed step is caught and the transaction goes on to commit, as an
+    application that handles a duplicate key does: one database undoes only that statement."""
     """kind "txn": the statements run in order inside one transaction."""
 
     def __str__(self) -> str:
@@ -1141,10 +1145,76 @@ def template_case(g: Gen) -> Case:
     return Case(sql, g.params, "select", frozenset(g.features), rank_sql=None)
 
 
+def _step(g: Gen, kind: str, table: str, render: Callable[[Gen], str]) -> Case:
+    step_g = Gen(g.draw, g.data)  # own parameter names per statement
+    return Case(render(step_g), step_g.params, kind, frozenset(), tables=(table,))
+
+
+def lifecycle_steps(g: Gen) -> list[Case]:
+    """A row written and then deleted (or deleted and written again with another lookup value)
+    inside one transaction: the lookup rows the transaction created must follow their owner."""
+    kind = g.pick(["order", "order-again", "user"])
+    g.features.add(f"txn:lifecycle-{kind}")
+    if kind == "user":
+        user = g.pick([77, 78])
+        email = g.pick(["new@example.com", "NEW2@example.com", "emile@example.com"])
+        when = g.pick(DATETIMES)
+
+        def insert_user(sg: Gen) -> str:
+            values = ", ".join(sg.value(v) for v in (user, email, None, when))
+            return f"INSERT INTO users (user_id, email, name, created_at) VALUES ({values})"
+
+        delete = _step(
+            g, "delete", "users", lambda sg: f"DELETE FROM users WHERE user_id = {sg.value(user)}"
+        )
+        return [_step(g, "insert", "users", insert_user), delete]
+    user = g.pick(sorted(g.data.fresh_order_ids))
+    order_id = g.pick(g.data.fresh_order_ids[user])
+    merchants = [*g.data.values("orders", "merchant_id"), 42]
+    first, second = g.pick(merchants), g.pick(merchants)
+
+    def insert_order(merchant: int) -> Callable[[Gen], str]:
+        def render(sg: Gen) -> str:
+            values = (order_id, user, merchant, "new", 5, DATETIMES[0])
+            return f"INSERT INTO orders ({ORDER_COLS}) VALUES ({', '.join(sg.value(v) for v in values)})"
+
+        return render
+
+    steps = [
+        _step(g, "insert", "orders", insert_order(first)),
+        _step(
+            g,
+            "delete",
+            "orders",
+            lambda sg: f"DELETE FROM orders WHERE order_id = {sg.value(order_id)}",
+        ),
+    ]
+    if kind == "order-again":
+        steps.append(_step(g, "insert", "orders", insert_order(second)))
+    return steps
+
+
 def txn_case(g: Gen) -> Case:
     """2-3 statements in one transaction: writes of one user (one shard), of several users
-    (a second shard must be refused before anything runs), reads first or between."""
+    (a second shard must be refused before anything runs), reads first or between; or a row's
+    life in one transaction. Some transactions catch a failed step and commit the rest."""
     g.features.add("txn")
+    go_on = g.chance(0.3)
+    if go_on:
+        g.features.add("txn:continue")
+    if g.chance(0.25):
+        steps = lifecycle_steps(g)
+        tables = tuple(sorted({t for step in steps for t in step.tables}))
+        sql = " ; ".join(step.sql for step in steps)
+        return Case(
+            sql,
+            {},
+            "txn",
+            frozenset(g.features),
+            tables=tables,
+            steps=tuple(steps),
+            continue_on_error=go_on,
+        )
     steps = []
     for _ in range(g.draw(st.integers(2, 3))):
         step_g = Gen(g.draw, g.data)  # own parameter names per statement
@@ -1158,7 +1228,15 @@ def txn_case(g: Gen) -> Case:
         steps.append(step)
     tables = tuple(sorted({t for step in steps for t in step.tables}))
     sql = " ; ".join(step.sql for step in steps)
-    return Case(sql, {}, "txn", frozenset(g.features), tables=tables, steps=tuple(steps))
+    return Case(
+        sql,
+        {},
+        "txn",
+        frozenset(g.features),
+        tables=tables,
+        steps=tuple(steps),
+        continue_on_error=go_on,
+    )
 
 
 def statements(data: Dataset, writes: float = 0.25) -> st.SearchStrategy[Case]:

@@ -693,9 +693,106 @@ class World:
         except Exception as exc:
             return Outcome(error=exc)
 
+    def _txn_going_on(self, case: Case, side: str) -> tuple[Outcome, frozenset[int]]:
+        """The steps in one transaction, each failure caught, then commit. Returns the
+        outcome of the commit and the steps the router refused before running them (a typed
+        refusal without a server error), which one database is then not asked to run."""
+        skipped: set[int] = set()
+
+        def refused(index: int, exc: BaseException) -> None:
+            if not isinstance(exc, ShardRouterError):
+                raise exc
+            if not (isinstance(exc, ExecutionError) and exc.orig is not None):
+                skipped.add(index)
+
+        async def run_async() -> None:
+            async with self.aio.transaction() as txn:
+                for index, step in enumerate(case.steps):
+                    try:
+                        await txn.execute(step.sql, dict(step.params))
+                    except Exception as exc:
+                        refused(index, exc)
+
+        try:
+            if side == "sync":
+                with self.router.transaction() as txn:
+                    for index, step in enumerate(case.steps):
+                        try:
+                            txn.execute(step.sql, dict(step.params))
+                        except Exception as exc:
+                            refused(index, exc)
+            else:
+                self.loop.run_until_complete(run_async())
+            return Outcome(), frozenset(skipped)
+        except Exception as exc:
+            return Outcome(error=exc), frozenset(skipped)
+
+    def _oracle_going_on(self, case: Case, skipped: frozenset[int]) -> None:
+        """One database: every step the router did not refuse, failures caught (the server
+        rolls back only the failed statement), then commit."""
+        with self.oracle.begin() as conn:
+            for index, step in enumerate(case.steps):
+                if index in skipped:
+                    continue
+                try:
+                    with conn.begin_nested():  # the failed statement only, as the server does
+                        conn.execute(text(step.sql), step.params)
+                except Exception:
+                    pass
+
+    def _check_txn_going_on(self, case: Case) -> None:
+        """A transaction that catches failed steps and commits: its tables must equal one
+        database's that ran the same steps (minus those the router refused up front), and a
+        failed step must leave nothing of itself behind."""
+        base = [t for t in case.tables if t in BASE_TABLES]
+        closure = {*base, *(lk for t in base for lk in LOOKUPS.get(t, ()))}
+        try:
+            for side in ("sync", "async"):
+                self.restore(closure)
+                got, skipped = self._txn_going_on(case, side)
+                if got.error is not None and not isinstance(got.error, ShardRouterError):
+                    raise Finding(
+                        "untyped-exception",
+                        case,
+                        f"  {side}: {got.describe()}",
+                        f"untyped {_message_shape(got.error)} (txn going on)",
+                    )
+                if got.error is None:
+                    self._oracle_going_on(case, skipped)
+                want = {t: Counter(self._oracle_table(t)) for t in base}
+                state = self._tables_state(base)
+                for table in sorted(state):
+                    if "write:nondeterministic" in case.features:
+                        break
+                    if state[table] != want.get(table.split("@")[0]):
+                        raise Finding(
+                            "txn-going-on",
+                            case,
+                            f"  {side}: {got.describe()}, steps refused up front: {sorted(skipped)}\n"
+                            f"  table {table} after the commit:\n"
+                            f"    missing on shards: {_show_counter(want[table.split('@')[0]] - state[table])}\n"
+                            f"    extra on shards:   {_show_counter(state[table] - want[table.split('@')[0]])}",
+                            f"txn-going-on {table} {type(got.error).__name__ if got.error else 'ok'}",
+                        )
+                problem = self._lookup_problems(base)
+                if problem:
+                    raise Finding(
+                        "lookup-drift",
+                        case,
+                        f"  {side}: {got.describe()}\n  {problem}",
+                        f"lookup-drift {problem.split(':')[0]} txn going on",
+                    )
+                outcome = type(got.error).__name__ if got.error else "committed"
+                self.counts[f"outcome:txn-going-on:{outcome}"] += 1
+        finally:
+            self.restore(closure)
+
     def _check_txn(self, case: Case) -> None:
         """A transaction either commits exactly what one database commits or, refused or
         failed, leaves every table as it was: never a part of it."""
+        if case.continue_on_error:
+            self._check_txn_going_on(case)
+            return
         base = [t for t in case.tables if t in BASE_TABLES]
         closure = {*base, *(lk for t in base for lk in LOOKUPS.get(t, ()))}
         try:
