@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -248,6 +249,10 @@ def test_xa_transaction_failed_multi_shard_insert_is_not_half_committed(
         xa_router.close()
     got = router.execute("SELECT order_id FROM orders WHERE user_id = :u", {"u": first}).rows
     assert got == [], "half of the failed INSERT was committed"
+    # The rest of the transaction committed, and the failed INSERT's lookup row went with it.
+    after = router.execute("SELECT status FROM orders WHERE order_id = :o", {"o": taken}).rows
+    assert after == [("after",)]
+    assert _orphans(router) == {}
 
 
 def test_transaction_failed_insert_over_two_splits_is_not_half_committed(
@@ -281,6 +286,9 @@ def test_transaction_failed_insert_over_two_splits_is_not_half_committed(
             ).rows
         )
     assert outcomes == [[], []], "half of a failed INSERT was committed"
+    statuses = router.execute("SELECT status FROM orders WHERE order_id = :o", {"o": a}).rows
+    assert statuses == [("after",)]  # the transaction went on and committed the rest
+    assert _orphans(router) == {}  # the failed INSERT's lookup rows are gone with it
 
 
 def test_transaction_failed_update_over_two_splits_is_not_half_applied(
@@ -345,3 +353,66 @@ def test_async_transaction_failed_update_over_two_splits_is_not_half_applied(
 
 
 # -- an INSERT that leaves the lookup column to its DEFAULT --------------------------------------
+
+
+def test_async_transaction_failed_insert_over_two_splits_is_not_half_committed(
+    world: dict[str, Any],
+) -> None:
+    """The async twin of the INSERT over two splits: undone whole, the rest commits, and the
+    failed INSERT's lookup rows go."""
+    router: Router = world["router"]
+    first, second = _users_placed(router, same_shard=True, start=976_000)
+    a, b = _one_row_each(router, (first, second), worker=23)
+    router.execute(INSERT_ORDER, {"o": a, "u": first, "m": 96})
+    router.execute(INSERT_ORDER, {"o": b, "u": second, "m": 96})
+    ids = router.topology.id_generator("orders", worker_id=23)
+    fresh = (ids.next_id(user_id=first), ids.next_id(user_id=second))
+
+    async def run() -> None:
+        for rows in ((fresh[0], first, b, second), (a, first, fresh[1], second)):
+            async with world["aio"].transaction() as txn:
+                with pytest.raises(ShardRouterError):
+                    await txn.execute(
+                        "INSERT INTO orders (order_id, user_id, merchant_id, amount_cents, status)"
+                        " VALUES (:a, :u1, 97, 1, 'new'), (:b, :u2, 97, 1, 'new')",
+                        {"a": rows[0], "u1": rows[1], "b": rows[2], "u2": rows[3]},
+                    )
+                await txn.execute(
+                    "UPDATE orders SET status = 'after' WHERE user_id = :u", {"u": first}
+                )
+
+    world["loop"].run_until_complete(run())
+    got = router.execute(
+        "SELECT order_id FROM orders WHERE merchant_id = 97 AND user_id IN (:u1, :u2)",
+        {"u1": first, "u2": second},
+    ).rows
+    assert got == [], "half of a failed INSERT was committed"
+    statuses = router.execute("SELECT status FROM orders WHERE order_id = :o", {"o": a}).rows
+    assert statuses == [("after",)]
+    assert _orphans(router) == {}
+
+
+def test_only_multi_part_statements_of_a_transaction_set_a_savepoint(
+    world: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hot path pays nothing: a one-part statement sends no SAVEPOINT (its server undoes
+    it); a statement over two splits sets one before its first part, once per branch."""
+    router: Router = world["router"]
+    first, second = _users_placed(router, same_shard=True, start=977_000)
+    a, b = _one_row_each(router, (first, second), worker=24)
+    router.execute(INSERT_ORDER, {"o": a, "u": first, "m": 99})
+    router.execute(INSERT_ORDER, {"o": b, "u": second, "m": 99})
+    sent: dict[str, list[str]] = {}
+    for name, sql, params in (
+        ("one", "UPDATE orders SET status = 'one' WHERE user_id = :u", {"u": first}),
+        (
+            "two",
+            "UPDATE orders SET status = 'two' WHERE user_id IN (:u1, :u2)",
+            {"u1": first, "u2": second},
+        ),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="shardrouter.sql"), router.transaction() as txn:
+            txn.execute(sql, params)
+        sent[name] = [r.statement for r in caplog.records if "SAVEPOINT" in r.statement]
+    assert sent == {"one": [], "two": ["SAVEPOINT shardrouter_statement"]}
