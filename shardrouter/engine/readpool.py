@@ -363,6 +363,7 @@ class ReadPool(_Shell):
 
     def __init__(self, engine: Engine, shard: ShardId, pool: PoolConfig) -> None:
         super().__init__(engine, shard, pool)
+        self._engine = engine
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(pool.size + pool.max_overflow)
         self._mysqldb = engine.url.get_driver_name() == "mysqldb"
@@ -377,8 +378,11 @@ class ReadPool(_Shell):
             held = self._checkout()
             try:
                 result = self._run(held.conn, statement, params, lazy)
-            except BaseException:
+            except BaseException as exc:
+                thread_id = _thread_id(held.conn)
                 _close(held.conn)
+                if in_flight(exc):  # the link gave up on the statement, the server did not
+                    stop_statement_in_thread(self._engine, self.shard, self._pool, thread_id)
                 raise
             now = time.monotonic()
             with self._lock:
@@ -540,31 +544,22 @@ async def stop_statement(
 ) -> None:
     """Stop the statement a cancelled task left running on connection ``thread_id``: a
     ``KILL QUERY`` from a short-lived connection of its own (made as ``engine``'s, bypassing
-    its pool). A dropped connection does not stop its statement: the server
-    notices only when it sends the answer, after computing all of it.
+    its pool). A dropped connection does not stop its statement: the server notices only when
+    it sends the answer, after computing all of it.
 
     Never raises (a failed kill is logged: the statement then ends by itself) and waits at most
     KILL_WAIT_S: the cancellation goes through then, the kill finishes in the background within
     the shard's connect_timeout_s + query_timeout_s. Killing a statement that has ended is
-    harmless (thread ids are not reused; a thread gone answers "unknown thread")."""
+    harmless (a thread id is not reused soon; a thread gone answers "unknown thread")."""
     if thread_id is None:
         return
-    cargs, cparams = _connect_arguments(engine, pool)
-
-    def kill() -> None:  # in a greenlet: the async drivers' connect and execute awaited inside
-        conn = engine.dialect.connect(*cargs, **cparams)
-        try:
-            cursor = conn.cursor()
-            cursor.execute(f"KILL QUERY {int(thread_id)}")
-            cursor.close()
-        finally:
-            conn.close()
 
     async def killed() -> None:
         log_statement(shard, f"KILL QUERY {thread_id}", None)
         try:
             async with asyncio.timeout(pool.connect_timeout_s + pool.query_timeout_s):
-                await greenlet_spawn(kill)
+                # In a greenlet: the dialect's adapter awaits the async driver inside.
+                await greenlet_spawn(_kill, engine, pool, thread_id)
         except Exception as exc:  # best effort: the statement ends by itself, later
             log.warning("shard %s: a cancelled statement was not stopped: %r", shard, exc)
 
@@ -572,6 +567,47 @@ async def stop_statement(
     _stopping.add(task)
     task.add_done_callback(_stopping.discard)
     await asyncio.wait((task,), timeout=KILL_WAIT_S)
+
+
+def stop_statement_in_thread(
+    engine: Engine, shard: ShardId, pool: PoolConfig, thread_id: int | None
+) -> None:
+    """The sync twin of stop_statement, for a statement whose answer did not come within
+    query_timeout_s (the driver's read timeout gave up on it, the server did not): the kill
+    runs on a daemon thread, bounded by the driver's connect and read timeouts; the caller,
+    who already waited query_timeout_s, does not wait for it. Never raises."""
+    if thread_id is None:
+        return
+
+    def killed() -> None:
+        log_statement(shard, f"KILL QUERY {thread_id}", None)
+        try:
+            _kill(engine, pool, thread_id)
+        except Exception as exc:  # best effort: the statement ends by itself, later
+            log.warning("shard %s: a timed-out statement was not stopped: %r", shard, exc)
+
+    with contextlib.suppress(Exception):  # no thread to be had: the statement ends by itself
+        threading.Thread(target=killed, name="shardrouter-kill", daemon=True).start()
+
+
+def _kill(engine: Engine | AsyncEngine, pool: PoolConfig, thread_id: int) -> None:
+    """KILL QUERY ``thread_id`` on a connection of its own, made as ``engine``'s (its URL, its
+    connect arguments and timeouts), bypassing its pool; closed after."""
+    cargs, cparams = _connect_arguments(engine, pool)
+    conn = engine.dialect.connect(*cargs, **cparams)
+    try:
+        cursor = conn.cursor()
+        cursor.execute(f"KILL QUERY {int(thread_id)}")
+        cursor.close()
+    finally:
+        conn.close()
+
+
+def in_flight(exc: BaseException) -> bool:
+    """Whether a statement that raised ``exc`` may still run on its server: the link to it
+    failed (a read timeout, a lost connection: ShardUnavailableError) or the caller was
+    interrupted, rather than the server answering with an error."""
+    return isinstance(exc, ShardUnavailableError) or not isinstance(exc, Exception)
 
 
 def _thread_id(conn: Any) -> int | None:
@@ -617,5 +653,6 @@ __all__ = [
     "AsyncReadPool",
     "ReadPool",
     "stop_statement",
+    "stop_statement_in_thread",
     "supported",
 ]

@@ -524,10 +524,15 @@ class Router:
         log_statement(job.shard, stmt, job.params)
         if job.returning:
             require_returning(conn.dialect, job.shard)
+        thread_id = _thread_id(conn)  # known before: a connection whose link failed is dropped
         try:
             return JobResult.of(conn.execute(stmt, job.params))
         except (DBAPIError, PoolTimeoutError) as exc:
-            raise classify(exc, job.shard, str(stmt)) from exc
+            error = classify(exc, job.shard, str(stmt))
+            if isinstance(error, ShardUnavailableError):  # the read timeout gave up, not the server
+                pool = self.topology.shards[job.shard].pool
+                readpool.stop_statement_in_thread(conn.engine, job.shard, pool, thread_id)
+            raise error from exc
         except PendingRollbackError as exc:
             raise aborted(job.shard, exc) from exc
 
@@ -642,6 +647,14 @@ def multi_part(jobs: Sequence[Job]) -> bool:
         if job.role == "statement" and job.kind == "write":
             parts += len(job.statement) if isinstance(job.statement, tuple) else 1
     return parts > 1
+
+
+def _thread_id(conn: Connection) -> int | None:
+    """The server's id of a MySQL connection's session (None for other drivers)."""
+    try:
+        return int(conn.connection.driver_connection.thread_id())  # type: ignore[union-attr]
+    except Exception:
+        return None
 
 
 def _on(conn: Connection, shard: ShardId, sql: str) -> None:

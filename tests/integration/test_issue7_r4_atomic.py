@@ -172,6 +172,25 @@ def test_a_cancelled_read_on_the_sqlalchemy_path_is_stopped_and_its_connection_d
 
 
 @pytest.mark.timeout(60)
+def test_a_sync_statement_past_query_timeout_is_stopped_on_the_shards(
+    world: dict[str, Any], shard_databases: Any, slow_join: None
+) -> None:
+    """The sync twin: the driver's read timeout (query_timeout_s) gives up on the statement,
+    the shard does not; the router stops it there, for a scatter read on the lean pool and
+    for a statement of a transaction (SQLAlchemy's connections)."""
+    topology = _short_timeout_topology(shard_databases, 1)
+    user = world["data"]["users"][5]["user_id"]
+    with Router(topology, max_fanout=None) as router:
+        with pytest.raises(ShardUnavailableError):
+            router.execute(SLOW.format(marker="r4_sync_scatter"))
+        with pytest.raises(ShardUnavailableError), router.transaction() as txn:
+            txn.execute("SELECT SLEEP(4) AS r4_sync_txn FROM users WHERE user_id = :u", {"u": user})
+        time.sleep(0.5)
+        assert not any(_running(world["router"], "r4_sync_scatter").values())
+        assert not any(_running(world["router"], "r4_sync_txn").values())
+
+
+@pytest.mark.timeout(60)
 def test_a_cancelled_statement_ends_its_async_transaction(world: dict[str, Any]) -> None:
     """A transaction statement cancelled mid-answer (wait_for): the transaction cannot go on
     (the answer may still arrive on its connection); the next statement is refused, with a
