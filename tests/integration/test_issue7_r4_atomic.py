@@ -23,6 +23,7 @@ from shardrouter.engine.router import Router
 from shardrouter.errors import ShardRouterError, ShardUnavailableError, TransactionAbortedError
 from shardrouter.ops.lookups import check_lookups
 from tests.integration import test_issue7_review as _review
+from tests.integration.shard_tables import with_driver
 
 world = _review.world  # the module-scoped fixture: users and orders, and their oracle
 
@@ -188,6 +189,30 @@ def test_a_sync_statement_past_query_timeout_is_stopped_on_the_shards(
         time.sleep(0.5)
         assert not any(_running(world["router"], "r4_sync_scatter").values())
         assert not any(_running(world["router"], "r4_sync_txn").values())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("driver", ["aiomysql", "asyncmy", "pymysql", "mysqldb"])
+def test_an_abandoned_scatter_read_is_stopped_on_every_driver(
+    world: dict[str, Any], shard_databases: Any, slow_join: None, driver: str
+) -> None:
+    """Async drivers: cancelled by wait_for; sync drivers: given up by the read timeout."""
+    marker = f"r4_{driver}"
+    if driver in ("aiomysql", "asyncmy"):
+        topology = with_driver(Topology.load(shard_databases), driver)
+
+        async def cancelled() -> None:
+            async with AsyncRouter(topology, max_fanout=None) as aio:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(aio.execute(SLOW.format(marker=marker)), 0.3)
+
+        world["loop"].run_until_complete(cancelled())
+    else:
+        topology = with_driver(_short_timeout_topology(shard_databases, 1), driver)
+        with Router(topology, max_fanout=None) as router, pytest.raises(ShardUnavailableError):
+            router.execute(SLOW.format(marker=marker))
+    time.sleep(0.5)
+    assert not any(_running(world["router"], marker).values())
 
 
 @pytest.mark.timeout(60)
