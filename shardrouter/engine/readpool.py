@@ -73,6 +73,7 @@ KILL_WAIT_S = 0.5
 """How long a cancelled statement's task waits for the KILL QUERY that stops it on its server
 before it lets the cancellation through; the kill then goes on in the background, within the
 shard's connect_timeout_s + query_timeout_s (see stop_statement)."""
+_NO_SUCH_THREAD = 1094
 _stopping: set[asyncio.Task[None]] = set()
 """The kills in flight (the event loop keeps only weak references to tasks)."""
 
@@ -599,6 +600,9 @@ def _kill(engine: Engine | AsyncEngine, pool: PoolConfig, thread_id: int) -> Non
         cursor = conn.cursor()
         cursor.execute(f"KILL QUERY {int(thread_id)}")
         cursor.close()
+    except engine.dialect.loaded_dbapi.Error as exc:
+        if getattr(exc, "args", (None,))[:1] != (_NO_SUCH_THREAD,):
+            raise  # else: the session is gone already, and its statement with it
     finally:
         conn.close()
 
