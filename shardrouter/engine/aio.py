@@ -42,7 +42,16 @@ from ..types import ShardId, Slot
 from . import readpool
 from .engines import classify, make_async_engine
 from .readpool import AsyncReadPool
-from .router import _explicit_key_rules, _sql_and_params, aborted, ends_transaction, route_key
+from .router import (
+    ROLLBACK_TO_SAVEPOINT,
+    SAVEPOINT,
+    _explicit_key_rules,
+    _sql_and_params,
+    aborted,
+    ends_transaction,
+    multi_part,
+    route_key,
+)
 
 T = TypeVar("T")
 
@@ -100,17 +109,39 @@ class AsyncTransaction:
 
     async def _run(self, jobs: Sequence[Job]) -> list[JobResult]:
         out: list[JobResult] = []
-        for job in jobs:
-            if job.role == "lookup_cleanup":
-                self._deferred.append(job)
-                out.append(JobResult((), [], 0))
-            elif job.role == "lookup":
-                out.append(await self._router._run_job(job))
-            else:
-                out.append(await self._run_bound(job))
+        # A statement over several split tables is undone whole if a part fails (see
+        # Transaction._undo): a savepoint before its first part.
+        marks: list[ShardId] | None = [] if multi_part(jobs) else None
+        try:
+            for job in jobs:
+                if job.role == "lookup_cleanup":
+                    self._deferred.append(job)
+                    out.append(JobResult((), [], 0))
+                elif job.role == "lookup":
+                    out.append(await self._router._run_job(job))
+                else:
+                    out.append(await self._run_bound(job, marks))
+        except BaseException as exc:
+            if marks:
+                await self._undo(exc)
+            raise
         return out
 
-    async def _run_bound(self, job: Job) -> JobResult:
+    async def _undo(self, exc: BaseException) -> None:
+        """Undo the parts of a failed multi-part statement (see Transaction._undo)."""
+        if self._broken is None and not isinstance(exc, Exception):
+            self._broken = exc  # cancelled mid-statement: the connection's state is unknown
+        if self._broken is not None or self._conn is None or self.shard is None:
+            return
+        try:
+            await self._router._bounded(
+                self.shard, _on(self._conn, self.shard, ROLLBACK_TO_SAVEPOINT)
+            )
+        except Exception as error:
+            log.error("shard %s: a failed statement could not be undone: %s", self.shard, error)
+            self._broken = error
+
+    async def _run_bound(self, job: Job, marks: list[ShardId] | None = None) -> JobResult:
         if job.anywhere and self.shard is None:
             return await self._router._run_job(job)  # do not bind to a shard for a broadcast read
         if job.anywhere and self.shard is not None and job.shard != self.shard:
@@ -129,7 +160,10 @@ class AsyncTransaction:
             raise aborted(job.shard, self._broken)
         self._wrote = self._wrote or job.kind == "write"
         try:
-            return await self._router._bounded(job.shard, self._router._execute_on(self._conn, job))
+            if marks is not None and not marks:
+                await self._router._bounded(job.shard, _on(self._conn, job.shard, SAVEPOINT))
+                marks.append(job.shard)
+            return await self._router._bounded(job.shard, self._router._stoppable(self._conn, job))
         except ShardUnavailableError as exc:
             # Cancelled mid-statement: its answer may still arrive on this connection, and the
             # next statement would read it as its own. The transaction cannot go on.
@@ -139,6 +173,9 @@ class AsyncTransaction:
             # A deadlock rolled back the whole transaction on the server (see Transaction._run).
             if ends_transaction(exc):
                 self._broken = exc
+            raise
+        except asyncio.CancelledError as exc:
+            self._broken = exc  # as a timeout: the answer may still arrive on the connection
             raise
 
     async def _finish(self, commit: bool) -> None:
@@ -168,6 +205,17 @@ class AsyncTransaction:
                 await self._router._drive(settle, None)
             except Exception as exc:  # best effort: the crash case, which check lookups fixes
                 log.error("transaction end: lookup rows not settled: %s", exc)
+
+
+async def _on(conn: AsyncConnection, shard: ShardId, sql: str) -> None:
+    """A statement of the transaction's own (a savepoint), its error classified."""
+    log_statement(shard, sql, None)
+    try:
+        await conn.exec_driver_sql(sql)
+    except (DBAPIError, PoolTimeoutError) as exc:
+        raise classify(exc, shard, sql) from exc
+    except PendingRollbackError as exc:
+        raise aborted(shard, exc) from exc
 
 
 class AsyncRouter:
@@ -329,7 +377,7 @@ class AsyncRouter:
                 job = jobs[index]
                 conn = await self._begin(job.shard)
                 conns.append((job.shard, conn))
-                results[index] = await self._bounded(job.shard, self._execute_on(conn, job))
+                results[index] = await self._bounded(job.shard, self._stoppable(conn, job))
         except BaseException as exc:  # cancelled too: every begun part is still ended
             error = exc
         ends = await asyncio.gather(
@@ -448,11 +496,28 @@ class AsyncRouter:
         try:
             if job.kind == "read":
                 async with engine.connect() as conn:
-                    return await self._execute_on(conn, job)
+                    return await self._stoppable(conn, job)
             async with engine.begin() as conn:
-                return await self._execute_on(conn, job)
+                return await self._stoppable(conn, job)
         except (DBAPIError, PoolTimeoutError, OSError) as exc:
             raise classify(exc, job.shard) from exc
+
+    async def _stoppable(self, conn: AsyncConnection, job: Job) -> JobResult:
+        """``job`` on ``conn``; cancelled while it runs (a task cancelled, a wait_for or
+        query_timeout_s timeout), the connection is dropped, never pooled mid-answer, and the
+        statement is stopped on its server (readpool.stop_statement)."""
+        thread_id = None  # known before: a cancelled connection is invalidated at once
+        with contextlib.suppress(Exception):
+            thread_id = conn.sync_connection.connection.driver_connection.thread_id()  # type: ignore[union-attr]
+        try:
+            return await self._execute_on(conn, job)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                raise
+            await self._discard(conn)
+            pool = self.topology.shards[job.shard].pool
+            await readpool.stop_statement(self._engine(job.shard), job.shard, pool, thread_id)
+            raise
 
 
 __all__ = ["AsyncRouter", "AsyncShardConnection", "AsyncTransaction"]

@@ -16,7 +16,10 @@ So the routers run such reads on connections from this pool instead:
 - checked for life only after they sat idle ``IDLE_CHECK_S`` (HikariCP's "alive bypass
   window"), and only when the shard's ``pre_ping`` is on; recycled after ``recycle_s``;
 - dropped after any error, or when a wait for them is cancelled (their protocol state is then
-  unknown);
+  unknown); a statement cancelled while it ran is also stopped on its server (``KILL QUERY``
+  from a short-lived connection, see ``stop_statement``): dropping the connection alone leaves
+  the server computing the whole answer, and callers that time out and retry pile such reads
+  up on every shard;
 - at most ``size + max_overflow`` open per engine, ``size`` kept idle; a caller that finds none
   free waits up to ``timeout_s``, then gets ShardUnavailableError.
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -58,11 +62,20 @@ from ..sql.execution import JobResult, index_ordered_columns, log_statement
 from ..types import ShardId
 from .engines import classify, engine_options
 
+log = logging.getLogger("shardrouter")
+
 SYNC_DRIVERS = frozenset({"pymysql", "mysqldb"})
 ASYNC_DRIVERS = frozenset({"aiomysql", "asyncmy"})
 IDLE_CHECK_S = 1.0
 """A connection used within this many seconds is trusted without a ping."""
 _CACHE_SIZE = 4096
+KILL_WAIT_S = 0.5
+"""How long a cancelled statement's task waits for the KILL QUERY that stops it on its server
+before it lets the cancellation through; the kill then goes on in the background, within the
+shard's connect_timeout_s + query_timeout_s (see stop_statement)."""
+_NO_SUCH_THREAD = 1094
+_stopping: set[asyncio.Task[None]] = set()
+"""The kills in flight (the event loop keeps only weak references to tasks)."""
 
 
 # -- lazily decoded rows ------------------------------------------------------------------------
@@ -351,6 +364,7 @@ class ReadPool(_Shell):
 
     def __init__(self, engine: Engine, shard: ShardId, pool: PoolConfig) -> None:
         super().__init__(engine, shard, pool)
+        self._engine = engine
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(pool.size + pool.max_overflow)
         self._mysqldb = engine.url.get_driver_name() == "mysqldb"
@@ -365,8 +379,11 @@ class ReadPool(_Shell):
             held = self._checkout()
             try:
                 result = self._run(held.conn, statement, params, lazy)
-            except BaseException:
+            except BaseException as exc:
+                thread_id = _thread_id(held.conn)
                 _close(held.conn)
+                if in_flight(exc):  # the link gave up on the statement, the server did not
+                    stop_statement_in_thread(self._engine, self.shard, self._pool, thread_id)
                 raise
             now = time.monotonic()
             with self._lock:
@@ -434,6 +451,7 @@ class AsyncReadPool(_Shell):
 
     def __init__(self, engine: AsyncEngine, shard: ShardId, pool: PoolConfig) -> None:
         super().__init__(engine, shard, pool)
+        self._engine = engine
         self._slots = asyncio.Semaphore(pool.size + pool.max_overflow)
 
     async def run(
@@ -453,8 +471,11 @@ class AsyncReadPool(_Shell):
             held = await self._checkout()
             try:
                 result = await self._run(held.conn, statement, params, lazy)
-            except BaseException:  # also cancellation: the protocol state is unknown now
+            except BaseException as exc:  # also cancellation: the protocol state is unknown now
+                thread_id = _thread_id(held.conn)
                 _close(held.conn)
+                if not isinstance(exc, Exception):  # cancelled mid-statement: stop it there too
+                    await stop_statement(self._engine, self.shard, self._pool, thread_id)
                 raise
             if not self._idle.give(held, time.monotonic()):
                 _close(held.conn)
@@ -519,6 +540,87 @@ class AsyncReadPool(_Shell):
             _close(held.conn)
 
 
+async def stop_statement(
+    engine: AsyncEngine, shard: ShardId, pool: PoolConfig, thread_id: int | None
+) -> None:
+    """Stop the statement a cancelled task left running on connection ``thread_id``: a
+    ``KILL QUERY`` from a short-lived connection of its own (made as ``engine``'s, bypassing
+    its pool). A dropped connection does not stop its statement: the server notices only when
+    it sends the answer, after computing all of it.
+
+    Never raises (a failed kill is logged: the statement then ends by itself) and waits at most
+    KILL_WAIT_S: the cancellation goes through then, the kill finishes in the background within
+    the shard's connect_timeout_s + query_timeout_s. Killing a statement that has ended is
+    harmless (a thread id is not reused soon; a thread gone answers "unknown thread")."""
+    if thread_id is None:
+        return
+
+    async def killed() -> None:
+        log_statement(shard, f"KILL QUERY {thread_id}", None)
+        try:
+            async with asyncio.timeout(pool.connect_timeout_s + pool.query_timeout_s):
+                # In a greenlet: the dialect's adapter awaits the async driver inside.
+                await greenlet_spawn(_kill, engine, pool, thread_id)
+        except Exception as exc:  # best effort: the statement ends by itself, later
+            log.warning("shard %s: a cancelled statement was not stopped: %r", shard, exc)
+
+    task = asyncio.get_running_loop().create_task(killed())
+    _stopping.add(task)
+    task.add_done_callback(_stopping.discard)
+    await asyncio.wait((task,), timeout=KILL_WAIT_S)
+
+
+def stop_statement_in_thread(
+    engine: Engine, shard: ShardId, pool: PoolConfig, thread_id: int | None
+) -> None:
+    """The sync twin of stop_statement, for a statement whose answer did not come within
+    query_timeout_s (the driver's read timeout gave up on it, the server did not): the kill
+    runs on a daemon thread, bounded by the driver's connect and read timeouts; the caller,
+    who already waited query_timeout_s, does not wait for it. Never raises."""
+    if thread_id is None:
+        return
+
+    def killed() -> None:
+        log_statement(shard, f"KILL QUERY {thread_id}", None)
+        try:
+            _kill(engine, pool, thread_id)
+        except Exception as exc:  # best effort: the statement ends by itself, later
+            log.warning("shard %s: a timed-out statement was not stopped: %r", shard, exc)
+
+    with contextlib.suppress(Exception):  # no thread to be had: the statement ends by itself
+        threading.Thread(target=killed, name="shardrouter-kill", daemon=True).start()
+
+
+def _kill(engine: Engine | AsyncEngine, pool: PoolConfig, thread_id: int) -> None:
+    """KILL QUERY ``thread_id`` on a connection of its own, made as ``engine``'s (its URL, its
+    connect arguments and timeouts), bypassing its pool; closed after."""
+    cargs, cparams = _connect_arguments(engine, pool)
+    conn = engine.dialect.connect(*cargs, **cparams)
+    try:
+        cursor = conn.cursor()
+        cursor.execute(f"KILL QUERY {int(thread_id)}")
+        cursor.close()
+    except engine.dialect.loaded_dbapi.Error as exc:
+        if getattr(exc, "args", (None,))[:1] != (_NO_SUCH_THREAD,):
+            raise  # else: the session is gone already, and its statement with it
+    finally:
+        conn.close()
+
+
+def in_flight(exc: BaseException) -> bool:
+    """Whether a statement that raised ``exc`` may still run on its server: the link to it
+    failed (a read timeout, a lost connection: ShardUnavailableError) or the caller was
+    interrupted, rather than the server answering with an error."""
+    return isinstance(exc, ShardUnavailableError) or not isinstance(exc, Exception)
+
+
+def _thread_id(conn: Any) -> int | None:
+    """The server's id of a driver connection's session (the handshake's), or None."""
+    with contextlib.suppress(Exception):
+        return int(conn.thread_id())
+    return None
+
+
 def _missing(exc: KeyError, params: Mapping[str, Any], shard: ShardId) -> ExecutionError:
     return ExecutionError(
         f"shard {shard}: the statement has a parameter :{exc.args[0]} and params give"
@@ -554,5 +656,7 @@ __all__ = [
     "SYNC_DRIVERS",
     "AsyncReadPool",
     "ReadPool",
+    "stop_statement",
+    "stop_statement_in_thread",
     "supported",
 ]

@@ -113,14 +113,20 @@ class _Runner:
         txn = self.transaction
         if txn is not None:
             out: list[JobResult] = []
-            for job in jobs:
-                if job.role == "lookup_cleanup":
-                    self.deferred.append(job)  # only once the owner's delete has committed
-                    out.append(JobResult((), [], 0))
-                elif job.role == "lookup":
-                    out.append(self.router._run_job(job))
-                else:
-                    out.append(txn._run(job))
+            marks: list[ShardId] | None = [] if multi_part(jobs) else None
+            try:
+                for job in jobs:
+                    if job.role == "lookup_cleanup":
+                        self.deferred.append(job)  # only once the owner's delete has committed
+                        out.append(JobResult((), [], 0))
+                    elif job.role == "lookup":
+                        out.append(self.router._run_job(job))
+                    else:
+                        out.append(txn._run(job, marks))
+            except BaseException as exc:
+                if marks:
+                    txn._undo(marks, exc)
+                raise
             return out
         replica = self.router.replica_reads and not (self.sticky and self.wrote)
         if any(job.kind == "write" for job in jobs):
@@ -195,7 +201,9 @@ class Transaction:
                 shard=others[0],
             )
 
-    def _run(self, job: Job) -> JobResult:
+    def _run(self, job: Job, marks: list[ShardId] | None = None) -> JobResult:
+        """Run ``job`` on its shard's branch. ``marks``: the branches a multi-part statement
+        has set its savepoint on so far (see multi_part); this job's branch gets one first."""
         bound = self.shard
         if job.anywhere and bound is None:
             # A broadcast read before anything else: answering it must not bind the
@@ -231,6 +239,9 @@ class Transaction:
             raise aborted(job.shard, self._broken)
         self._wrote = self._wrote or job.kind == "write"
         try:
+            if marks is not None and job.shard not in marks:
+                _on(conn, job.shard, SAVEPOINT)
+                marks.append(job.shard)
             return self._router._execute_on(conn, job)
         except (ShardUnavailableError, TransactionAbortedError) as exc:
             self._broken = exc  # the connection is gone: its transaction with it
@@ -241,6 +252,24 @@ class Transaction:
             if ends_transaction(exc):
                 self._broken = exc
             raise
+
+    def _undo(self, marks: Sequence[ShardId], exc: BaseException) -> None:
+        """A multi-part statement failed: undo its parts that ran (ROLLBACK TO SAVEPOINT on
+        each branch it touched), as one database rolls back a failed statement and keeps the
+        transaction. Not when the failure ended the transaction (a deadlock, a lost
+        connection: already marked broken) or interrupted a part mid-answer; a branch whose
+        undo fails breaks the transaction, so its commit is refused."""
+        if self._broken is None and not isinstance(exc, Exception):
+            self._broken = exc  # interrupted mid-statement: the connection's state is unknown
+        if self._broken is not None:
+            return
+        for shard in marks:
+            try:
+                _on(self._branches[shard], shard, ROLLBACK_TO_SAVEPOINT)
+            except Exception as error:
+                log.error("shard %s: a failed statement could not be undone: %s", shard, error)
+                self._broken = error
+                return
 
     def _finish(self, commit: bool) -> None:
         committed = False
@@ -495,10 +524,15 @@ class Router:
         log_statement(job.shard, stmt, job.params)
         if job.returning:
             require_returning(conn.dialect, job.shard)
+        thread_id = _thread_id(conn)  # known before: a connection whose link failed is dropped
         try:
             return JobResult.of(conn.execute(stmt, job.params))
         except (DBAPIError, PoolTimeoutError) as exc:
-            raise classify(exc, job.shard, str(stmt)) from exc
+            error = classify(exc, job.shard, str(stmt))
+            if isinstance(error, ShardUnavailableError):  # the read timeout gave up, not the server
+                pool = self.topology.shards[job.shard].pool
+                readpool.stop_statement_in_thread(conn.engine, job.shard, pool, thread_id)
+            raise error from exc
         except PendingRollbackError as exc:
             raise aborted(job.shard, exc) from exc
 
@@ -593,6 +627,45 @@ class Router:
         if first_error is not None:
             raise first_error
         return results
+
+
+SAVEPOINT = "SAVEPOINT shardrouter_statement"
+ROLLBACK_TO_SAVEPOINT = "ROLLBACK TO SAVEPOINT shardrouter_statement"
+"""A transaction's multi-part statement is undone to this savepoint when a part fails. It is
+not released on success: the next SAVEPOINT of the name replaces it, the transaction's end
+deletes it (one round trip less per branch)."""
+
+
+def multi_part(jobs: Sequence[Job]) -> bool:
+    """Whether a transaction's batch is one write that runs as several parts (on several
+    shards, or on several split tables of one shard). One database applies a statement whole
+    or not at all, keeping the transaction; such a statement gets a savepoint on each branch
+    before its first part there, so a failed part undoes the others (Transaction._undo). A
+    one-part statement (the usual case) needs none: its server undoes it."""
+    parts = 0
+    for job in jobs:
+        if job.role == "statement" and job.kind == "write":
+            parts += len(job.statement) if isinstance(job.statement, tuple) else 1
+    return parts > 1
+
+
+def _thread_id(conn: Connection) -> int | None:
+    """The server's id of a MySQL connection's session (None for other drivers)."""
+    try:
+        return int(conn.connection.driver_connection.thread_id())  # type: ignore[union-attr]
+    except Exception:
+        return None
+
+
+def _on(conn: Connection, shard: ShardId, sql: str) -> None:
+    """A statement of the transaction's own (a savepoint), its error classified."""
+    log_statement(shard, sql, None)
+    try:
+        conn.exec_driver_sql(sql)
+    except (DBAPIError, PoolTimeoutError) as exc:
+        raise classify(exc, shard, sql) from exc
+    except PendingRollbackError as exc:
+        raise aborted(shard, exc) from exc
 
 
 def ends_transaction(exc: ExecutionError) -> bool:
