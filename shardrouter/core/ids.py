@@ -355,11 +355,11 @@ class IdGenerator:
         if self._revoked is not None:
             return WorkerLeaseError(self._revoked)
         w = self.worker_id
-        if now is not None and now >= self._limit_ms:
+        if now is not None and now >= self._limit_ms and self._monotonic() < self._valid_until:
             what = (
-                f"this host's clock reached the end of worker id {w}'s lease on the meta store's"
-                " clock (the lease was not renewed in time, or this clock runs ahead of the"
-                " store's)"
+                f"this host's clock reached the expiry of worker id {w}'s lease on the meta"
+                " store's clock before the lease ran out by this process's clock: this clock"
+                " runs ahead of the store's (check NTP)"
             )
         else:
             what = f"worker id {w}'s lease ran out by this process's clock without a renewal"

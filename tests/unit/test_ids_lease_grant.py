@@ -127,7 +127,7 @@ def test_the_store_clock_ceiling_refuses_ids_stamped_at_or_after_the_expiry() ->
     ids.append(gen.next_for_slot(9))
     assert max(LAYOUT.decode(i).timestamp_ms for i in ids) == START_MS + 4
     clocks.wall = START_MS + 5
-    with pytest.raises(WorkerLeaseError, match="end of worker id 5's lease on the meta store's"):
+    with pytest.raises(WorkerLeaseError, match="expiry of worker id 5's lease on the meta store's"):
         gen.next_for_slot(9)
 
 
