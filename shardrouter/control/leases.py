@@ -47,7 +47,12 @@ from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..core.ids import IdGenerator
-from ..errors import IdGeneratorForkedError, MetaStoreError, WorkerLeaseError
+from ..errors import (
+    IdGeneratorForkedError,
+    MetaStoreError,
+    MetaStoreUnavailableError,
+    WorkerLeaseError,
+)
 from .store import MetaStore, worker_leases_table
 
 if TYPE_CHECKING:
@@ -220,9 +225,12 @@ class WorkerLease:
                 if isinstance(exc.__cause__, IntegrityError):  # another process inserted it
                     last = exc
                     continue
-                raise WorkerLeaseError(
-                    f"no worker id could be leased: {exc}; retry when the meta store answers"
-                ) from exc
+                retry = (
+                    "; retry when the meta store answers"
+                    if isinstance(exc, MetaStoreUnavailableError)
+                    else ""
+                )
+                raise WorkerLeaseError(f"no worker id could be leased: {exc}{retry}") from exc
             if claimed is None:  # the guarded update lost a race: read again
                 continue
             worker_id, now, floor = claimed

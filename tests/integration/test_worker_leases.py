@@ -431,3 +431,16 @@ def test_a_topology_with_a_meta_store_leases_its_generators_worker_id(tmp_path: 
     with pytest.raises(WorkerLeaseError, match="no meta: section"):
         WorkerLease.for_topology(bare)
     assert bare.id_generator("orders").worker_id == 0  # ids.worker_id, as without leases
+
+
+@pytest.mark.timeout(60)
+def test_no_lease_from_a_store_that_is_not_initialised_or_not_answering(tmp_path: Path) -> None:
+    empty = MetaStore(f"sqlite:///{tmp_path / 'empty.db'}")
+    not_initialised = r"no shardrouter tables; run `shardctl meta init`$"
+    with empty, pytest.raises(WorkerLeaseError, match=not_initialised):
+        WorkerLease.acquire(empty, worker_bits=3)
+    url = "mysql+pymysql://root@127.0.0.1:1/meta"  # nothing listens on port 1
+    config = MetaConfig(url=url, connect_timeout_s=0.5, query_timeout_s=0.5, poll_interval_s=0.5)
+    dead = MetaStore(url, config=config)
+    with dead, pytest.raises(WorkerLeaseError, match=r"did not answer.*retry when the meta store"):
+        WorkerLease.acquire(dead, worker_bits=3)
