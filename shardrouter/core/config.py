@@ -195,8 +195,10 @@ class IdConfig(_Model):
     epoch: dt.datetime = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
     timestamp_bits: Annotated[int, Field(ge=1, le=62)] = 41
     gene_bits: Annotated[int, Field(ge=0, le=16)] = 10
-    worker_bits: Annotated[int, Field(ge=0, le=20)] = 5
-    sequence_bits: Annotated[int, Field(ge=1, le=30)] = 7
+    worker_bits: Annotated[int, Field(ge=0, le=20)] = 8
+    """256 generators at once: leased from the meta store, or one ids.worker_id per process."""
+    sequence_bits: Annotated[int, Field(ge=1, le=30)] = 4
+    """16 ids per millisecond per slot per worker (16,000/s for one key from one process)."""
     worker_id: Annotated[int, Field(ge=0)] = 0
     max_backward_ms: Annotated[int, Field(ge=0, le=60_000)] = 100
 

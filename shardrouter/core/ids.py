@@ -9,12 +9,17 @@ The sequence is kept per slot: every slot has its own per-millisecond ceiling of
 sequence) to differ, so slots never contend with each other for sequence numbers.
 
 **One worker_id per live process.** Uniqueness rests on no two processes issuing ids with the
-same worker_id at the same time; nothing coordinates them yet (worker-id leases from the meta
-store come with the control plane). Two processes given the same worker_id issue the same ids.
-What can be detected is refused: a generator inherited through ``fork()`` (multiprocessing,
-gunicorn/uwsgi pre-fork workers, Celery prefork) raises IdGeneratorForkedError in the child
-instead of issuing its parent's ids; make the generator after the fork, with the worker's own
-worker_id.
+same worker_id at the same time. With a meta store, ``control.leases.WorkerLease`` leases the
+worker id and keeps the generator inside its lease through :meth:`IdGenerator.grant`: the
+generator refuses (WorkerLeaseError) once the lease is past by its own monotonic clock, never
+stamps an id at or after the lease's expiry on the store's clock, and, on a reused worker id,
+never stamps one before the previous holder's expiry; so the ids of two holders of one worker id
+are separated in time whatever the clocks of their hosts read. This module does no I/O: the lease
+pushes its renewals in. Without a meta store the worker_id comes from the config, and two
+processes given the same worker_id issue the same ids. What can be detected is refused: a
+generator inherited through ``fork()`` (multiprocessing, gunicorn/uwsgi pre-fork workers, Celery
+prefork) raises IdGeneratorForkedError in the child instead of issuing its parent's ids; make the
+generator after the fork, with the worker's own worker_id (or lease).
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ClockMovedBackwardsError, IdDecodeError, IdError, IdGeneratorForkedError
+from ..errors import (
+    ClockMovedBackwardsError,
+    IdDecodeError,
+    IdError,
+    IdGeneratorForkedError,
+    WorkerLeaseError,
+)
 from ..types import Slot
 
 ID_BITS = 63
@@ -61,8 +72,8 @@ class IdLayout:
     epoch_ms: int
     timestamp_bits: int = 41
     gene_bits: int = 10
-    worker_bits: int = 5
-    sequence_bits: int = 7
+    worker_bits: int = 8
+    sequence_bits: int = 4
     sequence_shift: int = field(init=False)
     worker_shift: int = field(init=False)
     gene_shift: int = field(init=False)
@@ -146,8 +157,8 @@ class _ForkedLock:
             f"this IdGenerator (worker_id {worker_id}) was made in process {parent_pid} and"
             f" inherited through fork() by process {os.getpid()}: parent and child would issue"
             " the same ids. Make a new generator in the child, after the fork, with a worker_id"
-            " no other live process uses (Topology.id_generator(table, worker_id=N)); each"
-            " process needs its own worker_id until worker-id leases exist"
+            " no other live process uses (Topology.id_generator(table, worker_id=N)), or a"
+            " worker id leased in the child (control.leases.WorkerLease)"
         )
 
     def __enter__(self) -> None:
@@ -172,10 +183,12 @@ os.register_at_fork(after_in_child=_poison_after_fork)
 class IdGenerator:
     """Thread-safe id generator for one worker.
 
-    **Each process needs its own worker_id** (until worker-id leases exist): two processes with
-    the same worker_id issue the same ids, and nothing can detect that. A generator inherited
-    through ``fork()`` is detected: in the child it raises IdGeneratorForkedError instead of
-    issuing ids; make a new one after the fork, with that process's own worker_id.
+    **Each process needs its own worker_id**: two processes with the same worker_id issue the
+    same ids, and without a lease nothing can detect that. Lease it from the meta store
+    (``control.leases.WorkerLease``), which calls :meth:`grant` on every renewal; a generator
+    that was granted a lease refuses with WorkerLeaseError once the lease ran out. A generator
+    inherited through ``fork()`` is detected: in the child it raises IdGeneratorForkedError
+    instead of issuing ids; make a new one after the fork, with that process's own worker_id.
 
     ``slot_of(column, value)`` maps a sharding key to its slot (the topology supplies it), so
     ``next_id(user_id=42)`` embeds user 42's slot. Ids are strictly increasing per slot.
@@ -195,6 +208,7 @@ class IdGenerator:
         max_backward_ms: int = 100,
         clock_ms: Callable[[], int] = _wall_clock_ms,
         sleep: Callable[[float], None] = time.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 <= worker_id < layout.workers:
             raise IdError(
@@ -218,7 +232,17 @@ class IdGenerator:
         # Highest millisecond issued on any slot: the reference for detecting a clock step back.
         self._high_ms = -1
         self._worker_bits = worker_id << layout.worker_shift
-        self._limit_ms = 1 << layout.timestamp_bits
+        # Issuing stops at the first of: the layout's lifetime, the lease's expiry (grant).
+        self._lifetime_ms = 1 << layout.timestamp_bits
+        self._limit_ms = self._lifetime_ms
+        # The lease, when there is one: issue only while monotonic() < _valid_until. The check
+        # runs once per millisecond of the clock (_checked_ms), not once per id.
+        self._monotonic = monotonic
+        self._valid_until = float("inf")
+        self._checked_ms = -1
+        self._leased = False
+        self._revoked: str | None = None
+        self._lease_trouble = ""
 
     # -- public API -------------------------------------------------------------------------
 
@@ -243,6 +267,55 @@ class IdGenerator:
 
     def decode(self, id_: int) -> DecodedId:
         return self.layout.decode(id_)
+
+    # -- the worker-id lease (pushed in by control.leases; no I/O here) -----------------------
+
+    def grant(
+        self, valid_until: float, issue_before_ms: int, issue_from_ms: int | None = None
+    ) -> None:
+        """Let this generator issue ids while ``monotonic() < valid_until`` and only with
+        timestamps (Unix ms) below ``issue_before_ms``; with ``issue_from_ms``, only at or
+        after it (a reused worker id: the previous holder's ids all lie before it).
+
+        Called by the lease on acquisition and on every renewal. A revoked generator stays
+        revoked."""
+        with self._lock:
+            if issue_from_ms is not None:
+                floor = issue_from_ms - self.layout.epoch_ms
+                if floor > self._high_ms:
+                    self._high_ms = floor
+            self._limit_ms = min(self._lifetime_ms, issue_before_ms - self.layout.epoch_ms)
+            self._valid_until = valid_until
+            self._leased = True
+            self._lease_trouble = ""
+            self._checked_ms = -1  # the next id checks the new deadline
+            if self._revoked is not None:
+                self._limit_ms = -1
+
+    def lease_trouble(self, why: str) -> None:
+        """Record why the lease is not being renewed, for the error once it runs out."""
+        self._lease_trouble = why
+
+    def revoke(self, message: str) -> None:
+        """Stop issuing for good: every later call raises WorkerLeaseError(``message``)."""
+        self._revoked = message
+        with self._lock:
+            self._leased = True
+            self._limit_ms = -1
+            self._valid_until = float("-inf")
+            self._checked_ms = -1
+
+    @property
+    def high_water_ms(self) -> int | None:
+        """The latest timestamp (Unix ms) this generator issued an id for, or None."""
+        return None if self._high_ms < 0 else self._high_ms + self.layout.epoch_ms
+
+    @property
+    def lease_valid(self) -> bool:
+        """Whether this generator may issue ids now (always, without a lease)."""
+        if not self._leased:
+            return True
+        return self._revoked is None and self._monotonic() < self._valid_until
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -270,11 +343,32 @@ class IdGenerator:
                 "the clock reads before the id epoch; check the system time or the ids.epoch"
             )
         if now >= self._limit_ms:
-            raise IdError(
-                f"the id layout's lifetime ended at {self.layout.end.isoformat()}"
-                " (timestamp_bits exhausted); plan a new epoch"
-            )
+            if now >= self._lifetime_ms:
+                raise IdError(
+                    f"the id layout's lifetime ended at {self.layout.end.isoformat()}"
+                    " (timestamp_bits exhausted); plan a new epoch"
+                )
+            raise self._lease_error(now)
         return now
+
+    def _lease_error(self, now: int | None = None) -> WorkerLeaseError:
+        if self._revoked is not None:
+            return WorkerLeaseError(self._revoked)
+        w = self.worker_id
+        if now is not None and now >= self._limit_ms and self._monotonic() < self._valid_until:
+            what = (
+                f"this host's clock reached the expiry of worker id {w}'s lease on the meta"
+                " store's clock before the lease ran out by this process's clock: this clock"
+                " runs ahead of the store's (check NTP)"
+            )
+        else:
+            what = f"worker id {w}'s lease ran out by this process's clock without a renewal"
+        why = f" ({self._lease_trouble})" if self._lease_trouble else ""
+        return WorkerLeaseError(
+            f"{what}{why}; no id issued: another process may hold worker id {w} by now. Ids"
+            " resume if the lease is renewed while no one else took the id; otherwise make a"
+            " new lease (WorkerLease.acquire) once the meta store answers"
+        )
 
     def _reserve(self, slot: int, count: int) -> list[int]:
         layout = self.layout
@@ -285,6 +379,11 @@ class IdGenerator:
         with self._lock:
             while len(out) < count:
                 now = self._wait_for_clock(self._now())
+                if now != self._checked_ms:
+                    # Once per clock millisecond: the lease's deadline by the monotonic clock.
+                    if self._leased and self._monotonic() >= self._valid_until:
+                        raise self._lease_error()
+                    self._checked_ms = now
                 last = self._last_ms[slot]
                 if now > last:
                     seq = 0

@@ -246,10 +246,10 @@ def test_ids_new_text_and_worker(orders_topology: Topology) -> None:
 def test_ids_new_bad_worker() -> None:
     result = run(
         "ids", "new", "--config", ORDERS_YAML, "--table", "orders", "--key", "user_id=7",
-        "--worker", "32",
+        "--worker", "256",
     )  # fmt: skip
     assert result.exit_code == 1
-    assert "worker_id 32 is outside [0, 32)" in result.stderr
+    assert "worker_id 256 is outside [0, 256)" in result.stderr
 
 
 def test_ids_decode_round_trip(orders_topology: Topology) -> None:
@@ -349,10 +349,11 @@ def test_bench_prints_positive_rates() -> None:
         "hash_slot_only",
         "next_for_slot",
         "next_id_by_key",
-        "batch_100",
+        "batch_per_ms",
     }
     assert all(isinstance(v, int) and v > 0 for v in rates.values()), rates
-    assert data["id_layout"]["bits"] == {"timestamp": 41, "gene": 10, "worker": 5, "sequence": 7}
+    assert data["id_layout"]["bits"] == {"timestamp": 41, "gene": 10, "worker": 8, "sequence": 4}
+    assert data["batch_size"] == 16  # one millisecond's per-slot sequence
 
 
 def test_bench_refuses_too_few_ops() -> None:

@@ -301,7 +301,7 @@ EXACT_CASES = [
     ),
     pytest.param(
         put("ids.timestamp_bits", 40),
-        "ids: timestamp_bits 40 + gene_bits 10 + worker_bits 5 + sequence_bits 7 = 62,"
+        "ids: timestamp_bits 40 + gene_bits 10 + worker_bits 8 + sequence_bits 4 = 62,"
         " not 63 (ids are 63-bit; adjust timestamp_bits or worker_bits)",
         id="id-bits-not-63",
     ),
@@ -311,8 +311,8 @@ EXACT_CASES = [
         id="gene-bits-not-log2-slots",
     ),
     pytest.param(
-        put("ids.worker_id", 32),
-        "ids.worker_id: 32 does not fit in 5 worker bits (use 0..31 or widen worker_bits)",
+        put("ids.worker_id", 256),
+        "ids.worker_id: 256 does not fit in 8 worker bits (use 0..255 or widen worker_bits)",
         id="worker-id-too-big",
     ),
     pytest.param(
@@ -686,13 +686,13 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_several_problems_are_all_reported(orders_raw: dict[str, Any]) -> None:
-    orders_raw["ids"]["worker_id"] = 99
+    orders_raw["ids"]["worker_id"] = 999
     orders_raw["tables"]["orders"]["strategy"] = "hsah"
     orders_raw["tables"]["order_items"]["bound_to"] = "ordrs"
     orders_raw["shards"]["s2"]["slots"] = [[512, 700]]
     problems = problems_of(orders_raw)
     assert len(problems) == 4, problems
-    assert any(p.startswith("ids.worker_id: 99") for p in problems)
+    assert any(p.startswith("ids.worker_id: 999") for p in problems)
     assert any(p.startswith("tables.orders.strategy: unknown 'hsah'") for p in problems)
     assert any(p.startswith("tables.order_items.bound_to: unknown table 'ordrs'") for p in problems)
     assert any(p.startswith("slots: [700, 768) are owned by no shard") for p in problems)

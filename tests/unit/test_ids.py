@@ -23,7 +23,9 @@ from shardrouter.errors import (
 )
 
 EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
-LAYOUT = IdLayout(epoch_ms=EPOCH_MS)  # 41 / 10 / 5 / 7 bits
+# 41 / 10 / 5 / 7 bits (the default before 8 worker bits): 128 ids per ms per slot make the
+# sequence tests below easy to read; the default layout has its own tests.
+LAYOUT = IdLayout(epoch_ms=EPOCH_MS, worker_bits=5, sequence_bits=7)
 
 
 class FakeClock:
@@ -201,8 +203,8 @@ def test_order_id_routes_where_its_user_routes(orders_topology: Topology, user_i
 
 
 def test_id_generator_refusals(orders_topology: Topology) -> None:
-    with pytest.raises(IdError, match=r"worker_id 32 is outside \[0, 32\) for 5 worker bits"):
-        orders_topology.id_generator("orders", worker_id=32)
+    with pytest.raises(IdError, match=r"worker_id 256 is outside \[0, 256\) for 8 worker bits"):
+        orders_topology.id_generator("orders", worker_id=256)
     with pytest.raises(RoutingError, match="broadcast"):
         orders_topology.id_generator("countries")
     gen = orders_topology.id_generator("orders")

@@ -84,6 +84,7 @@ BLOCKS = {
     "SHARDROUTER_FUZZ_EXAMPLES=5000 python3 -m pytest tests/fuzz -q   # more statements than CI": (
         "commands"
     ),
+    "from shardrouter.control.leases import WorkerLease": "test_lease_block_runs_on_sqlite",
     "# bad.yaml": "test_bad_yaml_block_gives_the_problems_shown",
     "meta:": "test_meta_block_is_a_valid_meta_section",
     "shardctl meta init --config orders.yaml                 # create the store's tables"
@@ -175,6 +176,30 @@ def test_quickstart_block_runs_and_its_comments_hold(monkeypatch: pytest.MonkeyP
     order_id = namespace["order_id"]
     assert topology.shard_for("orders", order_id, "order_id") == "s2"  # type: ignore[attr-defined]
     assert namespace["ids"].decode(order_id).slot == 741  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(60)
+def test_lease_block_runs_on_sqlite(tmp_path: Path) -> None:
+    """The worker-lease block, on the SQLite topology with a meta store in a temporary file."""
+    from shardrouter.control.leases import worker_leases
+    from shardrouter.control.store import MetaStore
+    from shardrouter.core.topology import Topology
+
+    raw = yaml.safe_load((REPO / "config" / "orders-sqlite.yaml").read_text(encoding="utf-8"))
+    raw["meta"] = {"url": f"sqlite:///{tmp_path / 'meta.db'}"}
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    topology = Topology.load(path, {"SHARDROUTER_DEMO_DIR": str(tmp_path)})
+    assert topology.config.meta is not None
+    with MetaStore.from_config(topology.config.meta) as store:
+        store.init()
+        namespace: dict[str, object] = {"topology": topology}
+        code = block("from shardrouter.control.leases import WorkerLease").code
+        exec(compile(code, "README", "exec"), namespace)
+        decoded = namespace["ids"].decode(namespace["order_id"])  # type: ignore[attr-defined]
+        assert (decoded.worker, decoded.slot) == (0, 741)
+        (row,) = worker_leases(store)
+        assert row.worker_id == 0 and row.holder is None  # leased, then released by close()
 
 
 @pytest.mark.timeout(120)
