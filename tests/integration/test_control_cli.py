@@ -347,8 +347,8 @@ REFUSED_STEPS = [
         id="slot-count",
     ),
     pytest.param(
-        put("ids", {"worker_bits": 6, "timestamp_bits": 40}),
-        "ids.worker_bits: 5 -> 6: the id layout of a live cluster cannot change",
+        put("ids", {"worker_bits": 9, "timestamp_bits": 40}),
+        "ids.worker_bits: 8 -> 9: the id layout of a live cluster cannot change",
         id="id-layout",
     ),
     pytest.param(
