@@ -140,7 +140,7 @@ from sqlalchemy.sql.elements import (
 
 from ..core.strategies import LookupStrategy
 from ..core.topology import TableRule, Topology
-from ..engine.router import Router, _Runner, _sql_and_params
+from ..engine.router import Router, Snapshot, _Runner, _sql_and_params
 from ..errors import (
     FanoutLimitError,
     KeyValueError,
@@ -217,10 +217,10 @@ class _MappedTable:
 class _Routing:
     """What every session of one router shares: placements, binds, mapped tables, the hook."""
 
-    def __init__(self, router: Router) -> None:
-        # No reference to the router itself: this is the value of a WeakKeyDictionary keyed
-        # by the router, so holding it would keep every router alive.
-        topology = router.topology
+    def __init__(self, snap: Snapshot) -> None:
+        # No reference to the snapshot itself: this is the value of a WeakKeyDictionary keyed
+        # by the router's routing snapshot, so holding it would keep every version alive.
+        topology = snap.topology
         self.topology: Topology = topology
         split_tables = [t for t in topology.tables.values() if t.split > 1]
         widest = max((t.split for t in split_tables), default=1)
@@ -249,7 +249,7 @@ class _Routing:
                 tokens.append(token)
             self._split[shard] = tuple(tokens)
         self.binds: dict[str, Engine] = {
-            token: router.engines.primary(p.shard) for token, p in self.placements.items()
+            token: snap.engines.primary(p.shard) for token, p in self.placements.items()
         }
         self._mapped: dict[Mapper[Any], _MappedTable] = {}
         self._lock = threading.Lock()
@@ -336,15 +336,17 @@ class _Routing:
         return found
 
 
-_routings: weakref.WeakKeyDictionary[Router, _Routing] = weakref.WeakKeyDictionary()
+_routings: weakref.WeakKeyDictionary[Snapshot, _Routing] = weakref.WeakKeyDictionary()
 _routings_lock = threading.Lock()
 
 
-def _routing_for(router: Router) -> _Routing:
+def _routing_for(snap: Snapshot) -> _Routing:
+    """The routing of one snapshot of a router (one per topology version), shared by every
+    session made under it."""
     with _routings_lock:
-        routing = _routings.get(router)
+        routing = _routings.get(snap)
         if routing is None:
-            routing = _routings[router] = _Routing(router)
+            routing = _routings[snap] = _Routing(snap)
         return routing
 
 
@@ -389,7 +391,13 @@ class RoutedSession(ShardedSession):
     """
 
     def __init__(self, router: Router, **kw: Any) -> None:
-        routing = _routing_for(router)
+        # The session routes by the router's snapshot of the moment it is made, for its whole
+        # life (a new topology version reaches the next session); the snapshot's engines stay
+        # until the session is gone. Keep sessions short: one per unit of work.
+        snap = router._pin()
+        weakref.finalize(self, snap.release)
+        self._snap = snap
+        routing = _routing_for(snap)
         super().__init__(
             shard_chooser=self._choose_shard,
             identity_chooser=self._choose_identity,
@@ -504,6 +512,7 @@ class RoutedSession(ShardedSession):
             # Broadcast tables and missing keys fail here, before anything is written; and a
             # token left from an earlier failed flush is replaced (the key may have changed).
             state.identity_token = self._token_of_new(info, state)
+            self._resolve(info, state)
             self._check_secondaries(info, state)
             lookups.extend(self._lookup_rows(info, state))
         for obj in self.dirty:
@@ -511,6 +520,7 @@ class RoutedSession(ShardedSession):
             info = routing.mapped(state.mapper)
             if info.rule.primary is None:
                 self._token_of_new(info, state)  # refuses broadcast writes
+            self._resolve(info, state)
             for column_name, key in info.attrs.items():
                 if state.attrs[key].history.has_changes():
                     raise UnsupportedQueryError(
@@ -524,10 +534,18 @@ class RoutedSession(ShardedSession):
             info = routing.mapped(state.mapper)
             if info.rule.primary is None:
                 self._token_of_new(info, state)
+            self._resolve(info, state)
             cleanups.extend(self._lookup_rows(info, state, deleting=True))
         if lookups:
             self._write_lookups(lookups)
         self._lookup_cleanups.extend(cleanups)
+
+    def _resolve(self, info: _MappedTable, state: InstanceState[Any]) -> None:
+        """The flush's write of ``state`` passes the router's write resolver (fencing)."""
+        rule = info.rule.primary
+        assert rule is not None
+        slot = rule.slot(info.value(state, rule.column))
+        self.router.resolver.write_slot(self._snap, slot, "orm", "orm")
 
     def _check_secondaries(self, info: _MappedTable, state: InstanceState[Any]) -> None:
         """Functional secondary keys must route to the row's slot, or reads by them miss it."""
@@ -588,7 +606,9 @@ class RoutedSession(ShardedSession):
             self._lookups_written.add(_lookup_key(r))
         written = Written()
         try:
-            _Runner(self.router).drive(write_lookups(self.router.topology, rows, written))
+            _Runner(self.router).drive(
+                write_lookups(self._snap.topology, rows, written), self._snap
+            )
         except Exception:
             self._ledger.add(Written(written.created), doubtful=True)
             raise
@@ -605,7 +625,7 @@ class RoutedSession(ShardedSession):
         jobs = delete_lookups([r for r in rows if _lookup_key(r) not in written])
         # (a row deleted and added again in this transaction keeps its lookup row)
         if jobs:
-            _Runner(self.router).run(jobs)
+            _Runner(self.router).run(jobs, self._snap)
 
     def _forget_cleanups(self, session: Session, *args: Any) -> None:
         # Forgetting a cleanup leaves an orphan lookup row (harmless); running one for a row
@@ -620,7 +640,9 @@ class RoutedSession(ShardedSession):
             # router's own settling, see execution.LookupLedger); best effort.
             committed, self._committed = self._committed, False
             try:
-                _Runner(self.router).drive(self._ledger.settle(self.router.topology, committed))
+                _Runner(self.router).drive(
+                    self._ledger.settle(self._snap.topology, committed), self._snap
+                )
             except Exception as exc:
                 log.error("session end: lookup rows not settled: %s", exc)
 
@@ -668,7 +690,7 @@ class RoutedSession(ShardedSession):
         """Plan ``stmt`` with the router's planner: compiled to MySQL, values bound."""
         params = ctx.parameters if isinstance(ctx.parameters, Mapping) else None
         sql, values = _sql_and_params(stmt, params)
-        return self.router.planner.plan(sql), dict(values)
+        return self._snap.planner.plan(sql), dict(values)
 
     def _key_tokens(self, plan: Plan, values: Mapping[str, Any]) -> list[str] | None:
         """The placements named by the cheapest functional key condition, if there is one."""
@@ -853,6 +875,8 @@ class RoutedSession(ShardedSession):
                 )
             tokens = self._routing.fanout(table)
         self._check_limits(tokens, 0)
+        for shard in dict.fromkeys(self._routing.placements[t].shard for t in tokens):
+            self.router.resolver.write_shard(self._snap, shard, "orm", "statement")
         if len(tokens) > 1 and plan.has_limit:
             raise RoutingError(
                 f"{kind} with ORDER BY/LIMIT across shards has no single order; add the"
