@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Collection, Generator, Map
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError, PendingRollbackError
@@ -257,6 +257,10 @@ class AsyncRouter:
     @property
     def _key_rules(self) -> Mapping[str, KeyRule]:
         return self._snap.key_rules
+
+    @property
+    def _lean(self) -> dict[Any, AsyncReadPool | Literal[False]]:
+        return self._snap.lean
 
     def _pin(self) -> AsyncSnapshot:
         while True:

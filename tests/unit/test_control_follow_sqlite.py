@@ -1,0 +1,275 @@
+"""Routers follow a SQLite meta store: snapshot swap, registry, acks, rejected versions, fencing,
+and the write resolver reached from every write door."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from shardrouter.control.registry import wait_for_acks
+from shardrouter.control.store import MetaStore
+from shardrouter.core.config import config_from_dict
+from shardrouter.engine.router import Router
+from shardrouter.engine.snapshot import Resolution
+from shardrouter.errors import ConfigError, FencedError
+from shardrouter.orm.session import RoutedSession
+
+REPO = Path(__file__).resolve().parents[2]
+SQLITE_YAML = REPO / "config" / "orders-sqlite.yaml"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def document(directory: Path, **meta: Any) -> dict[str, Any]:
+    raw = yaml.safe_load(SQLITE_YAML.read_text())
+    for name, shard in raw["shards"].items():
+        shard["primary"] = f"sqlite:///{directory}/{name}.db"
+    raw["tables"]["notes"] = {"column": "user_id", "strategy": "hash"}
+    raw["meta"] = {
+        "url": f"sqlite:///{directory}/meta.db",
+        "poll_interval_s": 0.05,
+        "fast_poll_interval_s": 0.02,
+        "lease_s": 1.0,
+        "fence_margin_s": 0.2,
+        **meta,
+    }
+    return raw
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[dict[str, Any], MetaStore]]:
+    raw = document(tmp_path)
+    store = MetaStore(raw["meta"]["url"])
+    store.init()
+    store.push(raw, expected=None, comment="v1")
+    for name in raw["shards"]:
+        from sqlalchemy import create_engine
+
+        engine = create_engine(f"sqlite:///{tmp_path}/{name}.db")
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE notes (user_id BIGINT PRIMARY KEY, body TEXT)"))
+        engine.dispose()
+    try:
+        yield raw, store
+    finally:
+        store.close()
+
+
+def wait_until(check: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def slot_of_user(router: Router, user_id: int) -> int:
+    return router.route_key(user_id=user_id)[1]
+
+
+def test_without_meta_nothing_follows(tmp_path: Path) -> None:
+    raw = document(tmp_path)
+    del raw["meta"]
+    before = {t.name for t in threading.enumerate()}
+    with Router.from_config(config_from_dict(raw)) as router:
+        assert router._follower is None
+        assert {t.name for t in threading.enumerate()} - before <= {
+            n for n in (t.name for t in threading.enumerate()) if n.startswith("shardrouter_")
+        }
+        assert not any(t.name.startswith("shardrouter-follow") for t in threading.enumerate())
+
+
+def test_follows_versions_acks_and_deregisters(
+    cluster: tuple[dict[str, Any], MetaStore], tmp_path: Path
+) -> None:
+    raw, store = cluster
+    stale = copy.deepcopy(raw)
+    stale["shards"]["s0"]["primary"] = "sqlite:////nonexistent/stale.db"  # the file's own view
+    router = Router.from_config(config_from_dict(stale))
+    try:
+        assert router.version == 1
+        # the store's version, not the file's
+        assert "nonexistent" not in str(router.topology.shards["s0"].primary)
+        (record,) = store.routers()
+        assert (record.kind, record.acked_version, record.serving_version) == ("sync", 1, 1)
+        old_engines = router.engines
+        s1_engine = old_engines.primary("s1")
+
+        # a transaction and a pinned statement snapshot started on version 1
+        with router.transaction() as txn:
+            txn.execute("SELECT user_id FROM notes WHERE user_id = :u", {"u": 7})
+            v2 = copy.deepcopy(raw)
+            v2["shards"]["s0"]["replicas"] = [f"sqlite:///{tmp_path}/s0.db"]  # a replica added
+            store.push(v2, expected=1, comment="replica")
+            report = wait_for_acks(store, 2, timeout=5)
+            assert report.complete, report.describe()
+            assert router.version == 2
+            assert txn._snap.version == 1  # the transaction stays on its version
+            txn.execute("UPDATE notes SET body = body WHERE user_id = :u", {"u": 7})
+        assert old_engines._by_key  # the old snapshot's unchanged engines were taken over
+        assert router.engines.primary("s1") is s1_engine
+        assert router.engines.primary("s0") is old_engines.primary("s0")
+        assert len(router.engines._replicas["s0"]) == 1
+    finally:
+        router.close()
+    assert store.routers() == []  # deregistered on close
+
+
+def test_rejected_version_is_not_applied_nor_acked(
+    cluster: tuple[dict[str, Any], MetaStore],
+) -> None:
+    raw, store = cluster
+    with Router.from_config(config_from_dict(raw)) as router:
+        bad = copy.deepcopy(raw)
+        bad["shards"]["s1"]["primary"] = "sqlite:///${SHARDROUTER_TEST_UNSET_VAR}/x.db"
+        store.push(bad, expected=1, comment="needs an env var this process lacks")
+        report = wait_for_acks(store, 2, timeout=0.5)
+        assert not report.complete
+        assert [r.instance_id for r in report.lagging] == [router._follower.instance_id]
+        assert "had not acknowledged" in report.describe()
+        assert router.version == 1
+        assert 2 in router._follower.rejected
+        assert "SHARDROUTER_TEST_UNSET_VAR" in router._follower.rejected[2]
+        with pytest.raises(Exception, match="had not acknowledged"):
+            report.raise_if_incomplete()
+        # the next valid version is applied
+        store.push(raw, expected=2, comment="fixed")
+        assert wait_for_acks(store, 3, timeout=5).complete
+        assert router.version == 3
+
+
+def test_paused_router_blocks_until_its_lease_expires(
+    cluster: tuple[dict[str, Any], MetaStore],
+) -> None:
+    raw, store = cluster
+    with (
+        Router.from_config(config_from_dict(raw)) as a,
+        Router.from_config(config_from_dict(raw)) as b,
+    ):
+        b._follower.pause()
+        store.push(raw, expected=1)
+        started = time.monotonic()
+        report = wait_for_acks(store, 2, timeout=10)
+        waited = time.monotonic() - started
+        assert report.complete
+        assert [r.instance_id for r in report.expired] == [b._follower.instance_id]
+        assert [r.instance_id for r in report.acked] == [a._follower.instance_id]
+        assert waited >= 0.5  # it waited for b's lease (1 s) rather than returning at once
+        b._follower.resume()
+        wait_until(lambda: b.version == 2)
+
+
+def moving_document(raw: dict[str, Any], start: int, end: int) -> dict[str, Any]:
+    doc = copy.deepcopy(raw)
+    doc["moving"] = [{"slots": [start, end], "source": "s0", "target": "s1"}]
+    return doc
+
+
+def test_moving_field_is_validated(cluster: tuple[dict[str, Any], MetaStore]) -> None:
+    raw, _ = cluster
+    bad = copy.deepcopy(raw)
+    bad["moving"] = [{"slots": [300, 310], "source": "s0", "target": "s9"}]
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(bad)
+    text_ = str(info.value)
+    assert "s9" in text_ and "not in shards" in text_
+    assert "owned by s1" in text_  # [300, 310) belongs to s1, not the source s0
+
+
+def test_fenced_router_refuses_moving_slot_writes_and_recovers(
+    cluster: tuple[dict[str, Any], MetaStore],
+) -> None:
+    raw, store = cluster
+    with Router.from_config(config_from_dict(raw)) as router:
+        moving_user = next(u for u in range(1, 10_000) if slot_of_user(router, u) < 10)
+        other_user = next(u for u in range(1, 10_000) if slot_of_user(router, u) >= 600)
+        store.push(moving_document(raw, 0, 10), expected=1, comment="slots 0-10 moving")
+        wait_until(lambda: router.version == 2)
+        with router.connection(user_id=moving_user) as conn:  # lease live: allowed
+            conn.execute(
+                text("INSERT INTO notes VALUES (:u, 'a') ON CONFLICT DO NOTHING"),
+                {"u": moving_user},
+            )
+        router._follower.pause()  # no renewals from now on
+        wait_until(lambda: router.resolver.fence.expired(), timeout=3)
+        with pytest.raises(FencedError) as info, router.connection(user_id=moving_user):
+            pass
+        assert info.value.slot is not None and info.value.slot < 10
+        assert "lease" in str(info.value)
+        with pytest.raises(FencedError):
+            router.execute("UPDATE notes SET body = 'x' WHERE user_id = :u", {"u": moving_user})
+        # reads, and writes elsewhere, keep working
+        router.execute("SELECT * FROM notes WHERE user_id = :u", {"u": moving_user})
+        with router.connection(user_id=other_user) as conn:
+            conn.execute(
+                text("INSERT INTO notes VALUES (:u, 'b') ON CONFLICT DO NOTHING"), {"u": other_user}
+            )
+        router._follower.resume()
+        wait_until(lambda: not router.resolver.fence.expired())
+        with router.connection(user_id=moving_user) as conn:
+            conn.execute(
+                text("INSERT INTO notes VALUES (:u, 'c') ON CONFLICT DO NOTHING"),
+                {"u": moving_user},
+            )
+
+
+def test_old_snapshot_may_not_write_a_moving_slot_after_the_ack(
+    cluster: tuple[dict[str, Any], MetaStore],
+) -> None:
+    raw, store = cluster
+    with Router.from_config(config_from_dict(raw)) as router:
+        moving_user = next(u for u in range(1, 10_000) if slot_of_user(router, u) < 10)
+        with router.transaction() as txn:
+            txn.execute("SELECT * FROM notes WHERE user_id = :u", {"u": moving_user})
+            store.push(moving_document(raw, 0, 10), expected=1)
+            assert wait_for_acks(store, 2, timeout=5).complete
+            with pytest.raises(FencedError, match="older than version 2"):
+                txn.execute("UPDATE notes SET body = 'x' WHERE user_id = :u", {"u": moving_user})
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Note(_Base):
+    __tablename__ = "notes"
+    user_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    body: Mapped[str | None] = mapped_column()
+
+
+def test_every_write_door_reaches_the_resolver(
+    cluster: tuple[dict[str, Any], MetaStore],
+) -> None:
+    raw, _store = cluster
+    del raw["meta"]  # the resolver is there with or without a meta store
+    seen: list[Resolution] = []
+    with Router.from_config(config_from_dict(raw)) as router:
+        router.resolver.hook = seen.append
+        router.execute("UPDATE notes SET body = 'a' WHERE user_id = :u", {"u": 1})
+        with router.transaction() as txn:
+            txn.execute("UPDATE notes SET body = 'b' WHERE user_id = :u", {"u": 2})
+        with router.connection(user_id=3) as conn:
+            conn.execute(text("UPDATE notes SET body = 'c' WHERE user_id = 3"))
+        with RoutedSession(router) as session:
+            session.add(_Note(user_id=4, body=None))
+            session.commit()
+        router.execute("SELECT * FROM notes WHERE user_id = :u", {"u": 1})  # a read: not seen
+
+        paths = [r.path for r in seen]
+        assert paths == [
+            "execute",
+            "transaction",
+            "explicit",
+            "orm",
+        ], seen
+        shard_of = {u: router.route_key(user_id=u)[0] for u in range(1, 5)}
+        assert [r.shard for r in seen] == [shard_of[u] for u in range(1, 5)]
+    # the async doors: tests/integration/test_control_follow.py (aiosqlite is not installed)
