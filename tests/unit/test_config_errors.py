@@ -130,7 +130,7 @@ EXACT_CASES = [
     ),
     pytest.param(
         put("shards.s3.slots", []),
-        "shards.s3.slots: empty (give the shard at least one [start, end) range)",
+        "slots: [768, 1024) are owned by no shard (add the range to a shard's slots)",
         id="shard-slots-empty-list",
     ),
     pytest.param(
