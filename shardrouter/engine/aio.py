@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Collection, Generator, Map
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError, PendingRollbackError
@@ -44,7 +44,7 @@ from . import readpool
 from .engines import AsyncShardEngines, classify
 from .readpool import AsyncReadPool
 from .router import _explicit_key_rules, _sql_and_params, aborted, ends_transaction, route_key
-from .snapshot import RoutingSnapshot, WriteResolver
+from .snapshot import RoutingSnapshot, SlotRecorder, WriteResolver
 
 AsyncSnapshot = RoutingSnapshot[AsyncShardEngines, AsyncReadPool]
 
@@ -104,12 +104,15 @@ class AsyncTransaction:
                 shard=others[0],
             )
 
-    async def _run(self, jobs: Sequence[Job]) -> list[JobResult]:
+    async def _run(
+        self, jobs: Sequence[Job], recorder: SlotRecorder | None = None
+    ) -> list[JobResult]:
         out: list[JobResult] = []
         resolver = self._router.resolver
         for job in jobs:  # every write of a statement passes the one resolver
             if job.kind == "write":
-                resolver.write_shard(self._snap, job.shard, "async_transaction", job.role)
+                slots = recorder.on(job.shard) if recorder is not None else None
+                resolver.write_shard(self._snap, job.shard, "async_transaction", job.role, slots)
         for job in jobs:
             if job.role == "lookup_cleanup":
                 self._deferred.append(job)
@@ -393,8 +396,13 @@ class AsyncRouter:
             plan = snap.planner.plan(sql)
             bind = txn.bind if txn is not None else None
             ledger = txn._ledger if txn is not None else None
-            step = run(snap.topology, plan, bound, self.limits, bind, ledger)
-            return await self._drive(step, txn, snap)
+            topology = snap.topology
+            recorder = None
+            if snap.moving or self._snap.moving:  # the resolver checks each write's slots
+                recorder = SlotRecorder(topology)
+                topology = cast(Topology, recorder)
+            step = run(topology, plan, bound, self.limits, bind, ledger)
+            return await self._drive(step, txn, snap, recorder)
         finally:
             if txn is None:
                 snap.release()
@@ -404,13 +412,16 @@ class AsyncRouter:
         step: Generator[list[Job], list[JobResult], T],
         txn: AsyncTransaction | None,
         snap: AsyncSnapshot,
+        recorder: SlotRecorder | None = None,
     ) -> T:
         try:
             jobs = next(step)
             while True:
                 try:
                     results = await (
-                        txn._run(jobs) if txn is not None else self._gather(jobs, snap, True)
+                        txn._run(jobs, recorder)
+                        if txn is not None
+                        else self._gather(jobs, snap, True, recorder)
                     )
                 except Exception as exc:
                     jobs = step.throw(exc)  # the step may clean up what it wrote first
@@ -421,12 +432,17 @@ class AsyncRouter:
             return result
 
     async def _gather(
-        self, jobs: Sequence[Job], snap: AsyncSnapshot, resolve: bool = False
+        self,
+        jobs: Sequence[Job],
+        snap: AsyncSnapshot,
+        resolve: bool = False,
+        recorder: SlotRecorder | None = None,
     ) -> list[JobResult]:
         if resolve:
             for job in jobs:  # every write of a statement passes the one resolver
                 if job.kind == "write":
-                    self.resolver.write_shard(snap, job.shard, "async", job.role)
+                    slots = recorder.on(job.shard) if recorder is not None else None
+                    self.resolver.write_shard(snap, job.shard, "async", job.role, slots)
         if len(jobs) == 1:
             return [await self._run_job(jobs[0], snap)]
         if all(j.kind == "write" and j.role == "statement" for j in jobs):

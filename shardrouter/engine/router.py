@@ -9,7 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from sqlalchemy import Connection, Engine, Select, TextClause, literal_column, text
 from sqlalchemy.dialects import mysql
@@ -49,7 +49,7 @@ from ..types import ShardId, Slot
 from . import readpool, xa
 from .engines import DEADLOCK_ERRNO, ShardEngines, classify
 from .readpool import ReadPool
-from .snapshot import RoutingSnapshot, WriteResolver
+from .snapshot import RoutingSnapshot, SlotRecorder, WriteResolver
 
 Snapshot = RoutingSnapshot[ShardEngines, ReadPool]
 
@@ -89,6 +89,8 @@ class _Runner:
         self.sticky = sticky
         """Once this runner wrote, its reads stay on primaries (read-your-writes)."""
         self.wrote = False
+        self.recorder: SlotRecorder | None = None
+        """The slots the current statement routed, while moving ranges exist (resolver)."""
 
     def drive(
         self, step: Generator[list[Job], list[JobResult], T], snap: Snapshot | None = None
@@ -139,9 +141,12 @@ class _Runner:
                     pinned.release()
         txn = self.transaction
         resolver = self.router.resolver
+        recorder = self.recorder
         for job in jobs:  # every write of a statement passes the one resolver
             if job.kind == "write":
-                resolver.write_shard(snap, job.shard, "transaction" if txn else "execute", job.role)
+                slots = recorder.on(job.shard) if recorder is not None else None
+                path = "transaction" if txn else "execute"
+                resolver.write_shard(snap, job.shard, path, job.role, slots)
         if txn is not None:
             out: list[JobResult] = []
             for job in jobs:
@@ -569,8 +574,13 @@ class Router:
         snap = txn._snap if txn is not None else self._pin()
         try:
             plan = snap.planner.plan(sql)
+            topology = snap.topology
+            runner.recorder = None
+            if snap.moving or self._snap.moving:  # the resolver checks each write's slots
+                runner.recorder = SlotRecorder(topology)
+                topology = cast(Topology, runner.recorder)
             return runner.drive(
-                run(snap.topology, plan, bound, self.limits, runner.bind, runner.ledger), snap
+                run(topology, plan, bound, self.limits, runner.bind, runner.ledger), snap
             )
         finally:
             if txn is None:

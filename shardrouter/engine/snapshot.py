@@ -131,6 +131,29 @@ class RoutingSnapshot(Generic[E, L]):
         return self._users
 
 
+class SlotRecorder:
+    """A Topology stand-in for one statement that notes every slot routed through it (all
+    routing of execution.run goes through ``shard_of_slot``), so the resolver can check a
+    job's own slots. Used only while some snapshot has moving ranges: no cost otherwise."""
+
+    def __init__(self, topology: Topology) -> None:
+        self._topology = topology
+        self.slots: list[Slot] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._topology, name)
+
+    def shard_of_slot(self, slot: int) -> ShardId:
+        self.slots.append(Slot(slot))
+        return self._topology.shard_of_slot(slot)
+
+    def on(self, shard: ShardId) -> list[Slot] | None:
+        """The slots routed to ``shard`` (None: none known, e.g. a scatter write)."""
+        owner = self._topology.shard_of_slot
+        found = [s for s in dict.fromkeys(self.slots) if owner(s) == shard]
+        return found or None
+
+
 @dataclass(frozen=True, slots=True)
 class Resolution:
     """One write on its way to a shard, as the resolver saw it."""
@@ -179,9 +202,10 @@ class WriteResolver:
       cluster) has acknowledged: the router acknowledges a version only after swapping to it,
       so a statement still on an older snapshot may not write a moving slot.
 
-    A write whose door knows only the shard (a job of Router.execute, which carries no slot) is
-    checked against every moving range with that shard as source or target: conservative (it
-    may refuse a write to a non-moving slot of such a shard while fenced), never permissive.
+    Jobs of Router.execute carry no slot: while moving ranges exist, the statement routes
+    through a SlotRecorder and each write job is checked with the slots routed to its shard. A
+    write whose slots are unknown (a scatter write) is checked against every moving range with
+    its shard as source or target: conservative, never permissive.
     Everything else passes untouched; with no moving ranges and no hook the check costs two
     attribute reads.
     """
@@ -256,6 +280,7 @@ __all__ = [
     "MovingRange",
     "Resolution",
     "RoutingSnapshot",
+    "SlotRecorder",
     "WriteResolver",
     "moving_ranges",
 ]
