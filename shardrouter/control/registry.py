@@ -19,10 +19,20 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Connection, delete, func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from ..errors import MetaStoreError, TopologyChangeError
-from .store import MetaStore, RouterRecord, routers_table
+from .store import (
+    SCHEMA_VERSION,
+    MetaStore,
+    RouterRecord,
+    _missing_table,
+    _newer,
+    _not_initialised,
+    meta_table,
+    routers_table,
+)
 
 RouterKind = Literal["sync", "async"]
 
@@ -97,26 +107,27 @@ class Registration:
                 )
             )
             self.registered = True
-            return self._read(conn, now)
+            return self._read(conn)
 
     def heartbeat(self, serving_version: int, acked_version: int) -> Heartbeat:
         """Renew the lease, record the served and acknowledged versions, and read the current
         version and the cluster's lowest acknowledgement: one transaction. A row that
         vanished (pruned, or deleted by hand) is inserted again."""
         store = self.store
+        lease = store.now + self.lease_ms
         with store.begin() as conn:
-            now = store.server_now_ms(conn)
             moved = conn.execute(
                 update(routers_table)
                 .where(routers_table.c.instance_id == self.instance_id)
                 .values(
                     serving_version=serving_version,
                     acked_version=acked_version,
-                    heartbeat_at_ms=now,
-                    lease_expires_at_ms=now + self.lease_ms,
+                    heartbeat_at_ms=store.now,
+                    lease_expires_at_ms=lease,
                 )
             )
             if moved.rowcount == 0:
+                now = store.server_now_ms(conn)
                 conn.execute(
                     routers_table.insert().values(
                         instance_id=self.instance_id,
@@ -131,19 +142,37 @@ class Registration:
                         lease_expires_at_ms=now + self.lease_ms,
                     )
                 )
-            return self._read(conn, now)
+            return self._read(conn)
 
-    def _read(self, conn: object, now: int) -> Heartbeat:
-        from sqlalchemy import Connection
-
-        assert isinstance(conn, Connection)
-        current = self.store.check(conn)
-        lowest = conn.execute(
-            select(func.min(routers_table.c.acked_version)).where(
-                routers_table.c.lease_expires_at_ms > now
-            )
-        ).scalar()
-        return Heartbeat(current, None if lowest is None else int(lowest), now, now + self.lease_ms)
+    def _read(self, conn: Connection) -> Heartbeat:
+        """The current version, the lowest live acknowledgement and the store's clock: one
+        SELECT (the meta row's checks as MetaStore.check makes them)."""
+        store = self.store
+        lowest = (
+            select(func.min(routers_table.c.acked_version))
+            .where(routers_table.c.lease_expires_at_ms > store.now)
+            .scalar_subquery()
+        )
+        query = select(
+            meta_table.c.schema_version,
+            meta_table.c.current_version,
+            lowest.label("lowest"),
+            store.now.label("now"),
+        )
+        try:
+            row = conn.execute(query).first()
+        except DBAPIError as exc:
+            if _missing_table(exc):
+                raise MetaStoreError(_not_initialised(store.url)) from None
+            raise
+        if row is None:
+            raise MetaStoreError(_not_initialised(store.url))
+        if row.schema_version > SCHEMA_VERSION:
+            raise MetaStoreError(_newer(store.url, row.schema_version))
+        now = int(row.now)
+        current = None if row.current_version is None else int(row.current_version)
+        lowest_acked = None if row.lowest is None else int(row.lowest)
+        return Heartbeat(current, lowest_acked, now, now + self.lease_ms)
 
     def deregister(self) -> None:
         """Remove this router's row (close(), interpreter exit); best effort by the caller."""
