@@ -118,6 +118,29 @@ def test_follows_versions_acks_and_deregisters(
         assert router.engines.primary("s1") is s1_engine
         assert router.engines.primary("s0") is old_engines.primary("s0")
         assert len(router.engines._replicas["s0"]) == 1
+
+        # a changed pool: that shard's engine is made again; the old one is disposed once the
+        # last user of the old snapshot (here a session) lets go
+        session = RoutedSession(router)
+        assert session._snap.version == 2
+        s1_pool = s1_engine.pool
+        v3 = copy.deepcopy(raw)
+        v3["shards"]["s0"]["replicas"] = [f"sqlite:///{tmp_path}/s0.db"]
+        v3["shards"]["s1"]["pool"] = {"size": 3}
+        store.push(v3, expected=2, comment="pool")
+        assert wait_for_acks(store, 3, timeout=5).complete
+        assert router.engines.primary("s1") is not s1_engine
+        assert router.engines.primary("s2") is old_engines.primary("s2")
+        assert s1_engine.pool is s1_pool  # still in use by the session's snapshot
+        session.connection(bind_arguments={"shard_id": "s1"}).execute(text("SELECT 1"))
+        assert session._snap.version == 2
+        assert RoutedSession(router)._snap.version == 3
+        session.close()
+        del session
+        import gc
+
+        gc.collect()
+        assert s1_engine.pool is not s1_pool  # disposed (a fresh, empty pool replaced it)
     finally:
         router.close()
     assert store.routers() == []  # deregistered on close
