@@ -416,10 +416,15 @@ class Router:
 
         follower = Follower(config.meta, kind="sync", env=env)
         try:
-            router = cls(follower.initial_topology(), **options)
-            follower.start(router)
+            topology = follower.initial_topology()
         except BaseException:
             follower.close()
+            raise
+        router = cls(topology, **options)
+        try:
+            follower.start(router)
+        except BaseException:
+            router.close()  # and the follower with it
             raise
         return router
 

@@ -20,7 +20,7 @@ from shardrouter.control.store import MetaStore
 from shardrouter.core.config import config_from_dict
 from shardrouter.engine.router import Router
 from shardrouter.engine.snapshot import Resolution
-from shardrouter.errors import ConfigError, FencedError
+from shardrouter.errors import ConfigError, FencedError, MetaStoreError
 from shardrouter.orm.session import RoutedSession
 
 REPO = Path(__file__).resolve().parents[2]
@@ -296,3 +296,11 @@ def test_every_write_door_reaches_the_resolver(
         shard_of = {u: router.route_key(user_id=u)[0] for u in range(1, 5)}
         assert [r.shard for r in seen] == [shard_of[u] for u in range(1, 5)]
     # the async doors: tests/integration/test_control_follow.py (aiosqlite is not installed)
+
+
+def test_a_store_without_a_version_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    raw = document(tmp_path)
+    MetaStore(raw["meta"]["url"]).init()
+    with pytest.raises(MetaStoreError, match="shardctl topology push"):
+        Router.from_config(config_from_dict(raw))
+    assert not any(t.name.startswith("shardrouter-follow") for t in threading.enumerate())
