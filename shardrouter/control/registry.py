@@ -144,6 +144,12 @@ class Registration:
                 )
             return self._read(conn)
 
+    def read(self) -> Heartbeat:
+        """The current version, the lowest live acknowledgement and the store's clock, without
+        renewing anything: the poll between two heartbeats (one SELECT)."""
+        with self.store.begin() as conn:
+            return self._read(conn)
+
     def _read(self, conn: Connection) -> Heartbeat:
         """The current version, the lowest live acknowledgement and the store's clock: one
         SELECT (the meta row's checks as MetaStore.check makes them)."""

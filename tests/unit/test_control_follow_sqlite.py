@@ -304,3 +304,14 @@ def test_a_store_without_a_version_is_refused_with_the_way_out(tmp_path: Path) -
     with pytest.raises(MetaStoreError, match="shardctl topology push"):
         Router.from_config(config_from_dict(raw))
     assert not any(t.name.startswith("shardrouter-follow") for t in threading.enumerate())
+
+
+def test_a_polling_router_keeps_its_lease(cluster: tuple[dict[str, Any], MetaStore]) -> None:
+    raw, store = cluster
+    with Router.from_config(config_from_dict(raw)) as router:
+        lease_end = router.resolver.fence.lease_end
+        time.sleep(2.5)  # 2.5 leases: polls in between renewals only read
+        assert not router.resolver.fence.expired()
+        assert router.resolver.fence.lease_end > lease_end
+        (record,) = store.routers()
+        assert record.live and record.heartbeat_age_ms < 1000
