@@ -84,7 +84,33 @@ def point_overhead(plain: Router, following: Router, users: list[int], seconds: 
 
     out = ab(a, b, seconds)
     out["note"] = "a = router with a meta store (polling), b = the same router without; ratio = a/b"
-    return out
+    follower = following._follower
+
+    def running(i: int) -> None:
+        follower.resume()
+        following.execute(POINT, {"u": users[i % len(users)]})
+
+    def paused(i: int) -> None:
+        follower.pause()
+        following.execute(POINT, {"u": users[i % len(users)]})
+
+    same = ab(running, paused, seconds)
+    follower.resume()
+    same["note"] = "one router with a meta store: a = its poller running, b = paused; ratio = a/b"
+    return {"meta_vs_none": out, "poller_running_vs_paused": same}
+
+
+def poll_cost(store: MetaStore, n: int = 200) -> dict[str, Any]:
+    """CPU of a poll between renewals (a read) and of a heartbeat (a renewal)."""
+    heartbeat = heartbeat_cost(store, n)
+    registration = Registration(store, kind="sync", lease_s=10.0)
+    for _ in range(20):
+        registration.read()
+    cpu = time.thread_time()
+    for _ in range(n):
+        registration.read()
+    heartbeat["read_cpu_ms"] = round((time.thread_time() - cpu) / n * 1000, 3)
+    return heartbeat
 
 
 def heartbeat_cost(store: MetaStore, n: int = 200) -> dict[str, Any]:
@@ -177,7 +203,7 @@ def measure(topology_path: Path, seconds: float, pushes: int) -> dict[str, Any]:
                 following.close()
         plain.close()
         with MetaStore(meta_url) as store:
-            results["heartbeat"] = heartbeat_cost(store)
+            results["poll_cpu"] = poll_cost(store)
             results["push_to_all_acked"] = push_to_acks(path, store, raw, pushes)
         return results
     finally:

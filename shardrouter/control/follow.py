@@ -13,7 +13,8 @@ moving slot ranges) it polls: one SELECT reads the current version, the lowest a
 of the live routers and the store's clock. At least every (lease_s - fence_margin_s) / 4 the
 poll is a heartbeat instead: it renews the lease and records the served and acknowledged
 versions in the same transaction (about 1 ms of CPU on MariaDB, measured by
-tools/bench_control.py; the reads in between cost a third of that). On a new version it fetches and validates the document, builds the new
+tools/bench_control.py); a read in between is one round trip on a connection the poller
+keeps. On a new version it fetches and validates the document, builds the new
 routing snapshot, swaps it in (``router._install``: statements and transactions already
 running finish on the version they started with), then acknowledges it at once (a second
 heartbeat). A version that fails validation here is not applied: the router keeps serving its

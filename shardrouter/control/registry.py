@@ -12,6 +12,7 @@ at most one lease) and it fences itself (shardrouter.control.follow) before the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -21,6 +22,7 @@ from typing import Literal
 
 from sqlalchemy import Connection, delete, func, select, update
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from ..errors import MetaStoreError, TopologyChangeError
 from .store import (
@@ -80,6 +82,7 @@ class Registration:
         self.pid = os.getpid()
         self.process_start_ms = process_start_ms()
         self.registered = False
+        self._reader: Connection | None = None
 
     def register(self, serving_version: int, acked_version: int | None = None) -> Heartbeat:
         """Insert this router's row (and prune long-expired rows of others)."""
@@ -146,9 +149,29 @@ class Registration:
 
     def read(self) -> Heartbeat:
         """The current version, the lowest live acknowledgement and the store's clock, without
-        renewing anything: the poll between two heartbeats (one SELECT)."""
-        with self.store.begin() as conn:
-            return self._read(conn)
+        renewing anything: the poll between two heartbeats. One SELECT in autocommit on a
+        connection kept for it (no pool checkout, ping, COMMIT or reset per poll; a SQLite
+        store reads in a transaction as every other operation). Only the poller calls it."""
+        store = self.store
+        if store.dialect == "sqlite":
+            with store.begin() as conn:
+                return self._read(conn)
+        try:
+            if self._reader is None:
+                self._reader = store.engine.connect().execution_options(
+                    isolation_level="AUTOCOMMIT"
+                )
+            return self._read(self._reader)
+        except (DBAPIError, PoolTimeoutError) as exc:
+            self.close_reader()
+            raise store._classify(exc) from exc
+
+    def close_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            with contextlib.suppress(Exception):  # a dead connection: dropped either way
+                reader.invalidate()
+                reader.close()
 
     def _read(self, conn: Connection) -> Heartbeat:
         """The current version, the lowest live acknowledgement and the store's clock: one
@@ -182,6 +205,7 @@ class Registration:
 
     def deregister(self) -> None:
         """Remove this router's row (close(), interpreter exit); best effort by the caller."""
+        self.close_reader()
         if not self.registered:
             return
         with self.store.begin() as conn:
