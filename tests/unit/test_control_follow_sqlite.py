@@ -4,6 +4,10 @@ and the write resolver reached from every write door."""
 from __future__ import annotations
 
 import copy
+import gc
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -137,8 +141,6 @@ def test_follows_versions_acks_and_deregisters(
         assert RoutedSession(router)._snap.version == 3
         session.close()
         del session
-        import gc
-
         gc.collect()
         assert s1_engine.pool is not s1_pool  # disposed (a fresh, empty pool replaced it)
     finally:
@@ -315,3 +317,35 @@ def test_a_polling_router_keeps_its_lease(cluster: tuple[dict[str, Any], MetaSto
         assert router.resolver.fence.lease_end > lease_end
         (record,) = store.routers()
         assert record.live and record.heartbeat_age_ms < 1000
+
+
+def test_deregistered_at_exit_and_when_dropped(
+    cluster: tuple[dict[str, Any], MetaStore], tmp_path: Path
+) -> None:
+    raw, store = cluster
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    script = (
+        "import sys; from shardrouter.engine.router import Router;"
+        f" r = Router.load({str(path)!r}); print(r._follower.instance_id, flush=True)"
+    )  # exits without close(): atexit deregisters
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert len(done.stdout.strip()) == 32
+    assert store.routers() == []
+
+    router = Router.from_config(config_from_dict(raw))
+    assert len(store.routers()) == 1
+    thread = router._follower._thread
+    assert thread is not None
+    del router  # dropped without close(): the poller holds it only weakly
+    gc.collect()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert store.routers() == []
