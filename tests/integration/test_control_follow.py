@@ -204,7 +204,14 @@ def test_three_routers_follow_a_pushed_version(
         # every door of the async router reaches the resolver too
         c.ask("execute", "UPDATE notes SET body = 'z' WHERE user_id = :u", {"u": 3})
         c.ask("explicit_write", 3)
-        assert c.ask("doors") == ["async", "async_explicit"]
+        c.ask("begin", "UPDATE notes SET body = 'u' WHERE user_id = :u", {"u": 3})
+        c.ask("commit", "UPDATE notes SET body = 'v' WHERE user_id = :u", {"u": 3})
+        assert c.ask("doors") == [
+            "async",
+            "async_explicit",
+            "async_transaction",
+            "async_transaction",
+        ]
         assert a.ask("doors") == ["execute", "transaction", "transaction"]
     finally:
         drop_database(s4_url)

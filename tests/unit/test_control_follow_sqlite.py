@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from sqlalchemy import text
+from sqlalchemy import text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shardrouter.control.registry import wait_for_acks
@@ -286,6 +286,8 @@ def test_every_write_door_reaches_the_resolver(
         with RoutedSession(router) as session:
             session.add(_Note(user_id=4, body=None))
             session.commit()
+            session.execute(update(_Note).where(_Note.user_id == 5).values(body="q"))
+            session.commit()
         router.execute("SELECT * FROM notes WHERE user_id = :u", {"u": 1})  # a read: not seen
 
         paths = [r.path for r in seen]
@@ -294,9 +296,10 @@ def test_every_write_door_reaches_the_resolver(
             "transaction",
             "explicit",
             "orm",
+            "orm",
         ], seen
-        shard_of = {u: router.route_key(user_id=u)[0] for u in range(1, 5)}
-        assert [r.shard for r in seen] == [shard_of[u] for u in range(1, 5)]
+        shard_of = {u: router.route_key(user_id=u)[0] for u in range(1, 6)}
+        assert [r.shard for r in seen] == [shard_of[u] for u in range(1, 6)]
     # the async doors: tests/integration/test_control_follow.py (aiosqlite is not installed)
 
 
