@@ -48,7 +48,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from ..core.config import MetaConfig, TopologyConfig, config_from_dict, safe_url
+from ..core.config import MetaConfig, TopologyConfig, _mask_text, config_from_dict, safe_url
 from ..core.topology import Topology
 from ..engine.snapshot import FenceState
 from ..errors import ConfigError, MetaStoreError
@@ -174,19 +174,18 @@ class Follower:
                 self._lost(exc)
                 return
             try:
-                config = self._validate(found)
-                topology = Topology(config)
-            except ConfigError as exc:
-                self.rejected[current] = str(exc)
+                router._install(Topology(self._validate(found)))
+            except Exception as exc:  # invalid here (env, drivers): not applied, not acked
+                problem = exc if isinstance(exc, ConfigError) else _mask_text(f"{exc}")
+                self.rejected[current] = f"{type(exc).__name__}: {problem}"
                 log.error(
                     "router %s: topology version %d not applied, it keeps serving version %d: %s",
                     self.instance_id,
                     current,
                     router.version,
-                    exc,
+                    self.rejected[current],
                 )
             else:
-                router._install(topology)
                 self.fence.acked = current
                 started = time.monotonic()
                 try:

@@ -165,10 +165,18 @@ def test_rejected_version_is_not_applied_nor_acked(
         assert "SHARDROUTER_TEST_UNSET_VAR" in router._follower.rejected[2]
         with pytest.raises(Exception, match="had not acknowledged"):
             report.raise_if_incomplete()
+        # valid as a document, but this process cannot make its engines: not applied either
+        no_driver = copy.deepcopy(raw)
+        no_driver["shards"]["s1"]["primary"] = "mysql+nosuchdriver://app:s3cret@db1/orders"
+        store.push(no_driver, expected=2, comment="a driver this process lacks")
+        wait_until(lambda: 3 in router._follower.rejected)
+        assert "NoSuchModuleError" in router._follower.rejected[3]
+        assert "s3cret" not in router._follower.rejected[3]
+        assert router.version == 1
         # the next valid version is applied
-        store.push(raw, expected=2, comment="fixed")
-        assert wait_for_acks(store, 3, timeout=5).complete
-        assert router.version == 3
+        store.push(raw, expected=3, comment="fixed")
+        assert wait_for_acks(store, 4, timeout=5).complete
+        assert router.version == 4
 
 
 def test_paused_router_blocks_until_its_lease_expires(
