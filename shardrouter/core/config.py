@@ -234,6 +234,16 @@ class MetaConfig(_Model):
         return self
 
 
+class MovingSlotsConfig(_Model):
+    """Slots [start, end) whose placement is changing from ``source`` to ``target`` (written by
+    the resharding workflow, not by hand): while listed, a router whose lease expired refuses
+    writes to them (FencedError), and so does a statement pinned to an older version."""
+
+    slots: tuple[int, int]
+    source: str
+    target: str
+
+
 class TopologyConfig(_Model):
     """The whole placement as written in YAML."""
 
@@ -244,6 +254,7 @@ class TopologyConfig(_Model):
     shards: dict[str, ShardConfig]
     tables: dict[str, TableConfig] = {}
     meta: MetaConfig | None = None
+    moving: tuple[MovingSlotsConfig, ...] = ()
 
     def id_layout(self) -> IdLayout:
         ids = self.ids
@@ -521,6 +532,41 @@ def check(model: TopologyConfig) -> Iterator[str]:
     yield from _check_slots_and_ids(model)
     yield from _check_shards(model)
     yield from _check_tables(model)
+    yield from _check_moving(model)
+
+
+def _check_moving(model: TopologyConfig) -> Iterator[str]:
+    """Moving ranges: inside the slot space, between two known shards, one owning them."""
+    taken: list[tuple[int, int]] = []
+    for i, m in enumerate(model.moving):
+        where = f"moving[{i}]"
+        start, end = m.slots
+        if not 0 <= start < end <= model.slots:
+            yield f"{where}.slots: [{start}, {end}) is not a slot range in [0, {model.slots})"
+            continue
+        for name in (m.source, m.target):
+            if name not in model.shards:
+                yield (
+                    f"{where}: shard {_show(name)} is not in shards"
+                    f" (known: {', '.join(model.shards)})"
+                )
+        if m.source == m.target:
+            yield f"{where}: source and target are both {_show(m.source)}; name two shards"
+        for a, b in taken:
+            if start < b and a < end:
+                yield f"{where}.slots: [{start}, {end}) overlaps moving range [{a}, {b})"
+        taken.append((start, end))
+        owners = {
+            name
+            for name, shard in model.shards.items()
+            for s, e in shard.slots
+            if s < end and start < e
+        }
+        if owners - {m.source, m.target}:
+            yield (
+                f"{where}.slots: [{start}, {end}) is owned by {', '.join(sorted(owners))},"
+                f" not only by its source {m.source} or target {m.target}"
+            )
 
 
 def _check_slots_and_ids(model: TopologyConfig) -> Iterator[str]:
@@ -838,6 +884,7 @@ __all__ = [
     "DatabaseURL",
     "IdConfig",
     "MetaConfig",
+    "MovingSlotsConfig",
     "PoolConfig",
     "SecondaryKeyConfig",
     "ShardConfig",

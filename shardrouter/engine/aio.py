@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Collection, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError, PendingRollbackError
@@ -16,11 +17,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
-from ..core.topology import Topology
+from ..core.config import TopologyConfig, load_config
+from ..core.topology import KeyRule, Topology
 from ..errors import (
     CrossShardTransactionError,
     LockConflictError,
-    RoutingError,
     ShardUnavailableError,
 )
 from ..sql.execution import (
@@ -40,7 +41,7 @@ from ..sql.execution import (
 from ..sql.planner import Planner
 from ..types import ShardId, Slot
 from . import readpool
-from .engines import classify, make_async_engine
+from .engines import AsyncShardEngines, classify
 from .readpool import AsyncReadPool
 from .router import (
     ROLLBACK_TO_SAVEPOINT,
@@ -52,6 +53,9 @@ from .router import (
     multi_part,
     route_key,
 )
+from .snapshot import RoutingSnapshot, SlotRecorder, WriteResolver
+
+AsyncSnapshot = RoutingSnapshot[AsyncShardEngines, AsyncReadPool]
 
 T = TypeVar("T")
 
@@ -79,6 +83,8 @@ class AsyncTransaction:
 
     def __init__(self, router: AsyncRouter) -> None:
         self._router = router
+        self._snap = router._pin()
+        """The routing snapshot this transaction runs under, from its start to its end."""
         self.shard: ShardId | None = None
         self._conn: AsyncConnection | None = None
         self._deferred: list[Job] = []
@@ -107,8 +113,15 @@ class AsyncTransaction:
                 shard=others[0],
             )
 
-    async def _run(self, jobs: Sequence[Job]) -> list[JobResult]:
+    async def _run(
+        self, jobs: Sequence[Job], recorder: SlotRecorder | None = None
+    ) -> list[JobResult]:
         out: list[JobResult] = []
+        resolver = self._router.resolver
+        for job in jobs:  # every write of a statement passes the one resolver
+            if job.kind == "write":
+                slots = recorder.on(job.shard) if recorder is not None else None
+                resolver.write_shard(self._snap, job.shard, "async_transaction", job.role, slots)
         # A statement over several split tables is undone whole if a part fails (see
         # Transaction._undo): a savepoint before its first part.
         marks: list[ShardId] | None = [] if multi_part(jobs) else None
@@ -118,7 +131,7 @@ class AsyncTransaction:
                     self._deferred.append(job)
                     out.append(JobResult((), [], 0))
                 elif job.role == "lookup":
-                    out.append(await self._router._run_job(job))
+                    out.append(await self._router._run_job(job, self._snap))
                 else:
                     out.append(await self._run_bound(job, marks))
         except BaseException as exc:
@@ -143,11 +156,11 @@ class AsyncTransaction:
 
     async def _run_bound(self, job: Job, marks: list[ShardId] | None = None) -> JobResult:
         if job.anywhere and self.shard is None:
-            return await self._router._run_job(job)  # do not bind to a shard for a broadcast read
+            return await self._router._run_job(job, self._snap)  # a broadcast read binds nothing
         if job.anywhere and self.shard is not None and job.shard != self.shard:
             job = replace(job, shard=self.shard)  # a broadcast read: any shard will do
         if self.shard is None:
-            self._conn = await self._router._begin(job.shard)
+            self._conn = await self._router._begin(job.shard, self._snap)
             self.shard = job.shard
         elif job.shard != self.shard:
             raise CrossShardTransactionError(
@@ -161,9 +174,13 @@ class AsyncTransaction:
         self._wrote = self._wrote or job.kind == "write"
         try:
             if marks is not None and not marks:
-                await self._router._bounded(job.shard, _on(self._conn, job.shard, SAVEPOINT))
+                await self._router._bounded(
+                    job.shard, _on(self._conn, job.shard, SAVEPOINT), self._snap
+                )
                 marks.append(job.shard)
-            return await self._router._bounded(job.shard, self._router._stoppable(self._conn, job))
+            return await self._router._bounded(
+                job.shard, self._router._stoppable(self._conn, job), self._snap
+            )
         except ShardUnavailableError as exc:
             # Cancelled mid-statement: its answer may still arrive on this connection, and the
             # next statement would read it as its own. The transaction cannot go on.
@@ -185,7 +202,7 @@ class AsyncTransaction:
             if conn is not None:
                 assert self.shard is not None
                 if isinstance(self._broken, LockConflictError):
-                    await self._router._end(self.shard, conn, False)  # the connection is sound
+                    await self._router._end(self.shard, conn, False, self._snap)  # sound
                     if commit and self._wrote:
                         raise aborted(self.shard, self._broken)
                 elif self._broken is not None:
@@ -193,18 +210,20 @@ class AsyncTransaction:
                     if commit and self._wrote:  # a read-only one loses nothing
                         raise aborted(self.shard, self._broken)
                 else:
-                    await self._router._end(self.shard, conn, commit)
+                    await self._router._end(self.shard, conn, commit, self._snap)
             committed = commit
             if commit and self._deferred:
-                await self._router._gather(self._deferred)
+                await self._router._gather(self._deferred, self._snap)
         finally:
             # Lookup rows written for owners this transaction did not commit are removed
             # (see Transaction._finish).
-            settle = self._ledger.settle(self._router.topology, committed)
+            settle = self._ledger.settle(self._snap.topology, committed)
             try:
-                await self._router._drive(settle, None)
+                await self._router._drive(settle, None, self._snap)
             except Exception as exc:  # best effort: the crash case, which check lookups fixes
                 log.error("transaction end: lookup rows not settled: %s", exc)
+            finally:
+                self._snap.release()
 
 
 async def _on(conn: AsyncConnection, shard: ShardId, sql: str) -> None:
@@ -234,20 +253,106 @@ class AsyncRouter:
         max_offset: int | None = 10_000,
         max_concurrency: int | None = None,
     ) -> None:
-        self.topology = topology
-        self.planner = Planner(topology)
+        self._snap: AsyncSnapshot = RoutingSnapshot(
+            topology, AsyncShardEngines(topology), _explicit_key_rules(topology)
+        )
+        """Everything routing reads, swapped whole between statements (see _install)."""
+        self._swap_lock = threading.Lock()
+        self.resolver = WriteResolver(lambda: self._snap)
+        """The one door of every write (slot -> shard) and the fencing check."""
         self.limits = Limits(allow_scatter_write, max_fanout, max_offset)
         self.max_concurrency = max_concurrency or 4 * max(1, len(topology.shards))
-        self._engines: dict[ShardId, AsyncEngine] = {
-            sid: make_async_engine(spec.primary, spec.pool) for sid, spec in topology.shards.items()
-        }
         self._texts: dict[str, TextClause] = {}
-        self._key_rules = _explicit_key_rules(topology)
-        self._lean: dict[ShardId, AsyncReadPool | Literal[False]] = {}
+        self._doomed: list[AsyncEngine | AsyncReadPool] = []
+        """Engines and lean pools of retired snapshots, disposed on the loop (_dispose_doomed)."""
+        self._disposing: set[asyncio.Task[None]] = set()
+        self._follower: Any = None
 
     @classmethod
     def load(cls, path: str | Path, **options: Any) -> AsyncRouter:
-        return cls(Topology.load(path), **options)
+        """See Router.load: with ``meta:``, the meta store's current version, followed."""
+        return cls.from_config(load_config(path), **options)
+
+    @classmethod
+    def from_config(
+        cls, config: TopologyConfig, *, env: Mapping[str, str] | None = None, **options: Any
+    ) -> AsyncRouter:
+        """See Router.from_config (the follower is a thread here too: it never waits on the
+        event loop, and the loop never waits on the meta store)."""
+        if config.meta is None:
+            return cls(Topology(config), **options)
+        from ..control.follow import Follower
+
+        follower = Follower(config.meta, kind="async", env=env)
+        try:
+            router = cls(follower.initial_topology(), **options)
+            follower.start(router)
+        except BaseException:
+            follower.close()
+            raise
+        return router
+
+    # -- the routing snapshot ---------------------------------------------------------------
+
+    @property
+    def topology(self) -> Topology:
+        return self._snap.topology
+
+    @property
+    def planner(self) -> Planner:
+        return self._snap.planner
+
+    @property
+    def version(self) -> int:
+        """The topology version this router serves."""
+        return self._snap.version
+
+    @property
+    def _key_rules(self) -> Mapping[str, KeyRule]:
+        return self._snap.key_rules
+
+    @property
+    def _lean(self) -> dict[Any, AsyncReadPool | Literal[False]]:
+        return self._snap.lean
+
+    def _pin(self) -> AsyncSnapshot:
+        while True:
+            snap = self._snap
+            if snap.acquire():
+                return snap
+
+    def _install(self, topology: Topology) -> None:
+        """Swap to ``topology`` (see Router._install). Called from the follower's thread: the
+        engines left behind are disposed on the event loop, by the next statement or close()."""
+        with self._swap_lock:
+            old = self._snap
+            engines = AsyncShardEngines(topology, reuse=old.engines)
+            kept = {id(e) for e in engines.all}
+            lean = {e: p for e, p in old.lean.items() if id(e) in kept}
+            new: AsyncSnapshot = RoutingSnapshot(
+                topology, engines, _explicit_key_rules(topology), lean
+            )
+            self._snap = new
+            dropped = old.engines.dropped_by(engines)
+
+        def dispose() -> None:
+            doomed: list[AsyncEngine | AsyncReadPool] = [
+                p for e, p in list(old.lean.items()) if p is not False and new.lean.get(e) is not p
+            ]
+            self._doomed.extend([*doomed, *dropped])
+
+        old.retire(dispose)
+
+    def _dispose_doomed(self) -> None:
+        """Dispose what retired snapshots left (on the running loop, in the background)."""
+        doomed, self._doomed = self._doomed, []
+        for item in doomed:
+            if isinstance(item, AsyncReadPool):
+                item.close()
+            else:
+                task = asyncio.get_running_loop().create_task(item.dispose())
+                self._disposing.add(task)
+                task.add_done_callback(self._disposing.discard)
 
     async def __aenter__(self) -> AsyncRouter:
         return self
@@ -256,33 +361,41 @@ class AsyncRouter:
         await self.close()
 
     async def close(self) -> None:
-        for lean in self._lean.values():
+        if self._follower is not None:
+            self._follower.close()  # stops polling, deregisters
+        self._dispose_doomed()
+        if self._disposing:
+            await asyncio.gather(*self._disposing, return_exceptions=True)
+        for lean in self._snap.lean.values():
             if lean is not False:
                 lean.close()
-        for engine in self._engines.values():
+        for engine in self._snap.engines.all:
             await engine.dispose()
 
-    def _engine(self, shard: ShardId) -> AsyncEngine:
-        try:
-            return self._engines[shard]
-        except KeyError:
-            raise RoutingError(f"shard {shard!r} is not in the topology") from None
+    def _engine(self, shard: ShardId, snap: AsyncSnapshot | None = None) -> AsyncEngine:
+        return (snap or self._snap).engines.primary(shard)
 
     # -- explicit path ----------------------------------------------------------------------
 
     def route_key(self, **key: Any) -> tuple[ShardId, Slot]:
         """(shard, slot) of one sharding key, e.g. ``route_key(user_id=42)``."""
-        return route_key(self.topology, self._key_rules, key)
+        snap = self._snap
+        return route_key(snap.topology, snap.key_rules, key)
 
     @asynccontextmanager
     async def connection(self, **key: Any) -> AsyncIterator[AsyncShardConnection]:
         """An AsyncConnection on the key's shard inside a transaction (committed on success)."""
-        shard, slot = self.route_key(**key)
+        snap = self._pin()
         try:
-            async with self._engine(shard).begin() as conn:
-                yield AsyncShardConnection(conn, self.topology, shard, slot)
-        except (DBAPIError, PoolTimeoutError) as exc:
-            raise classify(exc, shard) from exc
+            _, slot = route_key(snap.topology, snap.key_rules, key)
+            shard = self.resolver.write_slot(snap, slot, "async_explicit", "explicit")
+            try:
+                async with snap.engines.primary(shard).begin() as conn:
+                    yield AsyncShardConnection(conn, snap.topology, shard, slot)
+            except (DBAPIError, PoolTimeoutError) as exc:
+                raise classify(exc, shard) from exc
+        finally:
+            snap.release()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncTransaction]:
@@ -326,19 +439,40 @@ class AsyncRouter:
         txn: AsyncTransaction | None,
     ) -> ResultSet:
         sql, bound = _sql_and_params(statement, params)
-        plan = self.planner.plan(sql)
-        bind = txn.bind if txn is not None else None
-        ledger = txn._ledger if txn is not None else None
-        return await self._drive(run(self.topology, plan, bound, self.limits, bind, ledger), txn)
+        if self._doomed:
+            self._dispose_doomed()
+        snap = txn._snap if txn is not None else self._pin()
+        try:
+            plan = snap.planner.plan(sql)
+            bind = txn.bind if txn is not None else None
+            ledger = txn._ledger if txn is not None else None
+            topology = snap.topology
+            recorder = None
+            if snap.moving or self._snap.moving:  # the resolver checks each write's slots
+                recorder = SlotRecorder(topology)
+                topology = cast(Topology, recorder)
+            step = run(topology, plan, bound, self.limits, bind, ledger)
+            return await self._drive(step, txn, snap, recorder)
+        finally:
+            if txn is None:
+                snap.release()
 
     async def _drive(
-        self, step: Generator[list[Job], list[JobResult], T], txn: AsyncTransaction | None
+        self,
+        step: Generator[list[Job], list[JobResult], T],
+        txn: AsyncTransaction | None,
+        snap: AsyncSnapshot,
+        recorder: SlotRecorder | None = None,
     ) -> T:
         try:
             jobs = next(step)
             while True:
                 try:
-                    results = await (txn._run(jobs) if txn is not None else self._gather(jobs))
+                    results = await (
+                        txn._run(jobs, recorder)
+                        if txn is not None
+                        else self._gather(jobs, snap, True, recorder)
+                    )
                 except Exception as exc:
                     jobs = step.throw(exc)  # the step may clean up what it wrote first
                 else:
@@ -347,16 +481,27 @@ class AsyncRouter:
             result: T = stop.value
             return result
 
-    async def _gather(self, jobs: Sequence[Job]) -> list[JobResult]:
+    async def _gather(
+        self,
+        jobs: Sequence[Job],
+        snap: AsyncSnapshot,
+        resolve: bool = False,
+        recorder: SlotRecorder | None = None,
+    ) -> list[JobResult]:
+        if resolve:
+            for job in jobs:  # every write of a statement passes the one resolver
+                if job.kind == "write":
+                    slots = recorder.on(job.shard) if recorder is not None else None
+                    self.resolver.write_shard(snap, job.shard, "async", job.role, slots)
         if len(jobs) == 1:
-            return [await self._run_job(jobs[0])]
+            return [await self._run_job(jobs[0], snap)]
         if all(j.kind == "write" and j.role == "statement" for j in jobs):
-            return await self._write_together(jobs)
+            return await self._write_together(jobs, snap)
         limit = asyncio.Semaphore(self.max_concurrency)
 
         async def bounded(job: Job) -> JobResult:
             async with limit:
-                return await self._run_job(job)
+                return await self._run_job(job, snap)
 
         # Wait for every job (no task left running behind the caller); first error wins.
         results = await asyncio.gather(*(bounded(j) for j in jobs), return_exceptions=True)
@@ -365,7 +510,7 @@ class AsyncRouter:
                 raise r
         return [r for r in results if isinstance(r, JobResult)]
 
-    async def _write_together(self, jobs: Sequence[Job]) -> list[JobResult]:
+    async def _write_together(self, jobs: Sequence[Job], snap: AsyncSnapshot) -> list[JobResult]:
         """Every shard's part in its own open transaction, one after the other in sorted
         shard order (a global lock order: see Router._write_together); all commit or all roll
         back."""
@@ -375,13 +520,13 @@ class AsyncRouter:
         try:
             for index in sorted(range(len(jobs)), key=lambda i: jobs[i].shard):
                 job = jobs[index]
-                conn = await self._begin(job.shard)
+                conn = await self._begin(job.shard, snap)
                 conns.append((job.shard, conn))
-                results[index] = await self._bounded(job.shard, self._stoppable(conn, job))
+                results[index] = await self._bounded(job.shard, self._stoppable(conn, job), snap)
         except BaseException as exc:  # cancelled too: every begun part is still ended
             error = exc
         ends = await asyncio.gather(
-            *(self._end(shard, conn, error is None) for shard, conn in conns),
+            *(self._end(shard, conn, error is None, snap) for shard, conn in conns),
             return_exceptions=True,
         )
         error = error or next((r for r in ends if isinstance(r, BaseException)), None)
@@ -389,11 +534,13 @@ class AsyncRouter:
             raise error
         return [results[i] for i in range(len(jobs))]
 
-    async def _bounded(self, shard: ShardId, step: Awaitable[T]) -> T:
+    async def _bounded(
+        self, shard: ShardId, step: Awaitable[T], snap: AsyncSnapshot | None = None
+    ) -> T:
         """``step`` within the shard's query_timeout_s: the async drivers have no read timeout,
         so a shard that stops answering (SIGSTOP, a dead host) fails here as it does for the
         sync router, instead of hanging the caller forever."""
-        timeout = self.topology.shards[shard].pool.query_timeout_s
+        timeout = (snap or self._snap).topology.shards[shard].pool.query_timeout_s
         try:
             async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
                 return await step
@@ -404,18 +551,18 @@ class AsyncRouter:
                 shard=shard,
             ) from None
 
-    async def _begin(self, shard: ShardId) -> AsyncConnection:
+    async def _begin(self, shard: ShardId, snap: AsyncSnapshot) -> AsyncConnection:
         """A primary connection of ``shard`` with a transaction begun, within the timeout."""
         conn: AsyncConnection | None = None
 
         async def begin() -> AsyncConnection:
             nonlocal conn
-            conn = await self._engine(shard).connect()
+            conn = await snap.engines.primary(shard).connect()
             await conn.begin()
             return conn
 
         try:
-            return await self._bounded(shard, begin())
+            return await self._bounded(shard, begin(), snap)
         except (DBAPIError, PoolTimeoutError, OSError) as exc:
             if conn is not None:
                 await self._discard(conn)
@@ -425,16 +572,18 @@ class AsyncRouter:
                 await self._discard(conn)
             raise
 
-    async def _end(self, shard: ShardId, conn: AsyncConnection, commit: bool) -> None:
+    async def _end(
+        self, shard: ShardId, conn: AsyncConnection, commit: bool, snap: AsyncSnapshot
+    ) -> None:
         """Commit or roll back, then return the connection, each within the timeout. A
         connection that did not finish is invalidated (its state is unknown), never pooled;
         only a failed commit raises: a failed rollback or close loses nothing, the server
         rolls back what a dropped connection leaves open."""
         done = False
         try:
-            await self._bounded(shard, conn.commit() if commit else conn.rollback())
+            await self._bounded(shard, conn.commit() if commit else conn.rollback(), snap)
             done = True
-            await self._bounded(shard, conn.close())
+            await self._bounded(shard, conn.close(), snap)
         except Exception as exc:
             await self._discard(conn)
             if commit and not done:
@@ -478,16 +627,16 @@ class AsyncRouter:
         except PendingRollbackError as exc:
             raise aborted(job.shard, exc) from exc
 
-    async def _run_job(self, job: Job) -> JobResult:
-        return await self._bounded(job.shard, self._run_job_unbounded(job))
+    async def _run_job(self, job: Job, snap: AsyncSnapshot) -> JobResult:
+        return await self._bounded(job.shard, self._run_job_unbounded(job, snap), snap)
 
-    async def _run_job_unbounded(self, job: Job) -> JobResult:
-        engine = self._engine(job.shard)
+    async def _run_job_unbounded(self, job: Job, snap: AsyncSnapshot) -> JobResult:
+        engine = snap.engines.primary(job.shard)
         if job.kind == "read" and not isinstance(job.statement, Executable):
-            lean = self._lean.get(job.shard)
+            lean = snap.lean.get(engine)
             if lean is None:
-                lean = self._lean[job.shard] = (
-                    AsyncReadPool(engine, job.shard, self.topology.shards[job.shard].pool)
+                lean = snap.lean[engine] = (
+                    AsyncReadPool(engine, job.shard, snap.topology.shards[job.shard].pool)
                     if readpool.supported(engine)
                     else False
                 )

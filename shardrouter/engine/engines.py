@@ -98,14 +98,26 @@ class ShardEngines:
     succeeds; the dead shard's engine fails when first used.
     """
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, reuse: ShardEngines | None = None) -> None:
+        """``reuse``: the engines of a previous version; an engine whose URL and pool settings
+        are unchanged is taken over rather than made again (a new topology version rebuilds
+        only what changed, see shardrouter.engine.snapshot)."""
         self.topology = topology
         self._primary: dict[ShardId, Engine] = {}
         self._replicas: dict[ShardId, tuple[Engine, ...]] = {}
         self._next_replica: dict[ShardId, Iterator[Engine]] = {}
+        self._by_key: dict[tuple[str, PoolConfig], Engine] = {}
+        old = reuse._by_key if reuse is not None else {}
+
+        def make(url: URL, spec: ShardSpec) -> Engine:
+            key = (url.render_as_string(hide_password=False), spec.pool)
+            engine = self._by_key.get(key) or old.get(key) or _make(url, spec)
+            self._by_key[key] = engine
+            return engine
+
         for sid, spec in topology.shards.items():
-            self._primary[sid] = _make(spec.primary, spec)
-            replicas = tuple(_make(url, spec) for url in spec.replicas)
+            self._primary[sid] = make(spec.primary, spec)
+            replicas = tuple(make(url, spec) for url in spec.replicas)
             self._replicas[sid] = replicas
             if replicas:
                 self._next_replica[sid] = itertools.cycle(replicas)
@@ -128,12 +140,50 @@ class ShardEngines:
     def primaries(self) -> Mapping[ShardId, Engine]:
         return dict(self._primary)
 
+    @property
+    def all(self) -> list[Engine]:
+        """Every engine, each once."""
+        return list(self._by_key.values())
+
+    def dropped_by(self, new: ShardEngines) -> list[Engine]:
+        """The engines of this set that ``new`` does not take over."""
+        kept = {id(e) for e in new._by_key.values()}
+        return [e for e in self._by_key.values() if id(e) not in kept]
+
     def dispose(self) -> None:
-        for engine in self._primary.values():
+        for engine in self._by_key.values():
             engine.dispose()
-        for replicas in self._replicas.values():
-            for engine in replicas:
-                engine.dispose()
+
+
+class AsyncShardEngines:
+    """The async primary engines of every shard (the AsyncRouter reads from primaries), with
+    the same take-over of unchanged engines as ShardEngines."""
+
+    def __init__(self, topology: Topology, reuse: AsyncShardEngines | None = None) -> None:
+        self.topology = topology
+        self._primary: dict[ShardId, AsyncEngine] = {}
+        self._by_key: dict[tuple[str, PoolConfig], AsyncEngine] = {}
+        old = reuse._by_key if reuse is not None else {}
+        for sid, spec in topology.shards.items():
+            key = (spec.primary.render_as_string(hide_password=False), spec.pool)
+            engine = self._by_key.get(key) or old.get(key)
+            if engine is None:
+                engine = make_async_engine(spec.primary, spec.pool)
+            self._primary[sid] = self._by_key[key] = engine
+
+    def primary(self, shard: ShardId) -> AsyncEngine:
+        try:
+            return self._primary[shard]
+        except KeyError:
+            raise RoutingError(f"shard {shard!r} is not in the topology") from None
+
+    @property
+    def all(self) -> list[AsyncEngine]:
+        return list(self._by_key.values())
+
+    def dropped_by(self, new: AsyncShardEngines) -> list[AsyncEngine]:
+        kept = {id(e) for e in new._by_key.values()}
+        return [e for e in self._by_key.values() if id(e) not in kept]
 
 
 def _make(url: URL, spec: ShardSpec) -> Engine:
@@ -170,6 +220,7 @@ def make_async_engine(url: URL, pool: PoolConfig) -> AsyncEngine:
 
 __all__ = [
     "UNAVAILABLE_ERRNOS",
+    "AsyncShardEngines",
     "ShardEngines",
     "async_url",
     "classify",

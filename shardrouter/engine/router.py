@@ -9,7 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from sqlalchemy import Connection, Engine, Select, TextClause, literal_column, text
 from sqlalchemy.dialects import mysql
@@ -18,6 +18,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
+from ..core.config import TopologyConfig, load_config
 from ..core.topology import KeyRule, Topology
 from ..errors import (
     CrossShardTransactionError,
@@ -48,6 +49,9 @@ from ..types import ShardId, Slot
 from . import readpool, xa
 from .engines import DEADLOCK_ERRNO, ShardEngines, classify
 from .readpool import ReadPool
+from .snapshot import RoutingSnapshot, SlotRecorder, WriteResolver
+
+Snapshot = RoutingSnapshot[ShardEngines, ReadPool]
 
 _NAMED_MYSQL = mysql.dialect(paramstyle="named")
 T = TypeVar("T")
@@ -85,13 +89,27 @@ class _Runner:
         self.sticky = sticky
         """Once this runner wrote, its reads stay on primaries (read-your-writes)."""
         self.wrote = False
+        self.recorder: SlotRecorder | None = None
+        """The slots the current statement routed, while moving ranges exist (resolver)."""
 
-    def drive(self, step: Generator[list[Job], list[JobResult], T]) -> T:
+    def drive(
+        self, step: Generator[list[Job], list[JobResult], T], snap: Snapshot | None = None
+    ) -> T:
+        """Run ``step``'s jobs under ``snap`` (None: the router's current snapshot, pinned
+        for the whole step; a transaction's runner uses the transaction's)."""
+        if snap is None:
+            snap = self._own_snapshot()
+            if snap is None:
+                pinned = self.router._pin()
+                try:
+                    return self.drive(step, pinned)
+                finally:
+                    pinned.release()
         try:
             jobs = next(step)
             while True:
                 try:
-                    results = self.run(jobs)
+                    results = self.run(jobs, snap)
                 except Exception as exc:
                     # The step learns of the failure (and may clean up what it wrote first).
                     jobs = step.throw(exc)
@@ -101,6 +119,9 @@ class _Runner:
             result: T = stop.value
             return result
 
+    def _own_snapshot(self) -> Snapshot | None:
+        return self.transaction._snap if self.transaction is not None else None
+
     @property
     def bind(self) -> Bind | None:
         return self.transaction.bind if self.transaction is not None else None
@@ -109,8 +130,23 @@ class _Runner:
     def ledger(self) -> LookupLedger | None:
         return self.transaction._ledger if self.transaction is not None else None
 
-    def run(self, jobs: Sequence[Job]) -> list[JobResult]:
+    def run(self, jobs: Sequence[Job], snap: Snapshot | None = None) -> list[JobResult]:
+        if snap is None:
+            snap = self._own_snapshot()
+            if snap is None:
+                pinned = self.router._pin()
+                try:
+                    return self.run(jobs, pinned)
+                finally:
+                    pinned.release()
         txn = self.transaction
+        resolver = self.router.resolver
+        recorder = self.recorder
+        for job in jobs:  # every write of a statement passes the one resolver
+            if job.kind == "write":
+                slots = recorder.on(job.shard) if recorder is not None else None
+                path = "transaction" if txn else "execute"
+                resolver.write_shard(snap, job.shard, path, job.role, slots)
         if txn is not None:
             out: list[JobResult] = []
             marks: list[ShardId] | None = [] if multi_part(jobs) else None
@@ -120,7 +156,7 @@ class _Runner:
                         self.deferred.append(job)  # only once the owner's delete has committed
                         out.append(JobResult((), [], 0))
                     elif job.role == "lookup":
-                        out.append(self.router._run_job(job))
+                        out.append(self.router._run_job(job, False, snap))
                     else:
                         out.append(txn._run(job, marks))
             except BaseException as exc:
@@ -132,10 +168,10 @@ class _Runner:
         if any(job.kind == "write" for job in jobs):
             self.wrote = True
         if len(jobs) == 1:
-            return [self.router._run_job(jobs[0], replica)]
+            return [self.router._run_job(jobs[0], replica, snap)]
         if all(j.kind == "write" and j.role == "statement" for j in jobs):
-            return self.router._write_together(jobs)
-        return self.router._fan_out(jobs, replica)
+            return self.router._write_together(jobs, snap)
+        return self.router._fan_out(jobs, replica, snap)
 
 
 class Transaction:
@@ -156,6 +192,8 @@ class Transaction:
 
     def __init__(self, router: Router) -> None:
         self._router = router
+        self._snap = router._pin()
+        """The routing snapshot this transaction runs under, from its start to its end."""
         self._xa = router.xa
         self._gtrid = xa.new_gtrid() if router.xa else ""
         self._branches: dict[ShardId, Connection] = {}
@@ -208,7 +246,7 @@ class Transaction:
         if job.anywhere and bound is None:
             # A broadcast read before anything else: answering it must not bind the
             # transaction to a shard its writes may not need.
-            return self._router._run_job(job)
+            return self._router._run_job(job, False, self._snap)
         if job.anywhere and bound is not None and job.shard not in self._branches:
             job = replace(job, shard=bound)  # a broadcast read: any shard will do
         conn = self._branches.get(job.shard)
@@ -220,7 +258,7 @@ class Transaction:
                     " its items share the user's shard), or configure Router(xa=True)",
                     shard=job.shard,
                 )
-            engine = self._router.engines.primary(job.shard)
+            engine = self._snap.engines.primary(job.shard)
             # The first branch decides (see shardrouter.engine.xa); the xid names it, checked here,
             # before a connection is taken.
             decider = self.shard or job.shard
@@ -279,9 +317,13 @@ class Transaction:
         finally:
             # Lookup rows written for owners this transaction did not commit are removed.
             try:
-                _Runner(self._router).drive(self._ledger.settle(self._router.topology, committed))
+                _Runner(self._router).drive(
+                    self._ledger.settle(self._snap.topology, committed), self._snap
+                )
             except Exception as exc:  # best effort: the crash case, which check lookups fixes
                 log.error("transaction end: lookup rows not settled: %s", exc)
+            finally:
+                self._snap.release()
 
     def _end(self, commit: bool) -> None:
         branches = self._branches
@@ -289,7 +331,7 @@ class Transaction:
         try:
             if self._xa and branches:
                 # The decision goes to the first branch's shard, which every xid names.
-                decider = self._router.engines.primary(next(iter(branches)))
+                decider = self._snap.engines.primary(next(iter(branches)))
                 if commit and self._broken is not None:
                     # A branch is gone or was rolled back by its server: refused before any
                     # XA PREPARE (a prepared branch would hold its locks until recover_xa()).
@@ -332,7 +374,7 @@ class Transaction:
                     conn.invalidate()  # its XA state is unknown: the server ends it
                 conn.close()
         if commit and self._runner.deferred:
-            self._router._fan_out(self._runner.deferred)
+            self._router._fan_out(self._runner.deferred, False, self._snap)
 
 
 class Scope:
@@ -367,22 +409,111 @@ class Router:
         xa: bool = False,
         replica_reads: bool = True,
     ) -> None:
-        self.topology = topology
         self.xa = xa
         self.replica_reads = replica_reads
-        self.engines = engines or ShardEngines(topology)
-        self.planner = Planner(topology)
+        self._snap: Snapshot = RoutingSnapshot(
+            topology, engines or ShardEngines(topology), _explicit_key_rules(topology)
+        )
+        """Everything routing reads, swapped whole between statements (see _install)."""
+        self._swap_lock = threading.Lock()
+        self.resolver = WriteResolver(lambda: self._snap)
+        """The one door of every write (slot -> shard) and the fencing check."""
         self.limits = Limits(allow_scatter_write, max_fanout, max_offset)
         workers = max_concurrency or min(32, 4 * max(1, len(topology.shards)))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardrouter")
         self._texts: OrderedDict[str, TextClause] = OrderedDict()
-        self._cache_lock = threading.Lock()  # guards _texts and _lean
-        self._key_rules = _explicit_key_rules(topology)
-        self._lean: dict[Engine, ReadPool | Literal[False]] = {}
+        self._cache_lock = threading.Lock()  # guards _texts and the lean pools
+        self._follower: Any = None
 
     @classmethod
     def load(cls, path: str | Path, **options: Any) -> Router:
-        return cls(Topology.load(path), **options)
+        """A router over the topology file ``path``; with a ``meta:`` section, over the meta
+        store's current version, following it (see from_config)."""
+        return cls.from_config(load_config(path), **options)
+
+    @classmethod
+    def from_config(
+        cls, config: TopologyConfig, *, env: Mapping[str, str] | None = None, **options: Any
+    ) -> Router:
+        """A router over ``config``. Without ``meta:``, exactly Router(Topology(config)).
+        With ``meta:`` the file only says where the meta store is: the router serves the
+        store's current version, registers in it, and follows new versions on a background
+        thread (shardrouter.control.follow); ``env`` expands the stored ``${VAR}``s."""
+        if config.meta is None:
+            return cls(Topology(config), **options)
+        from ..control.follow import Follower
+
+        follower = Follower(config.meta, kind="sync", env=env)
+        try:
+            topology = follower.initial_topology()
+        except BaseException:
+            follower.close()
+            raise
+        router = cls(topology, **options)
+        try:
+            follower.start(router)
+        except BaseException:
+            router.close()  # and the follower with it
+            raise
+        return router
+
+    # -- the routing snapshot ---------------------------------------------------------------
+
+    @property
+    def topology(self) -> Topology:
+        return self._snap.topology
+
+    @property
+    def engines(self) -> ShardEngines:
+        return self._snap.engines
+
+    @property
+    def planner(self) -> Planner:
+        return self._snap.planner
+
+    @property
+    def version(self) -> int:
+        """The topology version this router serves."""
+        return self._snap.version
+
+    @property
+    def _key_rules(self) -> Mapping[str, KeyRule]:
+        return self._snap.key_rules
+
+    @property
+    def _lean(self) -> dict[Engine, ReadPool | Literal[False]]:
+        return self._snap.lean
+
+    def _pin(self) -> Snapshot:
+        """The current snapshot, held until ``release()``: a swap never disposes what a
+        statement still uses."""
+        while True:
+            snap = self._snap
+            if snap.acquire():
+                return snap
+
+    def _install(self, topology: Topology) -> None:
+        """Swap to ``topology`` between statements: one attribute assignment. Engines (and
+        their lean pools) of shards whose URLs and pool settings did not change are taken
+        over; the rest are disposed once no statement holds the old snapshot."""
+        with self._swap_lock:
+            old = self._snap
+            engines = ShardEngines(topology, reuse=old.engines)
+            kept = {id(e) for e in engines.all}
+            with self._cache_lock:
+                lean = {e: p for e, p in old.lean.items() if id(e) in kept}
+            new: Snapshot = RoutingSnapshot(topology, engines, _explicit_key_rules(topology), lean)
+            self._snap = new
+            dropped = old.engines.dropped_by(engines)
+
+        def dispose() -> None:
+            for engine, pool in list(old.lean.items()):
+                if pool is not False and new.lean.get(engine) is not pool:
+                    pool.close()
+            for engine in dropped:
+                engine.dispose()
+
+        old.retire(dispose)
 
     def __enter__(self) -> Router:
         return self
@@ -391,6 +522,8 @@ class Router:
         self.close()
 
     def close(self) -> None:
+        if self._follower is not None:
+            self._follower.close()  # stops polling, deregisters
         self._pool.shutdown(wait=True)
         for lean in self._lean.values():
             if lean is not False:
@@ -405,26 +538,24 @@ class Router:
             raise RoutingError(
                 f"give exactly one sharding key (e.g. user_id=42), got {sorted(key)}"
             )
-        ((column, value),) = key.items()
-        rule = self._key_rules.get(column)
-        if rule is None:
-            raise RoutingError(
-                f"{column} is not a sharding column of any table"
-                f" (known: {', '.join(sorted(self._key_rules))})"
-            )
-        slot = rule.slot(value)
-        return self.topology.shard_of_slot(slot), slot
+        snap = self._snap
+        return route_key(snap.topology, snap.key_rules, key)
 
     @contextmanager
     def connection(self, **key: Any) -> Iterator[ShardConnection]:
         """A Connection on the key's shard inside a transaction (committed on success)."""
-        shard, slot = self.route_key(**key)
-        engine = self.engines.primary(shard)
+        snap = self._pin()
         try:
-            with engine.begin() as conn:
-                yield ShardConnection(conn, self.topology, shard, slot)
-        except (DBAPIError, PoolTimeoutError) as exc:
-            raise classify(exc, shard) from exc
+            _, slot = route_key(snap.topology, snap.key_rules, key)
+            shard = self.resolver.write_slot(snap, slot, "explicit", "explicit")
+            engine = snap.engines.primary(shard)
+            try:
+                with engine.begin() as conn:
+                    yield ShardConnection(conn, snap.topology, shard, slot)
+            except (DBAPIError, PoolTimeoutError) as exc:
+                raise classify(exc, shard) from exc
+        finally:
+            snap.release()
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
@@ -473,10 +604,21 @@ class Router:
         self, statement: str | Executable, params: Mapping[str, Any] | None, runner: _Runner
     ) -> ResultSet:
         sql, bound = _sql_and_params(statement, params)
-        plan = self.planner.plan(sql)
-        return runner.drive(
-            run(self.topology, plan, bound, self.limits, runner.bind, runner.ledger)
-        )
+        txn = runner.transaction
+        snap = txn._snap if txn is not None else self._pin()
+        try:
+            plan = snap.planner.plan(sql)
+            topology = snap.topology
+            runner.recorder = None
+            if snap.moving or self._snap.moving:  # the resolver checks each write's slots
+                runner.recorder = SlotRecorder(topology)
+                topology = cast(Topology, runner.recorder)
+            return runner.drive(
+                run(topology, plan, bound, self.limits, runner.bind, runner.ledger), snap
+            )
+        finally:
+            if txn is None:
+                snap.release()
 
     def page(
         self,
@@ -536,15 +678,16 @@ class Router:
         except PendingRollbackError as exc:
             raise aborted(job.shard, exc) from exc
 
-    def _run_job(self, job: Job, replica: bool = False) -> JobResult:
+    def _run_job(self, job: Job, replica: bool = False, snap: Snapshot | None = None) -> JobResult:
+        snap = snap or self._snap
         if replica and job.kind == "read":
-            engine = self.engines.reader(job.shard)
+            engine = snap.engines.reader(job.shard)
         else:
-            engine = self.engines.primary(job.shard)
+            engine = snap.engines.primary(job.shard)
         if job.kind == "read" and not isinstance(job.statement, Executable):
-            lean = self._lean.get(engine)
+            lean = snap.lean.get(engine)
             if lean is None:
-                lean = self._lean_pool(engine, job.shard)
+                lean = self._lean_pool(engine, job.shard, snap)
             if lean is not False:
                 return lean.run(job.statement, job.params, job.lazy)  # type: ignore[arg-type]
         try:
@@ -557,19 +700,21 @@ class Router:
         except (DBAPIError, PoolTimeoutError) as exc:
             raise classify(exc, job.shard) from exc
 
-    def _lean_pool(self, engine: Engine, shard: ShardId) -> ReadPool | Literal[False]:
+    def _lean_pool(
+        self, engine: Engine, shard: ShardId, snap: Snapshot
+    ) -> ReadPool | Literal[False]:
         """The lean read pool of an engine (see shardrouter.engine.readpool), made on first use;
         False for engines whose driver it does not support (SQLite, other drivers)."""
         with self._cache_lock:
-            lean = self._lean.get(engine)
+            lean = snap.lean.get(engine)
             if lean is None:
                 ok = readpool.supported(engine)
-                lean = self._lean[engine] = (
-                    ReadPool(engine, shard, self.topology.shards[shard].pool) if ok else False
+                lean = snap.lean[engine] = (
+                    ReadPool(engine, shard, snap.topology.shards[shard].pool) if ok else False
                 )
             return lean
 
-    def _write_together(self, jobs: Sequence[Job]) -> list[JobResult]:
+    def _write_together(self, jobs: Sequence[Job], snap: Snapshot) -> list[JobResult]:
         """One write on several shards: every shard's part runs in its own open transaction,
         and all commit only if every part succeeded, else all roll back. An error on one shard
         (a duplicate key, a dead shard) leaves no part applied; only a crash between the
@@ -588,7 +733,7 @@ class Router:
             for index in sorted(range(len(jobs)), key=lambda i: jobs[i].shard):
                 job = jobs[index]
                 try:
-                    conn = self.engines.primary(job.shard).connect()
+                    conn = snap.engines.primary(job.shard).connect()
                 except (DBAPIError, PoolTimeoutError) as exc:
                     raise classify(exc, job.shard) from exc
                 conns.append(conn)
@@ -609,14 +754,17 @@ class Router:
             raise error
         return [results[i] for i in range(len(jobs))]
 
-    def _fan_out(self, jobs: Sequence[Job], replica: bool = False) -> list[JobResult]:
+    def _fan_out(
+        self, jobs: Sequence[Job], replica: bool = False, snap: Snapshot | None = None
+    ) -> list[JobResult]:
+        snap = snap or self._snap
         futures: list[Future[JobResult]] = [
-            self._pool.submit(self._run_job, j, replica) for j in jobs[1:]
+            self._pool.submit(self._run_job, j, replica, snap) for j in jobs[1:]
         ]
         results: list[JobResult] = []
         first_error: BaseException | None = None
         try:  # the caller's thread takes the first job instead of idling on a future
-            results.append(self._run_job(jobs[0], replica))
+            results.append(self._run_job(jobs[0], replica, snap))
         except BaseException as exc:  # re-raised below, once the others are done
             first_error = exc
         for future in futures:  # wait for all: no job is left running behind the caller

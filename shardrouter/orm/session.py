@@ -150,7 +150,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from ..core.strategies import LookupStrategy
 from ..core.topology import TableRule, Topology
-from ..engine.router import Router, _Runner, _sql_and_params
+from ..engine.router import Router, Snapshot, _Runner, _sql_and_params
 from ..errors import (
     FanoutLimitError,
     KeyValueError,
@@ -229,10 +229,10 @@ class _MappedTable:
 class _Routing:
     """What every session of one router shares: placements, binds, mapped tables, the hook."""
 
-    def __init__(self, router: Router) -> None:
-        # No reference to the router itself: this is the value of a WeakKeyDictionary keyed
-        # by the router, so holding it would keep every router alive.
-        topology = router.topology
+    def __init__(self, snap: Snapshot) -> None:
+        # No reference to the snapshot itself: this is the value of a WeakKeyDictionary keyed
+        # by the router's routing snapshot, so holding it would keep every version alive.
+        topology = snap.topology
         self.topology: Topology = topology
         split_tables = [t for t in topology.tables.values() if t.split > 1]
         widest = max((t.split for t in split_tables), default=1)
@@ -261,7 +261,7 @@ class _Routing:
                 tokens.append(token)
             self._split[shard] = tuple(tokens)
         self.binds: dict[str, Engine] = {
-            token: router.engines.primary(p.shard) for token, p in self.placements.items()
+            token: snap.engines.primary(p.shard) for token, p in self.placements.items()
         }
         self._mapped: dict[Mapper[Any], _MappedTable] = {}
         self._lock = threading.Lock()
@@ -348,15 +348,17 @@ class _Routing:
         return found
 
 
-_routings: weakref.WeakKeyDictionary[Router, _Routing] = weakref.WeakKeyDictionary()
+_routings: weakref.WeakKeyDictionary[Snapshot, _Routing] = weakref.WeakKeyDictionary()
 _routings_lock = threading.Lock()
 
 
-def _routing_for(router: Router) -> _Routing:
+def _routing_for(snap: Snapshot) -> _Routing:
+    """The routing of one snapshot of a router (one per topology version), shared by every
+    session made under it."""
     with _routings_lock:
-        routing = _routings.get(router)
+        routing = _routings.get(snap)
         if routing is None:
-            routing = _routings[router] = _Routing(router)
+            routing = _routings[snap] = _Routing(snap)
         return routing
 
 
@@ -401,7 +403,13 @@ class RoutedSession(ShardedSession):
     """
 
     def __init__(self, router: Router, **kw: Any) -> None:
-        routing = _routing_for(router)
+        # The session routes by the router's snapshot of the moment it is made, for its whole
+        # life (a new topology version reaches the next session); the snapshot's engines stay
+        # until the session is gone. Keep sessions short: one per unit of work.
+        snap = router._pin()
+        weakref.finalize(self, snap.release)
+        self._snap = snap
+        routing = _routing_for(snap)
         super().__init__(
             shard_chooser=self._choose_shard,
             identity_chooser=self._choose_identity,
@@ -512,6 +520,7 @@ class RoutedSession(ShardedSession):
             # Broadcast tables and missing keys fail here, before anything is written; and a
             # token left from an earlier failed flush is replaced (the key may have changed).
             state.identity_token = self._token_of_new(info, state)
+            self._resolve(info, state)
             self._check_secondaries(info, state)
             lookups.extend(self._lookup_rows(info, state))
         for obj in self.dirty:
@@ -519,6 +528,7 @@ class RoutedSession(ShardedSession):
             info = routing.mapped(state.mapper)
             if info.rule.primary is None:
                 self._token_of_new(info, state)  # refuses broadcast writes
+            self._resolve(info, state)
             for column_name, key in info.attrs.items():
                 if state.attrs[key].history.has_changes():
                     raise UnsupportedQueryError(
@@ -532,6 +542,7 @@ class RoutedSession(ShardedSession):
             info = routing.mapped(state.mapper)
             if info.rule.primary is None:
                 self._token_of_new(info, state)
+            self._resolve(info, state)
             cleanups.extend(self._lookup_rows(info, state, deleting=True))
         written = self._write_lookups(lookups) if lookups else Written()
         # A flush's deletes count before its writes: the only lookup row both name is that of
@@ -539,6 +550,13 @@ class RoutedSession(ShardedSession):
         # one UPDATE (SQLAlchemy's row switch): the row keeps it.
         self._ledger.remove(cleanups)
         self._ledger.add(written, doubtful=False)
+
+    def _resolve(self, info: _MappedTable, state: InstanceState[Any]) -> None:
+        """The flush's write of ``state`` passes the router's write resolver (fencing)."""
+        rule = info.rule.primary
+        assert rule is not None
+        slot = rule.slot(info.value(state, rule.column))
+        self.router.resolver.write_slot(self._snap, slot, "orm", "orm")
 
     def _check_secondaries(self, info: _MappedTable, state: InstanceState[Any]) -> None:
         """Functional secondary keys must route to the row's slot, or reads by them miss it."""
@@ -608,7 +626,9 @@ class RoutedSession(ShardedSession):
         doubtful."""
         written = Written()
         try:
-            _Runner(self.router).drive(write_lookups(self.router.topology, rows, written))
+            _Runner(self.router).drive(
+                write_lookups(self._snap.topology, rows, written), self._snap
+            )
         except Exception:
             self._ledger.add(Written(written.created), doubtful=True)
             raise
@@ -628,7 +648,9 @@ class RoutedSession(ShardedSession):
             # would hide it from reads by the lookup key).
             committed, self._committed = self._committed, False
             try:
-                _Runner(self.router).drive(self._ledger.settle(self.router.topology, committed))
+                _Runner(self.router).drive(
+                    self._ledger.settle(self._snap.topology, committed), self._snap
+                )
             except Exception as exc:
                 log.error("session end: lookup rows not settled: %s", exc)
 
@@ -676,7 +698,7 @@ class RoutedSession(ShardedSession):
         """Plan ``stmt`` with the router's planner: compiled to MySQL, values bound."""
         params = ctx.parameters if isinstance(ctx.parameters, Mapping) else None
         sql, values = _sql_and_params(stmt, params)
-        return self.router.planner.plan(sql), dict(values)
+        return self._snap.planner.plan(sql), dict(values)
 
     def _key_tokens(self, plan: Plan, values: Mapping[str, Any]) -> list[str] | None:
         """The placements named by the cheapest functional key condition, if there is one."""
@@ -872,6 +894,8 @@ class RoutedSession(ShardedSession):
                 )
             tokens = self._routing.fanout(table)
         self._check_limits(tokens, 0)
+        for shard in dict.fromkeys(self._routing.placements[t].shard for t in tokens):
+            self.router.resolver.write_shard(self._snap, shard, "orm", "statement")
         if len(tokens) > 1 and plan.has_limit:
             raise RoutingError(
                 f"{kind} with ORDER BY/LIMIT across shards has no single order; add the"

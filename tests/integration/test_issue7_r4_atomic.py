@@ -157,7 +157,8 @@ def test_a_cancelled_read_on_the_sqlalchemy_path_is_stopped_and_its_connection_d
 
     async def cancelled() -> Any:
         async with AsyncRouter(topology, max_fanout=None) as aio:
-            aio._lean = dict.fromkeys(topology.shards, False)  # the SQLAlchemy path only
+            for shard in topology.shards:  # the SQLAlchemy path only
+                aio._lean[aio._engine(shard)] = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(aio.execute(SLOW.format(marker="r4_pooled")), 0.3)
             await asyncio.sleep(0.3)

@@ -224,8 +224,8 @@ EXACT_CASES = [
     ),
     pytest.param(
         put("tabels", {}),
-        "tabels: unknown key (did you mean 'tables'? known here: ids, meta, name, shards,"
-        " slots, tables, version)",
+        "tabels: unknown key (did you mean 'tables'? known here: ids, meta, moving, name,"
+        " shards, slots, tables, version)",
         id="unknown-top-level-key",
     ),
     pytest.param(

@@ -1,0 +1,274 @@
+"""The follower: a router built from a config with ``meta:`` serves the meta store's version.
+
+``Router.load(path)`` / ``Router.from_config(config)`` (and the AsyncRouter's) read ``meta:``
+from the file (the file only says where the store is), load the store's CURRENT version (its
+document validated here, with this process's environment for ``${VAR}``), register in the
+registry (shardrouter.control.registry) and start a daemon thread. Without ``meta:`` nothing
+of this exists: no thread, no registry row.
+
+The thread, never the statement path, talks to the store. Every ``poll_interval_s`` (every
+``fast_poll_interval_s`` while a change is *in flight*: the current version is not yet
+acknowledged by every live router, this router has not caught up, or the served topology has
+moving slot ranges) it polls: one SELECT reads the current version, the lowest acknowledgement
+of the live routers and the store's clock. At least every (lease_s - fence_margin_s) / 4 the
+poll is a heartbeat instead: it renews the lease and records the served and acknowledged
+versions in the same transaction (about 1 ms of CPU on MariaDB, measured by
+tools/bench_control.py); a read in between is one round trip on a connection the poller
+keeps. On a new version it fetches and validates the document, builds the new
+routing snapshot, swaps it in (``router._install``: statements and transactions already
+running finish on the version they started with), then acknowledges it at once (a second
+heartbeat). A version that fails validation here is not applied: the router keeps serving its
+version, logs the problems (passwords masked by the config's messages) and does not
+acknowledge it, so ``wait_for_acks`` names it as lagging.
+
+Fencing. The lease end is tracked by this process's monotonic clock: the moment the renewing
+heartbeat was SENT, plus ``lease_s``, minus ``fence_margin_s`` (the store's lease runs from
+the moment it received the request, later, so this end is always earlier than the store's).
+It is renewed only by a heartbeat that succeeded while this router had caught up with the
+current version. Once it passes, writes to slots whose placement is changing are refused
+(shardrouter.engine.snapshot.WriteResolver); everything else goes on. The next successful
+heartbeat after catching up lifts the fence.
+
+Why a router never writes a moving slot with a topology older than the one all live routers
+acknowledged: a router acknowledges version v only after it swapped to v, and the resolver
+refuses a write to a moving slot from any statement pinned to a snapshot older than the
+version this router acknowledged (or the cluster's lowest acknowledgement, whichever is
+newer). A router that could not acknowledge is either still live (then ``wait_for_acks``
+waits for it) or its lease expired (then it is fenced by its own clock before the store's
+lease ends).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from ..core.config import MetaConfig, TopologyConfig, _mask_text, config_from_dict, safe_url
+from ..core.topology import Topology
+from ..engine.snapshot import FenceState
+from ..errors import ConfigError, MetaStoreError
+from .registry import Heartbeat, Registration, RouterKind
+from .store import MetaStore, TopologyVersion
+
+log = logging.getLogger("shardrouter.control")
+
+_followers: weakref.WeakSet[Follower] = weakref.WeakSet()
+_followers_lock = threading.Lock()
+
+
+class Follower:
+    """One router's registration and poller (see the module docstring)."""
+
+    def __init__(
+        self,
+        meta: MetaConfig,
+        *,
+        kind: RouterKind,
+        env: Mapping[str, str] | None = None,
+        store: MetaStore | None = None,
+    ) -> None:
+        self.meta = meta
+        self.kind = kind
+        self.env = env
+        self.store = store or MetaStore.from_config(meta)
+        self.fence = FenceState()
+        self.registration = Registration(self.store, kind=kind, lease_s=meta.lease_s)
+        self.rejected: dict[int, str] = {}
+        """Versions that failed validation here: version -> the problems (masked)."""
+        self.last_error: str = ""
+        self.in_flight = False
+        self._last_renewal = float("-inf")
+        self._renew_every = max(meta.poll_interval_s, (meta.lease_s - meta.fence_margin_s) / 4)
+        """Polls in between only read (one SELECT); a renewal comes at least every
+        (lease_s - fence_margin_s) / 4 plus one poll interval, well before the fence."""
+        self._router: weakref.ReferenceType[Any] | None = None
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- start ------------------------------------------------------------------------------
+
+    def initial_topology(self) -> Topology:
+        """The store's current version, validated here (ConfigError / MetaStoreError)."""
+        current = self.store.current()
+        if current is None:
+            raise MetaStoreError(
+                f"the meta store {safe_url(self.store.url)} has no topology version yet; push"
+                " one first: shardctl topology push TOPOLOGY.yaml"
+            )
+        return Topology(self._validate(current))
+
+    def _validate(self, found: TopologyVersion) -> TopologyConfig:
+        config = config_from_dict(
+            dict(found.document),
+            source=f"meta store {safe_url(self.store.url)} version {found.version}",
+            env=self.env,
+        )
+        if config.version != found.version:  # push stamps the number into the document
+            config = config.model_copy(update={"version": found.version})
+        return config
+
+    def start(self, router: Any) -> None:
+        """Register ``router`` (serving its version) and start polling."""
+        router._follower = self
+        router.resolver.fence = self.fence
+        self._router = weakref.ref(router)
+        started = time.monotonic()
+        beat = self.registration.register(router.version)
+        self.fence.acked = router.version
+        self._renewed(started, beat, router.version, True)
+        with _followers_lock:
+            _followers.add(self)
+        self._thread = threading.Thread(
+            target=self._run,
+            name=f"shardrouter-follow-{self.registration.instance_id[:8]}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    # -- the poller -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                interval = self.meta.fast_poll_interval_s if self.in_flight else None
+                if self._stop.wait(interval or self.meta.poll_interval_s):
+                    return
+                if self._paused.is_set():
+                    continue
+                router = self._router() if self._router is not None else None
+                if router is None:
+                    return  # the router was dropped without close()
+                try:
+                    self.poll_once(router)
+                except Exception as exc:  # never let the thread die: log and retry
+                    log.exception("router %s: poll failed: %s", self.instance_id, exc)
+                del router
+        finally:
+            self._deregister()
+
+    def poll_once(self, router: Any) -> None:
+        """One poll: a heartbeat when the lease is due for renewal (or was lost), else a read;
+        a new version is validated, swapped in and acknowledged (a heartbeat)."""
+        started = time.monotonic()
+        renew = started - self._last_renewal >= self._renew_every
+        try:
+            if renew:
+                beat = self.registration.heartbeat(router.version, self.fence.acked)
+            else:
+                beat = self.registration.read()
+        except MetaStoreError as exc:
+            self._lost(exc)
+            return
+        current = beat.current_version
+        if current is not None and current > router.version and current not in self.rejected:
+            try:
+                found = self.store.get(current)
+            except MetaStoreError as exc:
+                self._lost(exc)
+                return
+            try:
+                router._install(Topology(self._validate(found)))
+            except Exception as exc:  # invalid here (env, drivers): not applied, not acked
+                problem = exc if isinstance(exc, ConfigError) else _mask_text(f"{exc}")
+                self.rejected[current] = f"{type(exc).__name__}: {problem}"
+                log.error(
+                    "router %s: topology version %d not applied, it keeps serving version %d: %s",
+                    self.instance_id,
+                    current,
+                    router.version,
+                    self.rejected[current],
+                )
+            else:
+                self.fence.acked = current
+                started = time.monotonic()
+                try:
+                    beat = self.registration.heartbeat(current, current)  # the ack
+                except MetaStoreError as exc:
+                    self._lost(exc)
+                    return
+                renew = True
+                log.info("router %s: now serving topology version %d", self.instance_id, current)
+        self._renewed(started, beat, router.version, renew)
+
+    def _renewed(self, started: float, beat: Heartbeat, serving: int, renewed: bool) -> None:
+        fence = self.fence
+        current = beat.current_version
+        caught_up = current is None or serving >= current
+        fence.current = current or 0
+        fence.all_acked = beat.all_acked_version or 0
+        if caught_up and renewed:
+            fence.lease_end = started + self.meta.lease_s - self.meta.fence_margin_s
+            self._last_renewal = started
+            fence.reason = ""
+            self.last_error = ""
+        elif caught_up:
+            pass  # a read between renewals: the lease stands as it was
+        else:
+            fence.reason = f"not caught up: serving version {serving}, current {current}"
+        router = self._router() if self._router is not None else None
+        moving = bool(router is not None and router._snap.moving)
+        self.in_flight = (
+            not caught_up or (current is not None and beat.all_acked_version != current) or moving
+        )
+
+    def _lost(self, exc: MetaStoreError) -> None:
+        self._last_renewal = float("-inf")  # the next poll renews
+        self.last_error = self.fence.reason = str(exc)
+        self.in_flight = True
+        log.warning("router %s: lease not renewed: %s", self.instance_id, exc)
+
+    # -- control ----------------------------------------------------------------------------
+
+    @property
+    def instance_id(self) -> str:
+        return self.registration.instance_id
+
+    def pause(self) -> None:
+        """Stop polling (and so renewing) until ``resume``: a test hook for a stalled router."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def close(self) -> None:
+        """Stop polling, deregister, close the store's engine. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=self.meta.query_timeout_s + self.meta.connect_timeout_s + 1)
+        if thread is None:
+            self._deregister()
+        with _followers_lock:
+            _followers.discard(self)
+        self.store.close()
+
+    def _deregister(self) -> None:
+        try:
+            self.registration.deregister()
+        except MetaStoreError as exc:  # its lease expires by itself
+            log.warning("router %s: not deregistered: %s", self.instance_id, exc)
+
+
+@atexit.register
+def _deregister_all() -> None:
+    """Interpreter exit: every follower still running deregisters (best effort)."""
+    with _followers_lock:
+        followers = list(_followers)
+    for follower in followers:
+        try:
+            follower.close()
+        except Exception as exc:  # exiting anyway
+            log.warning("deregistering at exit failed: %s", exc)
+
+
+__all__ = ["Follower"]

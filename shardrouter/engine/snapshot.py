@@ -1,0 +1,286 @@
+"""The routing snapshot: one immutable view of a topology version and everything derived from it.
+
+A router reads its topology, engines, planner, key rules and lean read pools through one
+snapshot object (``router._snap``). Each statement pins the current snapshot once at its start
+(``_pin``), each transaction at its start and until it ends, so a statement and a transaction
+run entirely under one version. A new version swaps the snapshot in one attribute assignment,
+between statements; what did not change (the engines and lean pools of shards whose URLs and
+pool settings are the same) is carried over, and the engines only the old snapshot used are
+disposed when its last user releases it (reference counting: ``acquire``/``release``/``retire``).
+
+The write resolver (``WriteResolver``) is the one place every write passes on its way to a
+shard, whatever the door (``Router.execute`` jobs, transactions, the explicit path, the ORM
+flush, the AsyncRouter): it records the resolution for an optional hook and applies the fencing
+rules of the control plane (see shardrouter.control.follow).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+from ..core.topology import KeyRule, Topology
+from ..errors import FencedError
+from ..sql.planner import Planner
+from ..types import ShardId, Slot
+
+E = TypeVar("E")
+"""The engines of a snapshot: ShardEngines (sync) or AsyncShardEngines."""
+L = TypeVar("L")
+"""A lean read pool (ReadPool / AsyncReadPool)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MovingRange:
+    """Slots [start, end) whose placement is changing from ``source`` to ``target``."""
+
+    start: int
+    end: int
+    source: ShardId
+    target: ShardId
+
+    def __contains__(self, slot: object) -> bool:
+        return isinstance(slot, int) and self.start <= slot < self.end
+
+
+def moving_ranges(topology: Topology) -> tuple[MovingRange, ...]:
+    return tuple(
+        MovingRange(m.slots[0], m.slots[1], ShardId(m.source), ShardId(m.target))
+        for m in topology.config.moving
+    )
+
+
+class RoutingSnapshot(Generic[E, L]):
+    """Topology + version + engines + planner + key rules + lean pools, pinned and swapped whole.
+
+    Immutable in what it routes by; ``lean`` is a cache filled on first use (shared with the
+    next snapshot for the engines it keeps). ``retire(dispose)`` runs ``dispose`` once no
+    statement holds it any more (at once if none does).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_dispose",
+        "_lock",
+        "_users",
+        "engines",
+        "key_rules",
+        "lean",
+        "moving",
+        "moving_shards",
+        "planner",
+        "retired",
+        "topology",
+        "version",
+    )
+
+    def __init__(
+        self,
+        topology: Topology,
+        engines: E,
+        key_rules: Mapping[str, KeyRule],
+        lean: dict[Any, L | Literal[False]] | None = None,
+    ) -> None:
+        self.topology = topology
+        self.version: int = topology.version
+        self.engines = engines
+        self.planner = Planner(topology)
+        self.key_rules = key_rules
+        self.lean: dict[Any, L | Literal[False]] = lean if lean is not None else {}
+        self.moving = moving_ranges(topology)
+        self.moving_shards = frozenset(s for m in self.moving for s in (m.source, m.target))
+        self._lock = threading.Lock()
+        self._users = 0
+        self._dispose: Callable[[], None] | None = None
+        self.retired = False
+
+    def __repr__(self) -> str:
+        return f"RoutingSnapshot(version={self.version}, users={self._users})"
+
+    def acquire(self) -> bool:
+        """Pin it (False: it was retired and disposed meanwhile; pin the current one)."""
+        with self._lock:
+            if self.retired and self._dispose is None and self._users == 0:
+                return False
+            self._users += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            dispose = self._dispose if self._users == 0 else None
+            if dispose is not None:
+                self._dispose = None
+        if dispose is not None:
+            dispose()
+
+    def retire(self, dispose: Callable[[], None]) -> None:
+        """No new statement pins it; ``dispose`` runs when the last user releases it."""
+        with self._lock:
+            self.retired = True
+            if self._users:
+                self._dispose = dispose
+                return
+        dispose()
+
+    @property
+    def users(self) -> int:
+        return self._users
+
+
+class SlotRecorder:
+    """A Topology stand-in for one statement that notes every slot routed through it (all
+    routing of execution.run goes through ``shard_of_slot``), so the resolver can check a
+    job's own slots. Used only while some snapshot has moving ranges: no cost otherwise."""
+
+    def __init__(self, topology: Topology) -> None:
+        self._topology = topology
+        self.slots: list[Slot] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._topology, name)
+
+    def shard_of_slot(self, slot: int) -> ShardId:
+        self.slots.append(Slot(slot))
+        return self._topology.shard_of_slot(slot)
+
+    def on(self, shard: ShardId) -> list[Slot] | None:
+        """The slots routed to ``shard`` (None: none known, e.g. a scatter write)."""
+        owner = self._topology.shard_of_slot
+        found = [s for s in dict.fromkeys(self.slots) if owner(s) == shard]
+        return found or None
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """One write on its way to a shard, as the resolver saw it."""
+
+    path: str
+    """The door: execute, transaction, explicit, orm, async, async_transaction, async_explicit."""
+    shard: ShardId
+    slot: Slot | None
+    """None when the door knows only the shard (a job of Router.execute)."""
+    version: int
+    role: str
+    """The job's role (statement, lookup, lookup_cleanup) or the door's (explicit, orm)."""
+
+
+@dataclass
+class FenceState:
+    """What the follower knows of this router's lease and the cluster's acknowledgements.
+
+    ``lease_end`` is this process's monotonic clock: the start of the last successful renewal
+    (request sent) plus lease_s minus fence_margin_s. Without a follower it is infinite."""
+
+    lease_end: float = float("inf")
+    acked: int = 0
+    """The version this router has acknowledged (it serves it)."""
+    all_acked: int = 0
+    """The lowest version acknowledged by every live router, as last read from the store."""
+    current: int = 0
+    """The current version, as last read from the store."""
+    reason: str = ""
+    """Why the lease was not renewed (the last error), for FencedError."""
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.lease_end
+
+
+@dataclass
+class WriteResolver:
+    """The one door every write passes (slot/shard -> shard, role) and the fencing check.
+
+    Rules for a write to a slot whose placement is changing (in the pinned snapshot's or the
+    current snapshot's ``moving`` ranges):
+
+    - refused (FencedError) when the lease has expired by this process's clock: another router
+      may already write the slot under a newer version;
+    - refused when the pinned snapshot is older than the version this router (or the whole
+      cluster) has acknowledged: the router acknowledges a version only after swapping to it,
+      so a statement still on an older snapshot may not write a moving slot.
+
+    Jobs of Router.execute carry no slot: while moving ranges exist, the statement routes
+    through a SlotRecorder and each write job is checked with the slots routed to its shard. A
+    write whose slots are unknown (a scatter write) is checked against every moving range with
+    its shard as source or target: conservative, never permissive.
+    Everything else passes untouched; with no moving ranges and no hook the check costs two
+    attribute reads.
+    """
+
+    current: Callable[[], RoutingSnapshot[Any, Any]]
+    fence: FenceState = field(default_factory=FenceState)
+    hook: Callable[[Resolution], None] | None = None
+
+    def write_slot(
+        self, snap: RoutingSnapshot[Any, Any], slot: Slot, path: str, role: str = "statement"
+    ) -> ShardId:
+        """The shard that takes a write to ``slot`` under ``snap`` (FencedError if fenced)."""
+        shard = snap.topology.shard_of_slot(slot)
+        if self.hook is not None:
+            self.hook(Resolution(path, shard, slot, snap.version, role))
+        if snap.moving or self.current().moving:
+            self._check(snap, shard, (slot,))
+        return shard
+
+    def write_shard(
+        self,
+        snap: RoutingSnapshot[Any, Any],
+        shard: ShardId,
+        path: str,
+        role: str = "statement",
+        slots: Iterable[Slot] | None = None,
+    ) -> None:
+        """A write to ``shard`` (its slots when the door knows them)."""
+        if self.hook is not None:
+            for slot in slots if slots is not None else (None,):
+                self.hook(Resolution(path, shard, slot, snap.version, role))
+        if snap.moving or self.current().moving:
+            self._check(snap, shard, tuple(slots) if slots is not None else None)
+
+    def _check(
+        self, snap: RoutingSnapshot[Any, Any], shard: ShardId, slots: tuple[Slot, ...] | None
+    ) -> None:
+        current = self.current()
+        ranges = snap.moving + tuple(m for m in current.moving if m not in snap.moving)
+        for m in ranges:
+            if slots is None:
+                hit: Slot | None = Slot(m.start) if shard in (m.source, m.target) else None
+            else:
+                hit = next((s for s in slots if s in m), None)
+            if hit is None:
+                continue
+            fence = self.fence
+            where = f"slot {hit}" if slots is not None else f"slots [{m.start}, {m.end})"
+            if fence.expired():
+                why = f" ({fence.reason})" if fence.reason else ""
+                raise FencedError(
+                    f"write to {where} on shard {shard} refused: its placement is moving"
+                    f" ({m.source} -> {m.target}) and this router could not renew its lease"
+                    f" with the meta store in time{why}; another router may already write it"
+                    " under a newer version. Reads and other slots keep working; it recovers"
+                    " by itself once the meta store answers and it has caught up",
+                    slot=hit,
+                )
+            newest = max(fence.acked, fence.all_acked)
+            if snap.version < newest:
+                raise FencedError(
+                    f"write to {where} on shard {shard} refused: its placement is moving"
+                    f" ({m.source} -> {m.target}) and this statement runs on topology version"
+                    f" {snap.version}, older than version {newest} that this router"
+                    " acknowledged; retry the statement (or transaction) on the new version",
+                    slot=hit,
+                )
+
+
+__all__ = [
+    "FenceState",
+    "MovingRange",
+    "Resolution",
+    "RoutingSnapshot",
+    "SlotRecorder",
+    "WriteResolver",
+    "moving_ranges",
+]
