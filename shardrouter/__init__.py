@@ -13,6 +13,10 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .control.leases import WorkerLease as WorkerLease
+    from .control.registry import AckReport as AckReport
+    from .control.registry import wait_for_acks as wait_for_acks
+    from .control.store import MetaStore as MetaStore
     from .core.config import TopologyConfig as TopologyConfig
     from .core.config import config_from_dict as config_from_dict
     from .core.config import load_config as load_config
@@ -27,21 +31,29 @@ if TYPE_CHECKING:
     from .engine.router import Router as Router
     from .engine.router import Transaction as Transaction
     from .errors import ClockMovedBackwardsError as ClockMovedBackwardsError
+    from .errors import ConcurrentChangeError as ConcurrentChangeError
     from .errors import ConfigError as ConfigError
     from .errors import CrossShardTransactionError as CrossShardTransactionError
     from .errors import ExecutionError as ExecutionError
     from .errors import FanoutLimitError as FanoutLimitError
+    from .errors import FencedError as FencedError
     from .errors import IdDecodeError as IdDecodeError
     from .errors import IdError as IdError
     from .errors import IdGeneratorForkedError as IdGeneratorForkedError
     from .errors import KeyValueError as KeyValueError
+    from .errors import LockConflictError as LockConflictError
+    from .errors import MetaStoreError as MetaStoreError
+    from .errors import MetaStoreUnavailableError as MetaStoreUnavailableError
     from .errors import RoutingError as RoutingError
     from .errors import ScatterWriteError as ScatterWriteError
     from .errors import ShardRouterError as ShardRouterError
     from .errors import ShardUnavailableError as ShardUnavailableError
+    from .errors import TopologyChangeError as TopologyChangeError
+    from .errors import TransactionAbortedError as TransactionAbortedError
     from .errors import UnknownKeyError as UnknownKeyError
     from .errors import UnknownTableError as UnknownTableError
     from .errors import UnsupportedQueryError as UnsupportedQueryError
+    from .errors import WorkerLeaseError as WorkerLeaseError
     from .sql.execution import Page as Page
     from .sql.execution import ResultSet as ResultSet
     from .types import KeyspaceId as KeyspaceId
@@ -50,13 +62,16 @@ if TYPE_CHECKING:
     from .types import Slot as Slot
 
 _WHERE: dict[str, str] = {
+    "AckReport": "control.registry",
     "AsyncRouter": "engine.aio",
     "ClockMovedBackwardsError": "errors",
+    "ConcurrentChangeError": "errors",
     "ConfigError": "errors",
     "CrossShardTransactionError": "errors",
     "DecodedId": "core.ids",
     "ExecutionError": "errors",
     "FanoutLimitError": "errors",
+    "FencedError": "errors",
     "IdDecodeError": "errors",
     "IdError": "errors",
     "IdGenerator": "core.ids",
@@ -65,6 +80,10 @@ _WHERE: dict[str, str] = {
     "KeyType": "types",
     "KeyValueError": "errors",
     "KeyspaceId": "types",
+    "LockConflictError": "errors",
+    "MetaStore": "control.store",
+    "MetaStoreError": "errors",
+    "MetaStoreUnavailableError": "errors",
     "Page": "sql.execution",
     "ResultSet": "sql.execution",
     "Route": "core.topology",
@@ -77,14 +96,19 @@ _WHERE: dict[str, str] = {
     "Slot": "types",
     "SlotRange": "core.topology",
     "Topology": "core.topology",
+    "TopologyChangeError": "errors",
     "TopologyConfig": "core.config",
     "Transaction": "engine.router",
+    "TransactionAbortedError": "errors",
     "UnknownKeyError": "errors",
     "UnknownTableError": "errors",
     "UnsupportedQueryError": "errors",
+    "WorkerLease": "control.leases",
+    "WorkerLeaseError": "errors",
     "config_from_dict": "core.config",
     "load_config": "core.config",
     "validate_file": "core.config",
+    "wait_for_acks": "control.registry",
 }
 """Public name -> the module (under shardrouter) that defines it."""
 
@@ -111,13 +135,16 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AckReport",
     "AsyncRouter",
     "ClockMovedBackwardsError",
+    "ConcurrentChangeError",
     "ConfigError",
     "CrossShardTransactionError",
     "DecodedId",
     "ExecutionError",
     "FanoutLimitError",
+    "FencedError",
     "IdDecodeError",
     "IdError",
     "IdGenerator",
@@ -126,6 +153,10 @@ __all__ = [
     "KeyType",
     "KeyValueError",
     "KeyspaceId",
+    "LockConflictError",
+    "MetaStore",
+    "MetaStoreError",
+    "MetaStoreUnavailableError",
     "Page",
     "ResultSet",
     "Route",
@@ -138,12 +169,17 @@ __all__ = [
     "Slot",
     "SlotRange",
     "Topology",
+    "TopologyChangeError",
     "TopologyConfig",
     "Transaction",
+    "TransactionAbortedError",
     "UnknownKeyError",
     "UnknownTableError",
     "UnsupportedQueryError",
+    "WorkerLease",
+    "WorkerLeaseError",
     "config_from_dict",
     "load_config",
     "validate_file",
+    "wait_for_acks",
 ]

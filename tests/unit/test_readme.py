@@ -87,6 +87,7 @@ BLOCKS = {
     "from shardrouter.control.leases import WorkerLease": "test_lease_block_runs_on_sqlite",
     "# bad.yaml": "test_bad_yaml_block_gives_the_problems_shown",
     "meta:": "test_meta_block_is_a_valid_meta_section",
+    "from shardrouter import Router": "test_follow_block_runs_on_sqlite",
     "shardctl meta init --config orders.yaml                 # create the store's tables"
     " (idempotent)": "commands",
     "$ shardctl config validate bad.yaml": "test_bad_yaml_block_gives_the_problems_shown",
@@ -200,6 +201,32 @@ def test_lease_block_runs_on_sqlite(tmp_path: Path) -> None:
         assert (decoded.worker, decoded.slot) == (0, 741)
         (row,) = worker_leases(store)
         assert row.worker_id == 0 and row.holder is None  # leased, then released by close()
+
+
+@pytest.mark.timeout(60)
+def test_follow_block_runs_on_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The follow block, as written, in a folder holding orders.yaml (the SQLite topology with
+    a meta store) and orders-v2.yaml (the same with a new, empty shard s4)."""
+    from shardrouter.control.store import MetaStore
+
+    raw = yaml.safe_load((REPO / "config" / "orders-sqlite.yaml").read_text(encoding="utf-8"))
+    raw["meta"] = {"url": "sqlite:///meta.db", "poll_interval_s": 0.1, "lease_s": 2.0}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SHARDROUTER_DEMO_DIR", str(tmp_path))
+    Path("orders.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    raw["shards"]["s4"] = {"primary": f"sqlite:///{tmp_path}/orders_s4.db", "slots": []}
+    Path("orders-v2.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    with MetaStore("sqlite:///meta.db") as store:
+        store.init()
+        store.push(yaml.safe_load(Path("orders.yaml").read_text()), expected=None)
+    namespace: dict[str, object] = {}
+    code = block("from shardrouter import Router").code
+    exec(compile(code, "README", "exec"), namespace)
+    report, router = namespace["report"], namespace["router"]
+    assert report.complete and len(report.acked) == 1  # type: ignore[attr-defined]
+    assert router.version == 2 and "s4" in router.topology.shards  # type: ignore[attr-defined]
+    with MetaStore("sqlite:///meta.db") as store:
+        assert store.routers() == []  # close() deregistered
 
 
 @pytest.mark.timeout(120)
