@@ -46,7 +46,8 @@ def _config_defaulting_to(name: str, what: str) -> Callable[[F], F]:
 @json_option
 @handle_errors
 def demo(config_path: Path | None, directory: Path | None, as_json: bool) -> None:
-    """A tour on SQLite shard files: place orders, route by user and order id, count.
+    """A tour on SQLite shard files: place orders, route by user and order id, count; then the
+    control plane on a SQLite meta store (publish, follow, a live change, a refused one).
 
     With --json, the tour's text is left out and its figures are printed as JSON."""
     from ..ops.demo import run_demo

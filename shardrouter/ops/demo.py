@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -12,6 +13,7 @@ from ..core.topology import Topology
 from ..engine.engines import ShardEngines
 from ..engine.router import Router
 from ..sql.execution import ResultSet
+from ..types import ShardId, Slot
 from .schema import apply as apply_schema
 
 DEMO_USERS: tuple[tuple[int, str], ...] = (
@@ -61,9 +63,86 @@ def run_demo(config: Path, directory: Path, say: Callable[[str], None]) -> Mappi
         report.raise_for_errors()
         versions = sorted({v for s in report.shards for v in s.applied})
         say(f"\nschema: migrations {versions} applied to every shard (orders split in 4 tables)")
-        return _tour(topology, router, say)
+        figures = dict(_tour(topology, router, say))
     finally:
         router.close()
+    figures["control"] = _control_plane(config, directory, env, say)
+    return figures
+
+
+def _control_plane(
+    config: Path, directory: Path, env: Mapping[str, str], say: Callable[[str], None]
+) -> Mapping[str, Any]:
+    """The control plane on a SQLite meta store: publish the topology, a router following it,
+    a live change (a new, empty shard) acknowledged, and a change that would move data
+    refused."""
+    import yaml
+
+    from ..control.registry import wait_for_acks
+    from ..control.store import MetaStore
+    from ..control.versions import push_file
+    from ..core.config import load_config, parse_yaml
+    from ..errors import TopologyChangeError
+
+    meta_db = directory / "meta.db"
+    meta_db.unlink(missing_ok=True)
+    raw = parse_yaml(config.read_text(encoding="utf-8"), str(config))
+    raw["meta"] = {"url": f"sqlite:///{meta_db}", "poll_interval_s": 0.1, "lease_s": 3.0}
+    v1 = directory / "topology-v1.yaml"
+    v1.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    say(f"\nthe control plane (meta store {meta_db.name}: versions, routers, leases):")
+    with MetaStore(raw["meta"]["url"]) as store:
+        store.init()
+        first = push_file(store, v1, comment="the demo topology", env=env)
+        say(f"  published v{first.version} from {v1.name}")
+        follower = Router.from_config(load_config(v1, env), env=env)
+        try:
+            say(f"  a router follows it: serves v{follower.version}, registered in the store")
+            new = next(
+                f"s{n}" for n in itertools.count(len(raw["shards"])) if f"s{n}" not in raw["shards"]
+            )
+            raw["shards"][new] = {
+                "primary": f"sqlite:///${{SHARDROUTER_DEMO_DIR:-.shardrouter-demo}}/orders_{new}.db",
+                "slots": [],
+            }
+            v2 = directory / "topology-v2.yaml"
+            v2.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+            grown = Topology(load_config(v2, env))
+            Path(grown.shards[ShardId(new)].primary.database or "").unlink(missing_ok=True)
+            engines = ShardEngines(grown)
+            try:  # the new shard gets the schema before any router can send it statements
+                apply_schema(grown, engines).raise_for_errors()
+            finally:
+                engines.dispose()
+            second = push_file(store, v2, comment="a new, empty shard s4", env=env)
+            assert second.version is not None
+            report = wait_for_acks(store, second.version, timeout=10.0)
+            say(
+                f"  pushed v{second.version} (shard {new}, no slots yet): acknowledged by"
+                f" {len(report.acked)} router(s) in {report.waited_s * 1000:.0f} ms; the router"
+                f" now serves v{follower.version}, shards {', '.join(follower.topology.shards)}"
+            )
+            last = grown.shard_of_slot(Slot(grown.slots - 1))  # give the new shard its tail
+            start, end = raw["shards"][last]["slots"][-1]
+            cut = end - max(1, (end - start) // 10)
+            raw["shards"][last]["slots"][-1] = [start, cut]
+            raw["shards"][new]["slots"] = [[cut, end]]
+            v3 = directory / "topology-v3.yaml"
+            v3.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+            try:
+                push_file(store, v3, env=env)
+                refused = ""
+            except TopologyChangeError as exc:
+                refused = exc.problems[0]
+            say(f"  moving slots to {new} is refused (it moves data):\n    {refused}")
+            return {
+                "versions": [first.version, second.version],
+                "acked": report.complete,
+                "serving": follower.version,
+                "refused": refused,
+            }
+        finally:
+            follower.close()
 
 
 def _tour(topology: Topology, router: Router, say: Callable[[str], None]) -> Mapping[str, Any]:

@@ -306,6 +306,18 @@ def test_demo(tmp_path: Path) -> None:
     for shard, keyrange in (("s0", "-40"), ("s1", "40-80"), ("s2", "80-c0"), ("s3", "c0-")):
         assert f"  {shard}: slots " in out and f"(Vitess {keyrange})" in out
     assert "  total: 10 orders for 5 users [every shard]" in out
+    # The control plane on a SQLite meta store: v1 published, a router following it picks up
+    # v2 (a new, empty shard) and acknowledges it; moving slots to the new shard is refused.
+    assert "  published v1 from topology-v1.yaml" in out
+    assert (
+        "acknowledged by 1 router(s)" in out and "now serves v2, shards s0, s1, s2, s3, s4" in out
+    )
+    assert "move from s3 to s4" in out and "shardctl reshard" in out
+    from shardrouter.control.store import MetaStore
+
+    with MetaStore(f"sqlite:///{tmp_path / 'meta.db'}") as store:
+        assert [v.version for v in store.history()] == [2, 1]  # the refused v3 wrote nothing
+        assert store.routers() == []  # the demo's router deregistered
     assert "via lookup" in out  # merchant and email reads went through their lookup tables
     pages = re.findall(r"^  page \d: users \[([\d, ]*)\]$", out, re.MULTILINE)
     paged = [int(u) for page in pages for u in page.split(", ") if u]
@@ -326,7 +338,8 @@ def test_demo(tmp_path: Path) -> None:
                     and topology.shard_for("orders", u) == shard
                 }
                 assert users == expected, (shard, table)
-    assert sorted(p.name for p in tmp_path.glob("*.db")) == [f"orders_s{i}.db" for i in range(4)]
+    shard_files = [f"orders_s{i}.db" for i in range(5)]  # s4: the control plane's new shard
+    assert sorted(p.name for p in tmp_path.glob("*.db")) == ["meta.db", *shard_files]
 
 
 def test_demo_runs_twice_in_the_same_folder(tmp_path: Path) -> None:
