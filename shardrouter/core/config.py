@@ -672,8 +672,10 @@ def database_identity(url: URL) -> tuple[str, ...] | None:
     - ``mysql`` and ``mariadb`` are one family (either dialect reaches either server);
     - the host is lowercased, and ``localhost``, ``127.0.0.1`` and ``::1`` are one host (the
       loopback: PyMySQL and the async drivers connect to ``localhost`` over TCP, so the same
-      port is the same server); other names are not resolved (``db0`` and its IP address
-      compare different: the check does no I/O);
+      port is the same server; mysqlclient connects to ``localhost`` through the default
+      socket whatever the port, a server this cannot tell from the one on that port); other
+      names are not resolved (``db0`` and its IP address compare different: the check does
+      no I/O);
     - an absent port is the backend's default (3306 for MySQL/MariaDB);
     - a ``?unix_socket=`` names the server by its socket path instead of host and port;
     - the database name is compared exactly (MySQL on Linux tells ``Orders`` from ``orders``);
