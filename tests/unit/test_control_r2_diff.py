@@ -20,6 +20,7 @@ from shardrouter.control.diff import ChangeKind, diff_topologies
 from shardrouter.control.store import MetaStore
 from shardrouter.control.versions import check_drivers, push_file
 from shardrouter.core.config import (
+    TopologyConfig,
     config_from_dict,
     database_identity,
     same_database,
@@ -180,6 +181,25 @@ def test_a_new_shard_in_a_database_another_shard_used_is_refused() -> None:
         "shards.s4.primary: mysql+pymysql://app:***@db0:3306/orders_s0 is shard s0's primary"
         " database in the current version"
     ]
+
+
+def test_the_diff_itself_refuses_a_database_shared_within_the_new_version() -> None:
+    """Config validation refuses a replica of another shard's database; the diff refuses it
+    too for a model built without those checks (TopologyConfig.model_validate)."""
+    old = mysql_document()
+    new = copy.deepcopy(old)
+    replica = f"mysql+pymysql://ro:{SECRET}@dbr/orders_x"
+    new["shards"]["s1"]["replicas"] = [replica]
+    new["shards"]["s0"]["primary"] = replica  # s0 re-pointed at s1's (new) replica
+    new["shards"]["s2"]["replicas"] = [new["shards"]["s3"]["primary"]]
+    diff = diff_topologies(config_from_dict(old, env={}), TopologyConfig.model_validate(new))
+    assert refused_lines(diff) == [
+        "shards.s0.primary: mysql+pymysql://ro:***@dbr/orders_x is also a replica of shard s1",
+        "shards.s1.replicas[0]: mysql+pymysql://ro:***@dbr/orders_x is also shard s0's database",
+        "shards.s2.replicas[0]: mysql+pymysql://app:***@db3:3306/orders_s3 is also shard s3's"
+        " database",
+    ]
+    assert_no_secret(diff)
 
 
 def test_a_failover_to_the_shards_own_replica_is_still_a_confirmed_failover() -> None:
