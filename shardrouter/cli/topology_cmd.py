@@ -27,8 +27,9 @@ _PUSH_EXIT = f"""\b
 Exit status:
   0  published; or nothing to publish (the file is the current version); or --dry-run with
      every change safe live
-  1  the push could not run: the file does not validate, names no meta store (add meta: or
-     pass --meta-url), the store does not answer or is not initialised (`shardctl meta init`)
+  1  the push could not run: the file does not validate, names a driver this host cannot
+     load (routers would reject it too: install it), names no meta store (add meta: or pass
+     --meta-url), the store does not answer or is not initialised (`shardctl meta init`)
   2  usage error (bad option)
   {EXIT_REFUSED}  refused: a change is not safe live (each is listed with its way out); nothing
      was pushed
@@ -79,7 +80,9 @@ def push(
     `slots: []`, replicas, pool settings, a primary re-pointed to another server (a
     failover; you confirm that the server holds the shard's rows). Refused: moving slots
     (`shardctl reshard`), the slot count, the id layout, an existing table's rule, removing a
-    table or a shard that owns slots, moving the meta store. The document is stored as
+    table or a shard that owns slots, moving the meta store, giving a shard (as primary or
+    replica) a database that another shard uses now or in the current version (swapping two
+    shards' databases re-places their data: `shardctl reshard`). The document is stored as
     written, ${VAR} placeholders unexpanded; its `version:` is ignored (the store numbers
     versions). The push is atomic: if another push lands first, this one fails and writes
     nothing. A file equal to the current version pushes nothing."""

@@ -15,7 +15,15 @@ each with a human line (URLs masked) and a verdict:
 - **refused**, with the reason and the way out: any change of slot ownership (``shardctl
   reshard``), the slot count, the id layout (epoch, bit widths) or a higher clock-step bound,
   any change to an existing table's rule (its rows are placed by it), removing a table or a
-  shard that owns slots, moving or removing ``meta:``.
+  shard that owns slots, moving or removing ``meta:``, and a database given to a shard (a
+  primary re-pointed or added, a replica added) that another shard uses, in the proposed
+  version or in the current one: that is not a failover but the data of another shard
+  re-placed (two shards' primaries swapped re-place every slot of both).
+
+Two URLs name one database when they reach the same server and database name
+(``core.config.database_identity``): the driver, user, password and options are ignored,
+``localhost``/``127.0.0.1``/``::1`` are one host, an absent port is 3306; host names are not
+resolved (a name and its IP address compare different).
 
 The classification is an allow-list: a field this module does not name is refused as an
 unknown change, so a field added to the config later is refused until someone decides it is
@@ -40,7 +48,9 @@ from ..core.config import (
     ShardConfig,
     TableConfig,
     TopologyConfig,
+    database_identity,
     safe_url,
+    same_database,
 )
 from ..errors import TopologyChangeError
 
@@ -297,9 +307,9 @@ def _shards(old: TopologyConfig, new: TopologyConfig, *, compare_slots: bool) ->
     for name, shard in new.shards.items():
         was = old.shards.get(name)
         if was is None:
-            out += _shard_added(name, shard, new)
+            out += _shard_added(name, shard, old, new)
         else:
-            out += _shard_changed(name, was, shard, new, compare_slots=compare_slots)
+            out += _shard_changed(name, was, shard, old, new, compare_slots=compare_slots)
     for name, shard in old.shards.items():
         if name in new.shards:
             continue
@@ -330,7 +340,9 @@ def _shards(old: TopologyConfig, new: TopologyConfig, *, compare_slots: bool) ->
     return out
 
 
-def _shard_added(name: str, shard: ShardConfig, new: TopologyConfig) -> list[Change]:
+def _shard_added(
+    name: str, shard: ShardConfig, old: TopologyConfig, new: TopologyConfig
+) -> list[Change]:
     path = f"shards.{name}"
     where = safe_url(shard.primary)
     replicas = f", {len(shard.replicas)} replica(s)" if shard.replicas else ""
@@ -361,7 +373,9 @@ def _shard_added(name: str, shard: ShardConfig, new: TopologyConfig) -> list[Cha
                 ),
             )
         )
-    out += _shared_database(name, shard.primary, new)
+    out += _foreign_database(name, f"{path}.primary", shard.primary, old, new)
+    for i, url in enumerate(shard.replicas):
+        out += _foreign_database(name, f"{path}.replicas[{i}]", url, old, new)
     return out
 
 
@@ -369,6 +383,7 @@ def _shard_changed(
     name: str,
     was: ShardConfig,
     now: ShardConfig,
+    old: TopologyConfig,
     new: TopologyConfig,
     *,
     compare_slots: bool,
@@ -378,7 +393,7 @@ def _shard_changed(
     if _secret(was.primary) != _secret(now.primary):
         path = f"{base}.primary"
         line = f"{path}: {safe_url(was.primary)} -> {safe_url(now.primary)}"
-        if _database(was.primary) == _database(now.primary):
+        if same_database(was.primary, now.primary):
             out.append(
                 Change(
                     ChangeKind.CONNECTION_SETTINGS,
@@ -404,7 +419,7 @@ def _shard_changed(
                     ),
                 )
             )
-            out += _shared_database(name, now.primary, new)
+            out += _foreign_database(name, path, now.primary, old, new)
     if [_secret(u) for u in was.replicas] != [_secret(u) for u in now.replicas]:
         path = f"{base}.replicas"
         old_list = ", ".join(safe_url(u) for u in was.replicas) or "none"
@@ -418,6 +433,10 @@ def _shard_changed(
                 reason="reads use the new replica set once routers ack",
             )
         )
+        kept = {database_identity(u) for u in was.replicas}
+        for i, url in enumerate(now.replicas):
+            if database_identity(url) not in kept:
+                out += _foreign_database(name, f"{path}[{i}]", url, old, new)
     out += _unknown_fields(f"{base}.pool", was.pool, now.pool, _POOL_FIELDS)
     for field_name in sorted(_POOL_FIELDS & set(PoolConfig.model_fields)):
         a, b = getattr(was.pool, field_name), getattr(now.pool, field_name)
@@ -440,25 +459,77 @@ def _shard_changed(
     return out
 
 
-def _shared_database(name: str, url: URL, new: TopologyConfig) -> list[Change]:
-    """A refused change when ``url`` is the database of another shard of ``new``."""
-    target = _database(url)
-    for other, shard in new.shards.items():
-        if other != name and _database(shard.primary) == target:
-            path = f"shards.{name}.primary"
-            return [
-                Change(
-                    ChangeKind.SHARED_DATABASE,
-                    path,
-                    f"{path}: {safe_url(url)} is also shard {other}'s database",
-                    safe=False,
-                    reason=(
-                        "two shards in one database share its tables, so every scatter would"
-                        " read their rows twice; give each shard its own database"
-                    ),
-                )
-            ]
+def _foreign_database(
+    name: str, path: str, url: URL, old: TopologyConfig, new: TopologyConfig
+) -> list[Change]:
+    """A refused change when ``url``, newly given to shard ``name`` (a primary re-pointed or
+    added, a replica added), is a database of another shard: in the proposed version (two
+    shards in one database), or in the current one (the data of another shard re-placed).
+
+    Databases are compared by server and name (``core.config.database_identity``: driver and
+    credentials ignored, ``localhost`` the loopback, port 3306 when absent). URLs a shard
+    keeps are not compared again: the current version was checked when it was pushed."""
+    ident = database_identity(url)
+    if ident is None:  # SQLite in memory: a database of its own
+        return []
+    primary = path.endswith(".primary")
+    shown = safe_url(url)
+    for other, role in _users(new, ident, skip=name):
+        if primary and role == "primary":
+            line = f"{path}: {shown} is also shard {other}'s database"
+            reason = (
+                "two shards in one database share its tables, so every scatter would read"
+                " their rows twice; give each shard its own database"
+            )
+        elif primary:
+            line = f"{path}: {shown} is also a replica of shard {other}"
+            reason = (
+                f"{other}'s replica reads would return {name}'s rows; a database serves one"
+                f" shard: remove it from {other}'s replicas, or give {name} its own database"
+            )
+        else:
+            what = "database" if role == "primary" else "replica"
+            line = f"{path}: {shown} is also shard {other}'s {what}"
+            reason = (
+                f"replica reads of {name}'s keys would return {other}'s rows; a replica of"
+                f" {name} must be a copy of {name}'s primary"
+            )
+        return [Change(ChangeKind.SHARED_DATABASE, path, line, safe=False, reason=reason)]
+    for other, role in _users(old, ident, skip=name):
+        line = f"{path}: {shown} is shard {other}'s {role} database in the current version"
+        if primary:
+            reason = (
+                f"pointing shard {name} at a database of shard {other} re-places data, it is"
+                f" not a failover: {name}'s keys would read and write {other}'s rows (swapping"
+                " two shards' databases re-places every slot of both). Rows move between"
+                " shards with `shardctl reshard` (move the slots, not the databases); if that"
+                f" database really holds {name}'s rows now (re-seeded), take it out of {other}"
+                f" in one version and point {name} at it in the next"
+            )
+        else:
+            reason = (
+                f"replica reads of {name}'s keys would return {other}'s rows, unless that"
+                f" database is now a copy of {name}'s primary: then take it out of {other} in"
+                " one version and add it here in the next"
+            )
+        return [Change(ChangeKind.SHARED_DATABASE, path, line, safe=False, reason=reason)]
     return []
+
+
+def _users(config: TopologyConfig, ident: tuple[str, ...], *, skip: str) -> list[tuple[str, str]]:
+    """The shards of ``config`` other than ``skip`` using the database ``ident``, each with
+    its role there (``primary`` or ``replica``), primaries first."""
+    found = [
+        (name, "primary")
+        for name, shard in config.shards.items()
+        if name != skip and database_identity(shard.primary) == ident
+    ]
+    found += [
+        (name, "replica")
+        for name, shard in config.shards.items()
+        if name != skip and any(database_identity(u) == ident for u in shard.replicas)
+    ]
+    return found
 
 
 def _moves(old: TopologyConfig, new: TopologyConfig) -> list[Change]:
@@ -587,7 +658,7 @@ def _meta(old: MetaConfig | None, new: MetaConfig | None) -> list[Change]:
         ]
     out = _unknown_fields("meta", old, new, _META_SETTINGS | {"url"})
     if _secret(old.url) != _secret(new.url):
-        same = _database(old.url) == _database(new.url)
+        same = same_database(old.url, new.url)
         out.append(
             Change(
                 ChangeKind.CONNECTION_SETTINGS if same else ChangeKind.META_URL,
@@ -651,11 +722,6 @@ def _unknown_fields(
 def _secret(url: URL) -> str:
     """The whole URL, password included: for comparison only, never shown."""
     return url.render_as_string(hide_password=False)
-
-
-def _database(url: URL) -> tuple[str, str, int | None, str | None]:
-    """Which database a URL reaches: backend, host, port, database (not user or driver)."""
-    return (url.get_backend_name(), (url.host or "").lower(), url.port, url.database)
 
 
 def _norm(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -7,7 +7,10 @@ The workflow of ``shardctl topology push`` (the CLI only prints and asks):
    literally), and validated with ``config_from_dict`` in this process's environment.
 2. :func:`open_store` finds the meta store: the file's ``meta:`` section or an explicit URL
    (and refuses a file whose ``meta.url`` names another store than the one pushed to).
-3. :func:`plan_push` loads the current version (validated in the same environment) and diffs
+3. :func:`plan_push` checks that every URL's driver loads in this process
+   (:func:`check_drivers`: a router lacking it would reject the version, so a typo like
+   ``mysql+pymsql`` or a driver not installed is refused here, before anything is written),
+   then loads the current version (validated in the same environment) and diffs
    (``control.diff``). With no version yet the push bootstraps: any valid config is accepted.
 4. :func:`publish` refuses a plan with an unsafe change (TopologyChangeError listing every
    one, nothing written), otherwise ``MetaStore.push(document, expected=<the planned base>)``:
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from ..core.config import TopologyConfig, config_from_dict, parse_yaml, safe_url
 from ..errors import ConfigError, MetaStoreError
@@ -171,7 +174,10 @@ class PushPlan:
 def plan_push(
     store: MetaStore, proposal: Proposal, env: Mapping[str, str] | None = None
 ) -> PushPlan:
-    """Diff ``proposal`` against the store's current version (nothing is written)."""
+    """Diff ``proposal`` against the store's current version (nothing is written).
+
+    ConfigError when a URL's driver cannot be loaded here (:func:`check_drivers`)."""
+    check_drivers(proposal.config, proposal.source)
     base = store.current()
     if base is None:
         return PushPlan(proposal, None, TopologyDiff())
@@ -227,6 +233,68 @@ def push_file(
     if plan.diff.confirmations and (confirm is None or not confirm(plan)):
         return PushResult(plan, "declined", None)
     return PushResult(plan, "published", publish(store, plan, comment=comment))
+
+
+# -- drivers ---------------------------------------------------------------------------------
+
+# The pip package of each DBAPI driver SQLAlchemy names (the driver part of mysql+<driver>).
+_PACKAGES = {
+    "pymysql": "PyMySQL",
+    "mysqldb": "mysqlclient",
+    "mariadbconnector": "mariadb",
+    "mysqlconnector": "mysql-connector-python",
+    "aiomysql": "aiomysql",
+    "asyncmy": "asyncmy",
+    "cymysql": "cymysql",
+    "pyodbc": "pyodbc",
+    "aiosqlite": "aiosqlite",
+    "pysqlcipher": "sqlcipher3",
+}
+
+
+def driver_problem(url: URL) -> str | None:
+    """Why ``url``'s SQLAlchemy dialect or DBAPI driver cannot be loaded in this process
+    (the way out included), or None when it loads. Nothing connects."""
+    name = url.drivername
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        return (
+            f"SQLAlchemy knows no driver {name!r} (a typo? write e.g. mysql+pymysql://,"
+            " mariadb+mariadbconnector:// or sqlite:///)"
+        )
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        driver = dialect.driver
+        package = _PACKAGES.get(driver, driver)
+        return (
+            f"driver {driver} ({name}) cannot be loaded on this host: {exc}"
+            f" (`pip install {package}` here; every router needs it too)"
+        )
+    return None
+
+
+def check_drivers(config: TopologyConfig, source: str = "<config>") -> None:
+    """ConfigError listing every URL (shard primaries and replicas, the meta store) whose
+    driver this process cannot load: routers without it would reject the version (it would
+    be stored, never served), so a push refuses it before writing anything."""
+    urls: list[tuple[str, URL]] = []
+    for name, shard in config.shards.items():
+        urls.append((f"shards.{name}.primary", shard.primary))
+        urls += [(f"shards.{name}.replicas[{i}]", u) for i, u in enumerate(shard.replicas)]
+    if config.meta is not None:
+        urls.append(("meta.url", config.meta.url))
+    problems: list[str] = []
+    seen: dict[str, str | None] = {}
+    for path, url in urls:
+        if url.drivername not in seen:
+            seen[url.drivername] = driver_problem(url)
+        problem = seen[url.drivername]
+        if problem is not None:
+            problems.append(f"{path}: {problem}; routers would reject this version")
+    if problems:
+        raise ConfigError(problems, source)
 
 
 # -- reading the store for status, history, show -----------------------------------------------
@@ -344,7 +412,9 @@ __all__ = [
     "PushPlan",
     "PushResult",
     "RouterState",
+    "check_drivers",
     "cluster_status",
+    "driver_problem",
     "iso_ms",
     "masked",
     "meta_url",

@@ -531,6 +531,7 @@ def check(model: TopologyConfig) -> Iterator[str]:
     """Every semantic problem of a structurally valid configuration."""
     yield from _check_slots_and_ids(model)
     yield from _check_shards(model)
+    yield from _check_replicas(model)
     yield from _check_tables(model)
     yield from _check_moving(model)
 
@@ -656,6 +657,86 @@ def _check_shards(model: TopologyConfig) -> Iterator[str]:
             f"slots: [{covered_to}, {slots}) are owned by no shard"
             " (add the range to a shard's slots)"
         )
+
+
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+_DEFAULT_PORTS = {"mysql": 3306}
+
+
+def database_identity(url: URL) -> tuple[str, ...] | None:
+    """Which database a URL reaches, for telling whether two URLs name one database; None for
+    a database no other URL can share (SQLite in memory).
+
+    Compared: the server and the database, never the driver, user, password or options:
+
+    - ``mysql`` and ``mariadb`` are one family (either dialect reaches either server);
+    - the host is lowercased, and ``localhost``, ``127.0.0.1`` and ``::1`` are one host (the
+      loopback: PyMySQL and the async drivers connect to ``localhost`` over TCP, so the same
+      port is the same server; mysqlclient connects to ``localhost`` through the default
+      socket whatever the port, a server this cannot tell from the one on that port); other
+      names are not resolved (``db0`` and its IP address compare different: the check does
+      no I/O);
+    - an absent port is the backend's default (3306 for MySQL/MariaDB);
+    - a ``?unix_socket=`` names the server by its socket path instead of host and port;
+    - the database name is compared exactly (MySQL on Linux tells ``Orders`` from ``orders``);
+    - SQLite: the file path, normalised (``a/../b.db`` is ``b.db``; a relative path is not made
+      absolute, since every process resolves it in its own directory).
+    """
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        path = url.database or ""
+        if path in ("", ":memory:") or url.query.get("mode") == "memory":
+            return None
+        return ("sqlite", os.path.normpath(path))
+    family = "mysql" if backend in ("mysql", "mariadb") else backend
+    database = url.database or ""
+    socket = url.query.get("unix_socket")
+    if isinstance(socket, str) and socket:
+        return (family, "socket", os.path.normpath(socket), database)
+    host = (url.host or "localhost").lower().rstrip(".")
+    if host in _LOOPBACK:
+        host = "localhost"
+    port = url.port if url.port is not None else _DEFAULT_PORTS.get(family, 0)
+    return (family, host, str(port), database)
+
+
+def same_database(a: URL, b: URL) -> bool:
+    """True when ``a`` and ``b`` reach one database (see :func:`database_identity`)."""
+    ident = database_identity(a)
+    return ident is not None and ident == database_identity(b)
+
+
+def _check_replicas(model: TopologyConfig) -> Iterator[str]:
+    """A replica is a copy of its own shard's primary: never another shard's primary or
+    replica (its reads would return the other shard's rows, silently)."""
+    primaries = {name: database_identity(s.primary) for name, s in model.shards.items()}
+    seen: dict[tuple[str, ...], tuple[str, str]] = {}  # a replica's database -> (shard, path)
+    for name, shard in model.shards.items():
+        for i, url in enumerate(shard.replicas):
+            where = f"shards.{name}.replicas[{i}]"
+            ident = database_identity(url)
+            if ident is None:
+                continue
+            owners = [o for o, p in primaries.items() if o != name and p == ident]
+            if owners:
+                other = owners[0]
+                yield (
+                    f"{where}: {safe_url(url)} is shard {other}'s primary database: replica"
+                    f" reads of {name}'s keys would return {other}'s rows; a replica of {name}"
+                    f" must be a copy of {name}'s primary (remove it, or name a replica of"
+                    f" {name})"
+                )
+                continue
+            other, first = seen.get(ident, (name, ""))
+            if other != name:
+                yield (
+                    f"{where}: {safe_url(url)} is also shard {other}'s replica ({first}): one"
+                    f" database cannot be a copy of both {other} and {name}, so the reads of"
+                    " one of them would return the other's rows; give each shard its own"
+                    " replicas"
+                )
+                continue
+            seen.setdefault(ident, (name, where))
 
 
 def _check_url(path: str, parsed: URL) -> Iterator[str]:
@@ -892,8 +973,10 @@ __all__ = [
     "TopologyConfig",
     "check",
     "config_from_dict",
+    "database_identity",
     "load_config",
     "parse_yaml",
     "safe_url",
+    "same_database",
     "validate_file",
 ]
