@@ -710,6 +710,17 @@ def _check_replicas(model: TopologyConfig) -> Iterator[str]:
     """A replica is a copy of its own shard's primary: never another shard's primary or
     replica (its reads would return the other shard's rows, silently)."""
     primaries = {name: database_identity(s.primary) for name, s in model.shards.items()}
+    first_owner: dict[tuple[str, ...], str] = {}
+    for name, ident in primaries.items():
+        if ident is None:
+            continue
+        other = first_owner.setdefault(ident, name)
+        if other != name:  # two shards' tables would be one set of tables: rows of both mixed
+            yield (
+                f"shards.{name}.primary: {safe_url(model.shards[name].primary)} is also shard"
+                f" {other}'s primary database: the two shards' rows would share one set of"
+                f" tables; give each shard its own database (many may share one server)"
+            )
     seen: dict[tuple[str, ...], tuple[str, str]] = {}  # a replica's database -> (shard, path)
     for name, shard in model.shards.items():
         for i, url in enumerate(shard.replicas):

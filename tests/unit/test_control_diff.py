@@ -12,7 +12,7 @@ import pytest
 from shardrouter.control import diff as diff_module
 from shardrouter.control.diff import RESHARD, ChangeKind, TopologyDiff, diff_topologies
 from shardrouter.core.config import TopologyConfig, config_from_dict
-from shardrouter.errors import TopologyChangeError
+from shardrouter.errors import ConfigError, TopologyChangeError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -443,25 +443,20 @@ REFUSED = [
         " reshard`",
         id="shard-added-with-slots",
     ),
-    pytest.param(
-        _set(
-            "shards.s2",
-            {"primary": f"mysql+pymysql://other:{SECRET}@db0:3306/orders_s0", "slots": []},
-        ),
+    pytest.param(  # (two shards on one database in one version: a ConfigError already)
+        lambda raw: (
+            _set("shards.s1.primary", f"mysql+pymysql://app:{SECRET}@db9:3306/orders_s9")(raw),
+            _set(
+                "shards.s2",
+                {"primary": f"mysql+pymysql://other:{SECRET}@db1:3306/orders_s1", "slots": []},
+            )(raw),
+        )[-1],
         None,
         ChangeKind.SHARED_DATABASE,
-        "shards.s2.primary: mysql+pymysql://other:***@db0:3306/orders_s0 is also shard s0's"
-        " database",
-        "every scatter would read their rows twice; give each shard its own database",
+        "shards.s2.primary: mysql+pymysql://other:***@db1:3306/orders_s1 is shard s1's primary"
+        " database in the current version",
+        "re-places data, it is not a failover",
         id="new-shard-in-another-shards-database",
-    ),
-    pytest.param(
-        _set("shards.s1.primary", f"mysql+pymysql://app:{SECRET}@db0:3306/orders_s0"),
-        None,
-        ChangeKind.SHARED_DATABASE,
-        "shards.s1.primary: mysql+pymysql://app:***@db0:3306/orders_s0 is also shard s0's database",
-        "give each shard its own database",
-        id="primary-repointed-into-another-shards-database",
     ),
     pytest.param(
         _set("meta.url", f"mysql+pymysql://meta:{META_SECRET}@elsewhere:3306/shardmeta"),
@@ -499,6 +494,16 @@ def test_refused_change(
     assert f"{line}: {change.reason}" in info.value.problems
     assert f"  {line}: {change.reason}" in str(info.value)
     assert_no_secret(diff)
+
+
+def test_two_shards_on_one_database_is_a_config_error() -> None:
+    """Re-pointing s1 at s0's database in one version is refused before any diff: the config
+    itself is invalid (the two shards' rows would share one set of tables)."""
+    mutate = _set("shards.s1.primary", f"mysql+pymysql://app:{SECRET}@DB0:3306/orders_s0")
+    with pytest.raises(ConfigError) as info:
+        config(mutate)
+    assert "is also shard s0's primary database" in str(info.value)
+    assert SECRET not in str(info.value)
 
 
 def test_every_change_kind_is_tested() -> None:
