@@ -279,7 +279,20 @@ def run(
             else:
                 cleanups = delete_lookups(gone)
                 if cleanups:
-                    yield cleanups
+                    try:
+                        yield cleanups
+                    except Exception as exc:
+                        # The owner rows' delete has committed: the statement did what it
+                        # says, and an error would invite a retry that deletes nothing. The
+                        # lookup rows left are orphans, as after a crash (reads ignore them,
+                        # `shardctl check lookups --fix` removes them), as LookupLedger.settle.
+                        log.warning(
+                            "%s committed (%d rows); their lookup rows were not removed"
+                            " (`shardctl check lookups --fix` removes them): %s",
+                            plan.kind.upper(),
+                            rowcount,
+                            exc,
+                        )
         return ResultSet((), [], rowcount, shards, tuple(found.lookups), found.scatter)
     columns = results[0].columns if results else ()
     if not scatter_sql or plan.merge is None:
