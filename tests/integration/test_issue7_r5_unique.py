@@ -282,3 +282,147 @@ def test_email_of_an_undone_insert_can_be_taken_in_the_same_transaction(
     assert got == [(fresh + 1,)]
 
 
+
+
+def test_a_rolled_back_takeover_leaves_the_original_lookup_row(world: dict[str, Any]) -> None:
+    """The value taken in the transaction, then a rollback: the deleted owner is back and so
+    is its one lookup row (never changed: it named it all along); the new owner left nothing."""
+    router: Router = world["router"]
+    first = 883_200
+    second = _same_shard_user(router, first)
+    email = "r5-rollback@example.com"
+    router.execute(INSERT_USER, {"u": first, "e": email})
+    with pytest.raises(KeyError), router.transaction() as txn:
+        txn.execute("DELETE FROM users WHERE user_id = :u", {"u": first})
+        txn.execute(INSERT_USER, {"u": second, "e": email})
+        raise KeyError("the caller gives up: the transaction rolls back")
+    assert _user(router, first) == [(first,)] and _user(router, second) == []
+    assert _lookup(router, email) == [(email, first)]
+    got = router.execute("SELECT user_id FROM users WHERE email = :e", {"e": email}).rows
+    assert got == [(first,)]
+
+
+def test_a_value_freed_in_a_transaction_is_not_free_for_others(world: dict[str, Any]) -> None:
+    """While the transaction that deleted the owner and gave its address to another is open,
+    another writer is refused the address (its lookup row still names the owner, which exists
+    for everybody else) and reads by it still find the owner; after the commit, the lookup
+    row names the new owner, once."""
+    router: Router = world["router"]
+    first = 883_300
+    second = _same_shard_user(router, first)
+    email = "r5-busy@example.com"
+    router.execute(INSERT_USER, {"u": first, "e": email})
+    with router.transaction() as txn:
+        txn.execute("DELETE FROM users WHERE user_id = :u", {"u": first})
+        txn.execute(INSERT_USER, {"u": second, "e": email})
+        with pytest.raises(ShardRouterError, match="already belongs"):
+            router.execute(INSERT_USER, {"u": 883_399, "e": email})
+        got = router.execute("SELECT user_id FROM users WHERE email = :e", {"e": email}).rows
+        assert got == [(first,)]  # outside, the delete is not visible yet
+        inside = txn.execute("SELECT user_id FROM users WHERE email = :e", {"e": email}).rows
+        assert inside == [(second,)]
+    assert _lookup(router, email) == [(email, second)]
+    assert _user(router, 883_399) == []
+
+
+def test_a_value_given_away_in_a_transaction_cannot_be_taken_back(world: dict[str, Any]) -> None:
+    """DELETE A, INSERT B with A's address, INSERT A again with it: one database refuses the
+    last (B holds the address); so does the router, before writing anything, and the
+    transaction goes on: its commit gives the address to B."""
+    router: Router = world["router"]
+    first = 883_400
+    second = _same_shard_user(router, first)
+    email = "r5-back@example.com"
+    router.execute(INSERT_USER, {"u": first, "e": email})
+    with router.transaction() as txn:
+        txn.execute("DELETE FROM users WHERE user_id = :u", {"u": first})
+        txn.execute(INSERT_USER, {"u": second, "e": email})
+        with pytest.raises(ShardRouterError, match=f"another owner \\({second}\\)"):
+            txn.execute(INSERT_USER, {"u": first, "e": email})
+    assert _user(router, first) == [] and _user(router, second) == [(second,)]
+    assert _lookup(router, email) == [(email, second)]
+
+
+def test_a_deleted_value_taken_and_deleted_again_is_free_at_commit(world: dict[str, Any]) -> None:
+    """DELETE A, INSERT B with its address, DELETE B: the committed address has no owner and
+    no lookup row."""
+    router: Router = world["router"]
+    first = 883_500
+    second = _same_shard_user(router, first)
+    email = "r5-twice@example.com"
+    router.execute(INSERT_USER, {"u": first, "e": email})
+    with router.transaction() as txn:
+        txn.execute("DELETE FROM users WHERE user_id = :u", {"u": first})
+        txn.execute(INSERT_USER, {"u": second, "e": email})
+        txn.execute("DELETE FROM users WHERE user_id = :u", {"u": second})
+    assert _user(router, first) == [] and _user(router, second) == []
+    assert _lookup(router, email) == []
+
+
+def test_async_email_freed_by_a_delete_can_be_taken_in_the_same_transaction(
+    world: dict[str, Any],
+) -> None:
+    """The AsyncTransaction twin (the same ledger)."""
+    router: Router = world["router"]
+    first = 883_600
+    second = _same_shard_user(router, first)
+    email = "r5-async-reuse@example.com"
+    router.execute(INSERT_USER, {"u": first, "e": email})
+
+    async def run() -> None:
+        async with world["aio"].transaction() as txn:
+            await txn.execute("DELETE FROM users WHERE user_id = :u", {"u": first})
+            await txn.execute(INSERT_USER, {"u": second, "e": email})
+
+    world["loop"].run_until_complete(run())
+    assert _user(router, first) == [] and _user(router, second) == [(second,)]
+    assert _lookup(router, email) == [(email, second)]
+
+
+def test_an_undone_value_taken_by_its_owner_outside_is_not_free(world: dict[str, Any]) -> None:
+    """xa=True: the undone INSERT of ``fresh`` left its lookup row (settled at the end);
+    meanwhile another writer inserts ``fresh`` with that address, adopting the row, and
+    commits. The address is no longer free in the transaction: taking it is refused."""
+    router: Router = world["router"]
+    taken = world["data"]["users"][21]["user_id"]
+    fresh = 884_100
+    while router.route_key(user_id=fresh)[0] == router.route_key(user_id=taken)[0]:
+        fresh += 1
+    email = "r5-undone-taken@example.com"
+    with Router(router.topology, max_fanout=None, xa=True) as xa, xa.transaction() as txn:
+        with pytest.raises(ShardRouterError):
+            txn.execute(
+                "INSERT INTO users (user_id, email, name, tier, tag, score) VALUES"
+                " (:a, :e, 'r5', 'mid', 'x', 1),"
+                " (:t, 'r5-dup@example.com', 'r5', 'mid', 'x', 1)",
+                {"a": fresh, "t": taken, "e": email},
+            )
+        router.execute(INSERT_USER, {"u": fresh, "e": email})  # outside: adopts the row
+        with pytest.raises(ShardRouterError, match=f"another owner \\({fresh}\\)"):
+            txn.execute(INSERT_USER, {"u": fresh + 1, "e": email})
+    assert _user(router, fresh) == [(fresh,)] and _user(router, fresh + 1) == []
+    assert _lookup(router, email) == [(email, fresh)]
+
+
+def test_a_value_taken_on_another_shard_is_read_by_it_in_the_transaction(
+    world: dict[str, Any],
+) -> None:
+    """xa=True, the new owner on another shard than the deleted one: until the commit the
+    lookup row names the deleted owner, yet the transaction's own reads by the address find
+    the new owner (as one database: it reads its own writes), and UPDATE by it reaches it."""
+    router: Router = world["router"]
+    first = 883_700
+    second = first + 1
+    while router.route_key(user_id=second)[0] == router.route_key(user_id=first)[0]:
+        second += 1
+    email = "r5-elsewhere@example.com"
+    router.execute(INSERT_USER, {"u": first, "e": email})
+    by_email = "SELECT user_id FROM users WHERE email = :e"
+    with Router(router.topology, max_fanout=None, xa=True) as xa, xa.transaction() as txn:
+        txn.execute("DELETE FROM users WHERE user_id = :u", {"u": first})
+        txn.execute(INSERT_USER, {"u": second, "e": email})
+        assert txn.execute(by_email, {"e": email}).rows == [(second,)]
+        changed = txn.execute("UPDATE users SET score = 7 WHERE email = :e", {"e": email})
+        assert changed.rowcount == 1
+    assert router.execute(by_email, {"e": email}).rows == [(second,)]
+    assert _lookup(router, email) == [(email, second)]
