@@ -66,14 +66,23 @@ class PoolConfig(_Model):
     a shard that accepts connections but stops answering fails within it."""
     lock_wait_timeout_s: Annotated[int, Field(ge=0, le=86_400)] | None = None
     """The session's ``innodb_lock_wait_timeout``: how long a statement waits for a row lock
-    before LockConflictError (0: not at all, MariaDB fails a held row at once). It must end
-    before the answer timeout (``answer_timeout_s``), or a held row reads as an unavailable
-    shard; unset, it is half of that timeout, rounded down (0 below 2 s)."""
+    before LockConflictError (0: not at all, MariaDB fails a held row at once; MySQL's least
+    is 1). It must end before the answer timeout (``answer_timeout_s``), or a held row reads
+    as an unavailable shard; unset, it is half of that timeout, rounded down, which needs an
+    answer timeout of 2 s or more (below, set it: 0 is the only value left)."""
 
     @model_validator(mode="after")
     def _lock_wait_below_query_timeout(self) -> PoolConfig:
         lock_wait = self.lock_wait_timeout_s
         limit = self.answer_timeout_s
+        if lock_wait is None and limit < 2:
+            raise ValueError(
+                f"query_timeout_s ({self.query_timeout_s:g}) leaves no whole second for the row"
+                " lock wait below it (innodb_lock_wait_timeout counts whole seconds and must end"
+                " before the answer does, or a held row reads as an unavailable shard): raise"
+                " query_timeout_s to 2 or more, or set lock_wait_timeout_s: 0 (a held row then"
+                " fails at once with LockConflictError; MariaDB only, MySQL waits 1 s at least)"
+            )
         if lock_wait is not None and lock_wait >= limit:
             rounded = (
                 f"; sync drivers read whole seconds: query_timeout_s {self.query_timeout_s:g}"
@@ -103,7 +112,7 @@ class PoolConfig(_Model):
     @property
     def lock_wait_s(self) -> int:
         """The lock wait the shard's sessions are given (see lock_wait_timeout_s): always
-        below answer_timeout_s."""
+        below answer_timeout_s, at least 1 s unless set to 0."""
         if self.lock_wait_timeout_s is not None:
             return self.lock_wait_timeout_s
         return int(self.answer_timeout_s // 2)

@@ -6,10 +6,8 @@ in that transaction, as one database with a UNIQUE key allows (finding 4). Real 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from shardrouter.core.config import config_from_dict
 from shardrouter.core.topology import Topology
 from shardrouter.engine.aio import AsyncRouter
 from shardrouter.engine.router import Router
-from shardrouter.errors import ConfigError, ShardRouterError, UnsupportedQueryError
+from shardrouter.errors import ConfigError, ShardRouterError
 from shardrouter.orm import routed_sessionmaker
 from tests.integration import test_issue7_review as _review
 
@@ -177,18 +175,17 @@ def test_async_delete_whose_lookup_cleanup_waits_is_not_reported_as_failed(
 def test_default_lock_wait_ends_before_a_one_second_query_timeout(
     world: dict[str, Any], shard_databases: Any
 ) -> None:
-    """query_timeout_s: 1 (what the suite's own short-timeout topologies use) gives the
-    default lock wait max(1, 1 // 2) = 1 s, not below the query timeout (only an explicit
-    lock_wait_timeout_s is validated). An async UPDATE of a row another session holds is
-    cancelled by query_timeout_s at 1 s, as the lock wait ends: ShardUnavailableError (a
-    healthy shard reported down, its transaction broken) instead of LockConflictError, the
-    very gap the lock wait was to close. Either the config is refused or the conflict is one."""
+    """query_timeout_s: 1 gave the default lock wait max(1, 1 // 2) = 1 s, not below the query
+    timeout: an async UPDATE of a row another session holds was cancelled by query_timeout_s
+    at 1 s, as the lock wait ended: ShardUnavailableError (a healthy shard reported down)
+    instead of LockConflictError. No whole second of lock wait fits below 1 s: the config is
+    refused, naming the fixes; one of them, lock_wait_timeout_s: 0, makes the held row a
+    conflict at once (MariaDB: no wait)."""
     router: Router = world["router"]
     user = world["data"]["users"][7]["user_id"]
-    try:
-        topology = _topology(shard_databases, query_timeout_s=1)
-    except ConfigError:
-        return  # refused: a lock wait below 1 s cannot be set
+    with pytest.raises(ConfigError, match="lock_wait_timeout_s: 0"):
+        _topology(shard_databases, query_timeout_s=1)
+    topology = _topology(shard_databases, query_timeout_s=1, lock_wait_timeout_s=0)
     slot = router.topology.slot_for("users", user)
     physical = router.topology.table("users").physical(slot)
     holder = router.engines.primary(router.topology.shard_of_slot(slot)).connect()
@@ -280,8 +277,6 @@ def test_email_of_an_undone_insert_can_be_taken_in_the_same_transaction(
         txn.execute(INSERT_USER, {"u": fresh + 1, "e": email})  # was: ExecutionError
     got = router.execute("SELECT user_id FROM users WHERE email = :e", {"e": email}).rows
     assert got == [(fresh + 1,)]
-
-
 
 
 def test_a_rolled_back_takeover_leaves_the_original_lookup_row(world: dict[str, Any]) -> None:

@@ -495,7 +495,13 @@ def _short_timeout_topology(path: Any) -> Topology:
 
     raw = yaml.safe_load(Path(path).read_text())
     for shard in raw["shards"].values():
-        shard["pool"] = {"connect_timeout_s": 2, "timeout_s": 3, "query_timeout_s": 1}
+        # No whole second of lock wait fits below 1 s (PoolConfig): a held row fails at once.
+        shard["pool"] = {
+            "connect_timeout_s": 2,
+            "timeout_s": 3,
+            "query_timeout_s": 1,
+            "lock_wait_timeout_s": 0,
+        }
     return Topology(config_from_dict(raw))
 
 
