@@ -1044,8 +1044,11 @@ class LookupLedger:
     """What the transaction's statements did to each lookup value, in statement order, for
     ``holder``: (True, _, row) its owner took the value; (False, undone, row) its owner gave
     it up: deleted (undone False) or its insert failed and was undone (undone True)."""
-    _view: dict[tuple[Any, ...], tuple[bool, Any, bool]] = field(default_factory=dict)
-    _seen: int = 0
+    _view: dict[tuple[Any, ...], tuple[bool, Any, bool]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    """``claims`` folded up to ``_seen``: value -> holder (see holder_of)."""
+    _seen: int = field(default=0, repr=False, compare=False)
 
     def add(self, written: Written, *, doubtful: bool, undone: bool = False) -> None:
         """``undone``: the rows of a statement that failed (its owner rows were not written,
