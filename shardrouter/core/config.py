@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import math
 import os
 import re
 import types
@@ -65,27 +66,56 @@ class PoolConfig(_Model):
     a shard that accepts connections but stops answering fails within it."""
     lock_wait_timeout_s: Annotated[int, Field(ge=0, le=86_400)] | None = None
     """The session's ``innodb_lock_wait_timeout``: how long a statement waits for a row lock
-    before LockConflictError (0: not at all). It must end before query_timeout_s, or a held row
-    reads as an unavailable shard; unset, it is half of query_timeout_s (at least 1 s)."""
+    before LockConflictError (0: not at all, MariaDB fails a held row at once; MySQL's least
+    is 1). It must end before the answer timeout (``answer_timeout_s``), or a held row reads
+    as an unavailable shard; unset, it is half of that timeout, rounded down, which needs an
+    answer timeout of 2 s or more (below, set it: 0 is the only value left)."""
 
     @model_validator(mode="after")
     def _lock_wait_below_query_timeout(self) -> PoolConfig:
         lock_wait = self.lock_wait_timeout_s
-        if lock_wait is not None and lock_wait >= self.query_timeout_s:
+        limit = self.answer_timeout_s
+        if lock_wait is None and limit < 2:
+            raise ValueError(
+                f"query_timeout_s ({self.query_timeout_s:g}) leaves no whole second for the row"
+                " lock wait below it (innodb_lock_wait_timeout counts whole seconds and must end"
+                " before the answer does, or a held row reads as an unavailable shard): raise"
+                " query_timeout_s to 2 or more, or set lock_wait_timeout_s: 0 (a held row then"
+                " fails at once with LockConflictError; MariaDB only, MySQL waits 1 s at least)"
+            )
+        if lock_wait is not None and lock_wait >= limit:
+            rounded = (
+                f"; sync drivers read whole seconds: query_timeout_s {self.query_timeout_s:g}"
+                f" times out after {self.read_timeout_s} s"
+                if self.read_timeout_s < self.query_timeout_s
+                else ""
+            )
             raise ValueError(
                 f"lock_wait_timeout_s ({lock_wait}) must be below query_timeout_s"
-                f" ({self.query_timeout_s:g}): a longer lock wait ends in the client's read"
-                " timeout and reports a held row as an unavailable shard; lower it or raise"
-                " query_timeout_s"
+                f" ({limit:g} s{rounded}): a longer lock wait ends in the client's read"
+                f" timeout and reports a held row as an unavailable shard; lower it (at most"
+                f" {math.ceil(limit) - 1}) or raise query_timeout_s"
             )
         return self
 
     @property
+    def read_timeout_s(self) -> int:
+        """The sync drivers' read timeout (PyMySQL, mysqlclient): whole seconds, at least 1."""
+        return int(max(1, round(self.query_timeout_s)))
+
+    @property
+    def answer_timeout_s(self) -> float:
+        """The shortest wait for a shard's answer, sync or async: the async routers wait
+        ``query_timeout_s`` itself, the sync drivers ``read_timeout_s``."""
+        return min(self.query_timeout_s, self.read_timeout_s)
+
+    @property
     def lock_wait_s(self) -> int:
-        """The lock wait the shard's sessions are given (see lock_wait_timeout_s)."""
+        """The lock wait the shard's sessions are given (see lock_wait_timeout_s): always
+        below answer_timeout_s, at least 1 s unless set to 0."""
         if self.lock_wait_timeout_s is not None:
             return self.lock_wait_timeout_s
-        return max(1, int(self.query_timeout_s // 2))
+        return int(self.answer_timeout_s // 2)
 
 
 def _to_url(value: Any) -> URL:
@@ -164,6 +194,25 @@ class ShardConfig(_Model):
     slots: list[tuple[int, int]]
     """The slot ranges ``[start, end)`` the shard owns; ``[]``: none yet (a new shard, written
     out explicitly so that a forgotten ``slots:`` is still an error)."""
+
+    @model_validator(mode="after")
+    def _lock_wait_not_overridden(self) -> ShardConfig:
+        """A URL's own ``init_command`` replaces the session setup that sets the lock wait
+        (engines.engine_options): with an explicit lock_wait_timeout_s, one of the two would
+        be silently ignored."""
+        lock_wait = self.pool.lock_wait_timeout_s
+        if lock_wait is None:
+            return self
+        for url in (self.primary, *self.replicas):
+            if "init_command" in url.query:
+                raise ValueError(
+                    f"{safe_url(url)!r} sets its own init_command, which replaces the session"
+                    f" setup that applies pool.lock_wait_timeout_s ({lock_wait}); remove"
+                    " lock_wait_timeout_s and put `SET SESSION innodb_lock_wait_timeout ="
+                    f" {lock_wait}` into the URL's init_command, or drop init_command from"
+                    " the URL"
+                )
+        return self
 
 
 StrategySpec = str | dict[str, Any]

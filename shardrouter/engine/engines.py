@@ -71,14 +71,16 @@ def engine_options(url: URL, pool: PoolConfig) -> dict[str, Any]:
         return {}
     timeout = int(max(1, round(pool.connect_timeout_s)))
     connect_args: dict[str, Any] = {"connect_timeout": timeout}
-    if "init_command" not in url.query:  # a URL's own session setup is the operator's choice
+    # A URL's own session setup is the operator's choice (it keeps the server's lock wait; an
+    # explicit pool.lock_wait_timeout_s with it is refused by the config, ShardConfig).
+    if "init_command" not in url.query:
         # Every MySQL driver takes init_command (PyMySQL, mysqlclient, aiomysql, asyncmy), so
         # pooled and lean connections alike wait for a row lock less long than for an answer:
         # a lock held on another shard (two writers taking shards in different orders) ends as
         # LockConflictError, which says "retry", instead of a read timeout that says "shard down".
         connect_args["init_command"] = f"SET SESSION innodb_lock_wait_timeout = {pool.lock_wait_s}"
     if url.get_driver_name() in _RW_TIMEOUT_DRIVERS:
-        io_timeout = int(max(1, round(pool.query_timeout_s)))
+        io_timeout = pool.read_timeout_s  # whole seconds: lock_wait_s is validated below it
         connect_args["read_timeout"] = io_timeout
         connect_args["write_timeout"] = io_timeout
     return {

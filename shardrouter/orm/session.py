@@ -627,7 +627,7 @@ class RoutedSession(ShardedSession):
         written = Written()
         try:
             _Runner(self.router).drive(
-                write_lookups(self._snap.topology, rows, written), self._snap
+                write_lookups(self._snap.topology, rows, written, self._ledger), self._snap
             )
         except Exception:
             self._ledger.add(Written(written.created), doubtful=True)

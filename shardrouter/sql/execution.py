@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import and_, column, delete, select, table
+from sqlalchemy import and_, column, delete, select, table, update
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import Executable
@@ -219,7 +219,7 @@ def run(
         return (yield from _insert(topology, plan, params, bind, ledger))
     found = _direct_targets(topology, plan, params)
     if found is None:
-        found = yield from _indirect_targets(topology, plan, params)
+        found = yield from _indirect_targets(topology, plan, params, ledger)
     _check_limits(plan, found, limits, topology)
     if bind is not None and not found.anywhere:
         bind({ShardId(t.shard) for t in found.targets})
@@ -279,7 +279,20 @@ def run(
             else:
                 cleanups = delete_lookups(gone)
                 if cleanups:
-                    yield cleanups
+                    try:
+                        yield cleanups
+                    except Exception as exc:
+                        # The owner rows' delete has committed: the statement did what it
+                        # says, and an error would invite a retry that deletes nothing. The
+                        # lookup rows left are orphans, as after a crash (reads ignore them,
+                        # `shardctl check lookups --fix` removes them), as LookupLedger.settle.
+                        log.warning(
+                            "%s committed (%d rows); their lookup rows were not removed"
+                            " (`shardctl check lookups --fix` removes them): %s",
+                            plan.kind.upper(),
+                            rowcount,
+                            exc,
+                        )
         return ResultSet((), [], rowcount, shards, tuple(found.lookups), found.scatter)
     columns = results[0].columns if results else ()
     if not scatter_sql or plan.merge is None:
@@ -428,7 +441,7 @@ def _direct_targets(topology: Topology, plan: Plan, params: Mapping[str, Any]) -
 
 
 def _indirect_targets(
-    topology: Topology, plan: Plan, params: Mapping[str, Any]
+    topology: Topology, plan: Plan, params: Mapping[str, Any], ledger: LookupLedger | None
 ) -> Generator[list[Job], list[JobResult], _Targets]:
     """Targets through a lookup table (I/O), or every shard."""
     table = plan.sharded
@@ -436,7 +449,7 @@ def _indirect_targets(
     lookup = next((c for c in plan.conditions if c.rule.lookup_table is not None), None)
     if lookup is not None:
         reading = plan.kind == "select"
-        return (yield from _lookup_targets(topology, table, lookup, params, reading))
+        return (yield from _lookup_targets(topology, table, lookup, params, reading, ledger))
     return _Targets(_all_targets(topology, table), True)
 
 
@@ -446,6 +459,7 @@ def _lookup_targets(
     cond: KeyCondition,
     params: Mapping[str, Any],
     reading: bool = True,
+    ledger: LookupLedger | None = None,
 ) -> Generator[list[Job], list[JobResult], _Targets]:
     """Read the lookup table, then target the owners' shards (orphans cost a wasted query)."""
     rule = cond.rule
@@ -466,6 +480,14 @@ def _lookup_targets(
         jobs.append(Job(shard, query.statement, {}, "read" if reading else "write", "lookup"))
     results = yield jobs
     owner_keys = {row[1] for r in results for row in r.rows}
+    if ledger is not None and ledger.claims and strategy.key_column is None:
+        # A value the transaction gave to another owner: its lookup row names the old one
+        # until the commit (LookupLedger.holder); the transaction reads its own writes.
+        for (shard, physical), vals in by_place.items():
+            for v in vals:
+                held = ledger.holder_of(topology, strategy, shard, physical, v)
+                if held is not None and held[0]:
+                    owner_keys.add(held[1])
     owner = topology.table(table.bound_to or table.name)
     assert owner.primary is not None
     slots = {i: owner.primary.slot(k) for i, k in enumerate(sorted(owner_keys, key=repr))}
@@ -632,12 +654,18 @@ class Written:
 
 
 def write_lookups(
-    topology: Topology, rows: Sequence[LookupRow], written: Written | None = None
+    topology: Topology,
+    rows: Sequence[LookupRow],
+    written: Written | None = None,
+    ledger: LookupLedger | None = None,
 ) -> Generator[list[Job], list[JobResult], list[ShardId]]:
     """Write lookup rows (one committed write per lookup table place), then prove each unique
     lookup's value is this owner's: a row naming another owner raises ExecutionError (whether
     that owner exists or not, see _refuse_taken); a row gone at the check is written again.
     Returns the shards written.
+
+    ``ledger``: the caller's transaction, whose own statements count as one database's would
+    (see _own_claims): a value it freed may be taken, one it gave to another owner may not.
 
     ``written`` is filled as the rows are written, also when this raises: the caller removes
     the created rows if the owner write does not happen (discard_lookups)."""
@@ -697,9 +725,76 @@ def write_lookups(
         for (_, group), result in zip(gone, inserted, strict=True):
             _sort_written(group, result.rows, written)
         unique = gone
+    if ledger is not None and ledger.claims:
+        conflicts = yield from _own_claims(topology, ledger, rows, conflicts)
     if conflicts:
         yield from _refuse_taken(topology, conflicts)
     return [j.shard for j in jobs]
+
+
+def _own_claims(
+    topology: Topology,
+    ledger: LookupLedger,
+    rows: Sequence[LookupRow],
+    conflicts: Sequence[tuple[LookupRow, Any, Any]],
+) -> Generator[list[Job], list[JobResult], list[tuple[LookupRow, Any, Any]]]:
+    """The conflicts left once the transaction's own statements are counted, as one database
+    with a UNIQUE key counts them (LookupLedger.holder); refuses a value an owner row the
+    transaction wrote holds.
+
+    A value whose owner the transaction deleted is free in it: its lookup row stays (naming
+    that owner) until the transaction ends, outside readers still find the owner there (the
+    delete is not visible to them), and no other writer can take the value (its row names an
+    owner that exists for them; the owner's key is locked by the delete); committed, the row
+    is handed to the new owner in one UPDATE, rolled back, it stays (LookupLedger.settle). A
+    value whose insert the transaction undid is free once its owner is seen absent outside
+    too (another writer may have inserted that owner with the value since, adopting the
+    row): the owner check of discard_lookups, a locking read (a lock held counts as present)."""
+    to = {id(ours) for ours, _, _ in conflicts}
+    for r in rows:
+        if r.strategy.key_column is None and id(r) not in to:
+            held = ledger.holder(topology, r)
+            if held is not None and held[0] and held[1] != r.row[r.strategy.to_column]:
+                _refuse_held(r, r.row[r.strategy.from_column], held[1])
+    left: list[tuple[LookupRow, Any, Any]] = []
+    undone: list[tuple[LookupRow, Any, Any]] = []
+    for conflict in conflicts:
+        ours, stored, other = conflict
+        held = ledger.holder(topology, ours)
+        if held is None:
+            left.append(conflict)
+        elif held[0]:
+            if held[1] != ours.row[ours.strategy.to_column]:
+                _refuse_held(ours, stored, held[1])
+        elif held[1] != other:
+            left.append(conflict)
+        elif held[2]:
+            undone.append(conflict)
+    if undone:
+        checks = [
+            _owner_check(
+                topology,
+                replace(
+                    ours, row={ours.strategy.from_column: stored, ours.strategy.to_column: other}
+                ),
+            )
+            for ours, stored, other in undone
+        ]
+        try:
+            found = yield checks
+        except Exception:  # unknown (a lock held, say): not free
+            left.extend(undone)
+        else:
+            left.extend(c for c, f in zip(undone, found, strict=True) if f.rows)
+    return left
+
+
+def _refuse_held(ours: LookupRow, stored: Any, holder: Any) -> None:
+    raise ExecutionError(
+        f"{ours.owner.name}: {stored!r} already belongs to another owner ({holder!r}), written"
+        " by this transaction; nothing was written",
+        shard=ours.shard,
+    )
 
 
 def _one_owner_per_value(topology: Topology, group: Sequence[LookupRow]) -> None:
@@ -927,7 +1022,10 @@ class LookupLedger:
       ``check lookups --fix`` to take its lookup rows for orphans and remove them before its
       owner rows commit, see discard_lookups); deleted, the row is removed. A row the
       transaction inserted and then deleted leaves nothing, one it deleted and inserted again
-      keeps its lookup row.
+      keeps its lookup row;
+    - a unique value the transaction freed and gave to another owner (see ``holder``) keeps
+      its one lookup row, whose owner is changed in place (one UPDATE: the value is never
+      without a row another writer could take meanwhile, see _takeovers).
 
     Only the transaction's own statements can remove an owner row it wrote before it commits
     (others wait for its locks), and every one that does is recorded here: a DELETE of an
@@ -942,39 +1040,158 @@ class LookupLedger:
     changes: list[tuple[bool, LookupRow]] = field(default_factory=list)
     """(True, row) for a row written for an owner row the transaction wrote, (False, row) for
     one of an owner row it deleted; in statement order."""
+    claims: list[tuple[bool, bool, LookupRow]] = field(default_factory=list)
+    """What the transaction's statements did to each lookup value, in statement order, for
+    ``holder``: (True, _, row) its owner took the value; (False, undone, row) its owner gave
+    it up: deleted (undone False) or its insert failed and was undone (undone True)."""
+    _view: dict[tuple[Any, ...], tuple[bool, Any, bool]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    """``claims`` folded up to ``_seen``: value -> holder (see holder_of)."""
+    _seen: int = field(default=0, repr=False, compare=False)
 
-    def add(self, written: Written, *, doubtful: bool) -> None:
+    def add(self, written: Written, *, doubtful: bool, undone: bool = False) -> None:
+        """``undone``: the rows of a statement that failed (its owner rows were not written,
+        or were undone with it); implies doubtful."""
         self.created.extend(written.created)
-        if doubtful:
+        if doubtful or undone:
             self.doubtful.extend(written.created)
         else:
             self.changes.extend((True, r) for r in written.created)
         self.changes.extend((True, r) for r in written.adopted)
+        if undone:
+            self.claims.extend((False, True, r) for r in written.created)
+        elif not doubtful:  # an upsert's created rows: whether its owner took them is unknown
+            self.claims.extend((True, False, r) for r in written.created)
+        self.claims.extend((True, False, r) for r in written.adopted)
 
     def remove(self, rows: Sequence[LookupRow]) -> None:
         """The lookup rows of owner rows a statement of the transaction deleted: removed once
         it commits, unless a later statement writes the same row again."""
         self.changes.extend((False, r) for r in rows)
+        self.claims.extend((False, False, r) for r in rows)
+
+    def holder(self, topology: Topology, r: LookupRow) -> tuple[bool, Any, bool] | None:
+        """Who holds the unique lookup value of ``r`` as this transaction sees it, None when
+        its statements did not touch the value: (True, owner, False), an owner row it wrote
+        has the value; (False, owner, undone), ``owner`` gave the value up in it (deleted, or
+        its insert undone) and no later statement took it: the value is free here, though
+        its lookup row (naming ``owner``) stays until the transaction ends, as the delete or
+        the owner's absence is not yet visible outside it."""
+        return self.holder_of(
+            topology, r.strategy, r.shard, r.physical, r.row[r.strategy.from_column]
+        )
+
+    def holder_of(
+        self,
+        topology: Topology,
+        strategy: LookupStrategy,
+        shard: ShardId,
+        physical: str,
+        value: Any,
+    ) -> tuple[bool, Any, bool] | None:
+        """``holder`` of ``value`` at its place (shard, physical table) of ``strategy``."""
+        view = self._view
+        for kept, undone, row in self.claims[self._seen :]:
+            key = _value_key(topology, row)
+            owner = row.row[row.strategy.to_column]
+            if kept:
+                view[key] = (True, owner, False)
+            else:
+                held = view.get(key)
+                if held is None or held[1] == owner:  # a deleted non-holder frees nothing
+                    view[key] = (False, owner, undone)
+        self._seen = len(self.claims)
+        return view.get((shard, physical, _value(topology, strategy, value)))
 
     def settle(
         self, topology: Topology, committed: bool
     ) -> Generator[list[Job], list[JobResult], None]:
         created, doubtful, changes = self.created, self.doubtful, self.changes
-        self.created, self.doubtful, self.changes = [], [], []
+        undone = [r for kept, was_undone, r in self.claims if not kept and was_undone]
+        self.created, self.doubtful, self.changes, self.claims = [], [], [], []
+        self._view, self._seen = {}, 0
         if not committed:
             yield from discard_lookups(topology, created)
             return
-        yield from discard_lookups(topology, doubtful)
         last: dict[tuple[Any, ...], tuple[bool, LookupRow]] = {}
         for change in changes:
             last[_ledger_key(topology, change[1])] = change
         gone = [r for kept, r in last.values() if not kept]
+        kept_rows = [r for kept, r in last.values() if kept]
+        swaps = _takeovers(topology, kept_rows, gone, undone)
+        taken = {id(old) for old, _ in swaps}
+        moved = {id(new) for _, new in swaps}
+        yield from discard_lookups(topology, [r for r in doubtful if id(r) not in taken])
+        gone = [r for r in gone if id(r) not in taken]
         if gone:
             try:
                 yield [replace(j, role="lookup") for j in delete_lookups(gone)]
             except Exception as exc:  # orphans, as after a crash: check lookups removes them
                 log.warning("lookup rows of deleted owner rows not removed: %s", exc)
-        yield from restore_lookups(topology, [r for kept, r in last.values() if kept])
+        restore = [r for r in kept_rows if id(r) not in moved]
+        if swaps:
+            try:
+                results = yield [_takeover_job(old, new) for old, new in swaps]
+            except Exception as exc:  # written again below: the owner gets its row if it can
+                log.warning("lookup rows not handed to their new owners: %s", exc)
+                restore.extend(new for _, new in swaps)
+            else:
+                # No row to hand over (removed meanwhile, e.g. as an orphan): written again.
+                restore.extend(
+                    new for (_, new), r in zip(swaps, results, strict=True) if not r.rowcount
+                )
+        yield from restore_lookups(topology, restore)
+
+
+def _value_key(topology: Topology, r: LookupRow) -> tuple[Any, ...]:
+    """One value of a lookup table, whichever owner a row of it names: its place and its
+    value, folded when the lookup table's key folds strings (see _ledger_key)."""
+    return (r.shard, r.physical, _value(topology, r.strategy, r.row[r.strategy.from_column]))
+
+
+def _value(topology: Topology, strategy: LookupStrategy, value: Any) -> Any:
+    rule = topology.table(strategy.table).primary
+    folds = rule is not None and isinstance(rule.strategy, HashStrategy) and rule.strategy.fold_case
+    return _loose(value) if folds else value
+
+
+def _takeovers(
+    topology: Topology,
+    kept: Sequence[LookupRow],
+    gone: Sequence[LookupRow],
+    undone: Sequence[LookupRow],
+) -> list[tuple[LookupRow, LookupRow]]:
+    """(old row, new row) for each unique value a committed transaction gave to another owner
+    (write_lookups let it take a value the transaction had freed): the old row, that of an
+    owner it deleted or of an insert it undid, is handed over rather than deleted and written
+    again, so that no other writer can take the value in between."""
+    freed: dict[tuple[Any, ...], LookupRow] = {}
+    for r in (*gone, *undone):
+        if r.strategy.key_column is None:
+            freed.setdefault(_value_key(topology, r), r)
+    out = []
+    for new in kept:
+        if new.strategy.key_column is not None:
+            continue
+        old = freed.pop(_value_key(topology, new), None)
+        if old is not None:
+            to = new.strategy.to_column
+            if old.row[to] != new.row[to]:
+                out.append((old, new))
+    return out
+
+
+def _takeover_job(old: LookupRow, new: LookupRow) -> Job:
+    """Hand the lookup row ``old`` to ``new``'s owner: an UPDATE of exactly that row (its
+    rowcount 0 when the row is gone)."""
+    target = table_clause(old.physical, old.strategy.row_columns)
+    stmt = (
+        update(target)
+        .where(and_(*(target.c[c] == v for c, v in old.row.items())))
+        .values({c: new.row[c] for c in old.strategy.row_columns})
+    )
+    return Job(old.shard, stmt, {}, "write", "lookup")
 
 
 def _ledger_key(topology: Topology, r: LookupRow) -> tuple[Any, ...]:
@@ -1018,7 +1235,7 @@ def _insert(
     written = Written()
     try:
         lookup_shards = yield from write_lookups(
-            topology, lookup_rows(topology, table, rows), written
+            topology, lookup_rows(topology, table, rows), written, ledger
         )
         results = yield jobs
     except Exception:
@@ -1026,7 +1243,7 @@ def _insert(
         # lookup rows this statement created are nobody's. A transaction settles them at its
         # end (its own locks on the owners would block the check now).
         if ledger is not None:  # (rows found there are not this statement's: not rewritten)
-            ledger.add(Written(written.created), doubtful=True)
+            ledger.add(Written(written.created), doubtful=True, undone=True)
         else:
             yield from discard_lookups(topology, written.created)
         raise

@@ -55,7 +55,14 @@ UPDATE_BOTH = "UPDATE orders SET amount_cents = amount_cents + 1 WHERE user_id I
 def _short_timeouts(path: Any) -> Topology:
     raw = yaml.safe_load(Path(path).read_text())
     for shard in raw["shards"].values():
-        shard["pool"] = {"connect_timeout_s": 2, "timeout_s": 3, "query_timeout_s": 1}
+        # Concurrent writers wait for each other's locks (1 s) below the answer timeout (async
+        # 1.5 s, sync reads 2 s): a lock wait needs a whole second below it (PoolConfig).
+        shard["pool"] = {
+            "connect_timeout_s": 2,
+            "timeout_s": 3,
+            "query_timeout_s": 1.5,
+            "lock_wait_timeout_s": 1,
+        }
     return Topology(config_from_dict(raw))
 
 
@@ -192,7 +199,7 @@ def test_broken_transaction_that_wrote_refuses_its_commit(world: dict[str, Any])
             "UPDATE orders SET amount_cents = amount_cents + 1 WHERE user_id = :u", {"u": a}
         )
         with contextlib.suppress(ShardRouterError):
-            txn.execute("SELECT SLEEP(2) FROM orders WHERE user_id = :u LIMIT 1", {"u": a})
+            txn.execute("SELECT SLEEP(3) FROM orders WHERE user_id = :u LIMIT 1", {"u": a})
         with pytest.raises(TransactionAbortedError):
             txn.execute("SELECT amount_cents FROM orders WHERE user_id = :u", {"u": a})
     assert _total(router, a, world["b"]) == before
@@ -216,7 +223,7 @@ def test_async_broken_transaction_that_wrote_refuses_its_commit(
                     )
                     with contextlib.suppress(ShardRouterError):
                         await txn.execute(
-                            "SELECT SLEEP(2) FROM orders WHERE user_id = :u LIMIT 1", {"u": a}
+                            "SELECT SLEEP(3) FROM orders WHERE user_id = :u LIMIT 1", {"u": a}
                         )
                     with pytest.raises(TransactionAbortedError):
                         await txn.execute(

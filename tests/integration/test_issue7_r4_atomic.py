@@ -107,7 +107,12 @@ def _two_shards_users(world: dict[str, Any]) -> dict[str, int]:
 def _short_timeout_topology(path: Any, query_timeout_s: float) -> Topology:
     raw = yaml.safe_load(Path(path).read_text())
     for shard in raw["shards"].values():
-        shard["pool"] = {"connect_timeout_s": 2, "timeout_s": 3, "query_timeout_s": query_timeout_s}
+        shard["pool"] = {
+            "connect_timeout_s": 2,
+            "timeout_s": 3,
+            "query_timeout_s": query_timeout_s,
+            "lock_wait_timeout_s": 0,  # no whole second fits below 1 s (PoolConfig)
+        }
     return Topology(config_from_dict(raw))
 
 

@@ -488,14 +488,20 @@ def test_email_lookup_finds_an_accent_variant_as_the_column_does(world: dict[str
 # -- async timeouts ------------------------------------------------------------------------------
 
 
-def _short_timeout_topology(path: Any) -> Topology:
+def _short_timeout_topology(path: Any, query_timeout_s: float = 1, lock_wait: int = 0) -> Topology:
     import yaml
 
     from shardrouter.core.config import config_from_dict
 
     raw = yaml.safe_load(Path(path).read_text())
     for shard in raw["shards"].values():
-        shard["pool"] = {"connect_timeout_s": 2, "timeout_s": 3, "query_timeout_s": 1}
+        # No whole second of lock wait fits below 1 s (PoolConfig): a held row fails at once.
+        shard["pool"] = {
+            "connect_timeout_s": 2,
+            "timeout_s": 3,
+            "query_timeout_s": query_timeout_s,
+            "lock_wait_timeout_s": lock_wait,
+        }
     return Topology(config_from_dict(raw))
 
 
@@ -891,8 +897,9 @@ def test_two_multi_shard_updates_of_the_same_rows_do_not_deadlock(
     router runs each shard's part in parallel, each in its own transaction, and commits only
     when every part is done: if each statement wins the row lock on a different shard, each
     waits for the other's commit, which no database can see (two servers), until the query
-    timeout; both fail (reported as 'shard unavailable')."""
-    topology = _short_timeout_topology(shard_databases)
+    timeout; both fail (reported as 'shard unavailable'). The writers wait for each other's
+    locks (1 s at most, below the 1.5 s answer timeout)."""
+    topology = _short_timeout_topology(shard_databases, 1.5, lock_wait=1)
     orders = world["data"]["orders"]
     a = orders[0]["user_id"]
     b = next(

@@ -631,7 +631,9 @@ def test_exhausted_pool_fails_after_timeout_async(world: World, driver: str) -> 
 def test_async_timeout_drops_the_connection(world: World, driver: str) -> None:
     shard = "s1"
     user = world.user_on(shard)
-    topology = world.topology_with(driver, size=1, max_overflow=0, query_timeout_s=0.5)
+    topology = world.topology_with(
+        driver, size=1, max_overflow=0, query_timeout_s=0.5, lock_wait_timeout_s=0
+    )
 
     async def run() -> None:
         async with AsyncRouter(topology) as aio:
