@@ -28,7 +28,9 @@ Exit status:
   0  published; or nothing to publish (the file is the current version); or --dry-run with
      every change safe live
   1  the push could not run: the file does not validate, names no meta store (add meta: or
-     pass --meta-url), the store does not answer or is not initialised (`shardctl meta init`)
+     pass --meta-url), the store does not answer or is not initialised (`shardctl meta init`);
+     a store that stopped answering while publishing leaves the outcome unknown (the message
+     says so): check `shardctl topology history` before pushing again
   2  usage error (bad option)
   {EXIT_REFUSED}  refused: a change is not safe live (each is listed with its way out); nothing
      was pushed
