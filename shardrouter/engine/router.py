@@ -510,8 +510,7 @@ class Router:
             self._snap = new
 
         def dispose() -> None:
-            with self._cache_lock:  # no lean pool is being made in a snapshot meanwhile
-                pools, dropped = self._live.leave(old)
+            pools, dropped = self._live.leave(old)
             for pool in pools:
                 pool.close()
             for engine in dropped:

@@ -150,7 +150,9 @@ class LiveSnapshots(Generic[E, L]):
     """
 
     def __init__(self, first: RoutingSnapshot[E, L]) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: a snapshot released by a garbage-collected session's finalizer may leave
+        # from inside another leave of the same thread.
+        self._lock = threading.RLock()
         self._live: list[RoutingSnapshot[E, L]] = [first]
 
     def add(self, snap: RoutingSnapshot[E, L]) -> None:
@@ -159,12 +161,14 @@ class LiveSnapshots(Generic[E, L]):
 
     def leave(self, snap: RoutingSnapshot[E, L]) -> tuple[list[L], list[Any]]:
         """Forget ``snap``: (its lean pools, its engines) that no live snapshot still holds,
-        for the caller to close (pools before their engines)."""
+        for the caller to close (pools before their engines). Of two snapshots sharing an
+        engine and leaving at once, the later one (in lock order) disposes it."""
         with self._lock:
             if snap in self._live:
                 self._live.remove(snap)
-            engines = {id(e) for s in self._live for e in s.engines.all}
-            pools = {id(p) for s in self._live for p in list(s.lean.values()) if p is not False}
+            others = list(self._live)
+        engines = {id(e) for s in others for e in s.engines.all}
+        pools = {id(p) for s in others for p in list(s.lean.values()) if p is not False}
         own_pools = {id(p): p for p in list(snap.lean.values()) if p is not False}
         return (
             [p for k, p in own_pools.items() if k not in pools],
