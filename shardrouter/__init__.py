@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .errors import IdGeneratorForkedError as IdGeneratorForkedError
     from .errors import KeyValueError as KeyValueError
     from .errors import LockConflictError as LockConflictError
+    from .errors import MetaStoreDocumentError as MetaStoreDocumentError
     from .errors import MetaStoreError as MetaStoreError
     from .errors import MetaStoreUnavailableError as MetaStoreUnavailableError
     from .errors import RoutingError as RoutingError
@@ -82,6 +83,7 @@ _WHERE: dict[str, str] = {
     "KeyspaceId": "types",
     "LockConflictError": "errors",
     "MetaStore": "control.store",
+    "MetaStoreDocumentError": "errors",
     "MetaStoreError": "errors",
     "MetaStoreUnavailableError": "errors",
     "Page": "sql.execution",
@@ -155,6 +157,7 @@ __all__ = [
     "KeyspaceId",
     "LockConflictError",
     "MetaStore",
+    "MetaStoreDocumentError",
     "MetaStoreError",
     "MetaStoreUnavailableError",
     "Page",

@@ -32,6 +32,8 @@
     │   │                               or refused an operation
     │   ├── MetaStoreUnavailableError   the meta store did not answer (routers keep serving their
     │   │                               version; writes to moving slots fence after the lease)
+    │   ├── MetaStoreDocumentError      a stored topology version's document is not a JSON object
+    │   │                               (changed outside shardctl): ``.version`` names it
     │   └── ConcurrentChangeError       another process changed the same thing first (a push
     │                                   raced another push): re-read and retry
     ├── TopologyChangeError             a proposed topology change cannot be applied live (it
@@ -180,6 +182,16 @@ class MetaStoreUnavailableError(MetaStoreError):
     has; once its lease has expired it refuses writes to slots whose placement is changing."""
 
 
+class MetaStoreDocumentError(MetaStoreError):
+    """A stored topology version's document does not parse as a JSON object (the row was
+    edited or truncated outside shardctl). ``version`` is the version's number. Routers
+    already serving keep their version and do not apply it."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version
+
+
 class ConcurrentChangeError(MetaStoreError):
     """Another process changed the same record first (optimistic check): e.g. two
     ``topology push`` of the same base version; the second fails. Re-read, then retry."""
@@ -232,6 +244,7 @@ __all__ = [
     "IdGeneratorForkedError",
     "KeyValueError",
     "LockConflictError",
+    "MetaStoreDocumentError",
     "MetaStoreError",
     "MetaStoreUnavailableError",
     "PortInUseError",

@@ -19,7 +19,12 @@ def ids() -> None:
 @click.option("--table", required=True, help="Logical table whose key the ids carry.")
 @click.option("--key", required=True, help="COL=VALUE, e.g. user_id=42.")
 @click.option("--count", default=1, show_default=True, type=click.IntRange(1, 1_000_000))
-@click.option("--worker", type=int, default=None, help="Worker id (default: ids.worker_id).")
+@click.option(
+    "--worker",
+    type=int,
+    default=None,
+    help="Worker id (default: leased from the meta store with meta:, else ids.worker_id).",
+)
 @json_option
 @handle_errors
 def new(
@@ -27,24 +32,42 @@ def new(
 ) -> None:
     """Generate COUNT ids for the row whose sharding key is KEY.
 
-    Each process that generates ids needs its own worker id (--worker / ids.worker_id):
-    two processes with the same worker id issue the same ids."""
+    Each process that generates ids needs its own worker id: two processes with the same
+    worker id issue the same ids. With a meta: section the command leases a free worker id
+    from the meta store for its own run (given back at its end); without one it uses
+    ids.worker_id. --worker overrides both (you then answer for its uniqueness)."""
+    from contextlib import ExitStack
+
     from ..core.topology import Topology
 
     topology = Topology.load(config_path)
     column, value = parse_key(topology, table, key)
-    generator = topology.id_generator(table, worker)
-    new_ids = generator.next_ids(count, **{column: value})
+    with ExitStack() as stack:
+        if worker is None and topology.config.meta is not None:
+            from ..control.leases import WorkerLease
+
+            lease = stack.enter_context(WorkerLease.for_topology(topology))
+            generator = lease.generator(topology, table)
+        else:
+            generator = topology.id_generator(table, worker)
+        new_ids = generator.next_ids(count, **{column: value})
     slot = generator.decode(new_ids[0]).slot
     shard = topology.shard_of_slot(slot)
     if as_json:
         emit_json(
-            {"table": table, "key": {column: value}, "slot": slot, "shard": shard, "ids": new_ids}
+            {
+                "table": table,
+                "key": {column: value},
+                "slot": slot,
+                "shard": shard,
+                "worker_id": generator.worker_id,
+                "ids": new_ids,
+            }
         )
     else:
         for id_ in new_ids:
             click.echo(id_)
-        click.echo(f"# slot {slot}, shard {shard}", err=True)
+        click.echo(f"# slot {slot}, shard {shard}, worker {generator.worker_id}", err=True)
 
 
 @ids.command("decode")

@@ -29,7 +29,9 @@ Exit status:
      every change safe live
   1  the push could not run: the file does not validate, names a driver this host cannot
      load (routers would reject it too: install it), names no meta store (add meta: or pass
-     --meta-url), the store does not answer or is not initialised (`shardctl meta init`)
+     --meta-url), the store does not answer or is not initialised (`shardctl meta init`); a
+     store that stopped answering while publishing leaves the outcome unknown (the message
+     says so): check `shardctl topology history` before pushing again
   2  usage error (bad option)
   {EXIT_REFUSED}  refused: a change is not safe live (each is listed with its way out); nothing
      was pushed

@@ -51,7 +51,7 @@ from typing import Any
 from ..core.config import MetaConfig, TopologyConfig, _mask_text, config_from_dict, safe_url
 from ..core.topology import Topology
 from ..engine.snapshot import FenceState
-from ..errors import ConfigError, MetaStoreError
+from ..errors import ConfigError, MetaStoreDocumentError, MetaStoreError
 from .registry import Heartbeat, Registration, RouterKind
 from .store import MetaStore, TopologyVersion
 
@@ -168,12 +168,17 @@ class Follower:
             return
         current = beat.current_version
         if current is not None and current > router.version and current not in self.rejected:
+            found: TopologyVersion | MetaStoreDocumentError
             try:
                 found = self.store.get(current)
+            except MetaStoreDocumentError as exc:
+                found = exc  # the store answered: a version that cannot be applied (below)
             except MetaStoreError as exc:
                 self._lost(exc)
                 return
             try:
+                if isinstance(found, MetaStoreDocumentError):
+                    raise found
                 router._install(Topology(self._validate(found)))
             except Exception as exc:  # invalid here (env, drivers): not applied, not acked
                 problem = exc if isinstance(exc, ConfigError) else _mask_text(f"{exc}")

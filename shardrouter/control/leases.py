@@ -24,7 +24,8 @@ generator starts from it), and takes the id only once ``reusable_at_ms`` = expir
 ``max_backward_ms`` has passed on the store's clock, so a dead holder's id comes back after the
 lease plus the largest clock step a generator tolerates, and a live successor on a host whose
 clock is a little behind the store's waits instead of repeating ids. A clean release writes the
-holder's last issued millisecond + 1 as the expiry, so a released id is reusable at once.
+holder's last issued millisecond + 1 as the expiry (or the floor it inherited, if later: never
+less), so a released id is reusable at once.
 
 Release on :meth:`WorkerLease.close`, at interpreter exit (atexit), never from a forked child
 (the child's copy refuses, like an IdGenerator inherited through fork()).
@@ -424,9 +425,15 @@ class WorkerLease:
         try:
             with self.store.begin() as conn:
                 now = self.store.server_now_ms(conn)
-                # Every id of this holder is stamped below `end` (by its own clock), so the next
-                # holder may start there; the lease's expiry still caps it.
-                end = min(self._expires_at_ms, floor if floor is not None else now)
+                # Every id of this holder is stamped below `floor` (its last issued ms + 1, by
+                # its own clock) and every id of the previous holders below the floor this
+                # lease inherited, so the next holder may start at the larger of the two. Never
+                # lowered to the expiry: that could hand out stamps already used. No id issued
+                # and nothing inherited: now (within the lease, nothing below it is ours).
+                end = max(
+                    floor if floor is not None else min(self._expires_at_ms, now),
+                    self._issue_from_ms if self._issue_from_ms is not None else 0,
+                )
                 conn.execute(
                     update(_T)
                     .where(_T.c.worker_id == self.worker_id, _T.c.holder == self.holder)

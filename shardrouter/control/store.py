@@ -54,7 +54,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..core.config import MetaConfig, safe_url
-from ..errors import ConcurrentChangeError, MetaStoreError, MetaStoreUnavailableError
+from ..errors import (
+    ConcurrentChangeError,
+    MetaStoreDocumentError,
+    MetaStoreError,
+    MetaStoreUnavailableError,
+)
 
 SCHEMA_VERSION = 1
 """The meta store's own schema version; a release refuses a store newer than it knows and
@@ -364,7 +369,7 @@ class MetaStore:
             query = select(versions_table).order_by(versions_table.c.version.desc())
             if limit is not None:
                 query = query.limit(limit)
-            return [_version(row) for row in conn.execute(query)]
+            return [_version(row, self.url) for row in conn.execute(query)]
 
     def push(
         self,
@@ -427,17 +432,50 @@ class MetaStore:
                 f"topology version {version} is not in the meta store {safe_url(self.url)}"
                 " (shardctl topology history lists the versions)"
             )
-        return _version(row)
+        return _version(row, self.url)
 
 
-def _version(row: Any) -> TopologyVersion:
+def _version(row: Any, url: URL | str) -> TopologyVersion:
+    version = int(row.version)
     return TopologyVersion(
-        version=int(row.version),
-        document=json.loads(row.document),
+        version=version,
+        document=_document(row.document, version, url),
         pushed_by=row.pushed_by,
         pushed_at_ms=int(row.pushed_at_ms),
         comment=row.comment,
     )
+
+
+def _document(stored: Any, version: int, url: URL | str) -> dict[str, Any]:
+    """A stored document, parsed: a JSON object, or MetaStoreDocumentError naming the version
+    (the store only ever writes objects: the row was changed outside shardctl)."""
+    try:
+        document = json.loads(stored)
+    except (TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        problem = f"is not valid JSON ({exc})"
+    else:
+        if isinstance(document, dict):
+            return document
+        problem = f"is a JSON {_json_kind(document)}, not an object"
+    raise MetaStoreDocumentError(
+        f"topology version {version} in the meta store {safe_url(url)}: its stored document"
+        f" {problem}; the row was changed outside shardctl. Restore the document of version"
+        f" {version} (table shardrouter_topology_versions) from a backup or the pushed YAML"
+        " file as JSON; routers already running keep serving the version they have",
+        version,
+    )
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return "string" if isinstance(value, str) else type(value).__name__
 
 
 def _engine(url: URL | str, connect_timeout_s: float, query_timeout_s: float) -> Engine:

@@ -40,7 +40,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from ..core.config import TopologyConfig, config_from_dict, parse_yaml, safe_url
-from ..errors import ConfigError, MetaStoreError
+from ..errors import ConfigError, MetaStoreError, MetaStoreUnavailableError
 from .diff import TopologyDiff, diff_topologies
 from .store import MetaStore, RouterRecord, TopologyVersion
 
@@ -194,12 +194,22 @@ def publish(
     if plan.unchanged:
         assert plan.base is not None
         return plan.base.version
-    return store.push(
-        plan.proposal.document,
-        expected=plan.base_version,
-        comment=comment,
-        pushed_by=pushed_by,
-    )
+    try:
+        return store.push(
+            plan.proposal.document,
+            expected=plan.base_version,
+            comment=comment,
+            pushed_by=pushed_by,
+        )
+    except MetaStoreUnavailableError as exc:
+        # It may have stopped answering after the commit reached it: nobody can tell here.
+        n = 1 if plan.base_version is None else plan.base_version + 1
+        raise MetaStoreUnavailableError(
+            f"{exc}. The push of version {n} was interrupted: whether it was published is"
+            " unknown. Once the store answers, check with `shardctl topology history` (or"
+            " `shardctl topology status`); pushing the same file again is safe: it publishes"
+            " nothing if the version landed"
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)

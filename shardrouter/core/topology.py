@@ -10,7 +10,13 @@ from typing import Any, Literal
 
 from sqlalchemy.engine import URL, make_url
 
-from ..errors import KeyValueError, RoutingError, UnknownKeyError, UnknownTableError
+from ..errors import (
+    KeyValueError,
+    RoutingError,
+    UnknownKeyError,
+    UnknownTableError,
+    WorkerLeaseError,
+)
 from ..types import KeyspaceId, KeyType, ShardId, Slot
 from . import strategies
 from .config import PoolConfig, TableConfig, TopologyConfig, load_config
@@ -413,10 +419,24 @@ class Topology:
     # -- ids ------------------------------------------------------------------------------------
 
     def id_generator(self, table: str, worker_id: int | None = None) -> IdGenerator:
-        """An id generator whose ``next_id(<key>=v)`` embeds the slot of ``table``'s key v."""
+        """An id generator whose ``next_id(<key>=v)`` embeds the slot of ``table``'s key v.
+
+        ``worker_id`` defaults to the config's ``ids.worker_id``, except on a topology with a
+        ``meta:`` section: there every process would share that one worker id and issue the
+        same ids, so the worker id must be leased (WorkerLease.for_topology(topology)
+        .generator(topology, table)) or given explicitly (WorkerLeaseError otherwise)."""
         rule = self.table(table)
         if rule.primary is None:
             raise RoutingError(f"{table} is a broadcast table: its ids carry no slot")
+        if worker_id is None and self.config.meta is not None:
+            raise WorkerLeaseError(
+                f"id_generator({table!r}): this topology has a meta: section, so its processes"
+                " lease their worker ids from the meta store; ids.worker_id would give every"
+                " process the same worker id and the same ids. Lease one:"
+                " shardrouter.control.leases.WorkerLease.for_topology(topology)"
+                f".generator(topology, {table!r}) (close the lease when done), or pass"
+                " worker_id=N yourself if you assign worker ids per process"
+            )
 
         def slot_of(column: str, value: Any) -> Slot:
             return rule.key(column).slot(value)

@@ -53,7 +53,7 @@ from .router import (
     multi_part,
     route_key,
 )
-from .snapshot import RoutingSnapshot, SlotRecorder, WriteResolver
+from .snapshot import LiveSnapshots, RoutingSnapshot, SlotRecorder, WriteResolver
 
 AsyncSnapshot = RoutingSnapshot[AsyncShardEngines, AsyncReadPool]
 
@@ -258,6 +258,8 @@ class AsyncRouter:
         )
         """Everything routing reads, swapped whole between statements (see _install)."""
         self._swap_lock = threading.Lock()
+        self._live: LiveSnapshots[AsyncShardEngines, AsyncReadPool] = LiveSnapshots(self._snap)
+        """Snapshots not yet disposed: what a retired one may dispose is what none holds."""
         self.resolver = WriteResolver(lambda: self._snap)
         """The one door of every write (slot -> shard) and the fencing check."""
         self.limits = Limits(allow_scatter_write, max_fanout, max_offset)
@@ -265,6 +267,7 @@ class AsyncRouter:
         self._texts: dict[str, TextClause] = {}
         self._doomed: list[AsyncEngine | AsyncReadPool] = []
         """Engines and lean pools of retired snapshots, disposed on the loop (_dispose_doomed)."""
+        self._doomed_lock = threading.Lock()
         self._disposing: set[asyncio.Task[None]] = set()
         self._follower: Any = None
 
@@ -332,20 +335,20 @@ class AsyncRouter:
             new: AsyncSnapshot = RoutingSnapshot(
                 topology, engines, _explicit_key_rules(topology), lean
             )
+            self._live.add(new)
             self._snap = new
-            dropped = old.engines.dropped_by(engines)
 
-        def dispose() -> None:
-            doomed: list[AsyncEngine | AsyncReadPool] = [
-                p for e, p in list(old.lean.items()) if p is not False and new.lean.get(e) is not p
-            ]
-            self._doomed.extend([*doomed, *dropped])
+        def dispose() -> None:  # in whichever thread releases the snapshot last
+            pools, dropped = self._live.leave(old)
+            with self._doomed_lock:
+                self._doomed.extend([*pools, *dropped])
 
         old.retire(dispose)
 
     def _dispose_doomed(self) -> None:
         """Dispose what retired snapshots left (on the running loop, in the background)."""
-        doomed, self._doomed = self._doomed, []
+        with self._doomed_lock:  # the follower's thread may be adding to it right now
+            doomed, self._doomed = self._doomed, []
         for item in doomed:
             if isinstance(item, AsyncReadPool):
                 item.close()
@@ -362,7 +365,10 @@ class AsyncRouter:
 
     async def close(self) -> None:
         if self._follower is not None:
-            self._follower.close()  # stops polling, deregisters
+            # Stopping the poller and deregistering wait on the meta store (each bounded by
+            # its timeouts): off the loop, so its other tasks go on meanwhile, even when the
+            # store hangs.
+            await asyncio.to_thread(self._follower.close)
         self._dispose_doomed()
         if self._disposing:
             await asyncio.gather(*self._disposing, return_exceptions=True)

@@ -49,7 +49,7 @@ from ..types import ShardId, Slot
 from . import readpool, xa
 from .engines import DEADLOCK_ERRNO, ShardEngines, classify
 from .readpool import ReadPool
-from .snapshot import RoutingSnapshot, SlotRecorder, WriteResolver
+from .snapshot import LiveSnapshots, RoutingSnapshot, SlotRecorder, WriteResolver
 
 Snapshot = RoutingSnapshot[ShardEngines, ReadPool]
 
@@ -416,6 +416,8 @@ class Router:
         )
         """Everything routing reads, swapped whole between statements (see _install)."""
         self._swap_lock = threading.Lock()
+        self._live: LiveSnapshots[ShardEngines, ReadPool] = LiveSnapshots(self._snap)
+        """Snapshots not yet disposed: what a retired one may dispose is what none holds."""
         self.resolver = WriteResolver(lambda: self._snap)
         """The one door of every write (slot -> shard) and the fencing check."""
         self.limits = Limits(allow_scatter_write, max_fanout, max_offset)
@@ -495,7 +497,8 @@ class Router:
     def _install(self, topology: Topology) -> None:
         """Swap to ``topology`` between statements: one attribute assignment. Engines (and
         their lean pools) of shards whose URLs and pool settings did not change are taken
-        over; the rest are disposed once no statement holds the old snapshot."""
+        over; the old snapshot is disposed once no statement holds it, and with it what no
+        other live snapshot holds (snapshot.LiveSnapshots)."""
         with self._swap_lock:
             old = self._snap
             engines = ShardEngines(topology, reuse=old.engines)
@@ -503,13 +506,13 @@ class Router:
             with self._cache_lock:
                 lean = {e: p for e, p in old.lean.items() if id(e) in kept}
             new: Snapshot = RoutingSnapshot(topology, engines, _explicit_key_rules(topology), lean)
+            self._live.add(new)
             self._snap = new
-            dropped = old.engines.dropped_by(engines)
 
         def dispose() -> None:
-            for engine, pool in list(old.lean.items()):
-                if pool is not False and new.lean.get(engine) is not pool:
-                    pool.close()
+            pools, dropped = self._live.leave(old)
+            for pool in pools:
+                pool.close()
             for engine in dropped:
                 engine.dispose()
 

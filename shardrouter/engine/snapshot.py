@@ -5,8 +5,10 @@ snapshot object (``router._snap``). Each statement pins the current snapshot onc
 (``_pin``), each transaction at its start and until it ends, so a statement and a transaction
 run entirely under one version. A new version swaps the snapshot in one attribute assignment,
 between statements; what did not change (the engines and lean pools of shards whose URLs and
-pool settings are the same) is carried over, and the engines only the old snapshot used are
-disposed when its last user releases it (reference counting: ``acquire``/``release``/``retire``).
+pool settings are the same) is carried over. A retired snapshot is disposed when its last user
+releases it (reference counting: ``acquire``/``release``/``retire``), and then only the engines
+and lean pools that no other live snapshot holds are disposed (``LiveSnapshots``): an engine
+shared by several versions goes with the last of them, whatever order they are released in.
 
 The write resolver (``WriteResolver``) is the one place every write passes on its way to a
 shard, whatever the door (``Router.execute`` jobs, transactions, the explicit path, the ORM
@@ -18,16 +20,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from ..core.topology import KeyRule, Topology
 from ..errors import FencedError
 from ..sql.planner import Planner
 from ..types import ShardId, Slot
 
-E = TypeVar("E")
+
+class _EngineSet(Protocol):
+    @property
+    def all(self) -> Sequence[Any]: ...
+
+
+E = TypeVar("E", bound=_EngineSet)
 """The engines of a snapshot: ShardEngines (sync) or AsyncShardEngines."""
 L = TypeVar("L")
 """A lean read pool (ReadPool / AsyncReadPool)."""
@@ -129,6 +137,46 @@ class RoutingSnapshot(Generic[E, L]):
     @property
     def users(self) -> int:
         return self._users
+
+
+class LiveSnapshots(Generic[E, L]):
+    """The snapshots of one router not yet disposed (the current one and retired ones still
+    pinned), to tell what a snapshot being disposed may take with it.
+
+    Versions share engines and lean pools (a new version takes over what did not change), so
+    what the disposed snapshot holds alone, compared against every live snapshot and not only
+    its successor, is what can go: an engine kept by version 2 and dropped by version 3 is
+    disposed only once neither version 1 nor version 2 is in use. Thread-safe.
+    """
+
+    def __init__(self, first: RoutingSnapshot[E, L]) -> None:
+        # Reentrant: a snapshot released by a garbage-collected session's finalizer may leave
+        # from inside another leave of the same thread.
+        self._lock = threading.RLock()
+        self._live: list[RoutingSnapshot[E, L]] = [first]
+
+    def add(self, snap: RoutingSnapshot[E, L]) -> None:
+        with self._lock:
+            self._live.append(snap)
+
+    def leave(self, snap: RoutingSnapshot[E, L]) -> tuple[list[L], list[Any]]:
+        """Forget ``snap``: (its lean pools, its engines) that no live snapshot still holds,
+        for the caller to close (pools before their engines). Of two snapshots sharing an
+        engine and leaving at once, the later one (in lock order) disposes it."""
+        with self._lock:
+            if snap in self._live:
+                self._live.remove(snap)
+            others = list(self._live)
+        engines = {id(e) for s in others for e in s.engines.all}
+        pools = {id(p) for s in others for p in list(s.lean.values()) if p is not False}
+        own_pools = {id(p): p for p in list(snap.lean.values()) if p is not False}
+        return (
+            [p for k, p in own_pools.items() if k not in pools],
+            [e for e in snap.engines.all if id(e) not in engines],
+        )
+
+    def __len__(self) -> int:
+        return len(self._live)
 
 
 class SlotRecorder:
@@ -277,6 +325,7 @@ class WriteResolver:
 
 __all__ = [
     "FenceState",
+    "LiveSnapshots",
     "MovingRange",
     "Resolution",
     "RoutingSnapshot",

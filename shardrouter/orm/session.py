@@ -136,7 +136,7 @@ from sqlalchemy.ext.horizontal_shard import ShardedSession, set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction, sessionmaker
 from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.orm.state import InstanceState
-from sqlalchemy.sql import Delete, Select, Update, operators
+from sqlalchemy.sql import CompoundSelect, Delete, Select, Update, operators
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import (
     ColumnClause,
@@ -395,6 +395,82 @@ class _PlacementConnection:
         return getattr(self._connection, name)
 
 
+_LEADING_COMMENTS = re.compile(r"\A(?:\s+|/\*(?!!).*?\*/|(?:--\s|#)[^\n]*(?:\n|\Z)|\()*", re.S)
+_READ_WORDS = frozenset(
+    {"SELECT", "SHOW", "EXPLAIN", "DESCRIBE", "DESC", "HELP", "TABLE", "VALUES"}
+)
+_WRITE_WORD = re.compile(r"\b(?:INSERT|UPDATE|DELETE|REPLACE)\b", re.I)
+
+
+def _writes(statement: Any) -> bool:
+    """Whether a statement run on a placement connection may write: conservative (anything
+    not recognisably a read counts as a write)."""
+    if isinstance(statement, Select | CompoundSelect):
+        return False
+    if isinstance(statement, TextClause):
+        sql = statement.text
+    elif isinstance(statement, str):
+        sql = statement
+    else:
+        return True  # insert()/update()/delete(), DDL, anything else
+    body = sql[_LEADING_COMMENTS.match(sql).end() :]  # type: ignore[union-attr]
+    word = body.split(None, 1)[0].upper() if body.strip() else ""
+    if word == "WITH":
+        return bool(_WRITE_WORD.search(body))
+    return word not in _READ_WORDS
+
+
+class _RawPlacementConnection:
+    """What ``session.connection(bind_arguments={"shard_id": token})`` returns: the session's
+    Connection to the placement's shard, whose statements that may write pass the router's
+    write resolver first (path ``orm``, role ``placement``), as the flush's writes do. The
+    slots of raw SQL are unknown, so while slots move a write there is checked against every
+    moving range with the shard as source or target (refused when fenced). Reads pass
+    untouched. Not covered: SQL sent on the DBAPI connection itself (``.connection``)."""
+
+    __slots__ = ("_connection", "_session", "_shard")
+
+    def __init__(self, connection: Connection, session: RoutedSession, shard: ShardId) -> None:
+        self._connection = connection
+        self._session = session
+        self._shard = shard
+
+    def _check(self, statement: Any) -> None:
+        if _writes(statement):
+            session = self._session
+            session.router.resolver.write_shard(session._snap, self._shard, "orm", "placement")
+
+    def execute(
+        self,
+        statement: Any,
+        parameters: Any = None,
+        *,
+        execution_options: Mapping[str, Any] | None = None,
+    ) -> Any:
+        self._check(statement)
+        return self._connection.execute(statement, parameters, execution_options=execution_options)
+
+    def exec_driver_sql(
+        self,
+        statement: str,
+        parameters: Any = None,
+        execution_options: Mapping[str, Any] | None = None,
+    ) -> Any:
+        self._check(statement)
+        return self._connection.exec_driver_sql(statement, parameters, execution_options)
+
+    def scalar(self, statement: Any, parameters: Any = None, **kw: Any) -> Any:
+        self._check(statement)
+        return self._connection.scalar(statement, parameters, **kw)
+
+    def scalars(self, statement: Any, parameters: Any = None, **kw: Any) -> Any:
+        self._check(statement)
+        return self._connection.scalars(statement, parameters, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+
 class RoutedSession(ShardedSession):
     """A horizontal_shard Session over a Router's shards (see the module docstring).
 
@@ -427,6 +503,27 @@ class RoutedSession(ShardedSession):
         event.listen(self, "before_flush", self._before_flush)
         event.listen(self, "after_commit", self._after_commit)
         event.listen(self, "after_transaction_end", self._after_transaction_end)
+
+    def connection(
+        self,
+        bind_arguments: Mapping[str, Any] | None = None,
+        execution_options: Any = None,
+    ) -> Connection:
+        """The session's connection to one placement (``bind_arguments={"shard_id": token}``),
+        for SQL the ORM does not route (physical table names): its writes pass the router's
+        write resolver, like the flush's (see _RawPlacementConnection)."""
+        conn = super().connection(dict(bind_arguments or {}), execution_options)
+        token = (bind_arguments or {}).get("shard_id")
+        if token is not None:
+            shard = self._routing.placements[self._routing.check_token(token)].shard
+        else:  # an explicit bind: the shard whose engine it is, if any
+            routing = self._routing
+            shards = {id(e): routing.placements[t].shard for t, e in routing.binds.items()}
+            found = shards.get(id(conn.engine))
+            if found is None:
+                return conn
+            shard = found
+        return cast(Connection, _RawPlacementConnection(conn, self, shard))
 
     def begin_nested(self) -> Any:
         """Refused: horizontal_shard flushes through the root transaction's connections (no
