@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .errors import LockConflictError as LockConflictError
     from .errors import MetaStoreError as MetaStoreError
     from .errors import MetaStoreUnavailableError as MetaStoreUnavailableError
+    from .errors import RouterForkedError as RouterForkedError
     from .errors import RoutingError as RoutingError
     from .errors import ScatterWriteError as ScatterWriteError
     from .errors import ShardRouterError as ShardRouterError
@@ -88,6 +89,7 @@ _WHERE: dict[str, str] = {
     "ResultSet": "sql.execution",
     "Route": "core.topology",
     "Router": "engine.router",
+    "RouterForkedError": "errors",
     "RoutingError": "errors",
     "ScatterWriteError": "errors",
     "ShardId": "types",
@@ -161,6 +163,7 @@ __all__ = [
     "ResultSet",
     "Route",
     "Router",
+    "RouterForkedError",
     "RoutingError",
     "ScatterWriteError",
     "ShardId",
