@@ -15,27 +15,45 @@ poll is a heartbeat instead: it renews the lease and records the served and ackn
 versions in the same transaction (about 1 ms of CPU on MariaDB, measured by
 tools/bench_control.py); a read in between is one round trip on a connection the poller
 keeps. On a new version it fetches and validates the document, builds the new
-routing snapshot, swaps it in (``router._install``: statements and transactions already
-running finish on the version they started with), then acknowledges it at once (a second
-heartbeat). A version that fails validation here is not applied: the router keeps serving its
-version, logs the problems (passwords masked by the config's messages) and does not
-acknowledge it, so ``wait_for_acks`` names it as lagging.
+routing snapshot and swaps it in (``router._install``: statements and transactions already
+running finish on the version they started with). It acknowledges it (a second heartbeat)
+once no user of an older snapshot is left: at once when nothing is in flight, else at the
+first poll after the last transaction, ``connection()``/``session()`` block or routed ORM
+session (until its close()) holding an older snapshot has let go; until then its heartbeats
+report the new version as served and the old one as acknowledged, and ``wait_for_acks``
+waits for it (or names it lagging at its timeout). A version that fails validation here is
+not applied: the router keeps serving its version, logs the problems (passwords masked by the
+config's messages) and does not acknowledge it, so ``wait_for_acks`` names it as lagging.
+
+Start. After its registration has committed, the router reads the current version once more
+and, if a newer one was pushed in between (it may even have been acknowledged by every live
+router, which did not yet include this one), swaps to it and acknowledges it before
+``from_config`` returns: a router never serves a version older than one the cluster has
+acknowledged without it.
 
 Fencing. The lease end is tracked by this process's monotonic clock: the moment the renewing
 heartbeat was SENT, plus ``lease_s``, minus ``fence_margin_s`` (the store's lease runs from
 the moment it received the request, later, so this end is always earlier than the store's).
 It is renewed only by a heartbeat that succeeded while this router had caught up with the
-current version. Once it passes, writes to slots whose placement is changing are refused
-(shardrouter.engine.snapshot.WriteResolver); everything else goes on. The next successful
-heartbeat after catching up lifts the fence.
+current version. Once it passes, the router refuses EVERY write
+(shardrouter.engine.snapshot.WriteResolver): cut off from the store, it cannot know which
+slots a version pushed since has started moving, and the cluster stops waiting for it once
+its lease has expired in the store. Reads go on. The next successful heartbeat after catching
+up lifts the fence.
 
-Why a router never writes a moving slot with a topology older than the one all live routers
-acknowledged: a router acknowledges version v only after it swapped to v, and the resolver
-refuses a write to a moving slot from any statement pinned to a snapshot older than the
-version this router acknowledged (or the cluster's lowest acknowledgement, whichever is
-newer). A router that could not acknowledge is either still live (then ``wait_for_acks``
-waits for it) or its lease expired (then it is fenced by its own clock before the store's
-lease ends).
+Why a router never writes with a topology older than the one all live routers acknowledged:
+a live router acknowledges version v only after it swapped to v and no statement,
+transaction or session of an older version is left, so no write can run under an older
+version afterwards (the resolver also refuses a write to a moving slot from a snapshot
+older than the acknowledged version, a second line); a router that could not acknowledge is
+either still live (then ``wait_for_acks`` waits for it) or its lease expired (then it has
+fenced every write by its own clock before the store's lease ended); a router that started
+meanwhile caught up before serving.
+
+fork(). A following router inherited through fork() has no poller in the child and its
+registry row is the parent's: in the child every statement, transaction, connection and
+session refuses with RouterForkedError (build the router after forking), and its close()
+neither deregisters nor closes the parent's connections to the store.
 """
 
 from __future__ import annotations
