@@ -29,7 +29,7 @@ from shardrouter.control.store import MetaStore
 from shardrouter.core.config import config_from_dict
 from shardrouter.engine.router import Router
 from shardrouter.engine.snapshot import Resolution
-from shardrouter.errors import FencedError, RouterForkedError, ShardRouterError
+from shardrouter.errors import ConfigError, FencedError, RouterForkedError, ShardRouterError
 from shardrouter.orm.session import RoutedSession
 
 REPO = Path(__file__).resolve().parents[2]
@@ -223,6 +223,28 @@ def test_router_registering_after_a_newer_version_was_acked_does_not_write_with_
                 )
         finally:
             b.close()
+
+
+def test_a_start_whose_newer_version_does_not_validate_fails_and_deregisters(
+    cluster: tuple[dict[str, Any], MetaStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version pushed between loading and registering cannot be used here: the router
+    does not start (rather than serve the older one), and leaves no registry row behind."""
+    raw, store = cluster
+    original = Follower.initial_topology
+
+    def load_then_race(self: Follower) -> Any:
+        topology = original(self)
+        bad = copy.deepcopy(raw)
+        bad["shards"]["s1"]["primary"] = "sqlite:///${SHARDROUTER_TEST_UNSET_VAR}/x.db"
+        store.push(bad, expected=1, comment="needs an env var this process lacks")
+        return topology
+
+    monkeypatch.setattr(Follower, "initial_topology", load_then_race)
+    with pytest.raises(ConfigError, match="version 2") as info:
+        Router.from_config(config_from_dict(raw)).close()
+    assert "SHARDROUTER_TEST_UNSET_VAR" in str(info.value)
+    assert store.routers() == []
 
 
 # -- finding 3: no acknowledgement while an older snapshot can still write ---------------------
