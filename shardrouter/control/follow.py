@@ -146,7 +146,7 @@ class Follower:
         newer version may have been pushed and acknowledged by every live router (this one
         was not live yet, so no one waited for it). After the registration has committed,
         every later push waits for this router; one more read then sees every earlier push.
-        The router is returned to its caller (so it serves nothing) before that read and the
+        The router reaches its caller (so it serves anything) only after that read and the
         swap to what it found; a version that does not validate here fails the start."""
         router._follower = self
         router.resolver.fence = self.fence
