@@ -35,10 +35,10 @@ Fencing. The lease end is tracked by this process's monotonic clock: the moment 
 heartbeat was SENT, plus ``lease_s``, minus ``fence_margin_s`` (the store's lease runs from
 the moment it received the request, later, so this end is always earlier than the store's).
 It is renewed only by a heartbeat that succeeded while this router had caught up with the
-current version. Once it passes, the router refuses EVERY write
-(shardrouter.engine.snapshot.WriteResolver): cut off from the store, it cannot know which
-slots a version pushed since has started moving, and the cluster stops waiting for it once
-its lease has expired in the store. Reads go on. The next successful heartbeat after catching
+current version. Once it passes, the router refuses EVERY write, and the commit of writes
+checked before (shardrouter.engine.snapshot.WriteResolver): cut off from the store, it cannot
+know which slots a version pushed since has started moving, and the cluster stops waiting
+for it once its lease has expired in the store. Reads go on. The next successful heartbeat after catching
 up lifts the fence.
 
 Why a router never writes with a topology older than the one all live routers acknowledged:

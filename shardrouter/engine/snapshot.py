@@ -219,7 +219,9 @@ class WriteResolver:
       version pushed since may have started moving any of them, and the cluster goes on
       without it once its lease has expired in the store), so it cannot tell a safe write
       from a stale one. Reads go on. It recovers by itself at the next renewal after the meta
-      store answers again and it has caught up with the current version.
+      store answers again and it has caught up with the current version. The doors call
+      ``before_commit`` before committing writes checked earlier (a transaction, a
+      ``connection()`` block, an ORM session, a statement): refused too once it expired.
     - A write to a slot whose placement is changing (in the pinned snapshot's or the current
       snapshot's ``moving`` ranges) is refused when the pinned snapshot is older than the
       version this router (or the whole cluster) has acknowledged. (The follower acknowledges
@@ -264,24 +266,41 @@ class WriteResolver:
         if snap.moving or self.current().moving or time.monotonic() >= self.fence.lease_end:
             self._check(snap, shard, tuple(slots) if slots is not None else None)
 
-    def _check(
-        self, snap: RoutingSnapshot[Any, Any], shard: ShardId, slots: tuple[Slot, ...] | None
+    def before_commit(self, shard: ShardId | None, slot: Slot | None = None) -> None:
+        """Before the commit of writes the resolver passed earlier (a transaction, a
+        ``connection()`` block, a routed ORM session, a statement): refused once the lease
+        has expired meanwhile, since the cluster may have moved on without this router. The
+        caller rolls back. One monotonic-clock comparison while the lease is live."""
+        if time.monotonic() >= self.fence.lease_end:
+            self._refuse_expired(shard, (slot,) if slot is not None else None, "commit of")
+
+    def _refuse_expired(
+        self, shard: ShardId | None, slots: tuple[Slot, ...] | None, what: str = "write to"
     ) -> None:
         fence = self.fence
         if fence.forked:
             raise RouterForkedError(fence.forked)
-        if fence.expired():
-            where = f"slot {slots[0]} on shard {shard}" if slots else f"shard {shard}"
-            why = f": {fence.reason}" if fence.reason else ""
-            raise FencedError(
-                f"write to {where} refused: this router's lease with the meta store expired at"
-                f" {fence.expired_at()}{why}; this router cannot know which slots are moving"
-                " now (a version pushed since may move any of them, and the cluster no longer"
-                " waits for this router), so it refuses every write until it is renewed. Reads"
-                " keep working. The way out: the meta store must answer again; the router then"
-                " catches up and recovers by itself",
-                slot=slots[0] if slots else None,
-            )
+        if not fence.expired():
+            return
+        where = f"shard {shard}" if shard is not None else "the shards"
+        if slots:
+            where = f"slot {slots[0]} on {where}"
+        why = f": {fence.reason}" if fence.reason else ""
+        raise FencedError(
+            f"{what} {where} refused: this router's lease with the meta store expired at"
+            f" {fence.expired_at()}{why}; this router cannot know which slots are moving"
+            " now (a version pushed since may move any of them, and the cluster no longer"
+            " waits for this router), so it refuses every write until it is renewed. Reads"
+            " keep working. The way out: the meta store must answer again; the router then"
+            " catches up and recovers by itself",
+            slot=slots[0] if slots else None,
+        )
+
+    def _check(
+        self, snap: RoutingSnapshot[Any, Any], shard: ShardId, slots: tuple[Slot, ...] | None
+    ) -> None:
+        self._refuse_expired(shard, slots)
+        fence = self.fence
         current = self.current()
         ranges = snap.moving + tuple(m for m in current.moving if m not in snap.moving)
         for m in ranges:

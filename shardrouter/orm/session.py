@@ -445,9 +445,12 @@ class RoutedSession(ShardedSession):
         self._proxies: dict[tuple[int, str], _PlacementConnection] = {}
         self._ledger = LookupLedger()
         self._committed = False
+        self._wrote = False
+        """A write of this transaction passed the resolver: its commit is fenced too."""
         # Ahead of horizontal_shard's own handler, which then runs each routed piece.
         event.listen(self, "do_orm_execute", self._on_execute, retval=True, insert=True)
         event.listen(self, "before_flush", self._before_flush)
+        event.listen(self, "before_commit", self._before_commit)
         event.listen(self, "after_commit", self._after_commit)
         event.listen(self, "after_transaction_end", self._after_transaction_end)
 
@@ -628,6 +631,7 @@ class RoutedSession(ShardedSession):
         rule = info.rule.primary
         assert rule is not None
         slot = rule.slot(info.value(state, rule.column))
+        self._wrote = True
         self.router.resolver.write_slot(self._snap, slot, "orm", "orm")
 
     def _check_secondaries(self, info: _MappedTable, state: InstanceState[Any]) -> None:
@@ -706,6 +710,12 @@ class RoutedSession(ShardedSession):
             raise
         return written
 
+    def _before_commit(self, session: Session) -> None:
+        # Writes flushed earlier were checked then; the lease may have expired since (a
+        # write flushed by this commit is checked by its flush).
+        if self._wrote and not self.in_nested_transaction():
+            self.router.resolver.before_commit(None)
+
     def _after_commit(self, session: Session) -> None:
         if self.in_nested_transaction():
             return  # a savepoint released: the outer transaction may still roll back
@@ -719,6 +729,7 @@ class RoutedSession(ShardedSession):
             # rollback forgets the deletes (running one for a row the rollback brought back
             # would hide it from reads by the lookup key).
             committed, self._committed = self._committed, False
+            self._wrote = False
             try:
                 _Runner(self.router).drive(
                     self._ledger.settle(self._snap.topology, committed), self._snap
@@ -966,6 +977,7 @@ class RoutedSession(ShardedSession):
                 )
             tokens = self._routing.fanout(table)
         self._check_limits(tokens, 0)
+        self._wrote = True
         for shard in dict.fromkeys(self._routing.placements[t].shard for t in tokens):
             self.router.resolver.write_shard(self._snap, shard, "orm", "statement")
         if len(tokens) > 1 and plan.has_limit:

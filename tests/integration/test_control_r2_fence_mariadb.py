@@ -2,7 +2,8 @@
 are where a registration could miss a push) and with the AsyncRouter:
 
 - a router registering after a newer version was acknowledged catches up before it serves;
-- an AsyncRouter acknowledges a version only once its transactions on older ones are over;
+- an AsyncRouter acknowledges a version only once its transactions on older ones are over,
+  and fences the commit of writes checked before its lease expired;
 - a following AsyncRouter inherited through fork() refuses in the child (RouterForkedError).
 """
 
@@ -27,6 +28,7 @@ from shardrouter.control.store import MetaStore
 from shardrouter.core.config import config_from_dict
 from shardrouter.engine.aio import AsyncRouter
 from shardrouter.engine.router import Router
+from shardrouter.errors import FencedError
 from shardrouter.ops import sandbox as sb
 
 pytestmark = pytest.mark.timeout(120)
@@ -140,6 +142,43 @@ def test_async_transaction_on_an_older_version_holds_the_ack(
             report = await asyncio.to_thread(wait_for_acks, store, 2, 10)
             assert report.complete, report.describe()
         finally:
+            await router.close()
+
+    asyncio.run(scenario())
+
+
+def test_async_commit_after_the_lease_expired_is_refused(
+    cluster: tuple[dict[str, Any], MetaStore, Path],
+) -> None:
+    raw, _store, _ = cluster
+
+    async def scenario() -> None:
+        router = AsyncRouter.from_config(config_from_dict(raw))
+        fence = router.resolver.fence
+        try:
+            with pytest.raises(FencedError, match="commit of"):
+                async with router.transaction() as txn:
+                    await txn.execute(
+                        "INSERT INTO notes (user_id, body) VALUES (:u, 'late')", {"u": 31}
+                    )
+                    router._follower.pause()
+                    while not fence.expired():
+                        await asyncio.sleep(0.05)
+            router._follower.resume()
+            while fence.expired():
+                await asyncio.sleep(0.05)
+            with pytest.raises(FencedError, match="commit of"):
+                async with router.connection(user_id=32) as conn:
+                    await conn.execute(text("INSERT INTO notes VALUES (32, 'late')"))
+                    router._follower.pause()
+                    while not fence.expired():
+                        await asyncio.sleep(0.05)
+            with pytest.raises(FencedError, match="write to"):
+                await router.execute("INSERT INTO notes (user_id, body) VALUES (33, 'x')")
+            rows = await router.execute("SELECT COUNT(*) FROM notes WHERE user_id IN (31, 32)")
+            assert rows.rows[0][0] == 0
+        finally:
+            router._follower.resume()
             await router.close()
 
     asyncio.run(scenario())

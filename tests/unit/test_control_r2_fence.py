@@ -1,7 +1,8 @@
 """The control plane's fence, second round (review findings 1, 2, 3 and 5, and the routed
 session's snapshot released by close()), on a SQLite meta store:
 
-- a router whose lease expired refuses every write (it cannot know which slots are moving);
+- a router whose lease expired refuses every write (it cannot know which slots are moving),
+  and every commit of writes checked before the expiry;
 - a router registering after a newer version was acknowledged catches up before it serves;
 - a router acknowledges a version only once no user of an older snapshot can still write;
 - a following router inherited through fork() refuses in the child (RouterForkedError);
@@ -164,6 +165,54 @@ def test_an_expired_lease_refuses_every_write_reads_go_on_and_it_recovers(
         router._follower.resume()
         wait_until(lambda: not router.resolver.fence.expired())
         router.execute("UPDATE notes SET body = 'after' WHERE user_id = :u", {"u": user})
+
+
+def test_a_commit_after_the_lease_expired_is_refused_and_rolled_back(
+    cluster: tuple[dict[str, Any], MetaStore],
+) -> None:
+    """Writes checked while the lease was live but committed after it expired would land
+    after the cluster stopped waiting for this router: the commit is fenced too."""
+    raw, _store = cluster
+    with Router.from_config(config_from_dict(raw)) as router:
+        fence = router.resolver.fence
+
+        def count(user: int) -> int:
+            sql = "SELECT COUNT(*) FROM notes WHERE user_id = :u"
+            return int(router.execute(sql, {"u": user}).rows[0][0])
+
+        with pytest.raises(FencedError, match="commit of"), router.transaction() as txn:
+            txn.execute("INSERT INTO notes (user_id, body) VALUES (:u, 'txn')", {"u": 21})
+            router._follower.pause()
+            wait_until(fence.expired, timeout=3)
+        assert count(21) == 0
+        router._follower.resume()
+        wait_until(lambda: not fence.expired())
+
+        with pytest.raises(FencedError, match="commit of"), router.connection(user_id=22) as c:
+            c.execute(text("INSERT INTO notes VALUES (22, 'explicit')"))
+            router._follower.pause()
+            wait_until(fence.expired, timeout=3)
+        assert count(22) == 0
+        router._follower.resume()
+        wait_until(lambda: not fence.expired())
+
+        session = RoutedSession(router)
+        try:
+            session.add(_Note(user_id=23, body="orm"))
+            session.flush()
+            router._follower.pause()
+            wait_until(fence.expired, timeout=3)
+            with pytest.raises(FencedError, match="commit of"):
+                session.commit()
+            session.rollback()
+        finally:
+            session.close()
+        assert count(23) == 0
+        router._follower.resume()
+        wait_until(lambda: not fence.expired())
+        with router.transaction() as txn:  # recovered: commits again
+            txn.execute("INSERT INTO notes (user_id, body) VALUES (:u, 'ok')", {"u": 21})
+        assert count(21) == 1
 
 
 def test_a_router_without_meta_is_never_fenced(tmp_path: Path) -> None:
