@@ -38,8 +38,8 @@ It is renewed only by a heartbeat that succeeded while this router had caught up
 current version. Once it passes, the router refuses EVERY write, and the commit of writes
 checked before (shardrouter.engine.snapshot.WriteResolver): cut off from the store, it cannot
 know which slots a version pushed since has started moving, and the cluster stops waiting
-for it once its lease has expired in the store. Reads go on. The next successful heartbeat after catching
-up lifts the fence.
+for it once its lease has expired in the store. Reads go on. The next successful heartbeat
+after catching up lifts the fence.
 
 Why a router never writes with a topology older than the one all live routers acknowledged:
 a live router acknowledges version v only after it swapped to v and no statement,
