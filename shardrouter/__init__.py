@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .errors import MetaStoreDocumentError as MetaStoreDocumentError
     from .errors import MetaStoreError as MetaStoreError
     from .errors import MetaStoreUnavailableError as MetaStoreUnavailableError
+    from .errors import RouterForkedError as RouterForkedError
     from .errors import RoutingError as RoutingError
     from .errors import ScatterWriteError as ScatterWriteError
     from .errors import ShardRouterError as ShardRouterError
@@ -90,6 +91,7 @@ _WHERE: dict[str, str] = {
     "ResultSet": "sql.execution",
     "Route": "core.topology",
     "Router": "engine.router",
+    "RouterForkedError": "errors",
     "RoutingError": "errors",
     "ScatterWriteError": "errors",
     "ShardId": "types",
@@ -164,6 +166,7 @@ __all__ = [
     "ResultSet",
     "Route",
     "Router",
+    "RouterForkedError",
     "RoutingError",
     "ScatterWriteError",
     "ShardId",

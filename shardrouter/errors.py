@@ -31,15 +31,18 @@
     ├── MetaStoreError                  the meta store is missing its tables, holds a newer schema,
     │   │                               or refused an operation
     │   ├── MetaStoreUnavailableError   the meta store did not answer (routers keep serving their
-    │   │                               version; writes to moving slots fence after the lease)
+    │   │                               version; their writes fence once their lease expires)
     │   ├── MetaStoreDocumentError      a stored topology version's document is not a JSON object
     │   │                               (changed outside shardctl): ``.version`` names it
     │   └── ConcurrentChangeError       another process changed the same thing first (a push
     │                                   raced another push): re-read and retry
     ├── TopologyChangeError             a proposed topology change cannot be applied live (it
     │                                   would move data or change what cannot change)
-    ├── FencedError                     a write to a slot whose placement is changing, refused
-    │                                   because this router could not renew its lease in time
+    ├── FencedError                     a write refused: this router's lease expired (it cannot
+    │                                   know which slots are moving), or the write's topology
+    │                                   version is older than one it acknowledged (moving slot)
+    ├── RouterForkedError               a router following the meta store was inherited through
+    │                                   fork(): build the router in the child, after forking
     └── SandboxError                    the local MariaDB sandbox could not start or stop
         ├── ServerBinaryMissingError    mariadbd / mariadb-install-db are not installed
         └── PortInUseError              a port the sandbox needs is taken by another process
@@ -209,14 +212,26 @@ class TopologyChangeError(ShardRouterError):
 
 
 class FencedError(ShardRouterError):
-    """A write to a slot whose placement is changing, refused because this router could not
-    renew its lease with the meta store before the lease expired (by its own clock): another
-    router may already write that slot under a newer version. Reads and writes to other slots
-    go on; the router recovers by itself once the meta store answers and it has caught up."""
+    """A write refused by the fence of the control plane (shardrouter.control.follow).
+
+    Either this router could not renew its lease with the meta store before the lease expired
+    (by its own clock): it cannot know which slots started moving since, so it refuses every
+    write (``slot`` names the write's slot when the door knows it); reads go on, and it
+    recovers by itself once the meta store answers again and it has caught up. Or the write's
+    topology version is older than one this router acknowledged and its slot is moving: retry
+    it on the new version."""
 
     def __init__(self, message: str, *, slot: int | None = None) -> None:
         super().__init__(message)
         self.slot = slot
+
+
+class RouterForkedError(ShardRouterError):
+    """A Router or AsyncRouter that follows a meta store (``meta:``) was inherited through
+    ``fork()`` (multiprocessing 'fork', gunicorn --preload, Celery prefork): the child has no
+    poller, so it would route by a version the cluster may have left behind, under the
+    parent's registry row. Every statement, transaction and session refuses in the child;
+    build the router in the child, after forking."""
 
 
 class SandboxError(ShardRouterError):
@@ -248,6 +263,7 @@ __all__ = [
     "MetaStoreError",
     "MetaStoreUnavailableError",
     "PortInUseError",
+    "RouterForkedError",
     "RoutingError",
     "SandboxError",
     "ScatterWriteError",

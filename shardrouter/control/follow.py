@@ -15,33 +15,52 @@ poll is a heartbeat instead: it renews the lease and records the served and ackn
 versions in the same transaction (about 1 ms of CPU on MariaDB, measured by
 tools/bench_control.py); a read in between is one round trip on a connection the poller
 keeps. On a new version it fetches and validates the document, builds the new
-routing snapshot, swaps it in (``router._install``: statements and transactions already
-running finish on the version they started with), then acknowledges it at once (a second
-heartbeat). A version that fails validation here is not applied: the router keeps serving its
-version, logs the problems (passwords masked by the config's messages) and does not
-acknowledge it, so ``wait_for_acks`` names it as lagging.
+routing snapshot and swaps it in (``router._install``: statements and transactions already
+running finish on the version they started with). It acknowledges it (a second heartbeat)
+once no user of an older snapshot is left: at once when nothing is in flight, else at the
+first poll after the last transaction, ``connection()``/``session()`` block or routed ORM
+session (until its close()) holding an older snapshot has let go; until then its heartbeats
+report the new version as served and the old one as acknowledged, and ``wait_for_acks``
+waits for it (or names it lagging at its timeout). A version that fails validation here is
+not applied: the router keeps serving its version, logs the problems (passwords masked by the
+config's messages) and does not acknowledge it, so ``wait_for_acks`` names it as lagging.
+
+Start. After its registration has committed, the router reads the current version once more
+and, if a newer one was pushed in between (it may even have been acknowledged by every live
+router, which did not yet include this one), swaps to it and acknowledges it before
+``from_config`` returns: a router never serves a version older than one the cluster has
+acknowledged without it.
 
 Fencing. The lease end is tracked by this process's monotonic clock: the moment the renewing
 heartbeat was SENT, plus ``lease_s``, minus ``fence_margin_s`` (the store's lease runs from
 the moment it received the request, later, so this end is always earlier than the store's).
 It is renewed only by a heartbeat that succeeded while this router had caught up with the
-current version. Once it passes, writes to slots whose placement is changing are refused
-(shardrouter.engine.snapshot.WriteResolver); everything else goes on. The next successful
-heartbeat after catching up lifts the fence.
+current version. Once it passes, the router refuses EVERY write, and the commit of writes
+checked before (shardrouter.engine.snapshot.WriteResolver): cut off from the store, it cannot
+know which slots a version pushed since has started moving, and the cluster stops waiting
+for it once its lease has expired in the store. Reads go on. The next successful heartbeat
+after catching up lifts the fence.
 
-Why a router never writes a moving slot with a topology older than the one all live routers
-acknowledged: a router acknowledges version v only after it swapped to v, and the resolver
-refuses a write to a moving slot from any statement pinned to a snapshot older than the
-version this router acknowledged (or the cluster's lowest acknowledgement, whichever is
-newer). A router that could not acknowledge is either still live (then ``wait_for_acks``
-waits for it) or its lease expired (then it is fenced by its own clock before the store's
-lease ends).
+Why a router never writes with a topology older than the one all live routers acknowledged:
+a live router acknowledges version v only after it swapped to v and no statement,
+transaction or session of an older version is left, so no write can run under an older
+version afterwards (the resolver also refuses a write to a moving slot from a snapshot
+older than the acknowledged version, a second line); a router that could not acknowledge is
+either still live (then ``wait_for_acks`` waits for it) or its lease expired (then it has
+fenced every write by its own clock before the store's lease ended); a router that started
+meanwhile caught up before serving.
+
+fork(). A following router inherited through fork() has no poller in the child and its
+registry row is the parent's: in the child every statement, transaction, connection and
+session refuses with RouterForkedError (build the router after forking), and its close()
+neither deregisters nor closes the parent's connections to the store.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 import weakref
@@ -50,7 +69,7 @@ from typing import Any
 
 from ..core.config import MetaConfig, TopologyConfig, _mask_text, config_from_dict, safe_url
 from ..core.topology import Topology
-from ..engine.snapshot import FenceState
+from ..engine.snapshot import FenceState, RoutingSnapshot
 from ..errors import ConfigError, MetaStoreDocumentError, MetaStoreError
 from .registry import Heartbeat, Registration, RouterKind
 from .store import MetaStore, TopologyVersion
@@ -91,6 +110,11 @@ class Follower:
         self._paused = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._draining: list[RoutingSnapshot[Any, Any]] = []
+        """Snapshots swapped out since the last acknowledgement: the router acknowledges the
+        version it serves only once none of them has a user left (see _ack_due)."""
+        self._pid = os.getpid()
+        self._forked = False
 
     # -- start ------------------------------------------------------------------------------
 
@@ -115,13 +139,29 @@ class Follower:
         return config
 
     def start(self, router: Any) -> None:
-        """Register ``router`` (serving its version) and start polling."""
+        """Register ``router`` (serving its version), catch up with the current version if
+        one was pushed before the registration was visible, and start polling.
+
+        The catch-up closes a race: between loading the current version and registering, a
+        newer version may have been pushed and acknowledged by every live router (this one
+        was not live yet, so no one waited for it). After the registration has committed,
+        every later push waits for this router; one more read then sees every earlier push.
+        The router reaches its caller (so it serves anything) only after that read and the
+        swap to what it found; a version that does not validate here fails the start."""
         router._follower = self
         router.resolver.fence = self.fence
         self._router = weakref.ref(router)
         started = time.monotonic()
-        beat = self.registration.register(router.version)
+        self.registration.register(router.version)
         self.fence.acked = router.version
+        beat = self.registration.read()  # after the commit: sees every push before it
+        current = beat.current_version
+        if current is not None and current > router.version:
+            self._install(router, self._validate(self.store.get(current)))
+            self._draining.clear()  # nothing ran on the loaded snapshot: no user to wait for
+            self.fence.acked = current
+            started = time.monotonic()
+            beat = self.registration.heartbeat(current, current)
         self._renewed(started, beat, router.version, True)
         with _followers_lock:
             _followers.add(self)
@@ -154,10 +194,15 @@ class Follower:
             self._deregister()
 
     def poll_once(self, router: Any) -> None:
-        """One poll: a heartbeat when the lease is due for renewal (or was lost), else a read;
-        a new version is validated, swapped in and acknowledged (a heartbeat)."""
+        """One poll: a heartbeat when the lease is due for renewal (or was lost) or an
+        acknowledgement is due, else a read; a new version is validated and swapped in, and
+        acknowledged (a heartbeat) once no statement, transaction, explicit connection or ORM
+        session holds an older snapshot (at once in the usual case; else at a later poll)."""
         started = time.monotonic()
-        renew = started - self._last_renewal >= self._renew_every
+        acking = self._ack_due(router)
+        if acking:
+            self.fence.acked = router.version
+        renew = acking or started - self._last_renewal >= self._renew_every
         try:
             if renew:
                 beat = self.registration.heartbeat(router.version, self.fence.acked)
@@ -179,7 +224,7 @@ class Follower:
             try:
                 if isinstance(found, MetaStoreDocumentError):
                     raise found
-                router._install(Topology(self._validate(found)))
+                self._install(router, self._validate(found))
             except Exception as exc:  # invalid here (env, drivers): not applied, not acked
                 problem = exc if isinstance(exc, ConfigError) else _mask_text(f"{exc}")
                 self.rejected[current] = f"{type(exc).__name__}: {problem}"
@@ -191,16 +236,41 @@ class Follower:
                     self.rejected[current],
                 )
             else:
-                self.fence.acked = current
-                started = time.monotonic()
-                try:
-                    beat = self.registration.heartbeat(current, current)  # the ack
-                except MetaStoreError as exc:
-                    self._lost(exc)
-                    return
-                renew = True
                 log.info("router %s: now serving topology version %d", self.instance_id, current)
+                if self._ack_due(router):
+                    self.fence.acked = current
+                    started = time.monotonic()
+                    try:
+                        beat = self.registration.heartbeat(current, current)  # the ack
+                    except MetaStoreError as exc:
+                        self._lost(exc)
+                        return
+                    renew = True
+                else:
+                    log.info(
+                        "router %s: version %d acknowledged once the users of older versions"
+                        " (transactions, connection() blocks, ORM sessions) finish",
+                        self.instance_id,
+                        current,
+                    )
         self._renewed(started, beat, router.version, renew)
+
+    def _install(self, router: Any, config: TopologyConfig) -> None:
+        old = router._snap
+        router._install(Topology(config))
+        self._draining.append(old)
+
+    def _ack_due(self, router: Any) -> bool:
+        """Whether the served version can be acknowledged now: it is newer than the last
+        acknowledgement and no older snapshot has a user left. A retired snapshot whose
+        users reached 0 can never be pinned again (RoutingSnapshot.acquire), so once this
+        holds no write can run under an older version."""
+        if self.fence.acked >= router.version:
+            return False
+        if any(snap.users for snap in self._draining):
+            return False
+        self._draining.clear()
+        return True
 
     def _renewed(self, started: float, beat: Heartbeat, serving: int, renewed: bool) -> None:
         fence = self.fence
@@ -243,10 +313,15 @@ class Follower:
         self._paused.clear()
 
     def close(self) -> None:
-        """Stop polling, deregister, close the store's engine. Idempotent."""
+        """Stop polling, deregister, close the store's engine. Idempotent. In a fork()ed
+        child: none of that (the registry row, the poller and the store's connections are
+        the parent's); the child's copy of the store's pool is dropped without closing."""
         if self._closed:
             return
         self._closed = True
+        if self._forked or os.getpid() != self._pid:
+            self.store.engine.dispose(close=False)
+            return
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -262,6 +337,38 @@ class Follower:
             self.registration.deregister()
         except MetaStoreError as exc:  # its lease expires by itself
             log.warning("router %s: not deregistered: %s", self.instance_id, exc)
+
+
+def _forked_message(follower: Follower) -> str:
+    return (
+        f"this {follower.kind} router follows the meta store {safe_url(follower.store.url)}"
+        f" and was inherited through fork() by process {os.getpid()} from process"
+        f" {follower._pid}: a child has no poller, so it would route by a topology version the"
+        " cluster may have left behind, and the registry row acknowledging versions is the"
+        " parent's. Build the router in the child, after forking (gunicorn: post_fork or no"
+        " --preload; multiprocessing: create it in the target, or use the 'spawn' start"
+        " method; Celery: worker_process_init)"
+    )
+
+
+def _fence_after_fork() -> None:
+    """In a fork()ed child: every following router refuses (statements, transactions and
+    sessions when they pin a snapshot, writes through snapshots pinned before the fork), and
+    nothing of its follower runs at exit (the parent deregisters its own row)."""
+    global _followers_lock
+    _followers_lock = threading.Lock()  # a parent's thread may have held it at the fork
+    for follower in list(_followers):
+        follower._forked = True
+        message = _forked_message(follower)
+        follower.fence.forked = message
+        follower.fence.lease_end = float("-inf")
+        router = follower._router() if follower._router is not None else None
+        if router is not None:
+            router._snap.forked = message
+    _followers.clear()
+
+
+os.register_at_fork(after_in_child=_fence_after_fork)
 
 
 @atexit.register

@@ -210,6 +210,12 @@ class AsyncTransaction:
                     if commit and self._wrote:  # a read-only one loses nothing
                         raise aborted(self.shard, self._broken)
                 else:
+                    if commit and self._wrote:
+                        try:  # the lease may have expired since its writes were checked
+                            self._router.resolver.before_commit(self.shard)
+                        except BaseException:
+                            await self._router._end(self.shard, conn, False, self._snap)
+                            raise
                     await self._router._end(self.shard, conn, commit, self._snap)
             committed = commit
             if commit and self._deferred:
@@ -398,6 +404,7 @@ class AsyncRouter:
             try:
                 async with snap.engines.primary(shard).begin() as conn:
                     yield AsyncShardConnection(conn, snap.topology, shard, slot)
+                    self.resolver.before_commit(shard, slot)  # refused: rolled back
             except (DBAPIError, PoolTimeoutError) as exc:
                 raise classify(exc, shard) from exc
         finally:
@@ -529,6 +536,7 @@ class AsyncRouter:
                 conn = await self._begin(job.shard, snap)
                 conns.append((job.shard, conn))
                 results[index] = await self._bounded(job.shard, self._stoppable(conn, job), snap)
+            self.resolver.before_commit(None)  # the lease may have expired meanwhile
         except BaseException as exc:  # cancelled too: every begun part is still ended
             error = exc
         ends = await asyncio.gather(
@@ -653,7 +661,9 @@ class AsyncRouter:
                 async with engine.connect() as conn:
                     return await self._stoppable(conn, job)
             async with engine.begin() as conn:
-                return await self._stoppable(conn, job)
+                result = await self._stoppable(conn, job)
+                self.resolver.before_commit(job.shard)  # refused: rolled back
+                return result
         except (DBAPIError, PoolTimeoutError, OSError) as exc:
             raise classify(exc, job.shard) from exc
 

@@ -312,6 +312,12 @@ class Transaction:
     def _finish(self, commit: bool) -> None:
         committed = False
         try:
+            if commit and self._wrote:
+                try:  # the lease may have expired since its writes were checked
+                    self._router.resolver.before_commit(self.shard)
+                except BaseException:
+                    self._end(False)
+                    raise
             self._end(commit)
             committed = commit
         finally:
@@ -555,6 +561,7 @@ class Router:
             try:
                 with engine.begin() as conn:
                     yield ShardConnection(conn, snap.topology, shard, slot)
+                    self.resolver.before_commit(shard, slot)  # refused: rolled back
             except (DBAPIError, PoolTimeoutError) as exc:
                 raise classify(exc, shard) from exc
         finally:
@@ -699,7 +706,9 @@ class Router:
                 with engine.connect() as conn:
                     return self._execute_on(conn, job)
             with engine.begin() as conn:
-                return self._execute_on(conn, job)
+                result = self._execute_on(conn, job)
+                self.resolver.before_commit(job.shard)  # refused: rolled back
+                return result
         except (DBAPIError, PoolTimeoutError) as exc:
             raise classify(exc, job.shard) from exc
 
@@ -742,6 +751,7 @@ class Router:
                 conns.append(conn)
                 conn.begin()
                 results[index] = self._execute_on(conn, job)
+            self.resolver.before_commit(None)  # the lease may have expired meanwhile
         except BaseException as exc:
             error = exc
         try:

@@ -14,6 +14,11 @@ The write resolver (``WriteResolver``) is the one place every write passes on it
 shard, whatever the door (``Router.execute`` jobs, transactions, the explicit path, the ORM
 flush, the AsyncRouter): it records the resolution for an optional hook and applies the fencing
 rules of the control plane (see shardrouter.control.follow).
+
+The follower acknowledges a new version only once no statement, transaction, explicit
+connection or routed ORM session holds an older snapshot (``users`` of the retired ones is 0:
+a retired snapshot whose last user left can never be pinned again), so a write under an
+older version cannot happen after the acknowledgement.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from ..core.topology import KeyRule, Topology
-from ..errors import FencedError
+from ..errors import FencedError, RouterForkedError
 from ..sql.planner import Planner
 from ..types import ShardId, Slot
 
@@ -75,6 +80,7 @@ class RoutingSnapshot(Generic[E, L]):
         "_lock",
         "_users",
         "engines",
+        "forked",
         "key_rules",
         "lean",
         "moving",
@@ -104,12 +110,17 @@ class RoutingSnapshot(Generic[E, L]):
         self._users = 0
         self._dispose: Callable[[], None] | None = None
         self.retired = False
+        self.forked = ""
+        """Set in a fork()ed child of a following router's process: why pinning refuses."""
 
     def __repr__(self) -> str:
         return f"RoutingSnapshot(version={self.version}, users={self._users})"
 
     def acquire(self) -> bool:
-        """Pin it (False: it was retired and disposed meanwhile; pin the current one)."""
+        """Pin it (False: it was retired and disposed meanwhile; pin the current one).
+        RouterForkedError in a fork()ed child of a router that follows a meta store."""
+        if self.forked:  # before the lock: a parent's thread may have held it at the fork
+            raise RouterForkedError(self.forked)
         with self._lock:
             if self.retired and self._dispose is None and self._users == 0:
                 return False
@@ -232,30 +243,45 @@ class FenceState:
     """The current version, as last read from the store."""
     reason: str = ""
     """Why the lease was not renewed (the last error), for FencedError."""
+    forked: str = ""
+    """Set in a fork()ed child: every write refuses with RouterForkedError (this message)."""
 
     def expired(self) -> bool:
         return time.monotonic() >= self.lease_end
+
+    def expired_at(self) -> str:
+        """When the lease ended, on this host's wall clock (UTC), and how long ago."""
+        ago = time.monotonic() - self.lease_end
+        if ago == float("inf"):
+            return "before this process could renew it"
+        at = time.strftime("%H:%M:%S", time.gmtime(time.time() - ago))
+        return f"{at} UTC ({ago:.1f} s ago)"
 
 
 @dataclass
 class WriteResolver:
     """The one door every write passes (slot/shard -> shard, role) and the fencing check.
 
-    Rules for a write to a slot whose placement is changing (in the pinned snapshot's or the
-    current snapshot's ``moving`` ranges):
-
-    - refused (FencedError) when the lease has expired by this process's clock: another router
-      may already write the slot under a newer version;
-    - refused when the pinned snapshot is older than the version this router (or the whole
-      cluster) has acknowledged: the router acknowledges a version only after swapping to it,
-      so a statement still on an older snapshot may not write a moving slot.
+    - Every write is refused (FencedError) once the lease has expired by this process's clock
+      (the fence margin included): the router no longer knows which slots are moving now (a
+      version pushed since may have started moving any of them, and the cluster goes on
+      without it once its lease has expired in the store), so it cannot tell a safe write
+      from a stale one. Reads go on. It recovers by itself at the next renewal after the meta
+      store answers again and it has caught up with the current version. The doors call
+      ``before_commit`` before committing writes checked earlier (a transaction, a
+      ``connection()`` block, an ORM session, a statement): refused too once it expired.
+    - A write to a slot whose placement is changing (in the pinned snapshot's or the current
+      snapshot's ``moving`` ranges) is refused when the pinned snapshot is older than the
+      version this router (or the whole cluster) has acknowledged. (The follower acknowledges
+      only once no older snapshot is pinned, so this is a second line of defence.)
+    - In a fork()ed child of a following router, every write refuses with RouterForkedError.
 
     Jobs of Router.execute carry no slot: while moving ranges exist, the statement routes
     through a SlotRecorder and each write job is checked with the slots routed to its shard. A
     write whose slots are unknown (a scatter write) is checked against every moving range with
     its shard as source or target: conservative, never permissive.
     Everything else passes untouched; with no moving ranges and no hook the check costs two
-    attribute reads.
+    attribute reads and one monotonic-clock comparison (the lease).
     """
 
     current: Callable[[], RoutingSnapshot[Any, Any]]
@@ -269,7 +295,7 @@ class WriteResolver:
         shard = snap.topology.shard_of_slot(slot)
         if self.hook is not None:
             self.hook(Resolution(path, shard, slot, snap.version, role))
-        if snap.moving or self.current().moving:
+        if snap.moving or self.current().moving or time.monotonic() >= self.fence.lease_end:
             self._check(snap, shard, (slot,))
         return shard
 
@@ -285,12 +311,44 @@ class WriteResolver:
         if self.hook is not None:
             for slot in slots if slots is not None else (None,):
                 self.hook(Resolution(path, shard, slot, snap.version, role))
-        if snap.moving or self.current().moving:
+        if snap.moving or self.current().moving or time.monotonic() >= self.fence.lease_end:
             self._check(snap, shard, tuple(slots) if slots is not None else None)
+
+    def before_commit(self, shard: ShardId | None, slot: Slot | None = None) -> None:
+        """Before the commit of writes the resolver passed earlier (a transaction, a
+        ``connection()`` block, a routed ORM session, a statement): refused once the lease
+        has expired meanwhile, since the cluster may have moved on without this router. The
+        caller rolls back. One monotonic-clock comparison while the lease is live."""
+        if time.monotonic() >= self.fence.lease_end:
+            self._refuse_expired(shard, (slot,) if slot is not None else None, "commit of")
+
+    def _refuse_expired(
+        self, shard: ShardId | None, slots: tuple[Slot, ...] | None, what: str = "write to"
+    ) -> None:
+        fence = self.fence
+        if fence.forked:
+            raise RouterForkedError(fence.forked)
+        if not fence.expired():
+            return
+        where = f"shard {shard}" if shard is not None else "the shards"
+        if slots:
+            where = f"slot {slots[0]} on {where}"
+        why = f": {fence.reason}" if fence.reason else ""
+        raise FencedError(
+            f"{what} {where} refused: this router's lease with the meta store expired at"
+            f" {fence.expired_at()}{why}; this router cannot know which slots are moving"
+            " now (a version pushed since may move any of them, and the cluster no longer"
+            " waits for this router), so it refuses every write until it is renewed. Reads"
+            " keep working. The way out: the meta store must answer again; the router then"
+            " catches up and recovers by itself",
+            slot=slots[0] if slots else None,
+        )
 
     def _check(
         self, snap: RoutingSnapshot[Any, Any], shard: ShardId, slots: tuple[Slot, ...] | None
     ) -> None:
+        self._refuse_expired(shard, slots)
+        fence = self.fence
         current = self.current()
         ranges = snap.moving + tuple(m for m in current.moving if m not in snap.moving)
         for m in ranges:
@@ -300,18 +358,7 @@ class WriteResolver:
                 hit = next((s for s in slots if s in m), None)
             if hit is None:
                 continue
-            fence = self.fence
             where = f"slot {hit}" if slots is not None else f"slots [{m.start}, {m.end})"
-            if fence.expired():
-                why = f" ({fence.reason})" if fence.reason else ""
-                raise FencedError(
-                    f"write to {where} on shard {shard} refused: its placement is moving"
-                    f" ({m.source} -> {m.target}) and this router could not renew its lease"
-                    f" with the meta store in time{why}; another router may already write it"
-                    " under a newer version. Reads and other slots keep working; it recovers"
-                    " by itself once the meta store answers and it has caught up",
-                    slot=hit,
-                )
             newest = max(fence.acked, fence.all_acked)
             if snap.version < newest:
                 raise FencedError(

@@ -439,6 +439,7 @@ class _RawPlacementConnection:
         if _writes(statement):
             session = self._session
             session.router.resolver.write_shard(session._snap, self._shard, "orm", "placement")
+            session._wrote = True  # its commit is fenced too (RoutedSession._before_commit)
 
     def execute(
         self,
@@ -471,6 +472,29 @@ class _RawPlacementConnection:
         return getattr(self._connection, name)
 
 
+class _SessionPin:
+    """The routing snapshot a session routes by, released once: by close() (or reset(),
+    invalidate()), else when the session is garbage-collected. Holds no reference to the
+    session, so the session's finalizer can own it."""
+
+    __slots__ = ("routing", "snap")
+
+    def __init__(self, router: Router) -> None:
+        snap = router._pin()
+        try:
+            routing = _routing_for(snap)
+        except BaseException:
+            snap.release()
+            raise
+        self.snap: Snapshot | None = snap
+        self.routing: _Routing | None = routing
+
+    def release(self) -> None:
+        snap, self.snap, self.routing = self.snap, None, None
+        if snap is not None:
+            snap.release()
+
+
 class RoutedSession(ShardedSession):
     """A horizontal_shard Session over a Router's shards (see the module docstring).
 
@@ -479,13 +503,14 @@ class RoutedSession(ShardedSession):
     """
 
     def __init__(self, router: Router, **kw: Any) -> None:
-        # The session routes by the router's snapshot of the moment it is made, for its whole
-        # life (a new topology version reaches the next session); the snapshot's engines stay
-        # until the session is gone. Keep sessions short: one per unit of work.
-        snap = router._pin()
-        weakref.finalize(self, snap.release)
-        self._snap = snap
-        routing = _routing_for(snap)
+        # The session routes by the router's snapshot of the moment it is made until close()
+        # (commits do not change it: the identity map's objects carry the placement tokens of
+        # that version). A new topology version reaches the next session, or this one after
+        # close(). While it holds an older snapshot, the router does not acknowledge a newer
+        # version (wait_for_acks reports it lagging): keep sessions to one unit of work.
+        pin = self._snapshot_pin = _SessionPin(router)
+        weakref.finalize(self, pin.release)
+        routing = self._routing
         super().__init__(
             shard_chooser=self._choose_shard,
             identity_chooser=self._choose_identity,
@@ -494,13 +519,15 @@ class RoutedSession(ShardedSession):
             **kw,
         )
         self.router = router
-        self._routing = routing
         self._proxies: dict[tuple[int, str], _PlacementConnection] = {}
         self._ledger = LookupLedger()
         self._committed = False
+        self._wrote = False
+        """A write of this transaction passed the resolver: its commit is fenced too."""
         # Ahead of horizontal_shard's own handler, which then runs each routed piece.
         event.listen(self, "do_orm_execute", self._on_execute, retval=True, insert=True)
         event.listen(self, "before_flush", self._before_flush)
+        event.listen(self, "before_commit", self._before_commit)
         event.listen(self, "after_commit", self._after_commit)
         event.listen(self, "after_transaction_end", self._after_transaction_end)
 
@@ -524,6 +551,55 @@ class RoutedSession(ShardedSession):
                 return conn
             shard = found
         return cast(Connection, _RawPlacementConnection(conn, self, shard))
+
+    @property
+    def _snap(self) -> Snapshot:
+        """The routing snapshot of the session (pinned again, the router's current one, on the
+        first use after close())."""
+        snap = self._snapshot_pin.snap
+        if snap is None:
+            snap = self._repin().snap
+            assert snap is not None
+        return snap
+
+    @property
+    def _routing(self) -> _Routing:
+        routing = self._snapshot_pin.routing
+        if routing is None:
+            routing = self._repin().routing
+            assert routing is not None
+        return routing
+
+    def _repin(self) -> _SessionPin:
+        pin = self._snapshot_pin
+        fresh = _SessionPin(self.router)
+        pin.snap, pin.routing = fresh.snap, fresh.routing
+        assert fresh.routing is not None
+        for token, bind in fresh.routing.binds.items():
+            self.bind_shard(token, bind)
+        self._proxies.clear()
+        return pin
+
+    def close(self) -> None:
+        """Close the session (SQLAlchemy's close) and release its routing snapshot: a new
+        topology version can then be acknowledged, and the next use of this session routes
+        by the router's version of that moment."""
+        try:
+            super().close()
+        finally:
+            self._snapshot_pin.release()
+
+    def reset(self) -> None:
+        try:
+            super().reset()
+        finally:
+            self._snapshot_pin.release()
+
+    def invalidate(self) -> None:
+        try:
+            super().invalidate()
+        finally:
+            self._snapshot_pin.release()
 
     def begin_nested(self) -> Any:
         """Refused: horizontal_shard flushes through the root transaction's connections (no
@@ -653,6 +729,7 @@ class RoutedSession(ShardedSession):
         rule = info.rule.primary
         assert rule is not None
         slot = rule.slot(info.value(state, rule.column))
+        self._wrote = True
         self.router.resolver.write_slot(self._snap, slot, "orm", "orm")
 
     def _check_secondaries(self, info: _MappedTable, state: InstanceState[Any]) -> None:
@@ -731,6 +808,12 @@ class RoutedSession(ShardedSession):
             raise
         return written
 
+    def _before_commit(self, session: Session) -> None:
+        # Writes flushed earlier were checked then; the lease may have expired since (a
+        # write flushed by this commit is checked by its flush).
+        if self._wrote and not self.in_nested_transaction():
+            self.router.resolver.before_commit(None)
+
     def _after_commit(self, session: Session) -> None:
         if self.in_nested_transaction():
             return  # a savepoint released: the outer transaction may still roll back
@@ -744,6 +827,7 @@ class RoutedSession(ShardedSession):
             # rollback forgets the deletes (running one for a row the rollback brought back
             # would hide it from reads by the lookup key).
             committed, self._committed = self._committed, False
+            self._wrote = False
             try:
                 _Runner(self.router).drive(
                     self._ledger.settle(self._snap.topology, committed), self._snap
@@ -991,6 +1075,7 @@ class RoutedSession(ShardedSession):
                 )
             tokens = self._routing.fanout(table)
         self._check_limits(tokens, 0)
+        self._wrote = True
         for shard in dict.fromkeys(self._routing.placements[t].shard for t in tokens):
             self.router.resolver.write_shard(self._snap, shard, "orm", "statement")
         if len(tokens) > 1 and plan.has_limit:

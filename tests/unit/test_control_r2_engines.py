@@ -21,7 +21,6 @@ from sqlalchemy import create_engine, select, text, update
 
 from shardrouter.cli import main
 from shardrouter.control.leases import WorkerLease, worker_leases
-from shardrouter.control.registry import wait_for_acks
 from shardrouter.control.store import MetaStore, versions_table, worker_leases_table
 from shardrouter.control.versions import open_store, plan_push, publish, read_proposal
 from shardrouter.core.config import config_from_dict
@@ -119,12 +118,12 @@ def test_engine_kept_by_an_intermediate_version_is_not_disposed_under_an_older_u
             v2 = copy.deepcopy(raw)
             v2["shards"]["s0"]["replicas"] = [f"sqlite:///{tmp_path}/s0.db"]
             store.push(v2, expected=1, comment="replica on s0")
-            assert wait_for_acks(store, 2, timeout=5).complete
+            wait_until(lambda: router.version == 2)  # swapped (the ack waits for version 1's user)
             assert router.engines.primary("s1") is engine  # taken over by version 2
             v3 = copy.deepcopy(v2)
             v3["shards"]["s1"]["pool"] = {"size": 3}
             store.push(v3, expected=2, comment="s1 pool")
-            assert wait_for_acks(store, 3, timeout=5).complete
+            wait_until(lambda: router.version == 3)
             assert router.engines.primary("s1") is not engine
             assert engine.pool is pool, "s1's engine was disposed while version 1 still uses it"
         finally:
@@ -149,12 +148,12 @@ def test_engine_shared_by_an_older_pinned_version_outlives_the_newer_retirement(
         v2 = copy.deepcopy(raw)
         v2["shards"]["s0"]["replicas"] = [f"sqlite:///{tmp_path}/s0.db"]
         store.push(v2, expected=1, comment="replica on s0")
-        assert wait_for_acks(store, 2, timeout=5).complete
+        wait_until(lambda: router.version == 2)  # swapped (the ack waits for the pins)
         second = router._pin()
         v3 = copy.deepcopy(v2)
         v3["shards"]["s1"]["pool"] = {"size": 3}
         store.push(v3, expected=2, comment="s1 pool")
-        assert wait_for_acks(store, 3, timeout=5).complete
+        wait_until(lambda: router.version == 3)
         first.release()
         assert e1.pool is pools[0], "disposed while version 2 still uses it"
         second.release()
@@ -238,7 +237,7 @@ def test_session_placement_connection_is_a_write_door_the_resolver_sees(
     raw, store = cluster
     with Router.from_config(config_from_dict(raw)) as router:
         store.push(moving_document(raw, 0, 10), expected=1, comment="slots 0-10 moving")
-        assert wait_for_acks(store, 2, timeout=5).complete
+        wait_until(lambda: router.version == 2)  # swapped (the ack waits for the pins)
         moving_user = user_in_slots(router, 0, 10)
         seen: list[Resolution] = []
         router.resolver.hook = seen.append
