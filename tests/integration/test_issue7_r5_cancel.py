@@ -11,11 +11,15 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from sqlalchemy import Connection, event, text
 
+from shardrouter.core.config import config_from_dict
+from shardrouter.core.topology import Topology
 from shardrouter.engine.aio import AsyncRouter
 from shardrouter.engine.router import Router
 from shardrouter.errors import ShardRouterError, TransactionAbortedError
@@ -157,6 +161,47 @@ def test_cancelled_async_delete_leaves_no_lookup_row(world: dict[str, Any]) -> N
     assert _user(router, user) == []
     assert _lookup(router, email) == []  # was: [(email, 880203)], an orphan
     router.execute(INSERT_USER, {"u": 880_213, "e": email})
+
+
+def _topology(path: Any, **pool: Any) -> Topology:
+    """The module's shards with short timeouts (``pool`` settings on every shard)."""
+    raw = yaml.safe_load(Path(path).read_text())
+    for shard in raw["shards"].values():
+        shard["pool"] = {"connect_timeout_s": 2, "timeout_s": 3, **pool}
+    return Topology(config_from_dict(raw))
+
+
+def test_cleanup_after_a_cancellation_is_bounded_and_reraises(
+    world: dict[str, Any], shard_databases: Any
+) -> None:
+    """The cleanup a cancellation runs is bounded by the shard's timeouts: a DELETE's lookup
+    cleanup waiting on a row held for longer than the caller waits ends at the lock wait
+    (1 s here), and the caller gets its cancellation then (wait_for's TimeoutError), not the
+    cleanup's error and not after an unbounded wait. The user is deleted; its lookup row stays
+    (logged; ``check lookups --fix`` removes such orphans)."""
+    router: Router = world["router"]
+    user, email = 880_503, "r5-del-bounded@example.com"
+    router.execute(INSERT_USER, {"u": user, "e": email})
+    topology = _topology(shard_databases, query_timeout_s=4, lock_wait_timeout_s=1)
+    outcome: list[str] = []
+
+    async def cancelled() -> None:
+        async with AsyncRouter(topology, max_fanout=None) as aio:
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(
+                    aio.execute("DELETE FROM users WHERE user_id = :u", {"u": user}), 0.3
+                )
+            except TimeoutError:
+                outcome.append("cancelled")
+            except BaseException as exc:
+                outcome.append(type(exc).__name__)
+            outcome.append("bounded" if time.monotonic() - started < 3 else "waited")
+
+    with _lookup_row_held_for(router, email, 5.0):
+        _run(world, cancelled())
+    assert outcome == ["cancelled", "bounded"]
+    assert _user(router, user) == []
 
 
 # -- a multi-shard write outside a transaction cancelled while it commits -----------------------
