@@ -49,6 +49,7 @@ from .router import (
     _explicit_key_rules,
     _sql_and_params,
     aborted,
+    ended,
     ends_transaction,
     multi_part,
     route_key,
@@ -94,6 +95,8 @@ class AsyncTransaction:
         was a deadlock victim (the server rolled the transaction back)."""
         self._wrote = False
         """A write ran in it: a commit that cannot happen then loses it, and says so."""
+        self._ended = False
+        """Its block is over (committed or rolled back): it runs nothing more (see ended)."""
 
     async def execute(
         self, statement: str | Executable, params: Mapping[str, Any] | None = None
@@ -153,6 +156,9 @@ class AsyncTransaction:
         except Exception as error:
             log.error("shard %s: a failed statement could not be undone: %s", self.shard, error)
             self._broken = error
+        except BaseException as cancelled:  # cancelled mid-undo: the connection's state is unknown
+            self._broken = cancelled
+            raise
 
     async def _run_bound(self, job: Job, marks: list[ShardId] | None = None) -> JobResult:
         if job.anywhere and self.shard is None:
@@ -196,6 +202,19 @@ class AsyncTransaction:
             raise
 
     async def _finish(self, commit: bool) -> None:
+        """End the transaction: its commit or rollback, its lookup cleanups, its ledger's
+        settling. Run to their end even if the caller is cancelled meanwhile (each within its
+        shard's timeouts): a commit then has a known outcome, and the lookup rows follow it.
+        Such a cancellation is re-raised after, never swallowed."""
+        self._ended = True
+        done, late = await to_the_end(self._close(commit))
+        try:
+            done.result()
+        finally:
+            if late is not None:
+                raise late
+
+    async def _close(self, commit: bool) -> None:
         committed = False
         try:
             conn = self._conn
@@ -230,6 +249,44 @@ class AsyncTransaction:
                 log.error("transaction end: lookup rows not settled: %s", exc)
             finally:
                 self._snap.release()
+
+
+class StatementCancelled(Exception):
+    """Thrown into a statement's step when the caller cancels it (AsyncRouter._drive): an
+    Exception, so the step cleans up as after a failure; the caller gets the cancellation."""
+
+
+class _CancelledAfter(BaseException):
+    """A write committed on every shard while its caller was cancelled: its results (the step
+    still needs them, e.g. for a delete's lookup cleanup), and the cancellation, re-raised by
+    AsyncRouter._drive once the step is done."""
+
+    def __init__(self, results: list[JobResult], cancelled: BaseException) -> None:
+        super().__init__("committed, then cancelled")
+        self.results = results
+        self.cancelled = cancelled
+
+
+async def to_the_end(aw: Awaitable[T]) -> tuple[asyncio.Future[T], BaseException | None]:
+    """Run ``aw`` to its end whatever cancellations its caller receives meanwhile (``aw``
+    bounds its own waits by the shards' timeouts); returns its finished future (its result or
+    error) and the first cancellation received, for the caller to re-raise after."""
+    task = asyncio.ensure_future(aw)
+    cancelled: BaseException | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            if not task.done():
+                cancelled = cancelled or exc
+        except BaseException:  # the task's own outcome, read from it below
+            pass
+    return task, cancelled
+
+
+def _settles_lookups(jobs: Sequence[Job]) -> bool:
+    """A batch that writes, checks or removes lookup rows (never an owner's statement)."""
+    return any(j.role != "statement" and j.kind == "write" for j in jobs)
 
 
 async def _on(conn: AsyncConnection, shard: ShardId, sql: str) -> None:
@@ -451,6 +508,8 @@ class AsyncRouter:
         params: Mapping[str, Any] | None,
         txn: AsyncTransaction | None,
     ) -> ResultSet:
+        if txn is not None and txn._ended:
+            raise ended()  # before anything runs (its snapshot is released, its branch gone)
         sql, bound = _sql_and_params(statement, params)
         if self._doomed:
             self._dispose_doomed()
@@ -477,22 +536,61 @@ class AsyncRouter:
         snap: AsyncSnapshot,
         recorder: SlotRecorder | None = None,
     ) -> T:
+        """Run ``step``'s batches. A failed batch's error is thrown into the step, which may
+        clean up what it wrote first (execution._insert). A cancellation (a caller's timeout,
+        a task cancelled) gets the same cleanup: the step is told by a StatementCancelled
+        thrown in, every batch from then on runs to its end (each job within its shard's
+        timeouts) whatever further cancellations arrive, and the cancellation is re-raised
+        once the step is done, never swallowed. Batches that write, check or remove lookup
+        rows run to their end too, a cancellation taking effect at the step's next owner
+        statement (or its end): their results are what the cleanup needs (which rows were
+        created), and a committed delete's lookup rows go with it."""
+        cancelled: BaseException | None = None
+        """The caller's cancellation, re-raised once the step has cleaned up."""
+        told = False
+        """Something was thrown into the step: it is cleaning up already."""
         try:
             jobs = next(step)
             while True:
+                if cancelled is not None and not told and not _settles_lookups(jobs):
+                    told = True  # before the next owner statement: nothing more of it runs
+                    jobs = step.throw(StatementCancelled())
+                    continue
+                batch = (
+                    txn._run(jobs, recorder)
+                    if txn is not None
+                    else self._gather(jobs, snap, True, recorder)
+                )
+                late: BaseException | None = None
                 try:
-                    results = await (
-                        txn._run(jobs, recorder)
-                        if txn is not None
-                        else self._gather(jobs, snap, True, recorder)
-                    )
+                    if cancelled is None and not _settles_lookups(jobs):
+                        results = await batch
+                    else:
+                        done, late = await to_the_end(batch)
+                        results = done.result()
+                except _CancelledAfter as after:  # committed, then cancelled: results stand
+                    cancelled = cancelled or after.cancelled
+                    jobs = step.send(after.results)
                 except Exception as exc:
+                    cancelled = cancelled or late
+                    told = True
                     jobs = step.throw(exc)  # the step may clean up what it wrote first
+                except asyncio.CancelledError as exc:
+                    cancelled = cancelled or exc
+                    told = True
+                    jobs = step.throw(StatementCancelled())
                 else:
+                    cancelled = cancelled or late
                     jobs = step.send(results)
         except StopIteration as stop:
+            if cancelled is not None:
+                raise cancelled from None
             result: T = stop.value
             return result
+        except Exception:
+            if cancelled is not None:
+                raise cancelled from None
+            raise
 
     async def _gather(
         self,
@@ -539,14 +637,24 @@ class AsyncRouter:
             self.resolver.before_commit(None)  # the lease may have expired meanwhile
         except BaseException as exc:  # cancelled too: every begun part is still ended
             error = exc
-        ends = await asyncio.gather(
+        # Every part committed or every part rolled back, even if the caller is cancelled
+        # meanwhile: the end runs to its end (each commit within its shard's timeouts), and
+        # such a cancellation comes after it (with the results of a committed write).
+        gathered = asyncio.gather(
             *(self._end(shard, conn, error is None, snap) for shard, conn in conns),
             return_exceptions=True,
         )
+        done, late = await to_the_end(gathered)
+        ends = done.result()
         error = error or next((r for r in ends if isinstance(r, BaseException)), None)
         if error is not None:
+            if late is not None:
+                raise late  # every part rolled back; the caller's cancellation first
             raise error
-        return [results[i] for i in range(len(jobs))]
+        out = [results[i] for i in range(len(jobs))]
+        if late is not None:
+            raise _CancelledAfter(out, late)
+        return out
 
     async def _bounded(
         self, shard: ShardId, step: Awaitable[T], snap: AsyncSnapshot | None = None
@@ -603,6 +711,8 @@ class AsyncRouter:
             if commit and not done:
                 if isinstance(exc, (DBAPIError, PoolTimeoutError, OSError)):
                     raise classify(exc, shard) from exc
+                if isinstance(exc, PendingRollbackError):
+                    raise aborted(shard, exc) from exc
                 raise
         except BaseException:  # cancelled: drop the connection, let the cancellation through
             await self._discard(conn)

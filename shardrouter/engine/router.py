@@ -204,6 +204,8 @@ class Transaction:
         self._broken: BaseException | None = None
         """A statement ended it on the server (a deadlock) or took its connection (a timeout):
         nothing more runs in it, and a commit is refused."""
+        self._ended = False
+        """Its block is over (committed or rolled back): it runs nothing more (see ended)."""
 
     @property
     def shards(self) -> tuple[ShardId, ...]:
@@ -310,6 +312,7 @@ class Transaction:
                 return
 
     def _finish(self, commit: bool) -> None:
+        self._ended = True
         committed = False
         try:
             if commit and self._wrote:
@@ -613,8 +616,10 @@ class Router:
     def _execute(
         self, statement: str | Executable, params: Mapping[str, Any] | None, runner: _Runner
     ) -> ResultSet:
-        sql, bound = _sql_and_params(statement, params)
         txn = runner.transaction
+        if txn is not None and txn._ended:
+            raise ended()  # before anything runs (its snapshot is released, its branches gone)
+        sql, bound = _sql_and_params(statement, params)
         snap = txn._snap if txn is not None else self._pin()
         try:
             plan = snap.planner.plan(sql)
@@ -846,6 +851,16 @@ def aborted(shard: ShardId, exc: BaseException) -> TransactionAbortedError:
         " retry the transaction from its start",
         shard=shard,
         orig=exc,
+    )
+
+
+def ended() -> TransactionAbortedError:
+    """The typed refusal of a statement in a transaction whose block is over (committed or
+    rolled back), e.g. a transaction object kept past its ``with``: nothing runs."""
+    return TransactionAbortedError(
+        "this transaction has ended (its `with` block is over: committed or rolled back);"
+        " nothing ran. Open a new one: `with router.transaction() as txn:` (async:"
+        " `async with router.transaction() as txn:`)"
     )
 
 
