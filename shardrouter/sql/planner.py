@@ -112,6 +112,11 @@ class Plan:
     offset_depth: int = 0
     scatter_refusal: str | None = None
     """Why this statement cannot run on more than one target (raised only if it would)."""
+    splits_apart: bool = False
+    """Run a shard's splits as separate statements, not one render_union: the merge compares a
+    column that came back from a UNION as a string, which may be an ENUM or SET the UNION
+    typed VARCHAR (losing the flag the ENUM refusal reads). Set by execution.run the first
+    time it sees one, never reset: the separate statements are always right, only slower."""
     _rendered: dict[tuple[Any, ...], str] = field(default_factory=dict)
     """Rendered SQL per kind of target; bounded (IN subsets could vary without end)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -137,7 +142,11 @@ class Plan:
     def render_union(self, targets: Sequence[Target]) -> str:
         """One statement for several splits of one shard (MySQL): their scatter queries in a
         UNION ALL, ordered and limited again, so a shard is one round trip and one sorted
-        stream for the merge. Positions in the outer ORDER BY avoid name clashes."""
+        stream for the merge. Positions in the outer ORDER BY avoid name clashes.
+
+        MariaDB types a UNION's ENUM and SET columns VARCHAR, without their flags (ENUM_FLAG
+        on a plain SELECT, none through the UNION): when the merge compares a string column,
+        execution.run runs the splits apart instead (see splits_apart)."""
         key = ("union", tuple(t.split for t in targets))
         sql = self._rendered.get(key)
         if sql is not None:
