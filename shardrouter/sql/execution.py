@@ -722,7 +722,7 @@ def write_lookups(
     for (_, _, strategy), group in grouped.items():
         if strategy.key_column is None:
             _one_owner_per_value(topology, group)
-    jobs: list[Job] = []
+    jobs = []
     for (shard, physical, strategy), group in grouped.items():
         backend = topology.shards[shard].primary.get_backend_name()
         stmt = lookup_insert(strategy, physical, backend, [r.row for r in group])
@@ -897,7 +897,7 @@ def _refuse_taken(
 
 def delete_lookups(rows: Sequence[LookupRow]) -> list[Job]:
     """The deletes of lookup rows, matching every column (run after the owner's delete)."""
-    jobs: list[Job] = []
+    jobs = []
     for r in rows:
         target = table_clause(r.physical, r.strategy.row_columns)
         stmt = delete(target).where(and_(*(target.c[c] == v for c, v in r.row.items())))
@@ -970,7 +970,7 @@ def restore_lookups(
     grouped: dict[tuple[ShardId, str, LookupStrategy], list[LookupRow]] = defaultdict(list)
     for r in rows:
         grouped[(r.shard, r.physical, r.strategy)].append(r)
-    jobs: list[Job] = []
+    jobs = []
     for (shard, physical, strategy), group in grouped.items():
         backend = topology.shards[shard].primary.get_backend_name()
         stmt = lookup_insert(strategy, physical, backend, [r.row for r in group])
