@@ -253,14 +253,12 @@ def run(
             )
         elif len(targets) == 1:
             statement = plan.render(targets[0], scatter=scatter_sql, backend=backend)
-        elif (
-            scatter_sql
-            and backend != "sqlite"
-            and all(t.keep is None for t in targets)
-            and not plan.splits_apart
-        ):
+        elif scatter_sql and backend != "sqlite" and all(t.keep is None for t in targets):
             statement = plan.render_union(targets)
-            unions.append(len(jobs))
+            if plan.strings_compared and _compares(plan.merge):
+                statement = (plan.render_probe(targets[0]), statement)
+            else:
+                unions.append(len(jobs))
         else:
             statement = tuple(plan.render(t, scatter=scatter_sql, backend=backend) for t in targets)
         jobs.append(
@@ -281,19 +279,14 @@ def run(
         and _may_be_index_ordered(plan.merge, [answers[i] for i in unions])
     ):
         # The merge compares a string column a UNION gave: it may be an ENUM or SET that lost
-        # its flag there. Run those shards' splits apart, each result with its flags (and
-        # every later run of this plan: Plan.splits_apart).
-        plan.splits_apart = True
-        again = yield [
-            replace(
-                jobs[i],
-                statement=tuple(plan.render(t, scatter=True) for t in by_shard[jobs[i].shard]),
-            )
+        # its flag there. Ask those shards for the flags (no rows: render_probe), and send
+        # every later run's UNIONs with their probe (Plan.strings_compared).
+        plan.strings_compared = True
+        probes = yield [
+            replace(jobs[i], statement=plan.render_probe(by_shard[jobs[i].shard][0]))
             for i in unions
         ]
-        answers = list(answers)
-        for i, answer in zip(unions, again, strict=True):
-            answers[i] = answer
+        answers = [*answers, *probes]  # no rows: only their flags count
     results = [part for r in answers for part in r.flat()]
     shards = tuple(by_shard)
     if plan.kind != "select":
@@ -326,6 +319,13 @@ def run(
     flagged = frozenset(p for p in flagged if p < width)
     return ResultSet(
         visible, merged, len(merged), shards, tuple(found.lookups), found.scatter, flagged
+    )
+
+
+def _compares(merge_plan: MergePlan | None) -> bool:
+    """Whether the merge orders, groups or deduplicates rows (compares their values)."""
+    return merge_plan is not None and bool(
+        merge_plan.order_by or merge_plan.group_by or merge_plan.distinct
     )
 
 
