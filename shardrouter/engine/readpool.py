@@ -633,7 +633,7 @@ def _eager(result: JobResult, lazy: bool) -> JobResult:
     """Decode every row now unless the caller takes LazyRows."""
     if lazy or isinstance(result.rows, list):
         return result
-    return JobResult(result.columns, list(result.rows), result.rowcount, result.parts)
+    return replace(result, rows=list(result.rows))  # the ENUM/SET flags kept
 
 
 def _result(description: Any, rows: Sequence[Any], rowcount: int) -> JobResult:

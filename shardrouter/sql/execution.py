@@ -149,6 +149,8 @@ class ResultSet:
     """The shards lookup tables were read or written on."""
     scatter: bool = False
     """Whether the statement fanned out to every shard."""
+    index_ordered: frozenset[int] = frozenset()
+    """Positions of the ENUM/SET columns any shard reported (JobResult.index_ordered)."""
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         return iter(self.rows)
@@ -231,14 +233,17 @@ def run(
         job = Job(shard, plan.render(target, scatter=False), params, kind, anywhere=found.anywhere)
         (result,) = yield [job]
         rows = result.rows if isinstance(result.rows, list) else list(result.rows)
-        return ResultSet(result.columns, rows, len(rows), (shard,))
+        return ResultSet(
+            result.columns, rows, len(rows), (shard,), index_ordered=result.index_ordered
+        )
     scatter_sql = len(found.targets) > 1 and plan.kind == "select"
     owner = _deleted_owner(plan) if plan.kind == "delete" else None
     returning = _returning(plan, owner) if owner is not None else None
     by_shard: dict[ShardId, list[Target]] = defaultdict(list)
     for t in found.targets:
         by_shard[ShardId(t.shard)].append(t)
-    jobs = []
+    jobs: list[Job] = []
+    unions: list[int] = []  # the jobs that run a shard's splits in one UNION
     lazy = scatter_sql and plan.merge is not None  # the merge may read only some rows
     for shard, targets in by_shard.items():
         backend = _backend(topology, shard) if scatter_sql else "mysql"
@@ -250,6 +255,10 @@ def run(
             statement = plan.render(targets[0], scatter=scatter_sql, backend=backend)
         elif scatter_sql and backend != "sqlite" and all(t.keep is None for t in targets):
             statement = plan.render_union(targets)
+            if plan.strings_compared and _compares(plan.merge):
+                statement = (plan.render_probe(targets[0]), statement)
+            else:
+                unions.append(len(jobs))
         else:
             statement = tuple(plan.render(t, scatter=scatter_sql, backend=backend) for t in targets)
         jobs.append(
@@ -263,7 +272,22 @@ def run(
                 returning=returning is not None,
             )
         )
-    results = [part for r in (yield jobs) for part in r.flat()]
+    answers = yield jobs
+    if (
+        unions
+        and plan.merge is not None
+        and _may_be_index_ordered(plan.merge, [answers[i] for i in unions])
+    ):
+        # The merge compares a string column a UNION gave: it may be an ENUM or SET that lost
+        # its flag there. Ask those shards for the flags (no rows: render_probe), and send
+        # every later run's UNIONs with their probe (Plan.strings_compared).
+        plan.strings_compared = True
+        probes = yield [
+            replace(jobs[i], statement=plan.render_probe(by_shard[jobs[i].shard][0]))
+            for i in unions
+        ]
+        answers = [*answers, *probes]  # no rows: only their flags count
+    results = [part for r in answers for part in r.flat()]
     shards = tuple(by_shard)
     if plan.kind != "select":
         if plan.sharded is None:
@@ -295,13 +319,59 @@ def run(
                         )
         return ResultSet((), [], rowcount, shards, tuple(found.lookups), found.scatter)
     columns = results[0].columns if results else ()
+    flagged = frozenset().union(*(r.index_ordered for r in results))
     if not scatter_sql or plan.merge is None:
         rows = [row for r in results for row in r.rows]
-        return ResultSet(columns, rows, len(rows), shards, tuple(found.lookups), found.scatter)
+        return ResultSet(
+            columns, rows, len(rows), shards, tuple(found.lookups), found.scatter, flagged
+        )
     _refuse_index_ordered(plan.merge, results)
     merged = list(merge(plan.merge, [r.rows for r in results]))
-    visible = columns[: plan.merge.visible_width(len(columns))]
-    return ResultSet(visible, merged, len(merged), shards, tuple(found.lookups), found.scatter)
+    width = plan.merge.visible_width(len(columns))
+    visible = columns[:width]
+    flagged = frozenset(p for p in flagged if p < width)
+    return ResultSet(
+        visible, merged, len(merged), shards, tuple(found.lookups), found.scatter, flagged
+    )
+
+
+def _compares(merge_plan: MergePlan | None) -> bool:
+    """Whether the merge orders, groups or deduplicates rows (compares their values)."""
+    return merge_plan is not None and bool(
+        merge_plan.order_by or merge_plan.group_by or merge_plan.distinct
+    )
+
+
+def _compared(merge_plan: MergePlan, width: int) -> set[int]:
+    """Positions (counted from 0) of the columns of a ``width``-column row the merge orders,
+    groups or deduplicates by."""
+    if merge_plan.distinct:
+        return set(range(merge_plan.visible_width(width)))
+    positions = {k.index for k in merge_plan.order_by} | set(merge_plan.group_by)
+    return {p % width for p in positions if -width <= p < width}
+
+
+def _may_be_index_ordered(merge_plan: MergePlan, results: Sequence[JobResult]) -> bool:
+    """Whether a column the merge compares holds strings in these UNION results: an ENUM or
+    SET column comes back as a string, and through a UNION without its flag. Numbers, dates
+    and NULLs cannot be one. One value per column tells (a column has one type): the first
+    that is not NULL."""
+    for result in results:
+        rows = result.rows
+        if not rows:
+            continue
+        unknown = _compared(merge_plan, len(rows[0]))
+        for row in rows:
+            for p in list(unknown):
+                value = row[p]
+                if value is None:
+                    continue
+                if isinstance(value, str | bytes | bytearray):
+                    return True
+                unknown.discard(p)
+            if not unknown:
+                break
+    return False
 
 
 def _refuse_index_ordered(merge_plan: MergePlan, results: Sequence[JobResult]) -> None:
@@ -314,10 +384,12 @@ def _refuse_index_ordered(merge_plan: MergePlan, results: Sequence[JobResult]) -
         return
     compared = {k.index for k in merge_plan.order_by} | set(merge_plan.group_by)
     if merge_plan.distinct or flagged & compared:
+        columns = next((r.columns for r in results if r.columns), ())
+        names = ", ".join(columns[p] for p in sorted(flagged) if p < len(columns))
         raise UnsupportedQueryError(
-            "ORDER BY, GROUP BY or DISTINCT on an ENUM or SET column across shards: MySQL orders"
-            " those by their index, the merge would order them by text; order by `col + 0` (the"
-            " index) or route the statement by a key"
+            f"ORDER BY, GROUP BY or DISTINCT on an ENUM or SET column ({names}) across shards"
+            " or split tables: MySQL orders those by their index, the merge would order them by"
+            " text; order by `col + 0` (the index) or route the statement by a key"
         )
 
 
@@ -1433,6 +1505,17 @@ def _cursor_value(column_name: str, value: Any) -> Any:
 
 
 def page_of(result: ResultSet, positions: Sequence[int], limit: int, width: int) -> Page:
+    for p in positions:
+        if p in result.index_ordered:
+            # A single target orders an ENUM/SET by index, but the cursor (a string) compares
+            # with it as text: ``prio > 'zeta'`` skips the rows after 'zeta' in index order.
+            name = result.columns[p]
+            raise UnsupportedQueryError(
+                f"page: cannot page by {name}: it is an ENUM or SET column, which the shards"
+                " order by its index while the cursor (its text) compares as text: rows would"
+                " be skipped or repeated. Page by another column (e.g. the table's key), or"
+                f" list with router.execute and ORDER BY {name} + 0 (the index) ... LIMIT"
+            )
     rows = result.rows
     after = tuple(rows[-1][p] for p in positions) if len(rows) == limit else None
     if after is not None:  # refused now rather than with the next page

@@ -112,6 +112,11 @@ class Plan:
     offset_depth: int = 0
     scatter_refusal: str | None = None
     """Why this statement cannot run on more than one target (raised only if it would)."""
+    strings_compared: bool = False
+    """The merge compares a column that came back from a render_union as a string, which may
+    be an ENUM or SET the UNION typed VARCHAR (losing the flag the ENUM refusal reads): every
+    shard's UNION goes with a render_probe of its flags. Set by execution.run the first time
+    it sees such a string, never reset (the probe is always right, only one round trip more)."""
     _rendered: dict[tuple[Any, ...], str] = field(default_factory=dict)
     """Rendered SQL per kind of target; bounded (IN subsets could vary without end)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -137,7 +142,11 @@ class Plan:
     def render_union(self, targets: Sequence[Target]) -> str:
         """One statement for several splits of one shard (MySQL): their scatter queries in a
         UNION ALL, ordered and limited again, so a shard is one round trip and one sorted
-        stream for the merge. Positions in the outer ORDER BY avoid name clashes."""
+        stream for the merge. Positions in the outer ORDER BY avoid name clashes.
+
+        MariaDB types a UNION's ENUM and SET columns VARCHAR, without their flags (ENUM_FLAG
+        on a plain SELECT, none through the UNION): when the merge compares a string column,
+        execution.run sends a render_probe with the UNION (see strings_compared)."""
         key = ("union", tuple(t.split for t in targets))
         sql = self._rendered.get(key)
         if sql is not None:
@@ -154,8 +163,26 @@ class Plan:
             self._rendered[key] = sql
         return sql
 
-    def _render(self, target: Target, scatter: bool, backend: str = "mysql") -> str:
+    def render_probe(self, target: Target) -> str:
+        """``target``'s scatter query with LIMIT 0 and no lock (MySQL): no rows, and the result
+        metadata of its columns, ENUM/SET flags included, which a render_union loses. The
+        server answers it without reading a row ("Zero limit")."""
+        key = ("probe", target.split)
+        sql = self._rendered.get(key)
+        if sql is None:
+            sql = self._render(target, True, probe=True)
+            with self._lock:
+                self._rendered[key] = sql
+        return sql
+
+    def _render(
+        self, target: Target, scatter: bool, backend: str = "mysql", probe: bool = False
+    ) -> str:
         tree = (self.scatter_ast if scatter and self.scatter_ast is not None else self.ast).copy()
+        if probe and isinstance(tree, exp.Select):
+            tree.set("offset", None)
+            tree.set("locks", None)
+            tree = tree.limit(0)
         if scatter and backend == "sqlite":
             tree = without_weights(tree)
         names = {t.name: t.physical(target.split) for t in self.tables}
