@@ -15,7 +15,6 @@ import yaml
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from shardrouter.control.registry import wait_for_acks
 from shardrouter.control.store import MetaStore
 from shardrouter.core.config import config_from_dict
 from shardrouter.engine.aio import AsyncRouter
@@ -99,6 +98,14 @@ def test_async_router_close_does_not_block_the_event_loop_on_a_hung_meta_store(
         sb.resume_shard(box, "s0")
 
 
+async def swapped_to(router: AsyncRouter, version: int, timeout: float = 10.0) -> None:
+    """Until ``router`` serves ``version`` (its follower swapped it in)."""
+    deadline = time.monotonic() + timeout
+    while router.version != version:
+        assert time.monotonic() < deadline, f"never swapped to version {version}"
+        await asyncio.sleep(0.01)
+
+
 def test_async_engine_kept_by_an_intermediate_version_is_not_disposed_under_an_older_user(
     shard_databases: Path, tmp_path: Path
 ) -> None:
@@ -121,12 +128,12 @@ def test_async_engine_kept_by_an_intermediate_version_is_not_disposed_under_an_o
                 v2 = copy.deepcopy(raw)
                 v2["shards"]["s0"]["replicas"] = [raw["shards"]["s0"]["primary"]]
                 store.push(v2, expected=1, comment="replica on s0")
-                assert (await asyncio.to_thread(wait_for_acks, store, 2, timeout=10)).complete
+                await swapped_to(router, 2)  # (its ack waits for version 1's pin)
                 assert router._snap.engines.primary("s1") is engine  # taken over by version 2
                 v3 = copy.deepcopy(v2)
                 v3["shards"]["s1"]["pool"] = {**v3["shards"]["s1"].get("pool", {}), "size": 3}
                 store.push(v3, expected=2, comment="s1 pool")
-                assert (await asyncio.to_thread(wait_for_acks, store, 3, timeout=10)).complete
+                await swapped_to(router, 3)
                 assert router._snap.engines.primary("s1") is not engine
                 router._dispose_doomed()  # what the next statement does
                 await asyncio.gather(*router._disposing)
