@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from control_cluster import make_cluster
 
+from shardrouter.control.store import MetaStore
 from shardrouter.core.topology import Topology
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,3 +39,13 @@ def _orders_raw() -> dict[str, Any]:
 def orders_raw(_orders_raw: dict[str, Any]) -> dict[str, Any]:
     """A fresh deep copy of config/orders.yaml as parsed YAML: mutate it freely."""
     return copy.deepcopy(_orders_raw)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[dict[str, Any], MetaStore]]:
+    """A SQLite cluster following a SQLite meta store (tests/unit/control_cluster.py)."""
+    raw, store = make_cluster(tmp_path)
+    try:
+        yield raw, store
+    finally:
+        store.close()

@@ -10,12 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from control_cluster import SQLITE_YAML, document, moving_document, wait_until
 from sqlalchemy import text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -27,52 +27,7 @@ from shardrouter.engine.snapshot import Resolution
 from shardrouter.errors import ConfigError, FencedError, MetaStoreError
 from shardrouter.orm.session import RoutedSession
 
-REPO = Path(__file__).resolve().parents[2]
-SQLITE_YAML = REPO / "config" / "orders-sqlite.yaml"
-
 pytestmark = pytest.mark.timeout(60)
-
-
-def document(directory: Path, **meta: Any) -> dict[str, Any]:
-    raw = yaml.safe_load(SQLITE_YAML.read_text())
-    for name, shard in raw["shards"].items():
-        shard["primary"] = f"sqlite:///{directory}/{name}.db"
-    raw["tables"]["notes"] = {"column": "user_id", "strategy": "hash"}
-    raw["meta"] = {
-        "url": f"sqlite:///{directory}/meta.db",
-        "poll_interval_s": 0.05,
-        "fast_poll_interval_s": 0.02,
-        "lease_s": 1.0,
-        "fence_margin_s": 0.2,
-        **meta,
-    }
-    return raw
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[dict[str, Any], MetaStore]]:
-    raw = document(tmp_path)
-    store = MetaStore(raw["meta"]["url"])
-    store.init()
-    store.push(raw, expected=None, comment="v1")
-    for name in raw["shards"]:
-        from sqlalchemy import create_engine
-
-        engine = create_engine(f"sqlite:///{tmp_path}/{name}.db")
-        with engine.begin() as conn:
-            conn.execute(text("CREATE TABLE notes (user_id BIGINT PRIMARY KEY, body TEXT)"))
-        engine.dispose()
-    try:
-        yield raw, store
-    finally:
-        store.close()
-
-
-def wait_until(check: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def slot_of_user(router: Router, user_id: int) -> int:
@@ -203,12 +158,6 @@ def test_paused_router_blocks_until_its_lease_expires(
         assert waited >= 0.5  # it waited for b's lease (1 s) rather than returning at once
         b._follower.resume()
         wait_until(lambda: b.version == 2)
-
-
-def moving_document(raw: dict[str, Any], start: int, end: int) -> dict[str, Any]:
-    doc = copy.deepcopy(raw)
-    doc["moving"] = [{"slots": [start, end], "source": "s0", "target": "s1"}]
-    return doc
 
 
 def test_moving_field_is_validated(cluster: tuple[dict[str, Any], MetaStore]) -> None:
@@ -357,7 +306,7 @@ def test_deregistered_at_exit_and_when_dropped(
         text=True,
         timeout=60,
         check=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(SQLITE_YAML.parents[1])},
     )
     assert len(done.stdout.strip()) == 32
     assert store.routers() == []

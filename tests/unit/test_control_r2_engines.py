@@ -10,14 +10,14 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from click.testing import CliRunner
-from sqlalchemy import create_engine, select, text, update
+from control_cluster import moving_document, user_in_slots, wait_until
+from sqlalchemy import select, text, update
 
 from shardrouter.cli import main
 from shardrouter.control.leases import WorkerLease, worker_leases
@@ -37,65 +37,7 @@ from shardrouter.errors import (
 )
 from shardrouter.orm.session import RoutedSession
 
-REPO = Path(__file__).resolve().parents[2]
-SQLITE_YAML = REPO / "config" / "orders-sqlite.yaml"
-
 pytestmark = pytest.mark.timeout(60)
-
-
-def document(directory: Path, **meta: Any) -> dict[str, Any]:
-    raw = yaml.safe_load(SQLITE_YAML.read_text())
-    for name, shard in raw["shards"].items():
-        shard["primary"] = f"sqlite:///{directory}/{name}.db"
-    raw["tables"]["notes"] = {"column": "user_id", "strategy": "hash"}
-    raw["meta"] = {
-        "url": f"sqlite:///{directory}/meta.db",
-        "poll_interval_s": 0.05,
-        "fast_poll_interval_s": 0.02,
-        "lease_s": 1.0,
-        "fence_margin_s": 0.2,
-        **meta,
-    }
-    return raw
-
-
-def make_cluster(directory: Path, **meta: Any) -> tuple[dict[str, Any], MetaStore]:
-    raw = document(directory, **meta)
-    store = MetaStore(raw["meta"]["url"])
-    store.init()
-    store.push(raw, expected=None, comment="v1")
-    for name in raw["shards"]:
-        engine = create_engine(f"sqlite:///{directory}/{name}.db")
-        with engine.begin() as conn:
-            conn.execute(text("CREATE TABLE notes (user_id BIGINT PRIMARY KEY, body TEXT)"))
-        engine.dispose()
-    return raw, store
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[dict[str, Any], MetaStore]]:
-    raw, store = make_cluster(tmp_path)
-    try:
-        yield raw, store
-    finally:
-        store.close()
-
-
-def wait_until(check: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def moving_document(raw: dict[str, Any], start: int, end: int) -> dict[str, Any]:
-    doc = copy.deepcopy(raw)
-    doc["moving"] = [{"slots": [start, end], "source": "s0", "target": "s1"}]
-    return doc
-
-
-def user_in_slots(router: Router, start: int, end: int) -> int:
-    return next(u for u in range(1, 100_000) if start <= router.route_key(user_id=u)[1] < end)
 
 
 # -- 4: an engine shared by several snapshots is disposed after the last of them ---------------
