@@ -182,7 +182,7 @@ class MetaStoreError(ShardRouterError):
 
 class MetaStoreUnavailableError(MetaStoreError):
     """The meta store did not answer within its timeout. A router keeps serving the version it
-    has; once its lease has expired it refuses writes to slots whose placement is changing."""
+    has; once its lease has expired it refuses every write (FencedError) until it renews."""
 
 
 class MetaStoreDocumentError(MetaStoreError):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ._common import config_option, emit_json, handle_errors, json_option, parse_key
+from .route import describe_origin, file_only_option, served_config
 
 
 @click.group("ids")
@@ -25,22 +27,33 @@ def ids() -> None:
     default=None,
     help="Worker id (default: leased from the meta store with meta:, else ids.worker_id).",
 )
+@file_only_option
 @json_option
 @handle_errors
 def new(
-    config_path: Path, table: str, key: str, count: int, worker: int | None, as_json: bool
+    config_path: Path,
+    table: str,
+    key: str,
+    count: int,
+    worker: int | None,
+    file_only: bool,
+    as_json: bool,
 ) -> None:
     """Generate COUNT ids for the row whose sharding key is KEY.
 
     Each process that generates ids needs its own worker id: two processes with the same
     worker id issue the same ids. With a meta: section the command leases a free worker id
     from the meta store for its own run (given back at its end); without one it uses
-    ids.worker_id. --worker overrides both (you then answer for its uniqueness)."""
+    ids.worker_id. --worker overrides both (you then answer for its uniqueness).
+
+    Like `shardctl route`, the slot's shard is that of the meta store's current version when
+    the file has a meta: section (the output names the version); --file-only: the file's."""
     from contextlib import ExitStack
 
     from ..core.topology import Topology
 
-    topology = Topology.load(config_path)
+    config, origin = served_config(config_path, file_only)
+    topology = Topology(config)
     column, value = parse_key(topology, table, key)
     with ExitStack() as stack:
         if worker is None and topology.config.meta is not None:
@@ -54,38 +67,45 @@ def new(
     slot = generator.decode(new_ids[0]).slot
     shard = topology.shard_of_slot(slot)
     if as_json:
-        emit_json(
-            {
-                "table": table,
-                "key": {column: value},
-                "slot": slot,
-                "shard": shard,
-                "worker_id": generator.worker_id,
-                "ids": new_ids,
-            }
-        )
+        data = {
+            "table": table,
+            "key": {column: value},
+            "slot": slot,
+            "shard": shard,
+            "worker_id": generator.worker_id,
+            "ids": new_ids,
+        }
+        if origin is not None:
+            data["topology"] = origin
+        emit_json(data)
     else:
         for id_ in new_ids:
             click.echo(id_)
-        click.echo(f"# slot {slot}, shard {shard}, worker {generator.worker_id}", err=True)
+        by = "" if origin is None else f", by {describe_origin(origin, config_path)}"
+        click.echo(f"# slot {slot}, shard {shard}, worker {generator.worker_id}{by}", err=True)
 
 
 @ids.command("decode")
 @click.argument("id_text", metavar="ID")
 @config_option
+@file_only_option
 @json_option
 @handle_errors
-def decode(id_text: str, config_path: Path, as_json: bool) -> None:
-    """Show the timestamp, slot (and its shard), worker and sequence of ID."""
+def decode(id_text: str, config_path: Path, file_only: bool, as_json: bool) -> None:
+    """Show the timestamp, slot (and its shard), worker and sequence of ID.
+
+    Like `shardctl route`, the slot's shard is that of the meta store's current version when
+    the file has a meta: section (the output names the version); --file-only: the file's."""
     from ..core.topology import Topology
 
-    topology = Topology.load(config_path)
     try:
         id_ = int(id_text, 10)
     except ValueError:
         raise click.BadParameter(f"{id_text!r} is not an integer id", param_hint="ID") from None
+    config, origin = served_config(config_path, file_only)
+    topology = Topology(config)
     d = topology.id_layout.decode(id_)
-    data = {
+    data: dict[str, Any] = {
         "id": d.id,
         "timestamp_ms": d.timestamp_ms,
         "time": d.time.isoformat(),
@@ -95,7 +115,11 @@ def decode(id_text: str, config_path: Path, as_json: bool) -> None:
         "sequence": d.sequence,
     }
     if as_json:
+        if origin is not None:
+            data["topology"] = origin
         emit_json(data)
     else:
+        if origin is not None:
+            click.echo(f"{'topology':<13} {describe_origin(origin, config_path)}")
         for k, v in data.items():
             click.echo(f"{k:<13} {v}")

@@ -50,7 +50,7 @@ def _current(config: TopologyConfig, source: str) -> tuple[TopologyConfig, dict[
     from ..core.config import safe_url
     from ..errors import MetaStoreError, MetaStoreUnavailableError
 
-    fallback = "; pass --file-only to route by the file alone"
+    fallback = "; pass --file-only to use the file alone"
     try:
         with open_store(config, None, source) as store:
             url = safe_url(store.url)
@@ -67,19 +67,47 @@ def _current(config: TopologyConfig, source: str) -> tuple[TopologyConfig, dict[
             f" publishes the first){fallback}"
         )
     origin = {"source": "meta_store", "version": found.version, "meta_url": url}
-    return version_config(found), origin
+    current = version_config(found)
+    if current.meta is None:  # pushed with --meta-url: served by the store it was read from
+        current = current.model_copy(update={"meta": config.meta})
+    return current, origin
+
+
+def served_config(
+    config_path: Path, file_only: bool
+) -> tuple[TopologyConfig, dict[str, Any] | None]:
+    """The config a command routes by: with meta:, the store's current version (what routers
+    serve) unless ``file_only``; else the file. Also where it came from (None: no meta:)."""
+    from ..core.config import load_config
+
+    config = load_config(config_path)
+    if config.meta is None:
+        return config, None
+    if file_only:
+        return config, {"source": "file", "version": None, "file": str(config_path)}
+    return _current(config, str(config_path))
+
+
+def describe_origin(origin: dict[str, Any], config_path: Path) -> str:
+    """Which topology the output is by, in words."""
+    if origin["source"] == "meta_store":
+        return f"version {origin['version']} (current in meta store {origin['meta_url']})"
+    return f"file {config_path} (--file-only: not the meta store's current version)"
+
+
+file_only_option = click.option(
+    "--file-only",
+    is_flag=True,
+    help="Use the file even when its meta: names a meta store (default: the store's current"
+    " version).",
+)
 
 
 @click.command("route")
 @config_option
 @click.option("--table", required=True, help="Logical table, e.g. orders.")
 @click.option("--key", required=True, help="COL=VALUE, e.g. user_id=42.")
-@click.option(
-    "--file-only",
-    is_flag=True,
-    help="Route by the file even when its meta: names a meta store (default: by the store's"
-    " current version).",
-)
+@file_only_option
 @json_option
 @handle_errors
 def route(config_path: Path, table: str, key: str, file_only: bool, as_json: bool) -> None:
@@ -89,16 +117,9 @@ def route(config_path: Path, table: str, key: str, file_only: bool, as_json: boo
     (what routers serve) and the output names that version; --file-only routes by the file.
     A store that does not answer is an error (exit status 1), never a silent fall back to the
     file."""
-    from ..core.config import load_config
     from ..core.topology import Topology
 
-    config = load_config(config_path)
-    origin: dict[str, Any] | None = None
-    if config.meta is not None:
-        if file_only:
-            origin = {"source": "file", "version": None, "file": str(config_path)}
-        else:
-            config, origin = _current(config, str(config_path))
+    config, origin = served_config(config_path, file_only)
     topology = Topology(config)
     column, value = parse_key(topology, table, key)
     result = topology.route(table, column, value)
@@ -109,9 +130,5 @@ def route(config_path: Path, table: str, key: str, file_only: bool, as_json: boo
         emit_json(data)
         return
     if origin is not None:
-        if origin["source"] == "meta_store":
-            where = f"version {origin['version']} (current in meta store {origin['meta_url']})"
-        else:
-            where = f"file {config_path} (--file-only: not the meta store's current version)"
-        click.echo(f"topology        {where}")
+        click.echo(f"topology        {describe_origin(origin, config_path)}")
     click.echo("\n".join(_describe(result)))

@@ -136,6 +136,8 @@ class Follower:
         )
         if config.version != found.version:  # push stamps the number into the document
             config = config.model_copy(update={"version": found.version})
+        if config.meta is None:  # pushed without meta: (--meta-url): it is served by this store
+            config = config.model_copy(update={"meta": self.meta})
         return config
 
     def start(self, router: Any) -> None:

@@ -266,7 +266,8 @@ class MetaStore:
         ):
             return MetaStoreUnavailableError(
                 f"meta store {where} did not answer ({type(orig).__name__} {errno or ''}); routers"
-                " keep serving their version, writes to moving slots fence when leases expire"
+                " keep serving their version; each refuses every write (FencedError) once its"
+                " lease has expired unrenewed"
             )
         if isinstance(exc, OperationalError) and self.dialect == "sqlite":
             return MetaStoreUnavailableError(f"meta store {where}: {orig}")

@@ -422,9 +422,11 @@ class Topology:
         """An id generator whose ``next_id(<key>=v)`` embeds the slot of ``table``'s key v.
 
         ``worker_id`` defaults to the config's ``ids.worker_id``, except on a topology with a
-        ``meta:`` section: there every process would share that one worker id and issue the
-        same ids, so the worker id must be leased (WorkerLease.for_topology(topology)
-        .generator(topology, table)) or given explicitly (WorkerLeaseError otherwise)."""
+        ``meta:`` section (also a router's topology served by a meta store: the follower
+        completes a version stored without one with its store): there every process would
+        share that one worker id and issue the same ids, so the worker id must be leased
+        (WorkerLease.for_topology(topology).generator(topology, table)) or given explicitly
+        (WorkerLeaseError otherwise)."""
         rule = self.table(table)
         if rule.primary is None:
             raise RoutingError(f"{table} is a broadcast table: its ids carry no slot")

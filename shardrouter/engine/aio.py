@@ -394,7 +394,11 @@ class AsyncRouter:
             old = self._snap
             engines = AsyncShardEngines(topology, reuse=old.engines)
             kept = {id(e) for e in engines.all}
-            lean = {e: p for e, p in old.lean.items() if id(e) in kept}
+            # The loop may be adding a lean pool to old.lean right now (without a lock: one
+            # item assignment). dict.copy() is one C call that runs no Python code (the hashes
+            # are stored), so no insertion interleaves with it; iterating old.lean directly
+            # could fail with "dictionary changed size" and the version would be rejected.
+            lean = {e: p for e, p in old.lean.copy().items() if id(e) in kept}
             new: AsyncSnapshot = RoutingSnapshot(
                 topology, engines, _explicit_key_rules(topology), lean
             )

@@ -146,7 +146,9 @@ def _control_plane(
 
 
 def _tour(topology: Topology, router: Router, say: Callable[[str], None]) -> Mapping[str, Any]:
-    ids = topology.id_generator("orders")
+    # The config's own worker id even with meta:: the tour writes only to its own shard files
+    # (its ids reach no shared shard), and its control plane uses a meta store of its own.
+    ids = topology.id_generator("orders", worker_id=topology.config.ids.worker_id)
     placed: dict[int, list[int]] = {}
     start = dt.datetime(2026, 11, 24, 9, 0)
     say("\nplacing users and their orders (the lookup rows are written first):")

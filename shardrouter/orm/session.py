@@ -610,6 +610,28 @@ class RoutedSession(ShardedSession):
             " use a separate session (a separate transaction) for work that may be undone"
         )
 
+    def bulk_save_objects(self, *args: Any, **kw: Any) -> None:
+        """Refused (SQLAlchemy's bulk methods bypass the per-row shard choice); add_all()."""
+        self._refuse_bulk("bulk_save_objects")
+
+    def bulk_insert_mappings(self, *args: Any, **kw: Any) -> None:
+        """Refused (see bulk_save_objects)."""
+        self._refuse_bulk("bulk_insert_mappings")
+
+    def bulk_update_mappings(self, *args: Any, **kw: Any) -> None:
+        """Refused (see bulk_save_objects)."""
+        self._refuse_bulk("bulk_update_mappings")
+
+    def _refuse_bulk(self, name: str) -> None:
+        # Refused before SQLAlchemy starts its flush: its NotImplementedError would leave
+        # the session needing a rollback.
+        raise UnsupportedQueryError(
+            f"session.{name}() is not routed (SQLAlchemy's bulk methods skip the per-row shard"
+            " choice); use session.add_all(objects) (changes: load the objects and set their"
+            " attributes, or session.execute(update(...)) by key), or router.execute for"
+            " plain rows"
+        )
+
     def placement(self, token: str) -> Placement:
         """The placement behind an identity token (``inspect(obj).identity_token``)."""
         return self._routing.placements[self._routing.check_token(token)]
@@ -751,9 +773,11 @@ class RoutedSession(ShardedSession):
                 raise KeyValueError(
                     f"{info.rule.name}.{column_name}: value {value!r} routes to slot {other} but"
                     f" the row's {primary.column} {owner_value!r} routes to slot {slot}, so"
-                    f" reads by {column_name} would miss the row; make it with"
-                    f" topology.id_generator({info.rule.name!r}).next_id("
-                    f"{primary.column}={owner_value!r})"
+                    f" reads by {column_name} would miss the row; make it with the id"
+                    f" generator of {info.rule.name!r}: generator.next_id("
+                    f"{primary.column}={owner_value!r}) (with meta:, lease.generator(topology,"
+                    f" {info.rule.name!r}) of a WorkerLease.for_topology(topology); else"
+                    f" topology.id_generator({info.rule.name!r}))"
                 )
 
     def _lookup_rows(

@@ -1349,8 +1349,10 @@ def _check_secondary_keys(
                 raise KeyValueError(
                     f"{table.name}: {name} {value!r} routes to slot {other.slot(value)} but"
                     f" {rule.column} {row[rule.column]!r} routes to slot {slots[i]}; generate"
-                    f" {name} with the id generator for this {rule.column}"
-                    f" (topology.id_generator('{table.bound_to or table.name}'))"
+                    f" {name} with the id generator for this {rule.column} (with meta:,"
+                    f" lease.generator(topology, '{table.bound_to or table.name}') of a"
+                    " WorkerLease.for_topology(topology); else"
+                    f" topology.id_generator('{table.bound_to or table.name}'))"
                 )
 
 
