@@ -278,7 +278,10 @@ class Follower:
         caught_up = current is None or serving >= current
         fence.current = current or 0
         fence.all_acked = beat.all_acked_version or 0
+        router = self._router() if self._router is not None else None
         if caught_up and renewed:
+            if fence.expired() and router is not None:
+                self._lapse(router)  # before the fence lifts
             fence.lease_end = started + self.meta.lease_s - self.meta.fence_margin_s
             self._last_renewal = started
             fence.reason = ""
@@ -287,10 +290,29 @@ class Follower:
             pass  # a read between renewals: the lease stands as it was
         else:
             fence.reason = f"not caught up: serving version {serving}, current {current}"
-        router = self._router() if self._router is not None else None
         moving = bool(router is not None and router._snap.moving)
         self.in_flight = (
             not caught_up or (current is not None and beat.all_acked_version != current) or moving
+        )
+
+    def _lapse(self, router: Any) -> None:
+        """The lease lapsed (by this process's clock) before this renewal: every snapshot
+        alive now, current or retired and still pinned, stays write-dead for good (the
+        cluster may have moved past its version while this router was cut off, and its users
+        may have been pinned before the lapse), and new statements get a fresh snapshot of
+        the same topology (engines and lean pools taken over). Called before the fence lifts:
+        in between every write is refused anyway."""
+        now = time.time()
+        ago = time.monotonic() - self.fence.lease_end
+        expired = "at start" if ago == float("inf") else _utc(now - ago)
+        router._live.lapse(f"it expired at {expired}, renewed at {_utc(now)}")
+        old = router._snap
+        router._install(router.topology)
+        self._draining.append(old)
+        log.warning(
+            "router %s: lease renewed after it had lapsed; transactions, connection() blocks"
+            " and ORM sessions pinned before refuse to write (end them and start new ones)",
+            self.instance_id,
         )
 
     def _lost(self, exc: MetaStoreError) -> None:
@@ -337,6 +359,10 @@ class Follower:
             self.registration.deregister()
         except MetaStoreError as exc:  # its lease expires by itself
             log.warning("router %s: not deregistered: %s", self.instance_id, exc)
+
+
+def _utc(at: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(at))
 
 
 def _forked_message(follower: Follower) -> str:
