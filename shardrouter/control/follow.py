@@ -19,7 +19,7 @@ routing snapshot and swaps it in (``router._install``: statements and transactio
 running finish on the version they started with). It acknowledges it (a second heartbeat)
 once no user of an older snapshot is left: at once when nothing is in flight, else at the
 first poll after the last transaction, ``connection()``/``session()`` block or routed ORM
-session (until its close()) holding an older snapshot has let go; until then its heartbeats
+session transaction holding an older snapshot has let go; until then its heartbeats
 report the new version as served and the old one as acknowledged, and ``wait_for_acks``
 waits for it (or names it lagging at its timeout). A version that fails validation here is
 not applied: the router keeps serving its version, logs the problems (passwords masked by the
@@ -39,7 +39,11 @@ current version. Once it passes, the router refuses EVERY write, and the commit 
 checked before (shardrouter.engine.snapshot.WriteResolver): cut off from the store, it cannot
 know which slots a version pushed since has started moving, and the cluster stops waiting
 for it once its lease has expired in the store. Reads go on. The next successful heartbeat
-after catching up lifts the fence.
+after catching up lifts the fence, for new statements only: before it lifts, every snapshot
+alive (pinned before or during the lapse) is marked lapsed and a fresh snapshot of the same
+topology is installed (``_lapse``); a write or commit through a lapsed snapshot is refused for
+good, since the cluster may have moved past its version while this router was cut off (a
+transaction open across the outage must not write by version 1 once the router serves 3).
 
 Why a router never writes with a topology older than the one all live routers acknowledged:
 a live router acknowledges version v only after it swapped to v and no statement,

@@ -287,13 +287,16 @@ class WriteResolver:
       snapshot's ``moving`` ranges) is refused when the pinned snapshot is older than the
       version this router (or the whole cluster) has acknowledged. (The follower acknowledges
       only once no older snapshot is pinned, so this is a second line of defence.)
+    - A write or commit through a snapshot marked ``lapsed`` (alive when the lease was
+      renewed after lapsing: pinned before the recovery) is refused for good, whatever the
+      router serves now: the cluster may have moved past its version meanwhile.
     - In a fork()ed child of a following router, every write refuses with RouterForkedError.
 
     Jobs of Router.execute carry no slot: while moving ranges exist, the statement routes
     through a SlotRecorder and each write job is checked with the slots routed to its shard. A
     write whose slots are unknown (a scatter write) is checked against every moving range with
     its shard as source or target: conservative, never permissive.
-    Everything else passes untouched; with no moving ranges and no hook the check costs two
+    Everything else passes untouched; with no moving ranges and no hook the check costs three
     attribute reads and one monotonic-clock comparison (the lease).
     """
 

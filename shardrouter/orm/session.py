@@ -100,6 +100,12 @@ not map a lookup column is refused (the row would get the column's default and n
 All of it is the router's own code
 (``execution.lookup_rows``/``write_lookups``/``LookupLedger``/``delete_lookups``), not a
 second implementation.
+Versions: each transaction of the session routes by the router's topology version of its
+first routed use, pinned until the transaction ends (commit, rollback, close()), so a session
+kept between units of work does not hold back the router's acknowledgement of a new version.
+An object loaded under an older version keeps that version's placement token; its UPDATE or
+DELETE is refused (FencedError: reload it in this session) when that token is not its slot's
+placement under the session's version.
 On SQLite shard files, where a writer locks the whole file, a lookup row cannot be written while
 this session's own transaction holds a write lock on the lookup row's shard: commit before adding
 more such objects (MariaDB has no such limit). Atomicity is per shard, as with horizontal_shard:
