@@ -311,11 +311,11 @@ class WriteResolver:
         shard = snap.topology.shard_of_slot(slot)
         if self.hook is not None:
             self.hook(Resolution(path, shard, slot, snap.version, role))
-        if (
+        if (  # the lease before ``lapsed``: the follower marks snapshots, then lifts it
             snap.moving
-            or snap.lapsed
             or self.current().moving
             or time.monotonic() >= self.fence.lease_end
+            or snap.lapsed
         ):
             self._check(snap, shard, (slot,))
         return shard
@@ -332,11 +332,11 @@ class WriteResolver:
         if self.hook is not None:
             for slot in slots if slots is not None else (None,):
                 self.hook(Resolution(path, shard, slot, snap.version, role))
-        if (
+        if (  # the lease before ``lapsed``: the follower marks snapshots, then lifts it
             snap.moving
-            or snap.lapsed
             or self.current().moving
             or time.monotonic() >= self.fence.lease_end
+            or snap.lapsed
         ):
             self._check(snap, shard, tuple(slots) if slots is not None else None)
 
@@ -349,7 +349,7 @@ class WriteResolver:
         router, and when it lapsed since ``snap`` was pinned (even if renewed again). The
         caller rolls back. One attribute read and one monotonic-clock comparison while the
         lease is live."""
-        if snap.lapsed or time.monotonic() >= self.fence.lease_end:
+        if time.monotonic() >= self.fence.lease_end or snap.lapsed:  # in this order
             slots = (slot,) if slot is not None else None
             self._refuse_expired(shard, slots, "commit of")
             self._refuse_lapsed(snap, shard, slots, "commit of")
