@@ -217,9 +217,12 @@ class FencedError(ShardRouterError):
     Either this router could not renew its lease with the meta store before the lease expired
     (by its own clock): it cannot know which slots started moving since, so it refuses every
     write (``slot`` names the write's slot when the door knows it); reads go on, and it
-    recovers by itself once the meta store answers again and it has caught up. Or the write's
-    topology version is older than one this router acknowledged and its slot is moving: retry
-    it on the new version."""
+    recovers by itself once the meta store answers again and it has caught up. Or the write
+    runs on a snapshot pinned before such a lapse (end the transaction, session or
+    connection() block and start a new one). Or the write's topology version is older than
+    one this router acknowledged and its slot is moving: retry it on the new version. Or an
+    ORM object loaded under an older version is written where its slot no longer lives:
+    reload it in the session."""
 
     def __init__(self, message: str, *, slot: int | None = None) -> None:
         super().__init__(message)

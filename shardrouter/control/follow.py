@@ -19,7 +19,7 @@ routing snapshot and swaps it in (``router._install``: statements and transactio
 running finish on the version they started with). It acknowledges it (a second heartbeat)
 once no user of an older snapshot is left: at once when nothing is in flight, else at the
 first poll after the last transaction, ``connection()``/``session()`` block or routed ORM
-session (until its close()) holding an older snapshot has let go; until then its heartbeats
+session transaction holding an older snapshot has let go; until then its heartbeats
 report the new version as served and the old one as acknowledged, and ``wait_for_acks``
 waits for it (or names it lagging at its timeout). A version that fails validation here is
 not applied: the router keeps serving its version, logs the problems (passwords masked by the
@@ -39,7 +39,11 @@ current version. Once it passes, the router refuses EVERY write, and the commit 
 checked before (shardrouter.engine.snapshot.WriteResolver): cut off from the store, it cannot
 know which slots a version pushed since has started moving, and the cluster stops waiting
 for it once its lease has expired in the store. Reads go on. The next successful heartbeat
-after catching up lifts the fence.
+after catching up lifts the fence, for new statements only: before it lifts, every snapshot
+alive (pinned before or during the lapse) is marked lapsed and a fresh snapshot of the same
+topology is installed (``_lapse``); a write or commit through a lapsed snapshot is refused for
+good, since the cluster may have moved past its version while this router was cut off (a
+transaction open across the outage must not write by version 1 once the router serves 3).
 
 Why a router never writes with a topology older than the one all live routers acknowledged:
 a live router acknowledges version v only after it swapped to v and no statement,
@@ -280,7 +284,10 @@ class Follower:
         caught_up = current is None or serving >= current
         fence.current = current or 0
         fence.all_acked = beat.all_acked_version or 0
+        router = self._router() if self._router is not None else None
         if caught_up and renewed:
+            if fence.expired() and router is not None:
+                self._lapse(router)  # before the fence lifts
             fence.lease_end = started + self.meta.lease_s - self.meta.fence_margin_s
             self._last_renewal = started
             fence.reason = ""
@@ -289,10 +296,29 @@ class Follower:
             pass  # a read between renewals: the lease stands as it was
         else:
             fence.reason = f"not caught up: serving version {serving}, current {current}"
-        router = self._router() if self._router is not None else None
         moving = bool(router is not None and router._snap.moving)
         self.in_flight = (
             not caught_up or (current is not None and beat.all_acked_version != current) or moving
+        )
+
+    def _lapse(self, router: Any) -> None:
+        """The lease lapsed (by this process's clock) before this renewal: every snapshot
+        alive now, current or retired and still pinned, stays write-dead for good (the
+        cluster may have moved past its version while this router was cut off, and its users
+        may have been pinned before the lapse), and new statements get a fresh snapshot of
+        the same topology (engines and lean pools taken over). Called before the fence lifts:
+        in between every write is refused anyway."""
+        now = time.time()
+        ago = time.monotonic() - self.fence.lease_end
+        expired = "at start" if ago == float("inf") else _utc(now - ago)
+        router._live.lapse(f"it expired at {expired}, renewed at {_utc(now)}")
+        old = router._snap
+        router._install(router.topology)
+        self._draining.append(old)
+        log.warning(
+            "router %s: lease renewed after it had lapsed; transactions, connection() blocks"
+            " and ORM sessions pinned before refuse to write (end them and start new ones)",
+            self.instance_id,
         )
 
     def _lost(self, exc: MetaStoreError) -> None:
@@ -339,6 +365,10 @@ class Follower:
             self.registration.deregister()
         except MetaStoreError as exc:  # its lease expires by itself
             log.warning("router %s: not deregistered: %s", self.instance_id, exc)
+
+
+def _utc(at: float) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(at))
 
 
 def _forked_message(follower: Follower) -> str:

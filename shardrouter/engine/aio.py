@@ -231,7 +231,7 @@ class AsyncTransaction:
                 else:
                     if commit and self._wrote:
                         try:  # the lease may have expired since its writes were checked
-                            self._router.resolver.before_commit(self.shard)
+                            self._router.resolver.before_commit(self._snap, self.shard)
                         except BaseException:
                             await self._router._end(self.shard, conn, False, self._snap)
                             raise
@@ -465,7 +465,7 @@ class AsyncRouter:
             try:
                 async with snap.engines.primary(shard).begin() as conn:
                     yield AsyncShardConnection(conn, snap.topology, shard, slot)
-                    self.resolver.before_commit(shard, slot)  # refused: rolled back
+                    self.resolver.before_commit(snap, shard, slot)  # refused: rolled back
             except (DBAPIError, PoolTimeoutError) as exc:
                 raise classify(exc, shard) from exc
         finally:
@@ -638,7 +638,7 @@ class AsyncRouter:
                 conn = await self._begin(job.shard, snap)
                 conns.append((job.shard, conn))
                 results[index] = await self._bounded(job.shard, self._stoppable(conn, job), snap)
-            self.resolver.before_commit(None)  # the lease may have expired meanwhile
+            self.resolver.before_commit(snap, None)  # the lease may have expired meanwhile
         except BaseException as exc:  # cancelled too: every begun part is still ended
             error = exc
         # Every part committed or every part rolled back, even if the caller is cancelled
@@ -776,7 +776,7 @@ class AsyncRouter:
                     return await self._stoppable(conn, job)
             async with engine.begin() as conn:
                 result = await self._stoppable(conn, job)
-                self.resolver.before_commit(job.shard)  # refused: rolled back
+                self.resolver.before_commit(snap, job.shard)  # refused: rolled back
                 return result
         except (DBAPIError, PoolTimeoutError, OSError) as exc:
             raise classify(exc, job.shard) from exc

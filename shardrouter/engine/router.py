@@ -317,7 +317,7 @@ class Transaction:
         try:
             if commit and self._wrote:
                 try:  # the lease may have expired since its writes were checked
-                    self._router.resolver.before_commit(self.shard)
+                    self._router.resolver.before_commit(self._snap, self.shard)
                 except BaseException:
                     self._end(False)
                     raise
@@ -564,7 +564,7 @@ class Router:
             try:
                 with engine.begin() as conn:
                     yield ShardConnection(conn, snap.topology, shard, slot)
-                    self.resolver.before_commit(shard, slot)  # refused: rolled back
+                    self.resolver.before_commit(snap, shard, slot)  # refused: rolled back
             except (DBAPIError, PoolTimeoutError) as exc:
                 raise classify(exc, shard) from exc
         finally:
@@ -712,7 +712,7 @@ class Router:
                     return self._execute_on(conn, job)
             with engine.begin() as conn:
                 result = self._execute_on(conn, job)
-                self.resolver.before_commit(job.shard)  # refused: rolled back
+                self.resolver.before_commit(snap, job.shard)  # refused: rolled back
                 return result
         except (DBAPIError, PoolTimeoutError) as exc:
             raise classify(exc, job.shard) from exc
@@ -756,7 +756,7 @@ class Router:
                 conns.append(conn)
                 conn.begin()
                 results[index] = self._execute_on(conn, job)
-            self.resolver.before_commit(None)  # the lease may have expired meanwhile
+            self.resolver.before_commit(snap, None)  # the lease may have expired meanwhile
         except BaseException as exc:
             error = exc
         try:

@@ -82,6 +82,7 @@ class RoutingSnapshot(Generic[E, L]):
         "engines",
         "forked",
         "key_rules",
+        "lapsed",
         "lean",
         "moving",
         "moving_shards",
@@ -112,6 +113,10 @@ class RoutingSnapshot(Generic[E, L]):
         self.retired = False
         self.forked = ""
         """Set in a fork()ed child of a following router's process: why pinning refuses."""
+        self.lapsed = ""
+        """Set when this router's lease lapsed while the snapshot existed (when, for
+        FencedError): nothing pinned on it writes again, even once the router has recovered
+        (the follower installs a fresh snapshot for new statements)."""
 
     def __repr__(self) -> str:
         return f"RoutingSnapshot(version={self.version}, users={self._users})"
@@ -169,6 +174,14 @@ class LiveSnapshots(Generic[E, L]):
     def add(self, snap: RoutingSnapshot[E, L]) -> None:
         with self._lock:
             self._live.append(snap)
+
+    def lapse(self, when: str) -> None:
+        """The lease lapsed: every snapshot alive now (the current one and retired ones still
+        pinned) is write-dead for good (``RoutingSnapshot.lapsed``)."""
+        with self._lock:
+            for snap in self._live:
+                if not snap.lapsed:
+                    snap.lapsed = when
 
     def leave(self, snap: RoutingSnapshot[E, L]) -> tuple[list[L], list[Any]]:
         """Forget ``snap``: (its lean pools, its engines) that no live snapshot still holds,
@@ -274,13 +287,16 @@ class WriteResolver:
       snapshot's ``moving`` ranges) is refused when the pinned snapshot is older than the
       version this router (or the whole cluster) has acknowledged. (The follower acknowledges
       only once no older snapshot is pinned, so this is a second line of defence.)
+    - A write or commit through a snapshot marked ``lapsed`` (alive when the lease was
+      renewed after lapsing: pinned before the recovery) is refused for good, whatever the
+      router serves now: the cluster may have moved past its version meanwhile.
     - In a fork()ed child of a following router, every write refuses with RouterForkedError.
 
     Jobs of Router.execute carry no slot: while moving ranges exist, the statement routes
     through a SlotRecorder and each write job is checked with the slots routed to its shard. A
     write whose slots are unknown (a scatter write) is checked against every moving range with
     its shard as source or target: conservative, never permissive.
-    Everything else passes untouched; with no moving ranges and no hook the check costs two
+    Everything else passes untouched; with no moving ranges and no hook the check costs three
     attribute reads and one monotonic-clock comparison (the lease).
     """
 
@@ -295,7 +311,12 @@ class WriteResolver:
         shard = snap.topology.shard_of_slot(slot)
         if self.hook is not None:
             self.hook(Resolution(path, shard, slot, snap.version, role))
-        if snap.moving or self.current().moving or time.monotonic() >= self.fence.lease_end:
+        if (  # the lease before ``lapsed``: the follower marks snapshots, then lifts it
+            snap.moving
+            or self.current().moving
+            or time.monotonic() >= self.fence.lease_end
+            or snap.lapsed
+        ):
             self._check(snap, shard, (slot,))
         return shard
 
@@ -311,16 +332,27 @@ class WriteResolver:
         if self.hook is not None:
             for slot in slots if slots is not None else (None,):
                 self.hook(Resolution(path, shard, slot, snap.version, role))
-        if snap.moving or self.current().moving or time.monotonic() >= self.fence.lease_end:
+        if (  # the lease before ``lapsed``: the follower marks snapshots, then lifts it
+            snap.moving
+            or self.current().moving
+            or time.monotonic() >= self.fence.lease_end
+            or snap.lapsed
+        ):
             self._check(snap, shard, tuple(slots) if slots is not None else None)
 
-    def before_commit(self, shard: ShardId | None, slot: Slot | None = None) -> None:
-        """Before the commit of writes the resolver passed earlier (a transaction, a
-        ``connection()`` block, a routed ORM session, a statement): refused once the lease
-        has expired meanwhile, since the cluster may have moved on without this router. The
-        caller rolls back. One monotonic-clock comparison while the lease is live."""
-        if time.monotonic() >= self.fence.lease_end:
-            self._refuse_expired(shard, (slot,) if slot is not None else None, "commit of")
+    def before_commit(
+        self, snap: RoutingSnapshot[Any, Any], shard: ShardId | None, slot: Slot | None = None
+    ) -> None:
+        """Before the commit of writes the resolver passed earlier under ``snap`` (a
+        transaction, a ``connection()`` block, a routed ORM session, a statement): refused
+        once the lease has expired meanwhile, since the cluster may have moved on without this
+        router, and when it lapsed since ``snap`` was pinned (even if renewed again). The
+        caller rolls back. One attribute read and one monotonic-clock comparison while the
+        lease is live."""
+        if time.monotonic() >= self.fence.lease_end or snap.lapsed:  # in this order
+            slots = (slot,) if slot is not None else None
+            self._refuse_expired(shard, slots, "commit of")
+            self._refuse_lapsed(snap, shard, slots, "commit of")
 
     def _refuse_expired(
         self, shard: ShardId | None, slots: tuple[Slot, ...] | None, what: str = "write to"
@@ -344,10 +376,34 @@ class WriteResolver:
             slot=slots[0] if slots else None,
         )
 
+    @staticmethod
+    def _refuse_lapsed(
+        snap: RoutingSnapshot[Any, Any],
+        shard: ShardId | None,
+        slots: tuple[Slot, ...] | None,
+        what: str = "write to",
+    ) -> None:
+        if not snap.lapsed:
+            return
+        where = f"shard {shard}" if shard is not None else "the shards"
+        if slots:
+            where = f"slot {slots[0]} on {where}"
+        raise FencedError(
+            f"{what} {where} refused: it runs on topology version {snap.version} as this router"
+            f" pinned it before its lease with the meta store lapsed ({snap.lapsed}); while the"
+            " router was cut off the cluster may have moved past that version, so nothing"
+            " pinned before the lapse writes again, even now that the router has recovered."
+            " The way out: end this transaction (roll it back), routed ORM session (rollback()"
+            " or close()) or connection() block and start a new one: it runs on the router's"
+            " current version",
+            slot=slots[0] if slots else None,
+        )
+
     def _check(
         self, snap: RoutingSnapshot[Any, Any], shard: ShardId, slots: tuple[Slot, ...] | None
     ) -> None:
         self._refuse_expired(shard, slots)
+        self._refuse_lapsed(snap, shard, slots)
         fence = self.fence
         current = self.current()
         ranges = snap.moving + tuple(m for m in current.moving if m not in snap.moving)

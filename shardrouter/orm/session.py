@@ -100,6 +100,12 @@ not map a lookup column is refused (the row would get the column's default and n
 All of it is the router's own code
 (``execution.lookup_rows``/``write_lookups``/``LookupLedger``/``delete_lookups``), not a
 second implementation.
+Versions: each transaction of the session routes by the router's topology version of its
+first routed use, pinned until the transaction ends (commit, rollback, close()), so a session
+kept between units of work does not hold back the router's acknowledgement of a new version.
+An object loaded under an older version keeps that version's placement token; its UPDATE or
+DELETE is refused (FencedError: reload it in this session) when that token is not its slot's
+placement under the session's version.
 On SQLite shard files, where a writer locks the whole file, a lookup row cannot be written while
 this session's own transaction holds a write lock on the lookup row's shard: commit before adding
 more such objects (MariaDB has no such limit). Atomicity is per shard, as with horizontal_shard:
@@ -153,7 +159,9 @@ from ..core.topology import TableRule, Topology
 from ..engine.router import Router, Snapshot, _Runner, _sql_and_params
 from ..errors import (
     FanoutLimitError,
+    FencedError,
     KeyValueError,
+    RouterForkedError,
     RoutingError,
     ScatterWriteError,
     UnsupportedQueryError,
@@ -473,26 +481,46 @@ class _RawPlacementConnection:
 
 
 class _SessionPin:
-    """The routing snapshot a session routes by, released once: by close() (or reset(),
-    invalidate()), else when the session is garbage-collected. Holds no reference to the
-    session, so the session's finalizer can own it."""
+    """The routing snapshot a session routes by: pinned at the first use in a transaction,
+    released when the session's outermost transaction ends (commit, rollback, close(),
+    reset(), invalidate()), else when the session is garbage-collected. Holds no reference to
+    the session, so the session's finalizer can own it."""
 
     __slots__ = ("routing", "snap")
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self) -> None:
+        self.snap: Snapshot | None = None
+        self.routing: _Routing | None = None
+
+    def pin(self, router: Router) -> None:
         snap = router._pin()
         try:
             routing = _routing_for(snap)
         except BaseException:
             snap.release()
             raise
-        self.snap: Snapshot | None = snap
-        self.routing: _Routing | None = routing
+        self.snap, self.routing = snap, routing
 
     def release(self) -> None:
         snap, self.snap, self.routing = self.snap, None, None
         if snap is not None:
             snap.release()
+
+
+def _weakly(method: Any) -> Any:
+    """``method`` of a session, called through a weak reference: the session's own event
+    listeners and choosers must not keep it alive (a session dropped without close() is
+    then freed at once, and its finalizer releases the snapshot, without waiting for the
+    cyclic garbage collector)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any, **kw: Any) -> Any:
+        bound = ref()
+        if bound is None:  # pragma: no cover - only a dying session's own machinery calls it
+            raise RoutingError("the routed session was garbage-collected")
+        return bound(*args, **kw)
+
+    return call
 
 
 class RoutedSession(ShardedSession):
@@ -503,18 +531,22 @@ class RoutedSession(ShardedSession):
     """
 
     def __init__(self, router: Router, **kw: Any) -> None:
-        # The session routes by the router's snapshot of the moment it is made until close()
-        # (commits do not change it: the identity map's objects carry the placement tokens of
-        # that version). A new topology version reaches the next session, or this one after
-        # close(). While it holds an older snapshot, the router does not acknowledge a newer
-        # version (wait_for_acks reports it lagging): keep sessions to one unit of work.
-        pin = self._snapshot_pin = _SessionPin(router)
+        # The session routes each transaction by the router's snapshot of the moment the
+        # transaction first routes something, until it ends (commit, rollback, close()); while
+        # it holds an older snapshot, the router does not acknowledge a newer version. Objects
+        # loaded under an older version carry its placement tokens: the flush refuses to
+        # write one whose placement is not its slot's under the session's version (_resolve).
+        current = router._snap
+        if current.forked:
+            raise RouterForkedError(current.forked)
+        pin = self._snapshot_pin = _SessionPin()
         weakref.finalize(self, pin.release)
-        routing = self._routing
+        routing = self._bound = _routing_for(current)
+        """The routing whose engines are the session's binds (the pinned one once pinned)."""
         super().__init__(
-            shard_chooser=self._choose_shard,
-            identity_chooser=self._choose_identity,
-            execute_chooser=self._choose_execute,
+            shard_chooser=_weakly(self._choose_shard),
+            identity_chooser=_weakly(self._choose_identity),
+            execute_chooser=_weakly(self._choose_execute),
             shards=dict(routing.binds),
             **kw,
         )
@@ -525,11 +557,11 @@ class RoutedSession(ShardedSession):
         self._wrote = False
         """A write of this transaction passed the resolver: its commit is fenced too."""
         # Ahead of horizontal_shard's own handler, which then runs each routed piece.
-        event.listen(self, "do_orm_execute", self._on_execute, retval=True, insert=True)
-        event.listen(self, "before_flush", self._before_flush)
-        event.listen(self, "before_commit", self._before_commit)
-        event.listen(self, "after_commit", self._after_commit)
-        event.listen(self, "after_transaction_end", self._after_transaction_end)
+        event.listen(self, "do_orm_execute", _weakly(self._on_execute), retval=True, insert=True)
+        event.listen(self, "before_flush", _weakly(self._before_flush))
+        event.listen(self, "before_commit", _weakly(self._before_commit))
+        event.listen(self, "after_commit", _weakly(self._after_commit))
+        event.listen(self, "after_transaction_end", _weakly(self._after_transaction_end))
 
     def connection(
         self,
@@ -539,12 +571,12 @@ class RoutedSession(ShardedSession):
         """The session's connection to one placement (``bind_arguments={"shard_id": token}``),
         for SQL the ORM does not route (physical table names): its writes pass the router's
         write resolver, like the flush's (see _RawPlacementConnection)."""
+        routing = self._routing  # pinned (and the binds its engines) before a connection
         conn = super().connection(dict(bind_arguments or {}), execution_options)
         token = (bind_arguments or {}).get("shard_id")
         if token is not None:
-            shard = self._routing.placements[self._routing.check_token(token)].shard
+            shard = routing.placements[routing.check_token(token)].shard
         else:  # an explicit bind: the shard whose engine it is, if any
-            routing = self._routing
             shards = {id(e): routing.placements[t].shard for t, e in routing.binds.items()}
             found = shards.get(id(conn.engine))
             if found is None:
@@ -554,8 +586,8 @@ class RoutedSession(ShardedSession):
 
     @property
     def _snap(self) -> Snapshot:
-        """The routing snapshot of the session (pinned again, the router's current one, on the
-        first use after close())."""
+        """The routing snapshot of the session's transaction (pinned, the router's current
+        one, at the first use in a transaction; released when the transaction ends)."""
         snap = self._snapshot_pin.snap
         if snap is None:
             snap = self._repin().snap
@@ -572,18 +604,20 @@ class RoutedSession(ShardedSession):
 
     def _repin(self) -> _SessionPin:
         pin = self._snapshot_pin
-        fresh = _SessionPin(self.router)
-        pin.snap, pin.routing = fresh.snap, fresh.routing
-        assert fresh.routing is not None
-        for token, bind in fresh.routing.binds.items():
-            self.bind_shard(token, bind)
-        self._proxies.clear()
+        pin.pin(self.router)
+        routing = pin.routing
+        assert routing is not None
+        if routing is not self._bound:  # another snapshot: its engines become the binds
+            for token, bind in routing.binds.items():
+                self.bind_shard(token, bind)
+            self._bound = routing
+            self._proxies.clear()
         return pin
 
     def close(self) -> None:
-        """Close the session (SQLAlchemy's close) and release its routing snapshot: a new
-        topology version can then be acknowledged, and the next use of this session routes
-        by the router's version of that moment."""
+        """Close the session (SQLAlchemy's close) and release its routing snapshot (as every
+        end of its transaction does): a new topology version can then be acknowledged, and
+        the next use of this session routes by the router's version of that moment."""
         try:
             super().close()
         finally:
@@ -723,7 +757,6 @@ class RoutedSession(ShardedSession):
             info = routing.mapped(state.mapper)
             if info.rule.primary is None:
                 self._token_of_new(info, state)  # refuses broadcast writes
-            self._resolve(info, state)
             for column_name, key in info.attrs.items():
                 if state.attrs[key].history.has_changes():
                     raise UnsupportedQueryError(
@@ -731,13 +764,14 @@ class RoutedSession(ShardedSession):
                         f" {info.rule.name}.{column_name} would move the row to another shard;"
                         " delete the object and add a new one instead"
                     )
+            self._resolve(info, state, "UPDATE")
         cleanups: list[LookupRow] = []
         for obj in self.deleted:
             state = inspect(obj)
             info = routing.mapped(state.mapper)
             if info.rule.primary is None:
                 self._token_of_new(info, state)
-            self._resolve(info, state)
+            self._resolve(info, state, "DELETE")
             cleanups.extend(self._lookup_rows(info, state, deleting=True))
         written = self._write_lookups(lookups) if lookups else Written()
         # A flush's deletes count before its writes: the only lookup row both name is that of
@@ -746,13 +780,33 @@ class RoutedSession(ShardedSession):
         self._ledger.remove(cleanups)
         self._ledger.add(written, doubtful=False)
 
-    def _resolve(self, info: _MappedTable, state: InstanceState[Any]) -> None:
-        """The flush's write of ``state`` passes the router's write resolver (fencing)."""
+    def _resolve(self, info: _MappedTable, state: InstanceState[Any], kind: str = "") -> None:
+        """The flush's write of ``state`` passes the router's write resolver (fencing). A
+        persistent object's UPDATE or DELETE goes to its identity token's placement (as
+        horizontal_shard does), so that token must be its slot's placement under the
+        session's snapshot: an object loaded under an older topology version whose slot has
+        moved since (or into another physical table) is refused, not written where the row
+        no longer lives. ``kind``: UPDATE or DELETE for a persistent object, else empty."""
         rule = info.rule.primary
         assert rule is not None
         slot = rule.slot(info.value(state, rule.column))
         self._wrote = True
-        self.router.resolver.write_slot(self._snap, slot, "orm", "orm")
+        snap = self._snap
+        if kind:
+            key = state.key
+            token = key[2] if key is not None else state.identity_token
+            resolved = self._routing.token(info.rule, slot)
+            if token != resolved:
+                raise FencedError(
+                    f"{kind} of {info.mapper.class_.__name__} {state.identity!r} refused: the"
+                    f" object was loaded from placement {token!r}, but under topology version"
+                    f" {snap.version}, which this session runs on, slot {slot} lives in"
+                    f" {resolved!r} (loaded under an older version, before its slot moved). The"
+                    " way out: reload the object in this session (session.expunge(obj), then"
+                    " session.get() or a query) and apply the change to the fresh object",
+                    slot=slot,
+                )
+        self.router.resolver.write_slot(snap, slot, "orm", "orm")
 
     def _check_secondaries(self, info: _MappedTable, state: InstanceState[Any]) -> None:
         """Functional secondary keys must route to the row's slot, or reads by them miss it."""
@@ -836,7 +890,7 @@ class RoutedSession(ShardedSession):
         # Writes flushed earlier were checked then; the lease may have expired since (a
         # write flushed by this commit is checked by its flush).
         if self._wrote and not self.in_nested_transaction():
-            self.router.resolver.before_commit(None)
+            self.router.resolver.before_commit(self._snap, None)
 
     def _after_commit(self, session: Session) -> None:
         if self.in_nested_transaction():
@@ -850,14 +904,18 @@ class RoutedSession(ShardedSession):
             # deleted owners go, those of owners it did not commit too; best effort. A
             # rollback forgets the deletes (running one for a row the rollback brought back
             # would hide it from reads by the lookup key).
+            # Then its snapshot is released: the next transaction routes by the router's
+            # version of its own start (objects of an older one are checked by _resolve).
             committed, self._committed = self._committed, False
             self._wrote = False
+            snap = self._snapshot_pin.snap  # None: nothing routed, so nothing to settle
             try:
-                _Runner(self.router).drive(
-                    self._ledger.settle(self._snap.topology, committed), self._snap
-                )
+                if snap is not None:
+                    _Runner(self.router).drive(self._ledger.settle(snap.topology, committed), snap)
             except Exception as exc:
                 log.error("session end: lookup rows not settled: %s", exc)
+            finally:
+                self._snapshot_pin.release()
 
     # -- statements -------------------------------------------------------------------------
 
@@ -871,7 +929,12 @@ class RoutedSession(ShardedSession):
             )
         explicit = _explicit_token(ctx)
         if explicit is not None:
-            return self._invoke(ctx, self._routing.check_token(explicit))
+            token = self._routing.check_token(explicit)
+            if not ctx.is_select:  # a write on a placement the caller chose: fenced too
+                shard = self._routing.placements[token].shard
+                self._wrote = True
+                self.router.resolver.write_shard(self._snap, shard, "orm", "statement")
+            return self._invoke(ctx, token)
         if ctx.is_select:
             if not isinstance(stmt, Select):
                 raise UnsupportedQueryError(

@@ -304,14 +304,16 @@ def test_a_routed_session_holds_the_ack_until_close_and_then_follows(
         session = RoutedSession(router)
         try:
             session.add(_Note(user_id=11, body="v1"))
-            session.commit()  # a commit does not release the version: objects carry its tokens
+            session.flush()  # its transaction holds the version (a commit releases it too)
             store.push(moving_document(raw, 0, 10), expected=1)
             wait_until(lambda: router.version == 2)
             assert not wait_for_acks(store, 2, timeout=0.5).complete
             assert session._snap.version == 1
-            session.close()
+            session.close()  # rolls the flush back and lets go
             assert wait_for_acks(store, 2, timeout=5).complete
             # the same session, used again after close(), routes by the current version
+            session.add(_Note(user_id=11, body="v2"))
+            session.commit()
             assert session.get(_Note, 11) is not None
             assert session._snap.version == 2
             assert router._snap.users == 1
@@ -331,7 +333,7 @@ def test_routed_session_close_releases_its_snapshot(
         snap = router._snap
         with RoutedSession(router) as session:
             session.add(_Note(user_id=12, body="x"))
-            session.commit()
+            session.flush()
             assert snap.users == 1
         assert snap.users == 0  # released although `session` is still referenced
         session.close()  # idempotent: nothing released twice
@@ -340,7 +342,7 @@ def test_routed_session_close_releases_its_snapshot(
         other.reset()
         assert snap.users == 0
         other.add(_Note(user_id=13, body="y"))  # usable after reset: pins again
-        other.commit()
+        other.flush()
         assert snap.users == 1
         other.invalidate()
         assert snap.users == 0
