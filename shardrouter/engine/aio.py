@@ -88,7 +88,6 @@ class AsyncTransaction:
         """The routing snapshot this transaction runs under, from its start to its end."""
         self.shard: ShardId | None = None
         self._conn: AsyncConnection | None = None
-        self._deferred: list[Job] = []
         self._ledger = LookupLedger()
         self._broken: BaseException | None = None
         """A statement timed out (cancelled mid-answer: the connection's state is unknown) or
@@ -130,10 +129,7 @@ class AsyncTransaction:
         marks: list[ShardId] | None = [] if multi_part(jobs) else None
         try:
             for job in jobs:
-                if job.role == "lookup_cleanup":
-                    self._deferred.append(job)
-                    out.append(JobResult((), [], 0))
-                elif job.role == "lookup":
+                if job.role == "lookup":  # (a transaction's lookup deletes: its ledger)
                     out.append(await self._router._run_job(job, self._snap))
                 else:
                     out.append(await self._run_bound(job, marks))
@@ -237,8 +233,6 @@ class AsyncTransaction:
                             raise
                     await self._router._end(self.shard, conn, commit, self._snap)
             committed = commit
-            if commit and self._deferred:
-                await self._router._gather(self._deferred, self._snap)
         finally:
             # Lookup rows written for owners this transaction did not commit are removed
             # (see Transaction._finish).

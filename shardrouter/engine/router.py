@@ -85,7 +85,6 @@ class _Runner:
     ) -> None:
         self.router = router
         self.transaction = transaction
-        self.deferred: list[Job] = []
         self.sticky = sticky
         """Once this runner wrote, its reads stay on primaries (read-your-writes)."""
         self.wrote = False
@@ -152,10 +151,7 @@ class _Runner:
             marks: list[ShardId] | None = [] if multi_part(jobs) else None
             try:
                 for job in jobs:
-                    if job.role == "lookup_cleanup":
-                        self.deferred.append(job)  # only once the owner's delete has committed
-                        out.append(JobResult((), [], 0))
-                    elif job.role == "lookup":
+                    if job.role == "lookup":  # (a transaction's lookup deletes: its ledger)
                         out.append(self.router._run_job(job, False, snap))
                     else:
                         out.append(txn._run(job, marks))
@@ -382,8 +378,6 @@ class Transaction:
                 if shard in stuck:
                     conn.invalidate()  # its XA state is unknown: the server ends it
                 conn.close()
-        if commit and self._runner.deferred:
-            self._router._fan_out(self._runner.deferred, False, self._snap)
 
 
 class Scope:
