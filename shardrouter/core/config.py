@@ -199,12 +199,13 @@ class ShardConfig(_Model):
     def _lock_wait_not_overridden(self) -> ShardConfig:
         """A URL's own ``init_command`` replaces the session setup that sets the lock wait
         (engines.engine_options): with an explicit lock_wait_timeout_s, one of the two would
-        be silently ignored."""
+        be silently ignored; without one, the init_command must set a lock wait below the
+        answer timeout itself."""
         lock_wait = self.pool.lock_wait_timeout_s
-        if lock_wait is None:
-            return self
         for url in (self.primary, *self.replicas):
-            if "init_command" in url.query:
+            if "init_command" in url.query and lock_wait is None:
+                _check_own_lock_wait(url, self.pool)
+            elif "init_command" in url.query:
                 raise ValueError(
                     f"{safe_url(url)!r} sets its own init_command, which replaces the session"
                     f" setup that applies pool.lock_wait_timeout_s ({lock_wait}); remove"
@@ -213,6 +214,33 @@ class ShardConfig(_Model):
                     " the URL"
                 )
         return self
+
+
+_OWN_LOCK_WAIT = re.compile(r"innodb_lock_wait_timeout\s*=\s*(\d+)", re.I)
+
+
+def _check_own_lock_wait(url: URL, pool: PoolConfig) -> None:
+    """A URL whose own init_command replaces the session setup must set the lock wait itself,
+    below the answer timeout: else the server's (50 s by default) outlasts every answer
+    timeout and a held row reads as an unavailable shard."""
+    command = url.query["init_command"]
+    text = command[-1] if isinstance(command, tuple) else command
+    found = _OWN_LOCK_WAIT.search(text)
+    answer = pool.answer_timeout_s
+    if found is None:
+        raise ValueError(
+            f"{safe_url(url)!r} sets its own init_command, which replaces the session setup"
+            " that sets the lock wait: the server's (50 s by default) would outlast the answer"
+            f" timeout ({answer:g} s) and a held row would read as an unavailable shard; add"
+            f" `innodb_lock_wait_timeout = {pool.lock_wait_s}` to it (SET SESSION a = ...,"
+            " innodb_lock_wait_timeout = N) or drop init_command from the URL"
+        )
+    if int(found.group(1)) >= answer:
+        raise ValueError(
+            f"{safe_url(url)!r}: its init_command sets innodb_lock_wait_timeout ="
+            f" {found.group(1)}, not below the answer timeout ({answer:g} s): a held row would"
+            f" read as an unavailable shard; set it below {answer:g} or raise query_timeout_s"
+        )
 
 
 StrategySpec = str | dict[str, Any]
