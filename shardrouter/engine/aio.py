@@ -602,10 +602,13 @@ class AsyncRouter:
                 if job.kind == "write":
                     slots = recorder.on(job.shard) if recorder is not None else None
                     self.resolver.write_shard(snap, job.shard, "async", job.role, slots)
+        if all(j.kind == "write" and j.role == "statement" for j in jobs):
+            # One shard's write too: its commit runs to its end if the caller is cancelled
+            # meanwhile, and a committed write's results reach the step (a DELETE's lookup
+            # rows go with it), as for several shards'.
+            return await self._write_together(jobs, snap)
         if len(jobs) == 1:
             return [await self._run_job(jobs[0], snap)]
-        if all(j.kind == "write" and j.role == "statement" for j in jobs):
-            return await self._write_together(jobs, snap)
         limit = asyncio.Semaphore(self.max_concurrency)
 
         async def bounded(job: Job) -> JobResult:
