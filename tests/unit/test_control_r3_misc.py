@@ -9,13 +9,13 @@ import copy
 import json
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from control_cluster import SQLITE_YAML, document, user_in_slots
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -30,25 +30,7 @@ from shardrouter.engine.router import Router
 from shardrouter.errors import KeyValueError, UnsupportedQueryError, WorkerLeaseError
 from shardrouter.orm.session import RoutedSession
 
-REPO = Path(__file__).resolve().parents[2]
-SQLITE_YAML = REPO / "config" / "orders-sqlite.yaml"
-
 pytestmark = pytest.mark.timeout(60)
-
-
-def document(directory: Path) -> dict[str, Any]:
-    raw = yaml.safe_load(SQLITE_YAML.read_text())
-    for name, shard in raw["shards"].items():
-        shard["primary"] = f"sqlite:///{directory}/{name}.db"
-    raw["tables"]["notes"] = {"column": "user_id", "strategy": "hash"}
-    raw["meta"] = {
-        "url": f"sqlite:///{directory}/meta.db",
-        "poll_interval_s": 0.05,
-        "fast_poll_interval_s": 0.02,
-        "lease_s": 1.0,
-        "fence_margin_s": 0.2,
-    }
-    return raw
 
 
 def plain(raw: dict[str, Any]) -> dict[str, Any]:
@@ -63,24 +45,7 @@ def create_notes(directory: Path, raw: dict[str, Any]) -> None:
         engine.dispose()
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[dict[str, Any], MetaStore]]:
-    raw = document(tmp_path)
-    store = MetaStore(raw["meta"]["url"])
-    store.init()
-    store.push(raw, expected=None, comment="v1")
-    create_notes(tmp_path, raw)
-    try:
-        yield raw, store
-    finally:
-        store.close()
-
-
 KEY = ("--key", "user_id=4")
-
-
-def user_in_slots(router: Router, start: int, end: int) -> int:
-    return next(u for u in range(1, 100_000) if start <= router.route_key(user_id=u)[1] < end)
 
 
 # -- 2: worker ids of a topology served by a meta store ---------------------------------------

@@ -15,14 +15,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import time
 import weakref
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from control_cluster import user_in_slots, wait_until
 from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session
 
@@ -33,53 +31,7 @@ from shardrouter.engine.router import Router
 from shardrouter.errors import FencedError, ShardRouterError
 from shardrouter.orm.session import RoutedSession, routed_sessionmaker
 
-REPO = Path(__file__).resolve().parents[2]
-SQLITE_YAML = REPO / "config" / "orders-sqlite.yaml"
-
 pytestmark = pytest.mark.timeout(60)
-
-
-def document(directory: Path) -> dict[str, Any]:
-    raw = yaml.safe_load(SQLITE_YAML.read_text())
-    for name, shard in raw["shards"].items():
-        shard["primary"] = f"sqlite:///{directory}/{name}.db"
-    raw["tables"]["notes"] = {"column": "user_id", "strategy": "hash"}
-    raw["meta"] = {
-        "url": f"sqlite:///{directory}/meta.db",
-        "poll_interval_s": 0.05,
-        "fast_poll_interval_s": 0.02,
-        "lease_s": 1.0,
-        "fence_margin_s": 0.2,
-    }
-    return raw
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[tuple[dict[str, Any], MetaStore]]:
-    raw = document(tmp_path)
-    store = MetaStore(raw["meta"]["url"])
-    store.init()
-    store.push(raw, expected=None, comment="v1")
-    for name in raw["shards"]:
-        engine = create_engine(f"sqlite:///{tmp_path}/{name}.db")
-        with engine.begin() as conn:
-            conn.execute(text("CREATE TABLE notes (user_id BIGINT PRIMARY KEY, body TEXT)"))
-        engine.dispose()
-    try:
-        yield raw, store
-    finally:
-        store.close()
-
-
-def wait_until(check: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def user_in_slots(router: Router, start: int, end: int) -> int:
-    return next(u for u in range(1, 100_000) if start <= router.route_key(user_id=u)[1] < end)
 
 
 def rows_of(path: Path, user: int) -> list[Any]:
