@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Collection, Generator, Map
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import TextClause, text
 from sqlalchemy.exc import DBAPIError, PendingRollbackError
@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Executable
 
 from ..core.config import TopologyConfig, load_config
-from ..core.topology import KeyRule, Topology
+from ..core.topology import Topology
 from ..errors import (
     CrossShardTransactionError,
     LockConflictError,
@@ -38,7 +38,6 @@ from ..sql.execution import (
     require_returning,
     run,
 )
-from ..sql.planner import Planner
 from ..types import ShardId, Slot
 from . import readpool
 from .engines import AsyncShardEngines, classify
@@ -54,7 +53,13 @@ from .router import (
     multi_part,
     route_key,
 )
-from .snapshot import LiveSnapshots, RoutingSnapshot, SlotRecorder, WriteResolver
+from .snapshot import (
+    LiveSnapshots,
+    RoutingSnapshot,
+    SlotRecorder,
+    SnapshotHolder,
+    WriteResolver,
+)
 
 AsyncSnapshot = RoutingSnapshot[AsyncShardEngines, AsyncReadPool]
 
@@ -294,7 +299,7 @@ async def _on(conn: AsyncConnection, shard: ShardId, sql: str) -> None:
         raise aborted(shard, exc) from exc
 
 
-class AsyncRouter:
+class AsyncRouter(SnapshotHolder[AsyncShardEngines, AsyncReadPool]):
     """Routes statements to shards over asyncio; fan-out runs concurrently, bounded per query.
 
     The planner, routing, lookups and merge are the same code as Router's (execution.run):
@@ -353,33 +358,6 @@ class AsyncRouter:
         return router
 
     # -- the routing snapshot ---------------------------------------------------------------
-
-    @property
-    def topology(self) -> Topology:
-        return self._snap.topology
-
-    @property
-    def planner(self) -> Planner:
-        return self._snap.planner
-
-    @property
-    def version(self) -> int:
-        """The topology version this router serves."""
-        return self._snap.version
-
-    @property
-    def _key_rules(self) -> Mapping[str, KeyRule]:
-        return self._snap.key_rules
-
-    @property
-    def _lean(self) -> dict[Any, AsyncReadPool | Literal[False]]:
-        return self._snap.lean
-
-    def _pin(self) -> AsyncSnapshot:
-        while True:
-            snap = self._snap
-            if snap.acquire():
-                return snap
 
     def _install(self, topology: Topology) -> None:
         """Swap to ``topology`` (see Router._install). Called from the follower's thread: the

@@ -44,12 +44,17 @@ from ..sql.execution import (
     require_returning,
     run,
 )
-from ..sql.planner import Planner
 from ..types import ShardId, Slot
 from . import readpool, xa
 from .engines import DEADLOCK_ERRNO, ShardEngines, classify
 from .readpool import ReadPool
-from .snapshot import LiveSnapshots, RoutingSnapshot, SlotRecorder, WriteResolver
+from .snapshot import (
+    LiveSnapshots,
+    RoutingSnapshot,
+    SlotRecorder,
+    SnapshotHolder,
+    WriteResolver,
+)
 
 Snapshot = RoutingSnapshot[ShardEngines, ReadPool]
 
@@ -393,7 +398,7 @@ class Scope:
         return self._router._execute(statement, params, self._runner)
 
 
-class Router:
+class Router(SnapshotHolder[ShardEngines, ReadPool]):
     """Routes statements to shards and merges multi-shard results.
 
     ``execute(sql, params)`` parses once (cached), routes by the key predicates, fans out on a
@@ -465,37 +470,8 @@ class Router:
     # -- the routing snapshot ---------------------------------------------------------------
 
     @property
-    def topology(self) -> Topology:
-        return self._snap.topology
-
-    @property
     def engines(self) -> ShardEngines:
         return self._snap.engines
-
-    @property
-    def planner(self) -> Planner:
-        return self._snap.planner
-
-    @property
-    def version(self) -> int:
-        """The topology version this router serves."""
-        return self._snap.version
-
-    @property
-    def _key_rules(self) -> Mapping[str, KeyRule]:
-        return self._snap.key_rules
-
-    @property
-    def _lean(self) -> dict[Engine, ReadPool | Literal[False]]:
-        return self._snap.lean
-
-    def _pin(self) -> Snapshot:
-        """The current snapshot, held until ``release()``: a swap never disposes what a
-        statement still uses."""
-        while True:
-            snap = self._snap
-            if snap.acquire():
-                return snap
 
     def _install(self, topology: Topology) -> None:
         """Swap to ``topology`` between statements: one attribute assignment. Engines (and

@@ -155,6 +155,42 @@ class RoutingSnapshot(Generic[E, L]):
         return self._users
 
 
+class SnapshotHolder(Generic[E, L]):
+    """What the sync and async routers read through their current snapshot, and how they pin
+    it: one definition for both (each router only says which engines and pools it holds)."""
+
+    _snap: RoutingSnapshot[E, L]
+
+    @property
+    def topology(self) -> Topology:
+        return self._snap.topology
+
+    @property
+    def planner(self) -> Planner:
+        return self._snap.planner
+
+    @property
+    def version(self) -> int:
+        """The topology version this router serves."""
+        return self._snap.version
+
+    @property
+    def _key_rules(self) -> Mapping[str, KeyRule]:
+        return self._snap.key_rules
+
+    @property
+    def _lean(self) -> dict[Any, L | Literal[False]]:
+        return self._snap.lean
+
+    def _pin(self) -> RoutingSnapshot[E, L]:
+        """The current snapshot, held until ``release()``: a swap never disposes what a
+        statement still uses."""
+        while True:
+            snap = self._snap
+            if snap.acquire():
+                return snap
+
+
 class LiveSnapshots(Generic[E, L]):
     """The snapshots of one router not yet disposed (the current one and retired ones still
     pinned), to tell what a snapshot being disposed may take with it.
@@ -433,6 +469,7 @@ __all__ = [
     "Resolution",
     "RoutingSnapshot",
     "SlotRecorder",
+    "SnapshotHolder",
     "WriteResolver",
     "moving_ranges",
 ]
