@@ -1059,23 +1059,32 @@ def discard_lookups(
 
 def restore_lookups(
     topology: Topology, rows: Sequence[LookupRow]
-) -> Generator[list[Job], list[JobResult], None]:
+) -> Generator[list[Job], list[JobResult], list[LookupRow]]:
     """Write lookup rows again (idempotent), after their owners were written; best effort:
-    an error is logged (the rows are then missing: ``check lookups`` reports them)."""
+    an error is logged (the rows are then missing: ``check lookups`` reports them).
+
+    Returns the rows of every insert that wrote something (the whole group of a lookup table
+    place, as RETURNING values come back in the server's types): a row that was missing may
+    have been removed because its owner was deleted meanwhile, so the caller checks those
+    owners again (see LookupLedger.settle)."""
     grouped: dict[tuple[ShardId, str, LookupStrategy], list[LookupRow]] = defaultdict(list)
     for r in rows:
         grouped[(r.shard, r.physical, r.strategy)].append(r)
+    groups = list(grouped.values())
     jobs = []
-    for (shard, physical, strategy), group in grouped.items():
-        backend = topology.shards[shard].primary.get_backend_name()
-        stmt = lookup_insert(strategy, physical, backend, [r.row for r in group])
-        jobs.append(Job(shard, stmt, {}, "write", "lookup", returning=True))
+    for group in groups:
+        first = group[0]
+        backend = topology.shards[first.shard].primary.get_backend_name()
+        stmt = lookup_insert(first.strategy, first.physical, backend, [r.row for r in group])
+        jobs.append(Job(first.shard, stmt, {}, "write", "lookup", returning=True))
     if not jobs:
-        return
+        return []
     try:
-        yield jobs
+        results = yield jobs
     except Exception as exc:
         log.error("lookup rows not written again (check lookups reports them): %s", exc)
+        return []
+    return [r for group, res in zip(groups, results, strict=True) if res.rows for r in group]
 
 
 @dataclass(slots=True)
@@ -1202,6 +1211,7 @@ class LookupLedger:
             except Exception as exc:  # orphans, as after a crash: check lookups removes them
                 log.warning("lookup rows of deleted owner rows not removed: %s", exc)
         restore = [r for r in kept_rows if id(r) not in moved]
+        handed: list[LookupRow] = []
         if swaps:
             try:
                 results = yield [_takeover_job(old, new) for old, new in swaps]
@@ -1210,10 +1220,17 @@ class LookupLedger:
                 restore.extend(new for _, new in swaps)
             else:
                 # No row to hand over (removed meanwhile, e.g. as an orphan): written again.
-                restore.extend(
-                    new for (_, new), r in zip(swaps, results, strict=True) if not r.rowcount
-                )
-        yield from restore_lookups(topology, restore)
+                for (_, new), r in zip(swaps, results, strict=True):
+                    (handed if r.rowcount else restore).append(new)
+        rewritten = yield from restore_lookups(topology, restore)
+        # The owner rows committed before this settle ran: another writer may have deleted
+        # one since, and its cleanup, finding no lookup row naming it (not yet handed over or
+        # written again), removed nothing. The rows this settle wrote are therefore checked
+        # like orphans: one whose owner is gone is removed (discard_lookups; an owner whose
+        # delete is still in flight holds its lock, so its row stays for that delete's own
+        # cleanup). Rows that were there already need no check: a later delete's cleanup
+        # finds them.
+        yield from discard_lookups(topology, [*handed, *rewritten])
 
 
 def _value_key(topology: Topology, r: LookupRow) -> tuple[Any, ...]:
@@ -1327,7 +1344,10 @@ def _insert(
     else:
         if upsert:
             yield from discard_lookups(topology, written.created)
-        yield from restore_lookups(topology, written.adopted)
+        # As at a transaction's settle: a row written again because it was missing may
+        # belong to an owner deleted since this insert committed (see LookupLedger.settle).
+        rewritten = yield from restore_lookups(topology, written.adopted)
+        yield from discard_lookups(topology, rewritten)
     shards = tuple(dict.fromkeys(j.shard for j in jobs))
     return ResultSet((), [], sum(r.rowcount for r in results), shards, tuple(lookup_shards))
 

@@ -4,8 +4,8 @@ out or left open), the transaction's own lookup claims and their takeover, the E
 split tables, and the lock-wait rules. Fixed findings: an async single-shard DELETE cancelled
 during its commit left the lookup row of a deleted user (its commit now runs to its end, as a
 multi-shard write's does); a URL init_command kept the server's 50 s lock wait. The other
-tests are attacks that held, kept as guards. (Two findings of the takeover's settle window are
-open: see the issue 7 note.)"""
+tests are attacks that held, kept as guards. (Findings 2 and 3, the settle's window after the
+commit, are fixed and tested in test_issue7_r7_settle.py.)"""
 
 from __future__ import annotations
 
