@@ -684,6 +684,10 @@ def _meta(old: MetaConfig | None, new: MetaConfig | None) -> list[Change]:
                     path,
                     f"{path}: {_show(a)} -> {_show(b)}",
                     safe=True,
+                    reason=(
+                        "recorded with the version; a router runs with the meta: settings of"
+                        " the file it starts from (restart routers with the new file to apply)"
+                    ),
                 )
             )
     return out

@@ -71,7 +71,14 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
-from ..core.config import MetaConfig, TopologyConfig, _mask_text, config_from_dict, safe_url
+from ..core.config import (
+    MetaConfig,
+    TopologyConfig,
+    _mask_text,
+    config_from_dict,
+    safe_url,
+    same_database,
+)
 from ..core.topology import Topology
 from ..engine.snapshot import FenceState, RoutingSnapshot
 from ..errors import ConfigError, MetaStoreDocumentError, MetaStoreError
@@ -102,6 +109,8 @@ class Follower:
         self.fence = FenceState()
         self.registration = Registration(self.store, kind=kind, lease_s=meta.lease_s)
         self.rejected: dict[int, str] = {}
+        self._told: set[int] = set()
+        """Versions whose differing meta: settings were logged (once each)."""
         """Versions that failed validation here: version -> the problems (masked)."""
         self.last_error: str = ""
         self.in_flight = False
@@ -140,9 +149,37 @@ class Follower:
         )
         if config.version != found.version:  # push stamps the number into the document
             config = config.model_copy(update={"version": found.version})
-        if config.meta is None:  # pushed without meta: (--meta-url): it is served by this store
-            config = config.model_copy(update={"meta": self.meta})
-        return config
+        pushed = config.meta
+        if (
+            pushed is not None
+            and not same_database(pushed.url, self.store.url)
+            and pushed.url.render_as_string(hide_password=False)
+            != self.store.url.render_as_string(hide_password=False)
+        ):
+            # MetaStore.push stores any document; `topology push` refuses this one. Followed,
+            # it would claim a store this router does not poll.
+            raise ConfigError(
+                [
+                    f"meta.url: version {found.version} names the meta store"
+                    f" {safe_url(pushed.url)}, but it was pushed to {safe_url(self.store.url)},"
+                    " which this router follows; push a version whose meta.url names this"
+                    " store (or has no meta: section)"
+                ],
+                f"meta store {safe_url(self.store.url)} version {found.version}",
+            )
+        differs = pushed is not None and _settings(pushed) != _settings(self.meta)
+        if differs and found.version not in self._told:
+            self._told.add(found.version)
+            log.warning(
+                "router %s: version %d has other meta: settings (poll, lease, timeouts) than"
+                " this router's; a router runs with those of the file it started from"
+                " (restart routers with the new file to change them)",
+                self.instance_id,
+                found.version,
+            )
+        # The settings this router runs with: its fence and its registration must agree on
+        # one lease length, so they never change under a running router.
+        return config.model_copy(update={"meta": self.meta})
 
     def start(self, router: Any) -> None:
         """Register ``router`` (serving its version), catch up with the current version if
@@ -416,3 +453,8 @@ def _deregister_all() -> None:
 
 
 __all__ = ["Follower"]
+
+
+def _settings(meta: MetaConfig) -> dict[str, Any]:
+    """The settings of ``meta`` without its URL (whose spelling may differ for one store)."""
+    return meta.model_dump(exclude={"url"})

@@ -184,9 +184,11 @@ from ..types import ShardId, Slot
 __all__ = ["Placement", "RoutedSession", "routed_sessionmaker"]
 
 _TOKEN_OPTION = "shardrouter_placement"
-"""The execution option naming the placement a statement runs for (set on every routed ORM
+"""The execution option carrying the Placement a statement runs for (set on every routed ORM
 statement and by the flush proxies); the engine hook renames split tables by it. Not
-``identity_token``: the ORM lets a relationship load inherit its parent query's."""
+``identity_token``: the ORM lets a relationship load inherit its parent query's. The Placement
+object itself, not its token: engines outlive topology versions (reused by every snapshot
+that keeps the shard), so their one hook must not depend on any version's routing."""
 _REWRITE_CACHE_SIZE = 1024
 
 
@@ -274,26 +276,9 @@ class _Routing:
         self._mapped: dict[Mapper[Any], _MappedTable] = {}
         self._lock = threading.Lock()
         for engine in {id(e): e for e in self.binds.values()}.values():
-            if not event.contains(engine, "before_cursor_execute", self._rewrite):
-                event.listen(engine, "before_cursor_execute", self._rewrite, retval=True)
-
-    def _rewrite(
-        self,
-        conn: Connection,
-        cursor: DBAPICursor,
-        statement: str,
-        parameters: Any,
-        context: ExecutionContext | None,
-        executemany: bool,
-    ) -> tuple[str, Any]:
-        """The engine hook: a statement run for a split placement gets its physical names."""
-        if context is None:
-            return statement, parameters
-        token = context.execution_options.get(_TOKEN_OPTION)
-        placement = self.placements.get(token) if isinstance(token, str) else None
-        if placement is None:
-            return statement, parameters
-        return placement.rewrite(statement), parameters
+            with _hooks_lock:  # one hook per engine, whichever version made it
+                if not event.contains(engine, "before_cursor_execute", _rewrite_hook):
+                    event.listen(engine, "before_cursor_execute", _rewrite_hook, retval=True)
 
     # -- tokens -----------------------------------------------------------------------------
 
@@ -356,6 +341,24 @@ class _Routing:
         return found
 
 
+def _rewrite_hook(
+    conn: Connection,
+    cursor: DBAPICursor,
+    statement: str,
+    parameters: Any,
+    context: ExecutionContext | None,
+    executemany: bool,
+) -> tuple[str, Any]:
+    """The engine hook: a statement run for a split placement gets its physical names."""
+    if context is None:
+        return statement, parameters
+    placement = context.execution_options.get(_TOKEN_OPTION)
+    if not isinstance(placement, Placement):
+        return statement, parameters
+    return placement.rewrite(statement), parameters
+
+
+_hooks_lock = threading.Lock()
 _routings: weakref.WeakKeyDictionary[Snapshot, _Routing] = weakref.WeakKeyDictionary()
 _routings_lock = threading.Lock()
 
@@ -378,11 +381,11 @@ class _PlacementConnection:
     connection object, never puts rows of two physical tables into one statement.
     """
 
-    __slots__ = ("_connection", "_token")
+    __slots__ = ("_connection", "_placement")
 
-    def __init__(self, connection: Connection, token: str) -> None:
+    def __init__(self, connection: Connection, placement: Placement) -> None:
         self._connection = connection
-        self._token = token
+        self._placement = placement
 
     @property
     def dialect(self) -> Dialect:
@@ -396,7 +399,7 @@ class _PlacementConnection:
         execution_options: Mapping[str, Any] | None = None,
     ) -> Any:
         options = dict(execution_options or {})
-        options[_TOKEN_OPTION] = self._token
+        options[_TOKEN_OPTION] = self._placement
         return self._connection.execute(statement, parameters, execution_options=options)
 
     def __getattr__(self, name: str) -> Any:
@@ -571,9 +574,25 @@ class RoutedSession(ShardedSession):
         """The session's connection to one placement (``bind_arguments={"shard_id": token}``),
         for SQL the ORM does not route (physical table names): its writes pass the router's
         write resolver, like the flush's (see _RawPlacementConnection)."""
-        routing = self._routing  # pinned (and the binds its engines) before a connection
-        conn = super().connection(dict(bind_arguments or {}), execution_options)
-        token = (bind_arguments or {}).get("shard_id")
+        arguments = dict(bind_arguments or {})
+        token = arguments.get("shard_id")
+        if token is None and arguments.get("bind") is None and arguments.get("mapper") is None:
+            raise RoutingError(
+                "session.connection() needs a placement: pass"
+                " bind_arguments={'shard_id': token} (tokens: "
+                + ", ".join(self._look.placements)
+                + ")"
+            )
+        if token is not None:
+            self._look.check_token(token)  # before anything is pinned or begun
+        opened = self.in_transaction()
+        routing = self._pinned_routing()  # pinned (and the binds its engines) before a connection
+        try:
+            conn = super().connection(arguments, execution_options)
+        except BaseException:
+            if not opened and not self.in_transaction():
+                self._snapshot_pin.release()  # nothing began: nothing may hold the version
+            raise
         if token is not None:
             shard = routing.placements[routing.check_token(token)].shard
         else:  # an explicit bind: the shard whose engine it is, if any
@@ -596,6 +615,24 @@ class RoutedSession(ShardedSession):
 
     @property
     def _routing(self) -> _Routing:
+        """The routing of the session's transaction, pinned at its first use (by a statement
+        or a flush, which begin the transaction whose end releases it)."""
+        return self._pinned_routing()
+
+    @property
+    def _look(self) -> _Routing:
+        """The routing for a question that runs nothing (``placement()``, ``get_bind()``): the
+        transaction's when one is open, else the router's current one, unpinned (nothing
+        begins, so nothing would release a pin and the router could not acknowledge newer
+        versions)."""
+        routing = self._snapshot_pin.routing
+        if routing is not None:
+            return routing
+        if not self.in_transaction():
+            return _routing_for(self.router._snap)
+        return self._pinned_routing()
+
+    def _pinned_routing(self) -> _Routing:
         routing = self._snapshot_pin.routing
         if routing is None:
             routing = self._repin().routing
@@ -667,8 +704,38 @@ class RoutedSession(ShardedSession):
         )
 
     def placement(self, token: str) -> Placement:
-        """The placement behind an identity token (``inspect(obj).identity_token``)."""
-        return self._routing.placements[self._routing.check_token(token)]
+        """The placement behind an identity token (``inspect(obj).identity_token``), under
+        the session's version (the router's current one outside a transaction)."""
+        routing = self._look
+        return routing.placements[routing.check_token(token)]
+
+    def get_bind(
+        self,
+        mapper: Any = None,
+        *,
+        shard_id: Any = None,
+        instance: Any = None,
+        clause: Any = None,
+        **kw: Any,
+    ) -> Any:
+        """The engine of a placement: ``shard_id=token``, or the placement of ``instance``
+        (its identity token, or its sharding key for a new object). A mapped class alone
+        names no placement."""
+        if shard_id is None:
+            if mapper is not None and not isinstance(mapper, Mapper):
+                found = inspect(mapper, raiseerr=False)
+                mapper = found if isinstance(found, Mapper) else None
+            if instance is None and mapper is None:
+                raise RoutingError(
+                    "get_bind() needs a placement: pass instance=obj (a mapped object) or"
+                    " shard_id=token (tokens: " + ", ".join(self._look.placements) + ")"
+                )
+            if instance is None and clause is None:
+                raise RoutingError(
+                    f"get_bind({mapper.class_.__name__}) names no placement: a class has rows"
+                    " on every shard; pass instance=obj or shard_id=token"
+                )
+        return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
 
     # -- horizontal_shard's choosers --------------------------------------------------------
 
@@ -682,8 +749,9 @@ class RoutedSession(ShardedSession):
                 + ", ".join(self._routing.placements)
                 + ")"
             )
-        info = self._routing.mapped(inspect(instance).mapper)
-        return self._token_of_new(info, inspect(instance))
+        routing = self._look
+        info = routing.mapped(inspect(instance).mapper)
+        return self._token_of_new(info, inspect(instance), routing)
 
     def _choose_identity(
         self,
@@ -695,20 +763,28 @@ class RoutedSession(ShardedSession):
         bind_arguments: Any,
         **kw: Any,
     ) -> list[str]:
-        info = self._routing.mapped(mapper)
+        # The load this chooses for runs in the session's transaction: begun (and pinned)
+        # here, so that the identity and the load are of one version. An identity-map hit
+        # then holds the version until the transaction ends, as any read would.
+        if not self.in_transaction() and self.autobegin:
+            self._autobegin_t()
+        routing = self._routing if self.in_transaction() else self._look
+        info = routing.mapped(mapper)
         identity = primary_key if isinstance(primary_key, tuple | list) else (primary_key,)
         for col, value in zip(mapper.primary_key, identity, strict=False):
             rule = info.rule.keys.get(col.name)
             if rule is not None and rule.lookup_table is None and value is not None:
-                return [self._routing.token(info.rule, rule.slot(value))]
-        return self._routing.fanout(info.rule)
+                return [routing.token(info.rule, rule.slot(value))]
+        return routing.fanout(info.rule)
 
     def _choose_execute(self, orm_context: ORMExecuteState) -> list[str]:
         # _on_execute routes every statement before horizontal_shard sees it; reaching this
         # means a statement came without a routing decision.
         raise RoutingError(f"statement was not routed: {orm_context.statement}")
 
-    def _token_of_new(self, info: _MappedTable, state: InstanceState[Any]) -> str:
+    def _token_of_new(
+        self, info: _MappedTable, state: InstanceState[Any], routing: _Routing | None = None
+    ) -> str:
         rule = info.rule
         if rule.primary is None:
             raise UnsupportedQueryError(
@@ -716,7 +792,7 @@ class RoutedSession(ShardedSession):
                 " every shard; write it with router.execute, which writes every shard"
             )
         slot = rule.primary.slot(info.value(state, rule.primary.column))
-        return self._routing.token(rule, slot)
+        return (routing or self._routing).token(rule, slot)
 
     # -- the flush --------------------------------------------------------------------------
 
@@ -734,7 +810,8 @@ class RoutedSession(ShardedSession):
         key = (id(connection), shard_id)
         proxy = self._proxies.get(key)
         if proxy is None or proxy._connection is not connection:
-            proxy = self._proxies[key] = _PlacementConnection(connection, shard_id)
+            placement = self._routing.placements[shard_id]
+            proxy = self._proxies[key] = _PlacementConnection(connection, placement)
         return cast(Connection, proxy)
 
     def _before_flush(
@@ -789,24 +866,53 @@ class RoutedSession(ShardedSession):
         no longer lives. ``kind``: UPDATE or DELETE for a persistent object, else empty."""
         rule = info.rule.primary
         assert rule is not None
-        slot = rule.slot(info.value(state, rule.column))
+        # A persistent object's slot from its identity first: reading an expired sharding
+        # attribute would refresh it from the placement being checked.
+        found = _identity_slot(info, state) if kind else None
+        slot = found if found is not None else rule.slot(info.value(state, rule.column))
         self._wrote = True
         snap = self._snap
         if kind:
             key = state.key
             token = key[2] if key is not None else state.identity_token
-            resolved = self._routing.token(info.rule, slot)
-            if token != resolved:
-                raise FencedError(
-                    f"{kind} of {info.mapper.class_.__name__} {state.identity!r} refused: the"
-                    f" object was loaded from placement {token!r}, but under topology version"
-                    f" {snap.version}, which this session runs on, slot {slot} lives in"
-                    f" {resolved!r} (loaded under an older version, before its slot moved). The"
-                    " way out: reload the object in this session (session.expunge(obj), then"
-                    " session.get() or a query) and apply the change to the fresh object",
-                    slot=slot,
-                )
+            self._check_placement(info, state, token, slot, kind)
         self.router.resolver.write_slot(snap, slot, "orm", "orm")
+
+    def _check_placement(
+        self, info: _MappedTable, state: InstanceState[Any], token: Any, slot: Slot, kind: str
+    ) -> None:
+        """Refuse to read or write ``state`` at ``token``, its identity token, when that is
+        not its slot's placement under the session's version: the object was loaded under an
+        older version, before its slot moved (its row is no longer there, or no longer
+        current there)."""
+        resolved = self._routing.token(info.rule, slot)
+        if token != resolved:
+            raise FencedError(
+                f"{kind} of {info.mapper.class_.__name__} {state.identity!r} refused: the"
+                f" object was loaded from placement {token!r}, but under topology version"
+                f" {self._snap.version}, which this session runs on, slot {slot} lives in"
+                f" {resolved!r} (loaded under an older version, before its slot moved). The"
+                " way out: reload the object in this session (session.expunge(obj), then"
+                " session.get() or a query) and use the fresh object",
+                slot=slot,
+            )
+
+    def _check_loaded(self, state: Any, kind: str) -> None:
+        """A load for an object already in the session (the refresh of its expired
+        attributes, or a lazy load of a relationship bound to it) runs on the object's
+        placement: it must be the object's slot's placement under the session's version."""
+        if not isinstance(state, InstanceState) or state.key is None:
+            return
+        info = self._routing.mapped(state.mapper)
+        primary = info.rule.primary
+        if primary is None:
+            return  # a broadcast table: every placement has its rows
+        slot = _identity_slot(info, state)
+        if slot is None and primary.column in info.attrs:
+            value = state.dict.get(info.attrs[primary.column])
+            slot = primary.slot(value) if value is not None else None
+        if slot is not None:
+            self._check_placement(info, state, state.key[2], slot, kind)
 
     def _check_secondaries(self, info: _MappedTable, state: InstanceState[Any]) -> None:
         """Functional secondary keys must route to the row's slot, or reads by them miss it."""
@@ -927,6 +1033,8 @@ class RoutedSession(ShardedSession):
                 " safely); run it with router.execute(), or on one placement with"
                 " session.connection(bind_arguments={'shard_id': token}) and physical names"
             )
+        if ctx.is_select:
+            self._check_loaded(getattr(ctx.load_options, "_refresh_state", None), "REFRESH")
         explicit = _explicit_token(ctx)
         if explicit is not None:
             token = self._routing.check_token(explicit)
@@ -956,7 +1064,10 @@ class RoutedSession(ShardedSession):
         # the engine hook which physical tables to use.
         return ctx.invoke_statement(
             statement=statement,
-            execution_options={"identity_token": token, _TOKEN_OPTION: token},
+            execution_options={
+                "identity_token": token,
+                _TOKEN_OPTION: self._routing.placements[token],
+            },
             bind_arguments={"shard_id": token},
         )
 
@@ -1054,6 +1165,8 @@ class RoutedSession(ShardedSession):
             return None
         if (parent.bound_to or parent.name) != (table.bound_to or table.name):
             return None
+        if lazy_parent is not None:
+            self._check_loaded(lazy_parent, "LAZY LOAD from")
         return [token]
 
     def _scatter_rows(
@@ -1180,6 +1293,19 @@ def routed_sessionmaker(router: Router, **kw: Any) -> sessionmaker[RoutedSession
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def _identity_slot(info: _MappedTable, state: InstanceState[Any]) -> Slot | None:
+    """The slot of a persistent object from its identity key alone (a primary-key column
+    that routes by function: the sharding column, or a key carrying its gene), else None."""
+    key = state.key
+    if key is None:
+        return None
+    for col, value in zip(info.mapper.primary_key, key[1], strict=False):
+        rule = info.rule.keys.get(col.name)
+        if rule is not None and rule.lookup_table is None and value is not None:
+            return rule.slot(value)
+    return None
 
 
 def _explicit_token(ctx: ORMExecuteState) -> Any:

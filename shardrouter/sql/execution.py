@@ -1034,12 +1034,8 @@ def discard_lookups(
     the other's write, so an owner never ends up without its lookup row."""
     if not rows:
         return 0
-    try:
-        checked = yield [_owner_check(topology, r) for r in rows]
-    except Exception as exc:
-        log.warning("lookup rows kept (their owners could not be checked): %s", exc)
-        return 0
-    doomed = [r for r, found in zip(rows, checked, strict=True) if not found.rows]
+    checked = yield from _owners_absent(topology, rows)
+    doomed = [r for r, absent in zip(rows, checked, strict=True) if absent]
     if not doomed:
         return 0
     try:
@@ -1047,14 +1043,38 @@ def discard_lookups(
     except Exception as exc:
         log.warning("orphan lookup rows not removed: %s", exc)
         return 0
-    try:
-        again = yield [_owner_check(topology, r) for r in doomed]
-        back = [r for r, found in zip(doomed, again, strict=True) if found.rows]
-    except Exception:
-        back = list(doomed)  # unknown: put them back (an orphan at worst)
-    if back:
+    again = yield from _owners_absent(topology, doomed)
+    back = [r for r, absent in zip(doomed, again, strict=True) if not absent]
+    if back:  # an owner appeared, or its check failed (unknown: an orphan at worst)
         yield from restore_lookups(topology, back)
     return sum(r.rowcount for r in deleted) - len(back)
+
+
+def _owners_absent(
+    topology: Topology, rows: Sequence[LookupRow]
+) -> Generator[list[Job], list[JobResult], list[bool]]:
+    """For each row, whether its owner row is absent (a check that fails, e.g. on another
+    transaction's lock, counts as present). The checks run together; if one fails they are
+    run again one by one, so that one owner locked by an unrelated writer does not keep the
+    rows of every other owner checked with it."""
+    jobs = [_owner_check(topology, r) for r in rows]
+    try:
+        checked = yield jobs
+        return [not found.rows for found in checked]
+    except Exception as exc:
+        if len(jobs) == 1:
+            log.warning("lookup row kept (its owner could not be checked): %s", exc)
+            return [False]
+    absent = []
+    for job in jobs:
+        try:
+            (found,) = yield [job]
+        except Exception as exc:
+            log.warning("lookup row kept (its owner could not be checked): %s", exc)
+            absent.append(False)
+        else:
+            absent.append(not found.rows)
+    return absent
 
 
 def restore_lookups(
