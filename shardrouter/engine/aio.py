@@ -31,12 +31,15 @@ from ..sql.execution import (
     LookupLedger,
     Page,
     ResultSet,
+    check_guard,
+    guarded,
     keyset_query,
     log,
     log_statement,
     page_of,
     require_returning,
     run,
+    together_order,
 )
 from ..types import ShardId, Slot
 from . import readpool
@@ -233,6 +236,9 @@ class AsyncTransaction:
                     if commit and self._wrote:
                         try:  # the lease may have expired since its writes were checked
                             self._router.resolver.before_commit(self._snap, self.shard)
+                            # Rows found already there are checked again (LookupLedger.verify).
+                            verify = self._ledger.verify(self._snap.topology)
+                            await self._router._drive(verify, None, self._snap)
                         except BaseException:
                             await self._router._end(self.shard, conn, False, self._snap)
                             raise
@@ -580,7 +586,7 @@ class AsyncRouter(SnapshotHolder[AsyncShardEngines, AsyncReadPool]):
                 if job.kind == "write":
                     slots = recorder.on(job.shard) if recorder is not None else None
                     self.resolver.write_shard(snap, job.shard, "async", job.role, slots)
-        if all(j.kind == "write" and j.role == "statement" for j in jobs):
+        if guarded(jobs) or all(j.kind == "write" and j.role == "statement" for j in jobs):
             # One shard's write too: its commit runs to its end if the caller is cancelled
             # meanwhile, and a committed write's results reach the step (a DELETE's lookup
             # rows go with it), as for several shards'.
@@ -608,11 +614,12 @@ class AsyncRouter(SnapshotHolder[AsyncShardEngines, AsyncReadPool]):
         results: dict[int, JobResult] = {}
         error: BaseException | None = None
         try:
-            for index in sorted(range(len(jobs)), key=lambda i: jobs[i].shard):
+            for index in together_order(jobs):
                 job = jobs[index]
                 conn = await self._begin(job.shard, snap)
                 conns.append((job.shard, conn))
                 results[index] = await self._bounded(job.shard, self._stoppable(conn, job), snap)
+                check_guard(job, results[index])
             self.resolver.before_commit(snap, None)  # the lease may have expired meanwhile
         except BaseException as exc:  # cancelled too: every begun part is still ended
             error = exc

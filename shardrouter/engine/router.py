@@ -37,12 +37,15 @@ from ..sql.execution import (
     LookupLedger,
     Page,
     ResultSet,
+    check_guard,
+    guarded,
     keyset_query,
     log,
     log_statement,
     page_of,
     require_returning,
     run,
+    together_order,
 )
 from ..types import ShardId, Slot
 from . import readpool, xa
@@ -151,6 +154,8 @@ class _Runner:
                 slots = recorder.on(job.shard) if recorder is not None else None
                 path = "transaction" if txn else "execute"
                 resolver.write_shard(snap, job.shard, path, job.role, slots)
+        if guarded(jobs):  # lookup guards: one write of their own, outside any transaction
+            return self.router._write_together(jobs, snap)
         if txn is not None:
             out: list[JobResult] = []
             marks: list[ShardId] | None = [] if multi_part(jobs) else None
@@ -319,6 +324,10 @@ class Transaction:
             if commit and self._wrote:
                 try:  # the lease may have expired since its writes were checked
                     self._router.resolver.before_commit(self._snap, self.shard)
+                    # Rows found already there are checked again (LookupLedger.verify).
+                    _Runner(self._router).drive(
+                        self._ledger.verify(self._snap.topology), self._snap
+                    )
                 except BaseException:
                     self._end(False)
                     raise
@@ -717,7 +726,7 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
         results: dict[int, JobResult] = {}
         error: BaseException | None = None
         try:
-            for index in sorted(range(len(jobs)), key=lambda i: jobs[i].shard):
+            for index in together_order(jobs):
                 job = jobs[index]
                 try:
                     conn = snap.engines.primary(job.shard).connect()
@@ -726,6 +735,7 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
                 conns.append(conn)
                 conn.begin()
                 results[index] = self._execute_on(conn, job)
+                check_guard(job, results[index])
             self.resolver.before_commit(snap, None)  # the lease may have expired meanwhile
         except BaseException as exc:
             error = exc

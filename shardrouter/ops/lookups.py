@@ -113,11 +113,10 @@ def _remove(
     """Delete orphan rows where they live, matching every column (bound parameters).
 
     The router's own discard (execution.discard_lookups), one orphan at a time: the owner row
-    carrying the lookup value is read with a locking read first (NOWAIT: an owner insert still
-    uncommitted holds the lock, and a lookup row whose owner exists or is locked is kept); the
-    owner lives on another shard, so no lock spans that read and the delete, and instead the
-    owner is read again after the delete and a row whose owner appeared meanwhile is written
-    back (its writer had found the row there and writes it again after its owner row too)."""
+    carrying the lookup value is read first, then the row is deleted and its owner read again
+    with a locking read (NOWAIT: an owner insert still uncommitted holds the lock) in one
+    write, committed only if the owner is absent: a lookup row whose owner exists or is in
+    flight is kept, and a writer that adopted the row waits for the decision."""
     topology = router.topology
     removed = 0
     for orphan in orphans:

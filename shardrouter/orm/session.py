@@ -993,10 +993,17 @@ class RoutedSession(ShardedSession):
         return written
 
     def _before_commit(self, session: Session) -> None:
-        # Writes flushed earlier were checked then; the lease may have expired since (a
-        # write flushed by this commit is checked by its flush).
+        # The commit's own flush comes after this hook: run it first, so that the checks
+        # below see every write. Writes were checked by their flush; the lease may have
+        # expired since.
+        if not self.in_nested_transaction():
+            self.flush()
         if self._wrote and not self.in_nested_transaction():
             self.router.resolver.before_commit(self._snap, None)
+            # Lookup rows the flushes found already there are checked again, the owner rows
+            # written and locked (execution.LookupLedger.verify); a value taken meanwhile
+            # refuses the commit.
+            _Runner(self.router).drive(self._ledger.verify(self._snap.topology), self._snap)
 
     def _after_commit(self, session: Session) -> None:
         if self.in_nested_transaction():

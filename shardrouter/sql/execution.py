@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Literal
 
-from sqlalchemy import and_, column, delete, select, table, update
+from sqlalchemy import and_, column, delete, or_, select, table, update
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import Executable
@@ -81,10 +81,47 @@ class Job:
     returning: bool = False
     """The statement uses INSERT/DELETE ... RETURNING (lookup writes, an owner's DELETE): the
     runner checks the shard's server has it first (require_returning)."""
+    expect: int | None = None
+    """A guard: the number of rows this job must return. A batch with a guard runs as one
+    write (Router._write_together: every part in its own open transaction, all committed or
+    all rolled back), and a guard that returns another number rolls every part back and
+    raises GuardFailed (see discard_lookups and _insert)."""
+    in_order: bool = False
+    """Run the batch's parts in the order given, not in shard order: a discard deletes its
+    lookup rows before it checks their owners (its checks never wait: NOWAIT, so leaving the
+    global lock order cannot deadlock)."""
     """Lookup reads and writes run outside the caller's transaction (a lookup row may live on
     another shard; it is written first, and the rows a statement created are removed if its
     owner rows are not written, see LookupLedger); lookup cleanups run only after the owner's
     delete committed."""
+
+
+class GuardFailed(ExecutionError):
+    """A guard of a write run together returned another number of rows than it expects;
+    every part was rolled back (see Job.expect). Caught by the step that set the guard."""
+
+
+def guarded(jobs: Sequence[Job]) -> bool:
+    """Whether a batch must run as one write because it carries a guard (Job.expect)."""
+    return any(j.expect is not None for j in jobs)
+
+
+def check_guard(job: Job, result: JobResult) -> None:
+    """Raise GuardFailed when ``job`` is a guard and ``result`` is not what it expects."""
+    if job.expect is not None and len(result.rows) != job.expect:
+        raise GuardFailed(
+            f"guard on shard {job.shard} found {len(result.rows)} rows, expected {job.expect}",
+            shard=job.shard,
+        )
+
+
+def together_order(jobs: Sequence[Job]) -> list[int]:
+    """The order the parts of a write run together: as given for a batch that asks for it
+    (Job.in_order), else sorted by shard (one global lock order, see
+    Router._write_together)."""
+    if any(j.in_order for j in jobs):
+        return list(range(len(jobs)))
+    return sorted(range(len(jobs)), key=lambda i: jobs[i].shard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -846,9 +883,12 @@ def _own_claims(
         checks = [
             _owner_check(
                 topology,
-                replace(
-                    ours, row={ours.strategy.from_column: stored, ours.strategy.to_column: other}
-                ),
+                [
+                    replace(
+                        ours,
+                        row={ours.strategy.from_column: stored, ours.strategy.to_column: other},
+                    )
+                ],
             )
             for ours, stored, other in undone
         ]
@@ -1000,23 +1040,36 @@ def delete_lookups(rows: Sequence[LookupRow]) -> list[Job]:
     return jobs
 
 
-def _owner_check(topology: Topology, r: LookupRow) -> Job:
-    """A locking read (shared, NOWAIT) of the owner row of ``r`` carrying its lookup value, on
-    the owner's shard primary: an owner whose insert is uncommitted holds the lock, so the read
-    fails (counted as present) instead of missing it. Shared: the checks of one owner's rows
-    run together and must not fail on each other's locks."""
-    s = r.strategy
+def _owner_place(topology: Topology, r: LookupRow) -> tuple[ShardId, str]:
+    """The shard and physical table of the owner row ``r`` names."""
     rule = topology.table(r.owner.bound_to or r.owner.name).primary
     assert rule is not None
-    slot = rule.slot(r.row[s.to_column])
-    matched = [s.to_column, r.column] + ([s.key_column] if s.key_column else [])
-    target = table_clause(r.owner.physical(slot), matched)
+    slot = rule.slot(r.row[r.strategy.to_column])
+    return topology.shard_of_slot(slot), r.owner.physical(slot)
+
+
+def _owner_check(topology: Topology, rows: Sequence[LookupRow]) -> Job:
+    """A locking read (shared, NOWAIT) of the owner rows of ``rows`` (one owner place)
+    carrying their lookup values, on the owner's shard primary: an owner whose insert is
+    uncommitted holds the lock, so the read fails (counted as present) instead of missing it.
+    Shared: the checks of one owner's rows run together and must not fail on each other's
+    locks."""
+    first = rows[0]
+    s = first.strategy
+    shard, physical = _owner_place(topology, first)
+    matched = [s.to_column, first.column] + ([s.key_column] if s.key_column else [])
+    target = table_clause(physical, matched)
     key = s.from_column
     query = select(target.c[s.to_column]).where(
-        and_(*(target.c[c] == r.row[key if c == r.column else c] for c in matched))
+        or_(
+            *(
+                and_(*(target.c[c] == r.row[key if c == r.column else c] for c in matched))
+                for r in rows
+            )
+        )
     )
     query = query.with_for_update(read=True, nowait=True)
-    return Job(topology.shard_of_slot(slot), query, {}, "write", "lookup")
+    return Job(shard, query, {}, "write", "lookup")
 
 
 def discard_lookups(
@@ -1026,28 +1079,60 @@ def discard_lookups(
     best effort: an error is logged and the rows stay (orphans, as after a crash: reads ignore
     them, ``shardctl check lookups --fix`` removes them). Returns the number removed.
 
-    Each owner is read with a locking read first (a lock held means an insert in flight: the
-    row is kept). The owner lives on another shard, so no lock spans the read and the delete;
-    instead, after the delete the owner is read again and a row whose owner appeared meanwhile
-    is written back. A writer of that owner writes its lookup row again after its owner row
-    when the row was already there (Written.adopted): whichever of the two reads second sees
-    the other's write, so an owner never ends up without its lookup row."""
+    The owners are read first (no lock taken on the lookup rows: most owners of a settle's
+    rows are there). The rows whose owner was absent are then removed in one write per
+    lookup place and owner place (Job.expect): the DELETE, then a locking read of the owners
+    (NOWAIT: an owner whose insert is in flight holds its lock, and counts as present), both
+    in open transactions, committed only when no owner is there, else rolled back. No lock
+    spans two shards, but the deleted rows stay locked (uncommitted) until the owners were
+    seen absent: a writer that adopts such a row (Written.adopted) waits for the decision,
+    and another owner cannot take a unique value whose row a discard removes and then puts
+    back (the old way: delete, read the owner again, write the row back, let another writer
+    take the value in between). A writer that adopted a row before the discard checks its
+    row again under lock once its own owner row is written and locked (_insert's guard, the
+    transaction's LookupLedger.verify): one of the two sees the other."""
     if not rows:
         return 0
     checked = yield from _owners_absent(topology, rows)
-    doomed = [r for r, absent in zip(rows, checked, strict=True) if absent]
-    if not doomed:
-        return 0
+    groups: dict[tuple[Any, ...], list[LookupRow]] = defaultdict(list)
+    for r, absent in zip(rows, checked, strict=True):
+        if absent:
+            groups[(r.shard, r.physical, r.strategy, *_owner_place(topology, r))].append(r)
+    removed = 0
+    for group in groups.values():
+        count = yield from _discard_together(topology, group)
+        if count is None and len(group) > 1:  # one owner there (or locked): row by row
+            for r in group:
+                count = yield from _discard_together(topology, [r])
+                removed += count or 0
+        else:
+            removed += count or 0
+    return removed
+
+
+def _discard_together(
+    topology: Topology, rows: Sequence[LookupRow]
+) -> Generator[list[Job], list[JobResult], int | None]:
+    """Delete ``rows`` (one lookup place, one owner place) and read their owners in one
+    write, committed only if no owner is there (see discard_lookups). Returns the number of
+    rows removed, None when nothing was removed (an owner there, or an error, logged)."""
+    first = rows[0]
+    target = table_clause(first.physical, first.strategy.row_columns)
+    stmt = delete(target).where(
+        or_(*(and_(*(target.c[c] == v for c, v in r.row.items())) for r in rows))
+    )
+    jobs = [
+        Job(first.shard, stmt, {}, "write", "lookup", in_order=True),
+        replace(_owner_check(topology, rows), expect=0, in_order=True),
+    ]
     try:
-        deleted = yield [replace(j, role="lookup") for j in delete_lookups(doomed)]
-    except Exception as exc:
-        log.warning("orphan lookup rows not removed: %s", exc)
-        return 0
-    again = yield from _owners_absent(topology, doomed)
-    back = [r for r, absent in zip(doomed, again, strict=True) if not absent]
-    if back:  # an owner appeared, or its check failed (unknown: an orphan at worst)
-        yield from restore_lookups(topology, back)
-    return sum(r.rowcount for r in deleted) - len(back)
+        deleted, _ = yield jobs
+    except GuardFailed:
+        return None  # an owner is there: every row kept
+    except Exception as exc:  # a lock held on an owner (in flight), a shard down: kept
+        log.warning("lookup rows kept (not removed with their owners absent): %s", exc)
+        return None
+    return deleted.rowcount
 
 
 def _owners_absent(
@@ -1057,7 +1142,7 @@ def _owners_absent(
     transaction's lock, counts as present). The checks run together; if one fails they are
     run again one by one, so that one owner locked by an unrelated writer does not keep the
     rows of every other owner checked with it."""
-    jobs = [_owner_check(topology, r) for r in rows]
+    jobs = [_owner_check(topology, [r]) for r in rows]
     try:
         checked = yield jobs
         return [not found.rows for found in checked]
@@ -1136,6 +1221,9 @@ class LookupLedger:
 
     created: list[LookupRow] = field(default_factory=list)
     """Every row the transaction's statements inserted (a rollback discards them)."""
+    adopted: list[LookupRow] = field(default_factory=list)
+    """Rows its statements found already there for owner rows they wrote: checked again
+    before the commit (verify)."""
     doubtful: list[LookupRow] = field(default_factory=list)
     """Created by a statement that failed or upserted: discarded at commit unless owned."""
     changes: list[tuple[bool, LookupRow]] = field(default_factory=list)
@@ -1155,6 +1243,7 @@ class LookupLedger:
         """``undone``: the rows of a statement that failed (its owner rows were not written,
         or were undone with it); implies doubtful."""
         self.created.extend(written.created)
+        self.adopted.extend(written.adopted)
         if doubtful or undone:
             self.doubtful.extend(written.created)
         else:
@@ -1205,12 +1294,57 @@ class LookupLedger:
         self._seen = len(self.claims)
         return view.get((shard, physical, _value(topology, strategy, value)))
 
+    def verify(self, topology: Topology) -> Generator[list[Job], list[JobResult], None]:
+        """Before the commit: every lookup row a statement found already there (adopted) for
+        an owner row the transaction still writes is read again; one a discard removed
+        meanwhile (it saw the owner absent before the statement wrote it) is written again,
+        and a value another owner took since is refused (ExecutionError: the commit does not
+        happen). The owner rows are written and locked by now, so a discard from here on sees
+        them and keeps the rows (see discard_lookups)."""
+        if not self.adopted:
+            return
+        last: dict[tuple[Any, ...], bool] = {}
+        for kept, r in self.changes:
+            last[_ledger_key(topology, r)] = kept
+        # A value the transaction freed and gave to this owner is still in the row of the
+        # owner it freed it from (handed over at the settle, see _takeovers): not checked.
+        freed = {_value_key(topology, r) for kept, r in self.changes if not kept}
+        freed.update(_value_key(topology, r) for kept, _, r in self.claims if not kept)
+        rows = {
+            _ledger_key(topology, r): r
+            for r in self.adopted
+            if last.get(_ledger_key(topology, r), False)
+            and not (r.strategy.key_column is None and _value_key(topology, r) in freed)
+        }
+        if not rows:
+            return
+        reads = _row_reads(topology, list(rows.values()))
+        results = yield [job for _, job in reads]
+        there = set()
+        for (group, _), result in zip(reads, results, strict=True):
+            first = group[0]
+            columns = first.strategy.row_columns
+            for found in result.rows:
+                row = dict(zip(columns, found, strict=True))
+                there.add(_ledger_key(topology, replace(first, row=row)))
+        missing = [r for key, r in rows.items() if key not in there]
+        if not missing:
+            return
+        written = Written()
+        try:  # judged as any writer's: the value is not one this transaction freed
+            yield from write_lookups(topology, missing, written)
+        except BaseException:
+            self.add(Written(written.created), doubtful=True, undone=True)
+            raise
+        self.add(written, doubtful=False)
+
     def settle(
         self, topology: Topology, committed: bool
     ) -> Generator[list[Job], list[JobResult], None]:
         created, doubtful, changes = self.created, self.doubtful, self.changes
         undone = [r for kept, was_undone, r in self.claims if not kept and was_undone]
         self.created, self.doubtful, self.changes, self.claims = [], [], [], []
+        self.adopted = []
         self._view, self._seen = {}, 0
         if not committed:
             yield from discard_lookups(topology, created)
@@ -1342,11 +1476,29 @@ def _insert(
         bind({ShardId(t.shard) for t in targets})  # before any lookup row is written
     jobs = [Job(ShardId(t.shard), plan.render(t, scatter=False), params, "write") for t in targets]
     written = Written()
+    owned = lookup_rows(topology, table, rows)
     try:
-        lookup_shards = yield from write_lookups(
-            topology, lookup_rows(topology, table, rows), written, ledger
-        )
-        results = yield jobs
+        for attempt in range(_RECHECKS + 1):
+            written.adopted.clear()  # (created rows stay listed: removed if this fails)
+            lookup_shards = yield from write_lookups(topology, owned, written, ledger)
+            # Outside a transaction, rows found already there (adopted) are checked again in
+            # the owner rows' own write, under lock, once those rows are written and locked: a
+            # discard that removed one meanwhile is seen (and the rows written again), and one
+            # still deciding is waited for (see discard_lookups). A transaction checks them
+            # before its commit (LookupLedger.verify).
+            guards = _adopted_guards(topology, written.adopted) if ledger is None else []
+            try:
+                results = yield jobs + guards
+            except GuardFailed:
+                if attempt == _RECHECKS:
+                    raise ExecutionError(
+                        f"{table.name}: a lookup row this insert found was removed"
+                        f" {_RECHECKS + 1} times before its owner row was written (a discard of"
+                        " an orphan); nothing was written, retry",
+                    ) from None
+                continue
+            results = results[: len(jobs)]
+            break
     except Exception:
         # The owner rows were not written (a multi-shard insert rolls back every part): the
         # lookup rows this statement created are nobody's. A transaction settles them at its
@@ -1361,15 +1513,37 @@ def _insert(
     upsert = plan.ast.args.get("conflict") is not None
     if ledger is not None:
         ledger.add(written, doubtful=upsert)
-    else:
-        if upsert:
-            yield from discard_lookups(topology, written.created)
-        # As at a transaction's settle: a row written again because it was missing may
-        # belong to an owner deleted since this insert committed (see LookupLedger.settle).
-        rewritten = yield from restore_lookups(topology, written.adopted)
-        yield from discard_lookups(topology, rewritten)
+    elif upsert:
+        yield from discard_lookups(topology, written.created)
     shards = tuple(dict.fromkeys(j.shard for j in jobs))
     return ResultSet((), [], sum(r.rowcount for r in results), shards, tuple(lookup_shards))
+
+
+def _adopted_guards(topology: Topology, rows: Sequence[LookupRow]) -> list[Job]:
+    """Guards (Job.expect) that the lookup rows ``rows`` are all there."""
+    return [replace(job, expect=len(group)) for group, job in _row_reads(topology, rows)]
+
+
+def _row_reads(topology: Topology, rows: Sequence[LookupRow]) -> list[tuple[list[LookupRow], Job]]:
+    """Locking reads (shared, waiting: a discard deciding on a row holds its lock) of the
+    lookup rows ``rows``, one per lookup place, each with its distinct rows."""
+    grouped: dict[tuple[ShardId, str, LookupStrategy], dict[tuple[Any, ...], LookupRow]] = (
+        defaultdict(dict)
+    )
+    for r in rows:
+        grouped[(r.shard, r.physical, r.strategy)][_ledger_key(topology, r)] = r
+    out = []
+    for (shard, physical, strategy), found in grouped.items():
+        target = table_clause(physical, strategy.row_columns)
+        query = (
+            select(*(target.c[c] for c in strategy.row_columns))
+            .where(
+                or_(*(and_(*(target.c[c] == v for c, v in r.row.items())) for r in found.values()))
+            )
+            .with_for_update(read=True)
+        )
+        out.append((list(found.values()), Job(shard, query, {}, "write", "lookup")))
+    return out
 
 
 def _check_secondary_keys(

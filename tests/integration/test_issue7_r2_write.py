@@ -25,6 +25,7 @@ from shardrouter.errors import (
 )
 from shardrouter.ops.lookups import check_lookups
 from shardrouter.orm.session import routed_sessionmaker
+from shardrouter.sql.execution import GuardFailed
 
 pytestmark = pytest.mark.mariadb
 
@@ -329,12 +330,13 @@ def test_orm_session_failing_on_a_duplicate_user_leaves_no_email_row(router: Rou
 # -- the discard and check lookups --fix -----------------------------------------------------
 
 
-def test_discard_puts_the_row_back_when_its_owner_appears_after_the_check(
+def test_discard_keeps_the_row_when_its_owner_appears_after_the_check(
     router: Router,
 ) -> None:
-    """The owner's insert lands between the discard's owner check and its delete (its lookup
-    write found the row there): the discard's second read sees the owner and writes the row
-    back, so the owner is not left without its lookup row."""
+    """The owner's insert lands between the discard's first owner check and its delete (its
+    lookup write found the row there): the delete and a second owner check run in one write,
+    which sees the owner and rolls back, so the owner is not left without its lookup row (and
+    the row was never absent for another writer to take)."""
     from shardrouter.sql.execution import discard_lookups, lookup_rows
 
     order = _order_id(router, 8)
@@ -345,8 +347,7 @@ def test_discard_puts_the_row_back_when_its_owner_appears_after_the_check(
     runner = _Runner(router)
     step = discard_lookups(router.topology, rows)
     checks = next(step)
-    deletes = step.send(runner.run(checks))  # the owner is absent: the row goes
-    deleted = runner.run(deletes)
+    together = step.send(runner.run(checks))  # the owner is absent: the row is to go
     # the concurrent insert of this very order commits now
     shard = router.topology.shard_for("orders", 8)
     physical = table.physical(router.topology.slot_for("orders", 8))
@@ -358,10 +359,10 @@ def test_discard_puts_the_row_back_when_its_owner_appears_after_the_check(
             ),
             {"o": order},
         )
-    rechecks = step.send(deleted)
-    restore = step.send(runner.run(rechecks))
+    with pytest.raises(GuardFailed):
+        runner.run(together)  # the delete, then the owner: there, so all rolled back
     with pytest.raises(StopIteration) as stop:
-        step.send(runner.run(restore))
+        step.throw(GuardFailed("owner there"))
     assert stop.value.value == 0
     assert _merchant_rows(router) == [(7, order, 8)]
 
@@ -381,8 +382,10 @@ def test_check_lookups_fix_removes_an_orphan_whose_owner_has_another_value(
 def test_insert_writes_again_a_lookup_row_a_discard_removed_before_its_owner_landed(
     router: Router,
 ) -> None:
-    """The other side of the hand-over: the insert found its lookup row there (an orphan), a
-    discard removed it before the owner row landed; the insert writes it again afterwards."""
+    """The other side: the insert found its lookup row there (an orphan, adopted), a discard
+    removed it before the owner row landed. The insert checks its adopted rows under lock in
+    the owner rows' own write, finds it gone, rolls the owner row back and runs again: the
+    row is written (created) and the owner lands."""
     from sqlalchemy import event
 
     order = _order_id(router, 8)
@@ -393,16 +396,22 @@ def test_insert_writes_again_a_lookup_row_a_discard_removed_before_its_owner_lan
     physical = topology.table("merchant_orders").physical(slot)
     owner_engine = router.engines.primary(topology.shard_for("orders", 8))
 
+    removed: list[int] = []
+
     def discard_meanwhile(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.startswith("INSERT INTO orders_"):
+        if statement.startswith("INSERT INTO orders_") and not removed:
             with lookup_engine.begin() as other:
-                other.execute(text(f"DELETE FROM {physical} WHERE order_id = :o"), {"o": order})
+                deleted = other.execute(
+                    text(f"DELETE FROM {physical} WHERE order_id = :o"), {"o": order}
+                )
+                removed.append(deleted.rowcount)
 
     event.listen(owner_engine, "before_cursor_execute", discard_meanwhile)
     try:
         router.execute(INSERT_ORDER, {"o": order, "u": 8, "m": 7, "a": 1})
     finally:
         event.remove(owner_engine, "before_cursor_execute", discard_meanwhile)
+    assert removed == [1]
     assert _merchant_rows(router) == [(7, order, 8)]
 
 

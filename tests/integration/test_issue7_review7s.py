@@ -11,10 +11,10 @@ Findings, both fixed (the owner checks fall back to one by one when their batch 
   and the row of an owner deleted meanwhile stayed (an orphan).
 
 The review's third finding, the discard's window (a row removed under a writer that
-re-inserts its owner and adopted it, while a third writer takes the value), is a property of
-execution.discard_lookups for every caller; it is open (see the issue 7 note and
-docs/ARCHITECTURE.md) and its reproduction is not on main. The other tests are attacks that
-held, kept as guards."""
+re-inserts its owner and adopted it, while a third writer takes the value), is fixed too: a
+discard deletes and checks the owner in one write under lock, and an adopter checks its rows
+again under lock once its owner rows are written (the tests at the end). The other tests are
+attacks that held, kept as guards."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from sqlalchemy import text
 
 from shardrouter.engine.aio import AsyncRouter
 from shardrouter.engine.router import Router
+from shardrouter.errors import ShardRouterError
 from shardrouter.orm import routed_sessionmaker
 from tests.integration import test_issue7_review as _review
 from tests.integration.test_issue7_r6_review5 import (
@@ -441,3 +442,150 @@ def test_a_hand_over_pays_one_owner_check(
         txn.execute(INSERT_USER, {"u": b, "e": e})
     assert len(checks) == 1
     assert _lookup(router, e) == [(e, b)]
+
+
+# -- fixed: the discard's window in which a re-adopted value was taken twice ----------------------
+
+
+def _discard_step(router: Router, b: int, e: str) -> tuple[Any, Any]:
+    """(e, B) present with B absent (written directly, as a settle leaves it when B was
+    deleted meanwhile), and the discard of it started: its first batch (the owner checks)
+    run, its next batch returned. Returns (step, next jobs)."""
+    from shardrouter.engine.router import _Runner
+    from shardrouter.sql.execution import discard_lookups, lookup_rows
+
+    topology = router.topology
+    rows = lookup_rows(topology, topology.table("users"), [{"user_id": b, "email": e}])
+    (row,) = rows
+    with router.engines.primary(row.shard).begin() as conn:
+        conn.execute(text(f"INSERT INTO {row.physical} VALUES (:e, :u)"), {"e": e, "u": b})
+    assert _lookup(router, e) == [(e, b)] and _user(router, b) == []
+    step = discard_lookups(topology, rows)
+    checks = step.send(None)  # the owner checks: B absent
+    return step, step.send(_Runner(router).run(checks))
+
+
+def _finish(router: Router, step: Any, jobs: Any) -> int:
+    """Run the rest of a discard step as the router's runner does; its return value."""
+    from shardrouter.engine.router import _Runner
+
+    runner = _Runner(router)
+    try:
+        while True:
+            try:
+                results = runner.run(jobs)
+            except Exception as exc:
+                jobs = step.throw(exc)
+            else:
+                jobs = step.send(results)
+    except StopIteration as stop:
+        return int(stop.value)
+
+
+def test_a_row_removed_under_a_readopting_insert_is_not_taken_twice(
+    world: dict[str, Any],
+) -> None:
+    """(The review's third finding, driven step by step.) The discard of (e, B) has seen B
+    absent; writer X inserts B again with e (its lookup write finds the row and adopts it; its
+    owner INSERT then waits on a gap lock another session holds on B's key). The discard
+    removes (e, B) (B still absent: committed); writer Y inserts C with e: e is free, Y takes
+    it. X's owner insert proceeds, and its check of the adopted row under lock finds it gone:
+    X writes it again, finds e taken by C and is refused; its owner row is not written. Before
+    the fix X's write-again (INSERT IGNORE) found (e, C) and said nothing: B and C both had e."""
+    router: Router = world["router"]
+    b, c = 998_801, 998_899
+    e = "r7s-twice@example.com"
+    step, jobs = _discard_step(router, b, e)
+    errors: list[BaseException] = []
+
+    def x() -> None:
+        try:
+            router.execute(INSERT_USER, {"u": b, "e": e})
+        except BaseException as exc:  # reported to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=x)
+    try:
+        with _held(router, "users", "user_id", b, b):  # a gap lock: X's owner insert waits
+            thread.start()
+            time.sleep(0.5)  # X adopted (e, B) and checked it; its owner insert waits
+            assert thread.is_alive()
+            assert _finish(router, step, jobs) == 1  # (e, B) removed: B was absent
+            router.execute(INSERT_USER, {"u": c, "e": e})  # Y: e is free
+    finally:
+        thread.join(30)
+    assert not thread.is_alive()
+    # X is refused: e taken by C (or, when its check of the adopted row ran before its owner
+    # insert waited on the test's gap lock, a lock wait on that insert while the discard
+    # waited on X's check): either way not both owners.
+    assert len(errors) == 1 and isinstance(errors[0], ShardRouterError), errors
+    assert _user(router, b) == [] and _user(router, c) == [(c, e)]
+    assert _lookup(router, e) == [(e, c)]
+
+
+def test_a_discard_deciding_on_a_row_makes_its_adopter_wait_and_keeps_the_row(
+    world: dict[str, Any],
+) -> None:
+    """The other order: the discard has seen B absent; X inserts B again with e (adopts
+    (e, B), writes B, commits) before the discard's delete. The discard's delete and its
+    owner check run in one write: it sees B and rolls back, (e, B) stays, B has e."""
+    router: Router = world["router"]
+    b = 998_701
+    e = "r7s-wait@example.com"
+    step, jobs = _discard_step(router, b, e)
+    router.execute(INSERT_USER, {"u": b, "e": e})  # X: adopts (e, B), writes B
+    assert _finish(router, step, jobs) == 0  # the discard sees B and keeps the row
+    assert _user(router, b) == [(b, e)]
+    assert _lookup(router, e) == [(e, b)]
+
+
+@pytest.mark.parametrize("taken", [False, True], ids=["written-again", "taken-meanwhile"])
+def test_in_a_transaction_an_adopted_row_removed_before_its_owner_is_checked_at_commit(
+    world: dict[str, Any], taken: bool
+) -> None:
+    """In router.transaction(), X adopts (e, B) and writes B; the discard had seen B absent
+    before and removes (e, B) while X's owner insert waited on a gap lock. X's commit checks
+    its adopted rows (LookupLedger.verify): (e, B) is gone, so it is written again before the
+    commit and B keeps its lookup row; or, when Y took e (inserted C) meanwhile, X's commit is
+    refused (typed), nothing of X is committed and C keeps e."""
+    router: Router = world["router"]
+    b, c = (998_501, 998_599) if taken else (998_601, 998_699)
+    e = f"r7s-txn-{taken}@example.com"
+    step, jobs = _discard_step(router, b, e)
+    errors: list[BaseException] = []
+    inserted = threading.Event()
+    go_on = threading.Event()
+
+    def x() -> None:
+        try:
+            with router.transaction() as txn:
+                txn.execute(INSERT_USER, {"u": b, "e": e})
+                inserted.set()
+                go_on.wait(20)
+        except BaseException as exc:  # reported to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=x)
+    try:
+        with _held(router, "users", "user_id", b, b):
+            thread.start()
+            time.sleep(0.5)  # X adopted (e, B); its owner insert waits on the gap lock
+            assert thread.is_alive() and not inserted.is_set()
+            assert _finish(router, step, jobs) == 1  # B absent and not locked: removed
+            if taken:
+                router.execute(INSERT_USER, {"u": c, "e": e})  # Y takes e
+        assert inserted.wait(20)
+        assert _lookup(router, e) == ([(e, c)] if taken else [])  # until X's commit
+        go_on.set()
+    finally:
+        go_on.set()
+        thread.join(30)
+    if taken:
+        assert len(errors) == 1 and isinstance(errors[0], ShardRouterError), errors
+        assert "already belongs to another owner" in str(errors[0])
+        assert _user(router, b) == [] and _user(router, c) == [(c, e)]
+        assert _lookup(router, e) == [(e, c)]
+    else:
+        assert errors == []
+        assert _user(router, b) == [(b, e)]
+        assert _lookup(router, e) == [(e, b)]
