@@ -71,6 +71,8 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy.engine import URL
+
 from ..core.config import (
     MetaConfig,
     TopologyConfig,
@@ -109,8 +111,7 @@ class Follower:
         self.fence = FenceState()
         self.registration = Registration(self.store, kind=kind, lease_s=meta.lease_s)
         self.rejected: dict[int, str] = {}
-        self._told: set[int] = set()
-        """Versions whose differing meta: settings were logged (once each)."""
+        self._told: set[int] = set()  # versions whose other meta: settings were logged
         """Versions that failed validation here: version -> the problems (masked)."""
         self.last_error: str = ""
         self.in_flight = False
@@ -150,12 +151,7 @@ class Follower:
         if config.version != found.version:  # push stamps the number into the document
             config = config.model_copy(update={"version": found.version})
         pushed = config.meta
-        if (
-            pushed is not None
-            and not same_database(pushed.url, self.store.url)
-            and pushed.url.render_as_string(hide_password=False)
-            != self.store.url.render_as_string(hide_password=False)
-        ):
+        if pushed is not None and not _same_store(pushed.url, self.store.url):
             # MetaStore.push stores any document; `topology push` refuses this one. Followed,
             # it would claim a store this router does not poll.
             raise ConfigError(
@@ -458,3 +454,14 @@ __all__ = ["Follower"]
 def _settings(meta: MetaConfig) -> dict[str, Any]:
     """The settings of ``meta`` without its URL (whose spelling may differ for one store)."""
     return meta.model_dump(exclude={"url"})
+
+
+def _same_store(a: URL, b: URL) -> bool:
+    """Whether two URLs reach one meta store, as this process resolves them: same_database,
+    with SQLite paths made absolute here (both are opened by this router, in its directory)."""
+    if a.get_backend_name() == "sqlite" and b.get_backend_name() == "sqlite":
+        paths = [os.path.abspath(u.database) if u.database else "" for u in (a, b)]
+        return bool(paths[0]) and paths[0] == paths[1] and ":memory:" not in paths[0]
+    return same_database(a, b) or a.render_as_string(hide_password=False) == b.render_as_string(
+        hide_password=False
+    )

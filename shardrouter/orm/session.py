@@ -228,6 +228,8 @@ class _MappedTable:
     rule: TableRule
     attrs: Mapping[str, str]
     """Mapped sharding columns only: {column name: attribute key}."""
+    key_routes: bool = False
+    """A primary-key column routes by function (the slot is in the identity key)."""
 
     def value(self, state: InstanceState[Any], column_name: str) -> Any:
         key = self.attrs[column_name]
@@ -335,7 +337,11 @@ class _Routing:
                 f"{mapper.class_.__name__} maps table {rule.name} but not its sharding column"
                 f" {rule.primary.column}; map it so rows can be routed"
             )
-        found = _MappedTable(mapper, rule, attrs)
+        key_routes = any(
+            (k := rule.keys.get(col.name)) is not None and k.lookup_table is None
+            for col in mapper.primary_key
+        )
+        found = _MappedTable(mapper, rule, attrs, key_routes)
         with self._lock:
             self._mapped[mapper] = found
         return found
@@ -735,7 +741,16 @@ class RoutedSession(ShardedSession):
                     f"get_bind({mapper.class_.__name__}) names no placement: a class has rows"
                     " on every shard; pass instance=obj or shard_id=token"
                 )
-        return super().get_bind(mapper, shard_id=shard_id, instance=instance, clause=clause, **kw)
+        if self.in_transaction() or self._snapshot_pin.routing is not None:
+            return super().get_bind(
+                mapper, shard_id=shard_id, instance=instance, clause=clause, **kw
+            )
+        # Outside a transaction: the engine of the router's current version (the session's
+        # shard map holds those of the version it last ran a transaction on).
+        if shard_id is None:
+            shard_id = self._choose_shard_and_assign(mapper, instance, clause=clause)
+        routing = self._look
+        return routing.binds[routing.check_token(shard_id)]
 
     # -- horizontal_shard's choosers --------------------------------------------------------
 
@@ -746,7 +761,7 @@ class RoutedSession(ShardedSession):
             raise RoutingError(
                 "the routed session needs an object to route by; for a statement, pass"
                 " bind_arguments={'shard_id': <token>} (tokens: "
-                + ", ".join(self._routing.placements)
+                + ", ".join(self._look.placements)
                 + ")"
             )
         routing = self._look
@@ -866,9 +881,11 @@ class RoutedSession(ShardedSession):
         no longer lives. ``kind``: UPDATE or DELETE for a persistent object, else empty."""
         rule = info.rule.primary
         assert rule is not None
-        # A persistent object's slot from its identity first: reading an expired sharding
-        # attribute would refresh it from the placement being checked.
+        # A persistent object's slot from its identity (or its load) first: reading an
+        # expired sharding attribute would refresh it from the placement being checked.
         found = _identity_slot(info, state) if kind else None
+        if kind and found is None:
+            found = state.info.get(_SLOT_INFO)
         slot = found if found is not None else rule.slot(info.value(state, rule.column))
         self._wrote = True
         snap = self._snap
@@ -897,6 +914,27 @@ class RoutedSession(ShardedSession):
                 slot=slot,
             )
 
+    def _check_identity_load(self, ctx: ORMExecuteState, stmt: Select[Any], token: str) -> None:
+        """A load by identity on the placement of an identity key (session.get() with
+        identity_token, session.merge() of a detached object) must be that key's placement
+        under the session's version: a key of an older version names the placement its slot
+        had then (refused, as for a refresh)."""
+        if getattr(ctx.load_options, "_identity_token", None) != token:
+            return
+        plan, values = self._plan(stmt, ctx)
+        if plan.sharded is None:
+            return
+        tokens = self._key_tokens(plan, values)
+        if tokens is not None and token not in tokens:
+            raise FencedError(
+                f"load of {plan.sharded.name} on placement {token!r} refused: under topology"
+                f" version {self._snap.version}, which this session runs on, its key lives in"
+                f" {', '.join(repr(t) for t in tokens)} (an identity of an older version,"
+                " before its slot moved). The way out: load it without the old identity"
+                " (session.get(cls, key) without identity_token; for merge(), reload the"
+                " object and apply its changes)"
+            )
+
     def _check_loaded(self, state: Any, kind: str) -> None:
         """A load for an object already in the session (the refresh of its expired
         attributes, or a lazy load of a relationship bound to it) runs on the object's
@@ -908,6 +946,8 @@ class RoutedSession(ShardedSession):
         if primary is None:
             return  # a broadcast table: every placement has its rows
         slot = _identity_slot(info, state)
+        if slot is None:
+            slot = state.info.get(_SLOT_INFO)
         if slot is None and primary.column in info.attrs:
             value = state.dict.get(info.attrs[primary.column])
             slot = primary.slot(value) if value is not None else None
@@ -1033,6 +1073,10 @@ class RoutedSession(ShardedSession):
     # -- statements -------------------------------------------------------------------------
 
     def _on_execute(self, ctx: ORMExecuteState) -> Result[Any] | None:
+        # The statement runs in the session's transaction: begun (or refused, autobegin=False)
+        # before anything is pinned, so that whatever this raises, the pin belongs to a
+        # transaction whose end (rollback, close) releases it.
+        self._autobegin_t()
         stmt = ctx.statement
         if isinstance(stmt, TextClause) or ctx.is_from_statement:
             raise UnsupportedQueryError(
@@ -1042,9 +1086,14 @@ class RoutedSession(ShardedSession):
             )
         if ctx.is_select:
             self._check_loaded(getattr(ctx.load_options, "_refresh_state", None), "REFRESH")
-        explicit = _explicit_token(ctx)
+        # A relationship load inherits its parent query's set_shard_id (horizontal_shard's
+        # default): a placement chosen for the parents, not for these rows, which route by
+        # their own key or their parent's placement (_select).
+        explicit = None if ctx.is_relationship_load else _explicit_token(ctx)
         if explicit is not None:
             token = self._routing.check_token(explicit)
+            if ctx.is_select and isinstance(stmt, Select):
+                self._check_identity_load(ctx, stmt, token)
             if not ctx.is_select:  # a write on a placement the caller chose: fenced too
                 shard = self._routing.placements[token].shard
                 self._wrote = True
@@ -1069,6 +1118,18 @@ class RoutedSession(ShardedSession):
         # identity_token becomes the load's identity token (and horizontal_shard's choice,
         # over one a relationship load inherits from its parent query); _TOKEN_OPTION tells
         # the engine hook which physical tables to use.
+        for option in ctx._non_compile_orm_options:
+            # horizontal_shard runs a statement carrying set_shard_id on that placement,
+            # whatever it is given: one a relationship load inherited from its parents' query
+            # may name a placement its rows left (the parents loaded under an older version).
+            if isinstance(option, set_shard_id) and option.shard_id != token:
+                raise FencedError(
+                    f"load on placement {option.shard_id!r} (set_shard_id, inherited from the"
+                    f" parents' query) refused: under topology version {self._snap.version},"
+                    f" which this session runs on, its rows live in {token!r} (the parents were"
+                    " loaded under an older version, before their slot moved). The way out:"
+                    " reload the parents in this session (session.expunge(obj), then a query)"
+                )
         return ctx.invoke_statement(
             statement=statement,
             execution_options={
@@ -1300,6 +1361,29 @@ def routed_sessionmaker(router: Router, **kw: Any) -> sessionmaker[RoutedSession
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+_SLOT_INFO = "shardrouter_slot"
+"""``InstanceState.info`` key: the slot of an object whose primary key does not route,
+remembered when it is loaded (its sharding column cannot change), for the placement checks
+of its refreshes and writes after its attributes expired."""
+
+
+@event.listens_for(Mapper, "load")
+def _remember_slot(target: Any, context: Any) -> None:
+    """For objects loaded by a routed session whose identity key names no slot: their slot
+    (see _SLOT_INFO). Cheap for the rest: one dict lookup per loaded object."""
+    session = getattr(context, "session", None)
+    if not isinstance(session, RoutedSession):
+        return
+    state = inspect(target)
+    info = session._routing.mapped(state.mapper)
+    primary = info.rule.primary
+    if primary is None or info.key_routes:
+        return
+    value = state.dict.get(info.attrs.get(primary.column, ""))
+    if value is not None:
+        state.info[_SLOT_INFO] = primary.slot(value)
 
 
 def _identity_slot(info: _MappedTable, state: InstanceState[Any]) -> Slot | None:

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 from control_cluster import SQLITE_YAML, document, moving_document, wait_until
+from control_orm import Note
 from sqlalchemy import text, update
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shardrouter.control.registry import wait_for_acks
 from shardrouter.control.store import MetaStore
@@ -228,16 +228,6 @@ def test_old_snapshot_may_not_write_a_moving_slot_after_the_ack(
             router._follower.resume()
 
 
-class _Base(DeclarativeBase):
-    pass
-
-
-class _Note(_Base):
-    __tablename__ = "notes"
-    user_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    body: Mapped[str | None] = mapped_column()
-
-
 def test_every_write_door_reaches_the_resolver(
     cluster: tuple[dict[str, Any], MetaStore],
 ) -> None:
@@ -252,9 +242,9 @@ def test_every_write_door_reaches_the_resolver(
         with router.connection(user_id=3) as conn:
             conn.execute(text("UPDATE notes SET body = 'c' WHERE user_id = 3"))
         with RoutedSession(router) as session:
-            session.add(_Note(user_id=4, body=None))
+            session.add(Note(user_id=4, body=None))
             session.commit()
-            session.execute(update(_Note).where(_Note.user_id == 5).values(body="q"))
+            session.execute(update(Note).where(Note.user_id == 5).values(body="q"))
             session.commit()
         router.execute("SELECT * FROM notes WHERE user_id = :u", {"u": 1})  # a read: not seen
 

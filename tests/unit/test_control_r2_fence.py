@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 from control_cluster import document, moving_document, user_in_slots, wait_until
+from control_orm import Note
 from sqlalchemy import create_engine, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shardrouter.control.follow import Follower
 from shardrouter.control.registry import wait_for_acks
@@ -99,7 +99,7 @@ def test_an_expired_lease_refuses_every_write_reads_go_on_and_it_recovers(
             txn.execute("INSERT INTO notes (user_id, body) VALUES (:u, 't')", {"u": user + 1})
         session = RoutedSession(router)
         try:
-            session.add(_Note(user_id=user + 2, body="orm"))
+            session.add(Note(user_id=user + 2, body="orm"))
             with pytest.raises(FencedError):
                 session.flush()
         finally:
@@ -143,7 +143,7 @@ def test_a_commit_after_the_lease_expired_is_refused_and_rolled_back(
 
         session = RoutedSession(router)
         try:
-            session.add(_Note(user_id=23, body="orm"))
+            session.add(Note(user_id=23, body="orm"))
             session.flush()
             router._follower.pause()
             wait_until(fence.expired, timeout=3)
@@ -303,7 +303,7 @@ def test_a_routed_session_holds_the_ack_until_close_and_then_follows(
     with Router.from_config(config_from_dict(raw)) as router:
         session = RoutedSession(router)
         try:
-            session.add(_Note(user_id=11, body="v1"))
+            session.add(Note(user_id=11, body="v1"))
             session.flush()  # its transaction holds the version (a commit releases it too)
             store.push(moving_document(raw, 0, 10), expected=1)
             wait_until(lambda: router.version == 2)
@@ -312,9 +312,9 @@ def test_a_routed_session_holds_the_ack_until_close_and_then_follows(
             session.close()  # rolls the flush back and lets go
             assert wait_for_acks(store, 2, timeout=5).complete
             # the same session, used again after close(), routes by the current version
-            session.add(_Note(user_id=11, body="v2"))
+            session.add(Note(user_id=11, body="v2"))
             session.commit()
-            assert session.get(_Note, 11) is not None
+            assert session.get(Note, 11) is not None
             assert session._snap.version == 2
             assert router._snap.users == 1
         finally:
@@ -332,7 +332,7 @@ def test_routed_session_close_releases_its_snapshot(
     with Router.from_config(config_from_dict(raw)) as router:
         snap = router._snap
         with RoutedSession(router) as session:
-            session.add(_Note(user_id=12, body="x"))
+            session.add(Note(user_id=12, body="x"))
             session.flush()
             assert snap.users == 1
         assert snap.users == 0  # released although `session` is still referenced
@@ -341,7 +341,7 @@ def test_routed_session_close_releases_its_snapshot(
         other = RoutedSession(router)
         other.reset()
         assert snap.users == 0
-        other.add(_Note(user_id=13, body="y"))  # usable after reset: pins again
+        other.add(Note(user_id=13, body="y"))  # usable after reset: pins again
         other.flush()
         assert snap.users == 1
         other.invalidate()
@@ -414,13 +414,3 @@ def test_router_inherited_through_fork_does_not_write_with_a_stale_version(
         assert wait_for_acks(store, 3, timeout=10).complete
         assert router.version == 3
     assert issubclass(RouterForkedError, ShardRouterError)
-
-
-class _Base(DeclarativeBase):
-    pass
-
-
-class _Note(_Base):
-    __tablename__ = "notes"
-    user_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    body: Mapped[str | None] = mapped_column()

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 from control_cluster import user_in_slots, wait_until
+from control_orm import Note
 from sqlalchemy import create_engine, select, text, update
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, scoped_session
+from sqlalchemy.orm import scoped_session
 
 from shardrouter.control.registry import wait_for_acks
 from shardrouter.control.store import MetaStore
@@ -78,16 +79,6 @@ def cut_off_while_the_move_completes(router: Router, store: MetaStore) -> None:
     wait_until(lambda: router.version == 3 and not router.resolver.fence.expired())
 
 
-class _Base(DeclarativeBase):
-    pass
-
-
-class _Note(_Base):
-    __tablename__ = "notes"
-    user_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    body: Mapped[str | None] = mapped_column()
-
-
 # -- finding 1: nothing pinned before a lapse writes after the recovery ------------------------
 
 
@@ -135,7 +126,7 @@ def test_after_the_recovery_pins_from_before_the_lapse_refuse_and_new_ones_write
         conn_cm = router.connection(user_id=user)
         conn = conn_cm.__enter__()
         session = RoutedSession(router)
-        assert session.get(_Note, user) is None  # its transaction pins version 1
+        assert session.get(Note, user) is None  # its transaction pins version 1
         try:
             cut_off_while_the_move_completes(router, store)
             assert not router.resolver.fence.expired()  # recovered
@@ -148,7 +139,7 @@ def test_after_the_recovery_pins_from_before_the_lapse_refuse_and_new_ones_write
             with pytest.raises(FencedError, match="lapsed"):
                 conn.execute(text("INSERT INTO notes VALUES (:u, 'conn')"), {"u": user})
                 conn_cm.__exit__(None, None, None)  # its commit is refused
-            session.add(_Note(user_id=user, body="orm"))
+            session.add(Note(user_id=user, body="orm"))
             with pytest.raises(FencedError, match="lapsed"):
                 session.flush()
             session.rollback()  # ends its transaction: the next one pins version 3
@@ -162,9 +153,9 @@ def test_after_the_recovery_pins_from_before_the_lapse_refuse_and_new_ones_write
         assert rows_of(tmp_path / "s1.db", user) == [("new",)]
         with router.transaction() as fresh:
             fresh.execute("UPDATE notes SET body = 'txn' WHERE user_id = :u", {"u": user})
-        session.add(_Note(user_id=user + 100_000, body="orm"))
+        session.add(Note(user_id=user + 100_000, body="orm"))
         session.commit()
-        assert session.get(_Note, user).body == "txn"  # type: ignore[union-attr]
+        assert session.get(Note, user).body == "txn"  # type: ignore[union-attr]
         session.close()
         assert rows_of(tmp_path / "s0.db", user) == []
         assert wait_for_acks(store, 3, timeout=5).complete  # the old users are gone
@@ -182,7 +173,7 @@ def test_a_write_checked_before_the_lapse_is_not_committed_after_the_recovery(
         with pytest.raises(FencedError, match=r"commit of.*lapsed"), router.transaction() as txn:
             txn.execute("INSERT INTO notes (user_id, body) VALUES (:u, 'txn')", {"u": user})
             session = RoutedSession(router)
-            session.add(_Note(user_id=user + 100_000, body="orm"))
+            session.add(Note(user_id=user + 100_000, body="orm"))
             session.flush()
             cut_off_while_the_move_completes(router, store)
         with pytest.raises(FencedError, match=r"commit of.*lapsed"):
@@ -227,7 +218,7 @@ def test_orm_update_of_an_object_loaded_under_an_older_version_goes_where_the_re
         user = user_in_slots(router, 0, 10)
         router.execute("INSERT INTO notes (user_id, body) VALUES (:u, 'v1')", {"u": user})
         with RoutedSession(router, expire_on_commit=False) as first:
-            note = first.get(_Note, user)
+            note = first.get(Note, user)
             assert note is not None
         # the move (resharding's copy), then the version where s1 owns the slots
         engine = create_engine(f"sqlite:///{tmp_path}/s1.db")
@@ -269,8 +260,8 @@ def test_an_object_of_an_older_version_in_the_same_session_is_refused_then_reloa
             router.execute("INSERT INTO notes (user_id, body) VALUES (:u, 'v1')", {"u": u})
         session = RoutedSession(router, expire_on_commit=False)
         try:
-            note = session.get(_Note, user)
-            kept = session.get(_Note, other)
+            note = session.get(Note, user)
+            kept = session.get(Note, other)
             assert note is not None and kept is not None
             session.commit()
             engine = create_engine(f"sqlite:///{tmp_path}/s1.db")
@@ -285,11 +276,11 @@ def test_an_object_of_an_older_version_in_the_same_session_is_refused_then_reloa
             with pytest.raises(FencedError) as info:
                 session.commit()
             message = str(info.value)
-            assert "UPDATE of _Note" in message and "'s0'" in message and "'s1'" in message
+            assert "UPDATE of Note" in message and "'s0'" in message and "'s1'" in message
             assert "topology version 2" in message and "reload the object" in message
             session.rollback()
             session.delete(note)
-            with pytest.raises(FencedError, match="DELETE of _Note"):
+            with pytest.raises(FencedError, match="DELETE of Note"):
                 session.flush()
             session.rollback()
 
@@ -297,7 +288,7 @@ def test_an_object_of_an_older_version_in_the_same_session_is_refused_then_reloa
             session.commit()
 
             session.expunge(note)
-            fresh = session.get(_Note, user)
+            fresh = session.get(Note, user)
             assert fresh is not None and fresh is not note
             fresh.body = "reloaded"
             session.commit()
@@ -319,7 +310,7 @@ def test_a_write_on_a_placement_the_caller_names_passes_the_resolver(
         router.resolver.hook = seen.append
         with RoutedSession(router) as session:
             session.execute(
-                update(_Note).where(_Note.user_id == 3).values(body="x"),
+                update(Note).where(Note.user_id == 3).values(body="x"),
                 execution_options={"identity_token": "s1"},
             )
             session.commit()
@@ -329,7 +320,7 @@ def test_a_write_on_a_placement_the_caller_names_passes_the_resolver(
             wait_until(router.resolver.fence.expired, timeout=3)
             with RoutedSession(router) as session, pytest.raises(FencedError):
                 session.execute(
-                    update(_Note).where(_Note.user_id == 3).values(body="y"),
+                    update(Note).where(Note.user_id == 3).values(body="y"),
                     execution_options={"identity_token": "s1"},
                 )
         finally:
@@ -349,7 +340,7 @@ def test_a_routed_session_dropped_without_close_does_not_hold_the_ack_until_a_fu
 
         def handler() -> None:
             session = RoutedSession(router)
-            session.add(_Note(user_id=7, body="x"))
+            session.add(Note(user_id=7, body="x"))
             session.commit()  # the work is done; the session goes out of scope
 
         gc.disable()
@@ -392,14 +383,14 @@ def test_a_scoped_session_never_removed_does_not_hold_the_ack_after_its_commit(
     with Router.from_config(config_from_dict(raw)) as router:
         registry = scoped_session(routed_sessionmaker(router))
         try:
-            registry.add(_Note(user_id=8, body="x"))
+            registry.add(Note(user_id=8, body="x"))
             registry.commit()
             assert router._snap.users == 0
             store.push(moving(raw), expected=1, comment="slots 0-10 moving")
             report = wait_for_acks(store, 2, timeout=3)
             assert report.complete, report.describe()
             # the next use routes by version 2 (and pins it until its transaction ends)
-            assert registry.scalars(select(_Note).where(_Note.user_id == 8)).one().body == "x"
+            assert registry.scalars(select(Note).where(Note.user_id == 8)).one().body == "x"
             assert registry()._snap.version == 2 and router._snap.users == 1
             registry.rollback()
             assert router._snap.users == 0
@@ -414,7 +405,7 @@ def test_a_session_transaction_holds_the_ack_until_it_ends(
     version, and the router does not acknowledge a newer one; the commit lets go."""
     raw, store = cluster
     with Router.from_config(config_from_dict(raw)) as router, RoutedSession(router) as session:
-        session.add(_Note(user_id=9, body="x"))
+        session.add(Note(user_id=9, body="x"))
         session.flush()
         store.push(moving(raw), expected=1, comment="slots 0-10 moving")
         wait_until(lambda: router.version == 2)
@@ -422,5 +413,5 @@ def test_a_session_transaction_holds_the_ack_until_it_ends(
         assert session._snap.version == 1
         session.commit()
         assert wait_for_acks(store, 2, timeout=5).complete
-        assert session.get(_Note, 9) is not None
+        assert session.get(Note, 9) is not None
         assert session._snap.version == 2

@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 from control_cluster import user_in_slots, wait_until
-from sqlalchemy import ForeignKey, create_engine, event, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from control_orm import Note, Order, moved, sql
+from sqlalchemy import event, text
 
 from shardrouter.control.registry import wait_for_acks
 from shardrouter.control.store import MetaStore
@@ -39,51 +39,8 @@ from shardrouter.orm.session import RoutedSession
 pytestmark = pytest.mark.timeout(60)
 
 
-class _Base(DeclarativeBase):
-    pass
-
-
-class _Note(_Base):
-    __tablename__ = "notes"
-    user_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    body: Mapped[str | None] = mapped_column()
-
-
-class _Order(_Base):
-    __tablename__ = "orders"
-    order_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    user_id: Mapped[int] = mapped_column()
-    items: Mapped[list[_Item]] = relationship(back_populates="order")
-
-
-class _Item(_Base):
-    __tablename__ = "order_items"
-    order_id: Mapped[int] = mapped_column(ForeignKey("orders.order_id"), primary_key=True)
-    line: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-    user_id: Mapped[int] = mapped_column()
-    order: Mapped[_Order] = relationship(back_populates="items")
-
-
-def _moved(raw: dict[str, Any]) -> dict[str, Any]:
-    """The version after a move of slots [0, 10) from s0 to s1."""
-    doc = copy.deepcopy(raw)
-    doc["shards"]["s0"]["slots"] = [[10, 256]]
-    doc["shards"]["s1"]["slots"] = [[0, 10], [256, 512]]
-    return doc
-
-
-def _sql(path: Path, statement: str, params: dict[str, Any] | None = None) -> list[Any]:
-    engine = create_engine(f"sqlite:///{path}")
-    try:
-        with engine.begin() as conn:
-            result = conn.execute(text(statement), params or {})
-            return list(result) if result.returns_rows else []
-    finally:
-        engine.dispose()
-
-
-def _push_moved(store: MetaStore, raw: dict[str, Any]) -> None:
-    store.push(_moved(raw), expected=1, comment="slots 0-10 now on s1")
+def _pushmoved(store: MetaStore, raw: dict[str, Any]) -> None:
+    store.push(moved(raw), expected=1, comment="slots 0-10 now on s1")
     report = wait_for_acks(store, 2, timeout=5)
     assert report.complete, report.describe()
 
@@ -99,11 +56,11 @@ def test_questions_outside_a_transaction_do_not_hold_the_ack(
         session = RoutedSession(router)
         try:
             assert session.placement("s1").shard == "s1"
-            engine = session.get_bind(_Note.__mapper__, instance=_Note(user_id=5, body="x"))
+            engine = session.get_bind(Note.__mapper__, instance=Note(user_id=5, body="x"))
             assert engine is router.engines.primary(router.route_key(user_id=5)[0])
             assert not session.in_transaction()
             assert router._snap.users == 0
-            _push_moved(store, raw)
+            _pushmoved(store, raw)
             assert session.placement("s1").shard == "s1"  # the new version's, unpinned
         finally:
             session.close()
@@ -121,13 +78,13 @@ def test_connection_with_an_unknown_token_is_refused_typed_and_pins_nothing(
             session.connection(bind_arguments={"shard_id": "nope"})
         with pytest.raises(RoutingError, match=r"bind_arguments=\{'shard_id': token\}"):
             session.connection()
-        with pytest.raises(RoutingError, match=r"get_bind\(_Note\) names no placement"):
-            session.get_bind(_Note)
+        with pytest.raises(RoutingError, match=r"get_bind\(Note\) names no placement"):
+            session.get_bind(Note)
         with pytest.raises(RoutingError, match="instance=obj"):
             session.get_bind()
         assert not session.in_transaction()
         assert router._snap.users == 0
-        _push_moved(store, raw)
+        _pushmoved(store, raw)
         conn = session.connection(bind_arguments={"shard_id": "s1"})
         assert conn.execute(text("SELECT 1")).scalar() == 1
         assert session._snap.version == 2
@@ -151,26 +108,26 @@ def test_a_refresh_of_an_object_whose_slot_moved_is_refused_not_read_from_the_ol
             router.execute("INSERT INTO notes (user_id, body) VALUES (:u, 'v1')", {"u": u})
         session = RoutedSession(router)  # expire_on_commit
         try:
-            note, kept = session.get(_Note, user), session.get(_Note, other)
+            note, kept = session.get(Note, user), session.get(Note, other)
             assert note is not None and kept is not None
             session.commit()
-            _sql(tmp_path / "s1.db", "INSERT INTO notes VALUES (:u, 'on s1')", {"u": user})
-            _push_moved(store, raw)
-            with pytest.raises(FencedError, match=r"REFRESH of _Note.*reload the object"):
+            sql(tmp_path / "s1.db", "INSERT INTO notes VALUES (:u, 'on s1')", {"u": user})
+            _pushmoved(store, raw)
+            with pytest.raises(FencedError, match=r"REFRESH of Note.*reload the object"):
                 _ = note.body
             session.rollback()
             assert kept.body == "v1"
             session.rollback()
-            with pytest.raises(FencedError, match="DELETE of _Note"):
+            with pytest.raises(FencedError, match="DELETE of Note"):
                 session.delete(note)
                 session.flush()
             session.rollback()
             session.expunge(note)
-            fresh = session.get(_Note, user)
+            fresh = session.get(Note, user)
             assert fresh is not None and fresh.body == "on s1"
         finally:
             session.close()
-        assert _sql(tmp_path / "s0.db", "SELECT body FROM notes WHERE user_id = :u", {"u": user})
+        assert sql(tmp_path / "s0.db", "SELECT body FROM notes WHERE user_id = :u", {"u": user})
 
 
 def test_a_lazy_load_of_bound_children_of_a_moved_parent_reads_the_new_placement(
@@ -185,42 +142,42 @@ def test_a_lazy_load_of_bound_children_of_a_moved_parent_reads_the_new_placement
         order_id = router.topology.id_generator("orders", worker_id=1).next_id(user_id=user)
         split = slot % 4
         for shard in ("s0", "s1"):
-            _sql(
+            sql(
                 tmp_path / f"{shard}.db",
                 f"CREATE TABLE orders_000{split} (order_id BIGINT PRIMARY KEY, user_id BIGINT)",
             )
-            _sql(
+            sql(
                 tmp_path / f"{shard}.db",
                 f"CREATE TABLE order_items_000{split} (order_id BIGINT, line INT,"
                 " user_id BIGINT, PRIMARY KEY (order_id, line))",
             )
-            _sql(
+            sql(
                 tmp_path / f"{shard}.db",
                 f"INSERT INTO orders_000{split} VALUES (:o, :u)",
                 {"o": order_id, "u": user},
             )
-            _sql(
+            sql(
                 tmp_path / f"{shard}.db",
                 f"INSERT INTO order_items_000{split} VALUES (:o, 1, :u)",
                 {"o": order_id, "u": user},
             )
-        _sql(
+        sql(
             tmp_path / "s1.db",
             f"INSERT INTO order_items_000{split} VALUES (:o, 2, :u)",
             {"o": order_id, "u": user},
         )
         session = RoutedSession(router, expire_on_commit=False)  # not refreshed first
         try:
-            order = session.get(_Order, order_id)
+            order = session.get(Order, order_id)
             assert order is not None
             session.commit()
-            _push_moved(store, raw)
+            _pushmoved(store, raw)
             # The lazy load routes by the children's key (order_id carries the slot): the
             # new placement, not the parent's old one.
             assert sorted(i.line for i in order.items) == [1, 2]
             session.rollback()
             session.expunge(order)
-            fresh = session.get(_Order, order_id)
+            fresh = session.get(Order, order_id)
             assert fresh is not None and sorted(i.line for i in fresh.items) == [1, 2]
         finally:
             session.close()
@@ -235,7 +192,7 @@ def test_the_engine_hook_is_registered_once_and_keeps_no_old_routing(
     raw, store = cluster
     with Router.from_config(config_from_dict(raw)) as router:
         with RoutedSession(router) as session:
-            session.add(_Note(user_id=1, body="v1"))
+            session.add(Note(user_id=1, body="v1"))
             session.commit()
         first = weakref.ref(orm_session._routing_for(router._snap))
         engine = router.engines.primary("s2")  # s2 is in every version: its engine is reused
@@ -245,7 +202,7 @@ def test_the_engine_hook_is_registered_once_and_keeps_no_old_routing(
             store.push(doc, expected=version - 1, comment=f"v{version}")
             assert wait_for_acks(store, version, timeout=5).complete
             with RoutedSession(router) as session:
-                assert session.get(_Note, 1) is not None
+                assert session.get(Note, 1) is not None
         assert router.engines.primary("s2") is engine
         hooks = [
             fn for fn in engine.dispatch.before_cursor_execute if fn is orm_session._rewrite_hook
