@@ -611,13 +611,16 @@ class AsyncRouter(SnapshotHolder[AsyncShardEngines, AsyncReadPool]):
         shard order (a global lock order: see Router._write_together); all commit or all roll
         back."""
         conns: list[tuple[ShardId, AsyncConnection]] = []
+        by_shard: dict[ShardId, AsyncConnection] = {}  # one connection per shard
         results: dict[int, JobResult] = {}
         error: BaseException | None = None
         try:
             for index in together_order(jobs):
                 job = jobs[index]
-                conn = await self._begin(job.shard, snap)
-                conns.append((job.shard, conn))
+                conn = by_shard.get(job.shard)
+                if conn is None:
+                    conn = by_shard[job.shard] = await self._begin(job.shard, snap)
+                    conns.append((job.shard, conn))
                 results[index] = await self._bounded(job.shard, self._stoppable(conn, job), snap)
                 check_guard(job, results[index])
             self.resolver.before_commit(snap, None)  # the lease may have expired meanwhile

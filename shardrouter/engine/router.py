@@ -723,17 +723,21 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
         one global order, the second writer waits on the first shard for the first writer's
         commit and then proceeds."""
         conns: list[Connection] = []
+        by_shard: dict[ShardId, Connection] = {}  # one connection (and transaction) per shard
         results: dict[int, JobResult] = {}
         error: BaseException | None = None
         try:
             for index in together_order(jobs):
                 job = jobs[index]
-                try:
-                    conn = snap.engines.primary(job.shard).connect()
-                except (DBAPIError, PoolTimeoutError) as exc:
-                    raise classify(exc, job.shard) from exc
-                conns.append(conn)
-                conn.begin()
+                conn = by_shard.get(job.shard)
+                if conn is None:
+                    try:
+                        conn = snap.engines.primary(job.shard).connect()
+                    except (DBAPIError, PoolTimeoutError) as exc:
+                        raise classify(exc, job.shard) from exc
+                    conns.append(conn)
+                    by_shard[job.shard] = conn
+                    conn.begin()
                 results[index] = self._execute_on(conn, job)
                 check_guard(job, results[index])
             self.resolver.before_commit(snap, None)  # the lease may have expired meanwhile

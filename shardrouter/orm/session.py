@@ -342,6 +342,11 @@ class _Routing:
             for col in mapper.primary_key
         )
         found = _MappedTable(mapper, rule, attrs, key_routes)
+        if not key_routes and rule.primary is not None:
+            with _hooks_lock:  # once per mapper, whichever version maps it first
+                for name in ("load", "refresh"):
+                    if not event.contains(mapper, name, _remember_slot):
+                        event.listen(mapper, name, _remember_slot, raw=True)
         with self._lock:
             self._mapped[mapper] = found
         return found
@@ -571,6 +576,7 @@ class RoutedSession(ShardedSession):
         event.listen(self, "before_commit", _weakly(self._before_commit))
         event.listen(self, "after_commit", _weakly(self._after_commit))
         event.listen(self, "after_transaction_end", _weakly(self._after_transaction_end))
+        event.listen(self, "pending_to_persistent", _weakly(self._persisted))
 
     def connection(
         self,
@@ -885,7 +891,7 @@ class RoutedSession(ShardedSession):
         # expired sharding attribute would refresh it from the placement being checked.
         found = _identity_slot(info, state) if kind else None
         if kind and found is None:
-            found = state.info.get(_SLOT_INFO)
+            found = _remembered_slot(state)
         slot = found if found is not None else rule.slot(info.value(state, rule.column))
         self._wrote = True
         snap = self._snap
@@ -947,7 +953,7 @@ class RoutedSession(ShardedSession):
             return  # a broadcast table: every placement has its rows
         slot = _identity_slot(info, state)
         if slot is None:
-            slot = state.info.get(_SLOT_INFO)
+            slot = _remembered_slot(state)
         if slot is None and primary.column in info.attrs:
             value = state.dict.get(info.attrs[primary.column])
             slot = primary.slot(value) if value is not None else None
@@ -1032,12 +1038,21 @@ class RoutedSession(ShardedSession):
             raise
         return written
 
+    def _persisted(self, session: Session, instance: Any) -> None:
+        # An inserted object whose primary key does not route: its slot, as a load records it.
+        _remember_slot(inspect(instance))
+
     def _before_commit(self, session: Session) -> None:
         # The commit's own flush comes after this hook: run it first, so that the checks
         # below see every write. Writes were checked by their flush; the lease may have
         # expired since.
         if not self.in_nested_transaction():
-            self.flush()
+            # Until clean, as SQLAlchemy's own loop does: a flush's listeners may add objects
+            # (after_flush_postexec), which must be checked below too.
+            for _ in range(100):
+                if not (self.new or self.dirty or self.deleted):
+                    break
+                self.flush()
         if self._wrote and not self.in_nested_transaction():
             self.router.resolver.before_commit(self._snap, None)
             # Lookup rows the flushes found already there are checked again, the owner rows
@@ -1118,18 +1133,14 @@ class RoutedSession(ShardedSession):
         # identity_token becomes the load's identity token (and horizontal_shard's choice,
         # over one a relationship load inherits from its parent query); _TOKEN_OPTION tells
         # the engine hook which physical tables to use.
-        for option in ctx._non_compile_orm_options:
+        if any(
+            isinstance(o, set_shard_id) and o.shard_id != token
+            for o in ctx._non_compile_orm_options
+        ):
             # horizontal_shard runs a statement carrying set_shard_id on that placement,
             # whatever it is given: one a relationship load inherited from its parents' query
-            # may name a placement its rows left (the parents loaded under an older version).
-            if isinstance(option, set_shard_id) and option.shard_id != token:
-                raise FencedError(
-                    f"load on placement {option.shard_id!r} (set_shard_id, inherited from the"
-                    f" parents' query) refused: under topology version {self._snap.version},"
-                    f" which this session runs on, its rows live in {token!r} (the parents were"
-                    " loaded under an older version, before their slot moved). The way out:"
-                    " reload the parents in this session (session.expunge(obj), then a query)"
-                )
+            # names the parents' placement (another table's, or one its rows left since).
+            statement = _without_set_shard_id(statement if statement is not None else ctx.statement)
         return ctx.invoke_statement(
             statement=statement,
             execution_options={
@@ -1178,7 +1189,9 @@ class RoutedSession(ShardedSession):
     def _select(self, ctx: ORMExecuteState, stmt: Select[Any]) -> Result[Any]:
         plan, values = self._plan(stmt, ctx)
         table = plan.sharded
-        if table is None:  # broadcast tables only: every shard has the same rows
+        if table is None:  # broadcast tables only (or none): every shard gives the answer
+            if not plan.tables:
+                return self._invoke(ctx, next(iter(self._routing.placements)))
             return self._invoke(ctx, self._routing.fanout(plan.tables[0])[0])
         tokens = self._key_tokens(plan, values)
         if tokens is None:
@@ -1364,26 +1377,44 @@ def routed_sessionmaker(router: Router, **kw: Any) -> sessionmaker[RoutedSession
 
 
 _SLOT_INFO = "shardrouter_slot"
-"""``InstanceState.info`` key: the slot of an object whose primary key does not route,
-remembered when it is loaded (its sharding column cannot change), for the placement checks
-of its refreshes and writes after its attributes expired."""
+"""``InstanceState.info`` key: (identity key, slot) of an object whose primary key does not
+route, remembered when it is loaded, refreshed or inserted (its sharding column cannot
+change under one identity), for the placement checks of its refreshes and writes after its
+attributes expired. Kept with its identity key: ``make_transient`` keeps ``info``."""
 
 
-@event.listens_for(Mapper, "load")
-def _remember_slot(target: Any, context: Any) -> None:
-    """For objects loaded by a routed session whose identity key names no slot: their slot
-    (see _SLOT_INFO). Cheap for the rest: one dict lookup per loaded object."""
-    session = getattr(context, "session", None)
-    if not isinstance(session, RoutedSession):
+def _remembered_slot(state: InstanceState[Any]) -> Slot | None:
+    found = state.info.get(_SLOT_INFO)
+    if found is None or state.key is None or found[0] != state.key:
+        return None
+    slot: Slot = found[1]
+    return slot
+
+
+def _remember_slot(state: InstanceState[Any], *_: Any) -> None:
+    """The mapper "load"/"refresh" listener (raw: the state) of classes whose primary key
+    does not route (registered by _Routing.mapped): their slot (see _SLOT_INFO)."""
+    session = state.session
+    if not isinstance(session, RoutedSession) or state.key is None:
         return
-    state = inspect(target)
-    info = session._routing.mapped(state.mapper)
-    primary = info.rule.primary
-    if primary is None or info.key_routes:
+    routing = session._snapshot_pin.routing
+    info = routing._mapped.get(state.mapper) if routing is not None else None
+    primary = info.rule.primary if info is not None else None
+    if info is None or info.key_routes or primary is None or primary.column not in info.attrs:
         return
-    value = state.dict.get(info.attrs.get(primary.column, ""))
+    value = state.dict.get(info.attrs[primary.column])
     if value is not None:
-        state.info[_SLOT_INFO] = primary.slot(value)
+        state.info[_SLOT_INFO] = (state.key, primary.slot(value))
+
+
+def _without_set_shard_id(statement: Any) -> Any:
+    """``statement`` without its set_shard_id options (a copy: generative, as its own
+    ``.options()`` makes one)."""
+    copy = statement._generate()
+    copy._with_options = tuple(
+        o for o in statement._with_options if not isinstance(o, set_shard_id)
+    )
+    return copy
 
 
 def _identity_slot(info: _MappedTable, state: InstanceState[Any]) -> Slot | None:

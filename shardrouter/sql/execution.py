@@ -118,10 +118,13 @@ def check_guard(job: Job, result: JobResult) -> None:
 def together_order(jobs: Sequence[Job]) -> list[int]:
     """The order the parts of a write run together: as given for a batch that asks for it
     (Job.in_order), else sorted by shard (one global lock order, see
-    Router._write_together)."""
+    Router._write_together), guards last: a guard checks rows once the write's own rows are
+    written and locked (see _insert), and takes only shared locks, which it waits for only
+    behind writers that never wait themselves (a discard's check is NOWAIT, lookup writes
+    commit at once). Parts on one shard run on one connection (see Router._write_together)."""
     if any(j.in_order for j in jobs):
         return list(range(len(jobs)))
-    return sorted(range(len(jobs)), key=lambda i: jobs[i].shard)
+    return sorted(range(len(jobs)), key=lambda i: (jobs[i].expect is not None, jobs[i].shard))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1306,15 +1309,25 @@ class LookupLedger:
         last: dict[tuple[Any, ...], bool] = {}
         for kept, r in self.changes:
             last[_ledger_key(topology, r)] = kept
-        # A value the transaction freed and gave to this owner is still in the row of the
-        # owner it freed it from (handed over at the settle, see _takeovers): not checked.
-        freed = {_value_key(topology, r) for kept, r in self.changes if not kept}
-        freed.update(_value_key(topology, r) for kept, _, r in self.claims if not kept)
+        # A value the transaction freed from another owner and gave to this one is still in
+        # the row of that other owner (handed over at the settle, see _takeovers): not
+        # checked. One the same owner freed (an insert of it undone, a delete of it) is.
+        freed: dict[tuple[Any, ...], set[Any]] = defaultdict(set)
+        for kept, r in self.changes:
+            if not kept:
+                freed[_value_key(topology, r)].add(r.row[r.strategy.to_column])
+        for kept, _, r in self.claims:
+            if not kept:
+                freed[_value_key(topology, r)].add(r.row[r.strategy.to_column])
+
+        def handed_over(r: LookupRow) -> bool:
+            owners = freed.get(_value_key(topology, r), set())
+            return r.strategy.key_column is None and bool(owners - {r.row[r.strategy.to_column]})
+
         rows = {
             _ledger_key(topology, r): r
             for r in self.adopted
-            if last.get(_ledger_key(topology, r), False)
-            and not (r.strategy.key_column is None and _value_key(topology, r) in freed)
+            if last.get(_ledger_key(topology, r), False) and not handed_over(r)
         }
         if not rows:
             return
