@@ -98,7 +98,7 @@ are deleted once the session's transaction has committed (an object added, flush
 in it leaves none, one deleted and added again keeps its row). A new object of a class that does
 not map a lookup column is refused (the row would get the column's default and no lookup row).
 All of it is the router's own code
-(``execution.lookup_rows``/``write_lookups``/``LookupLedger``/``delete_lookups``), not a
+(``execution.lookup_rows``/``write_lookups``/``LookupLedger``/``remove_lookups``), not a
 second implementation.
 Versions: each transaction of the session routes by the router's topology version of its
 first routed use, pinned until the transaction ends (commit, rollback, close()), so a session
@@ -114,6 +114,7 @@ the session commits its shard connections one by one.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import weakref
@@ -158,6 +159,7 @@ from ..core.strategies import LookupStrategy
 from ..core.topology import TableRule, Topology
 from ..engine.router import Router, Snapshot, _Runner, _sql_and_params
 from ..errors import (
+    ExecutionError,
     FanoutLimitError,
     FencedError,
     KeyValueError,
@@ -310,8 +312,11 @@ class _Routing:
 
     # -- mapped tables ----------------------------------------------------------------------
 
-    def mapped(self, mapper: Mapper[Any]) -> _MappedTable:
-        """The routing facts of a mapped class (cached per mapper)."""
+    def mapped(self, mapper: Mapper[Any], *, listen: bool = True) -> _MappedTable:
+        """The routing facts of a mapped class (cached per mapper). ``listen``: register the
+        load listener (_remember_slot) of a class whose key does not route; False from that
+        listener itself (SQLAlchemy is iterating the mapper's listeners then, and the one
+        running covers the class already: registered with propagate)."""
         found = self._mapped.get(mapper)
         if found is not None:
             return found
@@ -342,11 +347,11 @@ class _Routing:
             for col in mapper.primary_key
         )
         found = _MappedTable(mapper, rule, attrs, key_routes)
-        if not key_routes and rule.primary is not None:
+        if listen and not key_routes and rule.primary is not None:
             with _hooks_lock:  # once per mapper, whichever version maps it first
                 for name in ("load", "refresh"):
                     if not event.contains(mapper, name, _remember_slot):
-                        event.listen(mapper, name, _remember_slot, raw=True)
+                        event.listen(mapper, name, _remember_slot, raw=True, propagate=True)
         with self._lock:
             self._mapped[mapper] = found
         return found
@@ -760,6 +765,16 @@ class RoutedSession(ShardedSession):
 
     # -- horizontal_shard's choosers --------------------------------------------------------
 
+    def _choose_shard_and_assign(self, mapper: Any, instance: Any, **kw: Any) -> Any:
+        # A persistent object whose identity has no placement (merge(load=False) of an object
+        # a plain Session loaded, make_transient_to_detached): its key's placement under the
+        # session's version, as for a new object (horizontal_shard asserts a token).
+        if instance is not None:
+            state = inspect(instance)
+            if state.key is not None and state.key[2] is None:
+                return self._token_of_new(self._routing.mapped(state.mapper), state)
+        return super()._choose_shard_and_assign(mapper, instance, **kw)
+
     def _choose_shard(
         self, mapper: Mapper[Any] | None, instance: Any, clause: Any = None, **kw: Any
     ) -> str:
@@ -889,16 +904,15 @@ class RoutedSession(ShardedSession):
         assert rule is not None
         # A persistent object's slot from its identity (or its load) first: reading an
         # expired sharding attribute would refresh it from the placement being checked.
-        found = _identity_slot(info, state) if kind else None
-        if kind and found is None:
-            found = _remembered_slot(state)
+        found = self._loaded_slot(info, state, kind) if kind else None
         slot = found if found is not None else rule.slot(info.value(state, rule.column))
         self._wrote = True
         snap = self._snap
         if kind:
             key = state.key
             token = key[2] if key is not None else state.identity_token
-            self._check_placement(info, state, token, slot, kind)
+            if token is not None:  # None: no placement chosen (merge(load=False) and the like)
+                self._check_placement(info, state, token, slot, kind)
         self.router.resolver.write_slot(snap, slot, "orm", "orm")
 
     def _check_placement(
@@ -951,14 +965,41 @@ class RoutedSession(ShardedSession):
         primary = info.rule.primary
         if primary is None:
             return  # a broadcast table: every placement has its rows
-        slot = _identity_slot(info, state)
-        if slot is None:
-            slot = _remembered_slot(state)
+        if state.key[2] is None:
+            return  # no placement chosen: routed by its key, as a new object
+        slot = self._loaded_slot(info, state, kind)
         if slot is None and primary.column in info.attrs:
             value = state.dict.get(info.attrs[primary.column])
             slot = primary.slot(value) if value is not None else None
         if slot is not None:
             self._check_placement(info, state, state.key[2], slot, kind)
+
+    def _loaded_slot(self, info: _MappedTable, state: InstanceState[Any], kind: str) -> Slot | None:
+        """The slot of a persistent object without reading its attributes: from its identity
+        key, else from the sharding value remembered at its load (_SLOT_INFO). An object
+        loaded without its sharding value (load_only, defer) under another version than the
+        session's cannot be placed: refused (its slot may have moved since)."""
+        slot = _identity_slot(info, state)
+        if slot is not None:
+            return slot
+        found = state.info.get(_SLOT_INFO)
+        if found is None or found[0] != state.key:
+            return None
+        _, value, marker = found
+        primary = info.rule.primary
+        assert primary is not None
+        if value is not None:
+            return primary.slot(value)
+        snap = self._snap
+        if marker != (snap.topology.name, snap.version):
+            raise FencedError(
+                f"{kind} of {info.mapper.class_.__name__} {state.identity!r} refused: it was"
+                f" loaded without its sharding column {primary.column} (load_only, defer)"
+                f" under another topology version than {snap.version}, which this session"
+                " runs on, so where its row lives now is unknown. The way out: reload the"
+                " object with its sharding column (session.expunge(obj), then session.get())"
+            )
+        return None
 
     def _check_secondaries(self, info: _MappedTable, state: InstanceState[Any]) -> None:
         """Functional secondary keys must route to the row's slot, or reads by them miss it."""
@@ -1053,6 +1094,13 @@ class RoutedSession(ShardedSession):
                 if not (self.new or self.dirty or self.deleted):
                     break
                 self.flush()
+            else:
+                if self.new or self.dirty or self.deleted:
+                    raise ExecutionError(
+                        "commit refused: the session is still changing after 100 flushes (a"
+                        " flush listener keeps adding or changing objects); nothing was"
+                        " committed: roll back and fix the listener"
+                    )
         if self._wrote and not self.in_nested_transaction():
             self.router.resolver.before_commit(self._snap, None)
             # Lookup rows the flushes found already there are checked again, the owner rows
@@ -1101,6 +1149,10 @@ class RoutedSession(ShardedSession):
             )
         if ctx.is_select:
             self._check_loaded(getattr(ctx.load_options, "_refresh_state", None), "REFRESH")
+            for mapper in ctx.all_mappers:  # their load listeners, before rows are loaded
+                # (not routable as an owner, a read-only class: loads as before)
+                with contextlib.suppress(RoutingError):
+                    self._routing.mapped(mapper)
         # A relationship load inherits its parent query's set_shard_id (horizontal_shard's
         # default): a placement chosen for the parents, not for these rows, which route by
         # their own key or their parent's placement (_select).
@@ -1377,34 +1429,43 @@ def routed_sessionmaker(router: Router, **kw: Any) -> sessionmaker[RoutedSession
 
 
 _SLOT_INFO = "shardrouter_slot"
-"""``InstanceState.info`` key: (identity key, slot) of an object whose primary key does not
-route, remembered when it is loaded, refreshed or inserted (its sharding column cannot
-change under one identity), for the placement checks of its refreshes and writes after its
-attributes expired. Kept with its identity key: ``make_transient`` keeps ``info``."""
+"""``InstanceState.info`` key: (identity key, sharding value or None, (topology name,
+version)) of an object whose primary key does not route, remembered when it is loaded,
+refreshed or inserted (its sharding column cannot change under one identity), for the
+placement checks of its refreshes and writes after its attributes expired. The value, not
+its slot: a slot means something only under one topology (two routers may map one class).
+Kept with its identity key: ``make_transient`` keeps ``info``."""
 
 
-def _remembered_slot(state: InstanceState[Any]) -> Slot | None:
+def _remembered_value(state: InstanceState[Any]) -> Any:
+    """The sharding value remembered for ``state`` under its current identity, or None."""
     found = state.info.get(_SLOT_INFO)
     if found is None or state.key is None or found[0] != state.key:
         return None
-    slot: Slot = found[1]
-    return slot
+    return found[1]
 
 
 def _remember_slot(state: InstanceState[Any], *_: Any) -> None:
     """The mapper "load"/"refresh" listener (raw: the state) of classes whose primary key
-    does not route (registered by _Routing.mapped): their slot (see _SLOT_INFO)."""
+    does not route (registered by _Routing.mapped, for subclasses too): their sharding value
+    (see _SLOT_INFO)."""
     session = state.session
     if not isinstance(session, RoutedSession) or state.key is None:
         return
+    snap = session._snapshot_pin.snap
     routing = session._snapshot_pin.routing
-    info = routing._mapped.get(state.mapper) if routing is not None else None
-    primary = info.rule.primary if info is not None else None
-    if info is None or info.key_routes or primary is None or primary.column not in info.attrs:
+    if snap is None or routing is None:
         return
-    value = state.dict.get(info.attrs[primary.column])
-    if value is not None:
-        state.info[_SLOT_INFO] = (state.key, primary.slot(value))
+    try:
+        info = routing.mapped(state.mapper, listen=False)
+    except RoutingError:  # not routable (a read-only class without its sharding column)
+        return
+    primary = info.rule.primary
+    if info.key_routes or primary is None:
+        return
+    key = info.attrs.get(primary.column)
+    value = state.dict.get(key) if key is not None else None
+    state.info[_SLOT_INFO] = (state.key, value, (snap.topology.name, snap.version))
 
 
 def _without_set_shard_id(statement: Any) -> Any:

@@ -340,23 +340,22 @@ def run(
             gone = lookup_rows(topology, owner, doomed, deleting=True)
             if ledger is not None:
                 ledger.remove(gone)  # removed when the transaction commits (LookupLedger)
-            else:
-                cleanups = delete_lookups(gone)
-                if cleanups:
-                    try:
-                        yield cleanups
-                    except Exception as exc:
-                        # The owner rows' delete has committed: the statement did what it
-                        # says, and an error would invite a retry that deletes nothing. The
-                        # lookup rows left are orphans, as after a crash (reads ignore them,
-                        # `shardctl check lookups --fix` removes them), as LookupLedger.settle.
-                        log.warning(
-                            "%s committed (%d rows); their lookup rows were not removed"
-                            " (`shardctl check lookups --fix` removes them): %s",
-                            plan.kind.upper(),
-                            rowcount,
-                            exc,
-                        )
+            elif gone:
+                # The owner rows' delete has committed: the statement did what it says, and an
+                # error would invite a retry that deletes nothing. Lookup rows the cleanup
+                # cannot remove (logged) are orphans, as after a crash (reads ignore them,
+                # `shardctl check lookups --fix` removes them), as LookupLedger.settle.
+                removed = yield from remove_lookups(topology, gone)
+                if removed < len(gone):
+                    log.warning(
+                        "%s committed (%d rows); %d of their %d lookup rows removed (the rest"
+                        " belong to owners written again since, or are left as orphans:"
+                        " `shardctl check lookups --fix` removes those)",
+                        plan.kind.upper(),
+                        rowcount,
+                        removed,
+                        len(gone),
+                    )
         return ResultSet((), [], rowcount, shards, tuple(found.lookups), found.scatter)
     columns = results[0].columns if results else ()
     flagged = frozenset().union(*(r.index_ordered for r in results))
@@ -1033,16 +1032,6 @@ def _refuse_taken(
     )
 
 
-def delete_lookups(rows: Sequence[LookupRow]) -> list[Job]:
-    """The deletes of lookup rows, matching every column (run after the owner's delete)."""
-    jobs = []
-    for r in rows:
-        target = table_clause(r.physical, r.strategy.row_columns)
-        stmt = delete(target).where(and_(*(target.c[c] == v for c, v in r.row.items())))
-        jobs.append(Job(r.shard, stmt, {}, "write", "lookup_cleanup"))
-    return jobs
-
-
 def _owner_place(topology: Topology, r: LookupRow) -> tuple[ShardId, str]:
     """The shard and physical table of the owner row ``r`` names."""
     rule = topology.table(r.owner.bound_to or r.owner.name).primary
@@ -1097,16 +1086,30 @@ def discard_lookups(
     if not rows:
         return 0
     checked = yield from _owners_absent(topology, rows)
+    doomed = [r for r, absent in zip(rows, checked, strict=True) if absent]
+    return (yield from remove_lookups(topology, doomed, "lookup"))
+
+
+def remove_lookups(
+    topology: Topology, rows: Sequence[LookupRow], role: JobRole = "lookup_cleanup"
+) -> Generator[list[Job], list[JobResult], int]:
+    """Remove lookup rows whose owner rows (with those values) are gone: the cleanup after
+    an owner's DELETE committed, and the second half of discard_lookups. Each lookup place
+    and owner place in one write: the DELETE, then the owner check, committed only when no
+    owner is there (_discard_together), row by row when one is. A cleanup cannot remove the
+    row of an owner inserted again since its delete (that writer adopted the row): the check
+    sees the owner (locked while in flight, then committed) and keeps it. Best effort: an
+    error is logged and the rows stay (orphans, removed by ``check lookups --fix``). Returns
+    the number removed."""
     groups: dict[tuple[Any, ...], list[LookupRow]] = defaultdict(list)
-    for r, absent in zip(rows, checked, strict=True):
-        if absent:
-            groups[(r.shard, r.physical, r.strategy, *_owner_place(topology, r))].append(r)
+    for r in rows:
+        groups[(r.shard, r.physical, r.strategy, *_owner_place(topology, r))].append(r)
     removed = 0
     for group in groups.values():
-        count = yield from _discard_together(topology, group)
+        count = yield from _discard_together(topology, group, role)
         if count is None and len(group) > 1:  # one owner there (or locked): row by row
             for r in group:
-                count = yield from _discard_together(topology, [r])
+                count = yield from _discard_together(topology, [r], role)
                 removed += count or 0
         else:
             removed += count or 0
@@ -1114,7 +1117,7 @@ def discard_lookups(
 
 
 def _discard_together(
-    topology: Topology, rows: Sequence[LookupRow]
+    topology: Topology, rows: Sequence[LookupRow], role: JobRole
 ) -> Generator[list[Job], list[JobResult], int | None]:
     """Delete ``rows`` (one lookup place, one owner place) and read their owners in one
     write, committed only if no owner is there (see discard_lookups). Returns the number of
@@ -1125,7 +1128,7 @@ def _discard_together(
         or_(*(and_(*(target.c[c] == v for c, v in r.row.items())) for r in rows))
     )
     jobs = [
-        Job(first.shard, stmt, {}, "write", "lookup", in_order=True),
+        Job(first.shard, stmt, {}, "write", role, in_order=True),
         replace(_owner_check(topology, rows), expect=0, in_order=True),
     ]
     try:
@@ -1246,7 +1249,8 @@ class LookupLedger:
         """``undone``: the rows of a statement that failed (its owner rows were not written,
         or were undone with it); implies doubtful."""
         self.created.extend(written.created)
-        self.adopted.extend(written.adopted)
+        if not (doubtful or undone):  # an upsert's: whether its owner took them is unknown
+            self.adopted.extend(written.adopted)
         if doubtful or undone:
             self.doubtful.extend(written.created)
         else:
@@ -1372,11 +1376,8 @@ class LookupLedger:
         moved = {id(new) for _, new in swaps}
         yield from discard_lookups(topology, [r for r in doubtful if id(r) not in taken])
         gone = [r for r in gone if id(r) not in taken]
-        if gone:
-            try:
-                yield [replace(j, role="lookup") for j in delete_lookups(gone)]
-            except Exception as exc:  # orphans, as after a crash: check lookups removes them
-                log.warning("lookup rows of deleted owner rows not removed: %s", exc)
+        if gone:  # (those whose owner was written again since stay: see remove_lookups)
+            yield from remove_lookups(topology, gone, "lookup")
         restore = [r for r in kept_rows if id(r) not in moved]
         handed: list[LookupRow] = []
         if swaps:
@@ -1765,7 +1766,6 @@ __all__ = [
     "ResultSet",
     "Step",
     "Written",
-    "delete_lookups",
     "discard_lookups",
     "keyset_query",
     "log_statement",
