@@ -347,14 +347,32 @@ class _Routing:
             for col in mapper.primary_key
         )
         found = _MappedTable(mapper, rule, attrs, key_routes)
-        if listen and not key_routes and rule.primary is not None:
-            with _hooks_lock:  # once per mapper, whichever version maps it first
-                for name in ("load", "refresh"):
-                    if not event.contains(mapper, name, _remember_slot):
-                        event.listen(mapper, name, _remember_slot, raw=True, propagate=True)
         with self._lock:
             self._mapped[mapper] = found
+        if listen:
+            self._listen(mapper)
         return found
+
+    def _listen(self, mapper: Mapper[Any]) -> None:
+        """Register _remember_slot on every class of ``mapper``'s registry whose primary key
+        does not route under this routing: a class may first be loaded as another's eagerly
+        loaded child (joinedload), before anything maps it. Runs when a routing first maps a
+        class (once per class and version: a scan of the registry's classes). Once per class
+        (a subclass that inherited its base's is left alone)."""
+        for other in list(mapper.registry.mappers):
+            try:
+                info = self.mapped(other, listen=False)
+            except RoutingError:  # not a routed class (or not routable): nothing to remember
+                continue
+            if info.key_routes or info.rule.primary is None:
+                continue
+            with _hooks_lock:
+                # Per class, not propagated: a subclass mapped after its base's listener was
+                # registered does not get it; the dispatch lists inherited ones too.
+                if any(fn is _remember_slot for fn in other.class_manager.dispatch.load):
+                    continue
+                for name in ("load", "refresh"):
+                    event.listen(other, name, _remember_slot, raw=True)
 
 
 def _rewrite_hook(
@@ -772,7 +790,8 @@ class RoutedSession(ShardedSession):
         if instance is not None:
             state = inspect(instance)
             if state.key is not None and state.key[2] is None:
-                return self._token_of_new(self._routing.mapped(state.mapper), state)
+                routing = self._look  # (outside a transaction: nothing pinned)
+                return self._token_of_new(routing.mapped(state.mapper), state, routing)
         return super()._choose_shard_and_assign(mapper, instance, **kw)
 
     def _choose_shard(
@@ -905,7 +924,7 @@ class RoutedSession(ShardedSession):
         # A persistent object's slot from its identity (or its load) first: reading an
         # expired sharding attribute would refresh it from the placement being checked.
         found = self._loaded_slot(info, state, kind) if kind else None
-        slot = found if found is not None else rule.slot(info.value(state, rule.column))
+        slot = found if found is not None else rule.slot(self._sharding_value(info, state))
         self._wrote = True
         snap = self._snap
         if kind:
@@ -974,6 +993,19 @@ class RoutedSession(ShardedSession):
         if slot is not None:
             self._check_placement(info, state, state.key[2], slot, kind)
 
+    def _sharding_value(self, info: _MappedTable, state: InstanceState[Any]) -> Any:
+        """The object's sharding value; a persistent object's not loaded (deferred, even with
+        raiseload) is refreshed alone, from its own placement (which still holds its slots:
+        _loaded_slot refused otherwise)."""
+        primary = info.rule.primary
+        assert primary is not None
+        key = info.attrs[primary.column]
+        if key not in state.dict and state.has_identity:
+            obj = state.obj()
+            if obj is not None:
+                self.refresh(obj, [key])
+        return info.value(state, primary.column)
+
     def _loaded_slot(self, info: _MappedTable, state: InstanceState[Any], kind: str) -> Slot | None:
         """The slot of a persistent object without reading its attributes: from its identity
         key, else from the sharding value remembered at its load (_SLOT_INFO). An object
@@ -991,13 +1023,16 @@ class RoutedSession(ShardedSession):
         if value is not None:
             return primary.slot(value)
         snap = self._snap
-        if marker != (snap.topology.name, snap.version):
+        token = state.key[2] if state.key is not None else None
+        placement = self._routing.placements.get(token) if isinstance(token, str) else None
+        if placement is None or marker != _holding(snap, placement.shard):
             raise FencedError(
                 f"{kind} of {info.mapper.class_.__name__} {state.identity!r} refused: it was"
                 f" loaded without its sharding column {primary.column} (load_only, defer)"
-                f" under another topology version than {snap.version}, which this session"
-                " runs on, so where its row lives now is unknown. The way out: reload the"
-                " object with its sharding column (session.expunge(obj), then session.get())"
+                f" from placement {token!r}, whose slots have changed since (topology version"
+                f" {snap.version}, which this session runs on), so where its row lives now is"
+                " unknown. The way out: reload the object with its sharding column"
+                " (session.expunge(obj), then session.get())"
             )
         return None
 
@@ -1465,7 +1500,26 @@ def _remember_slot(state: InstanceState[Any], *_: Any) -> None:
         return
     key = info.attrs.get(primary.column)
     value = state.dict.get(key) if key is not None else None
-    state.info[_SLOT_INFO] = (state.key, value, (snap.topology.name, snap.version))
+    known = state.info.get(_SLOT_INFO)
+    if value is None and known is not None and known[0] == state.key and known[1] is not None:
+        return  # a partial refresh: the value cannot change under one identity
+    token = state.key[2]
+    placement = routing.placements.get(token) if isinstance(token, str) else None
+    where = _holding(snap, placement.shard) if placement is not None else None
+    state.info[_SLOT_INFO] = (state.key, value, where)
+
+
+def _holding(snap: Snapshot, shard: ShardId) -> tuple[Any, ...]:
+    """What ``shard`` holds under ``snap``: its topology, its slot ranges and the moves that
+    touch it. An object loaded without its sharding value from that shard is still there
+    while this is unchanged (see RoutedSession._loaded_slot)."""
+    topology = snap.topology
+    moves = tuple(
+        (m.slots, m.source, m.target)
+        for m in topology.config.moving
+        if shard in (m.source, m.target)
+    )
+    return (topology.name, shard, topology.slots_of(shard), moves)
 
 
 def _without_set_shard_id(statement: Any) -> Any:
