@@ -238,7 +238,7 @@ class AsyncTransaction:
                             self._router.resolver.before_commit(self._snap, self.shard)
                             # Rows found already there are checked again (LookupLedger.verify).
                             verify = self._ledger.verify(self._snap.topology)
-                            await self._router._drive(verify, None, self._snap)
+                            await self._router._drive(verify, self, self._snap)
                         except BaseException:
                             await self._router._end(self.shard, conn, False, self._snap)
                             raise

@@ -324,10 +324,9 @@ class Transaction:
             if commit and self._wrote:
                 try:  # the lease may have expired since its writes were checked
                     self._router.resolver.before_commit(self._snap, self.shard)
-                    # Rows found already there are checked again (LookupLedger.verify).
-                    _Runner(self._router).drive(
-                        self._ledger.verify(self._snap.topology), self._snap
-                    )
+                    # Rows found already there are checked again (LookupLedger.verify; its
+                    # reads of the transaction's own owner rows run in it).
+                    self._runner.drive(self._ledger.verify(self._snap.topology), self._snap)
                 except BaseException:
                     self._end(False)
                     raise

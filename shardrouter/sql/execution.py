@@ -28,6 +28,7 @@ from ..errors import (
     ExecutionError,
     FanoutLimitError,
     KeyValueError,
+    LockConflictError,
     RoutingError,
     ScatterWriteError,
     UnsupportedQueryError,
@@ -1046,6 +1047,14 @@ def _owner_check(topology: Topology, rows: Sequence[LookupRow]) -> Job:
     uncommitted holds the lock, so the read fails (counted as present) instead of missing it.
     Shared: the checks of one owner's rows run together and must not fail on each other's
     locks."""
+    shard, query = _owner_select(topology, rows)
+    query = query.with_for_update(read=True, nowait=True)
+    return Job(shard, query, {}, "write", "lookup")
+
+
+def _owner_select(topology: Topology, rows: Sequence[LookupRow]) -> tuple[ShardId, Any]:
+    """The shard and the SELECT of the owner rows of ``rows`` (one owner place) carrying
+    their lookup values."""
     first = rows[0]
     s = first.strategy
     shard, physical = _owner_place(topology, first)
@@ -1060,8 +1069,14 @@ def _owner_check(topology: Topology, rows: Sequence[LookupRow]) -> Job:
             )
         )
     )
-    query = query.with_for_update(read=True, nowait=True)
-    return Job(shard, query, {}, "write", "lookup")
+    return shard, query
+
+
+def _owner_read(topology: Topology, r: LookupRow) -> Job:
+    """A plain read of the owner row of ``r`` carrying its lookup value, as a statement of
+    the caller's transaction (which wrote that row)."""
+    shard, query = _owner_select(topology, [r])
+    return Job(shard, query, {}, "read", "statement")
 
 
 def discard_lookups(
@@ -1106,39 +1121,50 @@ def remove_lookups(
         groups[(r.shard, r.physical, r.strategy, *_owner_place(topology, r))].append(r)
     removed = 0
     for group in groups.values():
-        count = yield from _discard_together(topology, group, role)
-        if count is None and len(group) > 1:  # one owner there (or locked): row by row
-            for r in group:
-                count = yield from _discard_together(topology, [r], role)
-                removed += count or 0
-        else:
-            removed += count or 0
+        removed += yield from _remove_halves(topology, group, role)
     return removed
+
+
+def _remove_halves(
+    topology: Topology, rows: Sequence[LookupRow], role: JobRole
+) -> Generator[list[Job], list[JobResult], int]:
+    """_discard_together on ``rows``; when an owner is there (or locked), on each half:
+    the rows whose owners are gone are removed in O(log n) writes per owner that stays."""
+    count = yield from _discard_together(topology, rows, role)
+    if count is not None:
+        return count
+    if len(rows) == 1:
+        return 0
+    mid = len(rows) // 2
+    first = yield from _remove_halves(topology, rows[:mid], role)
+    second = yield from _remove_halves(topology, rows[mid:], role)
+    return first + second
 
 
 def _discard_together(
     topology: Topology, rows: Sequence[LookupRow], role: JobRole
 ) -> Generator[list[Job], list[JobResult], int | None]:
     """Delete ``rows`` (one lookup place, one owner place) and read their owners in one
-    write, committed only if no owner is there (see discard_lookups). Returns the number of
-    rows removed, None when nothing was removed (an owner there, or an error, logged)."""
-    first = rows[0]
-    target = table_clause(first.physical, first.strategy.row_columns)
-    stmt = delete(target).where(
-        or_(*(and_(*(target.c[c] == v for c, v in r.row.items())) for r in rows))
-    )
-    jobs = [
-        Job(first.shard, stmt, {}, "write", role, in_order=True),
-        replace(_owner_check(topology, rows), expect=0, in_order=True),
-    ]
+    write, committed only if no owner is there (see discard_lookups). One statement per row,
+    all of a shard's on one connection: an equality on each row's key locks that row only
+    (an OR of rows may be read with a full scan on a small table, locking every row there,
+    so that any unrelated writer would fail the check). Returns the number of rows removed;
+    None when an owner is there or locked (nothing removed: the caller tries halves); 0 on
+    another error (logged: the rows stay, orphans at worst)."""
+    deletes = []
+    for r in rows:
+        target = table_clause(r.physical, r.strategy.row_columns)
+        stmt = delete(target).where(and_(*(target.c[c] == v for c, v in r.row.items())))
+        deletes.append(Job(r.shard, stmt, {}, "write", role, in_order=True))
+    checks = [replace(_owner_check(topology, [r]), expect=0, in_order=True) for r in rows]
     try:
-        deleted, _ = yield jobs
-    except GuardFailed:
-        return None  # an owner is there: every row kept
-    except Exception as exc:  # a lock held on an owner (in flight), a shard down: kept
+        results = yield deletes + checks
+    except (GuardFailed, LockConflictError):
+        return None  # an owner is there, or locked (in flight): every row kept
+    except Exception as exc:  # a shard down: kept (orphans at worst, logged)
         log.warning("lookup rows kept (not removed with their owners absent): %s", exc)
-        return None
-    return deleted.rowcount
+        return 0
+    return sum(r.rowcount for r in results[: len(deletes)])
 
 
 def _owners_absent(
@@ -1230,6 +1256,9 @@ class LookupLedger:
     adopted: list[LookupRow] = field(default_factory=list)
     """Rows its statements found already there for owner rows they wrote: checked again
     before the commit (verify)."""
+    upserted: list[LookupRow] = field(default_factory=list)
+    """Rows an upsert found already there: checked again like ``adopted`` when the owner row
+    has that value at the commit (the upsert inserted it or already held it)."""
     doubtful: list[LookupRow] = field(default_factory=list)
     """Created by a statement that failed or upserted: discarded at commit unless owned."""
     changes: list[tuple[bool, LookupRow]] = field(default_factory=list)
@@ -1249,8 +1278,10 @@ class LookupLedger:
         """``undone``: the rows of a statement that failed (its owner rows were not written,
         or were undone with it); implies doubtful."""
         self.created.extend(written.created)
-        if not (doubtful or undone):  # an upsert's: whether its owner took them is unknown
+        if not (doubtful or undone):
             self.adopted.extend(written.adopted)
+        elif not undone:  # an upsert's: whether its owner took them is known at the commit
+            self.upserted.extend(written.adopted)
         if doubtful or undone:
             self.doubtful.extend(written.created)
         else:
@@ -1308,8 +1339,14 @@ class LookupLedger:
         and a value another owner took since is refused (ExecutionError: the commit does not
         happen). The owner rows are written and locked by now, so a discard from here on sees
         them and keeps the rows (see discard_lookups)."""
-        if not self.adopted:
+        if not self.adopted and not self.upserted:
             return
+        adopted = list(self.adopted)
+        if self.upserted:
+            # An upsert's: only those whose owner row has the value, read in the transaction
+            # (its own row: the caller drives this step with the transaction's runner).
+            owners = yield [_owner_read(topology, r) for r in self.upserted]
+            adopted.extend(r for r, o in zip(self.upserted, owners, strict=True) if o.rows)
         last: dict[tuple[Any, ...], bool] = {}
         for kept, r in self.changes:
             last[_ledger_key(topology, r)] = kept
@@ -1330,7 +1367,7 @@ class LookupLedger:
 
         rows = {
             _ledger_key(topology, r): r
-            for r in self.adopted
+            for r in adopted
             if last.get(_ledger_key(topology, r), False) and not handed_over(r)
         }
         if not rows:
@@ -1361,7 +1398,7 @@ class LookupLedger:
         created, doubtful, changes = self.created, self.doubtful, self.changes
         undone = [r for kept, was_undone, r in self.claims if not kept and was_undone]
         self.created, self.doubtful, self.changes, self.claims = [], [], [], []
-        self.adopted = []
+        self.adopted, self.upserted = [], []
         self._view, self._seen = {}, 0
         if not committed:
             yield from discard_lookups(topology, created)

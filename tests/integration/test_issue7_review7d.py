@@ -343,8 +343,8 @@ def test_a_rollback_discard_of_many_rows_runs_one_write_per_place(
     world: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A transaction inserts 24 users on one shard and rolls back: the discard checks the
-    owners (one read each) and then removes the rows in one DELETE + one owner read per
-    (lookup place, owner place), not row by row."""
+    owners (one read each) and then removes the rows in one write per (lookup place, owner
+    place), not one write per row."""
     router: Router = world["router"]
     users = [997_601]
     while len(users) < 24:
@@ -361,8 +361,11 @@ def test_a_rollback_discard_of_many_rows_runs_one_write_per_place(
     assert all(_lookup(router, e) == [] for e in emails)
     deletes = [s for s in statements if s.startswith("DELETE")]
     print(f"rollback of {len(users)} rows: {len(statements)} statements, {len(places)} places")
-    assert len(deletes) == len(places), statements
-    assert len(statements) <= len(users) + 2 * len(places), statements
+    # One DELETE and one owner check per row, in one write per (lookup place, owner place)
+    # (an OR of rows may be read with a full scan, locking every row: see review 7f), after
+    # one owner check per row; never redone row by row.
+    assert len(deletes) == len(users), statements
+    assert len(statements) <= 3 * len(users), statements
 
 
 def test_xa_transaction_verify_refuses_a_value_taken_meanwhile(world: dict[str, Any]) -> None:
