@@ -1571,8 +1571,15 @@ def _insert(
 
 
 def _adopted_guards(topology: Topology, rows: Sequence[LookupRow]) -> list[Job]:
-    """Guards (Job.expect) that the lookup rows ``rows`` are all there."""
-    return [replace(job, expect=len(group)) for group, job in _row_reads(topology, rows)]
+    """Guards (Job.expect) that the lookup rows ``rows`` are all there: one locking read per
+    row (an equality on its key locks that row only; an OR of rows may be read by a full
+    scan, locking every row of the table until the owner rows commit)."""
+    distinct = {_ledger_key(topology, r): r for r in rows}
+    return [
+        replace(job, expect=1)
+        for r in distinct.values()
+        for _, job in _row_reads(topology, [r])
+    ]
 
 
 def _row_reads(topology: Topology, rows: Sequence[LookupRow]) -> list[tuple[list[LookupRow], Job]]:
