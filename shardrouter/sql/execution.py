@@ -1576,9 +1576,7 @@ def _adopted_guards(topology: Topology, rows: Sequence[LookupRow]) -> list[Job]:
     scan, locking every row of the table until the owner rows commit)."""
     distinct = {_ledger_key(topology, r): r for r in rows}
     return [
-        replace(job, expect=1)
-        for r in distinct.values()
-        for _, job in _row_reads(topology, [r])
+        replace(job, expect=1) for r in distinct.values() for _, job in _row_reads(topology, [r])
     ]
 
 
