@@ -135,6 +135,7 @@ from sqlalchemy import (
     null,
     text,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect, IteratorResult, Result
 from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
 from sqlalchemy.engine.result import SimpleResultMetaData
@@ -320,6 +321,15 @@ class _Routing:
         found = self._mapped.get(mapper)
         if found is not None:
             return found
+        found = self._build(mapper)
+        if listen:  # before the class is published: no session loads it without the listener
+            self._listen(mapper, found)
+        with self._lock:
+            self._mapped[mapper] = found
+        return found
+
+    def _build(self, mapper: Mapper[Any]) -> _MappedTable:
+        """The routing facts of a mapped class (RoutingError when it cannot be routed)."""
         selectable = mapper.persist_selectable
         if not isinstance(selectable, Table):
             raise UnsupportedQueryError(
@@ -346,33 +356,29 @@ class _Routing:
             (k := rule.keys.get(col.name)) is not None and k.lookup_table is None
             for col in mapper.primary_key
         )
-        found = _MappedTable(mapper, rule, attrs, key_routes)
-        with self._lock:
-            self._mapped[mapper] = found
-        if listen:
-            self._listen(mapper)
-        return found
+        return _MappedTable(mapper, rule, attrs, key_routes)
 
-    def _listen(self, mapper: Mapper[Any]) -> None:
+    def _listen(self, mapper: Mapper[Any], info: _MappedTable) -> None:
         """Register _remember_slot on every class of ``mapper``'s registry whose primary key
         does not route under this routing: a class may first be loaded as another's eagerly
         loaded child (joinedload), before anything maps it. Runs when a routing first maps a
-        class (once per class and version: a scan of the registry's classes). Once per class
-        (a subclass that inherited its base's is left alone)."""
+        class (once per class and version: a scan of the registry's classes)."""
         for other in list(mapper.registry.mappers):
             try:
-                info = self.mapped(other, listen=False)
+                found = info if other is mapper else self._mapped.get(other) or self._build(other)
             except RoutingError:  # not a routed class (or not routable): nothing to remember
                 continue
-            if info.key_routes or info.rule.primary is None:
-                continue
-            with _hooks_lock:
-                # Per class, not propagated: a subclass mapped after its base's listener was
-                # registered does not get it; the dispatch lists inherited ones too.
-                if any(fn is _remember_slot for fn in other.class_manager.dispatch.load):
-                    continue
-                for name in ("load", "refresh"):
-                    event.listen(other, name, _remember_slot, raw=True)
+            if not found.key_routes and found.rule.primary is not None:
+                # On the root of its hierarchy (one table: single-table inheritance), once,
+                # propagated: every subclass has it, those defined later too, and none twice.
+                root = other.base_mapper
+                with _hooks_lock:
+                    if not any(fn is _remember_slot for fn in root.class_manager.dispatch.load):
+                        for name in ("load", "refresh"):
+                            event.listen(root, name, _remember_slot, raw=True, propagate=True)
+            if other is not mapper:
+                with self._lock:
+                    self._mapped.setdefault(other, found)
 
 
 def _rewrite_hook(
@@ -1003,7 +1009,17 @@ class RoutedSession(ShardedSession):
         if key not in state.dict and state.has_identity:
             obj = state.obj()
             if obj is not None:
-                self.refresh(obj, [key])
+                try:
+                    self.refresh(obj, [key])
+                except sa_exc.InvalidRequestError as exc:  # its row is not where it was loaded
+                    raise FencedError(
+                        f"{info.mapper.class_.__name__} {state.identity!r}: its sharding column"
+                        f" {primary.column} was not loaded and cannot be read from placement"
+                        f" {state.key[2] if state.key else None!r} (its row is not there:"
+                        " loaded under an older topology version, before its slot moved?)."
+                        " The way out: reload the object with its sharding column"
+                        " (session.expunge(obj), then session.get())"
+                    ) from exc
         return info.value(state, primary.column)
 
     def _loaded_slot(self, info: _MappedTable, state: InstanceState[Any], kind: str) -> Slot | None:
@@ -1015,8 +1031,8 @@ class RoutedSession(ShardedSession):
         if slot is not None:
             return slot
         found = state.info.get(_SLOT_INFO)
-        if found is None or found[0] != state.key:
-            return None
+        if found is None or state.key is None or found[0] != state.key or state.key[2] is None:
+            return None  # (no placement in its key: routed by its key, as a new object)
         _, value, marker = found
         primary = info.rule.primary
         assert primary is not None
@@ -1184,10 +1200,11 @@ class RoutedSession(ShardedSession):
             )
         if ctx.is_select:
             self._check_loaded(getattr(ctx.load_options, "_refresh_state", None), "REFRESH")
-            for mapper in ctx.all_mappers:  # their load listeners, before rows are loaded
-                # (not routable as an owner, a read-only class: loads as before)
-                with contextlib.suppress(RoutingError):
-                    self._routing.mapped(mapper)
+            for top in ctx.all_mappers:  # their load listeners, before rows are loaded
+                for mapper in top.self_and_descendants:  # (rows of subclasses defined late)
+                    # (not routable as an owner, a read-only class: loads as before)
+                    with contextlib.suppress(RoutingError):
+                        self._routing.mapped(mapper)
         # A relationship load inherits its parent query's set_shard_id (horizontal_shard's
         # default): a placement chosen for the parents, not for these rows, which route by
         # their own key or their parent's placement (_select).
@@ -1519,7 +1536,13 @@ def _holding(snap: Snapshot, shard: ShardId) -> tuple[Any, ...]:
         for m in topology.config.moving
         if shard in (m.source, m.target)
     )
-    return (topology.name, shard, topology.slots_of(shard), moves)
+    merged: list[list[int]] = []
+    for r in sorted(topology.slots_of(shard), key=lambda r: r.start):
+        if merged and merged[-1][1] >= r.start:  # adjacent or overlapping: one range
+            merged[-1][1] = max(merged[-1][1], r.end)
+        else:
+            merged.append([r.start, r.end])
+    return (topology.name, shard, tuple(map(tuple, merged)), moves)
 
 
 def _without_set_shard_id(statement: Any) -> Any:

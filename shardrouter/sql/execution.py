@@ -31,6 +31,7 @@ from ..errors import (
     LockConflictError,
     RoutingError,
     ScatterWriteError,
+    ShardUnavailableError,
     UnsupportedQueryError,
 )
 from ..types import ShardId, Slot
@@ -1120,29 +1121,38 @@ def remove_lookups(
     for r in rows:
         groups[(r.shard, r.physical, r.strategy, *_owner_place(topology, r))].append(r)
     removed = 0
-    for group in groups.values():
-        removed += yield from _remove_halves(topology, group, role)
+    down: set[str] = set()
+    for (lookup_shard, _, _, owner_shard, _), group in groups.items():
+        if {lookup_shard, owner_shard} & down:  # one timeout per shard that does not answer
+            log.warning("%d lookup rows kept: shard %s does not answer", len(group), down)
+            continue
+        removed += yield from _remove_group(topology, group, role, down)
     return removed
 
 
-def _remove_halves(
-    topology: Topology, rows: Sequence[LookupRow], role: JobRole
+def _remove_group(
+    topology: Topology,
+    rows: Sequence[LookupRow],
+    role: JobRole,
+    down: set[str],
 ) -> Generator[list[Job], list[JobResult], int]:
-    """_discard_together on ``rows``; when an owner is there (or locked), on each half:
-    the rows whose owners are gone are removed in O(log n) writes per owner that stays."""
-    count = yield from _discard_together(topology, rows, role)
+    """_discard_together on ``rows``; when an owner is there (or locked), row by row: at most
+    twice the statements of one write per row, however many owners stay (a bulk re-insert in
+    flight), where splitting in halves cost n log n."""
+    count = yield from _discard_together(topology, rows, role, down)
     if count is not None:
         return count
-    if len(rows) == 1:
-        return 0
-    mid = len(rows) // 2
-    first = yield from _remove_halves(topology, rows[:mid], role)
-    second = yield from _remove_halves(topology, rows[mid:], role)
-    return first + second
+    removed = 0
+    if len(rows) > 1:
+        for r in rows:
+            if {r.shard, _owner_place(topology, r)[0]} & down:
+                continue
+            removed += (yield from _discard_together(topology, [r], role, down)) or 0
+    return removed
 
 
 def _discard_together(
-    topology: Topology, rows: Sequence[LookupRow], role: JobRole
+    topology: Topology, rows: Sequence[LookupRow], role: JobRole, down: set[str]
 ) -> Generator[list[Job], list[JobResult], int | None]:
     """Delete ``rows`` (one lookup place, one owner place) and read their owners in one
     write, committed only if no owner is there (see discard_lookups). One statement per row,
@@ -1162,6 +1172,8 @@ def _discard_together(
     except (GuardFailed, LockConflictError):
         return None  # an owner is there, or locked (in flight): every row kept
     except Exception as exc:  # a shard down: kept (orphans at worst, logged)
+        if isinstance(exc, ShardUnavailableError) and exc.shard is not None:
+            down.add(exc.shard)  # (the rest of this removal skips it: one timeout, not many)
         log.warning("lookup rows kept (not removed with their owners absent): %s", exc)
         return 0
     return sum(r.rowcount for r in results[: len(deletes)])
@@ -1372,7 +1384,8 @@ class LookupLedger:
         }
         if not rows:
             return
-        reads = _row_reads(topology, list(rows.values()))
+        # One read per row (an equality on its key reads that row only; see _adopted_guards).
+        reads = [read for r in rows.values() for read in _row_reads(topology, [r])]
         results = yield [job for _, job in reads]
         there = set()
         for (group, _), result in zip(reads, results, strict=True):
