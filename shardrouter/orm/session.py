@@ -142,6 +142,7 @@ from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.ext.horizontal_shard import ShardedSession, set_shard_id
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction, sessionmaker
+from sqlalchemy.orm import exc as orm_exc
 from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.orm.state import InstanceState
 from sqlalchemy.sql import CompoundSelect, Delete, Select, Update, operators
@@ -279,6 +280,7 @@ class _Routing:
             token: snap.engines.primary(p.shard) for token, p in self.placements.items()
         }
         self._mapped: dict[Mapper[Any], _MappedTable] = {}
+        self._refused: dict[Mapper[Any], RoutingError] = {}
         self._lock = threading.Lock()
         for engine in {id(e): e for e in self.binds.values()}.values():
             with _hooks_lock:  # one hook per engine, whichever version made it
@@ -321,7 +323,15 @@ class _Routing:
         found = self._mapped.get(mapper)
         if found is not None:
             return found
-        found = self._build(mapper)
+        refused = self._refused.get(mapper)
+        if refused is not None:  # (not routable: decided once per version, not per row)
+            raise refused.with_traceback(None)  # (no traceback growing at each raise)
+        try:
+            found = self._build(mapper)
+        except RoutingError as exc:
+            with self._lock:
+                self._refused[mapper] = exc
+            raise
         if listen:  # before the class is published: no session loads it without the listener
             self._listen(mapper, found)
         with self._lock:
@@ -363,7 +373,12 @@ class _Routing:
         does not route under this routing: a class may first be loaded as another's eagerly
         loaded child (joinedload), before anything maps it. Runs when a routing first maps a
         class (once per class and version: a scan of the registry's classes)."""
-        for other in list(mapper.registry.mappers):
+        try:
+            mappers = list(mapper.registry.mappers)
+        except orm_exc.UnmappedClassError:  # a base SQLAlchemy sets up at its first query
+            mapper.registry.configure()
+            mappers = list(mapper.registry.mappers)
+        for other in mappers:
             try:
                 found = info if other is mapper else self._mapped.get(other) or self._build(other)
             except RoutingError:  # not a routed class (or not routable): nothing to remember
@@ -1012,6 +1027,9 @@ class RoutedSession(ShardedSession):
                 try:
                     self.refresh(obj, [key])
                 except sa_exc.InvalidRequestError as exc:  # its row is not where it was loaded
+                    known = state.info.get(_SLOT_INFO)
+                    if known is not None and known[0] == state.key:
+                        raise  # its placement holds what it held: the row is gone, not moved
                     raise FencedError(
                         f"{info.mapper.class_.__name__} {state.identity!r}: its sharding column"
                         f" {primary.column} was not loaded and cannot be read from placement"
