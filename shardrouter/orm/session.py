@@ -168,6 +168,7 @@ from ..errors import (
     RouterForkedError,
     RoutingError,
     ScatterWriteError,
+    UnknownTableError,
     UnsupportedQueryError,
 )
 from ..sql.execution import (
@@ -280,7 +281,7 @@ class _Routing:
             token: snap.engines.primary(p.shard) for token, p in self.placements.items()
         }
         self._mapped: dict[Mapper[Any], _MappedTable] = {}
-        self._refused: dict[Mapper[Any], RoutingError] = {}
+        self._refused: dict[Mapper[Any], tuple[type[RoutingError], tuple[Any, ...]]] = {}
         self._lock = threading.Lock()
         for engine in {id(e): e for e in self.binds.values()}.values():
             with _hooks_lock:  # one hook per engine, whichever version made it
@@ -325,12 +326,16 @@ class _Routing:
             return found
         refused = self._refused.get(mapper)
         if refused is not None:  # (not routable: decided once per version, not per row)
-            raise refused.with_traceback(None)  # (no traceback growing at each raise)
+            # A new exception each time: one shared object would carry one caller's traceback
+            # (its frames, its session) and context to every other caller and thread.
+            raise refused[0](*refused[1]) from None
         try:
             found = self._build(mapper)
-        except RoutingError as exc:
+        except (UnknownTableError, UnsupportedQueryError) as exc:
+            # Fixed for this version (its table is not in the topology, or not one table);
+            # a class missing its sharding column may still get it (mapped_column added).
             with self._lock:
-                self._refused[mapper] = exc
+                self._refused[mapper] = (type(exc), exc.args)
             raise
         if listen:  # before the class is published: no session loads it without the listener
             self._listen(mapper, found)
@@ -376,7 +381,7 @@ class _Routing:
         try:
             mappers = list(mapper.registry.mappers)
         except orm_exc.UnmappedClassError:  # a base SQLAlchemy sets up at its first query
-            mapper.registry.configure()
+            mapper.registry.configure(cascade=True)  # (as a query's configuration does)
             mappers = list(mapper.registry.mappers)
         for other in mappers:
             try:
