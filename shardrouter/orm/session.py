@@ -1032,8 +1032,7 @@ class RoutedSession(ShardedSession):
                 try:
                     self.refresh(obj, [key])
                 except sa_exc.InvalidRequestError as exc:  # its row is not where it was loaded
-                    known = state.info.get(_SLOT_INFO)
-                    if known is not None and known[0] == state.key:
+                    if _remembered(state) is not None:
                         raise  # its placement holds what it held: the row is gone, not moved
                     raise FencedError(
                         f"{info.mapper.class_.__name__} {state.identity!r}: its sharding column"
@@ -1053,10 +1052,10 @@ class RoutedSession(ShardedSession):
         slot = _identity_slot(info, state)
         if slot is not None:
             return slot
-        found = state.info.get(_SLOT_INFO)
-        if found is None or state.key is None or found[0] != state.key or state.key[2] is None:
+        found = _remembered(state)
+        if found is None or state.key is None or state.key[2] is None:
             return None  # (no placement in its key: routed by its key, as a new object)
-        _, value, marker = found
+        value, marker = found
         primary = info.rule.primary
         assert primary is not None
         if value is not None:
@@ -1512,12 +1511,19 @@ its slot: a slot means something only under one topology (two routers may map on
 Kept with its identity key: ``make_transient`` keeps ``info``."""
 
 
-def _remembered_value(state: InstanceState[Any]) -> Any:
-    """The sharding value remembered for ``state`` under its current identity, or None."""
+def _remembered(state: InstanceState[Any]) -> tuple[Any, Any] | None:
+    """(sharding value or None, marker) remembered for ``state`` under its current identity,
+    or None (nothing remembered, or for another identity: make_transient keeps ``info``)."""
     found = state.info.get(_SLOT_INFO)
     if found is None or state.key is None or found[0] != state.key:
         return None
-    return found[1]
+    return found[1], found[2]
+
+
+def _remembered_value(state: InstanceState[Any]) -> Any:
+    """The sharding value remembered for ``state`` under its current identity, or None."""
+    found = _remembered(state)
+    return found[0] if found is not None else None
 
 
 def _remember_slot(state: InstanceState[Any], *_: Any) -> None:
@@ -1540,8 +1546,7 @@ def _remember_slot(state: InstanceState[Any], *_: Any) -> None:
         return
     key = info.attrs.get(primary.column)
     value = state.dict.get(key) if key is not None else None
-    known = state.info.get(_SLOT_INFO)
-    if value is None and known is not None and known[0] == state.key and known[1] is not None:
+    if value is None and _remembered_value(state) is not None:
         return  # a partial refresh: the value cannot change under one identity
     token = state.key[2]
     placement = routing.placements.get(token) if isinstance(token, str) else None
