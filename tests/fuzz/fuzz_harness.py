@@ -41,6 +41,7 @@ from shardrouter.engine.engines import ShardEngines
 from shardrouter.engine.router import Router
 from shardrouter.errors import ExecutionError, ShardRouterError, UnknownKeyError
 from shardrouter.ops.schema import apply
+from shardrouter.sql.planner import Planner, Target
 
 BASE_TABLES = ("users", "orders", "order_items", "countries")
 LOOKUPS = {"orders": ("merchant_orders",), "users": ("user_emails",)}
@@ -129,6 +130,7 @@ class World:
         self.router = Router(self.topology, engines=self.engines, allow_scatter_write=True)
         self.aio = AsyncRouter(self.topology, allow_scatter_write=True)
         self.loop = asyncio.new_event_loop()
+        self._planner = Planner(self.topology)
         self._weights: dict[str, bytes] = {}
         self._shown: dict[bytes, str] = {}
         self.counts: Counter[str] = Counter()
@@ -454,6 +456,9 @@ class World:
                 f"untyped {_message_shape(exc)}",
             )
         if isinstance(exc, ExecutionError) and exc.orig is not None and oracle.error is None:
+            if case.kind == "select" and self._plan_dependent(case, exc):
+                self.counts["outcome:shard-plan-dependent"] += 1
+                return True
             raise Finding(
                 "shard-error",
                 case,
@@ -463,6 +468,29 @@ class World:
         self.counts[f"outcome:refused:{type(exc).__name__}"] += 1
         self.refusals[_message_shape(exc)] += 1
         return True
+
+    def _plan_dependent(self, case: Case, exc: ExecutionError) -> bool:
+        """True if the shard's out-of-range error is MariaDB's own plan-dependent evaluation,
+        not the router's rewrite: the user's statement, with only the physical table names put
+        in (no hidden sort columns, no LIMIT rewrite), raises it on that shard too.
+
+        MariaDB evaluates a sort key or a select expression on rows its plan reaches before a
+        join or WHERE rejects them (a filesort of the first table ahead of an eq_ref join, say),
+        so whether ``merchant_id * 2`` overflows depends on the plan, and a shard with fewer
+        rows picks another plan than the one database does. Anything else stays a finding."""
+        if exc.orig is None or not _order_dependent(exc.orig) or exc.shard is None:
+            return False
+        plan = self._planner.plan(case.sql)
+        splits = max(len(self.topology.table(t).physical_names) for t in SHARDED)
+        with self.engines.primary(exc.shard).connect() as conn:
+            for split in range(splits):
+                sql = plan.render(Target(exc.shard, split), scatter=False)
+                try:
+                    conn.execute(text(sql), dict(case.params)).fetchall()
+                except Exception as plain:
+                    # Failing otherwise is not this case: it stays a finding.
+                    return _order_dependent(plain)
+        return False
 
     def _check_select(self, case: Case) -> None:
         oracle = self._oracle_run(case.sql, case.params)
