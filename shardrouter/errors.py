@@ -39,8 +39,16 @@
     ├── TopologyChangeError             a proposed topology change cannot be applied live (it
     │                                   would move data or change what cannot change)
     ├── FencedError                     a write refused: this router's lease expired (it cannot
-    │                                   know which slots are moving), or the write's topology
-    │                                   version is older than one it acknowledged (moving slot)
+    │   │                               know which slots are moving), or the write's topology
+    │   │                               version is older than one it acknowledged (moving slot)
+    │   └── SwitchHoldError             a write to slots being switched between shards was held
+    │                                   longer than the hold allows (or the queue was full):
+    │                                   it ran nowhere; retry it
+    ├── ReshardError                    a resharding migration cannot do what was asked
+    │   ├── ReshardPlanError            the plan's arguments or topologies are invalid
+    │   ├── ReshardStateError           an illegal transition (``.legal`` lists the next steps)
+    │   └── ReshardDataError            the two sides differ where they must not (verify), or a
+    │                                   shard's tables cannot take part (no primary key, ...)
     ├── RouterForkedError               a router following the meta store was inherited through
     │                                   fork(): build the router in the child, after forking
     └── SandboxError                    the local MariaDB sandbox could not start or stop
@@ -229,6 +237,51 @@ class FencedError(ShardRouterError):
         self.slot = slot
 
 
+class SwitchHoldError(FencedError):
+    """A write to slots whose placement is being switched between shards (a resharding
+    migration's switch: writes to them are held, not failed, for a moment) was held longer
+    than the router's hold limit, or the router's hold queue was full. Nothing ran: retry
+    the statement (or the transaction). ``slots`` names the range."""
+
+    def __init__(self, message: str, *, slots: tuple[int, int] | None = None) -> None:
+        super().__init__(message, slot=slots[0] if slots else None)
+        self.slots = slots
+
+
+class ReshardError(ShardRouterError):
+    """A resharding migration (``shardrouter.reshard``, ``shardctl reshard``) cannot do what
+    was asked."""
+
+
+class ReshardPlanError(ReshardError):
+    """A resharding plan cannot be made: bad arguments, or a proposed topology that does not
+    describe slot moves (``problems`` lists each reason with its way out)."""
+
+    def __init__(self, problems: Sequence[str] | str) -> None:
+        self.problems: tuple[str, ...] = (
+            (problems,) if isinstance(problems, str) else tuple(problems)
+        )
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"cannot plan the resharding:\n{lines}")
+
+
+class ReshardStateError(ReshardError):
+    """An action that is illegal in the migration's current phase (switch writes before the
+    copy was verified, finalize before the switch, cancel after it, a second migration over
+    the same slots). ``legal`` lists the actions that are allowed now."""
+
+    def __init__(self, message: str, *, legal: Sequence[str] = ()) -> None:
+        self.legal: tuple[str, ...] = tuple(legal)
+        hint = f"; allowed now: {', '.join(self.legal)}" if self.legal else ""
+        super().__init__(message + hint)
+
+
+class ReshardDataError(ReshardError):
+    """The data cannot take part in a migration as it is (a table without a primary key, a
+    target that already holds rows of the moving slots), or the two sides still differ after
+    repair (verify)."""
+
+
 class RouterForkedError(ShardRouterError):
     """A Router or AsyncRouter that follows a meta store (``meta:``) was inherited through
     ``fork()`` (multiprocessing 'fork', gunicorn --preload, Celery prefork): the child has no
@@ -266,6 +319,10 @@ __all__ = [
     "MetaStoreError",
     "MetaStoreUnavailableError",
     "PortInUseError",
+    "ReshardDataError",
+    "ReshardError",
+    "ReshardPlanError",
+    "ReshardStateError",
     "RouterForkedError",
     "RoutingError",
     "SandboxError",
@@ -274,6 +331,7 @@ __all__ = [
     "ServerBinaryMissingError",
     "ShardRouterError",
     "ShardUnavailableError",
+    "SwitchHoldError",
     "TopologyChangeError",
     "TransactionAbortedError",
     "UnknownKeyError",

@@ -20,7 +20,7 @@ import types
 import typing
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -311,14 +311,28 @@ class MetaConfig(_Model):
         return self
 
 
+WriteMode = Literal["dual_old_primary", "frozen", "dual_new_primary"]
+"""Where writes to a moving range go (docs/RESHARDING.md): to the source (the copy is kept
+current from its journal), nowhere for a moment (held by the routers while the journal drains:
+the switch), to the target (the source kept current for a rollback)."""
+
+
 class MovingSlotsConfig(_Model):
     """Slots [start, end) whose placement is changing from ``source`` to ``target`` (written by
     the resharding workflow, not by hand): while listed, a router whose lease expired refuses
-    writes to them (FencedError), and so does a statement pinned to an older version."""
+    writes to them (FencedError), and so does a statement pinned to an older version. The
+    range's owner in ``shards`` is its authority: the source until the switch, the target in
+    ``dual_new_primary``."""
 
     slots: tuple[int, int]
     source: str
     target: str
+    write_mode: WriteMode = "dual_old_primary"
+    hold_s: Annotated[float, Field(gt=0, le=60)] = 2.0
+    """``frozen``: how long a router holds a write to these slots before failing it
+    (SwitchHoldError); the switch gives up well before, so held writes are released."""
+    migration: str | None = None
+    """The migration that wrote this range (shardctl reshard), for messages."""
 
 
 class TopologyConfig(_Model):
@@ -640,10 +654,13 @@ def _check_moving(model: TopologyConfig) -> Iterator[str]:
             for s, e in shard.slots
             if s < end and start < e
         }
-        if owners - {m.source, m.target}:
+        authority = m.target if m.write_mode == "dual_new_primary" else m.source
+        if owners - {authority}:
+            side = "target" if authority == m.target else "source"
             yield (
                 f"{where}.slots: [{start}, {end}) is owned by {', '.join(sorted(owners))},"
-                f" not only by its source {m.source} or target {m.target}"
+                f" not only by its {side} {authority}, which takes its writes in write_mode"
+                f" {m.write_mode}"
             )
 
 
