@@ -45,11 +45,16 @@ if TYPE_CHECKING:
     from .errors import MetaStoreDocumentError as MetaStoreDocumentError
     from .errors import MetaStoreError as MetaStoreError
     from .errors import MetaStoreUnavailableError as MetaStoreUnavailableError
+    from .errors import ReshardDataError as ReshardDataError
+    from .errors import ReshardError as ReshardError
+    from .errors import ReshardPlanError as ReshardPlanError
+    from .errors import ReshardStateError as ReshardStateError
     from .errors import RouterForkedError as RouterForkedError
     from .errors import RoutingError as RoutingError
     from .errors import ScatterWriteError as ScatterWriteError
     from .errors import ShardRouterError as ShardRouterError
     from .errors import ShardUnavailableError as ShardUnavailableError
+    from .errors import SwitchHoldError as SwitchHoldError
     from .errors import TopologyChangeError as TopologyChangeError
     from .errors import TransactionAbortedError as TransactionAbortedError
     from .errors import UnknownKeyError as UnknownKeyError
@@ -90,6 +95,11 @@ _WHERE: dict[str, str] = {
     "Page": "sql.execution",
     "ResultSet": "sql.execution",
     "Route": "core.topology",
+    "SwitchHoldError": "errors",
+    "ReshardStateError": "errors",
+    "ReshardPlanError": "errors",
+    "ReshardError": "errors",
+    "ReshardDataError": "errors",
     "Router": "engine.router",
     "RouterForkedError": "errors",
     "RoutingError": "errors",
@@ -117,7 +127,9 @@ _WHERE: dict[str, str] = {
 """Public name -> the module (under shardrouter) that defines it."""
 
 
-SUBMODULES = frozenset({"cli", "control", "core", "engine", "errors", "ops", "orm", "sql", "types"})
+SUBMODULES = frozenset(
+    {"cli", "control", "core", "engine", "errors", "ops", "orm", "reshard", "sql", "types"}
+)
 """The package's modules: ``shardrouter.errors`` after ``import shardrouter`` works as it did
 when the package imported them eagerly (a test keeps this list equal to the folder's)."""
 
@@ -163,6 +175,10 @@ __all__ = [
     "MetaStoreError",
     "MetaStoreUnavailableError",
     "Page",
+    "ReshardDataError",
+    "ReshardError",
+    "ReshardPlanError",
+    "ReshardStateError",
     "ResultSet",
     "Route",
     "Router",
@@ -174,6 +190,7 @@ __all__ = [
     "ShardUnavailableError",
     "Slot",
     "SlotRange",
+    "SwitchHoldError",
     "Topology",
     "TopologyChangeError",
     "TopologyConfig",

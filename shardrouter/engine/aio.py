@@ -5,7 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Collection, Generator, Mapping, Sequence
+import time
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Generator,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -57,11 +66,16 @@ from .router import (
     route_key,
 )
 from .snapshot import (
+    HOLD_POLL_S,
+    Frozen,
+    HoldQueue,
     LiveSnapshots,
     RoutingSnapshot,
     SlotRecorder,
     SnapshotHolder,
     WriteResolver,
+    frozen_now,
+    held_too_long,
 )
 
 AsyncSnapshot = RoutingSnapshot[AsyncShardEngines, AsyncReadPool]
@@ -320,7 +334,10 @@ class AsyncRouter(SnapshotHolder[AsyncShardEngines, AsyncReadPool]):
         max_fanout: int | None = None,
         max_offset: int | None = 10_000,
         max_concurrency: int | None = None,
+        max_held_writes: int = 1000,
     ) -> None:
+        self.holds = HoldQueue(max_held_writes)
+        """Writes held while a resharding switch runs (docs/RESHARDING.md), with counts."""
         self._snap: AsyncSnapshot = RoutingSnapshot(
             topology, AsyncShardEngines(topology), _explicit_key_rules(topology)
         )
@@ -433,13 +450,48 @@ class AsyncRouter(SnapshotHolder[AsyncShardEngines, AsyncReadPool]):
         snap = self._snap
         return route_key(snap.topology, snap.key_rules, key)
 
-    @asynccontextmanager
-    async def connection(self, **key: Any) -> AsyncIterator[AsyncShardConnection]:
-        """An AsyncConnection on the key's shard inside a transaction (committed on success)."""
+    def _explicit(self, key: dict[str, Any]) -> tuple[AsyncSnapshot, ShardId, Slot]:
+        """Pin the current snapshot and resolve ``key``'s write shard (released on error)."""
         snap = self._pin()
         try:
             _, slot = route_key(snap.topology, snap.key_rules, key)
-            shard = self.resolver.write_slot(snap, slot, "async_explicit", "explicit")
+            return snap, self.resolver.write_slot(snap, slot, "async_explicit", "explicit"), slot
+        except BaseException:
+            snap.release()
+            raise
+
+    async def _hold(self, exc: Frozen, again: Callable[[], Awaitable[T]]) -> T:
+        """Router._hold on the event loop: wait (asyncio.sleep) until the router's version
+        releases the frozen slots, then ``again()``; at most ``exc.hold_s`` in all."""
+        started = time.monotonic()
+        deadline = started + exc.hold_s
+        self.holds.enter(exc)
+        try:
+            while True:
+                while exc.slots is not None and frozen_now(self._snap, exc.slots):
+                    if time.monotonic() >= deadline:
+                        raise held_too_long(exc, time.monotonic() - started) from exc
+                    await asyncio.sleep(HOLD_POLL_S)
+                try:
+                    return await again()
+                except Frozen as frozen:
+                    exc = frozen
+        finally:
+            self.holds.leave(time.monotonic() - started)
+
+    @asynccontextmanager
+    async def connection(self, **key: Any) -> AsyncIterator[AsyncShardConnection]:
+        """An AsyncConnection on the key's shard inside a transaction (committed on success).
+        While a switch of the key's slot runs, opening it waits (see _hold)."""
+        try:
+            snap, shard, slot = self._explicit(key)
+        except Frozen as exc:
+
+            async def again() -> tuple[AsyncSnapshot, ShardId, Slot]:
+                return self._explicit(key)
+
+            snap, shard, slot = await self._hold(exc, again)
+        try:
             try:
                 async with snap.engines.primary(shard).begin() as conn:
                     yield AsyncShardConnection(conn, snap.topology, shard, slot)
@@ -464,7 +516,12 @@ class AsyncRouter(SnapshotHolder[AsyncShardEngines, AsyncReadPool]):
     async def execute(
         self, statement: str | Executable, params: Mapping[str, Any] | None = None
     ) -> ResultSet:
-        return await self._execute(statement, params, None)
+        """Run one statement (see Router.execute); a write to slots a resharding switch is
+        moving right now waits for it (bounded)."""
+        try:
+            return await self._execute(statement, params, None)
+        except Frozen as exc:
+            return await self._hold(exc, lambda: self._execute(statement, params, None))
 
     async def page(
         self,

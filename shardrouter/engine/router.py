@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Collection, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
@@ -52,11 +53,16 @@ from . import readpool, xa
 from .engines import DEADLOCK_ERRNO, ShardEngines, classify
 from .readpool import ReadPool
 from .snapshot import (
+    HOLD_POLL_S,
+    Frozen,
+    HoldQueue,
     LiveSnapshots,
     RoutingSnapshot,
     SlotRecorder,
     SnapshotHolder,
     WriteResolver,
+    frozen_now,
+    held_too_long,
 )
 
 Snapshot = RoutingSnapshot[ShardEngines, ReadPool]
@@ -424,9 +430,12 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
         engines: ShardEngines | None = None,
         xa: bool = False,
         replica_reads: bool = True,
+        max_held_writes: int = 1000,
     ) -> None:
         self.xa = xa
         self.replica_reads = replica_reads
+        self.holds = HoldQueue(max_held_writes)
+        """Writes held while a resharding switch runs (docs/RESHARDING.md), with counts."""
         self._snap: Snapshot = RoutingSnapshot(
             topology, engines or ShardEngines(topology), _explicit_key_rules(topology)
         )
@@ -531,13 +540,45 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
         snap = self._snap
         return route_key(snap.topology, snap.key_rules, key)
 
-    @contextmanager
-    def connection(self, **key: Any) -> Iterator[ShardConnection]:
-        """A Connection on the key's shard inside a transaction (committed on success)."""
+    def _explicit(self, key: dict[str, Any]) -> tuple[Snapshot, ShardId, Slot]:
+        """Pin the current snapshot and resolve ``key``'s write shard (released on error)."""
         snap = self._pin()
         try:
             _, slot = route_key(snap.topology, snap.key_rules, key)
-            shard = self.resolver.write_slot(snap, slot, "explicit", "explicit")
+            return snap, self.resolver.write_slot(snap, slot, "explicit", "explicit"), slot
+        except BaseException:
+            snap.release()
+            raise
+
+    def _hold(self, exc: Frozen, again: Callable[[], T]) -> T:
+        """Hold a write the resolver found frozen (a switch is running) until the router's
+        version releases its slots, then run ``again`` (which pins the new version); at most
+        ``exc.hold_s`` in all, else SwitchHoldError. Nothing of the write ran before."""
+        started = time.monotonic()
+        deadline = started + exc.hold_s
+        self.holds.enter(exc)
+        try:
+            while True:
+                while exc.slots is not None and frozen_now(self._snap, exc.slots):
+                    if time.monotonic() >= deadline:
+                        raise held_too_long(exc, time.monotonic() - started) from exc
+                    time.sleep(HOLD_POLL_S)
+                try:
+                    return again()
+                except Frozen as frozen:
+                    exc = frozen
+        finally:
+            self.holds.leave(time.monotonic() - started)
+
+    @contextmanager
+    def connection(self, **key: Any) -> Iterator[ShardConnection]:
+        """A Connection on the key's shard inside a transaction (committed on success).
+        While a switch of the key's slot runs, opening it waits (see _hold)."""
+        try:
+            snap, shard, slot = self._explicit(key)
+        except Frozen as exc:
+            snap, shard, slot = self._hold(exc, lambda: self._explicit(key))
+        try:
             engine = snap.engines.primary(shard)
             try:
                 with engine.begin() as conn:
@@ -588,8 +629,12 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
     def execute(
         self, statement: str | Executable, params: Mapping[str, Any] | None = None
     ) -> ResultSet:
-        """Run one statement on the shards it needs and return the merged rows."""
-        return self._execute(statement, params, _Runner(self))
+        """Run one statement on the shards it needs and return the merged rows. A write to
+        slots a resharding switch is moving right now waits for it (bounded: see _hold)."""
+        try:
+            return self._execute(statement, params, _Runner(self))
+        except Frozen as exc:
+            return self._hold(exc, lambda: self._execute(statement, params, _Runner(self)))
 
     def _execute(
         self, statement: str | Executable, params: Mapping[str, Any] | None, runner: _Runner

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from ..core.topology import KeyRule, Topology
-from ..errors import FencedError, RouterForkedError
+from ..errors import FencedError, RouterForkedError, SwitchHoldError
 from ..sql.planner import Planner
 from ..types import ShardId, Slot
 
@@ -48,21 +48,95 @@ L = TypeVar("L")
 
 @dataclass(frozen=True, slots=True)
 class MovingRange:
-    """Slots [start, end) whose placement is changing from ``source`` to ``target``."""
+    """Slots [start, end) whose placement is changing from ``source`` to ``target``;
+    ``write_mode`` "frozen": writes to them are held while the switch runs (docs/RESHARDING.md)."""
 
     start: int
     end: int
     source: ShardId
     target: ShardId
+    write_mode: str = "dual_old_primary"
+    hold_s: float = 2.0
 
     def __contains__(self, slot: object) -> bool:
         return isinstance(slot, int) and self.start <= slot < self.end
 
+    @property
+    def frozen(self) -> bool:
+        return self.write_mode == "frozen"
+
 
 def moving_ranges(topology: Topology) -> tuple[MovingRange, ...]:
     return tuple(
-        MovingRange(m.slots[0], m.slots[1], ShardId(m.source), ShardId(m.target))
+        MovingRange(
+            m.slots[0], m.slots[1], ShardId(m.source), ShardId(m.target), m.write_mode, m.hold_s
+        )
         for m in topology.config.moving
+    )
+
+
+class Frozen(SwitchHoldError):
+    """Raised by the resolver for a write to a range frozen in the write's own snapshot,
+    before anything of that write ran: the routers' doors that can start over (a statement
+    outside a transaction, a ``connection()`` / ``session()`` block being opened) hold it and
+    retry on the next version (``hold``); elsewhere (inside a transaction) it reaches the
+    caller as SwitchHoldError: nothing of that statement ran, retry the transaction."""
+
+    def __init__(self, message: str, *, slots: tuple[int, int], hold_s: float) -> None:
+        super().__init__(message, slots=slots)
+        self.hold_s = hold_s
+
+
+def frozen_now(snap: RoutingSnapshot[Any, Any], slots: tuple[int, int]) -> bool:
+    """True while ``snap`` freezes any slot of ``slots``."""
+    return any(m.frozen and m.start < slots[1] and slots[0] < m.end for m in snap.moving)
+
+
+def held_too_long(exc: Frozen, waited_s: float) -> SwitchHoldError:
+    start, end = exc.slots or (0, 0)
+    return SwitchHoldError(
+        f"a write to slots [{start}, {end}) was held {waited_s:.2f} s for a switch between"
+        f" shards that did not finish (the router holds such writes at most {exc.hold_s:g} s);"
+        " nothing ran: retry it. `shardctl reshard status` shows the migration",
+        slots=exc.slots,
+    )
+
+
+HOLD_POLL_S = 0.002
+"""How often a held write looks for the version that releases it (only while one is held)."""
+
+
+class HoldQueue:
+    """The writes a router holds during a switch: at most ``limit`` at once (beyond it a
+    write fails at once with SwitchHoldError rather than pile up); counts for status."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.holding = 0
+        self.held = 0
+        """Writes held since the router started."""
+        self.max_wait_s = 0.0
+        self._lock = threading.Lock()
+
+    def enter(self, exc: Frozen) -> None:
+        with self._lock:
+            if self.holding >= self.limit:
+                raise queue_full(exc, self.limit) from exc
+            self.holding += 1
+            self.held += 1
+
+    def leave(self, waited_s: float) -> None:
+        with self._lock:
+            self.holding -= 1
+            self.max_wait_s = max(self.max_wait_s, waited_s)
+
+
+def queue_full(exc: Frozen, limit: int) -> SwitchHoldError:
+    start, end = exc.slots or (0, 0)
+    return SwitchHoldError(
+        f"a write to slots [{start}, {end}) could not be held for the switch between shards:"
+        f" this router already holds {limit} writes (max_held_writes); nothing ran: retry it",
+        slots=exc.slots,
     )
 
 
@@ -451,6 +525,15 @@ class WriteResolver:
             if hit is None:
                 continue
             where = f"slot {hit}" if slots is not None else f"slots [{m.start}, {m.end})"
+            if m.frozen and m in snap.moving:  # frozen in the write's own version: hold it
+                raise Frozen(
+                    f"write to {where} on shard {shard} refused: its slots are being switched"
+                    f" from {m.source} to {m.target} right now and writes to them wait (at most"
+                    f" {m.hold_s:g} s) outside a transaction; inside one, nothing of this"
+                    " statement ran: roll the transaction back and retry it",
+                    slots=(m.start, m.end),
+                    hold_s=m.hold_s,
+                )
             newest = max(fence.acked, fence.all_acked)
             if snap.version < newest:
                 raise FencedError(
@@ -463,7 +546,10 @@ class WriteResolver:
 
 
 __all__ = [
+    "HOLD_POLL_S",
     "FenceState",
+    "Frozen",
+    "HoldQueue",
     "LiveSnapshots",
     "MovingRange",
     "Resolution",
@@ -471,5 +557,8 @@ __all__ = [
     "SlotRecorder",
     "SnapshotHolder",
     "WriteResolver",
+    "frozen_now",
+    "held_too_long",
     "moving_ranges",
+    "queue_full",
 ]
