@@ -36,7 +36,7 @@ from ..control.versions import normalise
 from ..core.config import DEFAULT_SLOTS, TopologyConfig, config_from_dict, safe_url
 from ..errors import ConfigError, ReshardPlanError
 
-Stage = Literal["prepare", "copy", "frozen", "switched", "final", "rolled_back"]
+Stage = Literal["prepare", "copy", "frozen", "switched", "final", "rolled_back", "frozen_back"]
 STAGES: tuple[Stage, ...] = get_args(Stage)
 
 PLAN_FORMAT = 1
@@ -46,7 +46,12 @@ _MIGRATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Stages before the switch: the sources own (are the authority of) the moved ranges.
 _SOURCE_OWNS: frozenset[str] = frozenset({"prepare", "copy", "frozen", "rolled_back"})
-_WRITE_MODE = {"copy": "dual_old_primary", "frozen": "frozen", "switched": "dual_new_primary"}
+_WRITE_MODE = {
+    "copy": "dual_old_primary",
+    "frozen": "frozen",
+    "frozen_back": "frozen",
+    "switched": "dual_new_primary",
+}
 _PUSH_SEPARATELY = "change it with `shardctl topology push` before or after the migration"
 
 
@@ -128,7 +133,9 @@ class ReshardPlan:
         - ``frozen``: the same in ``frozen``, with ``hold_s``;
         - ``switched``: every moved range owned by its target, ``dual_new_primary``;
         - ``final``: switched without the moving entries (``after``);
-        - ``rolled_back``: the prepare document (the sources own everything again).
+        - ``rolled_back``: the prepare document (the sources own everything again);
+        - ``frozen_back``: switched, in ``frozen`` (a rollback after the switch freezes the
+          ranges where the targets own them, then gives them back).
 
         ``base`` (default: ``before``) is the document to apply the stage to, e.g. the current
         version when another migration pushed since this plan was made: only the moved
@@ -159,7 +166,7 @@ class ReshardPlan:
                     "write_mode": mode,
                     "migration": self.migration_id,
                 }
-                if stage == "frozen":
+                if mode == "frozen":
                     entry["hold_s"] = hold_s
                 moving.append(entry)
             moving.sort(key=lambda m: tuple(m["slots"]))

@@ -140,6 +140,9 @@ def test_stage_documents_of_a_split(orders_raw: dict[str, Any]) -> None:
         "s3": [[768, 1024]],
     }
     assert [m["write_mode"] for m in switched["moving"]] == ["dual_new_primary"] * 2
+    back = plan.document("frozen_back", hold_s=1.5)  # a rollback after the switch
+    assert back["shards"] == switched["shards"]
+    assert [(m["write_mode"], m["hold_s"]) for m in back["moving"]] == [("frozen", 1.5)] * 2
     final = plan.document("final")
     assert "moving" not in final
     assert final["shards"] == switched["shards"]
@@ -323,7 +326,9 @@ def test_document_on_a_later_base_keeps_another_migrations_range(
         others = [m for m in doc.get("moving", []) if m["migration"] == other.migration_id]
         assert others == later["moving"], stage
         mine = [m for m in doc.get("moving", []) if m["migration"] == plan.migration_id]
-        assert len(mine) == (1 if stage in ("copy", "frozen", "switched") else 0), stage
+        assert len(mine) == (1 if stage in ("copy", "frozen", "switched", "frozen_back") else 0), (
+            stage
+        )
     # applying a stage twice, or going back from switched to copy, is idempotent
     switched = plan.document("switched", base=later)
     assert plan.document("switched", base=switched) == switched
