@@ -655,6 +655,8 @@ def _check_moving(model: TopologyConfig) -> Iterator[str]:
             if s < end and start < e
         }
         authority = m.target if m.write_mode == "dual_new_primary" else m.source
+        if m.write_mode == "frozen" and owners == {m.target}:
+            authority = m.target  # a switch back (rollback after the switch) freezes it there
         if owners - {authority}:
             side = "target" if authority == m.target else "source"
             yield (

@@ -122,6 +122,21 @@ class AsyncTransaction:
     async def execute(
         self, statement: str | Executable, params: Mapping[str, Any] | None = None
     ) -> ResultSet:
+        """See Transaction.execute: a first statement that writes slots being switched waits
+        for the switch and the transaction starts over on the new version."""
+        try:
+            return await self._router._execute(statement, params, self)
+        except Frozen as exc:
+            if self.shard is not None or self._wrote or self._broken is not None or self._ended:
+                raise
+            return await self._router._hold(exc, lambda: self._restart(statement, params))
+
+    async def _restart(
+        self, statement: str | Executable, params: Mapping[str, Any] | None
+    ) -> ResultSet:
+        """Nothing ran in this transaction: pin the router's current version instead."""
+        old, self._snap = self._snap, self._router._pin()
+        old.release()
         return await self._router._execute(statement, params, self)
 
     def bind(self, shards: Collection[ShardId]) -> None:

@@ -231,6 +231,21 @@ class Transaction:
     def execute(
         self, statement: str | Executable, params: Mapping[str, Any] | None = None
     ) -> ResultSet:
+        """Run a statement in this transaction. Its first statement, when it writes slots a
+        resharding switch is moving right now, waits for the switch (bounded, Router._hold)
+        and the transaction starts over on the new version; later ones are refused with
+        SwitchHoldError (the transaction read or wrote under the old version: retry it)."""
+        try:
+            return self._router._execute(statement, params, self._runner)
+        except Frozen as exc:
+            if self._branches or self._wrote or self._broken is not None or self._ended:
+                raise
+            return self._router._hold(exc, lambda: self._restart(statement, params))
+
+    def _restart(self, statement: str | Executable, params: Mapping[str, Any] | None) -> ResultSet:
+        """Nothing ran in this transaction: pin the router's current version instead."""
+        old, self._snap = self._snap, self._router._pin()
+        old.release()
         return self._router._execute(statement, params, self._runner)
 
     def bind(self, shards: Collection[ShardId]) -> None:

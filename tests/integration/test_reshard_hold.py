@@ -2,9 +2,10 @@
 3): while a version freezes a moving range (write_mode frozen), a write to it outside a
 transaction, and the opening of a connection() block on its key, waits until the router's
 version releases the range, then runs on the new owner; the hold is bounded (hold_s, a queue
-limit) and ends in SwitchHoldError with nothing written; inside a transaction the write is
-refused at once (nothing of it ran). Real MariaDB shards; versions installed by hand (the
-follower installs them the same way)."""
+limit) and ends in SwitchHoldError with nothing written. In a transaction, its first statement
+is held the same way (the transaction starts over on the new version); a later one is refused
+at once (nothing of it ran). Real MariaDB shards; versions installed by hand (the follower
+installs them the same way)."""
 
 from __future__ import annotations
 
@@ -151,19 +152,62 @@ def test_a_hold_that_outlasts_hold_s_fails_with_nothing_written(base: dict[str, 
         router.close()
 
 
-def test_inside_a_transaction_the_write_is_refused_at_once(base: dict[str, Any]) -> None:
+def test_a_transaction_whose_first_statement_is_held_starts_over_on_the_new_version(
+    base: dict[str, Any],
+) -> None:
     router = Router(Topology(config_from_dict(base)))
     try:
         user, slot = _user_on(router.topology, "s0", 400)
+        frozen, switched, _ = _versions(base, slot, hold_s=5.0)
+        router._install(frozen)
+        switcher = _later(0.2, lambda: router._install(switched))
+        with router.transaction() as txn:
+            txn.execute(INSERT, {"u": user, "b": "txn"})
+            txn.execute("UPDATE notes SET body = 'txn2' WHERE user_id = :u", {"u": user})
+            assert txn.shard == "s1"
+        switcher.join()
+        assert (user, "txn2") in _rows(base, "s1")
+        assert all(u != user for u, _ in _rows(base, "s0"))
+    finally:
+        router.close()
+
+
+def test_a_transaction_that_already_ran_something_is_refused_at_once(
+    base: dict[str, Any],
+) -> None:
+    """It read under the old version (its snapshot, its shard): starting it over would
+    silently drop that; the caller retries it (nothing of the write ran)."""
+    router = Router(Topology(config_from_dict(base)))
+    try:
+        user, slot = _user_on(router.topology, "s0", 450)
         frozen, _, _ = _versions(base, slot, hold_s=5.0)
         router._install(frozen)
         t0 = time.monotonic()
         with pytest.raises(SwitchHoldError, match="being switched"), router.transaction() as txn:
+            txn.execute("SELECT * FROM notes WHERE user_id = :u", {"u": user})
             txn.execute(INSERT, {"u": user, "b": "txn"})
         assert time.monotonic() - t0 < 1.0
         assert all(u != user for u, _ in _rows(base, "s0") | _rows(base, "s1"))
     finally:
         router.close()
+
+
+def test_async_transaction_first_statement_is_held(base: dict[str, Any]) -> None:
+    async def scenario() -> None:
+        router = AsyncRouter(Topology(config_from_dict(base)))
+        try:
+            user, slot = _user_on(router._snap.topology, "s0", 480)
+            frozen, switched, _ = _versions(base, slot, hold_s=5.0)
+            router._install(frozen)
+            asyncio.get_running_loop().call_later(0.2, router._install, switched)
+            async with router.transaction() as txn:
+                await txn.execute(INSERT, {"u": user, "b": "atxn"})
+                assert txn.shard == "s1"
+        finally:
+            await router.close()
+
+    asyncio.run(scenario())
+    assert any(body == "atxn" for _, body in _rows(base, "s1"))
 
 
 def test_connection_block_waits_then_opens_on_the_new_owner(base: dict[str, Any]) -> None:
