@@ -22,13 +22,15 @@ from sqlalchemy import Connection, Engine
 from shardrouter.errors import ReshardError
 
 from .journal import (
+    LOCKING,
+    WALKING,
     BelongsCache,
     Key,
     copy_keys,
     mover_session,
     retrying,
 )
-from .spec import Belongs, Statements, TableSpec, statements
+from .spec import Belongs, Statements, TableSpec, statements, typed
 
 _REPAIR_ROUNDS = 3  # repair, compare again; a row still differing after this many is reported
 _REPAIR_BATCH = 500
@@ -213,6 +215,14 @@ def _read_chunk(
     return conn.exec_driver_sql(sql, (*params, limit)).all()
 
 
+def _typed(engine: Engine, spec: TableSpec) -> TableSpec:
+    """``spec`` with its column types (read from ``engine``'s shard when it lacks them)."""
+    if len(spec.types) == len(spec.columns):
+        return spec
+    with engine.connect() as conn:
+        return typed(conn, spec)
+
+
 def _check_chunk(chunk: int) -> None:
     if chunk < 1:
         raise ReshardError(f"chunk must be at least 1 row, not {chunk}")
@@ -222,7 +232,7 @@ def count(engine: Engine, spec: TableSpec, belongs: Belongs, *, chunk: int = 10_
     """The rows of ``spec`` on ``engine``'s shard that belong to the moving slots (read in
     primary-key chunks, the slot of each computed here: an exact count, for progress)."""
     _check_chunk(chunk)
-    st = statements(spec)
+    st = statements(_typed(engine, spec))
     with engine.connect() as conn:
         if spec.shard_column is None:
             return int(conn.exec_driver_sql(f"SELECT COUNT(*) FROM {st.table}").scalar_one())
@@ -266,31 +276,35 @@ def backfill(
     with ``done=False``.
     """
     _check_chunk(chunk)
-    st = statements(spec)
+    spec = _typed(source, spec)
     check = BelongsCache(belongs)
+    width = len(spec.key)
     last: Key | None = tuple(after) if after is not None else None
     read = copied = chunks = 0
     done = False
-    with source.connect() as src, target.connect() as dst:
-        src = src.execution_options(isolation_level="READ COMMITTED")
-        with mover_session(src, mirror=False), mover_session(dst, mirror=True):
-            while not (stop is not None and stop()):
-                one = functools.partial(_copy_chunk, src, dst, spec, check, last, chunk)
-                rows, kept = retrying(one, dst, src)
-                if not rows:
-                    done = True
-                    break
-                chunks += 1
-                read += len(rows)
-                copied += kept
-                last = tuple(rows[-1][i] for i in st.key_positions)
-                if on_chunk is not None:
-                    on_chunk(ChunkDone(spec.physical, last, read, copied))
-                if len(rows) < chunk:
-                    done = True
-                    break
-                if throttle is not None:
-                    throttle.pace(len(rows), src, stop)
+    with (
+        source.connect() as src,
+        target.connect() as dst,
+        mover_session(src, mirror=False, isolation=WALKING),
+        mover_session(dst, mirror=True, isolation=WALKING),
+    ):
+        while not (stop is not None and stop()):
+            one = functools.partial(_copy_chunk, src, dst, spec, check, last, chunk)
+            rows, kept = retrying(one, dst, src)
+            if not rows:
+                done = True
+                break
+            chunks += 1
+            read += len(rows)
+            copied += kept
+            last = tuple(rows[-1][:width])
+            if on_chunk is not None:
+                on_chunk(ChunkDone(spec.physical, last, read, copied))
+            if len(rows) < chunk:
+                done = True
+                break
+            if throttle is not None:
+                throttle.pace(len(rows), src, stop)
     return BackfillReport(read, copied, chunks, last, done)
 
 
@@ -317,6 +331,7 @@ def verify(
     may need another). ``equal``: nothing differs at the end.
     """
     _check_chunk(chunk)
+    spec = _typed(source, spec)
     st = statements(spec)
     check = BelongsCache(belongs)
     width = len(spec.key)
@@ -335,8 +350,8 @@ def verify(
     with (
         source.connect() as src,
         target.connect() as dst,
-        mover_session(src, mirror=False),
-        mover_session(dst, mirror=True),
+        mover_session(src, mirror=False, isolation=LOCKING),  # repairs use copy_keys
+        mover_session(dst, mirror=True, isolation=WALKING),
     ):
 
         def read_source(after: Key | None) -> Sequence[Any]:
@@ -401,14 +416,12 @@ def _copy_chunk(
     """One backfill chunk: read under lock, upsert the moving rows, commit target then
     source. Returns (rows read, rows copied)."""
     st = statements(spec)
-    rows = _read_chunk(src, st, st.select_list, after, chunk, lock=True)
-    keep = [
-        tuple(r[i] for i in st.write_positions)
-        for r in rows
-        if st.shard_position is None or check(spec, r[st.shard_position])
-    ]
+    width = len(spec.key)
+    rows = _read_chunk(src, st, st.image, after, chunk, lock=True)
+    keep = [r for r in rows if spec.shard_column is None or check(spec, r[width])]
     if keep:
-        dst.exec_driver_sql(st.upsert, keep)
+        for upsert in st.upserts(keep):
+            dst.exec_driver_sql(upsert)
         dst.commit()
     src.commit()
     return rows, len(keep)
@@ -471,27 +484,26 @@ def delete_moved(
     triggers still in place do not journal the cleanup. ``stop()`` is checked between chunks.
     """
     _check_chunk(chunk)
+    spec = _typed(engine, spec)
     check = BelongsCache(belongs)
     width = len(spec.key)
     last: Key | None = None
     read = deleted = 0
-    with engine.connect() as conn:
-        conn = conn.execution_options(isolation_level="READ COMMITTED")
-        with mover_session(conn, mirror=True):
-            while not (stop is not None and stop()):
-                one = functools.partial(_delete_chunk, conn, spec, check, last, chunk)
-                rows, gone = retrying(one, conn)
-                if not rows:
-                    break
-                read += len(rows)
-                deleted += gone
-                last = tuple(rows[-1][:width])
-                if on_chunk is not None:
-                    on_chunk(ChunkDone(spec.physical, last, read, deleted))
-                if len(rows) < chunk:
-                    break
-                if throttle is not None:
-                    throttle.pace(len(rows), conn, stop)
+    with engine.connect() as conn, mover_session(conn, mirror=True, isolation=WALKING):
+        while not (stop is not None and stop()):
+            one = functools.partial(_delete_chunk, conn, spec, check, last, chunk)
+            rows, gone = retrying(one, conn)
+            if not rows:
+                break
+            read += len(rows)
+            deleted += gone
+            last = tuple(rows[-1][:width])
+            if on_chunk is not None:
+                on_chunk(ChunkDone(spec.physical, last, read, deleted))
+            if len(rows) < chunk:
+                break
+            if throttle is not None:
+                throttle.pace(len(rows), conn, stop)
     return deleted
 
 

@@ -36,7 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from shardrouter.errors import ReshardDataError, ReshardError, RoutingError
 from shardrouter.types import KeyType
 
-from .spec import Belongs, TableSpec, driver_quote, quote, statements
+from .spec import Belongs, TableSpec, driver_quote, statements, typed
 
 JOURNAL = "shardrouter_journal"
 """The journal table, one per shard that takes part in a migration."""
@@ -50,6 +50,12 @@ T = TypeVar("T")
 Key = tuple[Any, ...]
 """A primary key's values, in ``TableSpec.key`` order."""
 
+LOCKING = "REPEATABLE READ"
+"""The isolation of a connection that reads the authority for ``copy_keys``."""
+WALKING = "READ COMMITTED"
+"""The isolation of every other mover connection (see ``mover_session``)."""
+
+_MIRROR_SQL_MODE = "NO_AUTO_VALUE_ON_ZERO"
 _TRIGGER_PREFIX = "shardrouter_j_"
 _MAX_IDENTIFIER = 64
 _KEYS_PER_STATEMENT = 500  # bound parameters per SELECT/DELETE by key stay well under limits
@@ -312,17 +318,40 @@ def _errno(exc: BaseException) -> int | None:
 
 
 @contextmanager
-def mover_session(conn: Connection, *, mirror: bool) -> Iterator[None]:
+def mover_session(conn: Connection, *, mirror: bool, isolation: str) -> Iterator[None]:
     """Prepare a connection of the movers, and put it back as it was afterwards (it returns to
     a pool other code may share).
 
     ``time_zone`` is UTC so TIMESTAMP columns are read and written as the stored instants
-    (the two shards' servers may have different zones); with ``mirror``, ``@shardrouter_mirror``
-    is set so the connection's writes do not journal themselves.
+    (the two shards' servers may have different zones). With ``mirror``,
+    ``@shardrouter_mirror`` is set so the connection's writes do not journal themselves, and
+    ``sql_mode`` is the one mysqldump restores under: NO_AUTO_VALUE_ON_ZERO (a 0 in an
+    AUTO_INCREMENT column stays 0) and nothing else, in particular no NO_BACKSLASH_ESCAPES
+    (the copy's literals are QUOTE's, escaped with backslashes) and no strict checks (a value
+    the source holds is written as it is). ``isolation``: the
+    transaction isolation level, set explicitly whatever the server's default (SQLAlchemy
+    restores the pool's when the connection goes back):
+
+    - REPEATABLE READ where ``copy_keys`` reads the authority: a locking read of an absent key
+      gap-locks it, so no insert of it can commit until the mirror has the key's absence (two
+      movers, say the drain and verify's repair, cannot reorder their mirror writes);
+    - READ COMMITTED elsewhere (backfill and cleanup walks, every mirror): no gap locks to
+      stall the service's inserts next to the rows being copied; the row locks suffice.
     """
-    saved = conn.exec_driver_sql("SELECT @@session.time_zone").scalar_one()
+    conn.execution_options(isolation_level=isolation)
+    zone, mode, percent = conn.exec_driver_sql(
+        "SELECT @@session.time_zone, @@session.sql_mode, '%%'"
+    ).one()
+    if percent != "%":
+        # The copy's statements double the % of their literals for the driver's paramstyle;
+        # a driver that sends them as they are would store every % twice.
+        raise ReshardError(
+            f"the database driver sends '%%' unformatted ({percent!r}); the movers need a"
+            " MySQL driver with the format paramstyle (PyMySQL or mysqlclient)"
+        )
     conn.exec_driver_sql(
-        f"SET time_zone = '+00:00', {MIRROR_VARIABLE} = %s", (1 if mirror else None,)
+        f"SET time_zone = '+00:00', sql_mode = %s, {MIRROR_VARIABLE} = %s",
+        (_MIRROR_SQL_MODE if mirror else mode, 1 if mirror else None),
     )
     conn.commit()
     try:
@@ -331,7 +360,9 @@ def mover_session(conn: Connection, *, mirror: bool) -> Iterator[None]:
         try:
             if conn.in_transaction():
                 conn.rollback()
-            conn.exec_driver_sql(f"SET time_zone = %s, {MIRROR_VARIABLE} = NULL", (saved,))
+            conn.exec_driver_sql(
+                f"SET time_zone = %s, sql_mode = %s, {MIRROR_VARIABLE} = NULL", (zone, mode)
+            )
             conn.commit()
         except DBAPIError:
             # The connection broke: never hand it back to the pool with the variable set.
@@ -415,19 +446,18 @@ def copy_keys(
             if not wanted:
                 continue
             st = statements(spec)
+            width = len(spec.key)
             present: list[Sequence[Any]] = []
             found: set[Key] = set()
             for part in _parts(wanted):
                 rows = authority_conn.exec_driver_sql(
-                    f"SELECT {st.select_list} FROM {st.table}"
-                    f" WHERE {st.key_in(len(part))} FOR UPDATE",
+                    f"SELECT {st.image} FROM {st.table} WHERE {st.key_in(len(part))} FOR UPDATE",
                     st.key_params(part),
                 ).all()
                 for row in rows:
-                    key = tuple(row[i] for i in st.key_positions)
-                    if st.shard_position is not None and not check(spec, row[st.shard_position]):
+                    if spec.shard_column is not None and not check(spec, row[width]):
                         continue  # left the moving slots: deleted from the mirror below
-                    found.add(key)
+                    found.add(tuple(row[:width]))
                     present.append(row)
             # Keys not matched exactly (absent, or spelled otherwise by the journal: a date
             # as text, another letter case) are deleted before the upserts, which put back
@@ -443,11 +473,8 @@ def copy_keys(
             for spec, absent in gone:
                 deleted += _delete_belonging(mirror_conn, spec, absent, check)
             for spec, present in images:
-                st = statements(spec)
-                positions = st.write_positions
-                mirror_conn.exec_driver_sql(
-                    st.upsert, [tuple(row[i] for i in positions) for row in present]
-                )
+                for upsert in statements(spec).upserts(present):
+                    mirror_conn.exec_driver_sql(upsert)
                 copied += len(present)
             mirror_conn.commit()
         if after_mirror_commit is not None:
@@ -558,15 +585,16 @@ def drain(
     """
     if batch < 1:
         raise ReshardError(f"drain batch must be at least 1, not {batch}")
-    by_table = {spec.physical: spec for spec in specs}
     check = BelongsCache(belongs)
     copied = deleted = discarded = batches = entries = 0
     with (
         authority.connect() as a,
         mirror.connect() as m,
-        mover_session(a, mirror=False),
-        mover_session(m, mirror=True),
+        mover_session(a, mirror=False, isolation=LOCKING),
+        mover_session(m, mirror=True, isolation=WALKING),
     ):
+        by_table = {spec.physical: typed(a, spec) for spec in specs}
+        a.rollback()
         while True:
             if max_batches is not None and batches >= max_batches:
                 break
@@ -651,7 +679,6 @@ __all__ = [
     "installed_triggers",
     "is_lock_conflict",
     "mover_session",
-    "quote",
     "remove",
     "retrying",
     "trigger_names",

@@ -666,6 +666,77 @@ def test_drain_interrupted_after_mirror_commit_redrains_to_the_same_result(
     assert_converged(w, own)
 
 
+@pytest.mark.timeout(120)
+def test_drain_copies_under_the_authoritys_lock(w: World) -> None:
+    install(w.a, w.specs)
+    u = w.moving_users[0]
+    with w.a.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO users VALUES (%s, 'a@x', 'v1', %s)", (u, T0))
+    holder = w.a.connect()
+    try:
+        holder.exec_driver_sql("UPDATE users SET name = 'v2' WHERE user_id = %s", (u,))
+        reports: list[Any] = []
+        t = threading.Thread(
+            target=lambda: reports.append(drain(w.a, w.b, w.specs, w.belongs)), daemon=True
+        )
+        t.start()
+        t.join(1.0)
+        assert t.is_alive()  # the entry's row is locked by a writer: the drain waits
+        holder.commit()
+        t.join(30)
+        assert reports and reports[0].left == 0
+    finally:
+        holder.close()
+    with w.b.connect() as conn:
+        name = conn.exec_driver_sql("SELECT name FROM users WHERE user_id = %s", (u,))
+        assert name.scalar_one() == "v2"  # the image as of the lock, not the one journaled
+
+
+@pytest.mark.timeout(120)
+def test_drain_reads_date_sharding_values_from_the_journal(w: World) -> None:
+    from shardrouter.core.config import config_from_dict
+
+    days = Topology(
+        config_from_dict(
+            {
+                "shards": {"s0": {"primary": "sqlite:///unused.db", "slots": [[0, 1024]]}},
+                "tables": {"days": {"column": "day", "type": "date", "strategy": "hash"}},
+            },
+            env={},
+        )
+    )
+    belongs = Belongs(days, ((0, 512),))
+    for engine in (w.a, w.b):
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE IF EXISTS reshard_days")
+            conn.exec_driver_sql(
+                "CREATE TABLE reshard_days (id INT PRIMARY KEY, day DATE NOT NULL, v INT)"
+            )
+    try:
+        with w.a.connect() as conn:
+            spec = describe_table(conn, "reshard_days", logical="days", shard_column="day")
+        install(w.a, [spec])
+        dates = [dt.date(2025, 1, 1) + dt.timedelta(days=i) for i in range(40)]
+        with w.a.begin() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO reshard_days VALUES (%s, %s, %s)",
+                [(i, d, i) for i, d in enumerate(dates)],
+            )
+        report = drain(w.a, w.b, [spec], belongs)
+        moving = {i for i, d in enumerate(dates) if days.slot_for("days", d) < 512}
+        assert 0 < len(moving) < len(dates)
+        assert report.copied == len(moving)
+        assert report.discarded == len(dates) - len(moving)
+        with w.b.connect() as conn:
+            got = {r[0] for r in conn.exec_driver_sql("SELECT id FROM reshard_days")}
+        assert got == moving
+    finally:
+        remove(w.a, [spec], drop_table=False)
+        for engine in (w.a, w.b):
+            with engine.begin() as conn:
+                conn.exec_driver_sql("DROP TABLE IF EXISTS reshard_days")
+
+
 # --------------------------------------------------------------------------- backfill
 
 
@@ -687,6 +758,10 @@ def test_backfill_under_concurrent_writes_and_drain_copies_exactly(w: World) -> 
             assert report.done
             copied += report.rows_copied
         assert writers.ops > started  # the writes overlapped the copy
+        # verify's repairs run beside the drain and the writers: whatever they find
+        # meanwhile, they must not undo the drain's work.
+        for spec in w.specs:
+            verify(w.a, w.b, spec, w.belongs, chunk=31)
         writers.wait_ops(writers.ops + 200)
     assert copied > 0
     final = drain(w.a, w.b, w.specs, w.belongs)
@@ -864,13 +939,15 @@ def test_verify_finds_changed_missing_and_stale_rows_and_repairs_them(w: World) 
     assert verify(w.a, w.b, items, w.belongs, chunk=2, repair=False).differing == 0
 
 
-@pytest.mark.timeout(120)
-def test_verify_hashes_every_column_type_alike_on_both_sides(w: World) -> None:
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("driver", ["pymysql", "mysqldb"])
+def test_every_column_type_copies_drains_and_verifies_exactly(w: World, driver: str) -> None:
     ddl = (
         "CREATE TABLE reshard_types (id INT PRIMARY KEY, b BLOB, vb VARBINARY(8),"
         " d DECIMAL(20,6), dd DATE, dt DATETIME(6), ts TIMESTAMP(6) NULL, t TIME(3),"
         " f DOUBLE, j JSON, e ENUM('a','b'), s VARCHAR(20), u BIGINT UNSIGNED,"
-        " fl FLOAT, bt BIT(3), y YEAR, st SET('x','y'), g BIGINT AS (id * 2) VIRTUAL)"
+        " fl FLOAT, bt BIT(3), y YEAR, st SET('x','y'), lt VARCHAR(20) CHARACTER SET latin1,"
+        " em VARCHAR(20), pt POINT NULL, g BIGINT AS (id * 2) VIRTUAL)"
     )
     for engine in (w.a, w.b):
         with engine.begin() as conn:
@@ -878,7 +955,7 @@ def test_verify_hashes_every_column_type_alike_on_both_sides(w: World) -> None:
             conn.exec_driver_sql(ddl)
     columns = (
         *("id", "b", "vb", "d", "dd", "dt", "ts", "t", "f", "j", "e", "s", "u"),
-        *("fl", "bt", "y", "st"),
+        *("fl", "bt", "y", "st", "lt", "em", "pt"),
     )
     with w.a.connect() as conn:
         spec = describe_table(conn, "reshard_types", shard_column=None)
@@ -903,6 +980,9 @@ def test_verify_hashes_every_column_type_alike_on_both_sides(w: World) -> None:
             b"\x05",
             2024,
             "x,y",
+            "café",
+            "😀 100% 'q' \\ %s",  # a literal's quotes, backslash and paramstyle marks
+            None,
         ),
         (2, *(None for _ in columns[1:])),
         (
@@ -923,8 +1003,29 @@ def test_verify_hashes_every_column_type_alike_on_both_sides(w: World) -> None:
             b"\x00",
             1901,
             "",
+            "",
+            "%%",
+            None,
         ),
     ]
+    # Checked apart from verify's hashes: the values that travel lossily by default.
+    exact = (
+        "SELECT id, UNIX_TIMESTAMP(ts), CAST(t AS CHAR), HEX(CAST(fl AS DOUBLE)),"
+        " CAST(f AS CHAR), bt + 0, HEX(b), g, HEX(lt), HEX(em), ST_AsText(pt), j, d, u"
+        " FROM reshard_types ORDER BY id"
+    )
+
+    def same_on_both() -> list[Row]:
+        with w.a.connect() as conn:
+            ours = [tuple(r) for r in conn.exec_driver_sql(exact).all()]
+        with w.b.connect() as conn:
+            assert [tuple(r) for r in conn.exec_driver_sql(exact).all()] == ours
+        return ours
+
+    a = create_engine(w.a.url.set(drivername=f"mysql+{driver}"))
+    b = create_engine(w.b.url.set(drivername=f"mysql+{driver}"))
+    with w.b.connect() as conn:
+        mode = conn.exec_driver_sql("SELECT @@GLOBAL.sql_mode").scalar_one()
     try:
         with w.a.begin() as conn:
             conn.exec_driver_sql(
@@ -932,38 +1033,54 @@ def test_verify_hashes_every_column_type_alike_on_both_sides(w: World) -> None:
                 f" VALUES ({', '.join('%s' for _ in columns)})",
                 rows,
             )
-        # The target's server runs in another zone: TIMESTAMPs still copy as the same instant.
+            conn.exec_driver_sql("UPDATE reshard_types SET pt = POINT(1.5, -2) WHERE id = 1")
+        # The target's server runs in another zone (TIMESTAMPs still copy as the same
+        # instant) and parses backslashes as plain characters (the copy's literals still
+        # read as written).
         with w.b.connect() as conn:
             conn.exec_driver_sql("SET GLOBAL time_zone = '+05:00'")
-        w.b.dispose()  # new connections take the zone
-        try:
-            report = backfill(w.a, w.b, spec, w.belongs)
-            assert report.rows_copied == 3
-            assert verify(w.a, w.b, spec, w.belongs, repair=False).equal
-        finally:
-            with w.b.connect() as conn:
-                conn.exec_driver_sql("SET GLOBAL time_zone = SYSTEM")
-            w.b.dispose()
-        # Checked apart from verify's hashes: the values that travel lossily by default.
-        exact = (
-            "SELECT id, UNIX_TIMESTAMP(ts), CAST(t AS CHAR), HEX(CAST(fl AS DOUBLE)),"
-            " CAST(f AS CHAR), bt + 0, HEX(b), g FROM reshard_types ORDER BY id"
-        )
-        with w.a.connect() as conn:
-            ours = conn.exec_driver_sql(exact).all()
-        with w.b.connect() as conn:
-            assert conn.exec_driver_sql(exact).all() == ours
-            assert ours[0][2] == "-00:59:59.500"
+            conn.exec_driver_sql("SET GLOBAL sql_mode = %s", (f"{mode},NO_BACKSLASH_ESCAPES",))
+        report = backfill(a, b, spec, w.belongs)
+        assert report.rows_copied == 3
+        assert verify(a, b, spec, w.belongs, repair=False).equal
+        ours = same_on_both()
+        assert ours[0][2] == "-00:59:59.500"
+        # The drain carries the same values.
+        install(a, [spec])
+        with w.a.begin() as conn:
+            x = conn.exec_driver_sql
+            x(
+                "INSERT INTO reshard_types (id, b, vb, d, dd, dt, ts, t, f, j, e, s, u, fl, bt,"
+                " y, st, lt, em, pt) SELECT 4, b, vb, d, dd, dt, ts, t, f, j, e, s, u, fl, bt,"
+                " y, st, lt, em, pt FROM reshard_types WHERE id = 1"
+            )
+            x(
+                "UPDATE reshard_types SET em = CONCAT(em, '%%!'), b = REVERSE(b),"
+                " fl = fl * 3, t = '-838:59:59', ts = '2038-01-19 03:14:07' WHERE id IN (1, 3)"
+            )
+            x("DELETE FROM reshard_types WHERE id = 2")
+        drained = drain(a, b, [spec], w.belongs)
+        assert drained.left == 0 and drained.copied == 3 and drained.deleted == 1
+        assert [r[0] for r in same_on_both()] == [1, 3, 4]
+        remove(a, [spec])
+        with b.connect() as conn:
             # One byte of a blob, the NULL-ness of a value: both are differences.
             conn.exec_driver_sql("UPDATE reshard_types SET b = 0x00ff275c1b WHERE id = 1")
-            conn.exec_driver_sql("UPDATE reshard_types SET s = '' WHERE id = 2")
+            conn.exec_driver_sql("UPDATE reshard_types SET s = NULL WHERE id = 4")
             # Another FLOAT that QUOTE would print alike (16777200 both).
             conn.exec_driver_sql("UPDATE reshard_types SET fl = 16777218 WHERE id = 3")
             conn.commit()
-        found = verify(w.a, w.b, spec, w.belongs, repair=False)
-        assert set(found.sample) == {(1,), (2,), (3,)}
-        assert verify(w.a, w.b, spec, w.belongs).equal
+        found = verify(a, b, spec, w.belongs, repair=False)
+        assert set(found.sample) == {(1,), (3,), (4,)}
+        assert verify(a, b, spec, w.belongs).equal
+        same_on_both()
     finally:
+        with w.b.connect() as conn:
+            conn.exec_driver_sql("SET GLOBAL time_zone = SYSTEM")
+            conn.exec_driver_sql("SET GLOBAL sql_mode = %s", (mode,))
+        remove(w.a, [spec], drop_table=False)
+        a.dispose()
+        b.dispose()
         for engine in (w.a, w.b):
             with engine.begin() as conn:
                 conn.exec_driver_sql("DROP TABLE IF EXISTS reshard_types")
