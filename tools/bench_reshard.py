@@ -13,7 +13,12 @@ the moving slots [0, 128)), then times, moving those slots from s0 to s1:
    then drain to empty. entries/s.
 4. delete_moved: the moving rows deleted from s0 (finalize). rows/s = rows deleted per second.
 
+Each is measured with the movers' engines on PyMySQL (the topology's usual driver, pure
+Python) and on mysqlclient (C): the client's share of the work differs a lot between them.
+Every number is one run on whatever else the machine is doing (see loadavg in the output).
+
 Usage: python3 tools/bench_reshard.py --port 4180 [--rows 200000] [--drain-rows 20000]
+       [--driver pymysql|mysqldb|both]
 """
 
 from __future__ import annotations

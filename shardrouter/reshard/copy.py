@@ -336,16 +336,8 @@ def verify(
     check = BelongsCache(belongs)
     width = len(spec.key)
     select = f"{st.keys_and_shard}, {st.row_hash}"
-    hash_at = width + (1 if spec.shard_column is not None else 0)
     differing: list[Key] = []
     rows_source = rows_target = 0
-
-    def hashes(rows: Sequence[Any]) -> dict[Key, bytes]:
-        out: dict[Key, bytes] = {}
-        for r in rows:
-            if spec.shard_column is None or check(spec, r[width]):
-                out[tuple(r[:width])] = bytes(r[hash_at])
-        return out
 
     with (
         source.connect() as src,
@@ -353,37 +345,38 @@ def verify(
         mover_session(src, mirror=False, isolation=LOCKING),  # repairs use copy_keys
         mover_session(dst, mirror=True, isolation=WALKING),
     ):
+        ahead_check = BelongsCache(belongs)  # the reader thread's own memo
 
-        def read_source(after: Key | None) -> Sequence[Any]:
+        def read_source(after: Key | None) -> tuple[int, Key | None, dict[Any, bytes]]:
             rows = _read_chunk(src, st, select, after, chunk)
             src.rollback()  # no snapshot held across chunks
-            return rows
+            last = tuple(rows[-1][:width]) if rows else None
+            return len(rows), last, _hash_map(spec, rows, ahead_check)
 
-        # The source's next chunk is read (on a thread) while the target's rows of the
-        # current one are: the two servers hash at the same time.
+        # The source's next chunk is read and hashed (on a thread) while the target's rows of
+        # the current one are: the two servers hash at the same time.
         with ThreadPoolExecutor(1, thread_name_prefix="verify-source") as ahead:
             pending = ahead.submit(read_source, None)
             after: Key | None = None
             while True:
-                rows = pending.result()
-                last_chunk = len(rows) < chunk
-                upto = None if last_chunk else tuple(rows[-1][:width])
+                n, last, ours = pending.result()
+                upto = last if n == chunk else None
                 if upto is not None:
                     pending = ahead.submit(read_source, upto)
-                theirs: dict[Key, bytes] = {}
+                theirs: dict[Any, bytes] = {}
                 cursor = after
                 while True:  # the target's rows of (after, upto], in chunks of its own
                     part = _read_chunk(dst, st, select, cursor, chunk, upto=upto)
                     dst.rollback()
-                    theirs.update(hashes(part))
+                    theirs.update(_hash_map(spec, part, check))
                     if len(part) < chunk:
                         break
                     cursor = tuple(part[-1][:width])
-                ours = hashes(rows)
                 rows_source += len(ours)
                 rows_target += len(theirs)
-                differing.extend(k for k, h in ours.items() if theirs.get(k) != h)
-                differing.extend(k for k in theirs if k not in ours)
+                get = theirs.get
+                differing.extend(_keys([k for k, h in ours.items() if get(k) != h], width))
+                differing.extend(_keys([k for k in theirs if k not in ours], width))
                 if upto is None:
                     break
                 after = upto
@@ -399,7 +392,7 @@ def verify(
                 batch = {spec: left[start : start + _REPAIR_BATCH]}
                 retrying(functools.partial(copy_keys, src, dst, batch, check), src, dst)
             repaired.update(left)
-            left = _still_differing(src, dst, spec, st, left, hashes)
+            left = _still_differing(src, dst, spec, st, left, check)
             if not left:
                 break
     return VerifyReport(rows_source, rows_target, len(differing), sample, len(repaired), not left)
@@ -450,19 +443,47 @@ def _still_differing(
     spec: TableSpec,
     st: Statements,
     keys: list[Key],
-    hashes: Callable[[Sequence[Any]], dict[Key, bytes]],
+    check: BelongsCache,
 ) -> list[Key]:
     select = f"{st.keys_and_shard}, {st.row_hash}"
+    width = len(spec.key)
     left: list[Key] = []
     for start in range(0, len(keys), _REPAIR_BATCH):
         part = keys[start : start + _REPAIR_BATCH]
         sql = f"SELECT {select} FROM {st.table} WHERE {st.key_in(len(part))}"
-        ours = hashes(src.exec_driver_sql(sql, st.key_params(part)).all())
+        ours = _hash_map(spec, src.exec_driver_sql(sql, st.key_params(part)).all(), check)
         src.rollback()
-        theirs = hashes(dst.exec_driver_sql(sql, st.key_params(part)).all())
+        theirs = _hash_map(spec, dst.exec_driver_sql(sql, st.key_params(part)).all(), check)
         dst.rollback()
-        left.extend(k for k in dict.fromkeys([*ours, *theirs]) if ours.get(k) != theirs.get(k))
+        both = dict.fromkeys([*ours, *theirs])
+        left.extend(_keys([k for k in both if ours.get(k) != theirs.get(k)], width))
     return left
+
+
+def _hash_map(spec: TableSpec, rows: Sequence[Any], check: BelongsCache) -> dict[Any, bytes]:
+    """{key: row hash} of the moving rows among ``rows`` (key columns, the sharding column,
+    the hash): the hot loop of verify, so a one-column key is kept bare (see ``_keys``) and
+    the slot test is memoized per sharding value."""
+    width = len(spec.key)
+    if spec.shard_column is None:
+        if width == 1:
+            return {r[0]: r[1] for r in rows}
+        return {tuple(r[:width]): r[width] for r in rows}
+    memo = check.memo(spec)
+    out: dict[Any, bytes] = {}
+    for r in rows:
+        value = r[width]
+        ok = memo.get(value)
+        if ok is None:
+            ok = check(spec, value)
+        if ok:
+            out[r[0] if width == 1 else tuple(r[:width])] = r[width + 1]
+    return out
+
+
+def _keys(found: list[Any], width: int) -> list[Key]:
+    """Keys of ``_hash_map`` as Key tuples."""
+    return [(k,) for k in found] if width == 1 else found
 
 
 def delete_moved(

@@ -383,27 +383,37 @@ class Copied:
 
 
 class BelongsCache:
-    """``belongs`` memoized per (table, value) for one pass: many rows share a sharding value,
-    and a value that cannot be routed (NULL, a wrong type) belongs to no slot."""
+    """``belongs`` memoized per table and sharding value for one pass: many rows share a
+    sharding value, and the hot loops (verify) look values up in ``memo`` directly. A value
+    that cannot be routed (NULL, a wrong type) belongs to no slot. The values of one sharding
+    column share one type, so the memo is keyed by value alone."""
+
+    _LIMIT = 200_000  # values memoized per table before the memo starts over
 
     def __init__(self, belongs: Belongs) -> None:
         self.belongs = belongs
-        self._seen: dict[tuple[str, type, Any], bool] = {}
+        self._memos: dict[str, dict[Any, bool]] = {}
+
+    def memo(self, spec: TableSpec) -> dict[Any, bool]:
+        """The memo of ``spec``'s logical table: {sharding value: belongs}."""
+        memo = self._memos.get(spec.logical)
+        if memo is None:
+            memo = self._memos[spec.logical] = {}
+        return memo
 
     def __call__(self, spec: TableSpec, value: Any) -> bool:
         if spec.shard_column is None:
             return True
-        memo = (spec.logical, type(value), value)
+        memo = self.memo(spec)
         try:
-            return self._seen[memo]
-        except KeyError:
-            pass
+            answer = memo.get(value)
         except TypeError:  # an unhashable value: no memo
             return self._check(spec, value)
-        answer = self._check(spec, value)
-        if len(self._seen) > 100_000:
-            self._seen.clear()
-        self._seen[memo] = answer
+        if answer is None:
+            answer = self._check(spec, value)
+            if len(memo) >= self._LIMIT:
+                memo.clear()
+            memo[value] = answer
         return answer
 
     def _check(self, spec: TableSpec, value: Any) -> bool:
