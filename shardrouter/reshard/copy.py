@@ -278,7 +278,7 @@ def backfill(
     _check_chunk(chunk)
     spec = _typed(source, spec)
     check = BelongsCache(belongs)
-    width = len(spec.key)
+    key_positions = statements(spec).key_positions
     last: Key | None = tuple(after) if after is not None else None
     read = copied = chunks = 0
     done = False
@@ -297,7 +297,7 @@ def backfill(
             chunks += 1
             read += len(rows)
             copied += kept
-            last = tuple(rows[-1][:width])
+            last = tuple(rows[-1][i] for i in key_positions)
             if on_chunk is not None:
                 on_chunk(ChunkDone(spec.physical, last, read, copied))
             if len(rows) < chunk:
@@ -409,12 +409,13 @@ def _copy_chunk(
     """One backfill chunk: read under lock, upsert the moving rows, commit target then
     source. Returns (rows read, rows copied)."""
     st = statements(spec)
-    width = len(spec.key)
-    rows = _read_chunk(src, st, st.image, after, chunk, lock=True)
-    keep = [r for r in rows if spec.shard_column is None or check(spec, r[width])]
+    at = st.shard_position
+    rows = _read_chunk(src, st, st.select_list, after, chunk, lock=True)
+    keep = [
+        tuple(r[i] for i in st.write_positions) for r in rows if at is None or check(spec, r[at])
+    ]
     if keep:
-        for upsert in st.upserts(keep):
-            dst.exec_driver_sql(upsert)
+        dst.exec_driver_sql(st.upsert, keep)
         dst.commit()
     src.commit()
     return rows, len(keep)

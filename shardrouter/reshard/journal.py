@@ -326,9 +326,8 @@ def mover_session(conn: Connection, *, mirror: bool, isolation: str) -> Iterator
     (the two shards' servers may have different zones). With ``mirror``,
     ``@shardrouter_mirror`` is set so the connection's writes do not journal themselves, and
     ``sql_mode`` is the one mysqldump restores under: NO_AUTO_VALUE_ON_ZERO (a 0 in an
-    AUTO_INCREMENT column stays 0) and nothing else, in particular no NO_BACKSLASH_ESCAPES
-    (the copy's literals are QUOTE's, escaped with backslashes) and no strict checks (a value
-    the source holds is written as it is). ``isolation``: the
+    AUTO_INCREMENT column stays 0) and no strict checks (a value the source holds, a zero
+    date say, is written as it is). ``isolation``: the
     transaction isolation level, set explicitly whatever the server's default (SQLAlchemy
     restores the pool's when the connection goes back):
 
@@ -339,16 +338,7 @@ def mover_session(conn: Connection, *, mirror: bool, isolation: str) -> Iterator
       stall the service's inserts next to the rows being copied; the row locks suffice.
     """
     conn.execution_options(isolation_level=isolation)
-    zone, mode, percent = conn.exec_driver_sql(
-        "SELECT @@session.time_zone, @@session.sql_mode, '%%'"
-    ).one()
-    if percent != "%":
-        # The copy's statements double the % of their literals for the driver's paramstyle;
-        # a driver that sends them as they are would store every % twice.
-        raise ReshardError(
-            f"the database driver sends '%%' unformatted ({percent!r}); the movers need a"
-            " MySQL driver with the format paramstyle (PyMySQL or mysqlclient)"
-        )
+    zone, mode = conn.exec_driver_sql("SELECT @@session.time_zone, @@session.sql_mode").one()
     conn.exec_driver_sql(
         f"SET time_zone = '+00:00', sql_mode = %s, {MIRROR_VARIABLE} = %s",
         (_MIRROR_SQL_MODE if mirror else mode, 1 if mirror else None),
@@ -456,18 +446,19 @@ def copy_keys(
             if not wanted:
                 continue
             st = statements(spec)
-            width = len(spec.key)
+            at = st.shard_position
             present: list[Sequence[Any]] = []
             found: set[Key] = set()
             for part in _parts(wanted):
                 rows = authority_conn.exec_driver_sql(
-                    f"SELECT {st.image} FROM {st.table} WHERE {st.key_in(len(part))} FOR UPDATE",
+                    f"SELECT {st.select_list} FROM {st.table}"
+                    f" WHERE {st.key_in(len(part))} FOR UPDATE",
                     st.key_params(part),
                 ).all()
                 for row in rows:
-                    if spec.shard_column is not None and not check(spec, row[width]):
+                    if at is not None and not check(spec, row[at]):
                         continue  # left the moving slots: deleted from the mirror below
-                    found.add(tuple(row[:width]))
+                    found.add(tuple(row[i] for i in st.key_positions))
                     present.append(row)
             # Keys not matched exactly (absent, or spelled otherwise by the journal: a date
             # as text, another letter case) are deleted before the upserts, which put back
@@ -483,8 +474,9 @@ def copy_keys(
             for spec, absent in gone:
                 deleted += _delete_belonging(mirror_conn, spec, absent, check)
             for spec, present in images:
-                for upsert in statements(spec).upserts(present):
-                    mirror_conn.exec_driver_sql(upsert)
+                st = statements(spec)
+                values = [tuple(row[i] for i in st.write_positions) for row in present]
+                mirror_conn.exec_driver_sql(st.upsert, values)
                 copied += len(present)
             mirror_conn.commit()
         if after_mirror_commit is not None:

@@ -117,18 +117,13 @@ class Statements:
     """Where the key columns are in a row of ``select_list``."""
     shard_position: int | None
     """Where the sharding column is in a row of ``select_list`` (None: broadcast)."""
-    image: str
-    """What a copy reads of a row: the key columns and the sharding column (values, for
-    checkpoints and slots), then every writable column as the SQL literal that stores it
-    again (``literal_expression``): the server writes its own values out, so no value is
-    converted to Python and escaped back, the copy's main cost otherwise."""
-    literals_at: int
-    """Where the literals start in a row of ``image``."""
-    insert_head: str
-    """``INSERT INTO t (writable columns) VALUES `` (the rows' literals follow)."""
-    insert_tail: str
-    """`` ON DUPLICATE KEY UPDATE`` every writable column (key columns too: under a
-    case-insensitive collation the copy's key takes the source's exact spelling)."""
+    write_positions: tuple[int, ...]
+    """Where the writable columns (``spec.writable``) are in a row of ``select_list``."""
+    upsert: str
+    """One row's INSERT of the writable columns, values as placeholders, updating every one
+    of them on a duplicate key (key columns too: under a case-insensitive collation the
+    copy's key takes the source's exact spelling). Run with executemany, which both drivers
+    send as multi-row statements."""
     after: str
     """The predicate ``key > %s...``; its parameters from ``range_params``."""
     upto: str
@@ -154,71 +149,6 @@ class Statements:
         """The parameters of ``key_in`` for ``keys``, flattened."""
         return tuple(v for key in keys for v in key)
 
-    def upserts(self, rows: Iterable[Sequence[Any]]) -> list[str]:
-        """The upsert statements of ``rows`` of ``image``: multi-row INSERTs of their literals,
-        cut at about ``_STATEMENT_CHARS`` so each stays below ``max_allowed_packet``. Ready for
-        ``exec_driver_sql`` (the literals' ``%`` doubled for the paramstyle). The session must
-        not have NO_BACKSLASH_ESCAPES (QUOTE escapes with backslashes): ``mover_session``."""
-        at = self.literals_at
-        out: list[str] = []
-        values: list[str] = []
-        size = 0
-        for row in rows:
-            one = "(" + ",".join(row[at:]) + ")"
-            values.append(one)
-            size += len(one)
-            if size >= _STATEMENT_CHARS:
-                out.append(self._upsert(values))
-                values = []
-                size = 0
-        if values:
-            out.append(self._upsert(values))
-        return out
-
-    def _upsert(self, values: list[str]) -> str:
-        return self.insert_head + ",".join(values).replace("%", "%%") + self.insert_tail
-
-
-# A multi-row INSERT is cut at this many characters (at most 4 bytes each in utf8mb4: 8 MB,
-# under the 16 MB default max_allowed_packet of MariaDB 10.11).
-_STATEMENT_CHARS = 2_000_000
-
-_BINARY_TYPES = frozenset(
-    {
-        "binary",
-        "varbinary",
-        "tinyblob",
-        "blob",
-        "mediumblob",
-        "longblob",
-        "geometry",
-        "point",
-        "linestring",
-        "polygon",
-        "multipoint",
-        "multilinestring",
-        "multipolygon",
-        "geometrycollection",
-    }
-)
-
-
-def literal_expression(spec: TableSpec, column: str) -> str:
-    """The SQL expression whose value (text) is the literal that stores ``column``'s value
-    again, NULL as ``NULL``: QUOTE for most types (exact: numbers, decimals, dates at their
-    precision, text, JSON, ENUM and SET); bytes as a hex literal (``X'..'``: the statement
-    stays text, and the bytes never pass through a character set); BIT as its number; FLOAT
-    through the DOUBLE it widens to (QUOTE prints a FLOAT with 6 digits)."""
-    quoted = driver_quote(column)
-    kind = spec.type_of(column)
-    if kind in _BINARY_TYPES:
-        return f"IFNULL(CONCAT('X''', HEX({quoted}), ''''), 'NULL')"
-    if kind == "bit":
-        return f"IFNULL(CAST({quoted} + 0 AS CHAR), 'NULL')"
-    if kind == "float":
-        return f"QUOTE(CAST({quoted} AS DOUBLE))"
-    return f"QUOTE({quoted})"
-
 
 @functools.lru_cache(maxsize=1024)
 def statements(spec: TableSpec) -> Statements:
@@ -237,10 +167,7 @@ def statements(spec: TableSpec) -> Statements:
     writable = spec.writable
     shard = (q(spec.shard_column),) if spec.shard_column is not None else ()
     updates = ", ".join(f"{q(c)} = VALUES({q(c)})" for c in writable)
-    natives = [read_expression(spec, c) for c in spec.key]
-    if spec.shard_column is not None:
-        natives.append(read_expression(spec, spec.shard_column))
-    literals = [literal_expression(spec, c) for c in writable]
+    placeholders = ", ".join("%s" for _ in writable)
     quoted_all = ", ".join(
         f"QUOTE(CAST({q(c)} AS DOUBLE))" if spec.type_of(c) == "float" else f"QUOTE({q(c)})"
         for c in spec.columns
@@ -253,10 +180,11 @@ def statements(spec: TableSpec) -> Statements:
         order_by="ORDER BY " + ", ".join(keys),
         key_positions=tuple(position[c] for c in spec.key),
         shard_position=position[spec.shard_column] if spec.shard_column is not None else None,
-        image=", ".join(natives + literals),
-        literals_at=len(natives),
-        insert_head=f"INSERT INTO {table} ({', '.join(q(c) for c in writable)}) VALUES ",
-        insert_tail=f" ON DUPLICATE KEY UPDATE {updates}",
+        write_positions=tuple(position[c] for c in writable),
+        upsert=(
+            f"INSERT INTO {table} ({', '.join(q(c) for c in writable)})"
+            f" VALUES ({placeholders}) ON DUPLICATE KEY UPDATE {updates}"
+        ),
         after=_expanded(keys, ">", ">"),
         upto=_expanded(keys, "<", "<="),
         row_hash=f"UNHEX(MD5(CONCAT_WS(0x1f, {quoted_all})))",
@@ -404,7 +332,6 @@ __all__ = [
     "describe",
     "describe_table",
     "driver_quote",
-    "literal_expression",
     "logical_tables",
     "quote",
     "read_expression",
