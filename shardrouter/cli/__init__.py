@@ -10,6 +10,7 @@ from .config_cmd import config
 from .ids_cmd import ids
 from .meta_cmd import meta
 from .misc import bench, demo
+from .reshard_cmd import reshard
 from .route import route
 from .sandbox import sandbox
 from .schema_cmd import schema
@@ -22,7 +23,7 @@ def main() -> None:
     """shardrouter: route orders to MySQL shards, hand out ids that carry their shard."""
 
 
-for command in (bench, check, config, demo, ids, meta, route, sandbox, schema, topology):
+for command in (bench, check, config, demo, ids, meta, reshard, route, sandbox, schema, topology):
     main.add_command(command)
 
 __all__ = ["main"]

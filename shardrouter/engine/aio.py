@@ -76,6 +76,7 @@ from .snapshot import (
     WriteResolver,
     frozen_now,
     held_too_long,
+    steps_blind,
 )
 
 AsyncSnapshot = RoutingSnapshot[AsyncShardEngines, AsyncReadPool]
@@ -276,13 +277,28 @@ class AsyncTransaction:
         finally:
             # Lookup rows written for owners this transaction did not commit are removed
             # (see Transaction._finish).
-            settle = self._ledger.settle(self._snap.topology, committed)
+            snap = await self._settle_snapshot()
+            settle = self._ledger.settle(snap.topology, committed)
             try:
-                await self._router._drive(settle, None, self._snap)
+                await self._router._drive(settle, None, snap)
             except Exception as exc:  # best effort: the crash case, which check lookups fixes
                 log.error("transaction end: lookup rows not settled: %s", exc)
             finally:
+                if snap is not self._snap:
+                    snap.release()
                 self._snap.release()
+
+    async def _settle_snapshot(self) -> AsyncSnapshot:
+        """See Transaction._settle_snapshot: under a frozen range, wait (bounded) for the
+        router's next version and settle under it."""
+        frozen = next((m for m in self._snap.moving if m.frozen), None)
+        if frozen is None:
+            return self._snap
+        deadline = time.monotonic() + frozen.hold_s
+        slots = (frozen.start, frozen.end)
+        while frozen_now(self._router._snap, slots) and time.monotonic() < deadline:
+            await asyncio.sleep(HOLD_POLL_S)
+        return self._router._pin()
 
 
 class StatementCancelled(Exception):
@@ -570,6 +586,8 @@ class AsyncRouter(SnapshotHolder[AsyncShardEngines, AsyncReadPool]):
         snap = txn._snap if txn is not None else self._pin()
         try:
             plan = snap.planner.plan(sql)
+            if snap.moving and (blind := steps_blind(snap, plan)) is not None:
+                raise blind  # before its first step (held, or refused in a used transaction)
             bind = txn.bind if txn is not None else None
             ledger = txn._ledger if txn is not None else None
             topology = snap.topology

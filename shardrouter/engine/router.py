@@ -63,6 +63,7 @@ from .snapshot import (
     WriteResolver,
     frozen_now,
     held_too_long,
+    steps_blind,
 )
 
 Snapshot = RoutingSnapshot[ShardEngines, ReadPool]
@@ -355,14 +356,30 @@ class Transaction:
             committed = commit
         finally:
             # Lookup rows written for owners this transaction did not commit are removed.
+            snap = self._settle_snapshot()
             try:
-                _Runner(self._router).drive(
-                    self._ledger.settle(self._snap.topology, committed), self._snap
-                )
+                _Runner(self._router).drive(self._ledger.settle(snap.topology, committed), snap)
             except Exception as exc:  # best effort: the crash case, which check lookups fixes
                 log.error("transaction end: lookup rows not settled: %s", exc)
             finally:
+                if snap is not self._snap:
+                    snap.release()
                 self._snap.release()
+
+    def _settle_snapshot(self) -> Snapshot:
+        """The snapshot the ledger settles under: the transaction's, unless it freezes a range
+        (a switch is running): the lookup rows may live in it, so the settle waits for the
+        router's next version (bounded by hold_s) and runs under it, where they are routed
+        to their current owner. Waiting under an unfrozen snapshot instead would hold back the
+        very acknowledgement the switch waits for."""
+        frozen = next((m for m in self._snap.moving if m.frozen), None)
+        if frozen is None:
+            return self._snap
+        deadline = time.monotonic() + frozen.hold_s
+        slots = (frozen.start, frozen.end)
+        while frozen_now(self._router._snap, slots) and time.monotonic() < deadline:
+            time.sleep(HOLD_POLL_S)
+        return self._router._pin()
 
     def _end(self, commit: bool) -> None:
         branches = self._branches
@@ -661,6 +678,8 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
         snap = txn._snap if txn is not None else self._pin()
         try:
             plan = snap.planner.plan(sql)
+            if snap.moving and (blind := steps_blind(snap, plan)) is not None:
+                raise blind  # before its first step (held, or refused in a used transaction)
             topology = snap.topology
             runner.recorder = None
             if snap.moving or self._snap.moving:  # the resolver checks each write's slots

@@ -87,6 +87,34 @@ class Frozen(SwitchHoldError):
         self.hold_s = hold_s
 
 
+def steps_blind(snap: RoutingSnapshot[Any, Any], plan: Any) -> Frozen | None:
+    """A Frozen for a write statement that maintains lookup rows while ``snap`` freezes any
+    range, else None. Such a statement writes in steps (the owner rows, then lookup rows on
+    other shards, or the reverse) and a later step's slots are known only once an earlier one
+    ran (the merchant of a deleted order): a freeze met half-way would leave the earlier step
+    done and the later one undone, so the whole statement waits for the switch before its
+    first step (the freeze lasts at most the switch's budget). Other writes are checked per
+    job by the resolver and wait only for their own slots."""
+    if plan.kind == "select":
+        return None
+    frozen = next((m for m in snap.moving if m.frozen), None)
+    if frozen is None:
+        return None
+    in_steps = any(
+        key.lookup_table is not None for rule in plan.tables for key in rule.keys.values()
+    ) or any(rule.name in snap.lookup_tables for rule in plan.tables)
+    if not in_steps:
+        return None
+    return Frozen(
+        f"write refused: it maintains lookup rows in several steps and slots [{frozen.start},"
+        f" {frozen.end}) are being switched from {frozen.source} to {frozen.target} right now;"
+        f" such writes wait (at most {frozen.hold_s:g} s) outside a transaction; inside one,"
+        " nothing of this statement ran: roll the transaction back and retry it",
+        slots=(frozen.start, frozen.end),
+        hold_s=frozen.hold_s,
+    )
+
+
 def frozen_now(snap: RoutingSnapshot[Any, Any], slots: tuple[int, int]) -> bool:
     """True while ``snap`` freezes any slot of ``slots``."""
     return any(m.frozen and m.start < slots[1] and slots[0] < m.end for m in snap.moving)
@@ -158,6 +186,7 @@ class RoutingSnapshot(Generic[E, L]):
         "key_rules",
         "lapsed",
         "lean",
+        "lookup_tables",
         "moving",
         "moving_shards",
         "planner",
@@ -180,6 +209,13 @@ class RoutingSnapshot(Generic[E, L]):
         self.key_rules = key_rules
         self.lean: dict[Any, L | Literal[False]] = lean if lean is not None else {}
         self.moving = moving_ranges(topology)
+        self.lookup_tables = frozenset(
+            key.lookup_table
+            for name in topology.config.tables
+            for key in topology.table(name).keys.values()
+            if key.lookup_table is not None
+        )
+        """Tables that hold lookup rows (merchant_orders, user_emails): written in steps."""
         self.moving_shards = frozenset(s for m in self.moving for s in (m.source, m.target))
         self._lock = threading.Lock()
         self._users = 0
@@ -561,4 +597,5 @@ __all__ = [
     "held_too_long",
     "moving_ranges",
     "queue_full",
+    "steps_blind",
 ]

@@ -1,4 +1,4 @@
-"""Moving the rows themselves: the backfill (chunks under lock, checkpoints, throttle), the
+"""Moving the rows themselves: the backfill (chunks, checkpoints, throttle), the
 verification (row hashes computed by each shard, repair), the cleanup of the side that no
 longer owns them, and real row counts for progress (docs/RESHARDING.md, phases 3, 4 and 6).
 
@@ -264,12 +264,11 @@ def backfill(
     """Copy the rows of ``spec`` that belong to the moving slots from ``source`` to
     ``target``, in primary-key chunks after the checkpoint ``after``.
 
-    Each chunk is read ``SELECT ... FOR UPDATE`` on the source, its moving rows upserted into
-    the target, the target committed, then the source: the rows stay locked until their copy
-    landed, so a write to them waits and journals after (the drain copies it); the copy never
-    overwrites a newer image, and a row deleted before the read is not read, so it is never
-    resurrected. The source reads under READ COMMITTED: no gap locks, so inserts next to the
-    chunk go on (they journal).
+    Each chunk is read on the source (READ COMMITTED, no locks: see journal.copy_keys), its
+    moving rows upserted into the target, committed. The journal (triggers, on since start)
+    holds an entry for every change committed after the read, and the runner drains it
+    after the chunk: a row changed meanwhile gets its newer image, a row deleted meanwhile is
+    deleted again, so nothing stale or resurrected stays.
 
     ``on_chunk`` is called after each committed chunk (checkpoint ``last_key`` there);
     ``stop()`` is checked between chunks (and during the throttle's sleeps): it ends the walk
@@ -406,11 +405,11 @@ def _copy_chunk(
     after: Key | None,
     chunk: int,
 ) -> tuple[Sequence[Any], int]:
-    """One backfill chunk: read under lock, upsert the moving rows, commit target then
-    source. Returns (rows read, rows copied)."""
+    """One backfill chunk: read, upsert the moving rows, commit. Returns (rows read, rows
+    copied)."""
     st = statements(spec)
     at = st.shard_position
-    rows = _read_chunk(src, st, st.select_list, after, chunk, lock=True)
+    rows = _read_chunk(src, st, st.select_list, after, chunk)  # no lock: see journal.copy_keys
     keep = [
         tuple(r[i] for i in st.write_positions) for r in rows if at is None or check(spec, r[at])
     ]

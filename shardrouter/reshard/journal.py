@@ -50,8 +50,14 @@ T = TypeVar("T")
 Key = tuple[Any, ...]
 """A primary key's values, in ``TableSpec.key`` order."""
 
-LOCKING = "REPEATABLE READ"
-"""The isolation of a connection that reads the authority for ``copy_keys``."""
+LOCKING = "READ COMMITTED"
+"""The isolation of a connection that reads the authority for ``copy_keys``. Not REPEATABLE
+READ: its gap locks on absent keys (the rows a drain deletes from the mirror) made the
+routers' NOWAIT owner checks of a DELETE's lookup cleanup fail on exactly those keys, leaving
+lookup rows of deleted orders behind (found by the resharding load test). Under READ
+COMMITTED an insert of an absent key can commit while the batch runs; it journals an entry of
+its own, which a later batch copies. The one thing the gap lock bought, a drain and verify's
+repair of one key side by side, does not happen: the workflow runs them one after the other."""
 WALKING = "READ COMMITTED"
 """The isolation of every other mover connection (see ``mover_session``)."""
 
@@ -422,20 +428,28 @@ def copy_keys(
     journal_ids: Collection[int] = (),
     after_mirror_commit: Callable[[], None] | None = None,
 ) -> Copied:
-    """Copy the rows named by ``keys`` from the authority to the mirror under the authority's
-    row locks: the drain's batch, also used by verify's repair.
+    """Copy the rows named by ``keys`` from the authority to the mirror: the drain's batch,
+    also used by verify's repair.
 
-    In one authority transaction, the current rows are read ``FOR UPDATE`` (present rows
-    locked, absent keys gap-locked under REPEATABLE READ, so nothing can change them until the
-    end); then, in one mirror transaction, the keys that are absent on the authority or whose
-    row left the moving slots are deleted from the mirror (only mirror rows that belong: a row
-    of the mirror's own slots is never touched), and the present rows that belong are
-    upserted; the mirror commits; then ``journal_ids`` are deleted from the authority's
-    journal and the authority commits, releasing the locks. A write that arrived meanwhile
-    waited for them and journals an entry after, drained later.
+    The current rows are read on the authority (READ COMMITTED, without locks); then, in one
+    mirror transaction, the keys that are absent on the authority or whose row left the
+    moving slots are deleted from the mirror (only mirror rows that belong: a row of the
+    mirror's own slots is never touched), and the present rows that belong are upserted; the
+    mirror commits; then ``journal_ids`` are deleted from the authority's journal and the
+    authority commits.
 
-    Lock order: always the authority, then the mirror. ``mirror_conn`` must be in a
-    ``mover_session(mirror=True)``; both must be outside a transaction.
+    Why no row locks on the authority (DESIGN.md locks them): there, routers wrote the
+    mirror too, and a copy had to lock out their writes. Here only the migration's one runner
+    (Workflow holds a lock per migration) writes a mirror, in journal order, one batch after
+    the other; a change committed after this read journals an entry of its own (same
+    transaction), drained after this batch, so an image read here is at worst replaced by a
+    newer one, never left stale. Locks would only contend with the routers: they blocked the
+    NOWAIT owner checks of a DELETE's lookup cleanup (locking reads lock a deleted row's
+    record until purge, exactly the keys a drain reads after a delete), leaving lookup rows of
+    deleted orders behind (found by the resharding load test).
+
+    ``mirror_conn`` must be in a ``mover_session(mirror=True)``; both must be outside a
+    transaction.
     """
     check = belongs if isinstance(belongs, BelongsCache) else BelongsCache(belongs)
     images: list[tuple[TableSpec, list[Sequence[Any]]]] = []
@@ -450,9 +464,8 @@ def copy_keys(
             present: list[Sequence[Any]] = []
             found: set[Key] = set()
             for part in _parts(wanted):
-                rows = authority_conn.exec_driver_sql(
-                    f"SELECT {st.select_list} FROM {st.table}"
-                    f" WHERE {st.key_in(len(part))} FOR UPDATE",
+                rows = authority_conn.exec_driver_sql(  # no lock: see the docstring
+                    f"SELECT {st.select_list} FROM {st.table} WHERE {st.key_in(len(part))}",
                     st.key_params(part),
                 ).all()
                 for row in rows:
@@ -571,16 +584,25 @@ def drain(
     max_batches: int | None = None,
     stop: Callable[[], bool] | None = None,
     after_mirror_commit: Callable[[], None] | None = None,
+    keep: Belongs | None = None,
+    upto: int | None = None,
 ) -> DrainReport:
-    """Copy the rows named by the authority's journal into the mirror until the journal is
-    empty (or ``max_batches`` batches ran, or ``stop()`` returned True between batches).
+    """Copy the rows named by the authority's journal into the mirror until the journal has
+    no entry left past the ones this call passed over (or ``max_batches`` batches ran, or
+    ``stop()`` returned True between batches).
 
-    Each batch: up to ``batch`` entries in id order (read without locks); entries of a table
-    not in ``specs`` or of a row outside the moving slots are deleted ("discarded"); the rest
-    are copied by ``copy_keys`` (authority rows locked, mirror committed, then the entries
-    deleted and the authority committed). Idempotent and safe to interrupt anywhere: entries
-    leave the journal only after the mirror committed their rows. A batch that loses a
-    deadlock or a lock wait is rolled back and run again (up to 5 times).
+    Each batch: up to ``batch`` entries in id order after the last one seen (read without
+    locks); entries of a table not in ``specs`` or of a row outside the moving slots are
+    deleted ("discarded"), except those ``keep`` accepts (rows moving to another mirror from
+    the same authority: its own drain copies them), which are passed over; the rest are
+    copied by ``copy_keys`` (authority rows locked, mirror committed, then the entries deleted
+    and the authority committed). Idempotent and safe to interrupt anywhere: entries leave
+    the journal only after the mirror committed their rows. A batch that loses a deadlock or
+    a lock wait is rolled back and run again (up to 5 times).
+
+    ``upto``: only entries with ``id <= upto`` (the switch drains to the last entry written
+    before the freeze; later ones are other slots' writes). ``left`` is then the number of
+    such entries not done (0 when the call ran to its end); without it, the backlog.
 
     ``after_mirror_commit`` runs between the mirror's commit and the journal's delete (a test
     hook: an exception there is a crash at the worst moment).
@@ -588,7 +610,10 @@ def drain(
     if batch < 1:
         raise ReshardError(f"drain batch must be at least 1, not {batch}")
     check = BelongsCache(belongs)
+    kept = BelongsCache(keep) if keep is not None else None
     copied = deleted = discarded = batches = entries = 0
+    cursor = 0
+    bound = "" if upto is None else " AND id <= %s"
     with (
         authority.connect() as a,
         mirror.connect() as m,
@@ -602,20 +627,31 @@ def drain(
                 break
             if stop is not None and stop():
                 break
+            args: tuple[int, ...] = (cursor, batch) if upto is None else (cursor, upto, batch)
             rows = a.exec_driver_sql(
-                f"SELECT id, tbl, pk, k FROM {driver_quote(JOURNAL)} ORDER BY id LIMIT %s",
-                (batch,),
+                f"SELECT id, tbl, pk, k FROM {driver_quote(JOURNAL)}"
+                f" WHERE id > %s{bound} ORDER BY id LIMIT %s",
+                args,
             ).all()
             a.rollback()  # end the read's snapshot: the locked reads below see the latest rows
             if not rows:
                 return DrainReport(copied, deleted, discarded, batches, 0, entries)
+            cursor = int(rows[-1][0])
             work: dict[TableSpec, list[Key]] = {}
             ids: list[int] = []
             dropped = 0
             for entry_id, table, pk, k in rows:
-                ids.append(int(entry_id))
                 spec = by_table.get(str(table))
-                if spec is None or not check(spec, _shard_value(belongs, spec, k)):
+                value = _shard_value(belongs, spec, k) if spec is not None else None
+                if (
+                    spec is not None
+                    and kept is not None
+                    and not check(spec, value)
+                    and kept(spec, value)
+                ):
+                    continue  # another mirror's row: its own drain copies it
+                ids.append(int(entry_id))
+                if spec is None or not check(spec, value):
                     dropped += 1
                     continue
                 work.setdefault(spec, []).append(tuple(json.loads(pk, parse_float=Decimal)))
@@ -634,7 +670,32 @@ def drain(
             discarded += dropped
             entries += len(ids)
             batches += 1
+    if upto is not None:
+        return DrainReport(
+            copied, deleted, discarded, batches, pending(authority, cursor, upto), entries
+        )
     return DrainReport(copied, deleted, discarded, batches, backlog(authority), entries)
+
+
+def pending(engine: Engine, after: int, upto: int) -> int:
+    """Journal entries with ``after < id <= upto``."""
+    with engine.connect() as conn:
+        if not _journal_exists(conn):
+            return 0
+        found = conn.exec_driver_sql(
+            f"SELECT COUNT(*) FROM {driver_quote(JOURNAL)} WHERE id > %s AND id <= %s",
+            (after, upto),
+        ).scalar()
+        return int(found or 0)
+
+
+def last_id(engine: Engine) -> int:
+    """The journal's highest entry id (0 when empty or missing)."""
+    with engine.connect() as conn:
+        if not _journal_exists(conn):
+            return 0
+        found = conn.exec_driver_sql(f"SELECT MAX(id) FROM {driver_quote(JOURNAL)}").scalar()
+        return int(found or 0)
 
 
 def retrying(run: Callable[[], T], *conns: Connection) -> T:
@@ -680,7 +741,9 @@ __all__ = [
     "install",
     "installed_triggers",
     "is_lock_conflict",
+    "last_id",
     "mover_session",
+    "pending",
     "remove",
     "retrying",
     "trigger_names",

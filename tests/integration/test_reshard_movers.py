@@ -667,29 +667,53 @@ def test_drain_interrupted_after_mirror_commit_redrains_to_the_same_result(
 
 
 @pytest.mark.timeout(120)
-def test_drain_copies_under_the_authoritys_lock(w: World) -> None:
+def test_drain_neither_waits_for_nor_blocks_the_routers_writers(w: World) -> None:
+    """The drain reads the authority without row locks (journal.copy_keys): a writer's
+    uncommitted change does not hold it up (it copies the committed image; the change
+    journals and is copied by a later drain), and a router's NOWAIT locking read of a key
+    the drain handles is never refused. Locking them made the lookup cleanup of a DELETE
+    fail on exactly the deleted key (the resharding load test found it)."""
     install(w.a, w.specs)
-    u = w.moving_users[0]
+    u, d = w.moving_users[0], w.moving_users[1]
     with w.a.begin() as conn:
         conn.exec_driver_sql("INSERT INTO users VALUES (%s, 'a@x', 'v1', %s)", (u, T0))
+        conn.exec_driver_sql("INSERT INTO users VALUES (%s, 'd@x', 'd', %s)", (d, T0))
+    drain(w.a, w.b, w.specs, w.belongs)
+    with w.a.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM users WHERE user_id = %s", (d,))
+    probes: list[Any] = []
+
+    def router_checks_the_deleted_owner() -> None:
+        with w.a.connect() as router:  # what a DELETE's lookup cleanup does meanwhile
+            probes.append(
+                router.exec_driver_sql(
+                    "SELECT user_id FROM users WHERE user_id = %s FOR UPDATE NOWAIT", (d,)
+                ).all()
+            )
+            router.rollback()
+
     holder = w.a.connect()
     try:
         holder.exec_driver_sql("UPDATE users SET name = 'v2' WHERE user_id = %s", (u,))
-        reports: list[Any] = []
-        t = threading.Thread(
-            target=lambda: reports.append(drain(w.a, w.b, w.specs, w.belongs)), daemon=True
+        t0 = time.monotonic()
+        report = drain(
+            w.a, w.b, w.specs, w.belongs, after_mirror_commit=router_checks_the_deleted_owner
         )
-        t.start()
-        t.join(1.0)
-        assert t.is_alive()  # the entry's row is locked by a writer: the drain waits
+        assert time.monotonic() - t0 < 5  # it did not wait for the writer's lock
+        assert probes == [[]]  # the NOWAIT read ran (and found the owner gone)
+        assert report.left == 0
+        with w.b.connect() as conn:
+            name = conn.exec_driver_sql("SELECT name FROM users WHERE user_id = %s", (u,))
+            assert name.scalar_one() == "v1"  # the committed image
+            gone = conn.exec_driver_sql("SELECT COUNT(*) FROM users WHERE user_id = %s", (d,))
+            assert gone.scalar_one() == 0
         holder.commit()
-        t.join(30)
-        assert reports and reports[0].left == 0
     finally:
         holder.close()
+    drain(w.a, w.b, w.specs, w.belongs)  # the writer's change journaled: copied now
     with w.b.connect() as conn:
         name = conn.exec_driver_sql("SELECT name FROM users WHERE user_id = %s", (u,))
-        assert name.scalar_one() == "v2"  # the image as of the lock, not the one journaled
+        assert name.scalar_one() == "v2"
 
 
 @pytest.mark.timeout(120)
@@ -811,24 +835,24 @@ def test_backfill_neither_resurrects_deletes_nor_overwrites_newer_images(w: Worl
     names = {r[0]: r[1] for r in rows}
     assert names == {late_updated: "v2"}
 
-    # A writer holding a row makes the chunk wait; the copy is the committed image.
+    # A writer holding a row does not hold the chunk up: the copy is the committed image,
+    # and the writer's change, journaled at its commit, is copied by the next drain.
     target = keys[len(keys) // 2]
     holder = w.a.connect()
     try:
         holder.exec_driver_sql("UPDATE users SET name = 'v3' WHERE user_id = %s", (target,))
-        result: list[Any] = []
-        t = threading.Thread(
-            target=lambda: result.append(backfill(w.a, w.b, spec, w.belongs, chunk=1000)),
-            daemon=True,
-        )
-        t.start()
-        t.join(1.0)
-        assert t.is_alive()  # waiting for the row lock
+        t0 = time.monotonic()
+        assert backfill(w.a, w.b, spec, w.belongs, chunk=1000).done
+        assert time.monotonic() - t0 < 10
         holder.commit()
-        t.join(30)
-        assert result and result[0].done
     finally:
         holder.close()
+    with w.b.connect() as conn:
+        name = conn.exec_driver_sql(
+            "SELECT name FROM users WHERE user_id = %s", (target,)
+        ).scalar_one()
+    assert name != "v3"  # not yet: the backfill read the committed image
+    drain(w.a, w.b, w.specs, w.belongs)
     with w.b.connect() as conn:
         name = conn.exec_driver_sql(
             "SELECT name FROM users WHERE user_id = %s", (target,)
