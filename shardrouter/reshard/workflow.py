@@ -529,6 +529,7 @@ class Workflow:
             return
         self.push("rolled_back").raise_if_incomplete()
         self._remove_journals()
+        self._reconcile_lookups()
         self._record("rollback", "rolled back: the source owns every slot, journals off")
 
     def _remove_journals(self) -> None:
@@ -551,6 +552,7 @@ class Workflow:
                         self.engine(pair.target), spec, belongs, on_chunk=_advancing(task)
                     )
                     task.done()
+        self._reconcile_lookups()
         self._record("cancel", "cancelled: the target's copy deleted")
 
     def _finalize(self) -> None:
@@ -571,7 +573,36 @@ class Workflow:
                     on_chunk=_advancing(task),
                 )
                 task.done()
+        self._reconcile_lookups()
         self._record("finalize", "finalized: moved rows deleted from the sources")
+
+    def _reconcile_lookups(self) -> None:
+        """Remove orphan lookup rows, with the routers' own guarded discard (``check lookups
+        --fix``: an orphan that stays one for its grace period, its owner checked under lock).
+        Why here: installing and dropping triggers is DDL, and a router's DELETE whose lookup
+        cleanup meets it (its NOWAIT owner check waits on the table's metadata lock) keeps the
+        lookup row, as it does for any lock it meets (execution.remove_lookups): an orphan,
+        harmless to reads, that a migration which took that lock removes before it ends."""
+        from ..engine.router import Router
+        from ..ops.lookups import check_lookups  # ops imports nothing of reshard: no cycle
+
+        current = self.store.current()
+        if current is None:
+            return
+        doc = dict(current.document)
+        doc.pop("meta", None)  # a plain router: it must not register as a follower
+        router = Router(Topology(config_from_dict(doc, env=self.env)))
+        try:
+            reports = check_lookups(router, fix=True)
+        finally:
+            router.close()
+        removed = sum(r.removed for r in reports)
+        left = sum(len(r.orphans) - r.removed for r in reports)
+        state.add_event(
+            self.store,
+            self.migration_id,
+            f"lookups checked: {removed} orphan rows removed, {left} kept (owners in flight)",
+        )
 
     # checkpoints -----------------------------------------------------------------------------
 
