@@ -7,7 +7,12 @@ JSON document with ``--json``). Progress bars (rate, ETA) go to stderr on a term
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -98,6 +103,27 @@ def _with(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
         return fn
 
     return apply
+
+
+@contextmanager
+def _pausable(flow: Workflow) -> Iterator[threading.Event]:
+    """Ctrl-C (SIGINT) or SIGTERM pauses the running action at its next chunk (checkpointed:
+    `resume` continues); a second Ctrl-C interrupts at once."""
+    paused = threading.Event()
+
+    def pause(signum: int, frame: object) -> None:
+        if paused.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        paused.set()
+        click.echo("pausing at the next chunk (Ctrl-C again to stop at once) ...", err=True)
+
+    previous = {sig: signal.signal(sig, pause) for sig in (signal.SIGINT, signal.SIGTERM)}
+    flow.stop = paused.is_set
+    try:
+        yield paused
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _flow(store: MetaStore, migration_id: str | None, as_json: bool, **run: Any) -> Workflow:
@@ -239,6 +265,7 @@ def _action(name: str, help_text: str, *, confirm: bool = False) -> None:
         with (
             open_store(config_path, meta_url) as store,
             _flow(store, migration_id, as_json, **run) as flow,
+            _pausable(flow) as paused,
         ):
             if name == "advance":
                 migration = flow.advance()
@@ -255,11 +282,14 @@ def _action(name: str, help_text: str, *, confirm: bool = False) -> None:
                     "ok": True,
                     "migration": migration.migration_id,
                     "phase": migration.phase,
+                    "paused": paused.is_set(),
                     "legal": allowed,
                 }
             )
             return
         click.echo(f"migration {migration.migration_id}: {migration.phase}")
+        if paused.is_set():
+            click.echo("paused: `shardctl reshard resume` continues from the checkpoints")
         if allowed:
             click.echo(f"next: {', '.join(allowed)}")
 
@@ -335,18 +365,21 @@ def status_cmd(
     if as_json:
         emit_json({"ok": True, **data})
         return
-    from ..core.progress import line
+
+    def eta_text(seconds: float) -> str:
+        minutes, rest = divmod(int(seconds), 60)
+        return f"{minutes}:{rest:02d}"
 
     click.echo(f"migration {data['migration']}: {data['phase']}")
     for m in data["moves"]:
         click.echo(f"  slots [{m['slots'][0]}, {m['slots'][1]}) {m['source']} -> {m['target']}")
-    for t in data["tables"]:
-        click.echo(
-            "  "
-            + line(
-                f"{t['table']} {t['source']}->{t['target']}", t["copied"], t["total"], "rows", 0
-            ).split(" 0 rows/s")[0]
-        )
+    for (table, source, target), (copied, total) in _by_table(data["tables"]).items():
+        click.echo("  " + bar(f"{table:<16} {source}->{target}", copied, total))
+    copy = data["copy"]
+    if copy["total"] is not None:
+        rate = f", {copy['rows_per_s']:,.0f} rows/s" if copy["rows_per_s"] else ""
+        eta = f", ETA {eta_text(copy['eta_s'])}" if copy["eta_s"] is not None else ""
+        click.echo(f"  copied {copy['copied']:,} of {copy['total']:,} rows{rate}{eta}")
     if data["journal_backlog"]:
         backlog = ", ".join(
             f"{k} {v if v is not None else '?'}" for k, v in data["journal_backlog"].items()
@@ -361,15 +394,40 @@ def status_cmd(
         )
     if data["switch"]:
         click.echo(f"  switch: writes held {data['switch']['freeze_s'] * 1000:.0f} ms")
-    routers = data["cluster"].get("routers", [])
+    cluster = data["cluster"]
+    routers = cluster.get("routers", [])
+    lagging = len(cluster.get("lagging", []))
     click.echo(
-        f"  routers: {len(routers)} registered, current version"
-        f" {data['cluster'].get('current_version')}"
+        f"  routers: {len(routers)} registered, {lagging} behind version"
+        f" {cluster.get('current_version')}"
     )
-    for event in data["events"][-5:]:
-        click.echo(f"  {event}")
+    for event in data["events"][-4:]:
+        when = time.strftime("%H:%M:%S", time.gmtime(event["at_ms"] / 1000))
+        click.echo(f"  {when} {event['message']}")
     if data["legal"]:
         click.echo(f"next: {', '.join(data['legal'])}")
+
+
+def _by_table(tables: list[dict[str, Any]]) -> dict[tuple[str, str, str], tuple[int, int | None]]:
+    """Rows copied / total per logical table and pair (a split table's physical tables
+    added up: orders_0000..orders_0003 are orders)."""
+    out: dict[tuple[str, str, str], tuple[int, int | None]] = {}
+    for t in tables:
+        logical = re.sub(r"_\d{4}$", "", t["table"])
+        key = (logical, t["source"], t["target"])
+        copied, total = out.get(key, (0, 0))
+        if total is None or t["total"] is None:
+            out[key] = (copied + t["copied"], None)
+        else:
+            out[key] = (copied + t["copied"], total + t["total"])
+    return out
+
+
+def bar(name: str, done: int, total: int | None, width: int = 20) -> str:
+    if not total:
+        return f"{name} {done:,} rows"
+    filled = min(width, int(width * done / total))
+    return f"{name} [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,} rows"
 
 
 @reshard.command("list", epilog=_EXIT)

@@ -340,6 +340,9 @@ class Workflow:
         if self.migration.phase == "prepared":
             self.push("copy").raise_if_incomplete()
             state.mark_running(self.store, self.migration_id, "copy")
+        # The copy's rate for status (rows copied by this run since it started, and when).
+        run = {"started_at": time.time(), "copied_before": self._copied()}
+        self._set_checkpoint("copy_run", run)
         for pair in pairs(self.plan):
             belongs = self.belongs(pair.ranges)
             source, target = self.engine(pair.source), self.engine(pair.target)
@@ -391,6 +394,7 @@ class Workflow:
                         "done": True,
                     },
                 )
+        self._set_checkpoint("copy_run", {**run, "finished_at": time.time()})
         for pair in pairs(self.plan):
             self._drain(pair)
         self._record("copy", "copied: every table backfilled, journal drained")
@@ -614,6 +618,30 @@ class Workflow:
 
     # status ----------------------------------------------------------------------------------
 
+    def _copied(self) -> int:
+        points = state.checkpoints(self.store, self.migration_id)
+        return sum(int(v.get("copied", 0)) for k, v in points.items() if k.startswith("backfill:"))
+
+    @staticmethod
+    def _copy_progress(tables: list[dict[str, Any]], run: Any) -> dict[str, Any]:
+        """Rows copied of the total (real counts taken when each table's copy began), the
+        rate of the current (or last) copy run and the time left at that rate."""
+        copied = sum(int(t["copied"]) for t in tables)
+        known = [t for t in tables if t["total"] is not None]
+        total = sum(int(t["total"]) for t in known) if known else None
+        out: dict[str, Any] = {"copied": copied, "total": total, "rows_per_s": None, "eta_s": None}
+        if run:
+            end = float(run.get("finished_at") or time.time())
+            seconds = max(end - float(run["started_at"]), 1e-6)
+            rate = (copied - int(run.get("copied_before", 0))) / seconds
+            out["rows_per_s"] = round(rate, 1)
+            done = all(t["done"] for t in tables) and bool(tables)
+            if done:
+                out["eta_s"] = 0
+            elif total is not None and rate > 0:
+                out["eta_s"] = round(max(total - copied, 0) / rate, 1)
+        return out
+
     def status(self) -> dict[str, Any]:
         """What `shardctl reshard status` prints: phase, tables copied/total from real
         counts, journal backlogs, verify, routers and their acks."""
@@ -652,6 +680,7 @@ class Workflow:
                 for m in migration.plan.moves
             ],
             "tables": tables,
+            "copy": self._copy_progress(tables, points.get("copy_run")),
             "journal_backlog": backlog,
             "verify": points.get("verify"),
             "switch": points.get("switch"),

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 INTEGRATION = "tests/integration/test_issue7_ops.py::test_readme_blocks_run_on_mariadb"
 CONTROL = "tests/integration/test_control_cli.py::test_readme_control_plane_commands"
+RESHARD = "tests/integration/test_reshard_readme.py::test_readme_reshard_guide_runs_as_written"
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ BLOCKS = {
     "shardctl meta init --config orders.yaml                 # create the store's tables"
     " (idempotent)": "commands",
     "$ shardctl config validate bad.yaml": "test_bad_yaml_block_gives_the_problems_shown",
+    "shardctl demo --reshard      # 2 -> 4 shards on a sandbox it starts and stops, a writer"
+    " running": "commands",
+    "shardctl reshard plan --config orders.yaml --to orders-4.yaml   # the moves, stored;"
+    " nothing runs": "commands",
+    "$ shardctl reshard status --config orders.yaml": "commands",
     "orders.user_id: value 'abc' is not an integer (strategy hash expects int); pass the row's"
     " user_id as an integer": "test_error_block_is_the_real_message",
 }
@@ -130,6 +136,16 @@ COMMANDS = {
     "shardctl topology history --config orders.yaml": CONTROL,
     "shardctl topology show 1 --config orders.yaml": CONTROL,
     "shardctl topology diff 1 2 --config orders.yaml": CONTROL,
+    "shardctl demo --reshard": (
+        "tests/integration/test_reshard_demo.py::test_demo_reshard_splits_with_writes_and_loses_nothing"
+    ),
+    "shardctl reshard plan --config orders.yaml --to orders-4.yaml": RESHARD,
+    "shardctl reshard start --config orders.yaml": RESHARD,
+    "shardctl reshard copy --config orders.yaml": RESHARD,
+    "shardctl reshard verify --config orders.yaml": RESHARD,
+    "shardctl reshard switch --config orders.yaml": RESHARD,
+    "shardctl reshard status --config orders.yaml": RESHARD,
+    "shardctl reshard finalize --yes --config orders.yaml": RESHARD,
     "shardctl sandbox down --dir .sandbox": (
         "tests/integration/test_sandbox.py::test_cli_up_status_down"
     ),
