@@ -6,7 +6,7 @@ orders-shaped rows into s0's four ``orders_000x`` tables (users of s0's slots, h
 the moving slots [0, 128)), then times, moving those slots from s0 to s1:
 
 1. backfill: every orders table, chunk 2000, no throttle. rows/s = source rows walked per
-   second (every row is read under lock, the moving half upserted into s1). Target: >= 50k.
+   second (every row is read, the moving half upserted into s1). Target: >= 50k.
 2. verify: every orders table, no repair. rows/s = source rows compared per second (both
    sides hash their rows; the target's rows of each key range are read too). Target: >= 200k.
 3. drain: triggers installed, one UPDATE touching --drain-rows rows (each one journal entry),
