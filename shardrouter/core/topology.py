@@ -240,6 +240,20 @@ class TableRule:
         return names[slot % len(names)]
 
 
+def _mirrored(
+    config: TopologyConfig, owning: set[ShardId]
+) -> Mapping[ShardId, tuple[tuple[int, int], ...]]:
+    held: dict[ShardId, list[tuple[int, int]]] = {}
+    for m in config.moving:
+        holder = ShardId(m.source if m.write_mode == "dual_new_primary" else m.target)
+        if m.write_mode == "frozen":
+            owner_is_target = any(s <= m.slots[0] < e for s, e in config.shards[m.target].slots)
+            holder = ShardId(m.source if owner_is_target else m.target)
+        if holder in owning:
+            held.setdefault(holder, []).append((m.slots[0], m.slots[1]))
+    return MappingProxyType({k: tuple(v) for k, v in held.items()})
+
+
 class Topology:
     """Slots -> shards, tables -> rules, the id layout. Immutable; a change is a new version.
 
@@ -273,6 +287,17 @@ class Topology:
             raise RoutingError("topology: some slots have no shard; validate the config first")
         self.shards: Mapping[ShardId, ShardSpec] = MappingProxyType(shards)
         self._owner: tuple[ShardId, ...] = tuple(o for o in owner if o is not None)
+        owning = set(self._owner)
+        self.serving: tuple[ShardId, ...] = tuple(s for s in self.shards if s in owning)
+        """Shards that own slots, in config order: what reads across shards (and reads of
+        broadcast tables) use. A shard without slots (one just added, a migration's target
+        before its switch) may hold partial broadcast tables or copies of rows it does not
+        own; writes to every shard still reach it."""
+        self.mirrored: Mapping[ShardId, tuple[tuple[int, int], ...]] = _mirrored(config, owning)
+        """Serving shards that also hold copies of rows they do not own: a migration's
+        target that already served before it (until the switch) or its source after the
+        switch (until finalize), with the copied ranges. A read across shards would count
+        those rows twice (execution.run refuses it)."""
         self._tables: dict[str, TableRule] = {}
         for name in config.tables:
             self._tables[name] = self._build_table(name, config.tables)

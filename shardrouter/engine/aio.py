@@ -292,7 +292,7 @@ class AsyncTransaction:
         """See Transaction._settle_snapshot: under a frozen range, wait (bounded) for the
         router's next version and settle under it."""
         frozen = next((m for m in self._snap.moving if m.frozen), None)
-        if frozen is None:
+        if frozen is None or not self._ledger.pending:
             return self._snap
         deadline = time.monotonic() + frozen.hold_s
         slots = (frozen.start, frozen.end)

@@ -373,7 +373,7 @@ class Transaction:
         to their current owner. Waiting under an unfrozen snapshot instead would hold back the
         very acknowledgement the switch waits for."""
         frozen = next((m for m in self._snap.moving if m.frozen), None)
-        if frozen is None:
+        if frozen is None or not self._ledger.pending:
             return self._snap
         deadline = time.monotonic() + frozen.hold_s
         slots = (frozen.start, frozen.end)

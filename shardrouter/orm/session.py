@@ -180,6 +180,7 @@ from ..sql.execution import (
     index_ordered_columns,
     log,
     lookup_rows,
+    read_shards,
     write_lookups,
 )
 from ..sql.merge import WEIGHT_CHARS, MergePlan, SortKey, merge
@@ -297,11 +298,16 @@ class _Routing:
             return self._base[shard]
         return self._split[shard][slot % rule.split]
 
-    def fanout(self, rule: TableRule) -> list[str]:
-        """Every placement of ``rule``'s table, each physical table once."""
-        shards = list(self.topology.shards)
+    def fanout(self, rule: TableRule, *, reading: bool = True) -> list[str]:
+        """Every placement of ``rule``'s table, each physical table once: for a read, of
+        the shards that own slots (execution.read_shards); for a write, of every shard."""
+        if rule.kind == "broadcast" and reading:
+            return [self._base[self.topology.serving[0]]]  # the same rows on every shard
+        shards = (
+            list(read_shards(self.topology, rule.name)) if reading else list(self.topology.shards)
+        )
         if rule.kind == "broadcast":
-            return [self._base[shards[0]]]  # the same rows on every shard
+            return [self._base[s] for s in shards]
         if rule.split == 1:
             return [self._base[s] for s in shards]
         return [self._split[s][r] for s in shards for r in range(rule.split)]
@@ -1480,7 +1486,7 @@ class RoutedSession(ShardedSession):
                     f" ({', '.join(table.keys)}), so it would run on every shard; add the key,"
                     " or create the Router with allow_scatter_write=True if you mean it"
                 )
-            tokens = self._routing.fanout(table)
+            tokens = self._routing.fanout(table, reading=False)
         self._check_limits(tokens, 0)
         self._wrote = True
         for shard in dict.fromkeys(self._routing.placements[t].shard for t in tokens):

@@ -510,8 +510,27 @@ def _returning(plan: Plan, owner: TableRule) -> str:
 # -- targets --------------------------------------------------------------------------------
 
 
-def _all_targets(topology: Topology, table: TableRule) -> list[Target]:
-    return [Target(sid, i) for sid in topology.shards for i in range(table.split)]
+def _all_targets(topology: Topology, table: TableRule, reading: bool) -> list[Target]:
+    """Every shard for a write; for a read, read_shards()."""
+    shards = read_shards(topology, table.name) if reading else tuple(topology.shards)
+    return [Target(sid, i) for sid in shards for i in range(table.split)]
+
+
+def read_shards(topology: Topology, table: str) -> tuple[ShardId, ...]:
+    """The shards a read of ``table`` across shards runs on: every shard that owns slots
+    (Topology.serving); refused while a serving shard holds copies of rows it does not own
+    (a migration's mirror: the answer would count them twice). The ORM's fan-out too."""
+    if topology.mirrored:
+        holder, ranges = next(iter(topology.mirrored.items()))
+        where = ", ".join(f"[{a}, {b})" for a, b in ranges)
+        raise UnsupportedQueryError(
+            f"a read of {table} across shards is refused while slots {where} are being"
+            f" moved: shard {holder} holds copies of their rows besides its own (a"
+            " migration between its start and its finalize), so the answer would count"
+            " them twice. Read by a sharding key (each key reads its one owner), or finish"
+            " the migration (`shardctl reshard finalize`, or `rollback` then `cancel`)"
+        )
+    return topology.serving
 
 
 def _slot_targets(
@@ -536,10 +555,9 @@ def _direct_targets(topology: Topology, plan: Plan, params: Mapping[str, Any]) -
     scatter decides. A plain function: the point-query path allocates no generator here."""
     table = plan.sharded
     if table is None:
-        shards = list(topology.shards)
-        if plan.kind == "select":  # a broadcast table has the same rows everywhere
-            return _Targets([Target(shards[0], 0)], False, anywhere=True)
-        return _Targets([Target(s, 0) for s in shards], True)
+        if plan.kind == "select":  # a broadcast table has the same rows on every serving shard
+            return _Targets([Target(topology.serving[0], 0)], False, anywhere=True)
+        return _Targets([Target(s, 0) for s in topology.shards], True)
     condition = plan.routing_condition
     if condition is None:
         return None
@@ -563,7 +581,7 @@ def _indirect_targets(
     if lookup is not None:
         reading = plan.kind == "select"
         return (yield from _lookup_targets(topology, table, lookup, params, reading, ledger))
-    return _Targets(_all_targets(topology, table), True)
+    return _Targets(_all_targets(topology, table, plan.kind == "select"), True)
 
 
 def _lookup_targets(
@@ -609,7 +627,7 @@ def _lookup_targets(
     if not targets:
         # No owner: run on one shard anyway so aggregates still return their one row; for a
         # read any shard gives that answer (a transaction need not bind to it).
-        targets = [Target(next(iter(topology.shards)), 0)]
+        targets = [Target(topology.serving[0], 0)]
         anywhere = reading
     return _Targets(targets, False, [j.shard for j in jobs], anywhere)
 
@@ -1285,6 +1303,11 @@ class LookupLedger:
     )
     """``claims`` folded up to ``_seen``: value -> holder (see holder_of)."""
     _seen: int = field(default=0, repr=False, compare=False)
+
+    @property
+    def pending(self) -> bool:
+        """Whether settle() has anything to do."""
+        return bool(self.created or self.doubtful or self.changes or self.claims)
 
     def add(self, written: Written, *, doubtful: bool, undone: bool = False) -> None:
         """``undone``: the rows of a statement that failed (its owner rows were not written,

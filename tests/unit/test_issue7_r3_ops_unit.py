@@ -171,6 +171,24 @@ FAILING = {
     ("meta", "init"): ["--config", "{missing}", "--json"],
     ("meta", "status"): ["--json", "--meta-url", "not a url"],
     ("route",): ["--config", "config/orders.yaml", "--table", "nope", "--key", "a=1", "--json"],
+    **{
+        ("reshard", name): ["--config", "{missing}", "--json"]
+        for name in (
+            "advance",
+            "cancel",
+            "copy",
+            "finalize",
+            "list",
+            "plan",
+            "resume",
+            "rollback",
+            "run",
+            "start",
+            "status",
+            "switch",
+            "verify",
+        )
+    },
     ("topology", "diff"): ["1", "2", "--config", "{missing}", "--json"],
     ("topology", "history"): ["--config", "{missing}", "--json"],
     ("topology", "push"): ["{missing}", "--json"],
