@@ -9,8 +9,9 @@ the phase it leads to, and why every other one is refused (docs/RESHARDING.md, "
     planned|prepared|copying|copied|verified|rolled_back -cancel-> cancelled (target cleaned)
 
 ``copying`` is the phase recorded while a copy runs (:func:`running`): a copy interrupted
-there is resumed by ``copy`` again. ``verify`` may run again in ``verified``;
-``switch_reads`` changes where reads go while verified, not the phase. ``advance`` is the
+there is resumed by ``copy`` again. ``verify`` may run again in ``verified``. Reads move
+with the writes at the switch (there is no separate read switch: a target's copy lags its
+source by the drain, so reading it before the switch could miss a write). ``advance`` is the
 one next action of the forward path; it stops at ``switched`` (finalize deletes the source's
 copy, so it is always asked for explicitly). ``finalized`` and ``cancelled`` are terminal.
 """
@@ -40,7 +41,6 @@ Action = Literal[
     "rollback",
     "cancel",
     "finalize",
-    "switch_reads",
     "advance",
 ]
 PHASES: tuple[str, ...] = get_args(Phase)
@@ -65,7 +65,6 @@ _TABLE: dict[tuple[str, str], str] = {
     ("copied", "cancel"): "cancelled",
     ("verified", "verify"): "verified",
     ("verified", "switch"): "switched",
-    ("verified", "switch_reads"): "verified",
     ("verified", "rollback"): "rolled_back",
     ("verified", "cancel"): "cancelled",
     ("switched", "rollback"): "verified",
@@ -244,15 +243,6 @@ def _why_finalize(phase: str) -> str:
     )
 
 
-def _why_switch_reads(phase: str) -> str:
-    if _before(phase, "verified"):
-        return (
-            "switching reads before the copy was verified would read an incomplete copy;"
-            " copy and verify first"
-        )
-    return "after the switch reads follow the writes to the targets already"
-
-
 def _why_advance(phase: str) -> str:
     return (
         "the switch is done; finalize is never automatic since it deletes the sources' copy"
@@ -268,7 +258,6 @@ _WHY = {
     "rollback": _why_rollback,
     "cancel": _why_cancel,
     "finalize": _why_finalize,
-    "switch_reads": _why_switch_reads,
     "advance": _why_advance,
 }
 

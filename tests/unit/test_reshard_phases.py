@@ -28,7 +28,6 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("copied", "advance"): "verified",
     ("verified", "verify"): "verified",
     ("verified", "switch"): "switched",
-    ("verified", "switch_reads"): "verified",
     ("verified", "rollback"): "rolled_back",
     ("verified", "cancel"): "cancelled",
     ("verified", "advance"): "switched",
@@ -55,7 +54,6 @@ ACTIONS = (
     "rollback",
     "cancel",
     "finalize",
-    "switch_reads",
     "advance",
 )
 
@@ -120,7 +118,6 @@ def test_legal_lists_exactly_the_accepted_actions(phase: str) -> None:
         ("switched", "advance", "finalize is never automatic"),
         ("planned", "rollback", "nothing was applied yet: cancel the plan instead"),
         ("rolled_back", "advance", "only cancel is left"),
-        ("copied", "switch_reads", "read an incomplete copy"),
         ("verified", "start", "started already (verified)"),
     ],
 )
