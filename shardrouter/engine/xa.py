@@ -319,6 +319,18 @@ def _outcomes(engine: Engine) -> dict[str, tuple[str, float]]:
         return {r[0]: (r[1], float(r[2])) for r in rows}
 
 
+def prepared_branches(engine: Engine, shard: ShardId) -> list[str]:
+    """The xids of ``shard``'s branches prepared and not yet committed or rolled back on its
+    server (a two-phase commit in flight, or left for recovery). The resharding switch waits
+    for none: such a branch's rows would commit after the journal was drained."""
+    with _autocommit(engine) as conn:
+        return [
+            value
+            for value in _prepared(conn)
+            if (parsed := parse_xid(value)) is not None and parsed[1] == shard
+        ]
+
+
 def _autocommit(engine: Engine) -> Connection:
     # XA COMMIT/ROLLBACK of a recovered xid must run outside any local transaction.
     return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
@@ -339,6 +351,7 @@ __all__ = [
     "gtrid_age_s",
     "new_gtrid",
     "parse_xid",
+    "prepared_branches",
     "recover",
     "rollback",
     "start",

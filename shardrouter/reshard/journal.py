@@ -68,9 +68,12 @@ _KEYS_PER_STATEMENT = 500  # bound parameters per SELECT/DELETE by key stay well
 _LOCK_ERRNOS = frozenset({1205, 1213})  # lock wait timeout, deadlock: the batch is retried
 _RETRIES = 5
 # Column types whose values do not survive JSON (binary strings, bit fields, geometry) or
-# compare inexactly once printed (floating point): a journal entry could not name the row.
+# compare inexactly once printed (floating point), or whose text depends on the writer's
+# session (TIMESTAMP prints in the session's time zone, and the drain reads in UTC: review 9
+# found an update from a +05:00 session never copied): a journal entry could not name the row.
 _UNJOURNALABLE = frozenset(
     {
+        "timestamp",
         "binary",
         "varbinary",
         "tinyblob",
@@ -238,7 +241,8 @@ def _refuse_unjournalable(engine: Engine, specs: Sequence[TableSpec]) -> None:
                     problems.append(
                         f"{spec.physical}.{column} is {data_type}: a journal entry (JSON) cannot"
                         " name its rows exactly; key and sharding columns must be integers,"
-                        " decimals, strings or dates"
+                        " decimals, strings, DATE or DATETIME (a TIMESTAMP prints in each"
+                        " writer's time zone)"
                     )
     if problems:
         raise ReshardDataError("; ".join(problems))
@@ -324,7 +328,9 @@ def _errno(exc: BaseException) -> int | None:
 
 
 @contextmanager
-def mover_session(conn: Connection, *, mirror: bool, isolation: str) -> Iterator[None]:
+def mover_session(
+    conn: Connection, *, mirror: bool, isolation: str, lock_wait_s: int | None = None
+) -> Iterator[None]:
     """Prepare a connection of the movers, and put it back as it was afterwards (it returns to
     a pool other code may share).
 
@@ -333,21 +339,20 @@ def mover_session(conn: Connection, *, mirror: bool, isolation: str) -> Iterator
     ``@shardrouter_mirror`` is set so the connection's writes do not journal themselves, and
     ``sql_mode`` is the one mysqldump restores under: NO_AUTO_VALUE_ON_ZERO (a 0 in an
     AUTO_INCREMENT column stays 0) and no strict checks (a value the source holds, a zero
-    date say, is written as it is). ``isolation``: the
-    transaction isolation level, set explicitly whatever the server's default (SQLAlchemy
-    restores the pool's when the connection goes back):
-
-    - REPEATABLE READ where ``copy_keys`` reads the authority: a locking read of an absent key
-      gap-locks it, so no insert of it can commit until the mirror has the key's absence (two
-      movers, say the drain and verify's repair, cannot reorder their mirror writes);
-    - READ COMMITTED elsewhere (backfill and cleanup walks, every mirror): no gap locks to
-      stall the service's inserts next to the rows being copied; the row locks suffice.
+    date say, is written as it is). ``isolation``: the transaction isolation level, set
+    explicitly whatever the server's default (SQLAlchemy restores the pool's when the
+    connection goes back): READ COMMITTED for every mover connection (no gap locks, no locks
+    on the authority's rows at all: see copy_keys). ``lock_wait_s``: this session's
+    innodb_lock_wait_timeout (the switch bounds a mirror write held by a lock by its budget).
     """
     conn.execution_options(isolation_level=isolation)
-    zone, mode = conn.exec_driver_sql("SELECT @@session.time_zone, @@session.sql_mode").one()
+    zone, mode, wait = conn.exec_driver_sql(
+        "SELECT @@session.time_zone, @@session.sql_mode, @@session.innodb_lock_wait_timeout"
+    ).one()
     conn.exec_driver_sql(
-        f"SET time_zone = '+00:00', sql_mode = %s, {MIRROR_VARIABLE} = %s",
-        (_MIRROR_SQL_MODE if mirror else mode, 1 if mirror else None),
+        f"SET time_zone = '+00:00', sql_mode = %s, {MIRROR_VARIABLE} = %s,"
+        " innodb_lock_wait_timeout = %s",
+        (_MIRROR_SQL_MODE if mirror else mode, 1 if mirror else None, lock_wait_s or wait),
     )
     conn.commit()
     try:
@@ -357,7 +362,9 @@ def mover_session(conn: Connection, *, mirror: bool, isolation: str) -> Iterator
             if conn.in_transaction():
                 conn.rollback()
             conn.exec_driver_sql(
-                f"SET time_zone = %s, sql_mode = %s, {MIRROR_VARIABLE} = NULL", (zone, mode)
+                f"SET time_zone = %s, sql_mode = %s, {MIRROR_VARIABLE} = NULL,"
+                " innodb_lock_wait_timeout = %s",
+                (zone, mode, wait),
             )
             conn.commit()
         except DBAPIError:
@@ -586,6 +593,8 @@ def drain(
     after_mirror_commit: Callable[[], None] | None = None,
     keep: Belongs | None = None,
     upto: int | None = None,
+    lock_wait_s: int | None = None,
+    attempts: int | None = None,
 ) -> DrainReport:
     """Copy the rows named by the authority's journal into the mirror until the journal has
     no entry left past the ones this call passed over (or ``max_batches`` batches ran, or
@@ -618,7 +627,7 @@ def drain(
         authority.connect() as a,
         mirror.connect() as m,
         mover_session(a, mirror=False, isolation=LOCKING),
-        mover_session(m, mirror=True, isolation=WALKING),
+        mover_session(m, mirror=True, isolation=WALKING, lock_wait_s=lock_wait_s),
     ):
         by_table = {spec.physical: typed(a, spec) for spec in specs}
         a.rollback()
@@ -664,7 +673,7 @@ def drain(
                 journal_ids=ids,
                 after_mirror_commit=after_mirror_commit,
             )
-            done = retrying(run, a, m)
+            done = retrying(run, a, m, attempts=attempts or _RETRIES)
             copied += done.copied
             deleted += done.deleted
             discarded += dropped
@@ -698,16 +707,17 @@ def last_id(engine: Engine) -> int:
         return int(found or 0)
 
 
-def retrying(run: Callable[[], T], *conns: Connection) -> T:
-    """``run()``, run again (up to 5 times, briefly paused) when it loses a deadlock or a lock
-    wait; ``conns`` are rolled back before each new try. Other errors propagate."""
-    for attempt in range(1, _RETRIES + 1):
+def retrying(run: Callable[[], T], *conns: Connection, attempts: int = _RETRIES) -> T:
+    """``run()``, run again (up to ``attempts`` times in all, briefly paused) when it loses a
+    deadlock or a lock wait; ``conns`` are rolled back before each new try. Other errors
+    propagate."""
+    for attempt in range(1, attempts + 1):
         try:
             return run()
         except DBAPIError as exc:
             for conn in conns:
                 _rollback(conn)
-            if not is_lock_conflict(exc) or attempt == _RETRIES:
+            if not is_lock_conflict(exc) or attempt == attempts:
                 raise
             time.sleep(0.02 * attempt)
     raise AssertionError("unreachable")  # pragma: no cover

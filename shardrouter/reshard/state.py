@@ -68,7 +68,9 @@ class Migration:
 def create(store: MetaStore, plan: ReshardPlan) -> Migration:
     """Store ``plan`` as a new migration in phase ``planned``. ReshardStateError when an
     active migration moves one of its slots (two migrations over one slot would each copy
-    and switch it), naming it, or when its id is taken."""
+    and switch it) or has one of its shards as a source or target (a shard has one journal
+    and one set of triggers: one migration's drain, rollback or cleanup would take them from
+    the other), naming it, or when its id is taken."""
     with store.begin() as conn:
         store.check(conn, lock=True)  # creates queue on the meta row: one overlap check at once
         existing = _rows(conn)
@@ -86,11 +88,18 @@ def create(store: MetaStore, plan: ReshardPlan) -> Migration:
                 problems.append(
                     f"{mine} overlaps {theirs} of migration {row.migration_id} ({row.state})"
                 )
+            shared = sorted({*plan.sources, *plan.targets} & {*other.sources, *other.targets})
+            if shared and not problems:
+                problems.append(
+                    f"shard(s) {', '.join(shared)} take part in migration {row.migration_id}"
+                    f" ({row.state}) too: a shard has one journal, which one migration's"
+                    " drain and cleanup would take from the other"
+                )
         if problems:
             raise ReshardStateError(
-                "two migrations over one slot: "
+                "two migrations at once over one slot or one shard: "
                 + "; ".join(problems)
-                + "; finish or cancel that migration first, or plan other slots",
+                + "; finish or cancel that migration first, or plan other slots and shards",
                 legal=(),
             )
         conn.execute(

@@ -10,6 +10,8 @@ code a service's own tooling can call.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,6 +27,7 @@ from ..control.versions import cluster_status, normalise
 from ..core.config import config_from_dict
 from ..core.progress import NullProgress, Progress, Task
 from ..core.topology import Topology
+from ..engine import xa
 from ..engine.engines import ShardEngines
 from ..errors import ReshardDataError, ReshardStateError
 from ..types import ShardId
@@ -32,6 +35,8 @@ from . import copy as mover
 from . import journal, phases, state
 from .plan import Move, ReshardPlan, Stage
 from .spec import Belongs, TableSpec, describe
+
+log = logging.getLogger("shardrouter.reshard")
 
 
 @dataclass(frozen=True)
@@ -412,6 +417,8 @@ class Workflow:
         back: bool = False,
         upto: int | None = None,
         stop: Callable[[], bool] | None = None,
+        lock_wait_s: int | None = None,
+        attempts: int | None = None,
     ) -> journal.DrainReport:
         """Drain the authority's journal into the mirror (``back``: target -> source),
         passing over entries of the other pairs with the same authority."""
@@ -432,6 +439,8 @@ class Workflow:
             stop=stop or self.stop,
             keep=self.belongs(others) if others else None,
             upto=upto,
+            lock_wait_s=lock_wait_s,
+            attempts=attempts,
         )
 
     # verify ----------------------------------------------------------------------------------
@@ -475,39 +484,51 @@ class Workflow:
         self._freeze_and_flip(forward=True)
 
     def _freeze_and_flip(self, *, forward: bool) -> None:
-        """Freeze the ranges where they are written now, wait for every router, drain that
-        side's journal to the last entry written before the freeze, and give the ranges to
-        the other side; abandon (unfreeze where they were) past the budget."""
+        """Drain the authority's journal (no freeze yet, so the freeze has little left),
+        freeze the ranges where they are written now, wait for every router, check that no
+        XA branch is left prepared on the authority, drain its journal to the last entry
+        written before the freeze, and give the ranges to the other side. Past the budget,
+        on any error, or when interrupted, the switch is abandoned: the version unfreezing
+        the ranges where they were is pushed (held writes go on there) before this raises."""
         frozen: Stage
         flipped: Stage
         unfrozen: Stage
         frozen, flipped, unfrozen = (
             ("frozen", "switched", "copy") if forward else ("frozen_back", "copy", "switched")
         )
-        started = time.monotonic()
+        self._journals_on()
         budget = self.options.freeze_timeout_s
-        report = self.push(frozen, timeout=budget)
-        reason = None
-        if not report.complete:
-            reason = f"routers did not acknowledge the freeze in {budget:g} s: {report.describe()}"
-        else:
-
-            def late() -> bool:
-                return time.monotonic() - started >= budget
-
-            for pair in pairs(self.plan):
-                authority = pair.source if forward else pair.target
-                last = journal.last_id(self.engine(authority))
-                drained = self._drain(pair, back=not forward, upto=last, stop=late)
-                if drained.left:
-                    reason = (
-                        f"the journal of {authority} did not drain within {budget:g} s"
-                        f" ({drained.left} entries left)"
-                    )
-                    break
+        wait = max(1, math.ceil(budget))
+        try:
+            for pair in pairs(self.plan):  # the bulk of the backlog, while writes go on
+                self._drain(pair, back=not forward, lock_wait_s=wait)
+        except Exception as exc:
+            raise ReshardStateError(
+                "switch not started (nothing was frozen): draining the journal before it"
+                f" failed ({type(exc).__name__}: {str(exc)[:200]}); run it again",
+                legal=phases.legal(self.migration.phase),
+            ) from exc
+        started = time.monotonic()
+        reason: str | None = None
+        try:
+            report = self.push(frozen, timeout=budget)
+            if not report.complete:
+                reason = (
+                    f"routers did not acknowledge the freeze in {budget:g} s: {report.describe()}"
+                )
+            else:
+                reason = self._drain_frozen(forward, started, budget)
+        except BaseException as exc:
+            self._abandon(unfrozen, f"{type(exc).__name__}: {exc}"[:300])
+            if isinstance(exc, Exception):
+                raise ReshardStateError(
+                    f"switch abandoned, writes go on where they were: it failed"
+                    f" ({type(exc).__name__}: {str(exc)[:200]}); run it again",
+                    legal=phases.legal(self.migration.phase),
+                ) from exc
+            raise
         if reason is not None:
-            self.push(unfrozen)
-            state.add_event(self.store, self.migration_id, f"switch abandoned: {reason}")
+            self._abandon(unfrozen, reason)
             raise ReshardStateError(
                 f"switch abandoned, writes go on where they were: {reason}; run it again"
                 " (with a larger --freeze-timeout, or when routers answer)",
@@ -523,6 +544,64 @@ class Workflow:
         else:
             self._record(
                 "rollback", f"switched back: source is the authority (freeze {took * 1000:.0f} ms)"
+            )
+
+    def _drain_frozen(self, forward: bool, started: float, budget: float) -> str | None:
+        """Under the freeze: the authority's journal drained to its last entry; None when
+        done, else why not (within the budget; a mirror write held by a lock waits at most
+        about the budget)."""
+
+        def late() -> bool:
+            return time.monotonic() - started >= budget
+
+        wait = max(1, math.ceil(budget))
+        for pair in pairs(self.plan):
+            authority = pair.source if forward else pair.target
+            engine = self.engine(authority)
+            prepared = len(xa.prepared_branches(engine, ShardId(authority)))
+            if prepared:
+                return (
+                    f"{prepared} XA branch(es) are prepared on {authority}: their rows would"
+                    " commit after the journal drained; finish them first"
+                    " (Router.recover_xa)"
+                )
+            last = journal.last_id(engine)
+            drained = self._drain(
+                pair, back=not forward, upto=last, stop=late, lock_wait_s=wait, attempts=1
+            )
+            if drained.left:
+                return (
+                    f"the journal of {authority} did not drain within {budget:g} s"
+                    f" ({drained.left} entries left)"
+                )
+        return None
+
+    def _abandon(self, unfrozen: Stage, reason: str) -> None:
+        """Unfreeze the ranges where they were (best effort: resume does it too)."""
+        try:
+            self.push(unfrozen)
+            state.add_event(self.store, self.migration_id, f"switch abandoned: {reason}")
+        except Exception as exc:  # the store or the routers did not answer: resume unfreezes
+            log.error("switch abandoned but not unfrozen (run resume): %s", exc)
+
+    def _journals_on(self) -> None:
+        """Refuse a switch whose journals are not all there (a rollback or cancel that
+        removed them and crashed before recording it): writes would not have been journaled,
+        and the copy is not current."""
+        missing: list[str] = []
+        for pair in pairs(self.plan):
+            for shard in (pair.source, pair.target):
+                names = set(journal.installed_triggers(self.engine(shard)))
+                specs = self.specs(shard, pair.broadcast and shard == pair.source)
+                wanted = {n for spec in specs for n in journal.trigger_names(spec)}
+                if not wanted <= names:
+                    missing.append(shard)
+        if missing:
+            raise ReshardStateError(
+                f"the journals of {', '.join(sorted(set(missing)))} are off (a rollback or"
+                " cancel was interrupted?): the copy may have missed writes; roll back and"
+                " cancel, then plan again",
+                legal=phases.legal(self.migration.phase),
             )
 
     # rollback / cancel / finalize -------------------------------------------------------------

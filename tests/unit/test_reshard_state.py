@@ -66,7 +66,7 @@ def test_create_get_active_all(store: MetaStore, orders_raw: dict[str, Any]) -> 
     assert created.plan == first  # stored and read back whole
     assert created.created_at_ms == created.updated_at_ms > 0
     assert state.get(store, "m1-a") == created
-    second = state.create(store, plan(orders_raw, 300, 400, "s3", "m1-b"))
+    second = state.create(store, plan(orders_raw, 512, 612, "s3", "m1-b"))  # s2 -> s3
     assert [m.migration_id for m in state.all(store)] == ["m1-a", "m1-b"]
     state.advance(store, "m1-b", "cancel")
     assert [m.migration_id for m in state.active(store)] == ["m1-a"]
@@ -81,16 +81,19 @@ def test_two_migrations_over_one_slot_are_refused(
     with pytest.raises(ReshardStateError) as exc:
         state.create(store, plan(orders_raw, 99, 300, "s2", "m1-b"))
     message = str(exc.value)
-    assert "two migrations over one slot" in message
+    assert "two migrations at once over one slot" in message
     assert "slots [99, 256) (157) s0 -> s2 overlaps slots [0, 100) (100) s0 -> s1" in message
     assert "migration m1-a (planned)" in message
     assert [m.migration_id for m in state.all(store)] == ["m1-a"]  # nothing written
-    state.create(store, plan(orders_raw, 100, 300, "s2", "m1-c"))  # adjacent: fine
+    # adjacent slots, but a shared shard (s0): one journal per shard, so refused too
+    with pytest.raises(ReshardStateError, match=r"shard\(s\) s0 take part in migration m1-a"):
+        state.create(store, plan(orders_raw, 100, 200, "s2", "m1-x"))
+    state.create(store, plan(orders_raw, 512, 600, "s3", "m1-c"))  # other slots, other shards
     with pytest.raises(ReshardStateError, match="migration m1-c exists already"):
         state.create(store, plan(orders_raw, 900, 901, "s2", "m1-c"))
     # once the first one is over, its slots are free again
     state.advance(store, "m1-a", "cancel")
-    state.create(store, plan(orders_raw, 0, 50, "s3", "m1-d"))
+    state.create(store, plan(orders_raw, 0, 50, "s1", "m1-d"))
     # a rolled-back migration still holds its slots (its targets are not cleaned yet)
     for action in ("start", "rollback"):
         state.advance(store, "m1-d", action)
@@ -102,7 +105,7 @@ def test_get_unknown_lists_the_known_ids(store: MetaStore, orders_raw: dict[str,
     with pytest.raises(ReshardStateError, match="known: none; plan one"):
         state.get(store, "m9-zzz")
     state.create(store, plan(orders_raw, 0, 10, "s1", "m1-a"))
-    state.create(store, plan(orders_raw, 10, 20, "s1", "m1-b"))
+    state.create(store, plan(orders_raw, 512, 520, "s3", "m1-b"))
     with pytest.raises(ReshardStateError) as exc:
         state.get(store, "m9-zzz")
     assert "no migration 'm9-zzz'" in str(exc.value)
@@ -211,7 +214,7 @@ def test_the_guarded_update_catches_a_change_behind_the_read(
 
 def test_checkpoints(store: MetaStore, orders_raw: dict[str, Any]) -> None:
     state.create(store, plan(orders_raw, 0, 100, "s1", "m1-a"))
-    state.create(store, plan(orders_raw, 200, 256, "s1", "m1-b"))
+    state.create(store, plan(orders_raw, 512, 520, "s3", "m1-b"))
     assert state.get_checkpoint(store, "m1-a", "copy:orders_0001") is None
     assert state.get_checkpoint(store, "m1-a", "copy:orders_0001", default=0) == 0
     state.set_checkpoint(store, "m1-a", "copy:orders_0001", {"last": [17, "x"], "rows": 3})
