@@ -40,7 +40,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from ..core.config import TopologyConfig, config_from_dict, parse_yaml, safe_url
-from ..errors import ConfigError, MetaStoreError, MetaStoreUnavailableError
+from ..errors import ConfigError, MetaStoreError, MetaStoreUnavailableError, TopologyChangeError
 from .diff import TopologyDiff, diff_topologies
 from .store import MetaStore, RouterRecord, TopologyVersion
 
@@ -181,6 +181,18 @@ def plan_push(
     base = store.current()
     if base is None:
         return PushPlan(proposal, None, TopologyDiff())
+    running = sorted({str(m.get("migration") or "?") for m in base.document.get("moving") or ()})
+    if running:
+        # A migration's plan fixed its tables and shards when it was made: a table added
+        # now would get no journal, no copy and no verify, and its rows of the moving slots
+        # would be left behind at the switch (review 9). The migration owns the topology.
+        raise TopologyChangeError(
+            [
+                f"migration {', '.join(running)} is moving slots (version {base.version}):"
+                " the topology cannot change under it; push after it is finalized or"
+                " cancelled (`shardctl reshard status` shows it)"
+            ]
+        )
     return PushPlan(proposal, base, diff_topologies(version_config(base, env), proposal.config))
 
 

@@ -203,6 +203,54 @@ def set_checkpoint(store: MetaStore, migration_id: str, name: str, value: Any) -
         _put(conn, store, migration_id, name, text)
 
 
+RUNNER = "runner"
+"""The checkpoint holding the runner lease: ``{"holder": ..., "expires_at_ms": ...}``."""
+
+
+def claim_runner(store: MetaStore, migration_id: str, holder: str, lease_ms: int) -> bool:
+    """Take or renew the migration's runner lease for ``holder`` until the store's clock
+    reaches now + ``lease_ms``: True when it is ``holder``'s now, False when another holder's
+    lease is live (the store's clock decides, one transaction with the migration's row
+    locked, so two claimers cannot both win)."""
+    with store.begin() as conn:
+        store.check(conn)
+        _row(conn, store, migration_id, lock=True)
+        now = store.server_now_ms(conn)
+        found = conn.execute(
+            select(checkpoints_table.c.value).where(
+                checkpoints_table.c.migration_id == migration_id,
+                checkpoints_table.c.name == RUNNER,
+            )
+        ).scalar()
+        if found is not None:
+            lease = json.loads(found)
+            if lease.get("holder") != holder and int(lease.get("expires_at_ms", 0)) > now:
+                return False
+        text = _json({"holder": holder, "expires_at_ms": now + lease_ms}, RUNNER)
+        _put(conn, store, migration_id, RUNNER, text)
+        return True
+
+
+def release_runner(store: MetaStore, migration_id: str, holder: str) -> None:
+    """End ``holder``'s runner lease (if it still holds it)."""
+    with store.begin() as conn:
+        store.check(conn)
+        _row(conn, store, migration_id, lock=True)
+        found = conn.execute(
+            select(checkpoints_table.c.value).where(
+                checkpoints_table.c.migration_id == migration_id,
+                checkpoints_table.c.name == RUNNER,
+            )
+        ).scalar()
+        if found is not None and json.loads(found).get("holder") == holder:
+            conn.execute(
+                checkpoints_table.delete().where(
+                    checkpoints_table.c.migration_id == migration_id,
+                    checkpoints_table.c.name == RUNNER,
+                )
+            )
+
+
 def get_checkpoint(store: MetaStore, migration_id: str, name: str, default: Any = None) -> Any:
     """Checkpoint ``name`` of the migration, ``default`` when it was never set."""
     with store.begin() as conn:

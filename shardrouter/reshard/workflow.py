@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import Any, Literal
 from sqlalchemy import Engine
 
 from ..control.registry import AckReport, wait_for_acks
-from ..control.store import MetaStore
+from ..control.store import MetaStore, who
 from ..control.versions import cluster_status, normalise
 from ..core.config import config_from_dict
 from ..core.progress import NullProgress, Progress, Task
@@ -37,6 +39,11 @@ from .plan import Move, ReshardPlan, Stage
 from .spec import Belongs, TableSpec, describe
 
 log = logging.getLogger("shardrouter.reshard")
+
+RUNNER_LEASE_MS = 15_000
+"""How long a runner's lease lives without renewal (a killed runner blocks resume this long)."""
+RUNNER_RENEW_S = 1.0
+"""How often a running action renews it (between chunks)."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,8 @@ class Workflow:
     _topology: Topology | None = None
     _specs: dict[tuple[str, bool], list[TableSpec]] = field(default_factory=dict)
     _plan: ReshardPlan | None = None
-    _locked: bool = False
+    _holder: str | None = None
+    _lost: bool = False
 
     def __enter__(self) -> Workflow:
         return self
@@ -217,47 +225,78 @@ class Workflow:
 
     @contextmanager
     def _runner(self) -> Iterator[None]:
-        """This process is the migration's one runner while the block runs: a named lock on
-        the meta store (MySQL/MariaDB ``GET_LOCK``, released with its connection, so a killed
-        runner frees it at once; SQLite: an advisory file lock beside the database). The
-        movers rely on it: copies of one migration never run side by side (journal.copy_keys
-        reads without row locks)."""
-        if self._locked:
+        """This process is the migration's one runner while the block runs: a lease in the
+        meta store (state.claim_runner, by the store's clock), renewed every second by a
+        daemon thread. A runner whose lease could not be renewed in time (the store did not
+        answer, or it passed to another) stops at its next chunk with ReshardStateError
+        (``_halt``); a killed runner blocks another for at most the lease (RUNNER_LEASE_MS).
+        The movers rely on it: copies of one migration never run side by side
+        (journal.copy_keys reads without row locks)."""
+        if self._holder is not None:
             yield
             return
-        name = f"shardrouter_reshard_{self.migration_id}"[:64]
-        if self.store.dialect == "sqlite":
-            import fcntl
+        holder = f"{who()}:{uuid.uuid4().hex[:8]}"
+        if not state.claim_runner(self.store, self.migration_id, holder, RUNNER_LEASE_MS):
+            raise self._busy()
+        self._holder = holder
+        self._lost = False
+        done = threading.Event()
 
-            path = f"{self.store.url.database or 'meta'}.{self.migration_id}.lock"
-            with open(path, "a") as handle:
+        def renew() -> None:
+            renewed = time.monotonic()
+            while not done.wait(RUNNER_RENEW_S):
                 try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    raise self._busy() from None
-                self._locked = True
-                try:
-                    yield
-                finally:
-                    self._locked = False
-                    fcntl.flock(handle, fcntl.LOCK_UN)
-            return
-        with self.store.engine.connect() as conn:
-            got = conn.exec_driver_sql("SELECT GET_LOCK(%s, 0)", (name,)).scalar()
-            if got != 1:
-                raise self._busy()
-            self._locked = True
+                    ok = state.claim_runner(self.store, self.migration_id, holder, RUNNER_LEASE_MS)
+                except Exception as exc:
+                    log.warning("runner lease not renewed: %s", exc)
+                    ok = None
+                if ok:
+                    renewed = time.monotonic()
+                elif ok is False or time.monotonic() - renewed >= RUNNER_LEASE_MS / 2000:
+                    self._lost = True  # another holder, or half the lease without an answer
+                    return
+
+        thread = threading.Thread(target=renew, name="shardrouter-reshard-lease", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=5)
+            self._holder = None
             try:
-                yield
-            finally:
-                self._locked = False
-                conn.exec_driver_sql("SELECT RELEASE_LOCK(%s)", (name,))
+                state.release_runner(self.store, self.migration_id, holder)
+            except Exception as exc:  # it expires by itself
+                log.warning("runner lease not released (it expires): %s", exc)
+
+    def _paused(self, what: str) -> None:
+        """A pause (``stop``) during an action that must run to its end before its phase is
+        recorded: stop here; running the action again (or resume) finishes it."""
+        if self.stop():
+            raise ReshardStateError(
+                f"migration {self.migration_id}: paused while {what}; run the same action"
+                " again (or `shardctl reshard resume`) to finish it",
+                legal=phases.legal(self.migration.phase),
+            )
+
+    def _halt(self) -> bool:
+        """The movers' stop check, between chunks: True to pause (``stop``);
+        ReshardStateError once the runner lease is lost."""
+        if self._lost:
+            raise ReshardStateError(
+                f"migration {self.migration_id}: this runner lost its lease (the meta store did"
+                " not answer, or another runner took over): stopped at a chunk boundary;"
+                " `shardctl reshard resume` continues",
+                legal=("resume",),
+            )
+        return self.stop()
 
     def _busy(self) -> ReshardStateError:
         return ReshardStateError(
             f"migration {self.migration_id}: another process is running one of its actions"
             " right now (one runner at a time); wait for it, or stop it: a killed runner"
-            " releases the migration at once, and `shardctl reshard resume` continues"
+            f" releases the migration within {RUNNER_LEASE_MS // 1000} s, and"
+            " `shardctl reshard resume` continues"
         )
 
     def advance(self) -> state.Migration:
@@ -272,7 +311,7 @@ class Workflow:
 
     def run(self, through: Literal["switched", "finalized"] = "switched") -> state.Migration:
         """Every action up to ``through`` ("switched", or "finalized"), each once."""
-        while not self.stop():
+        while not self._halt():
             path = phases.forward_path(self.migration.phase, through)
             if not path:
                 break
@@ -303,8 +342,8 @@ class Workflow:
         action = {"planned": "start", "prepared": "copy", "copying": "copy"}.get(phase)
         if action is not None:
             return self.act(action)
-        if phase == "switched" and stage == "final":
-            return self.act("finalize")  # finalize was asked for and its version is out
+        if phase == "switched" and (stage == "final" or self._checkpoint("finalize_started")):
+            return self.act("finalize")  # finalize was asked for and had begun
         return self.migration
 
     def _record(self, action: str, event: str) -> None:
@@ -386,7 +425,7 @@ class Workflow:
                     chunk=self.options.chunk,
                     throttle=self._throttle(),
                     on_chunk=on_chunk,
-                    stop=self.stop,
+                    stop=self._halt,
                 )
                 task.done()
                 if not report.done:
@@ -436,7 +475,7 @@ class Workflow:
             self.belongs(pair.ranges),
             batch=self.options.drain_batch,
             max_batches=batches,
-            stop=stop or self.stop,
+            stop=stop or self._halt,
             keep=self.belongs(others) if others else None,
             upto=upto,
             lock_wait_s=lock_wait_s,
@@ -608,12 +647,43 @@ class Workflow:
 
     def _rollback(self) -> None:
         if self.migration.phase == "switched":
+            if self._checkpoint("finalize_started"):
+                raise ReshardStateError(
+                    f"migration {self.migration_id}: finalize has started (the sources' copies"
+                    " are being deleted and the journals are off), so it cannot be rolled back;"
+                    " run finalize again to finish it",
+                    legal=("finalize",),
+                )
             self._freeze_and_flip(forward=False)
             return
+        # Copies on a target that serves slots of its own are deleted while the version still
+        # marks it as holding copies (reads across shards refused): after the version without
+        # the range they would be read as its own rows. A new target's copies are never read:
+        # cancel deletes them.
+        self._delete_copies(serving_only=True)
         self.push("rolled_back").raise_if_incomplete()
         self._remove_journals()
         self._reconcile_lookups()
         self._record("rollback", "rolled back: the source owns every slot, journals off")
+
+    def _delete_copies(self, *, serving_only: bool) -> None:
+        """Delete the moving rows from the targets (all, or those that own other slots)."""
+        serving = set(self.topology().serving)
+        for pair in pairs(self.plan):
+            if serving_only and pair.target not in serving:
+                continue
+            belongs = self.belongs(pair.ranges)
+            for spec in self.specs(pair.target, False):
+                task = self.progress.task(f"delete {spec.physical} copies on {pair.target}", None)
+                mover.delete_moved(
+                    self.engine(pair.target),
+                    spec,
+                    belongs,
+                    on_chunk=_advancing(task),
+                    stop=self._halt,
+                )
+                task.done()
+                self._paused("deleting the copies")
 
     def _remove_journals(self) -> None:
         for pair in pairs(self.plan):
@@ -621,25 +691,20 @@ class Workflow:
             journal.remove(self.engine(pair.target), self.specs(pair.target, pair.broadcast))
 
     def _cancel(self) -> None:
+        if self.migration.phase != "planned":
+            self._delete_copies(serving_only=False)  # before the version: see _rollback
         if self.migration.phase not in ("planned", "rolled_back"):
             self.push("rolled_back").raise_if_incomplete()
             self._remove_journals()
-        if self.migration.phase != "planned":
-            for pair in pairs(self.plan):
-                belongs = self.belongs(pair.ranges)
-                for spec in self.specs(pair.target, False):
-                    task = self.progress.task(
-                        f"cancel: delete {spec.physical} on {pair.target}", None
-                    )
-                    mover.delete_moved(
-                        self.engine(pair.target), spec, belongs, on_chunk=_advancing(task)
-                    )
-                    task.done()
         self._reconcile_lookups()
         self._record("cancel", "cancelled: the target's copy deleted")
 
     def _finalize(self) -> None:
-        self.push("final").raise_if_incomplete()
+        """The point of no return, recorded first (rollback is refused from here). The
+        journals go (nothing mirrors any more), then the sources' copies are deleted while
+        the switched version is still current, so reads across shards stay refused until
+        they are gone; only then the version without the range."""
+        self._set_checkpoint("finalize_started", True)
         self._remove_journals()
         for pair in pairs(self.plan):
             belongs = self.belongs(pair.ranges)
@@ -654,8 +719,11 @@ class Workflow:
                     belongs,
                     throttle=self._throttle(),
                     on_chunk=_advancing(task),
+                    stop=self._halt,
                 )
                 task.done()
+                self._paused("finalize")
+        self.push("final").raise_if_incomplete()
         self._reconcile_lookups()
         self._record("finalize", "finalized: moved rows deleted from the sources")
 
