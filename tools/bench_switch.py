@@ -20,7 +20,6 @@ Usage: python3 tools/bench_switch.py --port 4190 [--threads 4] [--rate 200] [--s
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -33,16 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from shardrouter.control.store import MetaStore
-from shardrouter.core.config import config_from_dict
-from shardrouter.core.topology import Topology
-from shardrouter.engine.engines import ShardEngines
 from shardrouter.engine.router import Router
 from shardrouter.ops import sandbox as sb
-from shardrouter.ops.schema import apply
+from shardrouter.ops.demo_reshard import split_cluster
 from shardrouter.reshard import state
 from shardrouter.reshard.plan import plan_to
 from shardrouter.reshard.workflow import Options, Workflow
@@ -126,42 +120,10 @@ class Writers:
         }
 
 
-def _database(url: str, name: str) -> str:
-    server = make_url(url).set(database="")
-    engine = create_engine(server.render_as_string(hide_password=False))
-    with engine.begin() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
-        conn.execute(text(f"CREATE DATABASE `{name}`"))
-    engine.dispose()
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
-
-
 def run(port: int, threads: int, rate: float, seconds: float, root: Path) -> dict[str, Any]:
     box = sb.up(root, shards=4, base_port=port)
-    four = yaml.safe_load(box.topology_path.read_text())
-    four["meta"] = {
-        "url": _database(box.shards[0].url, "shardmeta"),
-        "poll_interval_s": 1.0,
-        "fast_poll_interval_s": 0.05,
-    }
-    before = copy.deepcopy(four)
-    before["shards"] = {
-        "s0": {**four["shards"]["s0"], "slots": [[0, 512]]},
-        "s1": {**four["shards"]["s1"], "slots": [[512, 1024]]},
-    }
-    after = copy.deepcopy(four)
-    for name, slots in (
-        ("s0", [0, 256]),
-        ("s2", [256, 512]),
-        ("s1", [512, 768]),
-        ("s3", [768, 1024]),
-    ):
-        after["shards"][name]["slots"] = [slots]
-    topology = Topology(config_from_dict(before))
-    engines = ShardEngines(topology)
-    apply(topology, engines).raise_for_errors()
-    engines.dispose()
-    store = MetaStore(four["meta"]["url"])
+    before, after = split_cluster(box, {"poll_interval_s": 1.0, "fast_poll_interval_s": 0.05})
+    store = MetaStore(before["meta"]["url"])
     store.init()
     version = store.push(before, expected=None, comment="two shards")
     path = root / "two.yaml"

@@ -116,9 +116,15 @@ def run_reshard_demo(
         say("sandbox stopped")
 
 
-def _tour(box: sb.Sandbox, root: Path, say: Callable[[str], None]) -> Mapping[str, Any]:
+def split_cluster(
+    box: sb.Sandbox, meta: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(before, after) topology documents on a 4-instance sandbox: s0 and s1 owning half the
+    slots each, then split into s0..s3; a meta store database ``shardmeta`` on the first
+    instance (with ``meta`` settings), the schema applied to s0 and s1. The demo's and
+    tools/bench_switch.py's cluster."""
     four = yaml.safe_load(box.topology_path.read_text())
-    four["meta"] = {"url": _database(box.shards[0].url, "shardmeta"), **META}
+    four["meta"] = {"url": _database(box.shards[0].url, "shardmeta"), **meta}
     before = copy.deepcopy(four)
     before["shards"] = {
         "s0": {**four["shards"]["s0"], "slots": [[0, 512]]},
@@ -132,10 +138,16 @@ def _tour(box: sb.Sandbox, root: Path, say: Callable[[str], None]) -> Mapping[st
         ("s3", [768, 1024]),
     ):
         after["shards"][name]["slots"] = [slots]
-    engines = ShardEngines(Topology(config_from_dict(before)))
-    apply(Topology(config_from_dict(before)), engines).raise_for_errors()
+    topology = Topology(config_from_dict(before))
+    engines = ShardEngines(topology)
+    apply(topology, engines).raise_for_errors()
     engines.dispose()
-    store = MetaStore(four["meta"]["url"])
+    return before, after
+
+
+def _tour(box: sb.Sandbox, root: Path, say: Callable[[str], None]) -> Mapping[str, Any]:
+    before, after = split_cluster(box, META)
+    store = MetaStore(before["meta"]["url"])
     try:
         store.init()
         version = store.push(before, expected=None, comment="two shards")
@@ -220,4 +232,4 @@ def _orders(topology: Topology) -> tuple[dict[int, tuple[int, str]], list[str]]:
     return found, misplaced
 
 
-__all__ = ["run_reshard_demo"]
+__all__ = ["run_reshard_demo", "split_cluster"]
