@@ -189,6 +189,7 @@ def plan_cmd(
     """Compute the moves from the current version and store the plan (nothing runs yet)."""
     from ..control.versions import normalise, read_proposal
     from ..core.config import parse_yaml
+    from ..errors import ConfigError, ReshardPlanError
     from ..reshard import plan as planning
     from ..reshard import state
 
@@ -229,7 +230,10 @@ def plan_cmd(
                 migration_id=mid,
             )
         else:
-            proposal = read_proposal(str(to))
+            try:
+                proposal = read_proposal(str(to))
+            except ConfigError as exc:  # a plan that cannot be made: refused (3), as the rest
+                raise ReshardPlanError([f"--to {to}: {p}" for p in exc.problems]) from None
             made = planning.plan_to(
                 before, proposal.document, base_version=current.version, migration_id=mid
             )

@@ -301,8 +301,10 @@ class Workflow:
 
     def advance(self) -> state.Migration:
         """The next action on the forward path (finalize is never implied)."""
-        path = phases.forward_path(self.migration.phase, "switched")
+        phase = self.migration.phase
+        path = phases.forward_path(phase, "switched")
         if not path:
+            phases.check(phase, "advance")  # refuses with the reason (switched, or over)
             raise ReshardStateError(
                 f"migration {self.migration_id} is {self.migration.phase}: nothing to advance",
                 legal=phases.legal(self.migration.phase),

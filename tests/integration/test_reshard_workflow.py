@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from reshard_cluster import BASE_TABLES, Cluster, acked, build_cluster, oracle_rows
 from reshard_load import writer_process
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
 from shardrouter.control.store import MetaStore
 from shardrouter.core.config import config_from_dict
@@ -29,92 +28,21 @@ from shardrouter.core.topology import Topology
 from shardrouter.engine.engines import ShardEngines
 from shardrouter.engine.router import Router
 from shardrouter.ops.lookups import check_lookups
-from shardrouter.ops.schema import apply
 from shardrouter.reshard import state
 from shardrouter.reshard.plan import plan_to
 from shardrouter.reshard.workflow import Options, Workflow
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(300)]
 
-META = {
-    "poll_interval_s": 0.2,
-    "fast_poll_interval_s": 0.05,
-    "lease_s": 3.0,
-    "fence_margin_s": 0.5,
-    "connect_timeout_s": 2.0,
-    "query_timeout_s": 2.0,
-}
-BASE_TABLES = {
-    "users": ("user_id", "email", "name"),
-    "orders": ("order_id", "user_id", "merchant_id", "status", "amount_cents", "created_at"),
-    "order_items": ("order_id", "line", "user_id", "sku", "qty", "price_cents"),
-}
-SCHEMA = Path(__file__).resolve().parents[2] / "migrations" / "0001_orders.sql"
-
-
-def _database(server_url: str, name: str) -> str:
-    url = make_url(server_url)
-    engine = create_engine(url.set(database="").render_as_string(hide_password=False))
-    with engine.begin() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
-        conn.execute(text(f"CREATE DATABASE `{name}`"))
-    engine.dispose()
-    return url.set(database=name).render_as_string(hide_password=False)
-
 
 @pytest.fixture
-def cluster(shard_databases: Path, sandbox: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    four = yaml.safe_load(shard_databases.read_text())
-    meta_url = _database(sandbox.shards[0].url, "reshard_wf_meta")
-    four["meta"] = {"url": meta_url, **META}
-    for name in four["shards"]:  # fresh databases for every test of this module
-        four["shards"][name]["primary"] = _database(
-            four["shards"][name]["primary"], f"reshard_wf_{name}"
-        )
-    before = copy.deepcopy(four)
-    before["shards"] = {
-        "s0": {**four["shards"]["s0"], "slots": [[0, 512]]},
-        "s1": {**four["shards"]["s1"], "slots": [[512, 1024]]},
-    }
-    after = copy.deepcopy(four)
-    after["shards"]["s0"]["slots"] = [[0, 256]]
-    after["shards"]["s2"]["slots"] = [[256, 512]]
-    after["shards"]["s1"]["slots"] = [[512, 768]]
-    after["shards"]["s3"]["slots"] = [[768, 1024]]
-    topology = Topology(config_from_dict(before))
-    engines = ShardEngines(topology)
-    apply(topology, engines).raise_for_errors()
-    engines.dispose()
-    store = MetaStore(meta_url)
-    store.init()
-    store.push(before, expected=None, comment="2 shards")
-    path = tmp_path / "topology.yaml"
-    path.write_text(yaml.safe_dump(before))
-    try:
-        yield {"before": before, "after": after, "store": store, "path": path, "four": four}
-    finally:
-        store.close()
+def cluster(shard_databases: Path, sandbox: Any, tmp_path: Path) -> Iterator[Cluster]:
+    with build_cluster(shard_databases, sandbox, tmp_path, "reshard_wf") as made:
+        yield made
 
 
 def _oracle(oracle_server: str, ledgers: list[Path]) -> dict[str, Counter[tuple[Any, ...]]]:
-    url = _database(oracle_server, "reshard_wf_oracle")
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            for statement in SCHEMA.read_text().split(";"):
-                if "CREATE TABLE" in statement:
-                    conn.execute(text(statement))
-            for ledger in ledgers:
-                for line in ledger.read_text().splitlines():
-                    entry = json.loads(line)
-                    conn.execute(text(entry["sql"]), entry["params"])
-        with engine.connect() as conn:
-            return {
-                t: Counter(tuple(r) for r in conn.execute(text(f"SELECT {', '.join(c)} FROM {t}")))
-                for t, c in BASE_TABLES.items()
-            }
-    finally:
-        engine.dispose()
+    return oracle_rows(oracle_server, acked(ledgers), "reshard_wf_oracle")
 
 
 def _sharded(topology: Topology) -> tuple[dict[str, Counter[tuple[Any, ...]]], list[str]]:
@@ -142,8 +70,8 @@ def _sharded(topology: Topology) -> tuple[dict[str, Counter[tuple[Any, ...]]], l
     return union, misplaced
 
 
-def test_split_two_to_four_under_load(cluster: dict[str, Any], oracle: Any, tmp_path: Path) -> None:
-    store: MetaStore = cluster["store"]
+def test_split_two_to_four_under_load(cluster: Cluster, oracle: Any, tmp_path: Path) -> None:
+    store: MetaStore = cluster.store
     ledger_dir = tmp_path / "ledgers"
     ledger_dir.mkdir()
     stop = tmp_path / "stop"
@@ -151,7 +79,7 @@ def test_split_two_to_four_under_load(cluster: dict[str, Any], oracle: Any, tmp_
     writers = [
         ctx.Process(
             target=writer_process,
-            args=(str(cluster["path"]), str(ledger_dir), i, 2, str(stop), i == 0, 20261130),
+            args=(str(cluster.path), str(ledger_dir), i, 2, str(stop), i == 0, 20261130),
         )
         for i in range(2)
     ]
@@ -161,7 +89,7 @@ def test_split_two_to_four_under_load(cluster: dict[str, Any], oracle: Any, tmp_
         current = store.current()
         assert current is not None
         plan = plan_to(
-            current.document, cluster["after"], base_version=current.version, migration_id="m-load"
+            current.document, cluster.after, base_version=current.version, migration_id="m-load"
         )
         state.create(store, plan)
         time.sleep(2.0)  # writers running on the 2-shard version
@@ -184,7 +112,7 @@ def test_split_two_to_four_under_load(cluster: dict[str, Any], oracle: Any, tmp_
     stats = [json.loads(p.read_text()) for p in sorted(ledger_dir.glob("stats-*.json"))]
     assert sum(s["ops"] for s in stats) > 100, stats  # the writers really wrote meanwhile
 
-    final = Topology(config_from_dict(cluster["after"]))
+    final = Topology(config_from_dict(cluster.after))
     union, misplaced = _sharded(final)
     assert misplaced == []
     expected = _oracle(oracle.shards[0].url, sorted(ledger_dir.glob("ledger-*.jsonl")))
@@ -193,7 +121,7 @@ def test_split_two_to_four_under_load(cluster: dict[str, Any], oracle: Any, tmp_
         extra = union[table] - expected[table]
         assert not lost and not extra, f"{table}: lost {list(lost)[:5]}, extra {list(extra)[:5]}"
     assert sum(expected["orders"].values()) > 50
-    after = copy.deepcopy(cluster["after"])
+    after = copy.deepcopy(cluster.after)
     after.pop("meta")
     router = Router(Topology(config_from_dict(after)))
     try:
