@@ -5,6 +5,11 @@ the oracle (the writer's ledger replayed) and own the moving slots again; cancel
 no row of the moving slots on the targets and no journal trigger anywhere. A rollback after
 the switch is the switch run backwards (back in verified, the source the authority): switched
 again and finalized, the end state still equals the oracle.
+
+Orphan lookup rows are checked last in every test: the journal triggers' DDL (start, and the
+journals' removal in rollback, cancel, finalize) makes a concurrent DELETE's lookup cleanup
+keep its lookup row (reproduced deterministically by test_reshard_ddl_lookups), so they fail
+there until that is fixed, after every other check passed.
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ def cluster(shard_databases: Path, sandbox: Any, tmp_path: Path) -> Iterator[Clu
 @pytest.fixture
 def writers(cluster: Cluster, tmp_path: Path) -> Iterator[Writers]:
     """One writer process (two threads) writing from before the plan to the test's stop."""
-    running = start_writers(cluster, tmp_path / "ledgers", 1, threads=2)
+    # paced: a few thousand rows, a copy of seconds on the loaded 2-core CI machine
+    running = start_writers(cluster, tmp_path / "ledgers", 1, threads=2, pace_s=0.01)
     try:
         running.wait_ready()
         time.sleep(0.5)  # rows on the 2-shard version before anything moves
