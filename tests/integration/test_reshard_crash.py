@@ -62,7 +62,7 @@ from shardrouter.engine.router import Router
 from shardrouter.ops.lookups import check_lookups
 from shardrouter.reshard import state
 from shardrouter.reshard.plan import ReshardPlan, plan_to
-from shardrouter.reshard.workflow import Options, Workflow
+from shardrouter.reshard.workflow import RUNNER_LEASE_MS, Options, Workflow
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(120)]
 
@@ -77,7 +77,20 @@ PACE_S = 0.02
 """Between a writer thread's operations: enough rows for a copy of a few seconds at the row
 rate above, not so many that a trial takes a minute on a loaded 2-core machine."""
 RUN_ARGS = ("--through", "finalized", "--yes")
-CLI = "import sys; from shardrouter.cli import main; sys.argv[0] = 'shardctl'; main()"
+LEASE_MS = int(os.environ.get("SHARDROUTER_RESHARD_CRASH_LEASE_MS", "5000"))
+"""The runner lease of the shardctl processes here (workflow.RUNNER_LEASE_MS, 15 s, set in
+the subprocess only): a killed runner blocks resume for one lease, and 15 s of each trial
+would be waiting. Renewals stay every second; 0 keeps the package's value."""
+CLI = "; ".join(
+    [
+        "import sys",
+        "import shardrouter.reshard.workflow as w",
+        *([f"w.RUNNER_LEASE_MS = {LEASE_MS}"] if LEASE_MS else []),
+        "from shardrouter.cli import main",
+        "sys.argv[0] = 'shardctl'",
+        "main()",
+    ]
+)
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -168,12 +181,25 @@ def _kill_when(
     return where
 
 
-def _finish(cluster: Cluster, migration_id: str, attempts: int = 6) -> list[str]:
+def _lease_left_s(cluster: Cluster, migration_id: str) -> float:
+    """Seconds left of the migration's runner lease, by the meta store's clock (0: none)."""
+    lease = state.get_checkpoint(cluster.store, migration_id, state.RUNNER)
+    if lease is None:
+        return 0.0
+    with cluster.store.engine.connect() as conn:
+        now = cluster.store.server_now_ms(conn)
+    return max(0.0, (int(lease["expires_at_ms"]) - now) / 1000)
+
+
+def _finish(cluster: Cluster, migration_id: str, attempts: int = 4) -> list[str]:
     """``reshard resume`` then ``reshard run --through finalized --yes`` until finalized;
-    what each command answered."""
+    what each command answered. While the killed runner's lease lasts (LEASE_MS, renewed
+    every second), both are refused (exit 3, "another process is running"): then
+    wait for the lease to end, without counting an attempt."""
     config = ("--config", str(cluster.path))
     answers: list[str] = []
-    for _ in range(attempts):
+    failed = 0
+    while failed < attempts:
         for args in (
             ("resume", migration_id, *config, *RUN_FLAGS),
             ("run", migration_id, "--through", "finalized", "--yes", *config, *RUN_FLAGS),
@@ -183,11 +209,19 @@ def _finish(cluster: Cluster, migration_id: str, attempts: int = 6) -> list[str]
                 answer = json.loads(done.stdout)
             except ValueError:
                 answer = {"stdout": done.stdout[-300:], "stderr": done.stderr[-300:]}
-            said = answer.get("phase") or answer.get("error") or answer
-            answers.append(f"{args[0]}: {done.returncode} {said}")
+            said = str(answer.get("phase") or answer.get("error") or answer)
             assert done.returncode in (0, 1, 3), (answers, done.stderr)
-        if state.get(cluster.store, migration_id).phase == "finalized":
-            return answers
+            if done.returncode == 3 and "another process is running" in said:
+                left = _lease_left_s(cluster, migration_id)
+                assert left <= (LEASE_MS or RUNNER_LEASE_MS) / 1000, (left, answers)
+                answers.append(f"{args[0]}: refused, runner lease {left:.1f} s left")
+                time.sleep(left + 0.2)
+                break
+            answers.append(f"{args[0]}: {done.returncode} {said[:200]}")
+        else:
+            if state.get(cluster.store, migration_id).phase == "finalized":
+                return answers
+            failed += 1
     raise AssertionError(f"not finalized after {attempts} attempts: {answers}")
 
 
@@ -238,7 +272,7 @@ def test_crash_and_resume(trial: int, cluster: Cluster, oracle: Any, tmp_path: P
     )
     try:
         writers.wait_ready()
-        time.sleep(1.0)  # rows to copy
+        time.sleep(0.5)  # rows to copy
         plan = _plan(cluster, f"m-crash-{trial}")
         log = (tmp_path / "run.log").open("wb")
         command = [sys.executable, "-c", CLI, "reshard", "run", plan.migration_id, *RUN_ARGS]
