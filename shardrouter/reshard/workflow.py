@@ -378,6 +378,7 @@ class Workflow:
             journal.install(self.engine(pair.source), self.specs(pair.source, pair.broadcast))
             journal.install(self.engine(pair.target), target_specs)
             self._set_checkpoint(f"journal:{pair.source}:{pair.target}", True)
+        self._reconcile_lookups()  # the trigger DDL may have made a DELETE keep its lookup row
         self._record("start", "prepared: shards in the topology, schema applied, journals on")
 
     # copy: the copy version, backfill with the journal drained between chunks ---------------

@@ -16,8 +16,9 @@ answering while it runs.
   (not the ack timeout); resumed, it refuses writes (FencedError) until it caught up with the
   versions pushed meanwhile, then writes again; the other writer never saw a refusal.
 
-Orphan lookup rows are checked last (see test_reshard_ddl_lookups: the journal triggers' DDL
-makes a concurrent DELETE's lookup cleanup keep its row).
+Orphan lookup rows are checked last: the journal triggers' DDL makes a concurrent DELETE's
+lookup cleanup keep its row (an open defect, reproduced on branch wip/rtests); each action
+that runs that DDL ends with the lookup check that removes them.
 """
 
 from __future__ import annotations
