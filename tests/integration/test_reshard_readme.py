@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from reshard_cluster import fresh_database
+from sqlalchemy import text
 
 from shardrouter.cli import main
 from shardrouter.control.store import MetaStore
@@ -32,25 +32,15 @@ GUIDE = r"^```bash\n(shardctl reshard plan --config orders\.yaml.*?)^```$"
 STATUS = r"^```console\n\$ shardctl reshard status --config orders\.yaml\n(.*?)^```$"
 
 
-def _database(server_url: str, name: str) -> str:
-    url = make_url(server_url)
-    engine = create_engine(url.set(database="").render_as_string(hide_password=False))
-    with engine.begin() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
-        conn.execute(text(f"CREATE DATABASE `{name}`"))
-    engine.dispose()
-    return url.set(database=name).render_as_string(hide_password=False)
-
-
 @pytest.fixture
 def files(shard_databases: Path, sandbox: Any, tmp_path: Path) -> Iterator[Path]:
     four = yaml.safe_load(shard_databases.read_text())
     four["meta"] = {
-        "url": _database(sandbox.shards[0].url, "reshard_rm_meta"),
+        "url": fresh_database(sandbox.shards[0].url, "reshard_rm_meta"),
         "fast_poll_interval_s": 0.05,
     }
     for name in four["shards"]:
-        four["shards"][name]["primary"] = _database(
+        four["shards"][name]["primary"] = fresh_database(
             four["shards"][name]["primary"], f"reshard_rm_{name}"
         )
     two = copy.deepcopy(four)

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
+from reshard_cluster import drop_database, fresh_database
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.engine import make_url
 
 import shardrouter.reshard.copy as mover
 from shardrouter.control.store import MetaStore
@@ -51,24 +51,6 @@ pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(180)]
 
 
 # --------------------------------------------------------------------------- the cluster
-
-
-def _database(server_url: str, name: str) -> str:
-    url = make_url(server_url)
-    engine = create_engine(url.set(database="").render_as_string(hide_password=False))
-    with engine.begin() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
-        conn.execute(text(f"CREATE DATABASE `{name}`"))
-    engine.dispose()
-    return url.set(database=name).render_as_string(hide_password=False)
-
-
-def _drop(url: str) -> None:
-    parsed = make_url(url)
-    engine = create_engine(parsed.set(database="").render_as_string(hide_password=False))
-    with engine.begin() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS `{parsed.database}`"))
-    engine.dispose()
 
 
 @dataclass
@@ -116,10 +98,10 @@ def make_cluster(shard_databases: Path, sandbox: Any) -> Iterator[Callable[..., 
     def make(tag: str, pool: dict[str, Any] | None = None) -> Cluster:
         four = yaml.safe_load(shard_databases.read_text())
         four.pop("meta", None)
-        meta_url = _database(sandbox.shards[0].url, f"rv9_{tag}_meta")
+        meta_url = fresh_database(sandbox.shards[0].url, f"rv9_{tag}_meta")
         urls = [meta_url]
         for name in four["shards"]:
-            four["shards"][name]["primary"] = _database(
+            four["shards"][name]["primary"] = fresh_database(
                 four["shards"][name]["primary"], f"rv9_{tag}_{name}"
             )
             urls.append(four["shards"][name]["primary"])
@@ -149,7 +131,7 @@ def make_cluster(shard_databases: Path, sandbox: Any) -> Iterator[Callable[..., 
                 engine.dispose()
             cluster.store.close()
             for url in urls:
-                _drop(url)
+                drop_database(url)
 
 
 def _users_in(topology: Topology, lo: int, hi: int, n: int, start: int = 1) -> list[int]:
