@@ -17,7 +17,8 @@ answering while it runs.
   versions pushed meanwhile, then writes again; the other writer never saw a refusal.
 
 Orphan lookup rows are checked last: the journal triggers' DDL makes a concurrent DELETE's
-lookup cleanup keep its row (an open defect, reproduced on branch wip/rtests); each action
+lookup cleanup keep its row (an open defect, reproduced by
+tests/integration/repro_reshard_ddl_lookups.py); each action
 that runs that DDL ends with the lookup check that removes them.
 """
 

@@ -8,8 +8,8 @@ again and finalized, the end state still equals the oracle.
 
 Orphan lookup rows are checked last in every test: the journal triggers' DDL (start, and the
 journals' removal in rollback, cancel, finalize) makes a concurrent DELETE's lookup cleanup
-keep its lookup row (an open defect of the lookup cleanup, reproduced deterministically on
-branch wip/rtests, tests/integration/test_reshard_ddl_lookups.py); every action that runs such
+keep its lookup row (an open defect of the lookup cleanup, reproduced deterministically by
+tests/integration/repro_reshard_ddl_lookups.py, run by hand); every action that runs such
 DDL ends with the lookup check that removes those rows (Workflow._reconcile_lookups).
 """
 
