@@ -35,7 +35,7 @@ from ..errors import ReshardDataError, ReshardStateError
 from ..types import ShardId
 from . import copy as mover
 from . import journal, phases, state
-from .plan import Move, ReshardPlan, Stage
+from .plan import ReshardPlan, Stage
 from .spec import Belongs, TableSpec, describe
 
 log = logging.getLogger("shardrouter.reshard")
@@ -846,13 +846,4 @@ def _advancing(task: Task) -> Callable[[mover.ChunkDone], None]:
     return on_chunk
 
 
-@contextmanager
-def workflow(store: MetaStore, migration_id: str, **kwargs: Any) -> Iterator[Workflow]:
-    flow = Workflow(store, migration_id, **kwargs)
-    try:
-        yield flow
-    finally:
-        flow.close()
-
-
-__all__ = ["Move", "Options", "Pair", "Workflow", "pairs", "workflow"]
+__all__ = ["Options", "Pair", "Workflow", "pairs"]
