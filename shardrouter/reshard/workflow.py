@@ -733,10 +733,11 @@ class Workflow:
     def _reconcile_lookups(self) -> None:
         """Remove orphan lookup rows, with the routers' own guarded discard (``check lookups
         --fix``: an orphan that stays one for its grace period, its owner checked under lock).
-        Why here: installing and dropping triggers is DDL, and a router's DELETE whose lookup
-        cleanup meets it (its NOWAIT owner check waits on the table's metadata lock) keeps the
-        lookup row, as it does for any lock it meets (execution.remove_lookups): an orphan,
-        harmless to reads, that a migration which took that lock removes before it ends."""
+        Why here: a migration's actions run beside routers that may die between an owner's
+        DELETE and its lookup cleanup (an orphan, harmless to reads); the trigger DDL itself
+        no longer leaves any (the cleanup's owner check waits for the table's metadata lock,
+        execution.OwnerCheck; tests/integration/test_reshard_ddl_lookups.py), but a migration
+        ends with the lookups clean either way."""
         from ..engine.router import Router
         from ..ops.lookups import check_lookups  # ops imports nothing of reshard: no cycle
 

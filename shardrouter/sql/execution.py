@@ -19,7 +19,8 @@ from typing import Any, Literal
 from sqlalchemy import and_, column, delete, or_, select, table, update
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Dialect
-from sqlalchemy.sql import Executable
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql import Executable, Select
 
 from ..core.strategies import HashStrategy, LookupStrategy
 from ..core.strategies.hash import fold
@@ -90,8 +91,8 @@ class Job:
     raises GuardFailed (see discard_lookups and _insert)."""
     in_order: bool = False
     """Run the batch's parts in the order given, not in shard order: a discard deletes its
-    lookup rows before it checks their owners (its checks never wait: NOWAIT, so leaving the
-    global lock order cannot deadlock)."""
+    lookup rows before it checks their owners (its checks never wait for a row lock,
+    OwnerCheck, so leaving the global lock order cannot deadlock)."""
     """Lookup reads and writes run outside the caller's transaction (a lookup row may live on
     another shard; it is written first, and the rows a statement created are removed if its
     owner rows are not written, see LookupLedger); lookup cleanups run only after the owner's
@@ -122,8 +123,9 @@ def together_order(jobs: Sequence[Job]) -> list[int]:
     (Job.in_order), else sorted by shard (one global lock order, see
     Router._write_together), guards last: a guard checks rows once the write's own rows are
     written and locked (see _insert), and takes only shared locks, which it waits for only
-    behind writers that never wait themselves (a discard's check is NOWAIT, lookup writes
-    commit at once). Parts on one shard run on one connection (see Router._write_together)."""
+    behind writers that never wait themselves (a discard's check waits for no row lock,
+    lookup writes commit at once). Parts on one shard run on one connection (see
+    Router._write_together)."""
     if any(j.in_order for j in jobs):
         return list(range(len(jobs)))
     return sorted(range(len(jobs)), key=lambda i: (jobs[i].expect is not None, jobs[i].shard))
@@ -1066,21 +1068,43 @@ def _owner_check(topology: Topology, rows: Sequence[LookupRow]) -> Job:
     uncommitted holds the lock, so the read fails (counted as present) instead of missing it.
     Shared: the checks of one owner's rows run together and must not fail on each other's
     locks."""
-    shard, query = _owner_select(topology, rows)
-    query = query.with_for_update(read=True, nowait=True)
+    shard, query = _owner_select(topology, rows, OwnerCheck)
+    query = query.with_for_update(read=True)  # OwnerCheck's compile makes it not wait
     return Job(shard, query, {}, "write", "lookup")
 
 
-def _owner_select(topology: Topology, rows: Sequence[LookupRow]) -> tuple[ShardId, Any]:
-    """The shard and the SELECT of the owner rows of ``rows`` (one owner place) carrying
-    their lookup values."""
+class OwnerCheck(Select[Any]):
+    """A SELECT ... LOCK IN SHARE MODE that never waits for a ROW lock but does wait for the
+    table's metadata lock. MariaDB's NOWAIT gives up on both: while a DDL waits for the table
+    (the journal triggers' CREATE/DROP TRIGGER during a migration), every NOWAIT check failed
+    at once, counted as "an owner in flight", and a DELETE's cleanup kept an orphan lookup
+    row. On MariaDB it runs as ``SET STATEMENT innodb_lock_wait_timeout=0 FOR ...`` (row
+    locks: fail at once; metadata lock: wait, bounded by the DDL's own lock wait, as every
+    other statement on the table does); MySQL's NOWAIT is row locks only already."""
+
+    inherit_cache = True
+
+
+@compiles(OwnerCheck, "mysql")
+def _compile_owner_check(element: OwnerCheck, compiler: Any, **kw: Any) -> str:
+    sql = str(compiler.visit_select(element, **kw))
+    if getattr(compiler.dialect, "is_mariadb", False):
+        return "SET STATEMENT innodb_lock_wait_timeout=0 FOR " + sql
+    return sql + " NOWAIT"
+
+
+def _owner_select(
+    topology: Topology, rows: Sequence[LookupRow], kind: type[Select[Any]] = Select
+) -> tuple[ShardId, Any]:
+    """The shard and the SELECT (a ``kind``) of the owner rows of ``rows`` (one owner place)
+    carrying their lookup values."""
     first = rows[0]
     s = first.strategy
     shard, physical = _owner_place(topology, first)
     matched = [s.to_column, first.column] + ([s.key_column] if s.key_column else [])
     target = table_clause(physical, matched)
     key = s.from_column
-    query = select(target.c[s.to_column]).where(
+    query = kind(target.c[s.to_column]).where(
         or_(
             *(
                 and_(*(target.c[c] == r.row[key if c == r.column else c] for c in matched))

@@ -1,20 +1,16 @@
-"""OPEN DEFECT, reproduction kept out of the suite (the file name is not collected: it fails
-by design until the lookup cleanup is fixed). Run it by hand:
-``SHARDROUTER_SANDBOX_PORT=3501 python3 -m pytest tests/integration/repro_reshard_ddl_lookups.py``
-(issue 9 note). The resharding workflow ends every action that runs this DDL with the guarded
-lookup check (Workflow._reconcile_lookups), so a migration's end state is clean.
-
-A DELETE's lookup cleanup beside the journal triggers' DDL (found by the rollback and crash
+"""A DELETE's lookup cleanup beside the journal triggers' DDL (found by the rollback and crash
 tests: orphan merchant_orders rows after start/finalize/rollback/cancel under writes).
 
 ``journal.install`` / ``remove`` run ``CREATE TRIGGER`` / ``DROP TRIGGER`` on the owner's
 physical table; while such a DDL waits for the table's exclusive metadata lock (an open
 transaction touched the table), every new statement on the table queues behind it. The
-cleanup after an owner's DELETE checks the owner with a ``FOR SHARE NOWAIT`` read
-(execution._owner_check): NOWAIT fails at once on that queued metadata lock, the cleanup
-takes it for "an owner in flight" and keeps the lookup row, an orphan that nothing removes
-until ``shardctl check lookups --fix``. This test makes that interleaving deterministic: the
+cleanup after an owner's DELETE checked the owner with a ``FOR SHARE NOWAIT`` read
+(execution._owner_check): NOWAIT failed at once on that queued metadata lock, the cleanup
+took it for "an owner in flight" and kept the lookup row, an orphan that nothing removes
+until ``shardctl check lookups --fix`` ran. This test makes that interleaving deterministic: the
 cleanup is held on a row lock of its lookup row until the DDL waits, then released.
+Fixed by execution.OwnerCheck: the check still never waits for a row lock (an owner in
+flight) but waits for the metadata lock, as every statement on the table does.
 """
 
 from __future__ import annotations
