@@ -154,7 +154,7 @@ def _flow(store: MetaStore, migration_id: str | None, as_json: bool, **run: Any)
 @click.group("reshard")
 def reshard() -> None:
     """Move slots between shards while the service writes: plan, start, status, advance,
-    run, rollback, resume, cancel, finalize (docs/RESHARDING.md)."""
+    run, switch-reads --shadow, rollback, resume, cancel, finalize (docs/RESHARDING.md)."""
 
 
 @reshard.command("plan", epilog=_EXIT)
@@ -316,6 +316,81 @@ for _name, _help, _confirm in (
     _action(_name, _help, confirm=_confirm)
 
 
+NEW_READS_REFUSED = (
+    "switch-reads without --shadow (serving reads from the targets before the switch) is"
+    " refused: a target's copy lags its source by the drain, so a read served there could miss"
+    " a write the caller made a moment ago. Reads move with the writes at `shardctl reshard"
+    " switch` (writes held, journal drained to zero, then both move). Compare first:"
+    " `shardctl reshard switch-reads --shadow --percent 10 --seconds 60`; to move traffic in"
+    " steps, move fewer slots at a time (`shardctl reshard plan --move START:END --to SHARD`)"
+)
+
+
+@reshard.command("switch-reads", epilog=_EXIT)
+@click.argument("migration_id", required=False)
+@store_config_option
+@meta_url_option
+@click.option(
+    "--shadow",
+    is_flag=True,
+    help="SHADOW reads: answers still come from the sources; the routers also read the"
+    " targets and count the answers that differ.",
+)
+@click.option(
+    "--percent",
+    type=click.IntRange(1, 100),
+    default=100,
+    show_default=True,
+    help="Share of the moving slots compared (by slot: a key is always in or out).",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=1, max=86_400),
+    default=60.0,
+    show_default=True,
+    help="How long shadow reads run (Ctrl-C ends them early); then they stop.",
+)
+@_with(run_options)
+@json_option
+@reshard_errors
+def switch_reads_cmd(
+    migration_id: str | None,
+    config_path: Path | None,
+    meta_url: str | None,
+    shadow: bool,
+    percent: int,
+    seconds: float,
+    as_json: bool,
+    **run: Any,
+) -> None:
+    """Read modes before the switch: --shadow compares the targets with the sources under the
+    service's real reads for a while (copied or verified migrations), then reports how many
+    answers differed (exit 1 if any did). Reads are served from the targets only by
+    `switch`, together with the writes."""
+    if not shadow:
+        raise CommandError(NEW_READS_REFUSED, EXIT_REFUSED)
+    with (
+        open_store(config_path, meta_url) as store,
+        _flow(store, migration_id, as_json, **run) as flow,
+        _pausable(flow),
+    ):
+        report = flow.shadow(percent, seconds)
+    if as_json:
+        emit_json({"ok": True, "migration": flow.migration_id, "shadow": report})
+        return
+    click.echo(shadow_text(report))
+
+
+def shadow_text(report: dict[str, Any]) -> str:
+    return (
+        f"shadow reads on {report['percent']}% of the moving slots for {report['seconds']:g} s"
+        f" ({report['routers']} routers): {report['compared']:,} compared, {report['equal']:,}"
+        f" equal, {report['lagged']:,} lagged (equal on recheck), {report['differed']:,}"
+        f" differed, {report['errors']:,} not compared (errors), {report['dropped']:,} dropped"
+        " (worker busy)"
+    )
+
+
 @reshard.command("run", epilog=_EXIT)
 @click.argument("migration_id", required=False)
 @store_config_option
@@ -396,6 +471,8 @@ def status_cmd(
             f" ({sum(t['rows_source'] for t in v['tables']):,} rows compared,"
             f" {sum(t['repaired'] for t in v['tables'])} repaired)"
         )
+    if data.get("shadow"):
+        click.echo("  " + shadow_text(data["shadow"]))
     if data["switch"]:
         click.echo(f"  switch: writes held {data['switch']['freeze_s'] * 1000:.0f} ms")
     cluster = data["cluster"]

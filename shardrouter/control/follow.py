@@ -238,6 +238,9 @@ class Follower:
         acknowledged (a heartbeat) once no statement, transaction, explicit connection or ORM
         session holds an older snapshot (at once in the usual case; else at a later poll)."""
         started = time.monotonic()
+        shadow = getattr(router, "_shadow", None)
+        if shadow is not None:  # SHADOW read counters, for the migration's runner
+            shadow.stats.publish(self.store, self.instance_id)
         acking = self._ack_due(router)
         if acking:
             self.fence.acked = router.version

@@ -333,6 +333,11 @@ class MovingSlotsConfig(_Model):
     (SwitchHoldError); the switch gives up well before, so held writes are released."""
     migration: str | None = None
     """The migration that wrote this range (shardctl reshard), for messages."""
+    shadow_percent: Annotated[int, Field(ge=0, le=100)] = 0
+    """SHADOW reads (``dual_old_primary`` only): routers answer a read by key from the
+    source, as always, and for the slots with ``slot % 100 < shadow_percent`` (the same key
+    always in or out) run it on the target too and count the reads whose answers differ
+    (engine.shadow; ``shardctl reshard switch-reads --shadow``)."""
 
 
 class TopologyConfig(_Model):
@@ -654,6 +659,12 @@ def _check_moving(model: TopologyConfig) -> Iterator[str]:
             for s, e in shard.slots
             if s < end and start < e
         }
+        if m.shadow_percent and m.write_mode != "dual_old_primary":
+            yield (
+                f"{where}.shadow_percent: {m.shadow_percent} in write_mode {m.write_mode};"
+                " shadow reads compare a target with its source before the switch"
+                " (dual_old_primary): set it to 0"
+            )
         authority = m.target if m.write_mode == "dual_new_primary" else m.source
         if m.write_mode == "frozen" and owners == {m.target}:
             authority = m.target  # a switch back (rollback after the switch) freezes it there

@@ -65,6 +65,7 @@ from .router import (
     multi_part,
     route_key,
 )
+from .shadow import AsyncShadowReader, shadow_read
 from .snapshot import (
     HOLD_POLL_S,
     Frozen,
@@ -386,6 +387,23 @@ class AsyncRouter(SnapshotHolder[AsyncShardEngines, AsyncReadPool]):
         self._doomed_lock = threading.Lock()
         self._disposing: set[asyncio.Task[None]] = set()
         self._follower: Any = None
+        self._shadow = AsyncShadowReader(self._shadow_rows)
+        """SHADOW reads during a migration (engine.shadow); idle without them."""
+
+    @property
+    def shadow_stats(self) -> dict[str, dict[str, int]]:
+        """See Router.shadow_stats."""
+        return self._shadow.stats.snapshot()
+
+    async def _shadow_rows(
+        self, shard: ShardId, statement: str, params: Mapping[str, Any]
+    ) -> Sequence[tuple[Any, ...]]:
+        snap = self._pin()
+        try:
+            async with snap.engines.primary(shard).connect() as conn:
+                return JobResult.of(await conn.execute(text(statement), params)).rows
+        finally:
+            snap.release()
 
     @classmethod
     def load(cls, path: str | Path, **options: Any) -> AsyncRouter:
@@ -462,6 +480,7 @@ class AsyncRouter(SnapshotHolder[AsyncShardEngines, AsyncReadPool]):
             # its timeouts): off the loop, so its other tasks go on meanwhile, even when the
             # store hangs.
             await asyncio.to_thread(self._follower.close)
+        await self._shadow.aclose()
         self._dispose_doomed()
         if self._disposing:
             await asyncio.gather(*self._disposing, return_exceptions=True)
@@ -682,7 +701,12 @@ class AsyncRouter(SnapshotHolder[AsyncShardEngines, AsyncReadPool]):
             # rows go with it), as for several shards'.
             return await self._write_together(jobs, snap)
         if len(jobs) == 1:
-            return [await self._run_job(jobs[0], snap)]
+            result = await self._run_job(jobs[0], snap)
+            if snap.shadowed and recorder is not None:
+                read = shadow_read(snap.shadowed, recorder, jobs[0], result)
+                if read is not None:
+                    self._shadow.submit(read)
+            return [result]
         limit = asyncio.Semaphore(self.max_concurrency)
 
         async def bounded(job: Job) -> JobResult:

@@ -52,6 +52,7 @@ from ..types import ShardId, Slot
 from . import readpool, xa
 from .engines import DEADLOCK_ERRNO, ShardEngines, classify
 from .readpool import ReadPool
+from .shadow import ShadowReader, shadow_read
 from .snapshot import (
     HOLD_POLL_S,
     Frozen,
@@ -181,7 +182,12 @@ class _Runner:
         if any(job.kind == "write" for job in jobs):
             self.wrote = True
         if len(jobs) == 1:
-            return [self.router._run_job(jobs[0], replica, snap)]
+            result = self.router._run_job(jobs[0], replica, snap)
+            if snap.shadowed and recorder is not None:
+                read = shadow_read(snap.shadowed, recorder, jobs[0], result)
+                if read is not None:
+                    self.router._shadow.submit(read)
+            return [result]
         if all(j.kind == "write" and j.role == "statement" for j in jobs):
             return self.router._write_together(jobs, snap)
         return self.router._fan_out(jobs, replica, snap)
@@ -483,6 +489,25 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
         self._texts: OrderedDict[str, TextClause] = OrderedDict()
         self._cache_lock = threading.Lock()  # guards _texts and the lean pools
         self._follower: Any = None
+        self._shadow = ShadowReader(self._shadow_rows)
+        """SHADOW reads during a migration (engine.shadow); idle without them."""
+
+    @property
+    def shadow_stats(self) -> dict[str, dict[str, int]]:
+        """SHADOW read counters per migration (compared, equal, lagged, differed, errors,
+        dropped): see shardrouter.engine.shadow."""
+        return self._shadow.stats.snapshot()
+
+    def _shadow_rows(
+        self, shard: ShardId, statement: str, params: Mapping[str, Any]
+    ) -> Sequence[tuple[Any, ...]]:
+        """A shadow read's statement on ``shard``'s primary, under the current snapshot."""
+        snap = self._pin()
+        try:
+            with snap.engines.primary(shard).connect() as conn:
+                return JobResult.of(conn.execute(self._text(statement), params)).rows
+        finally:
+            snap.release()
 
     @classmethod
     def load(cls, path: str | Path, **options: Any) -> Router:
@@ -555,6 +580,7 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
     def close(self) -> None:
         if self._follower is not None:
             self._follower.close()  # stops polling, deregisters
+        self._shadow.close()
         self._pool.shutdown(wait=True)
         for lean in self._lean.values():
             if lean is not False:

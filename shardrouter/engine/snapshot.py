@@ -33,6 +33,7 @@ from ..core.topology import KeyRule, Topology
 from ..errors import FencedError, RouterForkedError, SwitchHoldError
 from ..sql.planner import Planner
 from ..types import ShardId, Slot
+from .shadow import shadow_slots
 
 
 class _EngineSet(Protocol):
@@ -191,6 +192,7 @@ class RoutingSnapshot(Generic[E, L]):
         "moving_shards",
         "planner",
         "retired",
+        "shadowed",
         "topology",
         "version",
     )
@@ -217,6 +219,8 @@ class RoutingSnapshot(Generic[E, L]):
         )
         """Tables that hold lookup rows (merchant_orders, user_emails): written in steps."""
         self.moving_shards = frozenset(s for m in self.moving for s in (m.source, m.target))
+        self.shadowed = shadow_slots(topology)
+        """Slots whose reads are compared with their target (engine.shadow); usually empty."""
         self._lock = threading.Lock()
         self._users = 0
         self._dispose: Callable[[], None] | None = None

@@ -9,9 +9,11 @@ the phase it leads to, and why every other one is refused (docs/RESHARDING.md, "
     planned|prepared|copying|copied|verified|rolled_back -cancel-> cancelled (target cleaned)
 
 ``copying`` is the phase recorded while a copy runs (:func:`running`): a copy interrupted
-there is resumed by ``copy`` again. ``verify`` may run again in ``verified``. Reads move
-with the writes at the switch (there is no separate read switch: a target's copy lags its
-source by the drain, so reading it before the switch could miss a write). ``advance`` is the
+there is resumed by ``copy`` again. ``verify`` may run again in ``verified``. ``shadow``
+(SHADOW reads for a while: answers from the sources, compared with the targets) runs in
+``copied`` and ``verified`` and leaves the phase as it was. Reads move with the writes at the
+switch (no NEW_PERCENT read mode: a target's copy lags its source by the drain, so a read
+served from it before the switch could miss the caller's own write). ``advance`` is the
 one next action of the forward path; it stops at ``switched`` (finalize deletes the source's
 copy, so it is always asked for explicitly). ``finalized`` and ``cancelled`` are terminal.
 """
@@ -41,6 +43,7 @@ Action = Literal[
     "rollback",
     "cancel",
     "finalize",
+    "shadow",
     "advance",
 ]
 PHASES: tuple[str, ...] = get_args(Phase)
@@ -61,6 +64,8 @@ _TABLE: dict[tuple[str, str], str] = {
     ("copying", "rollback"): "rolled_back",
     ("copying", "cancel"): "cancelled",
     ("copied", "verify"): "verified",
+    ("copied", "shadow"): "copied",
+    ("verified", "shadow"): "verified",
     ("copied", "rollback"): "rolled_back",
     ("copied", "cancel"): "cancelled",
     ("verified", "verify"): "verified",
@@ -243,6 +248,18 @@ def _why_finalize(phase: str) -> str:
     )
 
 
+def _why_shadow(phase: str) -> str:
+    if _before(phase, "copied"):
+        return (
+            "shadow reads before the copy finished would count every row not copied yet as a"
+            " difference; copy first"
+        )
+    return (
+        "shadow reads compare the targets with the sources before the switch; after it the"
+        " targets answer every read (roll back to compare again)"
+    )
+
+
 def _why_advance(phase: str) -> str:
     return (
         "the switch is done; finalize is never automatic since it deletes the sources' copy"
@@ -258,6 +275,7 @@ _WHY = {
     "rollback": _why_rollback,
     "cancel": _why_cancel,
     "finalize": _why_finalize,
+    "shadow": _why_shadow,
     "advance": _why_advance,
 }
 

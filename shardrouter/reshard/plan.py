@@ -124,7 +124,12 @@ class ReshardPlan:
     # -- documents ----------------------------------------------------------------------------
 
     def document(
-        self, stage: Stage, hold_s: float = 2.0, *, base: Mapping[str, Any] | None = None
+        self,
+        stage: Stage,
+        hold_s: float = 2.0,
+        *,
+        base: Mapping[str, Any] | None = None,
+        shadow_percent: int = 0,
     ) -> dict[str, Any]:
         """The raw topology document of ``stage`` (without ``version``):
 
@@ -136,6 +141,9 @@ class ReshardPlan:
         - ``rolled_back``: the prepare document (the sources own everything again);
         - ``frozen_back``: switched, in ``frozen`` (a rollback after the switch freezes the
           ranges where the targets own them, then gives them back).
+
+        ``shadow_percent`` (``copy`` only): the share of the moving slots whose reads the
+        routers also run on the target and compare (engine.shadow).
 
         ``base`` (default: ``before``) is the document to apply the stage to, e.g. the current
         version when another migration pushed since this plan was made: only the moved
@@ -168,6 +176,8 @@ class ReshardPlan:
                 }
                 if mode == "frozen":
                     entry["hold_s"] = hold_s
+                if shadow_percent and stage == "copy":
+                    entry["shadow_percent"] = shadow_percent
                 moving.append(entry)
             moving.sort(key=lambda m: tuple(m["slots"]))
         if moving:

@@ -29,9 +29,9 @@ from ..control.versions import cluster_status, normalise
 from ..core.config import config_from_dict
 from ..core.progress import NullProgress, Progress, Task
 from ..core.topology import Topology
-from ..engine import xa
+from ..engine import shadow, xa
 from ..engine.engines import ShardEngines
-from ..errors import ReshardDataError, ReshardStateError
+from ..errors import ReshardDataError, ReshardError, ReshardStateError
 from ..types import ShardId
 from . import copy as mover
 from . import journal, phases, state
@@ -44,6 +44,10 @@ RUNNER_LEASE_MS = 15_000
 """How long a runner's lease lives without renewal (a killed runner blocks resume this long)."""
 RUNNER_RENEW_S = 1.0
 """How often a running action renews it (between chunks)."""
+SHADOW_DRAIN_EVERY_S = 0.1
+"""The pause between drains while shadow reads run (what a target lags by, about)."""
+SHADOW_SETTLE_S = 10.0
+"""How long the shadow report waits at most for the routers' last counters."""
 
 
 @dataclass(frozen=True)
@@ -162,13 +166,17 @@ class Workflow:
 
     # -- versions ---------------------------------------------------------------------------
 
-    def push(self, stage: Stage, *, timeout: float | None = None) -> AckReport:
+    def push(
+        self, stage: Stage, *, timeout: float | None = None, shadow_percent: int = 0
+    ) -> AckReport:
         """Publish the plan's document for ``stage`` applied to the current version (nothing
         if the current version already is it) and wait for every live router's
         acknowledgement (an AckReport; ``complete`` False at the timeout)."""
         current = self.store.current()
         base = current.document if current is not None else None
-        doc = self.plan.document(stage, self.options.hold_s, base=base)
+        doc = self.plan.document(
+            stage, self.options.hold_s, base=base, shadow_percent=shadow_percent
+        )
         config_from_dict(doc, source=f"migration {self.migration_id} ({stage})", env=self.env)
         if current is not None and normalise(current.document) == normalise(doc):
             version = current.version
@@ -216,6 +224,11 @@ class Workflow:
         """Run one action of the phase table (start, copy, verify, switch, rollback, cancel,
         finalize); ReshardStateError when it is not legal now, or when another process runs
         an action of this migration right now (one runner at a time: see _runner)."""
+        if action == "shadow":
+            raise ReshardError(
+                "shadow reads take a share of the slots and a duration: Workflow.shadow(percent,"
+                " seconds), or `shardctl reshard switch-reads --shadow --percent P --seconds S`"
+            )
         with self._runner():
             migration = self.migration
             phases.check(migration.phase, action)
@@ -330,6 +343,9 @@ class Workflow:
     def _resume(self) -> state.Migration:
         phase = self.migration.phase
         stage = self.current_stage()
+        if stage == "copy" and self._shadowing():
+            self.push("copy")  # no runner drains: the targets would lag more and more
+            state.add_event(self.store, self.migration_id, "shadow reads ended on resume")
         if stage == "frozen":
             self.push("copy")
             state.add_event(self.store, self.migration_id, "switch abandoned on resume")
@@ -519,6 +535,110 @@ class Workflow:
                 " status` lists the rows; run verify again (writes may have raced it) or cancel"
             )
         self._record("verify", "verified: every table equal on both sides")
+
+    # shadow reads ----------------------------------------------------------------------------
+
+    def shadow(self, percent: int, seconds: float) -> dict[str, Any]:
+        """SHADOW reads for ``seconds`` (docs/RESHARDING.md, "Shadow reads"): the routers go
+        on answering every read from the sources and, for ``percent`` % of the moving slots
+        (by slot: a key is always in or out), also run it on the target and compare; this
+        runner drains the journals continuously meanwhile, so a target lags by a fraction of
+        a second. Then shadow reads end (always, also on an error or a pause), the runner
+        drains on while the routers finish their comparisons, and their counters (published
+        in the meta store) are summed into the report, stored as the checkpoint ``shadow``
+        and shown by status. ReshardDataError when a read differed (the routers log each
+        one, logger ``shardrouter.shadow``); the phase does not change."""
+        if not 1 <= percent <= 100 or not 0 < seconds <= 86_400:
+            raise ReshardError(
+                f"shadow reads: percent {percent} must be in 1..100 and seconds {seconds:g} in"
+                " (0, 86400]; e.g. --percent 10 --seconds 60"
+            )
+        with self._runner():
+            phases.check(self.migration.phase, "shadow")
+            return self._shadow(percent, seconds)
+
+    def _shadow(self, percent: int, seconds: float) -> dict[str, Any]:
+        before, _ = self._shadow_counts()
+        started = time.monotonic()
+        try:
+            self.push("copy", shadow_percent=percent).raise_if_incomplete()
+            state.add_event(
+                self.store, self.migration_id, f"shadow reads on {percent}% of the moving slots"
+            )
+            self._drain_until(started + seconds, pausable=True)
+        finally:
+            self.push("copy").raise_if_incomplete()  # shadow reads off, whatever happened
+        elapsed = time.monotonic() - started
+        after, routers = self._settled_shadow_counts()
+        counts = {k: after.get(k, 0) - before.get(k, 0) for k in shadow.OUTCOMES}
+        report: dict[str, Any] = {
+            "percent": percent,
+            "seconds": round(elapsed, 1),
+            "routers": routers,
+            **counts,
+            "at": time.time(),
+        }
+        self._set_checkpoint("shadow", report)
+        state.add_event(
+            self.store,
+            self.migration_id,
+            f"shadow reads ended: {counts['compared']} compared, {counts['differed']} differed,"
+            f" {counts['lagged']} lagged",
+        )
+        if counts["differed"]:
+            raise ReshardDataError(
+                f"shadow reads: {counts['differed']} of {counts['compared']} reads answered"
+                " differently on the targets (the routers log each statement, logger"
+                " shardrouter.shadow); run verify, which compares every row and repairs, then"
+                " shadow again"
+            )
+        return report
+
+    def _drain_until(self, deadline: float, *, pausable: bool = False) -> None:
+        """Drain every pair about every SHADOW_DRAIN_EVERY_S until ``deadline``; paused
+        (``stop``), it returns at once when ``pausable``, else waits without draining."""
+        while time.monotonic() < deadline:
+            if not self._halt():
+                for pair in pairs(self.plan):
+                    self._drain(pair)
+            elif pausable:
+                return
+            time.sleep(max(0.0, min(SHADOW_DRAIN_EVERY_S, deadline - time.monotonic())))
+
+    def _shadowing(self) -> bool:
+        current = self.store.current()
+        return current is not None and any(
+            m.get("migration") == self.migration_id and m.get("shadow_percent")
+            for m in current.document.get("moving") or ()
+        )
+
+    def _shadow_counts(self) -> tuple[dict[str, int], int]:
+        """The routers' published shadow counters of this migration, summed, and how many
+        routers published."""
+        total: dict[str, int] = dict.fromkeys(shadow.OUTCOMES, 0)
+        routers = 0
+        for name, value in state.checkpoints(self.store, self.migration_id).items():
+            if name.startswith(shadow.CHECKPOINT_PREFIX) and isinstance(value, dict):
+                routers += 1
+                for k in shadow.OUTCOMES:
+                    total[k] += int(value.get(k, 0))
+        return total, routers
+
+    def _settled_shadow_counts(self) -> tuple[dict[str, int], int]:
+        """The counters once the routers' last comparisons ended (their rechecks, against
+        targets this keeps draining) and were published (once a second, at a poll):
+        unchanged over a publishing period, waited for SHADOW_SETTLE_S at most."""
+        period = shadow.PUBLISH_EVERY_S + 0.5
+        self._drain_until(time.monotonic() + sum(shadow.RECHECK_S))
+        found = self._shadow_counts()
+        deadline = time.monotonic() + SHADOW_SETTLE_S
+        while time.monotonic() < deadline:
+            self._drain_until(time.monotonic() + period)
+            again = self._shadow_counts()
+            if again == found:
+                break
+            found = again
+        return found
 
     # switch ----------------------------------------------------------------------------------
 
@@ -835,6 +955,7 @@ class Workflow:
             "journal_backlog": backlog,
             "verify": points.get("verify"),
             "switch": points.get("switch"),
+            "shadow": points.get("shadow"),
             "cluster": cluster.as_dict(),
             "events": state.events(self.store, self.migration_id, limit=20),
         }

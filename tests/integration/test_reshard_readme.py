@@ -109,6 +109,7 @@ def test_readme_reshard_guide_runs_as_written(files: Path, monkeypatch: pytest.M
         "start",
         "copy",
         "verify",
+        "switch-reads",
         "switch",
         "status",
         "finalize",

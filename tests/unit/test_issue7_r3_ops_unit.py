@@ -186,6 +186,7 @@ FAILING = {
             "start",
             "status",
             "switch",
+            "switch-reads",
             "verify",
         )
     },

@@ -23,10 +23,12 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("copying", "cancel"): "cancelled",
     ("copying", "advance"): "copied",
     ("copied", "verify"): "verified",
+    ("copied", "shadow"): "copied",
     ("copied", "rollback"): "rolled_back",
     ("copied", "cancel"): "cancelled",
     ("copied", "advance"): "verified",
     ("verified", "verify"): "verified",
+    ("verified", "shadow"): "verified",
     ("verified", "switch"): "switched",
     ("verified", "rollback"): "rolled_back",
     ("verified", "cancel"): "cancelled",
@@ -54,6 +56,7 @@ ACTIONS = (
     "rollback",
     "cancel",
     "finalize",
+    "shadow",
     "advance",
 )
 
