@@ -71,7 +71,7 @@ run_options = [
         type=click.IntRange(1, 100_000),
         default=2000,
         show_default=True,
-        help="Rows per backfill chunk.",
+        help="Rows per chunk of the backfill and of the deletes (finalize, cancel, rollback).",
     ),
     click.option(
         "--max-rows-per-s",

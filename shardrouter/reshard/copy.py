@@ -27,6 +27,7 @@ from .journal import (
     BelongsCache,
     Key,
     copy_keys,
+    guard_own_rows,
     mover_session,
     retrying,
 )
@@ -410,10 +411,10 @@ def _copy_chunk(
     st = statements(spec)
     at = st.shard_position
     rows = _read_chunk(src, st, st.select_list, after, chunk)  # no lock: see journal.copy_keys
-    keep = [
-        tuple(r[i] for i in st.write_positions) for r in rows if at is None or check(spec, r[at])
-    ]
+    moving = [r for r in rows if at is None or check(spec, r[at])]
+    keep = [tuple(r[i] for i in st.write_positions) for r in moving]
     if keep:
+        guard_own_rows(dst, spec, [tuple(r[i] for i in st.key_positions) for r in moving], check)
         dst.exec_driver_sql(st.upsert, keep)
         dst.commit()
     src.commit()

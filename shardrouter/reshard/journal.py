@@ -495,6 +495,8 @@ def copy_keys(
                 deleted += _delete_belonging(mirror_conn, spec, absent, check)
             for spec, present in images:
                 st = statements(spec)
+                copies = [tuple(r[i] for i in st.key_positions) for r in present]
+                guard_own_rows(mirror_conn, spec, copies, check)
                 values = [tuple(row[i] for i in st.write_positions) for row in present]
                 mirror_conn.exec_driver_sql(st.upsert, values)
                 copied += len(present)
@@ -539,6 +541,44 @@ def _delete_belonging(
             )
             deleted += len(doomed)
     return deleted
+
+
+_TEXT_TYPES = frozenset(
+    {"char", "varchar", "tinytext", "text", "mediumtext", "longtext", "enum", "set"}
+)
+
+
+def guard_own_rows(
+    conn: Connection, spec: TableSpec, keys: Sequence[Key], check: BelongsCache
+) -> None:
+    """Refuse to upsert copies over a mirror's OWN rows (ReshardDataError, before anything
+    is written). A text key under a case-insensitive or PAD SPACE collation compares
+    'abc' = 'ABC' = 'abc ', while a hash without fold_case sends them to different slots:
+    two shards may each hold one of them, and a copy's ``ON DUPLICATE KEY UPDATE`` onto the
+    shard that holds the other would overwrite a row of a slot that never moves (review 10).
+    So for tables with a text key column the mirror's rows with the copies' keys are read
+    (locked: they are about to be written) and any that does not belong to the moving slots
+    stops the copy. Other key types cannot compare equal with different slots."""
+    if spec.shard_column is None or not any(spec.type_of(c) in _TEXT_TYPES for c in spec.key):
+        return
+    st = statements(spec)
+    width = len(spec.key)
+    for part in _parts(list(keys)):
+        rows = conn.exec_driver_sql(
+            f"SELECT {st.keys_and_shard} FROM {st.table} WHERE {st.key_in(len(part))} FOR UPDATE",
+            st.key_params(part),
+        ).all()
+        own = [r for r in rows if not check(spec, r[width])]
+        if own:
+            theirs = tuple(own[0][:width])
+            raise ReshardDataError(
+                f"table {spec.physical}: a moving row's key equals {theirs!r}, a row the"
+                f" mirror owns ({spec.shard_column} {own[0][width]!r} is not in the moving"
+                " slots), under the column's collation (letter case or trailing spaces),"
+                " though the hash sends the two to different slots; copying would overwrite"
+                " that row, so nothing was written. Make the values unique as the column"
+                " compares them (or hash the column with fold_case), then run the step again"
+            )
 
 
 def _parts(keys: list[Key]) -> Iterator[list[Key]]:
@@ -748,6 +788,7 @@ __all__ = [
     "backlog",
     "copy_keys",
     "drain",
+    "guard_own_rows",
     "install",
     "installed_triggers",
     "is_lock_conflict",

@@ -802,6 +802,8 @@ class Workflow:
                     self.engine(pair.target),
                     spec,
                     belongs,
+                    chunk=self.options.chunk,
+                    throttle=self._throttle(),
                     on_chunk=_advancing(task),
                     stop=self._halt,
                 )
@@ -840,6 +842,7 @@ class Workflow:
                     self.engine(pair.source),
                     spec,
                     belongs,
+                    chunk=self.options.chunk,
                     throttle=self._throttle(),
                     on_chunk=_advancing(task),
                     stop=self._halt,

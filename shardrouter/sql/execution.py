@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..types import ShardId, Slot
 from .merge import MergePlan, merge
-from .planner import KeyCondition, Plan, Target
+from .planner import KeyCondition, Plan, Target, only_params
 
 log = logging.getLogger("shardrouter")
 
@@ -291,13 +291,20 @@ def run(
     lazy = scatter_sql and plan.merge is not None  # the merge may read only some rows
     for shard, targets in by_shard.items():
         backend = _backend(topology, shard) if scatter_sql else "mysql"
+        bound = params
+        if any(t.only is not None for t in targets):  # (only during a migration)
+            bound = {**params, **{k: v for t in targets for k, v in only_params(t).items()}}
         if returning is not None:
             statement: str | tuple[str, ...] = tuple(
                 plan.render(t, scatter=False, backend=backend) + returning for t in targets
             )
         elif len(targets) == 1:
             statement = plan.render(targets[0], scatter=scatter_sql, backend=backend)
-        elif scatter_sql and backend != "sqlite" and all(t.keep is None for t in targets):
+        elif (
+            scatter_sql
+            and backend != "sqlite"
+            and all(t.keep is None and t.only is None for t in targets)
+        ):
             statement = plan.render_union(targets)
             if plan.strings_compared and _compares(plan.merge):
                 statement = (plan.render_probe(targets[0]), statement)
@@ -309,7 +316,7 @@ def run(
             Job(
                 shard,
                 statement,
-                params,
+                bound,
                 kind,
                 anywhere=found.anywhere,
                 lazy=lazy,
@@ -623,7 +630,8 @@ def _lookup_targets(
                     owner_keys.add(held[1])
     owner = topology.table(table.bound_to or table.name)
     assert owner.primary is not None
-    slots = {i: owner.primary.slot(k) for i, k in enumerate(sorted(owner_keys, key=repr))}
+    keys = sorted(owner_keys, key=repr)
+    slots = {i: owner.primary.slot(k) for i, k in enumerate(keys)}
     targets = _slot_targets(topology, table, slots, in_list=False)
     anywhere = False
     if not targets:
@@ -631,7 +639,36 @@ def _lookup_targets(
         # read any shard gives that answer (a transaction need not bind to it).
         targets = [Target(topology.serving[0], 0)]
         anywhere = reading
+    if topology.mirrored:
+        targets = _owners_only(topology, owner, targets, keys, slots)
     return _Targets(targets, False, [j.shard for j in jobs], anywhere)
+
+
+def _owners_only(
+    topology: Topology,
+    owner: TableRule,
+    targets: list[Target],
+    keys: Sequence[Any],
+    slots: Mapping[int, Slot],
+) -> list[Target]:
+    """Targets on shards that hold a migration's copies of rows they do not own
+    (Topology.mirrored: a source after the switch, a target that serves slots of its own
+    before it) restricted to the owner keys the lookup routed there (Target.only): the
+    statement's condition (merchant_id = ?) matches the copies too, and a read would return
+    a moved order twice (once stale), a write would change a copy."""
+    assert owner.primary is not None
+    column = owner.primary.column
+    out = []
+    for t in targets:
+        if t.shard in topology.mirrored:
+            mine = tuple(
+                keys[i]
+                for i, slot in slots.items()
+                if topology.shard_of_slot(slot) == t.shard and slot % owner.split == t.split
+            )
+            t = replace(t, only=(column, mine))
+        out.append(t)
+    return out
 
 
 def _check_limits(plan: Plan, found: _Targets, limits: Limits, topology: Topology) -> None:

@@ -86,6 +86,18 @@ class Target:
     """For IN lists and multi-row INSERTs: the positions this target keeps."""
     conjunct: int | None = None
     """For IN lists: which top-level WHERE conjunct ``keep`` applies to."""
+    only: tuple[str, tuple[Any, ...]] | None = None
+    """(column, keys): the statement also requires the sharded table's ``column`` IN
+    ``keys`` (none: matches nothing). A lookup route's statement on a shard that holds a
+    migration's copies of rows it does not own (Topology.mirrored): only the owners the
+    lookup found there, not their copies. The keys are bound (only_params)."""
+
+
+def only_params(target: Target) -> dict[str, Any]:
+    """The bound values of ``target.only`` (names unique per split: one job may run several)."""
+    if target.only is None:
+        return {}
+    return {f"__sr_only_{target.split}_{i}": v for i, v in enumerate(target.only[1])}
 
 
 @dataclass(eq=False)
@@ -129,7 +141,8 @@ class Plan:
     def render(self, target: Target, *, scatter: bool, backend: str = "mysql") -> str:
         """The SQL for ``target`` (physical names, IN subset); cached per kind of target.
         ``backend`` "sqlite": the scatter SQL without collation weights (SQLite has none)."""
-        key = (target.split, target.keep, target.conjunct, scatter, backend)
+        only = None if target.only is None else (target.only[0], len(target.only[1]))
+        key = (target.split, target.keep, target.conjunct, only, scatter, backend)
         sql = self._rendered.get(key)
         if sql is None:
             sql = self._render(target, scatter, backend)
@@ -185,6 +198,8 @@ class Plan:
             tree = tree.limit(0)
         if scatter and backend == "sqlite":
             tree = without_weights(tree)
+        if target.only is not None:
+            tree = self._restrict(tree, target)
         names = {t.name: t.physical(target.split) for t in self.tables}
         renamed: dict[str, str] = {}
         for table in list(tree.find_all(exp.Table)):
@@ -216,6 +231,29 @@ class Plan:
         # SHARE MODE is what both accept. Locks come last in a MySQL SELECT.
         tree.set("locks", None)
         return " ".join([tree.sql(dialect=SHARD_DIALECT), *(_lock_sql(lock) for lock in locks)])
+
+    def _restrict(self, tree: exp.Expression, target: Target) -> exp.Expression:
+        """``tree`` with ``AND <sharded>.<column> IN (:__sr_only_...)`` (Target.only)."""
+        assert target.only is not None and self.sharded is not None
+        column, keys = target.only
+        named = [t for t in tree.find_all(exp.Table) if t.name == self.sharded.name]
+        if len(named) != 1 or not isinstance(tree, (exp.Select, exp.Update, exp.Delete)):
+            raise UnsupportedQueryError(
+                f"{self.sharded.name} is named {len(named)} times here, and shard"
+                f" {target.shard} holds a migration's copies of rows it does not own: this"
+                " statement cannot be kept to the rows the shard owns; run it after the"
+                " migration's finalize (or rollback), or name the table once"
+            )
+        if not keys:
+            return tree.where(exp.false())
+        qualifier = named[0].alias_or_name
+        names = only_params(target)
+        return tree.where(
+            exp.In(
+                this=exp.column(column, table=qualifier),
+                expressions=[exp.Placeholder(this=name) for name in names],
+            )
+        )
 
 
 class Planner:

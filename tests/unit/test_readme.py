@@ -143,6 +143,7 @@ COMMANDS = {
     "shardctl reshard start --config orders.yaml": RESHARD,
     "shardctl reshard copy --config orders.yaml": RESHARD,
     "shardctl reshard verify --config orders.yaml": RESHARD,
+    "shardctl reshard switch-reads --shadow --percent 10 --seconds 2 --config orders.yaml": RESHARD,
     "shardctl reshard switch --config orders.yaml": RESHARD,
     "shardctl reshard status --config orders.yaml": RESHARD,
     "shardctl reshard finalize --yes --config orders.yaml": RESHARD,
