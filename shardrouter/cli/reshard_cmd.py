@@ -154,7 +154,7 @@ def _flow(store: MetaStore, migration_id: str | None, as_json: bool, **run: Any)
 @click.group("reshard")
 def reshard() -> None:
     """Move slots between shards while the service writes: plan, start, status, advance,
-    run, switch-reads --shadow, rollback, resume, cancel, finalize (docs/RESHARDING.md)."""
+    run, switch-reads --shadow, drain, rollback, resume, cancel, finalize (docs/RESHARDING.md)."""
 
 
 @reshard.command("plan", epilog=_EXIT)
@@ -379,6 +379,45 @@ def switch_reads_cmd(
         emit_json({"ok": True, "migration": flow.migration_id, "shadow": report})
         return
     click.echo(shadow_text(report))
+
+
+@reshard.command("drain", epilog=_EXIT)
+@click.argument("migration_id", required=False)
+@store_config_option
+@meta_url_option
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0, max=86_400),
+    default=0.0,
+    show_default=True,
+    help="Keep draining this long (0: once, to empty; Ctrl-C ends it early).",
+)
+@_with(run_options)
+@json_option
+@reshard_errors
+def drain_cmd(
+    migration_id: str | None,
+    config_path: Path | None,
+    meta_url: str | None,
+    seconds: float,
+    as_json: bool,
+    **run: Any,
+) -> None:
+    """Copy the journals' changes into the mirrors now (the targets before the switch, the
+    sources after it): keeps a waiting migration's journals short and a rollback quick."""
+    with (
+        open_store(config_path, meta_url) as store,
+        _flow(store, migration_id, as_json, **run) as flow,
+        _pausable(flow),
+    ):
+        report = flow.drain(seconds)
+    if as_json:
+        emit_json({"ok": True, "migration": flow.migration_id, **report})
+        return
+    left = ", ".join(f"{k} {v}" for k, v in report["left"].items())
+    click.echo(
+        f"drained {report['entries']:,} journal entries into the {report['into']}; left: {left}"
+    )
 
 
 def shadow_text(report: dict[str, Any]) -> str:

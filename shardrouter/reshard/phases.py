@@ -11,7 +11,8 @@ the phase it leads to, and why every other one is refused (docs/RESHARDING.md, "
 ``copying`` is the phase recorded while a copy runs (:func:`running`): a copy interrupted
 there is resumed by ``copy`` again. ``verify`` may run again in ``verified``. ``shadow``
 (SHADOW reads for a while: answers from the sources, compared with the targets) runs in
-``copied`` and ``verified`` and leaves the phase as it was. Reads move with the writes at the
+``copied`` and ``verified`` and leaves the phase as it was; so does ``drain`` (the journals
+into the mirrors, in ``copied``, ``verified`` and ``switched``). Reads move with the writes at the
 switch (no NEW_PERCENT read mode: a target's copy lags its source by the drain, so a read
 served from it before the switch could miss the caller's own write). ``advance`` is the
 one next action of the forward path; it stops at ``switched`` (finalize deletes the source's
@@ -44,6 +45,7 @@ Action = Literal[
     "cancel",
     "finalize",
     "shadow",
+    "drain",
     "advance",
 ]
 PHASES: tuple[str, ...] = get_args(Phase)
@@ -65,7 +67,10 @@ _TABLE: dict[tuple[str, str], str] = {
     ("copying", "cancel"): "cancelled",
     ("copied", "verify"): "verified",
     ("copied", "shadow"): "copied",
+    ("copied", "drain"): "copied",
     ("verified", "shadow"): "verified",
+    ("verified", "drain"): "verified",
+    ("switched", "drain"): "switched",
     ("copied", "rollback"): "rolled_back",
     ("copied", "cancel"): "cancelled",
     ("verified", "verify"): "verified",
@@ -260,6 +265,12 @@ def _why_shadow(phase: str) -> str:
     )
 
 
+def _why_drain(phase: str) -> str:
+    if _before(phase, "copied"):
+        return "the copy drains the journals as it goes; run copy (or resume) instead"
+    return "no journal is kept in this phase"
+
+
 def _why_advance(phase: str) -> str:
     return (
         "the switch is done; finalize is never automatic since it deletes the sources' copy"
@@ -276,6 +287,7 @@ _WHY = {
     "cancel": _why_cancel,
     "finalize": _why_finalize,
     "shadow": _why_shadow,
+    "drain": _why_drain,
     "advance": _why_advance,
 }
 

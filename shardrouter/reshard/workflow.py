@@ -224,10 +224,10 @@ class Workflow:
         """Run one action of the phase table (start, copy, verify, switch, rollback, cancel,
         finalize); ReshardStateError when it is not legal now, or when another process runs
         an action of this migration right now (one runner at a time: see _runner)."""
-        if action == "shadow":
+        if action in ("shadow", "drain"):
             raise ReshardError(
-                "shadow reads take a share of the slots and a duration: Workflow.shadow(percent,"
-                " seconds), or `shardctl reshard switch-reads --shadow --percent P --seconds S`"
+                f"{action} takes its own arguments: Workflow.{action}(...), or `shardctl"
+                f" reshard {'switch-reads --shadow' if action == 'shadow' else 'drain'}`"
             )
         with self._runner():
             migration = self.migration
@@ -535,6 +535,38 @@ class Workflow:
                 " status` lists the rows; run verify again (writes may have raced it) or cancel"
             )
         self._record("verify", "verified: every table equal on both sides")
+
+    # drain -----------------------------------------------------------------------------------
+
+    def drain(self, seconds: float = 0.0) -> dict[str, Any]:
+        """Drain the authorities' journals into the mirrors (the sources' before the switch,
+        the targets' after it): to empty once, or on for ``seconds`` (about every 0.1 s; a
+        pause ends it). Between steps nothing else drains, and after the switch nothing until
+        finalize or a rollback: this keeps the mirrors current and the journals short while a
+        migration waits (a rollback after the switch then has little to drain). The phase
+        does not change. Returns the entries handled and those left."""
+        if not 0 <= seconds <= 86_400:
+            raise ReshardError(f"drain: seconds {seconds:g} must be in [0, 86400]")
+        with self._runner():
+            phase = self.migration.phase
+            phases.check(phase, "drain")
+            back = phase == "switched"
+            handled = 0
+            deadline = time.monotonic() + seconds
+            while True:
+                for pair in pairs(self.plan):
+                    handled += self._drain(pair, back=back).entries
+                if time.monotonic() >= deadline or self._halt():
+                    break
+                time.sleep(SHADOW_DRAIN_EVERY_S)
+            authorities = sorted({p.target if back else p.source for p in pairs(self.plan)})
+            left = {shard: journal.backlog(self.engine(shard)) for shard in authorities}
+            state.add_event(
+                self.store,
+                self.migration_id,
+                f"drained {handled} journal entries into the {'sources' if back else 'targets'}",
+            )
+            return {"entries": handled, "left": left, "into": "sources" if back else "targets"}
 
     # shadow reads ----------------------------------------------------------------------------
 

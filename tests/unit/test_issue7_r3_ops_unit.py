@@ -177,6 +177,7 @@ FAILING = {
             "advance",
             "cancel",
             "copy",
+            "drain",
             "finalize",
             "list",
             "plan",

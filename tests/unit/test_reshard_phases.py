@@ -24,16 +24,19 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("copying", "advance"): "copied",
     ("copied", "verify"): "verified",
     ("copied", "shadow"): "copied",
+    ("copied", "drain"): "copied",
     ("copied", "rollback"): "rolled_back",
     ("copied", "cancel"): "cancelled",
     ("copied", "advance"): "verified",
     ("verified", "verify"): "verified",
     ("verified", "shadow"): "verified",
+    ("verified", "drain"): "verified",
     ("verified", "switch"): "switched",
     ("verified", "rollback"): "rolled_back",
     ("verified", "cancel"): "cancelled",
     ("verified", "advance"): "switched",
     ("switched", "rollback"): "verified",
+    ("switched", "drain"): "switched",
     ("switched", "finalize"): "finalized",
     ("rolled_back", "cancel"): "cancelled",
 }
@@ -57,6 +60,7 @@ ACTIONS = (
     "cancel",
     "finalize",
     "shadow",
+    "drain",
     "advance",
 )
 

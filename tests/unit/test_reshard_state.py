@@ -124,7 +124,7 @@ def test_advance_follows_the_phase_table(store: MetaStore, orders_raw: dict[str,
     with pytest.raises(ReshardStateError) as exc:
         state.advance(store, "m1-a", "switch")
     assert "incomplete copy" in str(exc.value)
-    assert exc.value.legal == ("verify", "rollback", "cancel", "shadow", "advance")
+    assert exc.value.legal == ("verify", "rollback", "cancel", "shadow", "drain", "advance")
     assert state.get(store, "m1-a").phase == "copied"  # a refusal changes nothing
     assert state.advance(store, "m1-a", "verify").phase == "verified"
     assert state.mark_running(store, "m1-a", "switch").phase == "verified"  # no in-progress
