@@ -282,29 +282,46 @@ def backfill(
     last: Key | None = tuple(after) if after is not None else None
     read = copied = chunks = 0
     done = False
+    st = statements(spec)
+
+    def read_chunk(after: Key | None) -> Sequence[Any]:
+        rows = _read_chunk(src, st, st.select_list, after, chunk)  # no lock: journal.copy_keys
+        src.commit()
+        return rows
+
     with (
         source.connect() as src,
         target.connect() as dst,
         mover_session(src, mirror=False, isolation=WALKING),
         mover_session(dst, mirror=True, isolation=WALKING),
+        ThreadPoolExecutor(1, thread_name_prefix="backfill-source") as ahead,
     ):
-        while not (stop is not None and stop()):
-            one = functools.partial(_copy_chunk, src, dst, spec, check, last, chunk)
-            rows, kept = retrying(one, dst, src)
+        rows = read_chunk(last) if not (stop is not None and stop()) else None
+        while rows is not None:
             if not rows:
                 done = True
                 break
+            following = tuple(rows[-1][i] for i in key_positions)
+            # The source's next chunk is read (on a thread) while this one is written: the
+            # two servers and the client work at the same time.
+            pending = ahead.submit(read_chunk, following) if len(rows) == chunk else None
+            write = functools.partial(_write_chunk, dst, spec, check, rows)
+            try:
+                kept = retrying(write, dst)
+            finally:
+                upcoming = pending.result() if pending is not None else None
             chunks += 1
             read += len(rows)
             copied += kept
-            last = tuple(rows[-1][i] for i in key_positions)
+            last = following
             if on_chunk is not None:
                 on_chunk(ChunkDone(spec.physical, last, read, copied))
-            if len(rows) < chunk:
+            if upcoming is None:
                 done = True
                 break
             if throttle is not None:
-                throttle.pace(len(rows), src, stop)
+                throttle.pace(len(rows), src, stop)  # (the reader is idle: src is free)
+            rows = upcoming if not (stop is not None and stop()) else None
     return BackfillReport(read, copied, chunks, last, done)
 
 
@@ -398,27 +415,18 @@ def verify(
     return VerifyReport(rows_source, rows_target, len(differing), sample, len(repaired), not left)
 
 
-def _copy_chunk(
-    src: Connection,
-    dst: Connection,
-    spec: TableSpec,
-    check: BelongsCache,
-    after: Key | None,
-    chunk: int,
-) -> tuple[Sequence[Any], int]:
-    """One backfill chunk: read, upsert the moving rows, commit. Returns (rows read, rows
-    copied)."""
+def _write_chunk(dst: Connection, spec: TableSpec, check: BelongsCache, rows: Sequence[Any]) -> int:
+    """One backfill chunk's write: upsert the moving rows among ``rows``, commit. Returns
+    the rows copied."""
     st = statements(spec)
     at = st.shard_position
-    rows = _read_chunk(src, st, st.select_list, after, chunk)  # no lock: see journal.copy_keys
     moving = [r for r in rows if at is None or check(spec, r[at])]
     keep = [tuple(r[i] for i in st.write_positions) for r in moving]
     if keep:
         guard_own_rows(dst, spec, [tuple(r[i] for i in st.key_positions) for r in moving], check)
         dst.exec_driver_sql(st.upsert, keep)
         dst.commit()
-    src.commit()
-    return rows, len(keep)
+    return len(keep)
 
 
 def _delete_chunk(

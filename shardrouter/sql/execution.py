@@ -22,7 +22,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import Executable, Select
 
-from ..core.strategies import HashStrategy, LookupStrategy
+from ..core.strategies import GeneStrategy, HashStrategy, LookupStrategy
 from ..core.strategies.hash import fold
 from ..core.topology import KeyRule, TableRule, Topology
 from ..errors import (
@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..types import ShardId, Slot
 from .merge import MergePlan, merge
-from .planner import KeyCondition, Plan, Target, only_params
+from .planner import Exclusion, KeyCondition, Plan, Target, only_params
 
 log = logging.getLogger("shardrouter")
 
@@ -303,7 +303,7 @@ def run(
         elif (
             scatter_sql
             and backend != "sqlite"
-            and all(t.keep is None and t.only is None for t in targets)
+            and all(t.keep is None and t.only is None and t.exclude is None for t in targets)
         ):
             statement = plan.render_union(targets)
             if plan.strings_compared and _compares(plan.merge):
@@ -519,10 +519,39 @@ def _returning(plan: Plan, owner: TableRule) -> str:
 # -- targets --------------------------------------------------------------------------------
 
 
-def _all_targets(topology: Topology, table: TableRule, reading: bool) -> list[Target]:
-    """Every shard for a write; for a read, read_shards()."""
-    shards = read_shards(topology, table.name) if reading else tuple(topology.shards)
-    return [Target(sid, i) for sid in shards for i in range(table.split)]
+def _all_targets(topology: Topology, plan: Plan, table: TableRule, reading: bool) -> list[Target]:
+    """Every shard for a write; for a read, the serving shards (read_shards), those holding
+    a migration's copies told to skip them where the statement's tables carry ids
+    (_exclusions)."""
+    if not reading:
+        return [Target(sid, i) for sid in topology.shards for i in range(table.split)]
+    excluded = _exclusions(topology, plan) if topology.mirrored else {}
+    shards = topology.serving if excluded else read_shards(topology, table.name)
+    return [Target(sid, i, exclude=excluded.get(sid)) for sid in shards for i in range(table.split)]
+
+
+def _exclusions(topology: Topology, plan: Plan) -> dict[ShardId, Exclusion]:
+    """Per shard holding a migration's copies (Topology.mirrored), what a read across shards
+    skips there: rows whose id (a gene column: orders.order_id, order_items.order_id) names a
+    copied slot. Empty when a sharded table of the statement has no gene column (users:
+    hashed keys are not computable in SQL), and read_shards refuses the read."""
+    columns = []
+    for rule in plan.tables:
+        if rule.kind == "broadcast":
+            continue
+        gene = next(
+            (k.column for k in rule.keys.values() if isinstance(k.strategy, GeneStrategy)), None
+        )
+        if gene is None:
+            return {}
+        columns.append((rule.name, gene))
+    layout = topology.id_layout
+    return {
+        ShardId(shard): Exclusion(
+            tuple(columns), layout.gene_shift, (1 << layout.gene_bits) - 1, tuple(ranges)
+        )
+        for shard, ranges in topology.mirrored.items()
+    }
 
 
 def read_shards(topology: Topology, table: str) -> tuple[ShardId, ...]:
@@ -590,7 +619,7 @@ def _indirect_targets(
     if lookup is not None:
         reading = plan.kind == "select"
         return (yield from _lookup_targets(topology, table, lookup, params, reading, ledger))
-    return _Targets(_all_targets(topology, table, plan.kind == "select"), True)
+    return _Targets(_all_targets(topology, plan, table, plan.kind == "select"), True)
 
 
 def _lookup_targets(

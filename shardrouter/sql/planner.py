@@ -91,6 +91,22 @@ class Target:
     ``keys`` (none: matches nothing). A lookup route's statement on a shard that holds a
     migration's copies of rows it does not own (Topology.mirrored): only the owners the
     lookup found there, not their copies. The keys are bound (only_params)."""
+    exclude: Exclusion | None = None
+    """A read across shards on a shard holding a migration's copies: skip them (by slot,
+    from the ids: Exclusion)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exclusion:
+    """Rows a read across shards must skip on one shard: those whose slot, read from the id
+    in a gene column (``(column >> shift) & mask``), lies in ``ranges`` (a migration's
+    copies there, Topology.mirrored). ``columns``: (logical table, gene column) of each
+    sharded table the statement names."""
+
+    columns: tuple[tuple[str, str], ...]
+    shift: int
+    mask: int
+    ranges: tuple[tuple[int, int], ...]
 
 
 def only_params(target: Target) -> dict[str, Any]:
@@ -142,7 +158,7 @@ class Plan:
         """The SQL for ``target`` (physical names, IN subset); cached per kind of target.
         ``backend`` "sqlite": the scatter SQL without collation weights (SQLite has none)."""
         only = None if target.only is None else (target.only[0], len(target.only[1]))
-        key = (target.split, target.keep, target.conjunct, only, scatter, backend)
+        key = (target.split, target.keep, target.conjunct, only, target.exclude, scatter, backend)
         sql = self._rendered.get(key)
         if sql is None:
             sql = self._render(target, scatter, backend)
@@ -200,6 +216,8 @@ class Plan:
             tree = without_weights(tree)
         if target.only is not None:
             tree = self._restrict(tree, target)
+        if target.exclude is not None:
+            tree = self._exclude(tree, target.exclude, target.shard)
         names = {t.name: t.physical(target.split) for t in self.tables}
         renamed: dict[str, str] = {}
         for table in list(tree.find_all(exp.Table)):
@@ -254,6 +272,72 @@ class Plan:
                 expressions=[exp.Placeholder(this=name) for name in names],
             )
         )
+
+    def _exclude(self, tree: exp.Expression, exclusion: Exclusion, shard: str) -> exp.Expression:
+        """``tree`` reading no row of ``exclusion.ranges`` (Target.exclude): the condition on
+        each sharded table's gene column goes into the WHERE for the FROM table and inner
+        joins, into the ON of an outer join (a WHERE would drop its NULL-extended rows).
+        Refused where a sharded table is named elsewhere (a subquery, a CTE, a UNION) or
+        joined without ON."""
+        genes = dict(exclusion.columns)
+        places = 0
+        if isinstance(tree, exp.Select):  # (a copy already: Plan._render)
+            where: list[exp.Expression] = []
+            source = tree.args.get("from_")
+            first = source.this if source is not None else None
+            if isinstance(first, exp.Table) and first.name in genes:
+                where.append(self._outside(first, genes[first.name], exclusion))
+                places += 1
+            for join in tree.args.get("joins") or ():
+                table = join.this
+                if not (isinstance(table, exp.Table) and table.name in genes):
+                    continue
+                condition = self._outside(table, genes[table.name], exclusion)
+                if not join.side and not join.args.get("using"):
+                    where.append(condition)
+                elif join.args.get("on") is not None:
+                    join.set("on", exp.and_(join.args["on"], condition))
+                else:
+                    continue  # not counted: refused below
+                places += 1
+            named = sum(1 for t in tree.find_all(exp.Table) if t.name in genes)
+            if places == named and places:
+                return tree.where(exp.and_(*where)) if where else tree
+        raise UnsupportedQueryError(
+            f"a read across shards is refused while shard {shard} holds a migration's copies"
+            " of slots it does not own (between the migration's start and its finalize):"
+            " this statement names a sharded table where its copies cannot be skipped (a"
+            " subquery, a CTE, a UNION, a join without ON, or a table whose rows carry no"
+            " shardrouter id). Read by a sharding key, or finish the migration (`shardctl"
+            " reshard finalize`, or `rollback` then `cancel`)"
+        )
+
+    @staticmethod
+    def _outside(table: exp.Table, column: str, exclusion: Exclusion) -> exp.Expression:
+        """``NOT (slot BETWEEN a AND b - 1) AND ...`` for the table's gene column."""
+        qualifier = table.alias_or_name
+        slot = exp.BitwiseAnd(
+            this=exp.Paren(
+                this=exp.BitwiseRightShift(
+                    this=exp.column(column, table=qualifier),
+                    expression=exp.Literal.number(exclusion.shift),
+                )
+            ),
+            expression=exp.Literal.number(exclusion.mask),
+        )
+        condition = exp.and_(
+            *(
+                exp.Not(
+                    this=exp.Between(
+                        this=slot.copy(),
+                        low=exp.Literal.number(a),
+                        high=exp.Literal.number(b - 1),
+                    )
+                )
+                for a, b in exclusion.ranges
+            )
+        )
+        return cast(exp.Expression, condition)
 
 
 class Planner:
@@ -968,4 +1052,4 @@ def _refuse_key_change(node: exp.Expression | None, table: TableRule, where: str
             )
 
 
-__all__ = ["KeyCondition", "Plan", "Planner", "Target", "ValueRef"]
+__all__ = ["Exclusion", "KeyCondition", "Plan", "Planner", "Target", "ValueRef", "only_params"]
