@@ -96,15 +96,21 @@ def steps_blind(snap: RoutingSnapshot[Any, Any], plan: Any) -> Frozen | None:
     done and the later one undone, so the whole statement waits for the switch before its
     first step (the freeze lasts at most the switch's budget). Other writes are checked per
     job by the resolver and wait only for their own slots."""
-    if plan.kind == "select":
-        return None
-    frozen = next((m for m in snap.moving if m.frozen), None)
-    if frozen is None:
+    if plan.kind == "select" or not any(m.frozen for m in snap.moving):
         return None
     in_steps = any(
         key.lookup_table is not None for rule in plan.tables for key in rule.keys.values()
     ) or any(rule.name in snap.lookup_tables for rule in plan.tables)
     if not in_steps:
+        return None
+    return lookups_frozen(snap)
+
+
+def lookups_frozen(snap: RoutingSnapshot[Any, Any]) -> Frozen | None:
+    """The Frozen for a write that maintains lookup rows (see steps_blind; the ORM flush's
+    lookup rows too) while ``snap`` freezes any range, else None."""
+    frozen = next((m for m in snap.moving if m.frozen), None)
+    if frozen is None:
         return None
     return Frozen(
         f"write refused: it maintains lookup rows in several steps and slots [{frozen.start},"
@@ -599,6 +605,7 @@ __all__ = [
     "WriteResolver",
     "frozen_now",
     "held_too_long",
+    "lookups_frozen",
     "moving_ranges",
     "queue_full",
     "steps_blind",

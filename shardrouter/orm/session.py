@@ -106,6 +106,17 @@ kept between units of work does not hold back the router's acknowledgement of a 
 An object loaded under an older version keeps that version's placement token; its UPDATE or
 DELETE is refused (FencedError: reload it in this session) when that token is not its slot's
 placement under the session's version.
+Resharding switch: a flush (``flush()``, the flush of ``commit()``, an autoflush) that writes
+slots a switch is moving right now (a range frozen in the session's version), or writes or
+removes lookup rows while any range is frozen (as the router's statements do: their rows live
+in steps of their own on other shards), is checked before anything of it runs. When nothing of
+the session's transaction ran on any shard yet (no read, no earlier flush, no
+``session.connection()``; typically a unit of work's first flush), it is held like a
+transaction's first statement (``Router._hold``: at most the range's ``hold_s`` and the
+router's ``max_held_writes``, else SwitchHoldError, nothing written) and runs again from its
+start on the router's new version, which the transaction then routes by. Otherwise it is
+refused with SwitchHoldError: nothing of that flush ran (its objects stay pending), the
+transaction is as it was; roll it back and retry the unit of work.
 On SQLite shard files, where a writer locks the whole file, a lookup row cannot be written while
 this session's own transaction holds a write lock on the lookup row's shard: commit before adding
 more such objects (MariaDB has no such limit). Atomicity is per shard, as with horizontal_shard:
@@ -160,6 +171,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from ..core.strategies import LookupStrategy
 from ..core.topology import TableRule, Topology
 from ..engine.router import Router, Snapshot, _Runner, _sql_and_params
+from ..engine.snapshot import Frozen, lookups_frozen
 from ..errors import (
     ExecutionError,
     FanoutLimitError,
@@ -168,6 +180,7 @@ from ..errors import (
     RouterForkedError,
     RoutingError,
     ScatterWriteError,
+    SwitchHoldError,
     UnknownTableError,
     UnsupportedQueryError,
 )
@@ -625,11 +638,15 @@ class RoutedSession(ShardedSession):
         self._committed = False
         self._wrote = False
         """A write of this transaction passed the resolver: its commit is fenced too."""
+        self._ran = False
+        """Something of this transaction ran on a shard (a connection of it began, or lookup
+        rows were written for it): a flush that meets a switch is refused, not held (flush)."""
         # Ahead of horizontal_shard's own handler, which then runs each routed piece.
         event.listen(self, "do_orm_execute", _weakly(self._on_execute), retval=True, insert=True)
         event.listen(self, "before_flush", _weakly(self._before_flush))
         event.listen(self, "before_commit", _weakly(self._before_commit))
         event.listen(self, "after_commit", _weakly(self._after_commit))
+        event.listen(self, "after_begin", _weakly(self._began))
         event.listen(self, "after_transaction_end", _weakly(self._after_transaction_end))
         event.listen(self, "pending_to_persistent", _weakly(self._persisted))
 
@@ -883,6 +900,44 @@ class RoutedSession(ShardedSession):
 
     # -- the flush --------------------------------------------------------------------------
 
+    def flush(self, objects: Sequence[Any] | None = None) -> None:
+        """SQLAlchemy's flush (also run by commit() and autoflush), held through a resharding
+        switch like a transaction's first statement: when it meets a range frozen in the
+        session's version (Frozen: raised before anything of the flush ran) and nothing of
+        the session's transaction ran on any shard yet (no connection of it began, no lookup
+        rows were written for it), it waits for the router's next version (Router._hold:
+        bounded by ``hold_s`` and ``max_held_writes``, else SwitchHoldError) and runs again
+        from the start on that version. Otherwise the Frozen (a SwitchHoldError) reaches the
+        caller: nothing of that flush ran, the transaction is as it was; roll it back and
+        retry it. The flush begins the session's transaction first (as a statement does), so
+        the version it pins is released by that transaction's end whatever it raises."""
+        if self._flushing or self._is_clean():
+            super().flush(objects)
+            return
+        self._autobegin_t()  # (refused with autobegin=False and no transaction: before anything)
+        try:
+            super().flush(objects)
+        except Frozen as exc:
+            if self._ran or self.in_nested_transaction():
+                raise
+            self.router._hold(exc, lambda: self._flush_again(objects))
+
+    def _flush_again(self, objects: Sequence[Any] | None) -> None:
+        """The held flush, from its start, on the router's current version: nothing of the
+        session's transaction ran, so the transaction routes by that version instead."""
+        self._snapshot_pin.release()
+        self._wrote = False
+        self._repin()
+        try:
+            super().flush(objects)
+        except Frozen as exc:
+            if self._ran:  # not held again: something of this attempt ran (never expected)
+                raise SwitchHoldError(str(exc), slots=exc.slots) from exc
+            raise  # another switch: held again (Router._hold's loop)
+
+    def _began(self, session: Session, transaction: Any, connection: Connection) -> None:
+        self._ran = True  # a connection of the session's transaction: it may run anything now
+
     def connection_callable(
         self,
         mapper: Mapper[Any] | None = None,
@@ -937,6 +992,11 @@ class RoutedSession(ShardedSession):
                 self._token_of_new(info, state)
             self._resolve(info, state, "DELETE")
             cleanups.extend(self._lookup_rows(info, state, deleting=True))
+        if (lookups or cleanups) and (frozen := lookups_frozen(self._snap)) is not None:
+            # As the router's steps_blind: lookup rows live on other shards and are written
+            # (or removed, after the commit) in steps of their own, checked by shard; while a
+            # switch runs the whole flush waits for it (or is refused) before its first step.
+            raise frozen
         written = self._write_lookups(lookups) if lookups else Written()
         # A flush's deletes count before its writes: the only lookup row both name is that of
         # an object deleted and one added with its key and value, which the flush writes as
@@ -1149,6 +1209,7 @@ class RoutedSession(ShardedSession):
         (the caller adds it to the ledger); the rows of a failed write are settled as
         doubtful."""
         written = Written()
+        self._ran = True  # committed on their own: a flush meeting a switch is refused now
         try:
             _Runner(self.router).drive(
                 write_lookups(self._snap.topology, rows, written, self._ledger), self._snap
@@ -1203,6 +1264,7 @@ class RoutedSession(ShardedSession):
             # version of its own start (objects of an older one are checked by _resolve).
             committed, self._committed = self._committed, False
             self._wrote = False
+            self._ran = False
             snap = self._snapshot_pin.snap  # None: nothing routed, so nothing to settle
             try:
                 if snap is not None:
