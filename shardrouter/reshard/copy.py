@@ -277,7 +277,7 @@ def backfill(
     """
     _check_chunk(chunk)
     spec = _typed(source, spec)
-    check = BelongsCache(belongs)
+    check = BelongsCache(belongs, strict=True)  # an unroutable row refuses the copy
     key_positions = statements(spec).key_positions
     last: Key | None = tuple(after) if after is not None else None
     read = copied = chunks = 0
@@ -362,7 +362,9 @@ def verify(
         mover_session(src, mirror=False, isolation=LOCKING),  # repairs use copy_keys
         mover_session(dst, mirror=True, isolation=WALKING),
     ):
-        ahead_check = BelongsCache(belongs)  # the reader thread's own memo
+        # The reader thread's own memo; strict: a source row no router routes refuses verify
+        # (the target's side and the repairs treat such a row as not moving).
+        ahead_check = BelongsCache(belongs, strict=True)
 
         def read_source(after: Key | None) -> tuple[int, Key | None, dict[Any, bytes]]:
             rows = _read_chunk(src, st, select, after, chunk)
@@ -420,7 +422,8 @@ def _write_chunk(dst: Connection, spec: TableSpec, check: BelongsCache, rows: Se
     the rows copied."""
     st = statements(spec)
     at = st.shard_position
-    moving = [r for r in rows if at is None or check(spec, r[at])]
+    keys = st.key_positions
+    moving = [r for r in rows if at is None or check(spec, r[at], tuple(r[i] for i in keys))]
     keep = [tuple(r[i] for i in st.write_positions) for r in moving]
     if keep:
         guard_own_rows(dst, spec, [tuple(r[i] for i in st.key_positions) for r in moving], check)
@@ -484,7 +487,7 @@ def _hash_map(spec: TableSpec, rows: Sequence[Any], check: BelongsCache) -> dict
         value = r[width]
         ok = memo.get(value)
         if ok is None:
-            ok = check(spec, value)
+            ok = check(spec, value, r[:width])
         if ok:
             out[r[0] if width == 1 else tuple(r[:width])] = r[width + 1]
     return out

@@ -19,7 +19,6 @@ bound, identifiers come from information_schema and the topology and go through
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import hashlib
 import json
@@ -34,9 +33,8 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from shardrouter.errors import ReshardDataError, ReshardError, RoutingError
-from shardrouter.types import KeyType
 
-from .spec import Belongs, TableSpec, driver_quote, statements, typed
+from .spec import Belongs, TableSpec, UnroutableValue, driver_quote, statements, typed
 
 JOURNAL = "shardrouter_journal"
 """The journal table, one per shard that takes part in a migration."""
@@ -387,14 +385,23 @@ class Copied:
 
 class BelongsCache:
     """``belongs`` memoized per table and sharding value for one pass: many rows share a
-    sharding value, and the hot loops (verify) look values up in ``memo`` directly. A value
-    that cannot be routed (NULL, a wrong type) belongs to no slot. The values of one sharding
-    column share one type, so the memo is keyed by value alone."""
+    sharding value, and the hot loops (verify) look values up in ``memo`` directly. The
+    values of one sharding column share one type, so the memo is keyed by value alone (the
+    driver's and the journal's forms of one value may differ, 123 and Decimal('123') say:
+    both are routed as the same value, ``spec.routed_value``).
+
+    A value without a slot (NULL, the zero date) belongs to no slot. A value no router routes
+    (``spec.UnroutableValue``: a fraction in an integer key, say): with ``strict``, the
+    refusal is raised, naming the row's ``key`` when the caller gives it (the walks of the
+    source before the switch: the backfill, verify); without, the row is treated as not
+    moving (the drain, whose entry records a value the row may no longer hold; the mirror's
+    side; the deletes, which must never delete a row they cannot place)."""
 
     _LIMIT = 200_000  # values memoized per table before the memo starts over
 
-    def __init__(self, belongs: Belongs) -> None:
+    def __init__(self, belongs: Belongs, *, strict: bool = False) -> None:
         self.belongs = belongs
+        self.strict = strict
         self._memos: dict[str, dict[Any, bool]] = {}
 
     def memo(self, spec: TableSpec) -> dict[Any, bool]:
@@ -404,25 +411,31 @@ class BelongsCache:
             memo = self._memos[spec.logical] = {}
         return memo
 
-    def __call__(self, spec: TableSpec, value: Any) -> bool:
+    def __call__(self, spec: TableSpec, value: Any, key: Sequence[Any] | None = None) -> bool:
         if spec.shard_column is None:
             return True
         memo = self.memo(spec)
         try:
             answer = memo.get(value)
         except TypeError:  # an unhashable value: no memo
-            return self._check(spec, value)
+            return self._check(spec, value, key)
         if answer is None:
-            answer = self._check(spec, value)
+            answer = self._check(spec, value, key)
             if len(memo) >= self._LIMIT:
                 memo.clear()
             memo[value] = answer
         return answer
 
-    def _check(self, spec: TableSpec, value: Any) -> bool:
+    def _check(self, spec: TableSpec, value: Any, key: Sequence[Any] | None) -> bool:
         try:
             return self.belongs(spec, value)
-        except RoutingError:
+        except UnroutableValue as exc:
+            if self.strict:
+                raise UnroutableValue(spec, value, exc.reason, key) from None
+            return False
+        except RoutingError as exc:  # a Belongs of another make
+            if self.strict:
+                raise UnroutableValue(spec, value, str(exc), key) from None
             return False
 
 
@@ -691,7 +704,7 @@ def drain(
             dropped = 0
             for entry_id, table, pk, k in rows:
                 spec = by_table.get(str(table))
-                value = _shard_value(belongs, spec, k) if spec is not None else None
+                value = _shard_value(spec, k) if spec is not None else None
                 if (
                     spec is not None
                     and kept is not None
@@ -763,20 +776,22 @@ def retrying(run: Callable[[], T], *conns: Connection, attempts: int = _RETRIES)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _shard_value(belongs: Belongs, spec: TableSpec, raw: str | None) -> Any:
-    """The sharding value a journal entry recorded (JSON text), in the type the topology's
-    strategy takes (a date column's value is JSON text)."""
+def _shard_value(spec: TableSpec, raw: str | None) -> Any:
+    """The sharding value a journal entry recorded, as its JSON gives it (a DATE or DATETIME
+    as text, a DECIMAL as a number): ``Belongs`` routes it as the routers route the row
+    (``spec.routed_value``). A value without a slot (NULL, the zero date) or that no router
+    routes is a row that did not move when it was written: the drain discards the entry
+    (never stops on it). Its other entries carry the rest: a change of the sharding value
+    journals the old value and the new, and the one that moves has the row's current image
+    copied, or its copy deleted, by ``copy_keys``. Verify refuses a moving source's
+    unroutable rows (``BelongsCache(strict=True)``)."""
     if spec.shard_column is None or raw is None:
         return None
-    value = json.loads(raw, parse_float=Decimal)[0]
-    if isinstance(value, str):
-        rule = belongs.topology.table(spec.logical).primary
-        if rule is not None and rule.key_type is KeyType.DATE:
-            try:
-                return dt.date.fromisoformat(value)
-            except ValueError:
-                return dt.datetime.fromisoformat(value)
-    return value
+    try:
+        found = json.loads(raw, parse_float=Decimal)
+    except ValueError:
+        return raw  # not JSON (never written so by the triggers): unroutable, discarded
+    return found[0] if isinstance(found, list) and found else None
 
 
 __all__ = [

@@ -8,15 +8,20 @@ statement they build uses the table's real columns and primary key, quoted, with
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
 import functools
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy import Connection, text
 
 from shardrouter.core.topology import Topology
-from shardrouter.errors import ReshardDataError
+from shardrouter.errors import ReshardDataError, RoutingError
+from shardrouter.types import KeyType
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +60,103 @@ class TableSpec:
         return tuple(c for c in self.columns if c not in self.generated)
 
 
+class UnroutableValue(ReshardDataError):
+    """A row's sharding value, as stored, is one no router routes (``Belongs.slot``): a
+    migration cannot tell whether the row moves. ``value``: the stored value; ``reason``:
+    why it cannot be routed; ``key``: the row's primary key, when known."""
+
+    def __init__(
+        self, spec: TableSpec, value: Any, reason: str, key: Sequence[Any] | None = None
+    ) -> None:
+        self.spec = spec
+        self.value = value
+        self.reason = reason
+        self.key = tuple(key) if key is not None else None
+        row = f"the row with key {_shown_key(spec, key)}" if key is not None else "a row"
+        super().__init__(
+            f"table {spec.physical} (of {spec.logical}): {row} holds {value!r} in its"
+            f" sharding column {spec.shard_column}, which no router routes ({reason}): the"
+            " migration cannot tell whether the row moves, so it stops rather than leave it"
+            " behind. Correct the row (UPDATE its sharding column to the value the service"
+            " routes it by) or delete it, then run the step again (`shardctl reshard resume`);"
+            " or cancel the migration"
+        )
+
+
+def _shown_key(spec: TableSpec, key: Sequence[Any]) -> str:
+    return "(" + ", ".join(f"{c}={v!r}" for c, v in zip(spec.key, key, strict=False)) + ")"
+
+
+_INTEGER_TEXT = re.compile(r" *[+-]?[0-9]+ *")
+_DATE_TEXT = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})(?:[ T][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?)?"
+)
+_ZERO_DATE = re.compile(r"0000-00-00(?:[ T]00:00:00(?:\.0+)?)?")
+
+
+def routed_value(key_type: KeyType, value: Any) -> Any:
+    """The value the routers route a row by whose sharding column holds ``value`` as the
+    movers read it (from the driver, or from a journal entry's JSON), in the type of the
+    column's key (``key_type``); None when the row has no slot; ``ValueError`` (the reason)
+    when no router routes it.
+
+    The routers take the service's values (an ``int`` for an ``int`` key, a ``str``, a
+    ``date``) and the column stores them in its own type, which reads back as another:
+
+    - ``int`` keys: a DECIMAL/NUMERIC column reads back as ``Decimal('123')``, a VARCHAR as
+      ``'123'`` (and the journal's JSON of either as ``123`` or ``'123'``): an integral value
+      is the ``int`` it stores. A fraction or other text is no integer a router takes.
+    - ``str`` keys: an integer column's value is routed as its decimal text, a DATE's as its
+      ISO text; other types have no one text the service could have written them as.
+    - ``date`` keys: a DATETIME is routed as its date (the hash strategy's own rule); text
+      (a VARCHAR column, the journal's JSON) as the date it spells.
+
+    No slot: NULL, and MariaDB's zero date ``'0000-00-00'`` (the driver and JSON give it as
+    text), the placeholder a lenient sql_mode stores and MariaDB itself matches with
+    ``IS NULL``. No key a router routes reaches such a row; it stays where it is, as NULL
+    does. A date with a zero month or day only (``'2025-00-10'``) has no such standing: it
+    cannot be routed (ValueError).
+    """
+    if value is None:
+        return None
+    if key_type is KeyType.INT:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, Decimal):
+            if value.is_finite() and value == value.to_integral_value():
+                return int(value)
+            raise ValueError("not an integer")
+        if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value):
+            return int(value)
+        raise ValueError("not an integer")
+    if key_type is KeyType.STR:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, Decimal) and value.is_finite() and value.as_tuple().exponent == 0:
+            return str(value)
+        if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+            return value.isoformat()
+        raise ValueError(
+            f"a {type(value).__name__} has no one text the service could have routed it by"
+        )
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        if _ZERO_DATE.fullmatch(value):
+            return None
+        found = _DATE_TEXT.fullmatch(value)
+        if found is not None:
+            try:
+                return dt.date(*(int(part) for part in found.groups()))
+            except ValueError:
+                raise ValueError("not a valid date (a zero month or day?)") from None
+    raise ValueError("not a date")
+
+
 @dataclass(frozen=True, slots=True)
 class Belongs:
     """Which rows of a table move: those whose slot (from the sharding column's value, by the
@@ -63,18 +165,36 @@ class Belongs:
     topology: Topology
     ranges: tuple[tuple[int, int], ...]
 
-    def slot(self, spec: TableSpec, value: Any) -> int:
+    def slot(self, spec: TableSpec, value: Any) -> int | None:
+        """The slot the routers give a row of ``spec`` whose sharding column holds ``value``
+        as stored (``routed_value``); None when it has none (NULL, the zero date: no key
+        reaches the row, which stays where it is). UnroutableValue when no router routes
+        it."""
         if spec.shard_column is None:
             raise ReshardDataError(f"{spec.logical} is a broadcast table: its rows carry no slot")
-        return int(self.topology.slot_for(spec.logical, value))
+        rule = self.topology.table(spec.logical).primary
+        if rule is None:
+            raise ReshardDataError(f"{spec.logical} has no sharding column")
+        try:
+            routed = routed_value(rule.key_type, value)
+        except ValueError as exc:
+            reason = f"{exc}; the column's key is {rule.key_type.label}"
+            raise UnroutableValue(spec, value, reason) from None
+        if routed is None:
+            return None
+        try:
+            return int(rule.slot(routed))
+        except RoutingError as exc:
+            raise UnroutableValue(spec, value, str(exc)) from None
 
     def __call__(self, spec: TableSpec, value: Any) -> bool:
         """True if a row of ``spec`` with sharding value ``value`` moves (every broadcast row
-        does)."""
+        does; a row without a slot does not). UnroutableValue when the value cannot be
+        routed: the caller decides (``journal.BelongsCache``)."""
         if spec.shard_column is None:
             return True
         slot = self.slot(spec, value)
-        return any(start <= slot < end for start, end in self.ranges)
+        return slot is not None and any(start <= slot < end for start, end in self.ranges)
 
 
 def quote(name: str) -> str:
@@ -315,6 +435,69 @@ def _primary_key(conn: Connection, table: str) -> tuple[str, ...]:
     return tuple(str(r[0]) for r in rows)
 
 
+def key_to_json(key: Sequence[Any]) -> list[Any]:
+    """A primary key's values (as the driver returned them) in a JSON form that
+    ``key_from_json`` turns back into exactly the same values: the copy's checkpoint, from
+    which a resumed walk continues (``WHERE key > checkpoint``). Integers, strings, NULL and
+    floats are JSON's own; a Decimal (its digits and scale), a datetime, a date, a time, a
+    timedelta and bytes are tagged objects (``{"decimal": "12.50"}``). ReshardDataError for
+    any other type (nothing written)."""
+    return [_value_to_json(v) for v in key]
+
+
+def key_from_json(data: Sequence[Any]) -> tuple[Any, ...]:
+    """The key ``key_to_json`` wrote (a checkpoint written before the tags, a plain list of
+    integers and strings, reads as it is)."""
+    return tuple(_value_from_json(v) for v in data)
+
+
+def _value_to_json(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value  # JSON keeps a float's shortest repr, which reads back as the same float
+    if isinstance(value, Decimal):
+        return {"decimal": str(value)}
+    if isinstance(value, dt.datetime):
+        return {"datetime": value.isoformat()}
+    if isinstance(value, dt.date):
+        return {"date": value.isoformat()}
+    if isinstance(value, dt.time):
+        return {"time": value.isoformat()}
+    if isinstance(value, dt.timedelta):
+        return {"timedelta": [value.days, value.seconds, value.microseconds]}
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"bytes": base64.b64encode(bytes(value)).decode("ascii")}
+    raise ReshardDataError(
+        f"a primary key value {value!r} of type {type(value).__name__} cannot be kept as a"
+        " checkpoint (no exact JSON form)"
+    )
+
+
+_FROM_JSON: dict[str, Any] = {
+    "decimal": Decimal,
+    "datetime": dt.datetime.fromisoformat,
+    "date": dt.date.fromisoformat,
+    "time": dt.time.fromisoformat,
+    "timedelta": lambda parts: dt.timedelta(days=parts[0], seconds=parts[1], microseconds=parts[2]),
+    "bytes": base64.b64decode,
+}
+
+
+def _value_from_json(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        ((tag, text),) = value.items()
+        parse = _FROM_JSON.get(tag)
+        if parse is not None:
+            try:
+                return parse(text)
+            except (ValueError, TypeError, IndexError, InvalidOperation):
+                pass
+    raise ReshardDataError(f"checkpoint key value {value!r} is not one key_to_json writes")
+
+
 def logical_tables(topology: Topology) -> tuple[Sequence[str], Sequence[str]]:
     """(sharded tables, broadcast tables) of ``topology``, in a stable order."""
     sharded: list[str] = []
@@ -329,12 +512,16 @@ __all__ = [
     "Belongs",
     "Statements",
     "TableSpec",
+    "UnroutableValue",
     "describe",
     "describe_table",
     "driver_quote",
+    "key_from_json",
+    "key_to_json",
     "logical_tables",
     "quote",
     "read_expression",
+    "routed_value",
     "statements",
     "typed",
 ]

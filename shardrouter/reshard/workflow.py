@@ -36,7 +36,7 @@ from ..types import ShardId
 from . import copy as mover
 from . import journal, phases, state
 from .plan import ReshardPlan, Stage
-from .spec import Belongs, TableSpec, describe
+from .spec import Belongs, TableSpec, describe, key_from_json, key_to_json
 
 log = logging.getLogger("shardrouter.reshard")
 
@@ -423,18 +423,23 @@ class Workflow:
                 copied = int(point.get("copied", 0))
 
                 def on_chunk(
-                    done: mover.ChunkDone, name: str = name, task: Task = task, pair: Pair = pair
+                    done: mover.ChunkDone,
+                    name: str = name,
+                    task: Task = task,
+                    pair: Pair = pair,
+                    before: int = copied,
                 ) -> None:
                     nonlocal copied
-                    copied += done.rows_copied
-                    task.advance(done.rows_copied)
+                    # done.rows_copied counts from the start of this backfill call
+                    task.advance(before + done.rows_copied - copied)
+                    copied = before + done.rows_copied
                     self._set_checkpoint(
                         name,
-                        {"last_key": list(done.last_key), "copied": copied, "done": False},
+                        {"last_key": key_to_json(done.last_key), "copied": copied, "done": False},
                     )
                     self._drain(pair, batches=2)  # the copy stays current as it goes
 
-                after = tuple(point["last_key"]) if point.get("last_key") else None
+                after = key_from_json(point["last_key"]) if point.get("last_key") else None
                 report = mover.backfill(
                     source,
                     target,
@@ -452,7 +457,7 @@ class Workflow:
                 self._set_checkpoint(
                     name,
                     {
-                        "last_key": list(report.last_key) if report.last_key else None,
+                        "last_key": key_to_json(report.last_key) if report.last_key else None,
                         "copied": copied,
                         "done": True,
                     },
