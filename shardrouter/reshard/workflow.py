@@ -1002,8 +1002,14 @@ class Workflow:
 
 
 def _advancing(task: Task) -> Callable[[mover.ChunkDone], None]:
+    """An on_chunk that moves ``task`` by each chunk's rows (ChunkDone counts are running
+    totals of the walk)."""
+    seen = 0
+
     def on_chunk(done: mover.ChunkDone) -> None:
-        task.advance(done.rows_copied)
+        nonlocal seen
+        task.advance(done.rows_copied - seen)
+        seen = done.rows_copied
 
     return on_chunk
 
