@@ -109,7 +109,9 @@ def shadow_read(
     side = side_of(shadowed, recorder.on(job.shard))
     if side is None:
         return None
-    return ShadowRead(job.shard, side, job.statement, job.params, result.rows)
+    # Copies: the caller owns its parameters and the answer's rows, and may change them
+    # (reuse a dict, clear a list) before the worker compares (review 11).
+    return ShadowRead(job.shard, side, job.statement, dict(job.params), tuple(result.rows))
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,8 +290,14 @@ class ShadowReader:
             thread.join(timeout=5)
 
 
+ASYNC_READS = 2
+"""Shadow reads an AsyncRouter runs at once (each holds a connection of the shard's pool,
+which its writes use too: 256 tasks reading at once took the whole pool, review 11)."""
+
+
 class AsyncShadowReader:
-    """AsyncRouter's shell: one task per comparison, QUEUE at most at a time."""
+    """AsyncRouter's shell: one task per comparison, QUEUE at most at a time, ASYNC_READS of
+    them reading at once (the others wait without a connection)."""
 
     def __init__(
         self,
@@ -300,6 +308,7 @@ class AsyncShadowReader:
         self.stats = ShadowStats()
         self._rows = rows
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reading: asyncio.Semaphore | None = None  # made on the loop, at first use
 
     def submit(self, read: ShadowRead) -> None:
         if len(self._tasks) >= QUEUE:
@@ -318,7 +327,10 @@ class AsyncShadowReader:
                     await asyncio.sleep(request.seconds)
                     request = step.send(None)
                 else:
-                    rows = await self._rows(request.shard, read.statement, read.params)
+                    if self._reading is None:
+                        self._reading = asyncio.Semaphore(ASYNC_READS)
+                    async with self._reading:
+                        rows = await self._rows(request.shard, read.statement, read.params)
                     request = step.send(rows)
         except StopIteration as done:
             self.stats.add(read.side.migration, _outcome(read, str(done.value)))

@@ -571,8 +571,12 @@ def guard_own_rows(
     shard that holds the other would overwrite a row of a slot that never moves (review 10).
     So for tables with a text key column the mirror's rows with the copies' keys are read
     (locked: they are about to be written) and any that does not belong to the moving slots
-    stops the copy. Other key types cannot compare equal with different slots."""
-    if spec.shard_column is None or not any(spec.type_of(c) in _TEXT_TYPES for c in spec.key):
+    stops the copy. The same for a key that does not route the row (an AUTO_INCREMENT id
+    per shard: each shard has its own id 1; review 11). A key that holds the sharding column
+    or a gene column (TableSpec.key_routes) and no text cannot meet a row of another slot."""
+    if spec.shard_column is None:
+        return
+    if spec.key_routes and not any(spec.type_of(c) in _TEXT_TYPES for c in spec.key):
         return
     st = statements(spec)
     width = len(spec.key)
@@ -585,12 +589,14 @@ def guard_own_rows(
         if own:
             theirs = tuple(own[0][:width])
             raise ReshardDataError(
-                f"table {spec.physical}: a moving row's key equals {theirs!r}, a row the"
+                f"table {spec.physical}: a moving row has the key {theirs!r} of a row the"
                 f" mirror owns ({spec.shard_column} {own[0][width]!r} is not in the moving"
-                " slots), under the column's collation (letter case or trailing spaces),"
-                " though the hash sends the two to different slots; copying would overwrite"
-                " that row, so nothing was written. Make the values unique as the column"
-                " compares them (or hash the column with fold_case), then run the step again"
+                " slots): the key does not route its row (an id counted per shard), or it"
+                " compares equal under the column's collation (letter case, trailing spaces)"
+                " while the hash sends the two to different slots. Copying would overwrite"
+                " that row, so nothing was written. Make the keys unique across shards (ids"
+                " from the generator; or hash a text column with fold_case), then run the"
+                " step again"
             )
 
 

@@ -13,12 +13,13 @@ import datetime as dt
 import functools
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from sqlalchemy import Connection, text
 
+from shardrouter.core.strategies import GeneStrategy
 from shardrouter.core.topology import Topology
 from shardrouter.errors import ReshardDataError, RoutingError
 from shardrouter.types import KeyType
@@ -46,6 +47,11 @@ class TableSpec:
     """The data type of each column (information_schema's ``data_type``, lower case), in
     ``columns`` order; empty when unknown. The movers read a few types through an exact
     expression (``read_expression``)."""
+    key_routes: bool = False
+    """The primary key holds a column that routes the row (the sharding column, or a gene
+    column such as orders.order_id): two rows with one key then have one slot, so a copy
+    can never meet a row of another slot under its key (journal.guard_own_rows). False
+    when unknown: the guard then checks."""
 
     def type_of(self, column: str) -> str | None:
         if not self.types:
@@ -323,7 +329,7 @@ def typed(conn: Connection, spec: TableSpec) -> TableSpec:
             f"table {spec.physical}: its columns or primary key differ from the TableSpec"
             " given; describe it again"
         )
-    return found
+    return replace(found, key_routes=spec.key_routes)
 
 
 def _expanded(keys: Sequence[str], strict: str, last: str) -> str:
@@ -355,11 +361,18 @@ def describe(conn: Connection, topology: Topology, logical: Iterable[str]) -> li
     for name in logical:
         rule = topology.table(name)
         shard_column = rule.primary.column if rule.primary is not None else None
+        routing = {
+            k.column
+            for k in rule.keys.values()
+            if k.column == shard_column or isinstance(k.strategy, GeneStrategy)
+        }
         for physical in rule.physical_names:
             try:
-                out.append(describe_table(conn, physical, logical=name, shard_column=shard_column))
+                found = describe_table(conn, physical, logical=name, shard_column=shard_column)
             except ReshardDataError as exc:
                 problems.append(str(exc))
+            else:
+                out.append(replace(found, key_routes=bool(routing & set(found.key))))
     if problems:
         raise ReshardDataError("; ".join(problems))
     return out

@@ -1152,6 +1152,7 @@ class OwnerCheck(Select[Any]):
 
 
 @compiles(OwnerCheck, "mysql")
+@compiles(OwnerCheck, "mariadb")  # (mariadb+driver:// URLs: a dialect name of its own)
 def _compile_owner_check(element: OwnerCheck, compiler: Any, **kw: Any) -> str:
     sql = str(compiler.visit_select(element, **kw))
     if getattr(compiler.dialect, "is_mariadb", False):
