@@ -1,14 +1,20 @@
 """The cluster of the resharding tests, shared by test_reshard_workflow, test_reshard_rollback,
-test_reshard_crash and test_reshard_refusals: fresh databases on the session sandbox's four
-instances (one per test: nothing of an earlier test can leak into the next), a meta store
-database on s0's server holding a 2-shard version (s0 [0, 512), s1 [512, 1024)), and the
-4-shard topology a split moves to (s0 [0, 256), s2 [256, 512), s1 [512, 768), s3 [768, 1024)).
+test_reshard_crash and test_reshard_refusals (``build_cluster``): fresh databases on the
+session sandbox's four instances (one per test: nothing of an earlier test can leak into the
+next), a meta store database on s0's server holding a 2-shard version (s0 [0, 512), s1
+[512, 1024)), and the 4-shard topology a split moves to (s0 [0, 256), s2 [256, 512), s1
+[512, 768), s3 [768, 1024)).
 
 Also what every test of a migration checks its end state with: the oracle (the writers'
 ledgers replayed on one unsharded database, the lookup rows derived from it), the rows each
 shard holds with their slots, and the writers (reshard_load's workload, recording the
 statement before running it and its acknowledgement after, retrying what the router refused
 with nothing run).
+
+And the lighter cluster of the review tests (test_reshard_review9/10/11, test_reshard_keytypes_db:
+``ReviewCluster``, made by ``review_clusters``): the same fresh databases and 2-shard version,
+no topology files, any number of clusters per test, optional extra tables, DDL and pool
+settings, and the helpers those tests drive it with.
 """
 
 from __future__ import annotations
@@ -22,22 +28,25 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from reshard_load import Ledger, Writer
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from shardrouter.control.store import MetaStore
 from shardrouter.core.config import config_from_dict
 from shardrouter.core.topology import Topology
 from shardrouter.engine.engines import ShardEngines
+from shardrouter.engine.router import Router
 from shardrouter.ops.schema import apply
-from shardrouter.reshard import journal
+from shardrouter.reshard import journal, state
+from shardrouter.reshard.plan import plan_move
+from shardrouter.reshard.workflow import Options, Workflow
 
 META = {
     "poll_interval_s": 0.2,
@@ -127,6 +136,26 @@ def _plain_topology(doc: dict[str, Any]) -> Topology:
     return Topology(config_from_dict(doc))
 
 
+def two_shards(four: dict[str, Any]) -> dict[str, Any]:
+    """The 2-shard "before" version of ``four``: s0 owns [0, 512), s1 [512, 1024)."""
+    before = copy.deepcopy(four)
+    before["shards"] = {
+        "s0": {**four["shards"]["s0"], "slots": [[0, 512]]},
+        "s1": {**four["shards"]["s1"], "slots": [[512, 1024]]},
+    }
+    return before
+
+
+def apply_schema(doc: dict[str, Any]) -> None:
+    """The schema (every table of ``doc``) applied on ``doc``'s shards."""
+    topology = Topology(config_from_dict(doc))
+    engines = ShardEngines(topology)
+    try:
+        apply(topology, engines).raise_for_errors()
+    finally:
+        engines.dispose()
+
+
 @contextlib.contextmanager
 def build_cluster(
     shard_databases: Path,
@@ -144,20 +173,13 @@ def build_cluster(
         four["shards"][name]["primary"] = fresh_database(
             four["shards"][name]["primary"], f"{prefix}_{name}"
         )
-    before = copy.deepcopy(four)
-    before["shards"] = {
-        "s0": {**four["shards"]["s0"], "slots": [[0, 512]]},
-        "s1": {**four["shards"]["s1"], "slots": [[512, 1024]]},
-    }
+    before = two_shards(four)
     after = copy.deepcopy(four)
     after["shards"]["s0"]["slots"] = [[0, 256]]
     after["shards"]["s2"]["slots"] = [[256, 512]]
     after["shards"]["s1"]["slots"] = [[512, 768]]
     after["shards"]["s3"]["slots"] = [[768, 1024]]
-    topology = Topology(config_from_dict(before))
-    engines = ShardEngines(topology)
-    apply(topology, engines).raise_for_errors()
-    engines.dispose()
+    apply_schema(before)
     store = MetaStore(meta_url)
     store.init()
     store.push(before, expected=None, comment="2 shards")
@@ -173,6 +195,162 @@ def build_cluster(
         for url in [meta_url, *(s["primary"] for s in four["shards"].values())]:
             with contextlib.suppress(Exception):
                 drop_database(url)
+
+
+# -- the review tests' clusters -----------------------------------------------------------------
+
+
+@dataclass
+class ReviewCluster:
+    """A review test's cluster: fresh databases ``<prefix>_<tag>_s0`` .. ``_s3`` and
+    ``<prefix>_<tag>_meta``, the schema on s0 and s1, a meta store holding the 2-shard
+    "before" version (s0 [0, 512), s1 [512, 1024)); s2 and s3 are defined for plans that add
+    them. No follower routers: ``router()`` is a plain Router on the store's current version.
+    ``engines`` are plain SQLAlchemy engines per shard (not ShardEngines, unlike Cluster)."""
+
+    store: MetaStore
+    four: dict[str, Any]
+    """Every shard's definition (s0..s3) with its own fresh database."""
+    before: dict[str, Any]
+    meta_url: str
+    tag: str
+    engines: dict[str, Engine] = field(default_factory=dict)
+
+    def engine(self, shard: str) -> Engine:
+        if shard not in self.engines:
+            self.engines[shard] = create_engine(self.four["shards"][shard]["primary"])
+        return self.engines[shard]
+
+    def current(self) -> dict[str, Any]:
+        """The meta store's current document, without its ``meta:``."""
+        found = self.store.current()
+        assert found is not None
+        doc = copy.deepcopy(dict(found.document))
+        doc.pop("meta", None)
+        return doc
+
+    def topology(self) -> Topology:
+        return Topology(config_from_dict(self.current()))
+
+    def router(self, **options: Any) -> Router:
+        """A plain router on the store's current version (not a follower)."""
+        return Router(self.topology(), **options)
+
+    def move(self, slots: tuple[int, int], to: str, migration_id: str) -> None:
+        """Plan and store a migration of ``slots`` to ``to`` (new shards defined from four)."""
+        found = self.store.current()
+        assert found is not None
+        new = {to: self.four["shards"][to]} if to not in found.document["shards"] else {}
+        plan = plan_move(
+            found.document, slots, to, new, base_version=found.version, migration_id=migration_id
+        )
+        state.create(self.store, plan)
+
+    def run(self, migration: str, *actions: str, **options: Any) -> None:
+        """``actions`` of ``migration`` in one Workflow (``options``: its Options)."""
+        with Workflow(self.store, migration, Options(**options)) as flow:
+            for action in actions:
+                flow.act(action)
+
+    def rows(self, shard: str, sql: str) -> list[tuple[Any, ...]]:
+        with self.engine(shard).connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql(sql)]
+
+    def raw(self, shard: str, *statements: str) -> None:
+        """Statements run on ``shard`` directly, bypassing the router (a legacy writer)."""
+        with self.engine(shard).begin() as conn:
+            conn.exec_driver_sql("SET SESSION sql_mode = ''")
+            for statement in statements:
+                conn.exec_driver_sql(statement)
+
+
+MakeReviewCluster = Callable[..., ReviewCluster]
+"""``make(tag, tables=None, ddl=(), pool=None)``: see review_clusters."""
+
+
+@contextlib.contextmanager
+def review_clusters(
+    shard_databases: Path, sandbox: Any, prefix: str
+) -> Iterator[MakeReviewCluster]:
+    """A factory of ReviewClusters on the sandbox's servers; every database it created is
+    dropped afterwards. ``prefix`` names the databases (``<prefix>_<tag>_s0`` ...): one per
+    test module, as all modules share the session's servers.
+
+    ``make(tag, tables=None, ddl=(), pool=None)``: ``tables`` are added to the document's
+    ``tables:``; ``ddl`` (a statement or several) runs on each of the four databases before
+    the schema is applied; ``pool`` becomes every shard's ``pool:``."""
+    clusters: list[ReviewCluster] = []
+    urls: list[str] = []
+
+    def make(
+        tag: str,
+        tables: dict[str, Any] | None = None,
+        ddl: str | Sequence[str] = (),
+        pool: dict[str, Any] | None = None,
+    ) -> ReviewCluster:
+        statements = (ddl,) if isinstance(ddl, str) else tuple(ddl)
+        four = yaml.safe_load(shard_databases.read_text())
+        four.pop("meta", None)
+        four["tables"].update(tables or {})
+        meta_url = fresh_database(sandbox.shards[0].url, f"{prefix}_{tag}_meta")
+        urls.append(meta_url)
+        for name in four["shards"]:
+            url = fresh_database(four["shards"][name]["primary"], f"{prefix}_{tag}_{name}")
+            urls.append(url)
+            four["shards"][name]["primary"] = url
+            if pool is not None:
+                four["shards"][name]["pool"] = dict(pool)
+            if statements:
+                engine = create_engine(url)
+                try:
+                    with engine.begin() as conn:
+                        for statement in statements:
+                            conn.exec_driver_sql(statement)
+                finally:
+                    engine.dispose()
+        before = two_shards(four)
+        apply_schema(before)
+        store = MetaStore(meta_url)
+        clusters.append(ReviewCluster(store, four, before, meta_url, tag))
+        store.init()
+        store.push(before, expected=None, comment="2 shards")
+        return clusters[-1]
+
+    try:
+        yield make
+    finally:
+        for cluster in clusters:
+            for engine in cluster.engines.values():
+                engine.dispose()
+            cluster.store.close()
+        for url in urls:
+            drop_database(url)
+
+
+def values_in(topology: Topology, table: str, lo: int, hi: int, n: int, values: Any) -> list[Any]:
+    """The first ``n`` of ``values`` whose slots (of ``table``) lie in [lo, hi)."""
+    found: list[Any] = []
+    for v in values:
+        if lo <= topology.slot_for(table, v) < hi:
+            found.append(v)
+            if len(found) == n:
+                break
+    assert len(found) == n
+    return found
+
+
+def users_in(topology: Topology, lo: int, hi: int, n: int, start: int = 1) -> list[int]:
+    """``n`` user ids from ``start`` whose slots lie in [lo, hi)."""
+    return values_in(topology, "users", lo, hi, n, range(start, 10**6))
+
+
+def add_users(router: Router, users: list[int], name: str = "v0") -> None:
+    """``users`` inserted through ``router`` (email ``u<id>@example.com``, ``name``)."""
+    for u in users:
+        router.execute(
+            "INSERT INTO users (user_id, email, name) VALUES (:u, :e, :n)",
+            {"u": u, "e": f"u{u}@example.com", "n": name},
+        )
 
 
 # -- what the shards hold ---------------------------------------------------------------------

@@ -11,151 +11,51 @@
 - DECIMAL / DATETIME / DATE primary keys checkpoint exactly: a paused copy resumes after its
   last chunk and copies every row once.
 
-The cluster is built as in test_reshard_review10.py: fresh databases per test, a meta store,
-a 2-shard "before" version (s0 [0, 512), s1 [512, 1024)), s2 and s3 defined for plans.
+Clusters come from reshard_cluster.review_clusters (databases kt_<tag>_...): fresh databases
+per test, a meta store, a 2-shard "before" version (s0 [0, 512), s1 [512, 1024)), s2 and s3
+defined for plans.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from reshard_cluster import drop_database, fresh_database
-from sqlalchemy import Engine, create_engine
+from reshard_cluster import (
+    MakeReviewCluster,
+    ReviewCluster,
+    review_clusters,
+    values_in,
+)
 
 import shardrouter.reshard.copy as mover
-from shardrouter.control.store import MetaStore
-from shardrouter.core.config import config_from_dict
-from shardrouter.core.topology import Topology
-from shardrouter.engine.engines import ShardEngines
-from shardrouter.engine.router import Router
 from shardrouter.errors import ReshardDataError
-from shardrouter.ops.schema import apply
 from shardrouter.reshard import journal, state
-from shardrouter.reshard.plan import plan_move
 from shardrouter.reshard.spec import UnroutableValue, key_from_json
 from shardrouter.reshard.workflow import Options, Workflow
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(180)]
 
 
-@dataclass
-class Cluster:
-    store: MetaStore
-    four: dict[str, Any]
-    engines: dict[str, Engine] = field(default_factory=dict)
-
-    def engine(self, shard: str) -> Engine:
-        if shard not in self.engines:
-            self.engines[shard] = create_engine(self.four["shards"][shard]["primary"])
-        return self.engines[shard]
-
-    def topology(self) -> Topology:
-        found = self.store.current()
-        assert found is not None
-        doc = copy.deepcopy(dict(found.document))
-        doc.pop("meta", None)
-        return Topology(config_from_dict(doc))
-
-    def router(self) -> Router:
-        return Router(self.topology())
-
-    def move(self, slots: tuple[int, int], to: str, migration_id: str) -> None:
-        found = self.store.current()
-        assert found is not None
-        new = {to: self.four["shards"][to]} if to not in found.document["shards"] else {}
-        plan = plan_move(
-            found.document, slots, to, new, base_version=found.version, migration_id=migration_id
-        )
-        state.create(self.store, plan)
-
-    def rows(self, shard: str, sql: str) -> list[tuple[Any, ...]]:
-        with self.engine(shard).connect() as conn:
-            return [tuple(r) for r in conn.exec_driver_sql(sql)]
-
-    def raw(self, shard: str, *statements: str) -> None:
-        """Statements run on ``shard`` directly, bypassing the router (a legacy writer)."""
-        with self.engine(shard).begin() as conn:
-            conn.exec_driver_sql("SET SESSION sql_mode = ''")
-            for statement in statements:
-                conn.exec_driver_sql(statement)
-
-
 @pytest.fixture
-def make_cluster(shard_databases: Path, sandbox: Any) -> Iterator[Callable[..., Cluster]]:
-    made: list[tuple[Cluster, list[str]]] = []
-
-    def make(tag: str, tables: dict[str, Any], ddl: str) -> Cluster:
-        four = yaml.safe_load(shard_databases.read_text())
-        four.pop("meta", None)
-        four["tables"].update(tables)
-        meta_url = fresh_database(sandbox.shards[0].url, f"kt_{tag}_meta")
-        urls = [meta_url]
-        for name in four["shards"]:
-            url = fresh_database(four["shards"][name]["primary"], f"kt_{tag}_{name}")
-            four["shards"][name]["primary"] = url
-            urls.append(url)
-            engine = create_engine(url)
-            try:
-                with engine.begin() as conn:
-                    conn.exec_driver_sql(ddl)
-            finally:
-                engine.dispose()
-        before = copy.deepcopy(four)
-        before["shards"] = {
-            "s0": {**four["shards"]["s0"], "slots": [[0, 512]]},
-            "s1": {**four["shards"]["s1"], "slots": [[512, 1024]]},
-        }
-        topology = Topology(config_from_dict(before))
-        engines = ShardEngines(topology)
-        apply(topology, engines).raise_for_errors()
-        engines.dispose()
-        store = MetaStore(meta_url)
-        store.init()
-        store.push(before, expected=None, comment="2 shards")
-        cluster = Cluster(store, four)
-        made.append((cluster, urls))
-        return cluster
-
-    try:
+def make_cluster(shard_databases: Path, sandbox: Any) -> Iterator[MakeReviewCluster]:
+    with review_clusters(shard_databases, sandbox, "kt") as make:
         yield make
-    finally:
-        for cluster, urls in made:
-            for engine in cluster.engines.values():
-                engine.dispose()
-            cluster.store.close()
-            for url in urls:
-                drop_database(url)
-
-
-def _values_in(topology: Topology, table: str, lo: int, hi: int, n: int, values: Any) -> list[Any]:
-    found = [v for v in values if lo <= topology.slot_for(table, v) < hi][:n]
-    assert len(found) == n
-    return found
-
-
-def _run(c: Cluster, migration: str, *actions: str, **options: Any) -> None:
-    with Workflow(c.store, migration, Options(**options)) as flow:
-        for action in actions:
-            flow.act(action)
 
 
 ACCOUNTS = {"kt_accounts": {"column": "account_id", "strategy": "hash"}}
 
 
-def _accounts(c: Cluster, n: int = 15) -> tuple[list[int], list[int]]:
+def _accounts(c: ReviewCluster, n: int = 15) -> tuple[list[int], list[int]]:
     """Accounts inserted through the router: (moving: slots [0, 128), staying: [128, 512))."""
     topology = c.topology()
-    moving = _values_in(topology, "kt_accounts", 0, 128, n, range(1, 10**5))
-    staying = _values_in(topology, "kt_accounts", 128, 512, n, range(1, 10**5))
+    moving = values_in(topology, "kt_accounts", 0, 128, n, range(1, 10**5))
+    staying = values_in(topology, "kt_accounts", 128, 512, n, range(1, 10**5))
     router = c.router()
     try:
         for i, a in enumerate(moving + staying):
@@ -168,7 +68,7 @@ def _accounts(c: Cluster, n: int = 15) -> tuple[list[int], list[int]]:
     return moving, staying
 
 
-def _values_by_account(c: Cluster, accounts: list[int]) -> dict[int, int]:
+def _values_by_account(c: ReviewCluster, accounts: list[int]) -> dict[int, int]:
     router = c.router()
     try:
         found = {}
@@ -181,7 +81,7 @@ def _values_by_account(c: Cluster, accounts: list[int]) -> dict[int, int]:
         router.close()
 
 
-def _ids(c: Cluster, shard: str) -> set[int]:
+def _ids(c: ReviewCluster, shard: str) -> set[int]:
     return {int(r[0]) for r in c.rows(shard, "SELECT id FROM kt_accounts")}
 
 
@@ -191,7 +91,7 @@ def _ids(c: Cluster, shard: str) -> set[int]:
     ids=["decimal", "decimal-scale", "numeric", "varchar-digits"],
 )
 def test_a_sharding_column_read_back_in_another_type_moves_every_row(
-    make_cluster: Callable[..., Cluster], column: str
+    make_cluster: MakeReviewCluster, column: str
 ) -> None:
     """The router hashes the integer the service passes; the column hands it back as a
     Decimal or as text (and the journal's JSON as a number or text). Every moving row is
@@ -206,10 +106,10 @@ def test_a_sharding_column_read_back_in_another_type_moves_every_row(
     )
     moving, staying = _accounts(c)
     c.move((0, 128), "s2", "m-conv")
-    _run(c, "m-conv", "start", "copy")
+    c.run("m-conv", "start", "copy")
     assert _ids(c, "s2") == set(range(1, len(moving) + 1)), "the backfill copied the movers"
     topology = c.topology()
-    late = _values_in(topology, "kt_accounts", 0, 128, 1, range(10**5, 2 * 10**5))[0]
+    late = values_in(topology, "kt_accounts", 0, 128, 1, range(10**5, 2 * 10**5))[0]
     router = c.router()
     try:  # journaled changes: an update, an insert, a delete of moving rows
         router.execute("UPDATE kt_accounts SET v = 2 WHERE account_id = :a", {"a": moving[0]})
@@ -228,14 +128,14 @@ def test_a_sharding_column_read_back_in_another_type_moves_every_row(
     expected = {a: 1 for a in moving + staying if a != moving[1]}
     expected.update({moving[0]: 2, late: 3})
     assert _values_by_account(c, [*moving, *staying, late]) == expected
-    _run(c, "m-conv", "finalize")
+    c.run("m-conv", "finalize")
     moved_ids = {*range(3, len(moving) + 1), 1, 1000}
     assert _ids(c, "s2") == moved_ids
     assert _ids(c, "s0") == set(range(len(moving) + 1, len(moving) + len(staying) + 1))
     assert _values_by_account(c, [*moving, *staying, late]) == expected
 
 
-def _decimal_accounts(make_cluster: Callable[..., Cluster], tag: str) -> Cluster:
+def _decimal_accounts(make_cluster: MakeReviewCluster, tag: str) -> ReviewCluster:
     return make_cluster(
         tag,
         ACCOUNTS,
@@ -245,7 +145,7 @@ def _decimal_accounts(make_cluster: Callable[..., Cluster], tag: str) -> Cluster
 
 
 def test_a_value_no_router_routes_refuses_the_copy_naming_the_row_until_it_is_fixed(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """A fraction in an integer-keyed DECIMAL column (written around the router) has no slot
     the routers would give it: the copy stops, typed, naming the table, the column and the
@@ -256,14 +156,14 @@ def test_a_value_no_router_routes_refuses_the_copy_naming_the_row_until_it_is_fi
     c.raw("s0", "INSERT INTO kt_accounts VALUES (500, 5.50, 9)")
     c.move((0, 128), "s2", "m-r")
     with pytest.raises(UnroutableValue) as refused:
-        _run(c, "m-r", "start", "copy")
+        c.run("m-r", "start", "copy")
     message = str(refused.value)
     assert "kt_accounts" in message and "account_id" in message and "id=500" in message
     assert "Decimal('5.50')" in message and "resume" in message
     assert refused.value.key == (500,)
     assert state.get(c.store, "m-r").phase == "copying"
     assert c.topology().shard_for("kt_accounts", moving[0]) == "s0"  # nothing switched
-    fixed = _values_in(c.topology(), "kt_accounts", 0, 128, 1, range(10**5, 2 * 10**5))[0]
+    fixed = values_in(c.topology(), "kt_accounts", 0, 128, 1, range(10**5, 2 * 10**5))[0]
     c.raw("s0", f"UPDATE kt_accounts SET account_id = {fixed} WHERE id = 500")
     with Workflow(c.store, "m-r") as flow:
         flow.resume()
@@ -274,7 +174,7 @@ def test_a_value_no_router_routes_refuses_the_copy_naming_the_row_until_it_is_fi
 
 
 def test_a_value_no_router_routes_written_during_the_copy_refuses_verify(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """The same value written after the backfill passed: its journal entry is discarded by
     the drain (never stopping it), and verify, which walks the source, refuses it; fixed,
@@ -282,7 +182,7 @@ def test_a_value_no_router_routes_written_during_the_copy_refuses_verify(
     c = _decimal_accounts(make_cluster, "refuse2")
     moving, _ = _accounts(c)
     c.move((0, 128), "s2", "m-r2")
-    _run(c, "m-r2", "start", "copy")
+    c.run("m-r2", "start", "copy")
     c.raw("s0", "INSERT INTO kt_accounts VALUES (501, 0.5, 9)")
     with Workflow(c.store, "m-r2") as flow:
         with pytest.raises(UnroutableValue, match=r"id=501"):
@@ -309,7 +209,7 @@ def test_a_value_no_router_routes_written_during_the_copy_refuses_verify(
     ids=["date", "datetime"],
 )
 def test_zero_dates_have_no_slot_and_stay_on_the_source_through_every_step(
-    make_cluster: Callable[..., Cluster], column: str, zero: str
+    make_cluster: MakeReviewCluster, column: str, zero: str
 ) -> None:
     """Rows whose date sharding column holds the zero date are not copied, their journal
     entries (an update before and during the copy, an insert during it) are discarded by
@@ -325,7 +225,7 @@ def test_zero_dates_have_no_slot_and_stay_on_the_source_through_every_step(
     )
     topology = c.topology()
     days = [dt.date(2025, 1, 1) + dt.timedelta(days=i) for i in range(400)]
-    moving = _values_in(topology, "kt_days", 0, 128, 10, days)
+    moving = values_in(topology, "kt_days", 0, 128, 10, days)
     router = c.router()
     try:
         for i, d in enumerate(moving):
@@ -334,9 +234,9 @@ def test_zero_dates_have_no_slot_and_stay_on_the_source_through_every_step(
         router.close()
     c.raw("s0", f"INSERT INTO kt_days VALUES (1000, '{zero}', 0)")
     c.move((0, 128), "s2", "m-zero")
-    _run(c, "m-zero", "start")
+    c.run("m-zero", "start")
     c.raw("s0", "UPDATE kt_days SET v = 1 WHERE id = 1000")  # journaled before the copy
-    _run(c, "m-zero", "copy")
+    c.run("m-zero", "copy")
     c.raw(
         "s0",
         "UPDATE kt_days SET v = 2 WHERE id = 1000",
@@ -347,9 +247,9 @@ def test_zero_dates_have_no_slot_and_stay_on_the_source_through_every_step(
         router.execute("UPDATE kt_days SET v = 7 WHERE day = :d", {"d": moving[0]})
     finally:
         router.close()
-    _run(c, "m-zero", "verify", "switch")
+    c.run("m-zero", "verify", "switch")
     assert journal.backlog(c.engine("s0")) == 0
-    _run(c, "m-zero", "finalize")
+    c.run("m-zero", "finalize")
     assert sorted(r[0] for r in c.rows("s0", "SELECT id FROM kt_days")) == [1000, 1001]
     assert sorted(r[0] for r in c.rows("s2", "SELECT id FROM kt_days")) == list(range(10))
     router = c.router()
@@ -360,7 +260,7 @@ def test_zero_dates_have_no_slot_and_stay_on_the_source_through_every_step(
     assert [tuple(r) for r in got] == [(7,)]
 
 
-def test_a_date_with_a_zero_month_refuses_the_copy(make_cluster: Callable[..., Cluster]) -> None:
+def test_a_date_with_a_zero_month_refuses_the_copy(make_cluster: MakeReviewCluster) -> None:
     """'2025-00-10' (kept by a lenient sql_mode) is not the zero date: no router routes it
     and it is not MariaDB's NULL-like placeholder either; the copy refuses it, typed."""
     tables = {"kt_days": {"column": "day", "type": "date", "strategy": "hash"}}
@@ -373,7 +273,7 @@ def test_a_date_with_a_zero_month_refuses_the_copy(make_cluster: Callable[..., C
     c.raw("s0", "INSERT INTO kt_days VALUES (7, '2025-00-10', 0)")
     c.move((0, 128), "s2", "m-zm")
     with pytest.raises(ReshardDataError, match=r"kt_days.*id=7.*'2025-00-10'.*sharding column day"):
-        _run(c, "m-zm", "start", "copy")
+        c.run("m-zm", "start", "copy")
     assert c.rows("s2", "SELECT COUNT(*) FROM kt_days") == [(0,)]
 
 
@@ -390,7 +290,7 @@ def test_a_date_with_a_zero_month_refuses_the_copy(make_cluster: Callable[..., C
     ids=["decimal", "datetime", "date"],
 )
 def test_a_paused_copy_resumes_after_its_typed_checkpoint_and_copies_every_row_once(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
     monkeypatch: pytest.MonkeyPatch,
     key: str,
     value_of: Callable[[int], Any],
@@ -406,8 +306,8 @@ def test_a_paused_copy_resumes_after_its_typed_checkpoint_and_copies_every_row_o
         " DEFAULT CHARSET=utf8mb4",
     )
     topology = c.topology()
-    moving = _values_in(topology, "kt_accounts", 0, 128, 12, range(1, 10**5))
-    staying = _values_in(topology, "kt_accounts", 128, 512, 12, range(1, 10**5))
+    moving = values_in(topology, "kt_accounts", 0, 128, 12, range(1, 10**5))
+    staying = values_in(topology, "kt_accounts", 128, 512, 12, range(1, 10**5))
     rows = list(enumerate(moving + staying))
     router = c.router()
     try:

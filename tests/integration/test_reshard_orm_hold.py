@@ -24,16 +24,14 @@ from typing import Any
 
 import pytest
 import yaml
-from reshard_cluster import drop_database, fresh_database
+from reshard_cluster import apply_schema, drop_database, fresh_database
 from sqlalchemy import BigInteger, Engine, String, create_engine, inspect, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shardrouter.core.config import config_from_dict
 from shardrouter.core.topology import Topology
-from shardrouter.engine.engines import ShardEngines
 from shardrouter.engine.router import Router
 from shardrouter.errors import SwitchHoldError
-from shardrouter.ops.schema import apply
 from shardrouter.orm.session import routed_sessionmaker
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(120)]
@@ -104,12 +102,7 @@ def make_cluster(shard_databases: Path) -> Iterator[Callable[[str], Cluster]]:
                 engine.dispose()
             shards[name] = {**doc["shards"][name], "primary": url, "slots": slots}
         doc["shards"] = shards
-        topology = Topology(config_from_dict(doc))
-        engines = ShardEngines(topology)
-        try:
-            apply(topology, engines).raise_for_errors()
-        finally:
-            engines.dispose()
+        apply_schema(doc)
         cluster = Cluster(doc)
         made.append((cluster, urls))
         return cluster

@@ -2,10 +2,11 @@
 service meets during a migration. Each test states what docs/RESHARDING.md promises and fails
 while the package breaks it.
 
-Clusters are built as in test_reshard_review9.py: fresh databases per test on the sandbox's
-servers, a meta store, the orders schema (plus a test's own tables), a 2-shard "before"
-version (s0 owns [0, 512), s1 [512, 1024)); s2 and s3 are defined for plans that add them. No
-follower routers are registered (acknowledgements are immediate) unless a test starts one.
+Clusters come from reshard_cluster.review_clusters (databases rv10_<tag>_...): fresh databases
+per test on the sandbox's servers, a meta store, the orders schema (plus a test's own tables),
+a 2-shard "before" version (s0 owns [0, 512), s1 [512, 1024)); s2 and s3 are defined for plans
+that add them. No follower routers are registered (acknowledgements are immediate) unless a
+test starts one.
 """
 
 from __future__ import annotations
@@ -15,27 +16,27 @@ import datetime as dt
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from reshard_cluster import drop_database, fresh_database
-from sqlalchemy import BigInteger, Engine, String, create_engine
+from reshard_cluster import (
+    MakeReviewCluster,
+    ReviewCluster,
+    add_users,
+    review_clusters,
+    users_in,
+    values_in,
+)
+from sqlalchemy import BigInteger, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import shardrouter.reshard.copy as mover
-from shardrouter.control.store import MetaStore
 from shardrouter.core.config import config_from_dict
 from shardrouter.core.topology import Topology
-from shardrouter.engine.engines import ShardEngines
 from shardrouter.engine.router import Router
 from shardrouter.errors import ReshardError, UnsupportedQueryError
-from shardrouter.ops.schema import apply
-from shardrouter.reshard import state
-from shardrouter.reshard.plan import plan_move
-from shardrouter.reshard.workflow import Options, Workflow
+from shardrouter.reshard.workflow import Workflow
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(180)]
 
@@ -54,118 +55,10 @@ class User(Base):
 # --------------------------------------------------------------------------- the cluster
 
 
-@dataclass
-class Cluster:
-    store: MetaStore
-    four: dict[str, Any]
-    """Every shard's definition (s0..s3) with its own fresh database."""
-    before: dict[str, Any]
-    meta_url: str
-    engines: dict[str, Engine] = field(default_factory=dict)
-
-    def engine(self, shard: str) -> Engine:
-        if shard not in self.engines:
-            self.engines[shard] = create_engine(self.four["shards"][shard]["primary"])
-        return self.engines[shard]
-
-    def current(self) -> dict[str, Any]:
-        found = self.store.current()
-        assert found is not None
-        doc = copy.deepcopy(dict(found.document))
-        doc.pop("meta", None)
-        return doc
-
-    def topology(self) -> Topology:
-        return Topology(config_from_dict(self.current()))
-
-    def router(self, **options: Any) -> Router:
-        """A plain router on the store's current version (not a follower)."""
-        return Router(self.topology(), **options)
-
-    def move(self, slots: tuple[int, int], to: str, migration_id: str) -> None:
-        found = self.store.current()
-        assert found is not None
-        new = {to: self.four["shards"][to]} if to not in found.document["shards"] else {}
-        plan = plan_move(
-            found.document, slots, to, new, base_version=found.version, migration_id=migration_id
-        )
-        state.create(self.store, plan)
-
-    def rows(self, shard: str, sql: str) -> list[tuple[Any, ...]]:
-        with self.engine(shard).connect() as conn:
-            return [tuple(r) for r in conn.exec_driver_sql(sql)]
-
-
 @pytest.fixture
-def make_cluster(shard_databases: Path, sandbox: Any) -> Iterator[Callable[..., Cluster]]:
-    made: list[tuple[Cluster, list[str]]] = []
-
-    def make(tag: str, tables: dict[str, Any] | None = None, ddl: tuple[str, ...] = ()) -> Cluster:
-        four = yaml.safe_load(shard_databases.read_text())
-        four.pop("meta", None)
-        four["tables"].update(tables or {})
-        meta_url = fresh_database(sandbox.shards[0].url, f"rv10_{tag}_meta")
-        urls = [meta_url]
-        for name in four["shards"]:
-            four["shards"][name]["primary"] = fresh_database(
-                four["shards"][name]["primary"], f"rv10_{tag}_{name}"
-            )
-            urls.append(four["shards"][name]["primary"])
-            engine = create_engine(four["shards"][name]["primary"])
-            try:
-                with engine.begin() as conn:
-                    for statement in ddl:
-                        conn.exec_driver_sql(statement)
-            finally:
-                engine.dispose()
-        before = copy.deepcopy(four)
-        before["shards"] = {
-            "s0": {**four["shards"]["s0"], "slots": [[0, 512]]},
-            "s1": {**four["shards"]["s1"], "slots": [[512, 1024]]},
-        }
-        topology = Topology(config_from_dict(before))
-        engines = ShardEngines(topology)
-        apply(topology, engines).raise_for_errors()
-        engines.dispose()
-        store = MetaStore(meta_url)
-        store.init()
-        store.push(before, expected=None, comment="2 shards")
-        cluster = Cluster(store, four, before, meta_url)
-        made.append((cluster, urls))
-        return cluster
-
-    try:
+def make_cluster(shard_databases: Path, sandbox: Any) -> Iterator[MakeReviewCluster]:
+    with review_clusters(shard_databases, sandbox, "rv10") as make:
         yield make
-    finally:
-        for cluster, urls in made:
-            for engine in cluster.engines.values():
-                engine.dispose()
-            cluster.store.close()
-            for url in urls:
-                drop_database(url)
-
-
-def _values_in(topology: Topology, table: str, lo: int, hi: int, n: int, values: Any) -> list[Any]:
-    found: list[Any] = []
-    for v in values:
-        if lo <= topology.slot_for(table, v) < hi:
-            found.append(v)
-            if len(found) == n:
-                break
-    assert len(found) == n
-    return found
-
-
-def _users_in(topology: Topology, lo: int, hi: int, n: int, start: int = 1) -> list[int]:
-    return _values_in(topology, "users", lo, hi, n, range(start, 10**6))
-
-
-def _add_users(router: Router, users: list[int], name: str = "v0") -> None:
-    for u in users:
-        router.execute(
-            "INSERT INTO users (user_id, email, name) VALUES (:u, :e, :n)",
-            {"u": u, "e": f"u{u}@example.com", "n": name},
-        )
 
 
 def _order_id(topology: Topology, user: int, n: int) -> int:
@@ -183,27 +76,21 @@ def _add_order(router: Router, topology: Topology, user: int, merchant: int, n: 
     return order
 
 
-def _run(c: Cluster, migration: str, actions: tuple[str, ...], **options: Any) -> None:
-    with Workflow(c.store, migration, Options(**options)) as flow:
-        for action in actions:
-            flow.act(action)
-
-
 # --------------------------------------------------------------------------- findings
 
 
 def _same_split_users(topology: Topology, moving: tuple[int, int], other: tuple[int, int]) -> Any:
     """A user of the ``moving`` slots and one of the ``other`` slots whose orders share one
     physical table (slot % 4): a read of that table on one shard sees both."""
-    for u1 in _users_in(topology, *moving, 50):
-        for u2 in _users_in(topology, *other, 200):
+    for u1 in users_in(topology, *moving, 50):
+        for u2 in users_in(topology, *other, 200):
             if topology.slot_for("orders", u1) % 4 == topology.slot_for("orders", u2) % 4:
                 return u1, u2
     raise AssertionError("no pair")
 
 
 def test_rv10_a_merchant_read_after_the_switch_returns_the_sources_stale_copy_too(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """A read by merchant_id goes through the merchant_orders lookup to the shards of the
     owners (users) found, and runs its WHERE merchant_id = ? there as it is. Between the switch
@@ -220,12 +107,12 @@ def test_rv10_a_merchant_read_after_the_switch_returns_the_sources_stale_copy_to
     merchant = 4242
     router = c.router()
     try:
-        _add_users(router, [mover_user, stayer])
+        add_users(router, [mover_user, stayer])
         moved = _add_order(router, topology, mover_user, merchant, 1)
         kept = _add_order(router, topology, stayer, merchant, 2)
     finally:
         router.close()
-    _run(c, "m-m", ("start", "copy", "verify", "switch"))
+    c.run("m-m", "start", "copy", "verify", "switch")
     router = c.router()
     try:  # the service pays the moved order, on its new owner
         router.execute("UPDATE orders SET status = 'paid' WHERE order_id = :o", {"o": moved})
@@ -255,7 +142,7 @@ def test_rv10_a_merchant_read_after_the_switch_returns_the_sources_stale_copy_to
 
 
 def test_rv10_a_merchant_read_during_a_move_onto_a_serving_shard_counts_the_copy(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """The same before the switch, when the target already serves slots of its own (a move
     between existing shards): from copy on, the target holds copies of the moving orders, and
@@ -267,12 +154,12 @@ def test_rv10_a_merchant_read_during_a_move_onto_a_serving_shard_counts_the_copy
     merchant = 777
     router = c.router()
     try:
-        _add_users(router, [mover_user, own])
+        add_users(router, [mover_user, own])
         moved = _add_order(router, topology, mover_user, merchant, 1)
         kept = _add_order(router, topology, own, merchant, 2)
     finally:
         router.close()
-    _run(c, "m-n", ("start", "copy"))
+    c.run("m-n", "start", "copy")
     router = c.router()
     try:
         rows = router.execute(
@@ -289,7 +176,7 @@ def test_rv10_a_merchant_read_during_a_move_onto_a_serving_shard_counts_the_copy
     ids=["letter-case", "trailing-space"],
 )
 def test_rv10_a_move_onto_a_serving_shard_overwrites_its_row_with_an_equal_key(
-    make_cluster: Callable[..., Cluster], collation: str, variant: Callable[[str], str]
+    make_cluster: MakeReviewCluster, collation: str, variant: Callable[[str], str]
 ) -> None:
     """A string sharding key hashed without fold_case (the default: Vitess's keyspace ids)
     routes 'abc' and 'ABC' (or 'abc ' under any PAD SPACE collation, utf8mb4_bin included)
@@ -323,7 +210,7 @@ def test_rv10_a_move_onto_a_serving_shard_overwrites_its_row_with_an_equal_key(
     c.move((0, 128), "s1", "m-c")
     refused: ReshardError | None = None
     try:
-        _run(c, "m-c", ("start", "copy", "verify", "switch"))
+        c.run("m-c", "start", "copy", "verify", "switch")
     except ReshardError as exc:
         refused = exc
     held = c.rows("s1", "SELECT code, v FROM rv10_codes")
@@ -339,7 +226,7 @@ def test_rv10_a_move_onto_a_serving_shard_overwrites_its_row_with_an_equal_key(
 
 
 def test_rv10_a_zero_date_in_a_date_sharding_column_stops_every_drain(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """A DATE sharding column may hold '0000-00-00' (written under a non-strict sql_mode: the
     movers' own sql_mode keeps such values on purpose). The backfill passes over a row whose
@@ -371,7 +258,7 @@ def test_rv10_a_zero_date_in_a_date_sharding_column_stops_every_drain(
         conn.exec_driver_sql("SET SESSION sql_mode = ''")
         conn.exec_driver_sql("INSERT INTO rv10_days VALUES (1000, '0000-00-00', 0)")
     c.move((0, 128), "s2", "m-z")
-    _run(c, "m-z", ("start", "copy"))
+    c.run("m-z", "start", "copy")
     with c.engine("s0").begin() as conn:  # the legacy row is touched while the copy runs
         conn.exec_driver_sql("UPDATE rv10_days SET v = 1 WHERE id = 1000")
     router = c.router()
@@ -382,7 +269,7 @@ def test_rv10_a_zero_date_in_a_date_sharding_column_stops_every_drain(
         router.close()
     error: BaseException | None = None
     try:
-        _run(c, "m-z", ("verify", "switch"))
+        c.run("m-z", "verify", "switch")
     except Exception as exc:
         error = exc
     assert error is None, f"{type(error).__name__}: {error}"
@@ -395,7 +282,7 @@ def test_rv10_a_zero_date_in_a_date_sharding_column_stops_every_drain(
 
 
 def test_rv10_finalize_and_cancel_ignore_chunk_and_the_throttle(
-    make_cluster: Callable[..., Cluster], monkeypatch: pytest.MonkeyPatch
+    make_cluster: MakeReviewCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`shardctl reshard finalize|cancel` accept --chunk and --max-rows-per-s (help: "Throttle
     the copy and the deletes"), but the deletes ignore them: finalize calls delete_moved with
@@ -411,11 +298,11 @@ def test_rv10_finalize_and_cancel_ignore_chunk_and_the_throttle(
     topology = c.topology()
     router = c.router()
     try:
-        _add_users(router, _users_in(topology, 0, 64, 5) + _users_in(topology, 128, 192, 5))
+        add_users(router, users_in(topology, 0, 64, 5) + users_in(topology, 128, 192, 5))
     finally:
         router.close()
     c.move((0, 64), "s2", "m-o1")
-    _run(c, "m-o1", ("start", "copy", "verify", "switch"))
+    c.run("m-o1", "start", "copy", "verify", "switch")
     calls: list[tuple[str, dict[str, Any]]] = []
     original = mover.delete_moved
 
@@ -431,7 +318,7 @@ def test_rv10_finalize_and_cancel_ignore_chunk_and_the_throttle(
     assert result.exit_code == 0, result.output
     finalize = [kw for _, kw in calls]
     c.move((64, 128), "s2", "m-o2")
-    _run(c, "m-o2", ("start", "copy"))
+    c.run("m-o2", "start", "copy")
     calls.clear()
     result = CliRunner().invoke(main, ["reshard", "cancel", "m-o2", *flags], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -470,7 +357,7 @@ def _frozen_and_switched(doc: dict[str, Any], slot: int) -> tuple[Topology, Topo
 
 
 def test_rv10_an_orm_flush_during_the_switch_fails_instead_of_being_held(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """The switch holds writes (docs/RESHARDING.md: "every router holds (does not fail)
     writes to S"): router.execute, a connection() or session() block, a transaction's first
@@ -485,7 +372,7 @@ def test_rv10_an_orm_flush_during_the_switch_fails_instead_of_being_held(
     doc = c.current()
     router = Router(Topology(config_from_dict(doc)))
     try:
-        user = _users_in(router.topology, 0, 512, 1, start=500)[0]
+        user = users_in(router.topology, 0, 512, 1, start=500)[0]
         frozen, switched = _frozen_and_switched(doc, int(router.topology.slot_for("users", user)))
         router._install(frozen)
         switcher = threading.Timer(0.3, lambda: router._install(switched))
@@ -515,12 +402,12 @@ def test_rv10_an_orm_flush_during_the_switch_fails_instead_of_being_held(
 
 
 def _accounts_cluster(
-    make_cluster: Callable[..., Cluster], tag: str, ddl: str
-) -> tuple[Cluster, list[int]]:
+    make_cluster: MakeReviewCluster, tag: str, ddl: str
+) -> tuple[ReviewCluster, list[int]]:
     tables = {"rv10_accounts": {"column": "account_id", "strategy": "hash"}}
     c = make_cluster(tag, tables, (ddl,))
     topology = c.topology()
-    accounts = _values_in(topology, "rv10_accounts", 0, 128, 20, range(1, 10**6))
+    accounts = values_in(topology, "rv10_accounts", 0, 128, 20, range(1, 10**6))
     router = c.router()
     try:
         for i, a in enumerate(accounts):
@@ -534,7 +421,7 @@ def _accounts_cluster(
     return c, accounts
 
 
-def _readable(c: Cluster, accounts: list[int]) -> list[int]:
+def _readable(c: ReviewCluster, accounts: list[int]) -> list[int]:
     router = c.router()
     try:
         return [
@@ -547,7 +434,7 @@ def _readable(c: Cluster, accounts: list[int]) -> list[int]:
 
 
 def test_rv10_a_decimal_sharding_column_is_not_copied_and_its_rows_vanish_at_the_switch(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """Ids kept in DECIMAL(20,0) / NUMERIC columns (schemas ported from other databases) route
     fine: the router hashes the integer the service passes. The movers read the column back
@@ -566,7 +453,7 @@ def test_rv10_a_decimal_sharding_column_is_not_copied_and_its_rows_vanish_at_the
     )
     refused: ReshardError | None = None
     try:
-        _run(c, "m-dec", ("start", "copy", "verify", "switch"))
+        c.run("m-dec", "start", "copy", "verify", "switch")
     except ReshardError as exc:
         refused = exc
     if refused is not None:  # a refusal before the switch is fine: nothing moved
@@ -590,7 +477,7 @@ def test_rv10_a_decimal_sharding_column_is_not_copied_and_its_rows_vanish_at_the
     ids=["decimal", "datetime"],
 )
 def test_rv10_a_decimal_or_datetime_primary_key_stops_the_copy_with_an_internal_error(
-    make_cluster: Callable[..., Cluster], columns: str
+    make_cluster: MakeReviewCluster, columns: str
 ) -> None:
     """A table whose primary key has a DECIMAL or a DATETIME column (DATETIME is what the
     refusal of TIMESTAMP keys tells the user to use) passes plan and start; the copy then
@@ -620,7 +507,7 @@ def test_rv10_a_decimal_or_datetime_primary_key_stops_the_copy_with_an_internal_
 
 
 def test_rv10_fix_writes_through_the_lookup_route_leave_the_copies_alone(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """Finding 1's fix (Target.only) restricts writes on a mirrored shard too: after the
     switch, an UPDATE and a DELETE by merchant_id change the owners' rows only, never the
@@ -635,12 +522,12 @@ def test_rv10_fix_writes_through_the_lookup_route_leave_the_copies_alone(
     merchant = 5150
     router = c.router()
     try:
-        _add_users(router, [mover_user, stayer])
+        add_users(router, [mover_user, stayer])
         moved = _add_order(router, topology, mover_user, merchant, 1)
         kept = _add_order(router, topology, stayer, merchant, 2)
     finally:
         router.close()
-    _run(c, "m-w", ("start", "copy", "verify", "switch"))
+    c.run("m-w", "start", "copy", "verify", "switch")
     split = topology.slot_for("orders", mover_user) % 4
     copy_sql = f"SELECT order_id, status FROM orders_{split:04d} WHERE order_id = {moved}"
     assert c.rows("s0", copy_sql) == [(moved, "new")]  # the source's copy, for a rollback
@@ -666,7 +553,7 @@ def test_rv10_fix_writes_through_the_lookup_route_leave_the_copies_alone(
         assert c.rows("s0", copy_sql) == [(moved, "new")], "the DELETE changed the copy"
     finally:
         router.close()
-    _run(c, "m-w", ("rollback",))  # the reverse mirror brings the deletes back to s0
+    c.run("m-w", "rollback")  # the reverse mirror brings the deletes back to s0
     router = c.router()
     try:
         left = router.execute(

@@ -3,9 +3,10 @@ the code added after review 10 gets wrong: the lookup cleanup's owner check (Own
 lookup route kept to the owners on a shard holding copies (Target.only), the copies' guard of a
 mirror's own rows (journal.guard_own_rows), SHADOW reads, and drain.
 
-Clusters are built as in test_reshard_review10.py: fresh databases per test on the sandbox's
-servers, a meta store, the orders schema (plus a test's own tables), a 2-shard "before"
-version (s0 owns [0, 512), s1 [512, 1024)); s2 and s3 are defined for plans that add them.
+Clusters come from reshard_cluster.review_clusters (databases rv11_<tag>_...): fresh databases
+per test on the sandbox's servers, a meta store, the orders schema (plus a test's own tables),
+a 2-shard "before" version (s0 owns [0, 512), s1 [512, 1024)); s2 and s3 are defined for plans
+that add them.
 """
 
 from __future__ import annotations
@@ -17,26 +18,28 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from reshard_cluster import SCHEMA, drop_database, fresh_database
+from reshard_cluster import (
+    SCHEMA,
+    MakeReviewCluster,
+    ReviewCluster,
+    drop_database,
+    fresh_database,
+    review_clusters,
+    users_in,
+    values_in,
+)
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
 
-from shardrouter.control.store import MetaStore
 from shardrouter.core.config import config_from_dict
 from shardrouter.core.topology import Topology
-from shardrouter.engine.engines import ShardEngines
 from shardrouter.engine.router import Router
 from shardrouter.errors import ShardRouterError
-from shardrouter.ops.schema import apply
-from shardrouter.reshard import state
-from shardrouter.reshard.plan import plan_move
-from shardrouter.reshard.workflow import Options, Workflow
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(180)]
 
@@ -44,94 +47,10 @@ pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(180)]
 # --------------------------------------------------------------------------- the cluster
 
 
-@dataclass
-class Cluster:
-    store: MetaStore
-    four: dict[str, Any]
-    before: dict[str, Any]
-    meta_url: str
-    tag: str
-    engines: dict[str, Engine] = field(default_factory=dict)
-
-    def engine(self, shard: str) -> Engine:
-        if shard not in self.engines:
-            self.engines[shard] = create_engine(self.four["shards"][shard]["primary"])
-        return self.engines[shard]
-
-    def current(self) -> dict[str, Any]:
-        found = self.store.current()
-        assert found is not None
-        doc = copy.deepcopy(dict(found.document))
-        doc.pop("meta", None)
-        return doc
-
-    def topology(self) -> Topology:
-        return Topology(config_from_dict(self.current()))
-
-    def router(self, **options: Any) -> Router:
-        return Router(self.topology(), **options)
-
-    def move(self, slots: tuple[int, int], to: str, migration_id: str) -> None:
-        found = self.store.current()
-        assert found is not None
-        new = {to: self.four["shards"][to]} if to not in found.document["shards"] else {}
-        plan = plan_move(
-            found.document, slots, to, new, base_version=found.version, migration_id=migration_id
-        )
-        state.create(self.store, plan)
-
-    def rows(self, shard: str, sql: str) -> list[tuple[Any, ...]]:
-        with self.engine(shard).connect() as conn:
-            return [tuple(r) for r in conn.exec_driver_sql(sql)]
-
-
 @pytest.fixture
-def make_cluster(shard_databases: Path, sandbox: Any) -> Iterator[Callable[..., Cluster]]:
-    made: list[tuple[Cluster, list[str]]] = []
-
-    def make(tag: str, tables: dict[str, Any] | None = None, ddl: tuple[str, ...] = ()) -> Cluster:
-        four = yaml.safe_load(shard_databases.read_text())
-        four.pop("meta", None)
-        four["tables"].update(tables or {})
-        meta_url = fresh_database(sandbox.shards[0].url, f"rv11_{tag}_meta")
-        urls = [meta_url]
-        for name in four["shards"]:
-            four["shards"][name]["primary"] = fresh_database(
-                four["shards"][name]["primary"], f"rv11_{tag}_{name}"
-            )
-            urls.append(four["shards"][name]["primary"])
-            engine = create_engine(four["shards"][name]["primary"])
-            try:
-                with engine.begin() as conn:
-                    for statement in ddl:
-                        conn.exec_driver_sql(statement)
-            finally:
-                engine.dispose()
-        before = copy.deepcopy(four)
-        before["shards"] = {
-            "s0": {**four["shards"]["s0"], "slots": [[0, 512]]},
-            "s1": {**four["shards"]["s1"], "slots": [[512, 1024]]},
-        }
-        topology = Topology(config_from_dict(before))
-        engines = ShardEngines(topology)
-        apply(topology, engines).raise_for_errors()
-        engines.dispose()
-        store = MetaStore(meta_url)
-        store.init()
-        store.push(before, expected=None, comment="2 shards")
-        cluster = Cluster(store, four, before, meta_url, tag)
-        made.append((cluster, urls))
-        return cluster
-
-    try:
+def make_cluster(shard_databases: Path, sandbox: Any) -> Iterator[MakeReviewCluster]:
+    with review_clusters(shard_databases, sandbox, "rv11") as make:
         yield make
-    finally:
-        for cluster, urls in made:
-            for engine in cluster.engines.values():
-                engine.dispose()
-            cluster.store.close()
-            for url in urls:
-                drop_database(url)
 
 
 @pytest.fixture
@@ -150,27 +69,6 @@ def oracle_db(sandbox: Any) -> Iterator[Engine]:
     finally:
         engine.dispose()
         drop_database(url)
-
-
-def _values_in(topology: Topology, table: str, lo: int, hi: int, n: int, values: Any) -> list[Any]:
-    found: list[Any] = []
-    for v in values:
-        if lo <= topology.slot_for(table, v) < hi:
-            found.append(v)
-            if len(found) == n:
-                break
-    assert len(found) == n
-    return found
-
-
-def _users_in(topology: Topology, lo: int, hi: int, n: int, start: int = 1) -> list[int]:
-    return _values_in(topology, "users", lo, hi, n, range(start, 10**6))
-
-
-def _run(c: Cluster, migration: str, actions: tuple[str, ...], **options: Any) -> None:
-    with Workflow(c.store, migration, Options(**options)) as flow:
-        for action in actions:
-            flow.act(action)
 
 
 # --------------------------------------------------------------------------- Target.only
@@ -209,13 +107,13 @@ def _pyformat(sql: str) -> str:
     return re.sub(r"(?<![:\w]):(\w+)", r"%(\1)s", sql)
 
 
-def _shop(c: Cluster, oracle: Engine, target_range: tuple[int, int]) -> Shop:
+def _shop(c: ReviewCluster, oracle: Engine, target_range: tuple[int, int]) -> Shop:
     """Users moving (slots [0, 128)), staying on s0, and on s1 (``target_range``: their
     slots), two orders each (merchants M1 and M2 by turns), two items per order."""
     topology = c.topology()
-    movers = _users_in(topology, 0, 128, 4)
-    stayers = _users_in(topology, 128, 512, 4)
-    others = _users_in(topology, *target_range, 4)
+    movers = users_in(topology, 0, 128, 4)
+    stayers = users_in(topology, 128, 512, 4)
+    others = users_in(topology, *target_range, 4)
     shop = Shop(movers, stayers, others, {})
     router = c.router()
     try:
@@ -466,7 +364,7 @@ def _stale_writes(router: Router, oracle: Engine, shop: Shop) -> None:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("stage", ["after-switch", "before-switch"])
 def test_rv11_held_lookup_route_shapes_on_a_mirrored_shard_answer_as_one_database(
-    make_cluster: Callable[..., Cluster], oracle_db: Engine, stage: str
+    make_cluster: MakeReviewCluster, oracle_db: Engine, stage: str
 ) -> None:
     """Held (Target.only): every statement shape of SHAPES by merchant_id / email, run while
     a shard holds stale copies (after the switch: the source; before it: a target serving
@@ -484,7 +382,7 @@ def test_rv11_held_lookup_route_shapes_on_a_mirrored_shard_answer_as_one_databas
     actions = (
         ("start", "copy", "verify", "switch") if stage == "after-switch" else ("start", "copy")
     )
-    _run(c, "m-only", actions)
+    c.run("m-only", *actions)
     router = c.router()
     try:
         _stale_writes(router, oracle_db, shop)
@@ -567,7 +465,7 @@ def _owner_view(run: Callable[[str, dict[str, Any]], Any], shop: Shop) -> dict[s
     return view
 
 
-def _copies(c: Cluster, mirror: str, shop: Shop) -> list[tuple[Any, ...]]:
+def _copies(c: ReviewCluster, mirror: str, shop: Shop) -> list[tuple[Any, ...]]:
     users = ", ".join(str(u) for u in shop.movers)
     found: list[tuple[Any, ...]] = []
     for table in [f"orders_{i:04d}" for i in range(4)] + [f"order_items_{i:04d}" for i in range(4)]:
@@ -583,7 +481,7 @@ def _copies(c: Cluster, mirror: str, shop: Shop) -> list[tuple[Any, ...]]:
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("stage", ["after-switch", "before-switch"])
 def test_rv11_held_lookup_route_writes_on_a_mirrored_shard_leave_the_copies_alone(
-    make_cluster: Callable[..., Cluster], oracle_db: Engine, stage: str
+    make_cluster: MakeReviewCluster, oracle_db: Engine, stage: str
 ) -> None:
     """Held (Target.only): every write of WRITES by merchant_id / email (aliases, IN lists,
     multi-table UPDATE and DELETE joined to the bound order_items, ORDER BY ... LIMIT) run
@@ -597,7 +495,7 @@ def test_rv11_held_lookup_route_writes_on_a_mirrored_shard_leave_the_copies_alon
     actions = (
         ("start", "copy", "verify", "switch") if stage == "after-switch" else ("start", "copy")
     )
-    _run(c, "m-onlyw", actions)
+    c.run("m-onlyw", *actions)
     problems = []
     router = c.router()
     oracle = _oracle_rows(oracle_db)
@@ -661,7 +559,7 @@ def _until(condition: Callable[[], bool], what: str, timeout: float = 10) -> Non
     "drivername", ["mysql+pymysql", "mariadb+pymysql", "mysql+mysqldb", "mariadb+mysqldb"]
 )
 def test_rv11_the_owner_check_waits_for_an_owner_in_flight_on_a_mariadb_url(
-    make_cluster: Callable[..., Cluster], drivername: str
+    make_cluster: MakeReviewCluster, drivername: str
 ) -> None:
     """The lookup cleanup's owner check must never wait for a ROW lock (execution.OwnerCheck,
     together_order: "a discard's check waits for no row lock", which is what keeps the global
@@ -733,7 +631,7 @@ def test_rv11_the_owner_check_waits_for_an_owner_in_flight_on_a_mariadb_url(
 
 
 def test_rv11_a_move_onto_a_serving_shard_overwrites_its_row_with_an_equal_integer_key(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """journal.guard_own_rows refuses a copy over a mirror's OWN row only for text keys
     ("Other key types cannot compare equal with different slots"). That holds only when the
@@ -752,8 +650,8 @@ def test_rv11_a_move_onto_a_serving_shard_overwrites_its_row_with_an_equal_integ
     tables = {"rv11_notes": {"column": "account_id", "strategy": "hash"}}
     c = make_cluster("intkey", tables, ddl)
     topology = c.topology()
-    moving = _values_in(topology, "rv11_notes", 0, 128, 1, range(1, 10**6))[0]
-    own = _values_in(topology, "rv11_notes", 512, 1024, 1, range(1, 10**6))[0]
+    moving = values_in(topology, "rv11_notes", 0, 128, 1, range(1, 10**6))[0]
+    own = values_in(topology, "rv11_notes", 512, 1024, 1, range(1, 10**6))[0]
     router = c.router()
     try:  # each shard numbers its own rows: both get id 1
         router.execute(
@@ -766,7 +664,7 @@ def test_rv11_a_move_onto_a_serving_shard_overwrites_its_row_with_an_equal_integ
     c.move((0, 128), "s1", "m-int")
     refused: Exception | None = None
     try:
-        _run(c, "m-int", ("start", "copy", "verify", "switch"))
+        c.run("m-int", "start", "copy", "verify", "switch")
     except ShardRouterError as exc:
         refused = exc
     held = c.rows("s1", "SELECT account_id, v FROM rv11_notes ORDER BY account_id")
@@ -776,7 +674,7 @@ def test_rv11_a_move_onto_a_serving_shard_overwrites_its_row_with_an_equal_integ
 # --------------------------------------------------------------------------- SHADOW reads
 
 
-def _shadow_topology(c: Cluster, percent: int = 100) -> Topology:
+def _shadow_topology(c: ReviewCluster, percent: int = 100) -> Topology:
     doc = c.current()
     assert doc["moving"], "the migration's copy stage is current"
     for entry in doc["moving"]:
@@ -798,7 +696,7 @@ def _settled(stats: Callable[[], dict[str, dict[str, int]]], mid: str) -> dict[s
 
 @pytest.mark.parametrize("reuse", ["params", "rows"])
 def test_rv11_a_shadow_read_compares_what_the_caller_changed_after_the_answer(
-    make_cluster: Callable[..., Cluster], reuse: str
+    make_cluster: MakeReviewCluster, reuse: str
 ) -> None:
     """A shadow read keeps references, not copies: ShadowRead.params is the caller's own
     params dict (Router.execute passes a str statement's mapping through as it is) and
@@ -812,7 +710,7 @@ def test_rv11_a_shadow_read_compares_what_the_caller_changed_after_the_answer(
     answered: every read equal (the target is fully drained, nothing is written)."""
     c = make_cluster("shparams")
     topology = c.topology()
-    users = _users_in(topology, 0, 128, 8)
+    users = users_in(topology, 0, 128, 8)
     router = c.router()
     try:
         for u in users:
@@ -820,7 +718,7 @@ def test_rv11_a_shadow_read_compares_what_the_caller_changed_after_the_answer(
     finally:
         router.close()
     c.move((0, 128), "s2", "m-sh")
-    _run(c, "m-sh", ("start", "copy", "verify"))
+    c.run("m-sh", "start", "copy", "verify")
     router = Router(_shadow_topology(c))
     try:
         params: dict[str, Any] = {}
@@ -843,7 +741,7 @@ def test_rv11_a_shadow_read_compares_what_the_caller_changed_after_the_answer(
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("percent", [0, 100], ids=["control-no-shadow", "shadow"])
 def test_rv11_async_shadow_reads_take_the_targets_pool_from_its_own_requests(
-    make_cluster: Callable[..., Cluster], percent: int
+    make_cluster: MakeReviewCluster, percent: int
 ) -> None:
     """engine.shadow promises the comparison "never delays or changes an answer: it runs on a
     worker ..., bounded". Router's worker is one thread (one connection at a time); the
@@ -859,8 +757,8 @@ def test_rv11_async_shadow_reads_take_the_targets_pool_from_its_own_requests(
     or given their own)."""
     c = make_cluster(f"shpool{percent}")
     topology = c.topology()
-    movers = _users_in(topology, 0, 128, 30)
-    own = _users_in(topology, 512, 1024, 1)[0]
+    movers = users_in(topology, 0, 128, 30)
+    own = users_in(topology, 512, 1024, 1)[0]
     router = c.router()
     try:
         for u in [*movers, own]:
@@ -872,7 +770,7 @@ def test_rv11_async_shadow_reads_take_the_targets_pool_from_its_own_requests(
     finally:
         router.close()
     c.move((0, 128), "s1", "m-pool")
-    _run(c, "m-pool", ("start", "copy", "verify"))
+    c.run("m-pool", "start", "copy", "verify")
     doc = _shadow_topology(c, percent).config.model_dump(mode="json")
     doc["shards"]["s1"]["pool"] = {"timeout_s": 3.0}
     shadowed = Topology(config_from_dict(doc))

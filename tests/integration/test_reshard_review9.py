@@ -2,36 +2,36 @@
 stuck switches, each on real MariaDB (the session sandbox). Every test here states what the
 protocol of docs/RESHARDING.md promises and fails while the package breaks it.
 
-Clusters are built like tests/integration/test_reshard_workflow.py: fresh databases per test
-on the sandbox's servers, a meta store, the orders schema, a 2-shard "before" version (s0 owns
-[0, 512), s1 [512, 1024)); s2 and s3 are defined for plans that add them. No follower routers
-are registered (acknowledgements are immediate); writes go through plain Routers built from
-the store's current version, or straight to a shard where the point is a trigger or a lock.
+Clusters come from reshard_cluster.review_clusters (databases rv9_<tag>_...): fresh databases
+per test on the sandbox's servers, a meta store, the orders schema, a 2-shard "before" version
+(s0 owns [0, 512), s1 [512, 1024)); s2 and s3 are defined for plans that add them. No follower
+routers are registered (acknowledgements are immediate); writes go through plain Routers built
+from the store's current version, or straight to a shard where the point is a trigger or a
+lock.
 """
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from reshard_cluster import drop_database, fresh_database
+from reshard_cluster import (
+    MakeReviewCluster,
+    ReviewCluster,
+    add_users,
+    review_clusters,
+    users_in,
+)
 from sqlalchemy import Engine, create_engine, text
 
 import shardrouter.reshard.copy as mover
-from shardrouter.control.store import MetaStore
 from shardrouter.control.versions import push_file
-from shardrouter.core.config import config_from_dict
-from shardrouter.core.topology import Topology
 from shardrouter.engine import xa
-from shardrouter.engine.engines import ShardEngines
-from shardrouter.engine.router import Router
 from shardrouter.errors import (
     ReshardDataError,
     ReshardError,
@@ -39,10 +39,8 @@ from shardrouter.errors import (
     TopologyChangeError,
     UnsupportedQueryError,
 )
-from shardrouter.ops.schema import apply
 from shardrouter.reshard import journal, state
 from shardrouter.reshard.journal import install, remove
-from shardrouter.reshard.plan import plan_move
 from shardrouter.reshard.spec import describe_table
 from shardrouter.reshard.workflow import Options, Workflow
 from shardrouter.types import ShardId
@@ -53,107 +51,13 @@ pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(180)]
 # --------------------------------------------------------------------------- the cluster
 
 
-@dataclass
-class Cluster:
-    store: MetaStore
-    four: dict[str, Any]
-    """Every shard's definition (s0..s3) with its own fresh database."""
-    before: dict[str, Any]
-    engines: dict[str, Engine] = field(default_factory=dict)
-
-    def engine(self, shard: str) -> Engine:
-        if shard not in self.engines:
-            self.engines[shard] = create_engine(self.four["shards"][shard]["primary"])
-        return self.engines[shard]
-
-    def current(self) -> dict[str, Any]:
-        found = self.store.current()
-        assert found is not None
-        doc = copy.deepcopy(dict(found.document))
-        doc.pop("meta", None)
-        return doc
-
-    def topology(self) -> Topology:
-        return Topology(config_from_dict(self.current()))
-
-    def router(self, **options: Any) -> Router:
-        """A plain router on the store's current version (not a follower)."""
-        return Router(self.topology(), **options)
-
-    def move(self, slots: tuple[int, int], to: str, migration_id: str) -> None:
-        """Plan and store a migration of ``slots`` to ``to`` (new shards defined from four)."""
-        found = self.store.current()
-        assert found is not None
-        new = {to: self.four["shards"][to]} if to not in found.document["shards"] else {}
-        plan = plan_move(
-            found.document, slots, to, new, base_version=found.version, migration_id=migration_id
-        )
-        state.create(self.store, plan)
-
-
 @pytest.fixture
-def make_cluster(shard_databases: Path, sandbox: Any) -> Iterator[Callable[..., Cluster]]:
-    made: list[tuple[Cluster, list[str]]] = []
-
-    def make(tag: str, pool: dict[str, Any] | None = None) -> Cluster:
-        four = yaml.safe_load(shard_databases.read_text())
-        four.pop("meta", None)
-        meta_url = fresh_database(sandbox.shards[0].url, f"rv9_{tag}_meta")
-        urls = [meta_url]
-        for name in four["shards"]:
-            four["shards"][name]["primary"] = fresh_database(
-                four["shards"][name]["primary"], f"rv9_{tag}_{name}"
-            )
-            urls.append(four["shards"][name]["primary"])
-            if pool is not None:
-                four["shards"][name]["pool"] = dict(pool)
-        before = copy.deepcopy(four)
-        before["shards"] = {
-            "s0": {**four["shards"]["s0"], "slots": [[0, 512]]},
-            "s1": {**four["shards"]["s1"], "slots": [[512, 1024]]},
-        }
-        topology = Topology(config_from_dict(before))
-        engines = ShardEngines(topology)
-        apply(topology, engines).raise_for_errors()
-        engines.dispose()
-        store = MetaStore(meta_url)
-        store.init()
-        store.push(before, expected=None, comment="2 shards")
-        cluster = Cluster(store, four, before)
-        made.append((cluster, urls))
-        return cluster
-
-    try:
+def make_cluster(shard_databases: Path, sandbox: Any) -> Iterator[MakeReviewCluster]:
+    with review_clusters(shard_databases, sandbox, "rv9") as make:
         yield make
-    finally:
-        for cluster, urls in made:
-            for engine in cluster.engines.values():
-                engine.dispose()
-            cluster.store.close()
-            for url in urls:
-                drop_database(url)
 
 
-def _users_in(topology: Topology, lo: int, hi: int, n: int, start: int = 1) -> list[int]:
-    """``n`` user ids from ``start`` whose slots lie in [lo, hi)."""
-    found: list[int] = []
-    user = start
-    while len(found) < n:
-        if lo <= topology.slot_for("users", user) < hi:
-            found.append(user)
-        user += 1
-    return found
-
-
-def _add_users(router: Router, users: list[int], name: str = "v0") -> None:
-    for u in users:
-        router.execute(
-            "INSERT INTO users (user_id, email, name) VALUES (:u, :e, :n)",
-            {"u": u, "e": f"u{u}@example.com", "n": name},
-        )
-
-
-def _name(cluster: Cluster, user: int) -> Any:
+def _name(cluster: ReviewCluster, user: int) -> Any:
     router = cluster.router()
     try:
         rows = router.execute("SELECT name FROM users WHERE user_id = :u", {"u": user}).rows
@@ -166,7 +70,7 @@ def _name(cluster: Cluster, user: int) -> Any:
 
 
 def test_rv9_a_second_migration_sharing_a_shard_is_refused_and_the_first_keeps_its_writes(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """Finding 1: two migrations from one source shared its one journal: B's drain discarded
     A's entries (a write after A's verify was lost at A's switch) and B's cancel dropped A's
@@ -175,10 +79,10 @@ def test_rv9_a_second_migration_sharing_a_shard_is_refused_and_the_first_keeps_i
     c = make_cluster("conc")
     c.move((0, 128), "s2", "m-a")
     topology = c.topology()
-    mine = _users_in(topology, 0, 128, 4)
+    mine = users_in(topology, 0, 128, 4)
     router = c.router()
     try:
-        _add_users(router, mine)
+        add_users(router, mine)
     finally:
         router.close()
     with Workflow(c.store, "m-a") as flow:
@@ -199,7 +103,7 @@ def test_rv9_a_second_migration_sharing_a_shard_is_refused_and_the_first_keeps_i
 
 
 def test_rv9_an_xa_branch_committed_by_recovery_after_the_switch_is_lost(
-    make_cluster: Callable[..., Cluster], monkeypatch: pytest.MonkeyPatch
+    make_cluster: MakeReviewCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """xa.commit reports success once the decision row is durable, even when a branch's XA
     COMMIT failed (recover_xa() finishes it later). The router then releases its snapshot, so
@@ -210,11 +114,11 @@ def test_rv9_an_xa_branch_committed_by_recovery_after_the_switch_is_lost(
     c = make_cluster("xa")
     c.move((0, 128), "s2", "m-x")
     topology = c.topology()
-    moving = _users_in(topology, 0, 128, 1)[0]
-    other = _users_in(topology, 512, 1024, 1)[0]
+    moving = users_in(topology, 0, 128, 1)[0]
+    other = users_in(topology, 512, 1024, 1)[0]
     router = c.router()
     try:
-        _add_users(router, [moving, other])
+        add_users(router, [moving, other])
     finally:
         router.close()
     with Workflow(c.store, "m-x") as flow:
@@ -310,7 +214,7 @@ def test_rv9_a_timestamp_key_journaled_in_a_non_utc_session_names_another_row(
 
 
 def test_rv9_an_error_in_the_switch_leaves_the_slots_frozen_past_the_budget(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """The switch's budget (freeze_timeout_s) is checked between drain batches only, and an
     error inside the switch (here: the target's row held by another session, so the drain's
@@ -321,10 +225,10 @@ def test_rv9_an_error_in_the_switch_leaves_the_slots_frozen_past_the_budget(
     c = make_cluster("stuck", pool={"lock_wait_timeout_s": 1})
     c.move((0, 128), "s2", "m-s")
     topology = c.topology()
-    user = _users_in(topology, 0, 128, 1)[0]
+    user = users_in(topology, 0, 128, 1)[0]
     router = c.router()
     try:
-        _add_users(router, [user])
+        add_users(router, [user])
     finally:
         router.close()
     with Workflow(c.store, "m-s", Options(freeze_timeout_s=0.5)) as flow:
@@ -358,7 +262,7 @@ def test_rv9_an_error_in_the_switch_leaves_the_slots_frozen_past_the_budget(
 
 
 def test_rv9_after_a_rollback_reads_across_shards_count_the_targets_copies(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """A rollback before the switch pushes the version without the moving range and leaves
     the target's copy in place "until cancel deletes it". When the target is a shard that
@@ -368,11 +272,11 @@ def test_rv9_after_a_rollback_reads_across_shards_count_the_targets_copies(
     c = make_cluster("rollbk")
     c.move((0, 64), "s1", "m-r")
     topology = c.topology()
-    users = _users_in(topology, 0, 64, 5) + _users_in(topology, 64, 512, 5)
-    users += _users_in(topology, 512, 1024, 5)
+    users = users_in(topology, 0, 64, 5) + users_in(topology, 64, 512, 5)
+    users += users_in(topology, 512, 1024, 5)
     router = c.router()
     try:
-        _add_users(router, users)
+        add_users(router, users)
     finally:
         router.close()
     with Workflow(c.store, "m-r") as flow:
@@ -389,7 +293,7 @@ def test_rv9_after_a_rollback_reads_across_shards_count_the_targets_copies(
 
 
 def test_rv9_during_finalize_reads_across_shards_count_the_sources_copies(
-    make_cluster: Callable[..., Cluster], monkeypatch: pytest.MonkeyPatch
+    make_cluster: MakeReviewCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Finalize pushes the version without the range first, then deletes the moved rows from
     the source in throttled chunks: for the whole deletion (long on a big table) the source
@@ -398,10 +302,10 @@ def test_rv9_during_finalize_reads_across_shards_count_the_sources_copies(
     c = make_cluster("final")
     c.move((0, 64), "s2", "m-f")
     topology = c.topology()
-    users = _users_in(topology, 0, 64, 5) + _users_in(topology, 64, 1024, 10)
+    users = users_in(topology, 0, 64, 5) + users_in(topology, 64, 1024, 10)
     router = c.router()
     try:
-        _add_users(router, users)
+        add_users(router, users)
     finally:
         router.close()
     seen: list[int] = []
@@ -431,7 +335,7 @@ def test_rv9_during_finalize_reads_across_shards_count_the_sources_copies(
 
 
 def test_rv9_one_runner_even_when_its_store_connection_drops(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """Finding 7: the one-runner guarantee was a GET_LOCK on one pooled connection; a dropped
     connection let a second runner in beside the first. Now it is a lease in the meta store
@@ -442,7 +346,7 @@ def test_rv9_one_runner_even_when_its_store_connection_drops(
     c.move((0, 128), "s2", "m-l")
     router = c.router()
     try:
-        _add_users(router, _users_in(c.topology(), 0, 128, 60))
+        add_users(router, users_in(c.topology(), 0, 128, 60))
     finally:
         router.close()
     halt = threading.Event()
@@ -488,7 +392,7 @@ def test_rv9_one_runner_even_when_its_store_connection_drops(
 
 
 def test_rv9_a_rollback_after_the_switch_must_drain_everything_since_the_switch_in_the_budget(
-    make_cluster: Callable[..., Cluster],
+    make_cluster: MakeReviewCluster,
 ) -> None:
     """Nothing drains the target's journal into the source while switched (no action does,
     and verify is not legal there), so the rollback's frozen drain must copy every write
@@ -497,7 +401,7 @@ def test_rv9_a_rollback_after_the_switch_must_drain_everything_since_the_switch_
     writes again. The journals also grow without bound meanwhile."""
     c = make_cluster("rback")
     c.move((0, 128), "s2", "m-b")
-    users = _users_in(c.topology(), 0, 128, 500)
+    users = users_in(c.topology(), 0, 128, 500)
     with c.engine("s0").begin() as conn:  # straight into the source (faster than the router)
         conn.execute(
             text("INSERT INTO users (user_id, email, name) VALUES (:u, :e, 'v0')"),
@@ -518,7 +422,7 @@ def test_rv9_a_rollback_after_the_switch_must_drain_everything_since_the_switch_
         assert flow.migration.phase == "verified"
 
 
-def test_rv9_switch_reads_is_no_longer_offered(make_cluster: Callable[..., Cluster]) -> None:
+def test_rv9_switch_reads_is_no_longer_offered(make_cluster: MakeReviewCluster) -> None:
     """Finding 9: switch_reads was legal in verified with nothing behind it (untyped
     AttributeError). Reads move with the writes at the switch; the action is gone: status
     does not offer it, and asking for it is a typed refusal."""
@@ -533,7 +437,7 @@ def test_rv9_switch_reads_is_no_longer_offered(make_cluster: Callable[..., Clust
 
 
 def test_rv9_a_table_added_by_a_live_push_during_a_migration_is_not_moved(
-    make_cluster: Callable[..., Cluster], tmp_path: Path
+    make_cluster: MakeReviewCluster, tmp_path: Path
 ) -> None:
     """A new table is a safe live change for `topology push` (control/diff.py), also while a
     migration runs, and the migration's documents keep it (built on the current version). But
