@@ -1281,6 +1281,12 @@ class RoutedSession(ShardedSession):
         # before anything is pinned, so that whatever this raises, the pin belongs to a
         # transaction whose end (rollback, close) releases it.
         self._autobegin_t()
+        if not self._ran and self._autoflushes(ctx):
+            # The autoflush SQLAlchemy would run later, inside this statement, after its
+            # placement was chosen here: a flush held through a switch moves the session to
+            # the next version, and the statement must then be routed by that version too
+            # (review 12: a query read the old owner; get() missed the object just added).
+            self.flush()
         stmt = ctx.statement
         if isinstance(stmt, TextClause) or ctx.is_from_statement:
             raise UnsupportedQueryError(
@@ -1379,6 +1385,15 @@ class RoutedSession(ShardedSession):
                 f"OFFSET {offset} across shards makes every shard return {offset}+ rows"
                 f" (max_offset={limits.max_offset}); page by key instead, or raise max_offset"
             )
+
+    def _autoflushes(self, ctx: ORMExecuteState) -> bool:
+        """Whether SQLAlchemy would autoflush for this statement (pending changes, autoflush
+        on for the session and the statement)."""
+        if not self.autoflush or self._flushing or self._is_clean():
+            return False
+        if ctx.execution_options.get("autoflush") is False:
+            return False
+        return bool(getattr(ctx.load_options, "_autoflush", True)) if ctx.is_select else True
 
     def _select(self, ctx: ORMExecuteState, stmt: Select[Any]) -> Result[Any]:
         plan, values = self._plan(stmt, ctx)

@@ -373,9 +373,28 @@ def describe(conn: Connection, topology: Topology, logical: Iterable[str]) -> li
                 problems.append(str(exc))
             else:
                 out.append(replace(found, key_routes=bool(routing & set(found.key))))
+                if _char_key_ambiguous(rule, found):
+                    problems.append(
+                        f"table {physical} (of {name}): its sharding column {shard_column} is"
+                        " CHAR, which the server gives back without trailing spaces, while the"
+                        " routers hash the value as the service gave it ('K7 ' and 'K7' route"
+                        " apart): a row cannot be placed where its readers look for it. Make"
+                        " the column VARCHAR, or hash it with fold_case (which ignores"
+                        " trailing spaces), then plan again"
+                    )
     if problems:
         raise ReshardDataError("; ".join(problems))
     return out
+
+
+def _char_key_ambiguous(rule: Any, spec: TableSpec) -> bool:
+    """A str sharding key in a CHAR column, not hashed with fold_case (review 12)."""
+    primary = rule.primary
+    if primary is None or spec.shard_column is None:
+        return False
+    if spec.type_of(spec.shard_column) != "char" or primary.key_type is not KeyType.STR:
+        return False
+    return not bool(getattr(primary.strategy, "fold_case", False))
 
 
 def describe_table(
