@@ -195,6 +195,10 @@ def test_a_target_that_lags_is_counted_lagged_not_differed(cluster: Cluster) -> 
     try:
         router.execute(RENAME_USER, {"u": users[0], "n": "v1"})  # journaled, not drained yet
         assert router.execute(READ, {"u": users[0]}).rows[0][2] == "v1"
+        deadline = time.monotonic() + 10
+        while not router._shadow._parked:  # the first comparison found the lag, rechecks wait
+            assert time.monotonic() < deadline, "the first comparison never ran"
+            time.sleep(0.01)
         (pair,) = pairs(flow.plan)
         flow._drain(pair)  # what the runner does every 0.1 s: before the recheck at 0.3 s
         counts = _settled(lambda: router.shadow_stats)
