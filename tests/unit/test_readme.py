@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ README = REPO / "README.md"
 INTEGRATION = "tests/integration/test_issue7_ops.py::test_readme_blocks_run_on_mariadb"
 CONTROL = "tests/integration/test_control_cli.py::test_readme_control_plane_commands"
 RESHARD = "tests/integration/test_reshard_readme.py::test_readme_reshard_guide_runs_as_written"
+ORDER_SERVICE_FIRST = "import sys"
+"""The first line of the order-service block (run here on SQLite, and on MariaDB by
+tests/integration/test_order_service.py::test_the_readme_block_runs_on_mariadb)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ BLOCKS = {
         "commands"
     ),
     "from shardrouter.control.leases import WorkerLease": "test_lease_block_runs_on_sqlite",
+    ORDER_SERVICE_FIRST: "test_order_service_block_runs_on_sqlite",
     "# bad.yaml": "test_bad_yaml_block_gives_the_problems_shown",
     "meta:": "test_meta_block_is_a_valid_meta_section",
     "from shardrouter import Router": "test_follow_block_runs_on_sqlite",
@@ -244,6 +249,38 @@ def test_follow_block_runs_on_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert router.version == 2 and "s4" in router.topology.shards  # type: ignore[attr-defined]
     with MetaStore("sqlite:///meta.db") as store:
         assert store.routers() == []  # close() deregistered
+
+
+@pytest.mark.timeout(60)
+def test_order_service_block_runs_on_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order-service block, as written from the repository, on the SQLite topology."""
+    from shardrouter.core.topology import Topology
+    from shardrouter.engine.engines import ShardEngines
+    from shardrouter.engine.router import Router
+    from shardrouter.ops.schema import apply
+
+    topology = Topology.load(
+        REPO / "config" / "orders-sqlite.yaml", {"SHARDROUTER_DEMO_DIR": str(tmp_path)}
+    )
+    engines = ShardEngines(topology)
+    apply(topology, engines).raise_for_errors()
+    engines.dispose()
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the block's insert undone
+    router = Router(topology)
+    namespace: dict[str, object] = {"router": router}
+    try:
+        exec(compile(block(ORDER_SERVICE_FIRST).code, "README", "exec"), namespace)
+        order_id = namespace["order_id"]
+        assert namespace["paid"] == (True, False)
+        page = namespace["page"]
+        assert [o.order_id for o in page.orders] == [order_id]  # type: ignore[attr-defined]
+        assert page.after is None  # type: ignore[attr-defined]
+        assert namespace["orders"].count_by_status() == {"paid": 1}  # type: ignore[attr-defined]
+    finally:
+        router.close()
 
 
 @pytest.mark.timeout(120)
