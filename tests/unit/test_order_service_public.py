@@ -72,3 +72,46 @@ def test_operations_on_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         service.close()
         router.close()
         sys.modules.pop("order_service", None)
+
+
+@pytest.mark.timeout(60)
+def test_a_router_following_a_meta_store_gets_a_leased_worker_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a meta store, topology.id_generator() refuses without a worker id: the service
+    leases one (WorkerLease) and releases it on close()."""
+    import yaml
+
+    from shardrouter import MetaStore
+    from shardrouter.control.leases import worker_leases
+
+    monkeypatch.syspath_prepend(str(REPO / "loadtest"))
+    import order_service as svc
+
+    raw = yaml.safe_load((REPO / "config" / "orders-sqlite.yaml").read_text(encoding="utf-8"))
+    raw["meta"] = {"url": f"sqlite:///{tmp_path / 'meta.db'}"}
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    monkeypatch.setenv("SHARDROUTER_DEMO_DIR", str(tmp_path))
+    topology = Topology.load(path)
+    engines = ShardEngines(topology)
+    apply(topology, engines).raise_for_errors()
+    engines.dispose()
+    assert topology.config.meta is not None
+    with MetaStore.from_config(topology.config.meta) as store:
+        store.init()
+        store.push(raw, expected=None)
+        router = Router.load(path)
+        service = svc.OrderService(router)
+        try:
+            (lease,) = worker_leases(store)
+            assert lease.holder is not None  # held by this service
+            key = service.new_order_key(42)
+            assert service.ids.decode(key).worker == lease.worker_id
+            assert service.place_order(42, 1, [svc.Item("A", 1, 100)], key) == key
+        finally:
+            service.close()
+            router.close()
+            sys.modules.pop("order_service", None)
+        (lease,) = worker_leases(store)
+        assert lease.holder is None  # released
