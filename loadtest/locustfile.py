@@ -1,146 +1,329 @@
-"""Locust load test of an order service built on shardrouter (no HTTP: the Router is the client).
-
-Each simulated buyer places orders (order + items in one single-shard transaction, lookup row
-first), lists their orders, reads one order by id (gene routing), and now and then a merchant
-pages through its orders (lookup) or the back office counts orders (fan-out). Loopback only.
+"""Locust load test of the order service (loadtest/order_service.py) on shardrouter: no HTTP,
+the service is the client. ``loadtest/run`` starts it with the settings below; by hand:
 
     shardctl sandbox up --shards 4 --dir .sandbox
     shardctl schema apply --config .sandbox/topology.yaml
-    SHARDROUTER_TOPOLOGY=.sandbox/topology.yaml \\
-        locust -f loadtest/locustfile.py --headless -u 20 -r 5 -t 30s --only-summary
+    LOADTEST_TOPOLOGY=.sandbox/topology.yaml \\
+        locust -f loadtest/locustfile.py --headless -u 20 -r 10 -t 30s
 
-Every request is reported to Locust with its latency; failures carry the exception class.
+Every operation fires Locust's request event: request_type "mysql", name = the operation,
+context = {"shard": ...}, the exception as the failure. The mix (weights in ``MIXES``): most
+traffic by user id and order id, some by merchant (lookup), little back office (scatter); user
+ids and merchant ids are drawn Zipf-like (a few hot ones), so hot users and merchants exist.
+PyMySQL under gevent (Locust patches the standard library; PyMySQL is pure Python).
+
+Settings (environment, all optional but the topology):
+
+- ``LOADTEST_TOPOLOGY``: the topology file (a ``meta:`` section makes the routers follow the
+  meta store, as during ``--reshard``; ids then come from a leased worker id);
+- ``LOADTEST_BASELINE_URL``: run the same service on this one plain database instead (no router);
+- ``LOADTEST_OUT``: a folder for the ledger and the request log (``ledger-<pid>.jsonl``,
+  ``requests-<pid>.csv``; nothing written without it);
+- ``LOADTEST_MIX``: ``full`` (default) or ``keyed`` (no merchant pages, no back office: only
+  single-shard operations, for the router/baseline ratio);
+- ``LOADTEST_USERS`` / ``LOADTEST_MERCHANTS``: how many user ids / merchant ids to draw from
+  (default 2000 / 300); ``LOADTEST_ZIPF``: the skew exponent (default 1.1);
+- ``LOADTEST_RATE``: tasks per second per Locust user (0, the default: no wait, saturate).
+
+A request is retried (same idempotency key, so a retried order is written once) when shardrouter
+says nothing ran (a write held past a switch, a lock conflict, an aborted transaction): up to
+``ATTEMPTS`` times in all, within one Locust request, counted in the request log's ``retries``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import bisect
+import itertools
 import os
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from locust import User, between, events, task
+from baseline import PlainDatabase
+from ledger import LedgerWriter
+from locust import User, constant, constant_throughput, events, task
+from order_service import CANCELLED, NEW, PAID, Item, OrderService
 
-from shardrouter import Router, Topology
+from shardrouter import (
+    ExecutionError,
+    FencedError,
+    LockConflictError,
+    Router,
+    Topology,
+    TransactionAbortedError,
+)
 
-_router: Router | None = None
+ATTEMPTS = 5
+RETRY_PAUSE_S = 0.05
+RETRYABLE = (FencedError, LockConflictError, TransactionAbortedError)
+"""shardrouter's word that the statement did not run: safe to run again."""
+IDEMPOTENT_RETRY = (*RETRYABLE, ExecutionError)
+"""place_order carries an idempotency key: any failed attempt may be retried, also one whose
+outcome is unknown (a lost connection at commit), and the order is written once."""
+
+MIXES: dict[str, dict[str, int]] = {
+    "full": {
+        "place_order": 20,
+        "get_order": 30,
+        "user_orders": 25,
+        "pay": 8,
+        "cancel": 4,
+        "purge": 1,
+        "merchant_orders": 8,
+        "count_by_status": 1,
+    },
+}
+SCATTER = frozenset({"merchant_orders", "count_by_status"})
+"""Operations that read more than one shard (a lookup's owners, or all)."""
+MIXES["keyed"] = {k: v for k, v in MIXES["full"].items() if k not in SCATTER}
+WRITES = frozenset({"place_order", "pay", "cancel", "purge"})
+KEEP_ORDERS = 200
+"""Orders a Locust user remembers (the most recent); older ones stay in the ledger."""
+
+SKUS = tuple(f"sku-{i}" for i in range(50))
 
 
-def router() -> Router:
-    global _router
-    if _router is None:
-        topology = Topology.load(os.environ.get("SHARDROUTER_TOPOLOGY", ".sandbox/topology.yaml"))
-        _router = Router(topology, max_offset=1000)
-    return _router
+class Zipf:
+    """Draws 1..n with P(k) proportional to 1/k**s (k = 1 the hottest); the table is built
+    once, a draw is one bisect."""
+
+    def __init__(self, n: int, s: float, rng: random.Random) -> None:
+        weights = [1.0 / k**s for k in range(1, n + 1)]
+        self._cdf = list(itertools.accumulate(weights))
+        self._total = self._cdf[-1]
+        self._rng = rng
+
+    def draw(self) -> int:
+        return bisect.bisect_left(self._cdf, self._rng.random() * self._total) + 1
+
+
+class _Process:
+    """What one Locust process shares between its users: the router (or plain database), the
+    service, the ledger and the request log. Built at the first user's start, after Locust's
+    fork (``--processes``), so every process has its own connections and worker id."""
+
+    def __init__(self) -> None:
+        topology_path = os.environ.get("LOADTEST_TOPOLOGY", ".sandbox/topology.yaml")
+        baseline = os.environ.get("LOADTEST_BASELINE_URL")
+        self.router: Any
+        if baseline:
+            self.router = PlainDatabase(baseline, Topology.load(topology_path))
+        else:
+            self.router = Router.load(topology_path)
+        self.service = OrderService(self.router)
+        out = os.environ.get("LOADTEST_OUT")
+        self.ledger = LedgerWriter(Path(out)) if out else None
+        self._log = None
+        if out:
+            self._log = (Path(out) / f"requests-{os.getpid()}.csv").open("a", encoding="utf-8")
+        self.mix = MIXES[os.environ.get("LOADTEST_MIX", "full")]
+        seed = int(os.environ.get("LOADTEST_SEED", "0")) or None
+        rng = random.Random(seed)
+        skew = float(os.environ.get("LOADTEST_ZIPF", "1.1"))
+        self.users = Zipf(int(os.environ.get("LOADTEST_USERS", "2000")), skew, rng)
+        self.merchants = Zipf(int(os.environ.get("LOADTEST_MERCHANTS", "300")), skew, rng)
+        self.rng = rng
+
+    def log(self, op: str, ms: float, ok: bool, retries: int, error: str) -> None:
+        if self._log is not None:
+            write = 1 if op in WRITES else 0
+            self._log.write(
+                f"{time.time():.4f},{op},{ms:.3f},{int(ok)},{write},{retries},{error}\n"
+            )
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+        if self._log is not None:
+            self._log.close()
+        self.service.close()
+        self.router.close()
+
+
+_process: _Process | None = None
+
+
+def process() -> _Process:
+    global _process
+    if _process is None:
+        _process = _Process()
+    return _process
+
+
+@events.test_stop.add_listener
+def _flush(environment: Any, **kwargs: Any) -> None:
+    if _process is not None and _process.ledger is not None:
+        _process.ledger.flush()
 
 
 @events.quitting.add_listener
 def _close(environment: Any, **kwargs: Any) -> None:
-    if _router is not None:
-        _router.close()
+    global _process
+    if _process is not None:
+        _process.close()
+        _process = None
 
 
-class Buyer(User):
-    """One user id, its orders, and what its shop and back office do around it."""
+def _wait() -> Callable[..., float]:
+    rate = float(os.environ.get("LOADTEST_RATE", "0"))
+    return constant_throughput(rate) if rate > 0 else constant(0)
 
-    wait_time = between(0.0, 0.02)
+
+class Shopper(User):
+    """Buyers, merchants and the back office of one shop, by the mix's weights."""
+
+    wait_time = _wait()
 
     def on_start(self) -> None:
-        self.user_id = random.randrange(1, 2**40)
-        self.orders: list[int] = []
-        self.ids = router().topology.id_generator("orders")
+        self.p = process()
+        self.service = self.p.service
+        self.orders: dict[int, str] = {}  # order id -> status, the orders this user placed
+        names = list(self.p.mix)
+        self._ops = [getattr(self, name) for name in names]
+        self._weights = list(itertools.accumulate(self.p.mix[n] for n in names))
 
-    def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
+    @task
+    def one_request(self) -> None:
+        rng = self.p.rng
+        op = self._ops[bisect.bisect_right(self._weights, rng.random() * self._weights[-1])]
+        op()
+
+    # -- the client: events, retries, the ledger -------------------------------------------
+
+    def _call(
+        self,
+        name: str,
+        shard: str,
+        fn: Callable[[], Any],
+        retryable: tuple[type[BaseException], ...] = RETRYABLE,
+    ) -> tuple[bool, Any]:
+        """Run one operation as one Locust request (retried on ``retryable``: by default
+        while shardrouter says nothing ran); (True, result) or (False, the exception)."""
         start = time.perf_counter()
-        exc: BaseException | None = None
-        result = None
-        try:
-            result = fn()
-        except Exception as error:  # reported to Locust, not raised: the run goes on
-            exc = error
+        retries = 0
+        error: BaseException | None = None
+        result: Any = None
+        while True:
+            try:
+                result = fn()
+                error = None
+                break
+            except retryable as exc:
+                error = exc
+                retries += 1
+                if retries >= ATTEMPTS:
+                    break
+                time.sleep(RETRY_PAUSE_S)
+            except Exception as exc:  # a failure of this request; the run goes on
+                error = exc
+                break
+        ms = (time.perf_counter() - start) * 1000
         self.environment.events.request.fire(
-            request_type="router",
+            request_type="mysql",
             name=name,
-            response_time=(time.perf_counter() - start) * 1000,
-            response_length=len(getattr(result, "rows", []) or []),
-            exception=exc,
-            context={},
+            response_time=ms,
+            response_length=0,
+            exception=error,
+            context={"shard": shard, "retries": retries},
         )
-        return result
+        self.p.log(name, ms, error is None, retries, type(error).__name__ if error else "")
+        return (error is None, error if error is not None else result)
 
-    @task(5)
+    def _shard(self, **key: Any) -> str:
+        return str(self.p.router.route_key(**key)[0])
+
+    def _pick(self, status: str | None = None) -> int | None:
+        if not self.orders:
+            return None
+        if status is None:
+            return self.p.rng.choice(list(self.orders))
+        choices = [o for o, s in self.orders.items() if s == status]
+        return self.p.rng.choice(choices) if choices else None
+
+    def _remember(self, order_id: int, status: str) -> None:
+        self.orders[order_id] = status
+        if len(self.orders) > KEEP_ORDERS:
+            del self.orders[next(iter(self.orders))]
+
+    # -- the operations ---------------------------------------------------------------------
+
     def place_order(self) -> None:
-        order_id = self.ids.next_id(user_id=self.user_id)
-        merchant = random.randrange(200)
-        now = dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(sep=" ")
-
-        def write() -> None:
-            with router().transaction() as tx:
-                tx.execute(
-                    "INSERT INTO orders (order_id, user_id, merchant_id, status, amount_cents,"
-                    " created_at) VALUES (:o, :u, :m, 'new', :a, :t)",
-                    {
-                        "o": order_id,
-                        "u": self.user_id,
-                        "m": merchant,
-                        "a": random.randrange(100, 90_000),
-                        "t": now,
-                    },
-                )
-                tx.execute(
-                    "INSERT INTO order_items (order_id, line, user_id, sku, qty, price_cents)"
-                    " VALUES (:o, 0, :u, 'sku-1', 1, 100), (:o, 1, :u, 'sku-2', 2, 250)",
-                    {"o": order_id, "u": self.user_id},
-                )
-
-        self._timed("place order (txn + lookup)", write)
-        self.orders.append(order_id)
-
-    @task(10)
-    def my_orders(self) -> None:
-        self._timed(
-            "my orders (user_id)",
-            lambda: router().execute(
-                "SELECT order_id, status, amount_cents FROM orders WHERE user_id = :u"
-                " ORDER BY created_at DESC LIMIT 20",
-                {"u": self.user_id},
-            ),
+        rng = self.p.rng
+        user = self.p.users.draw()
+        merchant = self.p.merchants.draw()
+        items = [
+            Item(rng.choice(SKUS), rng.randint(1, 3), rng.randrange(100, 20_000))
+            for _ in range(rng.randint(1, 3))
+        ]
+        key = self.service.new_order_key(user)
+        ok, _ = self._call(
+            "place_order",
+            self._shard(user_id=user),
+            lambda: self.service.place_order(user, merchant, items, idempotency_key=key),
+            retryable=IDEMPOTENT_RETRY,
         )
+        if self.p.ledger is not None:
+            self.p.ledger.placed(key, user, merchant, len(items), True if ok else None)
+        if ok:
+            self._remember(key, NEW)
 
-    @task(10)
-    def one_order(self) -> None:
-        if self.orders:
-            order_id = random.choice(self.orders)
-            self._timed(
-                "one order (gene)",
-                lambda: router().execute(
-                    "SELECT o.order_id, i.line, i.qty FROM orders o JOIN order_items i"
-                    " ON o.order_id = i.order_id WHERE o.order_id = :o",
-                    {"o": order_id},
-                ),
+    def get_order(self) -> None:
+        order = self._pick()
+        if order is None:
+            return self.place_order()
+        ok, found = self._call(
+            "get_order", self._shard(order_id=order), lambda: self.service.get_order(order)
+        )
+        if ok and found is None:  # an acknowledged order that cannot be read back
+            self.environment.events.request.fire(
+                request_type="mysql",
+                name="get_order: missing",
+                response_time=0,
+                response_length=0,
+                exception=LookupError(f"order {order} not found"),
+                context={},
             )
 
-    @task(2)
-    def merchant_page(self) -> None:
-        merchant = random.randrange(200)
-        self._timed(
-            "merchant page (lookup)",
-            lambda: router().page(
-                "orders",
-                columns=("order_id", "status"),
-                order_by=("created_at", "order_id"),
-                where={"merchant_id": merchant},
-                limit=20,
-            ),
-        )
+    def user_orders(self) -> None:
+        user = self.p.users.draw()
+        self._call("user_orders", self._shard(user_id=user), lambda: self.service.user_orders(user))
 
-    @task(1)
-    def back_office(self) -> None:
-        self._timed(
-            "back office count (fan-out)",
-            lambda: router().execute(
-                "SELECT status, COUNT(*), SUM(amount_cents) FROM orders GROUP BY status"
-            ),
+    def merchant_orders(self) -> None:
+        merchant = self.p.merchants.draw()
+        self._call("merchant_orders", "lookup", lambda: self.service.merchant_orders(merchant))
+
+    def count_by_status(self) -> None:
+        self._call("count_by_status", "all", self.service.count_by_status)
+
+    def _transition(self, name: str, order: int, before: str, after: str) -> None:
+        move = self.service.pay if after == PAID else self.service.cancel
+        ok, changed = self._call(name, self._shard(order_id=order), lambda: move(order))
+        if self.p.ledger is not None:
+            self.p.ledger.moved(order, before, after, bool(changed) if ok else None)
+        if ok and changed:
+            self._remember(order, after)
+        elif not ok:
+            self.orders.pop(order, None)  # its status is unknown now: leave it alone
+
+    def pay(self) -> None:
+        order = self._pick(NEW)
+        if order is not None:
+            self._transition("pay", order, NEW, PAID)
+
+    def cancel(self) -> None:
+        order = self._pick(PAID if self.p.rng.random() < 0.5 else NEW)
+        if order is not None:
+            self._transition("cancel", order, self.orders[order], CANCELLED)
+
+    def purge(self) -> None:
+        order = self._pick(CANCELLED)
+        if order is None:
+            return
+        ok, done = self._call(
+            "purge", self._shard(order_id=order), lambda: self.service.purge(order)
         )
+        if self.p.ledger is not None:
+            self.p.ledger.purged(order, bool(done) if ok else None)
+        self.orders.pop(order, None)

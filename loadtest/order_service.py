@@ -11,6 +11,8 @@ Operations and how each is routed (``config/orders.yaml``):
 - ``pay`` / ``cancel``: guarded status transitions, ``UPDATE orders SET status = :new WHERE
   order_id = :o AND status = :old``; ``False`` when the order is not in a status the
   transition leaves from (nothing changed).
+- ``purge``: delete a cancelled order and its items (one transaction on its shard; the
+  router removes its merchant lookup row); ``False`` when the order is not cancelled.
 - ``count_by_status``: the back office's count, a read across every shard, merged.
 
 Status transitions (``TRANSITIONS``): ``new -> paid`` (pay), ``new -> cancelled`` and
@@ -181,7 +183,7 @@ class OrderService:
         key). A retry with the same key returns the same id and writes nothing."""
         if not items:
             raise ValueError("an order needs at least one item")
-        slot = self.router.topology.route("orders", "user_id", user_id).slot
+        _, slot = self.router.route_key(user_id=user_id)
         if self.ids.decode(idempotency_key).slot != slot:
             raise IdempotencyKeyError(
                 f"key {idempotency_key} was not minted for user {user_id} (its slot is not the"
@@ -236,6 +238,20 @@ class OrderService:
         already or absent. Each step is guarded, so a pay racing this cancel is either before
         it (then paid -> cancelled) or refused after it."""
         return self._move(order_id, NEW, CANCELLED) or self._move(order_id, PAID, CANCELLED)
+
+    def purge(self, order_id: int) -> bool:
+        """Delete a cancelled order and its items; False (nothing deleted) when the order is
+        absent or not cancelled. The guard is the DELETE's own ``WHERE status``, so an order
+        cannot be paid between the check and the delete."""
+        with self.router.transaction() as tx:
+            done = tx.execute(
+                "DELETE FROM orders WHERE order_id = :o AND status = :cancelled",
+                {"o": order_id, "cancelled": CANCELLED},
+            )
+            if done.rowcount != 1:
+                return False
+            tx.execute("DELETE FROM order_items WHERE order_id = :o", {"o": order_id})
+        return True
 
     def _move(self, order_id: int, before: str, after: str) -> bool:
         if after not in TRANSITIONS[before]:
