@@ -72,6 +72,11 @@ class PlainDatabase:
         return "baseline", int(self.topology.slot_for("orders", value, column))
 
     def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> PlainResult:
+        if sql.lstrip()[:6].upper() == "SELECT":
+            # No COMMIT round trip for a read (the pool's rollback ends it): what a service
+            # tuned for one database does, and what the router's lean read pool does too.
+            with self.engine.connect() as conn:
+                return _run(conn, self._texts, sql, params)
         with self.engine.begin() as conn:
             return _run(conn, self._texts, sql, params)
 

@@ -301,3 +301,30 @@ def check(replay: Replay, found: Scan, topology: Topology) -> Report:
 
 def check_directory(directory: Path, topology: Topology) -> Report:
     return check(expected(read_records(directory)), scan(topology), topology)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 loadtest/ledger.py RUN_DIR --config TOPOLOGY [--json]``: check a run's ledger
+    again against the cluster (exit 1 when it fails)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="loadtest/ledger.py",
+        description="Check the ledger files of a load run (ledger-*.jsonl in RUN_DIR) against"
+        " the cluster of TOPOLOGY: exit 0 when every acknowledged write is there, 1 if not.",
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--config", type=Path, required=True, help="the cluster's topology")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    if not any(args.run_dir.glob(LEDGER_GLOB)):
+        parser.error(f"{args.run_dir} holds no {LEDGER_GLOB}: give the folder of one run")
+    # The file's shards: with a meta: section, the store's current version may differ (after
+    # a reshard, give the topology the cluster ended on).
+    report = check_directory(args.run_dir, Topology.load(args.config))
+    print(json.dumps(report.as_dict(), indent=2) if args.json else "\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

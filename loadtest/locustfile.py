@@ -41,9 +41,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gevent
 from baseline import PlainDatabase
 from ledger import LedgerWriter
 from locust import User, constant, constant_throughput, events, task
+from locust.runners import WorkerRunner
+from locust.stats import CSV_STATS_INTERVAL_SEC
 from order_service import CANCELLED, NEW, PAID, Item, OrderService
 
 from shardrouter import (
@@ -156,6 +159,15 @@ def process() -> _Process:
 def _flush(environment: Any, **kwargs: Any) -> None:
     if _process is not None and _process.ledger is not None:
         _process.ledger.flush()
+    options = environment.parsed_options
+    if (
+        options is not None
+        and options.csv_prefix
+        and not isinstance(environment.runner, WorkerRunner)
+    ):
+        # Locust writes its CSV every CSV_STATS_INTERVAL_SEC and not again at exit: without
+        # this pause the last second of requests is missing from <prefix>_stats.csv.
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.2)
 
 
 @events.quitting.add_listener

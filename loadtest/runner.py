@@ -133,7 +133,7 @@ def _without_meta(document: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def config_cluster(path: Path, reset: bool) -> Iterator[Cluster]:
+def config_cluster(path: Path, reset: bool, processes: int) -> Iterator[Cluster]:
     from sqlalchemy import create_engine, text
 
     from shardrouter.core.topology import Topology
@@ -142,6 +142,12 @@ def config_cluster(path: Path, reset: bool) -> Iterator[Cluster]:
 
     document = yaml.safe_load(path.read_text(encoding="utf-8"))
     topology = Topology.load(path)
+    if processes > 1 and topology.config.meta is None:
+        raise click.UsageError(
+            f"--processes {processes}: {path} has no meta: section, so every process would"
+            " issue ids under the one ids.worker_id of the file (duplicate order ids). Add a"
+            " meta store (worker ids are leased from it) or run one process."
+        )
     engines = ShardEngines(topology)
     try:
         apply(topology, engines).raise_for_errors()
@@ -568,7 +574,7 @@ def _run(
     report: dict[str, Any] = {"settings": vars(settings) | {"reshard": reshard}, "runs": []}
     with contextlib.ExitStack() as stack:
         if config_path is not None:
-            cluster = stack.enter_context(config_cluster(config_path, reset))
+            cluster = stack.enter_context(config_cluster(config_path, reset, settings.processes))
         else:
             root = directory or Path(stack.enter_context(tempfile.TemporaryDirectory()))
             cluster = stack.enter_context(
