@@ -50,7 +50,7 @@ def percentile(sorted_values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile of an ascending list (None when empty)."""
     if not sorted_values:
         return None
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    rank = max(1, int(-(-q * len(sorted_values) // 100)))  # ceil, without float rounding
     return sorted_values[rank - 1]
 
 
@@ -164,7 +164,7 @@ def table(rows: Iterable[Sequence[Any]], header: Sequence[str], markdown: bool =
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in cells]
         return "\n".join(lines)
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    widths = [max([len(str(h)), *(len(r[i]) for r in cells)]) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*header), *(fmt.format(*row) for row in cells)])
 

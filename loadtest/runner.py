@@ -90,7 +90,7 @@ class Cluster:
 
 @contextlib.contextmanager
 def sandbox_cluster(
-    directory: Path, port: int, reshard: bool, baseline: bool, quiet: bool
+    directory: Path, port: int, reshard: bool, baseline: bool, lookups: bool, quiet: bool
 ) -> Iterator[Cluster]:
     from shardrouter.control.store import MetaStore
     from shardrouter.core.config import config_from_dict
@@ -104,6 +104,12 @@ def sandbox_cluster(
     box = sb.up(directory, shards=4, base_port=port)
     try:
         before, after = split_cluster(box, META)
+        if not lookups:
+            for document in (before, after):
+                orders = document["tables"]["orders"]
+                orders["secondary"] = [
+                    key for key in orders.get("secondary", []) if key["column"] != "merchant_id"
+                ]
         first = before if reshard else after
         if not reshard:
             engines = ShardEngines(Topology(config_from_dict(_without_meta(after))))
@@ -458,6 +464,13 @@ def analyse(name: str, run_dir: Path, phases: list[dict[str, Any]], title: str) 
     help="Seconds into the run the reshard starts (default: a fifth of -t).",
 )
 @click.option("--shadow-seconds", default=2.0, show_default=True, help="Shadow reads phase.")
+@click.option(
+    "--lookups/--no-lookups",
+    default=True,
+    show_default=True,
+    help="--no-lookups: the sandbox topology without the merchant_id lookup, so a placed order"
+    " is one transaction as on one database: the router's own cost, without the lookup rows'.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def main(
     config_path: Path | None,
@@ -480,6 +493,7 @@ def main(
     reshard: bool,
     reshard_at: float | None,
     shadow_seconds: float,
+    lookups: bool,
     as_json: bool,
 ) -> None:
     """The order service under Locust on real MariaDB shards: start the sandbox (or take
@@ -509,6 +523,8 @@ def main(
          "--seed-users and --merchants must be >= 1, --orders-per-user >= 0"),
         (rate < 0 or spawn_rate <= 0, "--rate must be >= 0 and --spawn-rate > 0"),
         (not 1024 <= port <= 65_000, f"--port {port}: give 1024..65000"),
+        (not lookups and config_path is not None, "--no-lookups changes the sandbox's"
+         " topology: drop --config"),
     ]  # fmt: skip
     for bad, message in checks:
         if bad:
@@ -527,7 +543,7 @@ def main(
     try:
         report = _run(
             out, config_path, reset, port, directory, settings, orders_per_user,
-            baseline, compare, reshard, at, shadow_seconds, quiet,
+            baseline, compare, reshard, at, shadow_seconds, lookups, quiet,
         )  # fmt: skip
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -563,6 +579,7 @@ def _run(
     reshard: bool,
     at: float,
     shadow_s: float,
+    lookups: bool,
     quiet: bool,
 ) -> dict[str, Any]:
     import ledger as ledgers
@@ -571,14 +588,17 @@ def _run(
     from shardrouter.core.topology import Topology
 
     kinds = ["baseline", "router"] if compare else ["baseline" if baseline else "router"]
-    report: dict[str, Any] = {"settings": vars(settings) | {"reshard": reshard}, "runs": []}
+    report: dict[str, Any] = {
+        "settings": vars(settings) | {"reshard": reshard, "lookups": lookups},
+        "runs": [],
+    }
     with contextlib.ExitStack() as stack:
         if config_path is not None:
             cluster = stack.enter_context(config_cluster(config_path, reset, settings.processes))
         else:
             root = directory or Path(stack.enter_context(tempfile.TemporaryDirectory()))
             cluster = stack.enter_context(
-                sandbox_cluster(root, port, reshard, baseline or compare, quiet)
+                sandbox_cluster(root, port, reshard, baseline or compare, lookups, quiet)
             )
         for kind in kinds:
             run_dir = out / kind
