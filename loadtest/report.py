@@ -8,7 +8,6 @@ own CSV and HTML reports are written beside them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
