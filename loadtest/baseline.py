@@ -59,9 +59,18 @@ def _run(
 class PlainDatabase:
     """One database; see the module docstring. ``close()`` disposes of the engine."""
 
-    def __init__(self, url: str, topology: Topology, *, pool_size: int = 20) -> None:
+    def __init__(self, url: str, topology: Topology) -> None:
         self.topology = topology
-        self.engine: Engine = create_engine(url, pool_size=pool_size, max_overflow=20)
+        # The pool settings of the topology's first shard: the same connection reuse and
+        # pre-ping as each of the router's shard engines.
+        pool = next(iter(topology.config.shards.values())).pool
+        self.engine: Engine = create_engine(
+            url,
+            pool_size=pool.size,
+            max_overflow=pool.max_overflow,
+            pool_pre_ping=pool.pre_ping,
+            pool_recycle=pool.recycle_s,
+        )
         self._texts: dict[str, Any] = {}
 
     def close(self) -> None:

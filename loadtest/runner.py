@@ -90,7 +90,13 @@ class Cluster:
 
 @contextlib.contextmanager
 def sandbox_cluster(
-    directory: Path, port: int, reshard: bool, baseline: bool, lookups: bool, quiet: bool
+    directory: Path,
+    port: int,
+    reshard: bool,
+    baseline: bool,
+    lookups: bool,
+    pool_size: int,
+    quiet: bool,
 ) -> Iterator[Cluster]:
     from shardrouter.control.store import MetaStore
     from shardrouter.core.config import config_from_dict
@@ -104,6 +110,12 @@ def sandbox_cluster(
     box = sb.up(directory, shards=4, base_port=port)
     try:
         before, after = split_cluster(box, META)
+        for document in (before, after):
+            for shard in document["shards"].values():
+                # As many connections per shard as Locust users could want at once (the
+                # default 5 + 10 overflow closes and reopens connections under 20 users); the
+                # baseline takes the same pool settings (PlainDatabase).
+                shard["pool"] = {"size": pool_size, "max_overflow": pool_size}
         if not lookups:
             for document in (before, after):
                 orders = document["tables"]["orders"]
@@ -598,7 +610,15 @@ def _run(
         else:
             root = directory or Path(stack.enter_context(tempfile.TemporaryDirectory()))
             cluster = stack.enter_context(
-                sandbox_cluster(root, port, reshard, baseline or compare, lookups, quiet)
+                sandbox_cluster(
+                    root,
+                    port,
+                    reshard,
+                    baseline or compare,
+                    lookups,
+                    max(10, settings.users),
+                    quiet,
+                )
             )
         for kind in kinds:
             run_dir = out / kind
