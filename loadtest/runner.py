@@ -238,13 +238,14 @@ def seed(
         service.place_order(user, merchant, items, idempotency_key=key)
         return key, user, merchant, len(items)
 
+    pool = concurrent.futures.ThreadPoolExecutor(8)
     try:
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            for key, user, merchant, n in pool.map(place, jobs):
-                ledger.placed(key, user, merchant, n, True)
-                task.advance(1)
+        for key, user, merchant, n in pool.map(place, jobs):
+            ledger.placed(key, user, merchant, n, True)
+            task.advance(1)
         task.done()
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: the queued orders are dropped
         ledger.close()
         service.close()
         router.close()

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -226,11 +229,12 @@ def test_reshard_under_load_loses_nothing(
 
 
 @pytest.mark.timeout(400)
-def test_compare_with_two_locust_processes(
+def test_compare_without_lookups_with_two_locust_processes(
     scratch_dir: Path, scratch_port: int, tmp_path: Path
 ) -> None:
     done = run(
-        "--compare", "--mix", "keyed", "--processes", "2", "--port", str(scratch_port),
+        "--compare", "--mix", "keyed", "--no-lookups", "--processes", "2", "--port",
+        str(scratch_port),
         "--dir", str(scratch_dir), "-u", "6", "-t", "5s", "--seed-users", "50",
         "--out", str(tmp_path), "--json", timeout=300,
     )  # fmt: skip
@@ -272,3 +276,57 @@ def test_several_processes_need_a_meta_store(shard_databases: Path) -> None:
     done = run("--config", str(shard_databases), "--processes", "2", timeout=50)
     assert done.returncode == 2
     assert "duplicate order ids" in done.stderr and "meta" in done.stderr
+
+
+@pytest.mark.timeout(180)
+def test_the_locustfile_runs_by_hand(shard_databases: Path, tmp_path: Path) -> None:
+    """README's by-hand Locust command (no loadtest/run: no ledger, no request log)."""
+    prefix = tmp_path / "hand"
+    done = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"),
+         "--headless", "-u", "8", "-r", "8", "-t", "5s", "--csv", str(prefix)],
+        env=dict(os.environ, LOADTEST_TOPOLOGY=str(shard_databases)),
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = (tmp_path / "hand_stats.csv").read_text().splitlines()
+    aggregated = next(line for line in rows if ",Aggregated," in line).split(",")
+    assert int(aggregated[2]) > 50 and int(aggregated[3]) == 0, aggregated
+    assert not list(tmp_path.glob("ledger-*")) and not list(tmp_path.glob("requests-*"))
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_stops_locust_and_every_server(
+    scratch_dir: Path, scratch_port: int, tmp_path: Path
+) -> None:
+    from shardrouter.ops import sandbox as sb
+
+    proc = subprocess.Popen(
+        [sys.executable, str(RUN), "--port", str(scratch_port), "--dir", str(scratch_dir),
+         "-u", "4", "-t", "120s", "--seed-users", "30", "--out", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 150
+        while not list((tmp_path / "router").glob("requests-*.csv")):  # Locust is running
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        box = sb.status(scratch_dir)
+        assert box is not None and all(sb.is_running(s) for s in box.shards)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert "sandbox stopped" in err
+    after = sb.status(scratch_dir)
+    assert after is None or not any(sb.is_running(s) for s in after.shards)
+    for shard in box.shards:  # the ports are free again
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", shard.port)) != 0, shard.port
+    locusts = subprocess.run(
+        ["pgrep", "-f", f"--csv {tmp_path}"], capture_output=True, text=True, check=False
+    )
+    assert locusts.stdout.strip() == "", "a Locust process outlived loadtest/run"

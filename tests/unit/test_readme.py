@@ -28,6 +28,7 @@ README = REPO / "README.md"
 INTEGRATION = "tests/integration/test_issue7_ops.py::test_readme_blocks_run_on_mariadb"
 CONTROL = "tests/integration/test_control_cli.py::test_readme_control_plane_commands"
 RESHARD = "tests/integration/test_reshard_readme.py::test_readme_reshard_guide_runs_as_written"
+LOADTEST = "tests/integration/test_loadtest.py"
 ORDER_SERVICE_FIRST = "import sys"
 """The first line of the order-service block (run here on SQLite, and on MariaDB by
 tests/integration/test_order_service.py::test_the_readme_block_runs_on_mariadb)."""
@@ -81,7 +82,8 @@ BLOCKS = {
     " .sandbox/topology.yaml": "commands",
     "from sqlalchemy import text": INTEGRATION,
     "import datetime as dt": INTEGRATION,
-    "SHARDROUTER_TOPOLOGY=.sandbox/topology.yaml \\": "commands",
+    "loadtest/run --config .sandbox/topology.yaml --reset -u 20 -t 30s   # a running cluster"
+    " (--reset empties its order tables)": "commands",
     "$ shardctl route --config config/orders.yaml --table orders --key user_id=42": "commands",
     "slots: 1024                     # power of two, fixed for the life of the cluster": (
         "test_topology_block_is_a_valid_config"
@@ -116,10 +118,21 @@ COMMANDS = {
         "tests/integration/test_sandbox.py::test_cli_up_status_down"
     ),
     "shardctl schema apply --config .sandbox/topology.yaml": INTEGRATION,
-    "SHARDROUTER_TOPOLOGY=.sandbox/topology.yaml locust -f loadtest/locustfile.py --headless"
-    " -u 20 -r 5 -t 30s --only-summary": (
-        "tests/integration/test_loadtest.py::test_locust_run_has_no_failures"
+    # loadtest/run and Locust: the same commands, shorter and on other ports, in LOADTEST
+    "loadtest/run --config .sandbox/topology.yaml --reset -u 20 -t 30s": (
+        f"{LOADTEST}::test_a_run_on_a_running_cluster_reports_and_checks_its_ledger"
     ),
+    "loadtest/run --compare --mix keyed --no-lookups -u 16 -t 60s": (
+        f"{LOADTEST}::test_compare_without_lookups_with_two_locust_processes"
+    ),
+    "loadtest/run --reshard -u 16 --rate 25 -t 90s": (
+        f"{LOADTEST}::test_reshard_under_load_loses_nothing"
+    ),
+    "python3 loadtest/ledger.py loadtest/results/RUN/router --config .sandbox/topology.yaml": (
+        f"{LOADTEST}::test_the_ledger_check_fails_for_each_lost_or_wrong_write"
+    ),
+    "LOADTEST_TOPOLOGY=.sandbox/topology.yaml locust -f loadtest/locustfile.py --headless -u 20"
+    " -t 30s": f"{LOADTEST}::test_the_locustfile_runs_by_hand",
     "shardctl route --config config/orders.yaml --table orders --key user_id=42": "run",
     "shardctl ids new --config config/orders.yaml --table orders --key user_id=42 --count 2"
     " --json": "run",
