@@ -36,6 +36,7 @@ import bisect
 import itertools
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -146,12 +147,18 @@ class _Process:
 
 
 _process: _Process | None = None
+_process_lock = threading.Lock()  # a gevent lock once Locust has patched threading
 
 
 def process() -> _Process:
+    """The process's one _Process. Built under a lock: building it waits on the network, so
+    every user starting meanwhile would otherwise build its own (a router, a worker lease and
+    a ledger writer each, several writers appending to one ledger file)."""
     global _process
     if _process is None:
-        _process = _Process()
+        with _process_lock:
+            if _process is None:
+                _process = _Process()
     return _process
 
 

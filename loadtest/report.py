@@ -118,13 +118,14 @@ def switch_windows(
     after it: count, failures, p99, max."""
     out = []
     for phase in phases:
-        if phase["name"] != "switch":
+        if not phase["name"].startswith("switch"):  # also "switch (abandoned)": it froze too
             continue
         lo, hi = phase["start"] - SWITCH_MARGIN_S, phase["end"] + SWITCH_MARGIN_S
         writes = [r for r in requests if r.write and lo <= r.t < hi]
         times = sorted(r.ms for r in writes)
         out.append(
             {
+                "phase": phase["name"],
                 "window_s": round(hi - lo, 2),
                 "writes": len(writes),
                 "failures": sum(not r.ok for r in writes),
@@ -214,7 +215,8 @@ def render(report: Mapping[str, Any], md: bool = False) -> str:
             out += [table(rows, PHASE_HEADER, md), ""]
         for w in run.get("switch_windows", []):
             out.append(
-                f"Switch window ({w['window_s']} s around the switch): {w['writes']} writes,"
+                f"Switch window ({w['window_s']} s around the {w.get('phase', 'switch')}):"
+                f" {w['writes']} writes,"
                 f" {w['failures']} failed, {w['retries']} retries, p99 {_cell(w['p99_ms'])} ms,"
                 f" max {_cell(w['max_ms'])} ms."
             )
@@ -280,7 +282,7 @@ def plot(
     colours = ("#e8e8ff", "#e8ffe8", "#fff3e0", "#ffe8f0", "#e8f8ff", "#f8f8e0", "#ffe8e8")
     for i, phase in enumerate(phases):
         lo, hi = phase["start"] - start, phase["end"] - start
-        if phase["name"] == "switch":
+        if phase["name"].startswith("switch"):
             for axis in (top, bottom):
                 axis.axvline(lo, color="tab:red", linestyle="--", linewidth=1)
         for axis in (top, bottom):

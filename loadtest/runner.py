@@ -57,6 +57,10 @@ RESHARD_STEPS: tuple[tuple[str, list[str]], ...] = (
 """After ``plan``: the phases of the workflow, as ``shardctl reshard`` subcommands."""
 SHARDCTL = "import sys; from shardrouter.cli import main; sys.argv[0] = 'shardctl'; main()"
 """``shardctl`` as ``python -c``: the interpreter running this, whatever is on PATH."""
+SWITCH_ATTEMPTS = 5
+EXIT_REFUSED = 3
+"""shardctl reshard's exit status of a refused action, e.g. a switch abandoned because a router
+did not acknowledge the freeze in time."""
 
 
 def seconds_of(text: str) -> float:
@@ -285,17 +289,26 @@ class ReshardDriver(threading.Thread):
                 for name, args in RESHARD_STEPS
             ]
             for name, args in steps:
-                if self.cancel.is_set():
-                    self.error = f"stopped before {name}"
-                    return
-                if not self._step(name, [*args, "--config", config, "--json"]):
-                    return
+                for attempt in range(1, SWITCH_ATTEMPTS + 1):
+                    if self.cancel.is_set():
+                        self.error = f"stopped before {name}"
+                        return
+                    rc = self._step(name, [*args, "--config", config, "--json"])
+                    if rc == 0:
+                        break
+                    # An abandoned switch changed nothing (writes went on where they were):
+                    # what the message tells an operator to do is to run it again.
+                    if name != "switch" or rc != EXIT_REFUSED or attempt == SWITCH_ATTEMPTS:
+                        self.error = f"shardctl reshard {name} exited {rc} (see {self.log})"
+                        return
+                    self.phases[-1]["name"] = "switch (abandoned)"
+                    time.sleep(1.0)
         except Exception as exc:  # shown in the report; the run's exit status says it failed
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
             self.finished.set()
 
-    def _step(self, name: str, args: list[str]) -> bool:
+    def _step(self, name: str, args: list[str]) -> int:
         command = [sys.executable, "-c", SHARDCTL, "reshard", *args]
         start = time.time()
         with self.log.open("a", encoding="utf-8") as log:
@@ -307,13 +320,29 @@ class ReshardDriver(threading.Thread):
             out, _ = self._proc.communicate(timeout=600)
             log.write(out + "\n")
         end = time.time()
-        phase: dict[str, Any] = {"name": name, "start": start, "end": end}
-        phase["rc"] = self._proc.returncode
-        self.phases.append(phase)
-        if self._proc.returncode != 0:
-            self.error = f"shardctl reshard {name} exited {self._proc.returncode} (see {self.log})"
-            return False
-        return True
+        rc = self._proc.returncode
+        self.phases.append({"name": name, "start": start, "end": end, "rc": rc})
+        return rc
+
+    def settle(self) -> str:
+        """After a failed reshard: leave the cluster in a whole state, as an operator would:
+        a switched migration is finalized, an earlier one cancelled (the sources own every
+        row again, the copies go). Returns what was done."""
+        config = str(self.cluster.topology_path)
+        command = [sys.executable, "-c", SHARDCTL, "reshard", "status", "--config", config]
+        status = subprocess.run(
+            [*command, "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT
+        )
+        try:
+            phase = json.loads(status.stdout).get("phase")
+        except json.JSONDecodeError:
+            phase = None
+        if phase in (None, "finalized", "cancelled"):
+            return f"nothing to settle (phase {phase})"
+        action = "finalize" if phase == "switched" else "cancel"
+        rc = self._step(action, [action, "--yes", "--config", config, "--json"])
+        self.phases.pop()  # after the run: not one of its phases
+        return f"phase {phase}: {action} exited {rc}"
 
     def stop(self) -> None:
         self.cancel.set()
@@ -653,12 +682,13 @@ def _run(
                 report["reshard_error"] = driver.error or (
                     "the reshard did not finish within the run: raise -t or lower --seed-users"
                 )
+                report["reshard_settled"] = driver.settle()
             title = f"{kind}: {settings.users} users" + (", reshard 2 -> 4" if driver else "")
             run = analyse(kind, run_dir, phases, title)
             if driver is not None:
                 run["reshard_log"] = str(run_dir / "reshard.log")
             if not is_baseline:
-                final = Topology(config_from_dict(_without_meta(cluster.final)))
+                final = Topology(config_from_dict(_without_meta(_current(cluster))))
                 run["ledger"] = ledgers.check_directory(run_dir, final).as_dict()
             report["runs"].append(run)
     if compare:
@@ -668,6 +698,22 @@ def _run(
             "p99": routed["p99_ms"] / base["p99_ms"],
         }
     return report
+
+
+def _current(cluster: Cluster) -> dict[str, Any]:
+    """The topology the cluster is on now: with a meta store, its current version (after a
+    reshard the 4 shards; after a cancelled one the 2), else the file's."""
+    from shardrouter.control.store import MetaStore
+    from shardrouter.core.topology import Topology
+
+    if Topology.load(cluster.topology_path).config.meta is None:
+        return cluster.final
+    store = MetaStore.from_config(Topology.load(cluster.topology_path).config.meta)
+    try:
+        version = store.current()
+    finally:
+        store.close()
+    return cluster.final if version is None else dict(version.document)
 
 
 def entry() -> None:

@@ -212,15 +212,17 @@ def test_reshard_under_load_loses_nothing(
     report = report_of(done)
     (only,) = report["runs"]
     assert not report.get("reshard_error")
-    names = [p["phase"] for p in only["phases"]]
+    # (a switch abandoned because a router acked late is run again: it shows as its own phase)
+    names = [p["phase"] for p in only["phases"] if p["phase"] != "switch (abandoned)"]
     assert names == [
         "before", "plan", "start", "copy", "verify", "shadow", "switch", "finalize", "after"
     ]  # fmt: skip
     assert all(p["requests"] > 0 for p in only["phases"] if p["phase"] in ("before", "after"))
     assert only["summary"]["all"]["failures"] == 0, only["summary"]["errors"]
     assert sum(p["failures"] for p in only["phases"]) == 0
-    (window,) = only["switch_windows"]
-    assert window["writes"] > 0 and window["failures"] == 0
+    window = only["switch_windows"][-1]
+    assert window["phase"] == "switch" and window["writes"] > 0
+    assert all(w["failures"] == 0 for w in only["switch_windows"])
     assert only["ledger"]["ok"], only["ledger"]
     assert only["ledger"]["orders_found"] > 0
     assert_run_files(tmp_path, "router")

@@ -677,6 +677,7 @@ def test_switch_windows() -> None:
     ]
     (window,) = reporting.switch_windows(rs, phases)
     assert window == {
+        "phase": "switch",
         "window_s": 4.0,
         "writes": 3,
         "failures": 1,
