@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -54,10 +54,22 @@ class LedgerWriter:
         if self._file is not None:
             self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
-    def placed(self, order_id: int, user_id: int, merchant_id: int, items: int, ok: bool | None):
-        """ok True: acknowledged; None: the outcome is unknown (every attempt failed)."""
-        self._write({"op": "place", "o": order_id, "u": user_id, "m": merchant_id, "n": items,
-                     "ok": ok})  # fmt: skip
+    def placed(
+        self,
+        order_id: int,
+        user_id: int,
+        merchant_id: int,
+        items: int,
+        ok: bool | None,
+        lines: Sequence[tuple[str, int, int]] | None = None,
+    ) -> None:
+        """ok True: acknowledged; None: the outcome is unknown (every attempt failed).
+        ``lines``: the items (sku, qty, price_cents) in line order, checked when given."""
+        record: dict[str, Any] = {"op": "place", "o": order_id, "u": user_id, "m": merchant_id,
+                                  "n": items, "ok": ok}  # fmt: skip
+        if lines is not None:
+            record["i"] = [list(line) for line in lines]
+        self._write(record)
 
     def moved(self, order_id: int, before: str, after: str, ok: bool | None) -> None:
         """ok True: the guarded UPDATE changed the row; False: it matched nothing; None:
@@ -89,6 +101,8 @@ class Expected:
     statuses: frozenset[str]
     cancelled: bool = False
     """An acknowledged cancel: the order must never be found in an earlier status."""
+    lines: tuple[tuple[str, int, int], ...] | None = None
+    """The item lines (sku, qty, price_cents) in line order, when the ledger has them."""
 
 
 @dataclass
@@ -119,9 +133,12 @@ def expected(records: Iterable[Mapping[str, Any]]) -> Replay:
         replay.records += 1
         op, order_id, ok = record["op"], int(record["o"]), record["ok"]
         if op == "place":
+            lines = record.get("i")
             orders[order_id] = Expected(
                 int(record["u"]), int(record["m"]), int(record["n"]),
                 True if ok else None, frozenset({"new"}),
+                lines=None if lines is None else tuple((str(a), int(b), int(c))
+                                                       for a, b, c in lines),
             )  # fmt: skip
             continue
         order = orders.get(order_id)
@@ -161,6 +178,7 @@ class Found:
     user_id: int
     merchant_id: int
     status: str
+    amount_cents: int | None = None
 
 
 @dataclass
@@ -170,6 +188,10 @@ class Scan:
     """order id -> (shard, physical table) of each item line."""
     lookups: set[tuple[int, int, str]] = field(default_factory=set)
     """(merchant id, order id, shard) of each merchant_orders row."""
+    lines: dict[int, list[tuple[int, str, int, int]]] = field(default_factory=dict)
+    """order id -> (line, sku, qty, price_cents) of each item line (scan() fills it)."""
+    lookup_users: dict[tuple[int, int, str], int] = field(default_factory=dict)
+    """(merchant id, order id, shard) -> the user id the lookup row names (its route)."""
 
 
 def scan(topology: Topology) -> Scan:
@@ -181,18 +203,29 @@ def scan(topology: Topology) -> Scan:
         try:
             with engine.connect() as conn:
                 for physical in topology.table("orders").physical_names:
-                    for o, u, m, status in conn.execute(
-                        text(f"SELECT order_id, user_id, merchant_id, status FROM {physical}")
+                    for o, u, m, status, amount in conn.execute(
+                        text(
+                            "SELECT order_id, user_id, merchant_id, status, amount_cents FROM"
+                            f" {physical}"
+                        )
                     ):
                         out.orders.setdefault(int(o), []).append(
-                            Found(name, physical, int(u), int(m), str(status))
+                            Found(name, physical, int(u), int(m), str(status), int(amount))
                         )
                 for physical in topology.table("order_items").physical_names:
-                    for (o,) in conn.execute(text(f"SELECT order_id FROM {physical}")):
+                    for o, line, sku, qty, price in conn.execute(
+                        text(f"SELECT order_id, line, sku, qty, price_cents FROM {physical}")
+                    ):
                         out.items.setdefault(int(o), []).append((name, physical))
+                        out.lines.setdefault(int(o), []).append(
+                            (int(line), str(sku), int(qty), int(price))
+                        )
                 for physical in topology.table("merchant_orders").physical_names:
-                    for m, o in conn.execute(text(f"SELECT merchant_id, order_id FROM {physical}")):
+                    for m, o, u in conn.execute(
+                        text(f"SELECT merchant_id, order_id, user_id FROM {physical}")
+                    ):
                         out.lookups.add((int(m), int(o), name))
+                        out.lookup_users[(int(m), int(o), name)] = int(u)
         finally:
             engine.dispose()
     return out
@@ -281,11 +314,31 @@ def check(replay: Replay, found: Scan, topology: Topology) -> Report:
                 f"order {order_id}: {len(lines)} item lines ({sorted(set(lines))}), acknowledged"
                 f" {want.items} in {owner}.{item_table}"
             )
+        stored = sorted(found.lines.get(order_id, []))
+        if stored:
+            total = sum(qty * price for _, _, qty, price in stored)
+            if row.amount_cents is not None and total != row.amount_cents:
+                problems["items"].append(
+                    f"order {order_id}: its lines sum to {total}, its amount_cents is"
+                    f" {row.amount_cents} (written in one transaction)"
+                )
+            elif want.lines is not None and tuple(x[1:] for x in stored) != want.lines:
+                problems["items"].append(
+                    f"order {order_id}: lines {[x[1:] for x in stored]}, acknowledged"
+                    f" {list(want.lines)}"
+                )
         lookup_shard = topology.shard_for("merchant_orders", row.merchant_id)
-        if merchant_lookup and (row.merchant_id, order_id, lookup_shard) not in found.lookups:
+        lookup = (row.merchant_id, order_id, lookup_shard)
+        if merchant_lookup and lookup not in found.lookups:
             problems["lookup_missing"].append(
                 f"order {order_id}: no merchant_orders row ({row.merchant_id}, {order_id}) on"
                 f" {lookup_shard}"
+            )
+        elif merchant_lookup and found.lookup_users.get(lookup, row.user_id) != row.user_id:
+            problems["lookup_missing"].append(
+                f"order {order_id}: its merchant_orders row names user"
+                f" {found.lookup_users[lookup]}, not {row.user_id}: the merchant's page looks"
+                " for it elsewhere"
             )
     for order_id, want in sorted(replay.orders.items()):
         if want.present is True and order_id not in found.orders:
@@ -294,9 +347,18 @@ def check(replay: Replay, found: Scan, topology: Topology) -> Report:
                 f" {'/'.join(sorted(want.statuses))}, found nowhere"
             )
     for order_id in sorted(set(found.items) - set(found.orders)):
-        if replay.orders.get(order_id) is None or replay.orders[order_id].present is False:
-            kind = "resurrected" if order_id in replay.orders else "phantom"
-            problems[kind].append(f"item lines of order {order_id} without their order")
+        # An order and its lines are written and purged in one transaction: lines alone are a
+        # torn write whatever the ledger says (also after a place or purge in doubt).
+        want = replay.orders.get(order_id)
+        if want is None:
+            kind = "phantom"
+        elif want.present is False:
+            kind = "resurrected"
+        elif want.present is True:
+            continue  # reported as lost above (its lines left behind are that loss)
+        else:
+            kind = "items"
+        problems[kind].append(f"item lines of order {order_id} without their order")
     return Report(len(replay.orders), len(found.orders), replay.records, problems)
 
 

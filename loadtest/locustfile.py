@@ -123,8 +123,9 @@ class _Process:
         if out:
             self._log = (Path(out) / f"requests-{os.getpid()}.csv").open("a", encoding="utf-8")
         self.mix = MIXES[os.environ.get("LOADTEST_MIX", "full")]
-        seed = int(os.environ.get("LOADTEST_SEED", "0")) or None
-        rng = random.Random(seed)
+        # Each process its own stream (with --processes N the workers would otherwise draw
+        # the same users, merchants and operations in the same order).
+        rng = random.Random(f"{os.environ.get('LOADTEST_SEED', '0')}:{os.getpid()}")
         skew = float(os.environ.get("LOADTEST_ZIPF", "1.1"))
         self.users = Zipf(int(os.environ.get("LOADTEST_USERS", "2000")), skew, rng)
         self.merchants = Zipf(int(os.environ.get("LOADTEST_MERCHANTS", "300")), skew, rng)
@@ -284,7 +285,8 @@ class Shopper(User):
             retryable=IDEMPOTENT_RETRY,
         )
         if self.p.ledger is not None:
-            self.p.ledger.placed(key, user, merchant, len(items), True if ok else None)
+            lines = [(i.sku, i.qty, i.price_cents) for i in items]
+            self.p.ledger.placed(key, user, merchant, len(items), True if ok else None, lines)
         if ok:
             self._remember(key, NEW)
 

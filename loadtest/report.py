@@ -245,6 +245,10 @@ def render(report: Mapping[str, Any], md: bool = False) -> str:
         ]
     if report.get("reshard_error"):
         out.append(f"RESHARD FAILED: {report['reshard_error']}")
+        if report.get("reshard_settled"):
+            out.append(f"  then: {report['reshard_settled']}")
+    if report.get("locust_error"):
+        out.append(f"LOCUST FAILED: {report['locust_error']}")
     return "\n".join(out)
 
 

@@ -58,6 +58,7 @@ RESHARD_STEPS: tuple[tuple[str, list[str]], ...] = (
 SHARDCTL = "import sys; from shardrouter.cli import main; sys.argv[0] = 'shardctl'; main()"
 """``shardctl`` as ``python -c``: the interpreter running this, whatever is on PATH."""
 SWITCH_ATTEMPTS = 5
+UNFINISHED = "the reshard did not finish within the run: raise -t or lower --seed-users"
 EXIT_REFUSED = 3
 """shardctl reshard's exit status of a refused action, e.g. a switch abandoned because a router
 did not acknowledge the freeze in time."""
@@ -236,16 +237,17 @@ def seed(
     task = TextProgress(every_s=0.5).task("seeding", total, "orders")
     started = time.monotonic()
 
-    def place(job: tuple[int, int, list[Any]]) -> tuple[int, int, int, int]:
+    def place(job: tuple[int, int, list[Any]]) -> tuple[int, int, int, list[Any]]:
         user, merchant, items = job
         key = service.new_order_key(user)
         service.place_order(user, merchant, items, idempotency_key=key)
-        return key, user, merchant, len(items)
+        return key, user, merchant, items
 
     pool = concurrent.futures.ThreadPoolExecutor(8)
     try:
-        for key, user, merchant, n in pool.map(place, jobs):
-            ledger.placed(key, user, merchant, n, True)
+        for key, user, merchant, items in pool.map(place, jobs):
+            lines = [(i.sku, i.qty, i.price_cents) for i in items]
+            ledger.placed(key, user, merchant, len(items), True, lines)
             task.advance(1)
         task.done()
     finally:
@@ -291,18 +293,23 @@ class ReshardDriver(threading.Thread):
             for name, args in steps:
                 for attempt in range(1, SWITCH_ATTEMPTS + 1):
                     if self.cancel.is_set():
-                        self.error = f"stopped before {name}"
+                        self.error = f"{UNFINISHED} (stopped before {name})"
                         return
                     rc = self._step(name, [*args, "--config", config, "--json"])
                     if rc == 0:
                         break
+                    if self.cancel.is_set():  # interrupted by the end of the run, not failed
+                        self.error = f"{UNFINISHED} (stopped during {name})"
+                        return
                     # An abandoned switch changed nothing (writes went on where they were):
                     # what the message tells an operator to do is to run it again.
                     if name != "switch" or rc != EXIT_REFUSED or attempt == SWITCH_ATTEMPTS:
                         self.error = f"shardctl reshard {name} exited {rc} (see {self.log})"
                         return
                     self.phases[-1]["name"] = "switch (abandoned)"
-                    time.sleep(1.0)
+                    if self.cancel.wait(1.0):
+                        continue
+                    self.phases[-1]["end"] = time.time()  # the pause is the attempt's
         except Exception as exc:  # shown in the report; the run's exit status says it failed
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
@@ -428,9 +435,18 @@ def analyse(name: str, run_dir: Path, phases: list[dict[str, Any]], title: str) 
     start, end = requests[0].t - requests[0].ms / 1000, requests[-1].t
     out: dict[str, Any] = {"name": name, "summary": report.summary(requests, start, end)}
     if phases:
-        spans = [{"name": "before", "start": start, "end": phases[0]["start"]}]
-        spans += phases
-        spans.append({"name": "after", "start": phases[-1]["end"], "end": end + 1e-3})
+        # Contiguous spans, each cut at the run's end: every request ends in exactly one (a
+        # gap between two steps belongs to the earlier; a step still running when Locust
+        # stopped ends with the run).
+        end_all = end + 1e-3
+        phases = [
+            {**p, "start": min(p["start"], end_all), "end": min(nxt_start, end_all)}
+            for p, nxt_start in zip(
+                phases, [*(q["start"] for q in phases[1:]), phases[-1]["end"]], strict=True
+            )
+        ]
+        spans = [{"name": "before", "start": start, "end": phases[0]["start"]}, *phases]
+        spans.append({"name": "after", "start": phases[-1]["end"], "end": end_all})
         out["phases"] = report.per_phase(requests, spans)
         out["switch_windows"] = report.switch_windows(requests, phases)
         out["timeline_phases"] = [
@@ -503,7 +519,7 @@ def analyse(name: str, run_dir: Path, phases: list[dict[str, Any]], title: str) 
     "--reshard-at",
     default=None,
     type=float,
-    help="Seconds into the run the reshard starts (default: a fifth of -t).",
+    help="Seconds after Locust starts that the reshard starts (default: a fifth of -t).",
 )
 @click.option("--shadow-seconds", default=2.0, show_default=True, help="Shadow reads phase.")
 @click.option(
@@ -576,6 +592,16 @@ def main(
         raise click.UsageError(f"--reshard-at {at:g} s is past the run's end (-t {run_time})")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = out or ROOT / "loadtest" / "results" / stamp
+    used = [
+        path for path in out.glob("*/*")
+        if path.name.startswith(("ledger-", "requests-"))
+    ]  # fmt: skip
+    if used:
+        raise click.UsageError(
+            f"--out {out} holds a previous run ({used[0].relative_to(out)}): its ledger and"
+            " request logs would be read as this run's. Give a new folder, or no --out (a new"
+            " one under loadtest/results/)."
+        )
     out.mkdir(parents=True, exist_ok=True)
     settings = Settings(
         users, spawn_rate, seconds, processes, rate, mix, seed_users, merchants, rng_seed
@@ -600,7 +626,7 @@ def main(
     else:
         click.echo(reporting.render(report))
     failed = [r for r in report["runs"] if r.get("ledger") and not r["ledger"]["ok"]]
-    if failed or report.get("reshard_error"):
+    if failed or report.get("reshard_error") or report.get("locust_error"):
         sys.exit(1)
 
 
@@ -667,10 +693,14 @@ def _run(
                 quiet,
             )
             try:
-                run_locust(
+                rc = run_locust(
                     kind, cluster, run_dir, settings, is_baseline,
                     on_start=driver.start if driver else None,
                 )  # fmt: skip
+                if rc != 0:
+                    report["locust_error"] = (
+                        f"{kind}: Locust exited {rc}; see {run_dir / f'{kind}-locust.log'}"
+                    )
             finally:
                 if driver is not None:
                     driver.stop()
@@ -679,9 +709,7 @@ def _run(
             if driver is not None and (
                 driver.error or [p["name"] for p in phases][-1:] != ["finalize"]
             ):
-                report["reshard_error"] = driver.error or (
-                    "the reshard did not finish within the run: raise -t or lower --seed-users"
-                )
+                report["reshard_error"] = driver.error or UNFINISHED
                 report["reshard_settled"] = driver.settle()
             title = f"{kind}: {settings.users} users" + (", reshard 2 -> 4" if driver else "")
             run = analyse(kind, run_dir, phases, title)
