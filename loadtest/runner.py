@@ -64,6 +64,11 @@ EXIT_REFUSED = 3
 did not acknowledge the freeze in time."""
 
 
+def reshard_command(args: list[str]) -> list[str]:
+    """``shardctl reshard ARGS`` as this interpreter runs it."""
+    return [sys.executable, "-c", SHARDCTL, "reshard", *args]
+
+
 def seconds_of(text: str) -> float:
     """``90``, ``90s``, ``2m``, ``1m30s``, ``1h`` -> seconds (Locust's ``-t`` forms)."""
     parts = re.fullmatch(r"\s*(?:(\d+)h)?\s*(?:(\d+)m)?\s*(?:(\d+)s?)?\s*", text)
@@ -316,7 +321,7 @@ class ReshardDriver(threading.Thread):
             self.finished.set()
 
     def _step(self, name: str, args: list[str]) -> int:
-        command = [sys.executable, "-c", SHARDCTL, "reshard", *args]
+        command = reshard_command(args)
         start = time.time()
         with self.log.open("a", encoding="utf-8") as log:
             log.write(f"$ shardctl reshard {shlex.join(args)}\n")
@@ -336,10 +341,10 @@ class ReshardDriver(threading.Thread):
         a switched migration is finalized, an earlier one cancelled (the sources own every
         row again, the copies go). Returns what was done."""
         config = str(self.cluster.topology_path)
-        command = [sys.executable, "-c", SHARDCTL, "reshard", "status", "--config", config]
         status = subprocess.run(
-            [*command, "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT
-        )
+            reshard_command(["status", "--config", config, "--json"]),
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
         try:
             phase = json.loads(status.stdout).get("phase")
         except json.JSONDecodeError:
@@ -734,9 +739,10 @@ def _current(cluster: Cluster) -> dict[str, Any]:
     from shardrouter.control.store import MetaStore
     from shardrouter.core.topology import Topology
 
-    if Topology.load(cluster.topology_path).config.meta is None:
+    meta = Topology.load(cluster.topology_path).config.meta
+    if meta is None:
         return cluster.final
-    store = MetaStore.from_config(Topology.load(cluster.topology_path).config.meta)
+    store = MetaStore.from_config(meta)
     try:
         version = store.current()
     finally:

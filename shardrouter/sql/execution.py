@@ -831,7 +831,7 @@ def lookup_insert(
     target = table_clause(physical, strategy.row_columns)
     # One row (an order's lookup row: the common case) as a dict, not a list of one: SQLAlchemy
     # caches the compiled form of a single-row INSERT, never that of a multi-VALUES one, which
-    # cost half a millisecond of compiling per write (measured by the load kit, issue 10).
+    # it compiled again for every write (the CPU saved was within this machine's noise).
     values: Any = dict(rows[0]) if len(rows) == 1 else [dict(r) for r in rows]
     stmt: Any
     if backend == "sqlite":

@@ -17,36 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from loadtest_cli import ROOT, RUN, report_of, run
 from sqlalchemy import Engine, create_engine, text
 
 from shardrouter import Router, Topology
 
 pytestmark = pytest.mark.mariadb
 
-ROOT = Path(__file__).resolve().parents[2]
-RUN = ROOT / "loadtest" / "run"
 sys.path.insert(0, str(ROOT / "loadtest"))
 import ledger as ledgers  # noqa: E402  (loadtest/ is a folder of scripts, not a package)
 import order_service as svc  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(RUN), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=ROOT,
-        env=dict(os.environ),
-    )
-
-
-def report_of(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(done.stdout)
 
 
 def assert_run_files(out: Path, name: str) -> None:

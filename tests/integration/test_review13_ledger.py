@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shard_tables import empty_tables
 from sqlalchemy import Engine, create_engine, text
 
 from shardrouter import Router, Topology
@@ -40,12 +41,8 @@ def world(topology: Topology, tmp_path: Path) -> Iterator[dict[str, Any]]:
         name: create_engine(topology.shards[name].primary.render_as_string(hide_password=False))
         for name in topology.shards
     }
-    for engine in engines.values():
-        with engine.begin() as conn:
-            for logical in ("orders", "order_items", "merchant_orders"):
-                for physical in topology.table(logical).physical_names:
-                    conn.execute(text(f"DELETE FROM {physical}"))
     router = Router(topology)
+    empty_tables(router, ("orders", "order_items", "merchant_orders"))
     service = svc.OrderService(router)
     writer = ledgers.LedgerWriter(tmp_path, "test")
     try:

@@ -10,26 +10,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from loadtest_cli import run
 
 pytestmark = pytest.mark.mariadb
-
-ROOT = Path(__file__).resolve().parents[2]
-RUN = ROOT / "loadtest" / "run"
-
-
-def run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(RUN), *args],
-        capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT,
-        env=dict(os.environ),
-    )  # fmt: skip
 
 
 @pytest.mark.timeout(300)
