@@ -32,7 +32,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -334,31 +333,19 @@ def test_writer_killed_during_copy(cluster: Cluster, oracle: Any, tmp_path: Path
     victim = writers.processes[1]
     plan = _plan(cluster, "m-kill-writer")
     options = Options(chunk=20, max_rows_per_s=200, freeze_timeout_s=3.0, hold_s=6.0)
-    killed: dict[str, Any] = {}
-
-    def kill_during_copy() -> None:
-        rng = random.Random(SEED)
-        deadline = time.monotonic() + 60
-        while state.get(cluster.store, plan.migration_id).phase != "copying":
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.2, 1.0))
-        killed["phase"] = state.get(cluster.store, plan.migration_id).phase
-        os.kill(victim.pid, signal.SIGKILL)
-
+    # The kill happens at a copy chunk's boundary, inside the copy action: a timer thread
+    # raced the copy and, on a fast machine, fired after it (CI saw phase "copied").
+    killer = KillAtChunk(cluster, plan.migration_id, victim.pid, random.Random(SEED).randint(1, 3))
     try:
         writers.wait_ready()
         time.sleep(1.0)
-        killer = threading.Thread(target=kill_during_copy)
-        killer.start()
-        with Workflow(cluster.store, plan.migration_id, options) as flow:
+        with Workflow(cluster.store, plan.migration_id, options, progress=killer) as flow:
             for action in ("start", "copy", "verify", "switch", "finalize"):
                 flow.act(action)
                 time.sleep(0.3)
-        killer.join(10)
     finally:
         writers.stop()
+    killed = killer.killed
     assert killed.get("phase") == "copying", killed
     assert victim.exitcode == -signal.SIGKILL
     assert not writers.errors(), writers.errors()
@@ -382,6 +369,42 @@ def test_writer_killed_during_copy(cluster: Cluster, oracle: Any, tmp_path: Path
                 _end_state(cluster, plan, expected, in_flight=in_flight)
                 return
     raise AssertionError(f"no combination of the in-flight statements matches: {tried}")
+
+
+class KillAtChunk:
+    """A Progress that SIGKILLs ``pid`` when the copy reports its ``nth`` chunk (or its last,
+    when it has fewer), noting the migration's phase at that moment."""
+
+    def __init__(self, cluster: Cluster, migration_id: str, pid: int, nth: int) -> None:
+        self.cluster, self.migration_id, self.pid, self.nth = cluster, migration_id, pid, nth
+        self.chunks = 0
+        self.killed: dict[str, Any] = {}
+
+    def task(self, name: str, total: int | None, unit: str = "rows") -> Task:
+        return _KillTask(self, name.startswith("copy "), total)
+
+    def kill(self) -> None:
+        if not self.killed:
+            self.killed["phase"] = state.get(self.cluster.store, self.migration_id).phase
+            os.kill(self.pid, signal.SIGKILL)
+
+
+class _KillTask:
+    def __init__(self, owner: KillAtChunk, copy: bool, total: int | None) -> None:
+        self.owner, self.copy, self.left = owner, copy, total
+
+    def advance(self, n: int) -> None:
+        if not self.copy or n <= 0:
+            return
+        self.owner.chunks += 1
+        if self.left is not None:
+            self.left -= n
+        if self.owner.chunks >= self.owner.nth or (self.left is not None and self.left <= 0):
+            self.owner.kill()
+
+    def done(self) -> None:
+        if self.copy:
+            self.owner.kill()
 
 
 class FirstTask:
