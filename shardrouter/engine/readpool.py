@@ -359,6 +359,41 @@ class _Shell:
         self._native = engine.url.get_driver_name() in LAZY_DRIVERS
 
 
+class _Slots:
+    """A bounded count of connections in use, waited on only when none is free.
+
+    Not threading.BoundedSemaphore: its release() notifies a Condition over a plain Lock,
+    whose ownership check tries a non-blocking acquire of the held lock; under gevent (Locust)
+    that failed acquire yields to the hub, one greenlet switch per read for nothing. A
+    Condition over an RLock checks ownership directly, and release() notifies only when a
+    caller waits."""
+
+    __slots__ = ("_cond", "_free", "_waiting")
+
+    def __init__(self, size: int) -> None:
+        self._cond = threading.Condition(threading.RLock())
+        self._free = size
+        self._waiting = 0
+
+    def acquire(self, timeout: float) -> bool:
+        with self._cond:
+            if self._free <= 0:
+                self._waiting += 1
+                try:
+                    if not self._cond.wait_for(lambda: self._free > 0, timeout):
+                        return False
+                finally:
+                    self._waiting -= 1
+            self._free -= 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._free += 1
+            if self._waiting:
+                self._cond.notify()
+
+
 class ReadPool(_Shell):
     """Lean reads on one sync engine (PyMySQL or mysqlclient)."""
 
@@ -366,7 +401,7 @@ class ReadPool(_Shell):
         super().__init__(engine, shard, pool)
         self._engine = engine
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(pool.size + pool.max_overflow)
+        self._slots = _Slots(pool.size + pool.max_overflow)
         self._mysqldb = engine.url.get_driver_name() == "mysqldb"
 
     def run(
