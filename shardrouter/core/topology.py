@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,10 @@ class Route:
         }
 
 
+_DECIMAL_INT = re.compile(r"[+-]?[0-9]+")
+"""A string that routes as an integer (ASCII digits: ``int()`` would also take ``' 4_2 '``)."""
+
+
 class KeyRule:
     """A sharding column of a table and the strategy that maps its values to slots."""
 
@@ -142,17 +147,29 @@ class KeyRule:
     def __repr__(self) -> str:
         return f"KeyRule({self.table}.{self.column}, {self.strategy.name})"
 
-    def check(self, value: Any) -> None:
-        """Raise KeyValueError unless ``value`` is of this column's declared type."""
+    def value(self, value: Any) -> Any:
+        """``value`` as this column routes it; KeyValueError unless it is of the column's
+        declared type or, for an int column, a decimal integer string (``'42'``, ``'-7'``,
+        ``'007'``: what a web handler often holds), which MySQL compares with the column
+        numerically and which therefore routes as that integer. Nothing else is converted:
+        ``' 42'``, ``'42.0'``, ``'4e1'`` and ``'42abc'`` (which MySQL would truncate to 42,
+        with a warning) stay errors that name the value."""
         if type(value) is self._exact or self.key_type.accepts(value):
-            return
+            return value
+        if self._exact is int and type(value) is str and _DECIMAL_INT.fullmatch(value):
+            return int(value)
         shown = "None (NULL)" if value is None else repr(value)
         problem = "cannot be routed" if value is None else f"is not {self.key_type.label}"
+        way = " (or a string of its decimal digits)" if self._exact is int else ""
         raise KeyValueError(
             f"{self.table}.{self.column}: value {shown} {problem}"
             f" (strategy {self.strategy.name} expects {self.key_type.value}); pass the row's"
-            f" {self.column} as {self.key_type.label}"
+            f" {self.column} as {self.key_type.label}{way}"
         )
+
+    def check(self, value: Any) -> None:
+        """Raise KeyValueError unless ``value`` routes on this column (``value()``)."""
+        self.value(value)
 
     def _needs_lookup(self, value: Any) -> Slot:
         raise RoutingError(
@@ -163,7 +180,7 @@ class KeyRule:
     def slot(self, value: Any) -> Slot:
         """The slot of ``value``; the routing hot path for functional strategies."""
         if type(value) is not self._exact:
-            self.check(value)
+            value = self.value(value)
         try:
             return self._map(value)
         except StrategyDomainError as exc:
@@ -191,7 +208,7 @@ class KeyRule:
         return shard_of
 
     def keyspace_id(self, value: Any) -> KeyspaceId | None:
-        self.check(value)
+        value = self.value(value)
         if isinstance(self.strategy, FunctionalStrategy):
             try:
                 return self.strategy.keyspace_id(value)

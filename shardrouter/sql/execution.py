@@ -635,9 +635,7 @@ def _lookup_targets(
     strategy = rule.strategy
     assert isinstance(strategy, LookupStrategy) and rule.lookup_table is not None
     lookup_table = topology.table(rule.lookup_table)
-    values = [ref.resolve(params) for ref in cond.refs]
-    for v in values:
-        rule.check(v)
+    values = [rule.value(ref.resolve(params)) for ref in cond.refs]
     jobs: list[Job] = []
     by_place: dict[tuple[ShardId, str], list[Any]] = defaultdict(list)
     for v in values:
@@ -809,11 +807,12 @@ def lookup_rows(
             value = owner[rule.column]
             if value is None and deleting:
                 continue
-            rule.check(value)
+            value = rule.value(value)  # '42' as 42: the lookup row is compared with others
             slot = topology.slot_for(lookup_table.name, value)
             row = {strategy.from_column: value}
             for c in strategy.row_columns[1:]:
-                row[c] = owner[c]
+                key = table.keys.get(c)
+                row[c] = owner[c] if key is None or owner[c] is None else key.value(owner[c])
             shard, physical = topology.shard_of_slot(slot), lookup_table.physical(slot)
             out.append(LookupRow(strategy, shard, physical, row, table, rule.column))
     return out

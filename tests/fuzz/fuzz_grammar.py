@@ -137,8 +137,13 @@ class Gen:
             pool = EXTRA_INTS + [Decimal(x) for x in (1, 100, 3)]
         value = self.pick(pool)
         if isinstance(value, int) and self.chance(0.1):
+            # MySQL compares numerically; a key routes as the integer when the string is
+            # decimal digits with an optional sign, and is refused (KeyValueError) otherwise.
             self.features.add("value:int-as-string")
-            return str(value)  # MySQL compares numerically
+            form = self.pick(["{}", "{}", "+{}", "00{}", " {}", "{}.0"])
+            if form in (" {}", "{}.0"):
+                self.features.add("value:int-as-inexact-string")
+            return form.format(value) if value >= 0 or form == "{}" else str(value)
         if isinstance(value, int) and self.chance(0.05):
             return Decimal(value)
         return value

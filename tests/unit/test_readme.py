@@ -105,7 +105,7 @@ BLOCKS = {
     " nothing runs": "commands",
     "$ shardctl reshard status --config orders.yaml": "commands",
     "orders.user_id: value 'abc' is not an integer (strategy hash expects int); pass the row's"
-    " user_id as an integer": "test_error_block_is_the_real_message",
+    " user_id as an integer (or a string of its decimal digits)": "test_error_block_is_the_real_message",
 }
 
 # Every shell command -> "run" (test_shell_commands_run_as_written runs it here),

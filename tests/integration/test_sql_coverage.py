@@ -1,0 +1,169 @@
+"""Issue 11 (SQL coverage), on 4 real MariaDB shards against the one-database oracle: each shape
+an order service writes is answered exactly as one database answers it (sync and async), or
+refused with a typed error that names the problem.
+
+Item 7: a decimal string for an integer key (``user_id = '42'``, a ``'42'`` parameter) routes
+as the integer, since MySQL compares it with the column numerically; a string that is not
+decimal digits with an optional sign stays a KeyValueError naming the value."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from test_router_oracle import check, world  # noqa: F401  (the module's 4 shards + oracle)
+
+from shardrouter.errors import KeyValueError
+
+pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(120)]
+
+
+def _orders(world: dict[str, Any]) -> list[dict[str, Any]]:  # noqa: F811
+    return world["data"]["orders"]
+
+
+def _one_shard(world: dict[str, Any], sql: str, params: dict[str, Any]) -> None:  # noqa: F811
+    result = world["router"].execute(sql, params)
+    assert len(result.shards) == 1 and not result.scatter, (sql, params, result.shards)
+
+
+@pytest.mark.parametrize("form", ["{}", "+{}", "00{}"], ids=["digits", "plus", "zeros"])
+def test_user_id_as_decimal_string_routes_as_the_integer(
+    world: dict[str, Any],  # noqa: F811
+    form: str,
+) -> None:
+    for order in _orders(world)[:12]:
+        key = form.format(order["user_id"])
+        sql = "SELECT order_id, status FROM orders WHERE user_id = :u ORDER BY order_id"
+        assert check(world, sql, {"u": key})  # the user's orders, not none
+        _one_shard(world, sql, {"u": key})
+        literal = f"SELECT COUNT(*) FROM orders WHERE user_id = '{key}'"
+        assert check(world, literal)[0][0] > 0
+        _one_shard(world, literal, {})
+
+
+def test_order_id_as_string_routes_by_its_gene(world: dict[str, Any]) -> None:  # noqa: F811
+    for order in _orders(world)[:12]:
+        key = str(order["order_id"])  # 19 digits: beyond a double's 53 bits, compared exactly
+        sql = "SELECT order_id, user_id, merchant_id FROM orders WHERE order_id = :o"
+        assert check(world, sql, {"o": key}) == [
+            (order["order_id"], order["user_id"], order["merchant_id"])
+        ]
+        _one_shard(world, sql, {"o": key})
+        items = "SELECT line, sku FROM order_items WHERE order_id = :o ORDER BY line"
+        assert check(world, items, {"o": key})
+
+
+def test_in_list_of_strings_and_ints(world: dict[str, Any]) -> None:  # noqa: F811
+    users = sorted({o["user_id"] for o in _orders(world)})[:8]
+    params = {f"u{i}": (str(u) if i % 2 else u) for i, u in enumerate(users)}
+    marks = ", ".join(f":u{i}" for i in range(len(users)))
+    sql = f"SELECT user_id, order_id FROM orders WHERE user_id IN ({marks}) ORDER BY order_id"
+    rows = check(world, sql, params)
+    assert {r[0] for r in rows} == set(users)
+    literals = ", ".join(f"'{u}'" for u in users)
+    check(world, f"SELECT COUNT(*) FROM orders WHERE user_id IN ({literals})")
+
+
+def test_merchant_id_as_string_goes_through_the_lookup(world: dict[str, Any]) -> None:  # noqa: F811
+    for merchant in range(4):
+        sql = "SELECT order_id, user_id FROM orders WHERE merchant_id = :m ORDER BY order_id"
+        assert check(world, sql, {"m": str(merchant)})
+        result = world["router"].execute(sql, {"m": str(merchant)})
+        assert result.lookups, "read through the lookup table, not a fan-out"
+
+
+@pytest.mark.parametrize("bad", [" 42", "42 ", "42.0", "4e1", "42abc", "", "4_2", "٤٢"], ids=repr)
+def test_a_string_that_is_not_an_exact_integer_is_refused(
+    world: dict[str, Any],  # noqa: F811
+    bad: str,
+) -> None:
+    for sql, params in [
+        ("SELECT order_id FROM orders WHERE user_id = :u", {"u": bad}),
+        ("SELECT order_id FROM orders WHERE order_id = :u", {"u": bad}),
+        ("SELECT order_id FROM orders WHERE merchant_id = :u", {"u": bad}),
+    ]:
+        with pytest.raises(KeyValueError) as info:
+            world["router"].execute(sql, params)
+        assert repr(bad) in str(info.value) and "decimal digits" in str(info.value)
+
+
+@pytest.fixture
+def writer(world: dict[str, Any]) -> Iterator[dict[str, Any]]:  # noqa: F811
+    """A fresh user whose order the test writes with string keys; removed from both sides."""
+    user = 987_654_321
+    order_id = world["topology"].id_generator("orders").next_id(user_id=user)
+    yield {"user": user, "order": order_id}
+    for target in (world["router"], None):
+        for sql in (
+            "DELETE FROM order_items WHERE order_id = :o",
+            "DELETE FROM orders WHERE order_id = :o",
+        ):
+            if target is None:
+                with world["oracle"].begin() as conn:
+                    conn.execute(text(sql), {"o": order_id})
+                    conn.execute(
+                        text("DELETE FROM merchant_orders WHERE order_id = :o"), {"o": order_id}
+                    )
+            else:
+                target.execute(sql, {"o": order_id})
+
+
+def test_writes_with_string_keys_land_where_the_integers_route(
+    world: dict[str, Any],  # noqa: F811
+    writer: dict[str, Any],
+) -> None:
+    router, topology = world["router"], world["topology"]
+    user, order = writer["user"], writer["order"]
+    params = {"o": str(order), "u": str(user), "m": "7", "t": dt.datetime(2026, 3, 1, 12)}
+    insert = (
+        "INSERT INTO orders (order_id, user_id, merchant_id, status, amount_cents, created_at)"
+        " VALUES (:o, :u, :m, 'new', 500, :t)"
+    )
+    router.execute(insert, params)
+    router.execute(
+        "INSERT INTO order_items (order_id, line, user_id, sku, qty) VALUES (:o, 0, :u, 'x', 1)",
+        params,
+    )
+    with world["oracle"].begin() as conn:
+        conn.execute(text(insert), params)
+        conn.execute(
+            text(
+                "INSERT INTO order_items (order_id, line, user_id, sku, qty)"
+                " VALUES (:o, 0, :u, 'x', 1)"
+            ),
+            params,
+        )
+        conn.execute(
+            text("INSERT INTO merchant_orders (merchant_id, order_id, user_id) VALUES (7, :o, :u)"),
+            params,
+        )
+    # On the shard and physical table the integer routes to, and nowhere else.
+    slot = topology.slot_for("orders", user)
+    shard, physical = topology.shard_of_slot(slot), topology.table("orders").physical(slot)
+    found = []
+    for name, engine in router.engines.primaries.items():
+        with engine.connect() as conn:
+            for table in topology.table("orders").physical_names:
+                n = conn.execute(
+                    text(f"SELECT COUNT(*) FROM {table} WHERE order_id = :o"), {"o": order}
+                ).scalar_one()
+                found += [(name, table)] * n
+    assert found == [(shard, physical)]
+    # Its merchant lookup row holds integers, and the merchant's page finds the order.
+    merchant_page = "SELECT order_id FROM orders WHERE merchant_id = :m ORDER BY order_id"
+    assert (order,) in check(world, merchant_page, {"m": 7})
+    # A guarded status change and a read by string keys, then the oracle agrees on all.
+    update = "UPDATE orders SET status = 'paid' WHERE order_id = :o AND status = 'new'"
+    assert router.execute(update, {"o": str(order)}).rowcount == 1
+    with world["oracle"].begin() as conn:
+        conn.execute(text(update), {"o": order})
+    check(world, "SELECT order_id, status FROM orders WHERE user_id = :u", {"u": str(user)})
+    check(
+        world,
+        "SELECT merchant_id, order_id, user_id FROM merchant_orders WHERE merchant_id = 7"
+        " ORDER BY order_id",
+    )
