@@ -366,6 +366,8 @@ class Planner:
     def _build(self, sql: str) -> Plan:
         # Before parsing: sqlglot drops what executable comments would make the shards run.
         shapes.refuse_hidden_syntax(sql)
+        if _REPLACE.match(sql):  # (sqlglot would parse it as an opaque command, and warn)
+            raise UnsupportedQueryError(REPLACE_REFUSAL)
         try:
             statements = sqlglot.parse(sql, read="mysql")
         except SqlglotError as exc:
@@ -384,10 +386,7 @@ class Planner:
             return self._write(sql, tree, "update", shapes.check(tree, "update"))
         if isinstance(tree, exp.Delete):
             return self._write(sql, tree, "delete", shapes.check(tree, "delete"))
-        raise UnsupportedQueryError(
-            f"{type(tree).__name__.upper()} statements are not routed; run DDL with"
-            " `shardctl schema apply`, and other statements on a shard connection"
-        )
+        raise UnsupportedQueryError(_not_routed(tree))
 
     def _refuse_nested(self, tree: exp.Expression) -> None:
         _refuse_nested_in(tree, self.topology)
@@ -661,6 +660,47 @@ _NOT_RELABELLED = (
 )
 # SQLAlchemy text() reads :name as a bind parameter, even inside a backtick-quoted alias.
 _BIND = re.compile(r"(?<![:\w\\]):\w")
+
+
+_REPLACE = re.compile(
+    r"(?:\s|/\*.*?\*/|(?:--|#)[^\n]*(?:\n|$))*REPLACE\b", re.IGNORECASE | re.DOTALL
+)
+"""A statement that begins with REPLACE (after blanks and comments)."""
+
+REPLACE_REFUSAL = (
+    "REPLACE is not routed: it deletes whichever rows conflict with the new one on any unique"
+    " key, but only on the shard the new row routes to, and the lookup rows of the rows it"
+    " deletes would go stale. Write INSERT ... ON DUPLICATE KEY UPDATE (routed, lookup rows"
+    " kept right), or DELETE then INSERT in one transaction"
+)
+
+_DDL = (exp.Create, exp.Drop, exp.Alter, exp.TruncateTable)
+_SET_OPERATIONS = (exp.Union, exp.Intersect, exp.Except)
+
+
+def _not_routed(tree: exp.Expression) -> str:
+    """Why a statement of this kind is refused, and what to do instead."""
+    kind = str(tree.this).upper() if isinstance(tree, exp.Command) else type(tree).__name__.upper()
+    kind = {"TRUNCATETABLE": "TRUNCATE", "TRANSACTION": "BEGIN"}.get(kind, kind)
+    if isinstance(tree, _DDL) or kind == "RENAME":
+        return (
+            f"{kind} is DDL, which the router does not run: apply schema changes to every"
+            " shard with `shardctl schema apply`"
+        )
+    if isinstance(tree, _SET_OPERATIONS):
+        return (
+            f"{kind} statements are not routed; run each SELECT through the router and"
+            " combine the rows"
+        )
+    if isinstance(tree, exp.Transaction | exp.Commit | exp.Rollback):
+        return (
+            f"{kind} is not routed: use router.transaction() (a transaction bound to one"
+            " shard, or XA), not transaction statements"
+        )
+    return (
+        f"{kind} statements are not routed: run them on one shard's connection"
+        " (router.connection(user_id=...))"
+    )
 
 
 def _int_columns(tree: exp.Select, topology: Topology) -> dict[str, frozenset[str]]:
