@@ -266,6 +266,12 @@ def run(
     found = _direct_targets(topology, plan, params)
     if found is None:
         found = yield from _indirect_targets(topology, plan, params, ledger)
+    if plan.bind_late is not None:
+        if len(found.targets) > 1:  # the merge needs LIMIT :n and HAVING's :x as values
+            plan = plan.bind_late(params)
+        else:  # one target binds them itself; the same values are refused either way
+            assert plan.late is not None
+            plan.late.values(params)
     _check_limits(plan, found, limits, topology)
     if bind is not None and not found.anywhere:
         bind({ShardId(t.shard) for t in found.targets})

@@ -29,6 +29,7 @@ from ..core.topology import KeyRule, TableRule, Topology
 from ..errors import UnsupportedQueryError
 from ..types import KeyType
 from . import shapes
+from .late import LateParams
 from .merge import MergePlan
 from .refs import ValueRef, value_ref
 from .scatter import scatter, union_order_by, without_weights
@@ -138,6 +139,11 @@ class Plan:
     """INSERT: per VALUES row, where each column's value comes from."""
     has_limit: bool = False
     offset_depth: int = 0
+    late: LateParams | None = None
+    """SELECT: the parameters of its top-level LIMIT/OFFSET and HAVING. A fan-out needs their
+    values (each shard returns offset + limit rows, the merge evaluates HAVING), which come
+    with the execution: ``bind_late`` gives the plan of the statement with them written in."""
+    bind_late: Callable[[Mapping[str, Any]], Plan] | None = None
     scatter_refusal: str | None = None
     """Why this statement cannot run on more than one target (raised only if it would)."""
     strings_compared: bool = False
@@ -388,6 +394,28 @@ class Planner:
             return self._write(sql, tree, "delete", shapes.check(tree, "delete"))
         raise UnsupportedQueryError(_not_routed(tree))
 
+    def _late_binder(self, sql: str, late: LateParams) -> Callable[[Mapping[str, Any]], Plan]:
+        """``params`` -> the plan of ``sql`` with its LIMIT/OFFSET and HAVING parameters
+        written in as the values they hold (see shardrouter.sql.late); planned once per
+        distinct values, the last 64 kept."""
+        bound: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
+
+        def bind(params: Mapping[str, Any]) -> Plan:
+            values = late.values(params)
+            key = tuple((type(v).__name__, v) for v in values.values())  # (1, True, 1.0 differ)
+            plan = bound.get(key)
+            if plan is None:
+                plan = self.plan(late.write(sql, values))
+                if plan.late is not None:  # (cannot happen: the same clauses named them)
+                    raise UnsupportedQueryError(f"parameters not written in: {sql}")
+                with self._lock:
+                    bound[key] = plan
+                    if len(bound) > 64:
+                        bound.popitem(last=False)
+            return plan
+
+        return bind
+
     def _refuse_nested(self, tree: exp.Expression) -> None:
         _refuse_nested_in(tree, self.topology)
 
@@ -480,9 +508,15 @@ class Planner:
                     " it by a key"
                 )
                 return plan
+            late = LateParams.of(tree)
+            if late is not None:
+                # Planned again with the values written in, when it fans out (run()).
+                plan.late = late
+                plan.bind_late = self._late_binder(sql, late)
+                return plan
             try:
                 # What cannot be merged is refused only when the statement fans out: routed
-                # to one target, COUNT(DISTINCT ...), windows or LIMIT :n are fine.
+                # to one target, COUNT(DISTINCT ...) or windows are fine.
                 plan.scatter_ast, plan.merge = scatter(
                     tree,
                     _int_columns(tree, self.topology),
@@ -673,6 +707,7 @@ REPLACE_REFUSAL = (
     " deletes would go stale. Write INSERT ... ON DUPLICATE KEY UPDATE (routed, lookup rows"
     " kept right), or DELETE then INSERT in one transaction"
 )
+
 
 _DDL = (exp.Create, exp.Drop, exp.Alter, exp.TruncateTable)
 _SET_OPERATIONS = (exp.Union, exp.Intersect, exp.Except)

@@ -624,11 +624,33 @@ class _Having:
         if isinstance(expr, exp.Not):
             inner = self.build(expr.this)
             return lambda row: None if (v := inner(row)) is None else not v
+        if isinstance(expr, exp.Is) and isinstance(expr.expression, exp.Null):
+            value = self.operand(expr.this, expr.this)
+            return lambda row: value(row)[0] is None  # never NULL itself
+        if isinstance(expr, exp.Between):
+            # MySQL: x BETWEEN a AND b is x >= a AND x <= b, each compared by its own types.
+            low = self.build(exp.GTE(this=expr.this, expression=expr.args["low"]))
+            high = self.build(exp.LTE(this=expr.this, expression=expr.args["high"]))
+            return lambda row: _and(low(row), high(row))
+        if isinstance(expr, exp.In) and expr.expressions and not expr.args.get("query"):
+            # x IN (a, b): true if x = one of them, else NULL if x or one of them is NULL.
+            tests = [self.build(exp.EQ(this=expr.this, expression=e)) for e in expr.expressions]
+
+            def any_equal(row: tuple[Any, ...]) -> bool | None:
+                found: bool | None = False
+                for test_one in tests:
+                    found = _or(found, test_one(row))
+                    if found is True:
+                        return True
+                return found
+
+            return any_equal
         test = _COMPARE.get(type(expr))
         if test is None:
             raise UnsupportedQueryError(
                 f"HAVING {expr.sql(dialect='mysql')!r} is not supported across shards"
-                " (use comparisons of selected columns, aggregates and arithmetic with literals)"
+                " (use comparisons, IN, BETWEEN and IS NULL of selected columns, aggregates,"
+                " arithmetic and literals)"
             )
         left_node, right_node = expr.this, expr.expression
         left_value = self.operand(left_node, right_node)

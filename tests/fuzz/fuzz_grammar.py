@@ -588,19 +588,29 @@ def select_case(g: Gen) -> Case:
         g.features.add("limit")
         limit = g.draw(st.integers(0, 6))
         form = g.draw(st.integers(0, 3))
+
+        def count(n: int) -> str:
+            """``n`` as written, or a bound parameter (known to the router at execution)."""
+            if not g.chance(0.3):
+                return str(n)
+            g.features.add("limit:param")
+            name = f"p{len(g.params)}"
+            g.params[name] = n
+            return ":" + name
+
         if form == 0:
-            limit_text = f" LIMIT {limit}"
+            limit_text = f" LIMIT {count(limit)}"
         else:
             offset = g.draw(st.integers(0, 5))
             g.features.add("offset")
             if form == 1:
-                limit_text = f" LIMIT {limit} OFFSET {offset}"
+                limit_text = f" LIMIT {count(limit)} OFFSET {count(offset)}"
             elif form == 2:
-                limit_text = f" LIMIT {offset}, {limit}"
+                limit_text = f" LIMIT {count(offset)}, {count(limit)}"
             else:
                 g.features.add("limit:to-end")
                 limit = None
-                limit_text = f" LIMIT {offset}, 18446744073709551615"
+                limit_text = f" LIMIT {count(offset)}, 18446744073709551615"
     lock = ""
     if g.chance(0.08):
         lock = g.pick([" FOR UPDATE", " LOCK IN SHARE MODE"])
@@ -643,8 +653,19 @@ def having_clause(g: Gen, cols: list[Col], items: list[Item]) -> str:
     aliased = [i for i in items if i.agg and i.alias]
     parts = []
     for _ in range(g.draw(st.integers(1, 2))):
-        form = g.draw(st.integers(0, 5))
-        if form == 0 and aliased:
+        form = g.draw(st.integers(0, 8))
+        if form == 6:
+            g.features.add("having:in")
+            values = ", ".join(g.value(g.pick([0, 1, 2, 3, 100, None, "1"])) for _ in range(3))
+            parts.append(f"{aggregate(g, cols)} {g.pick(['IN', 'NOT IN'])} ({values})")
+        elif form == 7:
+            g.features.add("having:between")
+            low, high = g.value(g.pick([0, 1, 2])), g.value(g.pick([3, 100, "50", None]))
+            parts.append(f"{aggregate(g, cols)} {g.pick(['', 'NOT '])}BETWEEN {low} AND {high}")
+        elif form == 8:
+            g.features.add("having:is-null")
+            parts.append(f"{aggregate(g, cols)} IS {g.pick(['', 'NOT '])}NULL")
+        elif form == 0 and aliased:
             g.features.add("having:alias")
             parts.append(
                 f"{g.pick(aliased).alias} > {g.value(g.pick([0, 1, 2, Decimal('1.5'), '1']))}"

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 from test_router_oracle import check, world  # noqa: F401  (the module's 4 shards + oracle)
 
-from shardrouter.errors import KeyValueError
+from shardrouter.errors import FanoutLimitError, KeyValueError, RoutingError
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(120)]
 
@@ -167,3 +168,132 @@ def test_writes_with_string_keys_land_where_the_integers_route(
         "SELECT merchant_id, order_id, user_id FROM merchant_orders WHERE merchant_id = 7"
         " ORDER BY order_id",
     )
+
+
+# -- item 5: LIMIT :n / OFFSET :m, bound at execution ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "params"),
+    [
+        ("SELECT order_id FROM orders ORDER BY order_id LIMIT :n", {"n": 7}),
+        ("SELECT order_id FROM orders ORDER BY order_id DESC LIMIT :m, :n", {"m": 5, "n": 9}),
+        (
+            "SELECT order_id, created_at FROM orders ORDER BY created_at DESC, order_id"
+            " LIMIT :n OFFSET :m",
+            {"n": 4, "m": 11},
+        ),
+        ("SELECT order_id FROM orders ORDER BY order_id LIMIT 3 OFFSET :m", {"m": 2}),
+        (
+            "SELECT status, COUNT(*) AS n FROM orders GROUP BY status ORDER BY n DESC, status"
+            " LIMIT :limit",
+            {"limit": 2},
+        ),
+        ("SELECT DISTINCT merchant_id FROM orders ORDER BY merchant_id LIMIT :n", {"n": 5}),
+        ("SELECT order_id FROM orders ORDER BY order_id LIMIT :n", {"n": 0}),
+        (
+            "SELECT order_id FROM orders WHERE status = :s ORDER BY order_id LIMIT :n",
+            {"s": "paid", "n": 6},
+        ),
+    ],
+)
+def test_limit_and_offset_parameters_across_shards(
+    world: dict[str, Any],  # noqa: F811
+    sql: str,
+    params: dict[str, Any],
+) -> None:
+    rows = check(world, sql, params)
+    assert (len(rows) > 0) == (params.get("n", 1) > 0)  # (the answers were compared)
+    result = world["router"].execute(sql, params)
+    assert len(result.shards) > 1  # a fan-out, merged with the values bound
+    # Another value reuses the statement's plan and gets its own answer.
+    again = {k: (v + 1 if isinstance(v, int) else v) for k, v in params.items()}
+    check(world, sql, again)
+
+
+def test_limit_parameter_on_one_shard(world: dict[str, Any]) -> None:  # noqa: F811
+    user = _orders(world)[0]["user_id"]
+    sql = "SELECT order_id FROM orders WHERE user_id = :u ORDER BY order_id LIMIT :n"
+    for n in (0, 1, 3):
+        check(world, sql, {"u": user, "n": n})
+        _one_shard(world, sql, {"u": user, "n": n})
+
+
+@pytest.mark.parametrize("bad", ["5", -1, True, 2.0, None], ids=repr)
+def test_a_limit_that_is_not_a_count_is_refused_on_one_shard_and_many(
+    world: dict[str, Any],  # noqa: F811
+    bad: Any,
+) -> None:
+    user = _orders(world)[0]["user_id"]
+    for sql, params in [
+        ("SELECT order_id FROM orders ORDER BY order_id LIMIT :n", {"n": bad}),
+        ("SELECT order_id FROM orders WHERE user_id = :u LIMIT :n", {"u": user, "n": bad}),
+        ("SELECT order_id FROM orders ORDER BY order_id LIMIT 5 OFFSET :n", {"n": bad}),
+    ]:
+        with pytest.raises(RoutingError) as info:
+            world["router"].execute(sql, params)
+        assert ":n" in str(info.value) and repr(bad) in str(info.value)
+        with pytest.raises(RoutingError):
+            world["loop"].run_until_complete(world["aio"].execute(sql, params))
+
+
+def test_a_bound_offset_is_held_to_max_offset(world: dict[str, Any]) -> None:  # noqa: F811
+    sql = "SELECT order_id FROM orders ORDER BY order_id LIMIT :n OFFSET :m"
+    check(world, sql, {"n": 5, "m": 495})  # the router's max_offset is 500
+    with pytest.raises(FanoutLimitError) as info:
+        world["router"].execute(sql, {"n": 5, "m": 501})
+    assert "OFFSET 506" in str(info.value) or "OFFSET 501" in str(info.value)
+
+
+# -- item 4: HAVING with parameters, IN, BETWEEN, IS NULL ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("having", "params"),
+    [
+        ("COUNT(*) > :n", {"n": 5}),
+        ("COUNT(*) > :n", {"n": "5"}),  # a string compared with a count: as a number
+        ("SUM(amount_cents) >= :low AND status <> :s", {"low": 100_000, "s": "paid"}),
+        ("COUNT(*) BETWEEN :a AND :b", {"a": 3, "b": 40}),
+        ("COUNT(*) NOT BETWEEN 3 AND 40", {}),
+        ("status IN (:s1, :s2)", {"s1": "paid", "s2": "DONE"}),  # the collation folds case
+        ("status NOT IN ('paid', 'new')", {}),
+        ("COUNT(*) IN (1, 2, 3, :n)", {"n": 4}),
+        ("MAX(amount_cents) IS NULL OR COUNT(*) > :n", {"n": 1000}),
+        ("MIN(amount_cents) IS NOT NULL AND MAX(created_at) > :t", {"t": dt.datetime(2026, 3, 1)}),
+        ("SUM(amount_cents) > :d", {"d": Decimal("12345.5")}),
+        ("COUNT(*) > :n OR :n IS NULL", {"n": None}),
+        ("status IN (NULL, 'paid')", {}),
+    ],
+)
+def test_having_with_parameters_and_predicates_across_shards(
+    world: dict[str, Any],  # noqa: F811
+    having: str,
+    params: dict[str, Any],
+) -> None:
+    for group in ("status", "merchant_id"):
+        if "status" in having and group != "status":
+            continue
+        sql = (
+            f"SELECT {group}, COUNT(*), SUM(amount_cents) FROM orders GROUP BY {group}"
+            f" HAVING {having} ORDER BY {group}"
+        )
+        check(world, sql, params)
+        assert len(world["router"].execute(sql, params).shards) > 1
+
+
+def test_having_parameter_with_the_same_name_in_where(world: dict[str, Any]) -> None:  # noqa: F811
+    # :n in WHERE stays a bound parameter; in HAVING the merge needs its value.
+    sql = (
+        "SELECT merchant_id, COUNT(*) FROM orders WHERE merchant_id > :n GROUP BY merchant_id"
+        " HAVING COUNT(*) > :n ORDER BY merchant_id LIMIT :k"
+    )
+    for n, k in ((2, 3), (5, 10), (0, 1)):
+        check(world, sql, {"n": n, "k": k})
+
+
+def test_having_parameter_of_no_scalar_type_is_refused(world: dict[str, Any]) -> None:  # noqa: F811
+    sql = "SELECT status, COUNT(*) FROM orders GROUP BY status HAVING COUNT(*) > :n"
+    with pytest.raises(RoutingError) as info:
+        world["router"].execute(sql, {"n": [1, 2]})
+    assert ":n" in str(info.value)

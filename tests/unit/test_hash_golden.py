@@ -129,7 +129,10 @@ BAD_VALUES = [
     pytest.param("t", True, "True", "int", id="bool-is-not-an-int"),
     pytest.param("t", False, "False", "int", id="bool-false"),
     pytest.param("t", 1.5, "1.5", "int", id="float"),
-    pytest.param("t", "42", "'42'", "int", id="str-in-int-column"),
+    pytest.param("t", "42abc", "'42abc'", "int", id="str-in-int-column"),
+    pytest.param("t", " 42", "' 42'", "int", id="padded-digits"),
+    pytest.param("t", "42.0", "'42.0'", "int", id="decimal-point"),
+    pytest.param("t", str(2**64), str(2**64), "int", id="digits-above-uint64-max"),
     pytest.param("ts", 42, "42", "str", id="int-in-str-column"),
     pytest.param("t", 2**64, str(2**64), "int", id="above-uint64-max"),
     pytest.param("t", -(2**63) - 1, str(-(2**63) - 1), "int", id="below-int64-min"),
@@ -176,3 +179,13 @@ def test_lone_surrogate_is_a_key_value_error() -> None:
     with pytest.raises(KeyValueError) as info:
         TOPO_1024.shard_for("ts", value)
     assert "ts.k" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["42", "+42", "0042", "-7", str(2**63 - 1), str(-(2**63))])
+def test_decimal_digits_route_as_the_integer(text: str) -> None:
+    """MySQL compares such a string with an int column numerically (issue 11 item 7)."""
+    number = int(text)
+    routed, expected = (TOPO_1024.route("t", "k", v).as_dict() for v in (text, number))
+    assert routed.pop("value") == text and expected.pop("value") == number
+    assert routed == expected  # keyspace id, slot, shard, physical table
+    assert TOPO_1024.slot_for("t", text) == TOPO_1024.slot_for("t", number)

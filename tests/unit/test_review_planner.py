@@ -62,4 +62,8 @@ def test_order_by_prefers_the_select_alias(planner: Planner) -> None:
 
 def test_parameter_limit_on_a_point_query_is_planned(planner: Planner) -> None:
     plan = planner.plan("SELECT order_id FROM orders WHERE user_id = :u ORDER BY order_id LIMIT :n")
-    assert plan.routing_condition is not None and plan.scatter_refusal is not None
+    assert plan.routing_condition is not None and plan.scatter_refusal is None
+    # Fanned out, it is planned again with the value written in (shardrouter.sql.late).
+    assert plan.late is not None and plan.late.limit == ("n",) and plan.bind_late is not None
+    bound = plan.bind_late({"u": 1, "n": 20})
+    assert bound.merge is not None and bound.merge.limit == 20 and bound.late is None

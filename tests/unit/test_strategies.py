@@ -104,8 +104,9 @@ def test_mod_through_topology_matches_legacy_layout() -> None:
     for uid in (0, 1, 511, 512, 1023, 1024, 99_999):
         assert topology.slot_for("t", uid) == uid % 1024
         assert topology.shard_for("t", uid) == ("a" if uid % 1024 < 512 else "b")
+    assert topology.shard_for("t", "7") == topology.shard_for("t", 7)  # MySQL: '7' = 7
     with pytest.raises(KeyValueError, match="is not an integer"):
-        topology.shard_for("t", "7")
+        topology.shard_for("t", "7.0")
 
 
 # -- range ----------------------------------------------------------------------------------
