@@ -43,7 +43,7 @@ import operator
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from typing import Any, Literal, TypeVar, get_args
 
 from ..errors import UnsupportedQueryError
@@ -55,6 +55,7 @@ __all__ = [
     "AggFunc",
     "Aggregate",
     "Average",
+    "Computed",
     "MergePlan",
     "SortKey",
     "average",
@@ -114,6 +115,15 @@ class Average:
 
 
 @dataclass(frozen=True, slots=True)
+class Computed:
+    """A select item computed after the merge from the merged row (an expression over
+    aggregates: ``SUM(a) / 100``); the shards return NULL at ``index`` and the partials."""
+
+    index: int
+    value: Callable[[tuple[Any, ...]], Any]
+
+
+@dataclass(frozen=True, slots=True)
 class MergePlan:
     """How to combine the shards' rows of one SELECT into the single-database answer.
 
@@ -132,6 +142,8 @@ class MergePlan:
     group_by: tuple[int, ...] = ()
     aggregates: tuple[Aggregate, ...] = ()
     averages: tuple[Average, ...] = ()
+    computed: tuple[Computed, ...] = ()
+    """Expressions over aggregates, computed (in order) after AVG, before HAVING."""
     having: Callable[[tuple[Any, ...]], bool] | None = None
     distinct: bool = False
     limit: int | None = None
@@ -175,6 +187,8 @@ class MergePlan:
             yield "group_by", index
         for agg in self.aggregates:
             yield "aggregate", agg.index
+        for item in self.computed:
+            yield "computed", item.index
         for avg in self.averages:
             yield "average", avg.index
             yield "average sum", avg.sum_index
@@ -199,7 +213,7 @@ class MergePlan:
     @property
     def grouped(self) -> bool:
         """Whether rows combine into groups (GROUP BY, or a global aggregate)."""
-        return bool(self.group_by or self.aggregates or self.averages)
+        return bool(self.group_by or self.aggregates or self.averages or self.computed)
 
     @property
     def columns_needed(self) -> int:
@@ -416,6 +430,10 @@ def _finish(plan: MergePlan, state: list[Any]) -> tuple[Any, ...]:
     ]
     for index, value in values:
         state[index] = value
+    if plan.computed:
+        merged = tuple(state)  # every computed item reads partials and AVGs, not each other
+        for item in plan.computed:
+            state[item.index] = item.value(merged)
     return tuple(state)
 
 
@@ -446,6 +464,51 @@ _COMBINE: dict[str, Callable[[Any, Any], Any]] = {
     "min": _least,
     "max": _greatest,
 }
+
+
+class Unrounded(Decimal):
+    """A DECIMAL inside an expression over aggregates: MySQL keeps a quotient (``/``, AVG) at
+    more digits than it shows (``SELECT 1/3*3`` is 1.0000, not 0.9999) and rounds to
+    ``scale``, its result's scale, only when the value leaves the expression (``shown``)."""
+
+    scale: int
+
+    def __new__(cls, value: Any, scale: int) -> Unrounded:
+        made = super().__new__(cls, value)
+        made.scale = scale
+        return made
+
+
+def scale_of(value: Any) -> int:
+    """The scale MySQL gives an exact number: digits after the point (0 for an integer)."""
+    if isinstance(value, Unrounded):
+        return value.scale
+    if isinstance(value, Decimal) and value.is_finite():
+        exponent = value.as_tuple().exponent
+        return max(0, -exponent) if isinstance(exponent, int) else 0
+    return 0
+
+
+def shown(value: Any) -> Any:
+    """``value`` as it leaves an expression: an Unrounded rounded (half away from zero) to its
+    scale, a plain Decimal; anything else as it is."""
+    if not isinstance(value, Unrounded):
+        return value
+    with localcontext() as context:
+        context.prec = 100
+        return Decimal(value).quantize(Decimal(1).scaleb(-value.scale), rounding=ROUND_HALF_UP)
+
+
+def inner_average(total: Any, count: Any) -> Any:
+    """AVG inside an expression: the quotient at full precision (Unrounded, the sum's scale
+    plus 4 shown); ``average`` is the same value as a column shows it."""
+    if total is None or count is None or count == 0:
+        return None
+    if isinstance(total, float):
+        return total / count
+    with localcontext() as context:
+        context.prec = 100
+        return Unrounded(Decimal(total) / int(count), scale_of(total) + AVG_SCALE_INCREMENT)
 
 
 def average(total: Any, count: Any) -> Any:

@@ -5,6 +5,7 @@ COUNT, LIMIT n+m, HAVING moved after the merge)."""
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from collections.abc import Callable, Mapping
 from decimal import ROUND_HALF_UP, Decimal, localcontext
@@ -13,7 +14,19 @@ from typing import Any, cast
 from sqlglot import exp
 
 from ..errors import UnsupportedQueryError
-from .merge import AVG_SCALE_INCREMENT, MAX_LIMIT, WEIGHT_CHARS, Aggregate, Average, MergePlan
+from .merge import (
+    AVG_SCALE_INCREMENT,
+    MAX_LIMIT,
+    WEIGHT_CHARS,
+    Aggregate,
+    Average,
+    Computed,
+    MergePlan,
+    Unrounded,
+    inner_average,
+    scale_of,
+    shown,
+)
 from .merge import SortKey as SortKey
 from .refs import value_ref
 
@@ -285,15 +298,18 @@ def scatter(
     aggregates: list[Aggregate] = []
     averages: list[Average] = []
     new_items: list[exp.Expression] = []
+    pending: list[tuple[int, exp.Expression]] = []  # expressions over aggregates
     for i, item in enumerate(select_items):
         inner = item.unalias()
         func = _aggregate_of(inner)
         if func is None:
             if any(isinstance(n, (*_AGGREGATES, exp.Avg)) for n in inner.find_all(exp.AggFunc)):
-                raise UnsupportedQueryError(
-                    f"expression over aggregates {item.sql(dialect='mysql')!r} cannot be merged"
-                    " across shards; select the aggregates and compute it in the application"
+                # Computed after the merge (_Computed): the shards send NULL under its label.
+                new_items.append(
+                    cast(exp.Expression, exp.alias_(exp.Null(), _label(item), quoted=True))
                 )
+                pending.append((i, cast(exp.Expression, inner)))
+                continue
             new_items.append(item)
             continue
         if isinstance(inner, exp.Count) and (
@@ -307,14 +323,8 @@ def scatter(
             arg = inner.this
             sum_expr = exp.Sum(this=arg.copy())
             count_expr = exp.Count(this=arg.copy())
-            # The SUM partial stands where the AVG was: it keeps the AVG's label, the one a
-            # single database gives (the statement's text of the item when it has no alias).
-            # The alias keeps its identifier (quoting included: `my avg`).
-            alias = item.args.get("alias") if isinstance(item, exp.Alias) else None
-            label: exp.Identifier | str = (
-                alias.copy() if isinstance(alias, exp.Identifier) else inner.sql(dialect="mysql")
-            )
-            new_items.append(cast(exp.Expression, exp.alias_(sum_expr, label, quoted=True)))
+            # The SUM partial stands where the AVG was, under the AVG's label.
+            new_items.append(cast(exp.Expression, exp.alias_(sum_expr, _label(item), quoted=True)))
             hidden.append(count_expr)
             averages.append(Average(index=i, sum_index=i, count_index=width + len(hidden) - 1))
         else:
@@ -322,6 +332,7 @@ def scatter(
             aggregates.append(Aggregate(index=i, func=func))  # type: ignore[arg-type]
 
     weights: dict[int, int] = {}
+    computed_at = {i for i, _ in pending}
 
     def expression_at(pos: int) -> exp.Expression:
         return (
@@ -345,6 +356,8 @@ def scatter(
         None for an expression that is never a string."""
         if pos in weights:
             return weights[pos]
+        if pos in computed_at:
+            return None  # a value of the merge's own (no shard weighs it): numbers only
         expr = expression_at(pos)
         if (
             never_string(expr)
@@ -362,23 +375,34 @@ def scatter(
         group_positions = tuple(position_of(g, grouping=True) for g in group.expressions)
     having_fn: Callable[[tuple[Any, ...]], bool] | None = None
     having = shard.args.get("having")
+    # MySQL resolves a HAVING name to a GROUP BY column of that name before an alias.
+    group_columns = {
+        g.name.lower(): p
+        for g, p in zip(
+            group.expressions if group is not None else (), group_positions, strict=True
+        )
+        if isinstance(g, exp.Column)
+    }
+    computing = _Computed(position_of, weight_of, add_hidden, expression_at, group_columns, width)
+    computed = tuple(Computed(i, computing.value(expr)) for i, expr in pending)
+    if computed and shard.args.get("distinct"):
+        # MariaDB 10.11 answers SELECT DISTINCT COUNT(*) % 2 ... GROUP BY m with only the
+        # first group's value: no answer here would match the single database's.
+        raise UnsupportedQueryError(
+            "SELECT DISTINCT with an expression over aggregates across shards: MariaDB itself"
+            " deduplicates such a column wrongly (it keeps one row), so no merged answer"
+            " matches it; drop DISTINCT and deduplicate in the application, or route by a key"
+        )
     grouping = bool(
         group_positions
         or aggregates
         or averages
+        or computed
         or (having is not None and any(True for _ in having.find_all(exp.AggFunc)))
     )
     if having is not None and grouping:
         # Partial groups cannot be filtered: HAVING moves to the merge. Without grouping it
         # filters single rows like WHERE and stays on the shards (before their LIMIT).
-        # MySQL resolves a HAVING name to a GROUP BY column of that name before an alias.
-        group_columns = {
-            g.name.lower(): p
-            for g, p in zip(
-                group.expressions if group is not None else (), group_positions, strict=True
-            )
-            if isinstance(g, exp.Column)
-        }
         having_fn = _Having(
             position_of, weight_of, add_hidden, expression_at, group_columns, width
         ).compile(having.this)
@@ -460,6 +484,7 @@ def scatter(
         group_by=group_positions,
         aggregates=tuple(aggregates),
         averages=tuple(averages),
+        computed=computed,
         having=having_fn,
         distinct=bool(tree.args.get("distinct")),
         limit=limit_n,
@@ -477,6 +502,15 @@ def scatter(
         if plan.shard_limit is not None:
             shard.set("limit", exp.Limit(expression=exp.Literal.number(plan.shard_limit)))
     return shard, plan
+
+
+def _label(item: exp.Expression) -> exp.Identifier | str:
+    """The label a single database gives a select item, for a stand-in in its place: its
+    alias, identifier kept (quoting included: `my avg`), or the item's text."""
+    alias = item.args.get("alias") if isinstance(item, exp.Alias) else None
+    if isinstance(alias, exp.Identifier):
+        return alias.copy()
+    return cast(exp.Expression, item.unalias()).sql(dialect="mysql")
 
 
 def is_position(expr: exp.Expression) -> bool:
@@ -592,6 +626,9 @@ class _Having:
     date or datetime as one, with a string under the collation (both weights from the shards),
     and ``/`` giving a DECIMAL with 4 more digits of scale."""
 
+    clause = "HAVING"
+    """Which clause the errors name."""
+
     def __init__(
         self,
         position_of: Callable[[exp.Expression], int],
@@ -648,7 +685,7 @@ class _Having:
         test = _COMPARE.get(type(expr))
         if test is None:
             raise UnsupportedQueryError(
-                f"HAVING {expr.sql(dialect='mysql')!r} is not supported across shards"
+                f"{self.clause} {expr.sql(dialect='mysql')!r} is not supported across shards"
                 " (use comparisons, IN, BETWEEN and IS NULL of selected columns, aggregates,"
                 " arithmetic and literals)"
             )
@@ -671,7 +708,7 @@ class _Having:
             return self.operand(expr.this, other)
         if isinstance(expr, exp.Placeholder):
             raise UnsupportedQueryError(
-                "parameters in HAVING are not supported across shards; write the value"
+                f"parameters in {self.clause} are not supported across shards; write the value"
             )
         if isinstance(expr, exp.Literal) and expr.is_string:
             return self.string_literal(expr, other)
@@ -700,7 +737,7 @@ class _Having:
             # Partial COUNT(DISTINCT)/SUM(DISTINCT) values add up a value seen on two shards
             # twice.
             raise UnsupportedQueryError(
-                f"HAVING {distinct.sql(dialect='mysql')!r} across shards: an aggregate with"
+                f"{self.clause} {distinct.sql(dialect='mysql')!r} across shards: an aggregate with"
                 " DISTINCT cannot be merged from partial values; route by a key"
             )
         function = self.function(expr, other)
@@ -721,13 +758,13 @@ class _Having:
             if pos >= self.width and any(True for _ in expr.find_all(exp.AggFunc)):
                 # A function of an aggregate computed per shard would see only partials.
                 raise UnsupportedQueryError(
-                    f"HAVING operand {expr.sql(dialect='mysql')!r} applies a function to an"
+                    f"{self.clause} operand {expr.sql(dialect='mysql')!r} applies a function to an"
                     " aggregate across shards; select the aggregate and filter in the"
                     " application"
                 )
             if pos >= self.width:
                 raise UnsupportedQueryError(
-                    f"HAVING operand {expr.sql(dialect='mysql')!r} is not supported across"
+                    f"{self.clause} operand {expr.sql(dialect='mysql')!r} is not supported across"
                     " shards (HAVING evaluates comparisons, AND/OR/NOT, arithmetic, NULLIF,"
                     " IFNULL/COALESCE, IF and ABS over selected columns, aggregates and"
                     " literals); select it and filter on its alias"
@@ -740,11 +777,11 @@ class _Having:
     def function(self, expr: exp.Expression, other: exp.Expression) -> _Operand | None:
         """The functions HAVING evaluates after the merge, with MySQL's semantics, or None."""
         if isinstance(expr, exp.Nullif):
-            if any(True for _ in expr.find_all(exp.AggFunc)):
+            if self.clause == "HAVING" and any(True for _ in expr.find_all(exp.AggFunc)):
                 # MariaDB 10.11 answers `HAVING NULLIF(COUNT(*), 1) > 1` with no group at
                 # all (NULLIF over an aggregate in HAVING), which the merge does not mimic.
                 raise UnsupportedQueryError(
-                    f"HAVING {expr.sql(dialect='mysql')} across shards: NULLIF over an"
+                    f"{self.clause} {expr.sql(dialect='mysql')} across shards: NULLIF over an"
                     " aggregate; select the aggregate and use NULLIF on its alias"
                 )
             a, b = self.operand(expr.this, other), self.operand(expr.expression, expr.this)
@@ -762,7 +799,7 @@ class _Having:
         if isinstance(expr, exp.If):
             test: exp.Expression = expr.this
             condition: Callable[[tuple[Any, ...]], bool | None]
-            if isinstance(test, (*_COMPARE, exp.And, exp.Or, exp.Not, exp.Paren)):
+            if isinstance(test, _PREDICATES):
                 condition = self.build(test)
             else:
                 value = self.operand(test, other)
@@ -816,8 +853,251 @@ class _Having:
         return lambda row: (text, row[weight_pos])
 
 
+_PREDICATES = (*_COMPARE, exp.And, exp.Or, exp.Not, exp.Paren, exp.Is, exp.In, exp.Between)
+"""Expressions whose value is true, false or NULL (1, 0 or NULL in a select list)."""
+
+
+_COMPUTABLE = (
+    *_PREDICATES,
+    *_ARITHMETIC,
+    *_AGGREGATES,
+    exp.Avg,
+    exp.IntDiv,
+    exp.Mod,
+    exp.Literal,
+    exp.Null,
+    exp.Neg,
+    exp.Placeholder,
+    exp.Column,
+    exp.Nullif,
+    exp.Coalesce,
+    exp.If,
+    exp.Abs,
+    exp.Round,
+    exp.Case,
+)
+"""What an expression over aggregates may be made of, node by node (an allow-list)."""
+
+
+class _Computed(_Having):
+    """Compiles a select item that is an expression over aggregates (``SUM(a) / 100``,
+    ``ROUND(AVG(a), 2)``, ``COALESCE(SUM(a), 0)``, ``CASE WHEN COUNT(*) > 5 ...``) into its
+    value from a merged row: the shards return the aggregates' partials (hidden columns), the
+    merge combines them, and this computes the item with MySQL's rules, as HAVING does, plus
+    AVG (from hidden SUM and COUNT partials), ROUND, CASE, DIV and %."""
+
+    clause = "expression over aggregates"
+
+    def value(self, expr: exp.Expression) -> Callable[[tuple[Any, ...]], Any]:
+        while isinstance(expr, exp.Paren):
+            expr = expr.this
+        if isinstance(expr, _PREDICATES):
+            test = self.build(expr)
+            return lambda row: None if (v := test(row)) is None else int(v)
+        operand = self.operand(expr, expr)
+        # The item's value as MySQL materializes it (for HAVING, ORDER BY and the caller):
+        # rounded to its scale once the expression is computed.
+        return lambda row: shown(operand(row)[0])
+
+    def operand(self, expr: exp.Expression, other: exp.Expression) -> _Operand:
+        if not isinstance(expr, _COMPUTABLE):
+            # Evaluated by the merge or not at all: a position lookup would find the item's
+            # own stand-in (NULL) and answer NULL.
+            raise UnsupportedQueryError(
+                f"{expr.sql(dialect='mysql')!r} in an expression over aggregates across shards:"
+                " the merge computes arithmetic, DIV, %, comparisons, IN, BETWEEN, IS NULL,"
+                " AND/OR/NOT, CASE, IF, IFNULL/COALESCE, NULLIF, ABS and ROUND over COUNT, SUM,"
+                " MIN, MAX, AVG, group columns and literals; select the aggregates and compute"
+                " the rest in the application, or route by a key"
+            )
+        if isinstance(expr, exp.Avg) and _distinct_aggregate(expr) is None:
+            total = self.add_hidden(exp.Sum(this=expr.this.copy()))
+            count = self.add_hidden(exp.Count(this=expr.this.copy()))
+            return lambda row: (inner_average(row[total], row[count]), None)
+        if isinstance(expr, exp.IntDiv | exp.Mod):
+            a, b = self.operand(expr.this, other), self.operand(expr.expression, other)
+            apply = _int_divide if isinstance(expr, exp.IntDiv) else _modulo
+            return lambda row: (apply(a(row)[0], b(row)[0]), None)
+        if isinstance(expr, _PREDICATES) and not isinstance(expr, exp.Paren):
+            test = self.build(expr)
+            return lambda row: (None if (v := test(row)) is None else int(v), None)
+        return super().operand(expr, other)
+
+    def function(self, expr: exp.Expression, other: exp.Expression) -> _Operand | None:
+        if isinstance(expr, exp.Round):
+            inner = self.operand(expr.this, other)
+            places = expr.args.get("decimals")
+            digits = 0
+            if places is not None:
+                ref = value_ref(places)
+                if ref is None or ref.param is not None or not isinstance(ref.literal, int):
+                    raise UnsupportedQueryError(
+                        f"{expr.sql(dialect='mysql')} across shards: ROUND's places must be an"
+                        " integer literal"
+                    )
+                digits = ref.literal
+            return lambda row: (_round(inner(row)[0], digits), None)
+        if isinstance(expr, exp.Case):
+            chosen = self.case(expr, other)
+        else:
+            found = super().function(expr, other)
+            if found is None or not isinstance(expr, exp.Coalesce | exp.If):
+                return found
+            chosen = found
+        # One result type for all the branches: with a DECIMAL among them (SUM, AVG, a
+        # quotient, 1.5), an integer chosen is a DECIMAL too (COALESCE(SUM(a), 0) is 0 as a
+        # DECIMAL, Decimal('0')).
+        branches = _branches(expr)
+        if not any(_decimal_typed(b) for b in branches):
+            return chosen
+        scale = max((scale_of(_number(b.this)) for b in branches if _decimal_literal(b)), default=0)
+
+        def unified(row: tuple[Any, ...]) -> tuple[Any, Any]:
+            value, weight = chosen(row)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return Decimal(value).quantize(Decimal(1).scaleb(-scale)), weight
+            return value, weight
+
+        return unified
+
+    @staticmethod
+    def _truth_of(value: _Operand) -> Callable[[tuple[Any, ...]], bool | None]:
+        return lambda row: _truth(value(row)[0])
+
+    def case(self, expr: exp.Case, other: exp.Expression) -> _Operand:
+        subject = expr.this
+        tests: list[Callable[[tuple[Any, ...]], bool | None]] = []
+        values: list[_Operand] = []
+        for branch in expr.args.get("ifs") or ():
+            when: exp.Expression = branch.this
+            if subject is not None:  # CASE x WHEN v: x = v
+                when = exp.EQ(this=subject.copy(), expression=when.copy())
+            if isinstance(when, _PREDICATES):
+                tests.append(self.build(when))
+            else:
+                tests.append(self._truth_of(self.operand(when, other)))
+            values.append(self.operand(branch.args["true"], other))
+        default = expr.args.get("default")
+        otherwise = (
+            self.operand(default, other) if default is not None else (lambda row: (None, None))
+        )
+
+        def pick(row: tuple[Any, ...]) -> tuple[Any, Any]:
+            # Every branch decides the result's type in MySQL: a mix is not evaluated.
+            _first_of([v(row) for v in (*values, otherwise)], check_only=True)
+            for test, value in zip(tests, values, strict=True):
+                if test(row) is True:
+                    return value(row)
+            return otherwise(row)
+
+        return pick
+
+
+def _branches(expr: exp.Expression) -> list[exp.Expression]:
+    """The expressions a COALESCE, IF or CASE may give."""
+    if isinstance(expr, exp.Coalesce):
+        return [expr.this, *expr.expressions]
+    if isinstance(expr, exp.If):
+        return [e for e in (expr.args.get("true"), expr.args.get("false")) if e is not None]
+    assert isinstance(expr, exp.Case)
+    values = [branch.args["true"] for branch in expr.args.get("ifs") or ()]
+    default = expr.args.get("default")
+    return [*values, *([default] if default is not None else [])]
+
+
+def _decimal_literal(expr: exp.Expression) -> bool:
+    return (
+        isinstance(expr, exp.Literal)
+        and not expr.is_string
+        and "." in expr.this
+        and "e" not in expr.this.lower()
+    )
+
+
+def _decimal_typed(expr: exp.Expression) -> bool:
+    """Whether MySQL types ``expr`` DECIMAL whatever its value: SUM and AVG (of exact
+    numbers, as order columns are), a quotient, a decimal literal, arithmetic over one."""
+    while isinstance(expr, exp.Paren):
+        expr = expr.this
+    if isinstance(expr, exp.Sum | exp.Avg | exp.Div) or _decimal_literal(expr):
+        return True
+    if isinstance(expr, exp.Add | exp.Sub | exp.Mul | exp.Neg):
+        return any(_decimal_typed(e) for e in (expr.this, expr.args.get("expression")) if e)
+    return False
+
+
+def _dividing(a: Any, b: Any) -> tuple[Any, Any] | None:
+    """The numbers a division (/, DIV, %) works on; None (its NULL) for a NULL or a zero
+    divisor, as MySQL answers them."""
+    if a is None or b is None:
+        return None
+    x, y = _numeric(a), _numeric(b)
+    return None if y == 0 else (x, y)
+
+def _int_divide(a: Any, b: Any) -> Any:
+    """MySQL's DIV: the quotient truncated toward zero, an integer; NULL for a zero divisor."""
+    pair = _dividing(a, b)
+    if pair is None:
+        return None
+    x, y = _exact(pair[0]), _exact(pair[1])
+    with localcontext() as context:
+        context.prec = 100
+        return int(x / y)
+
+
+def _modulo(a: Any, b: Any) -> Any:
+    """MySQL's %: the remainder with the dividend's sign; NULL for a zero divisor."""
+    pair = _dividing(a, b)
+    if pair is None:
+        return None
+    x, y = pair
+    if isinstance(x, float) or isinstance(y, float):
+        return math.fmod(float(x), float(y))
+    with localcontext() as context:
+        context.prec = 100
+        rest = Decimal(x) % Decimal(y)
+    if isinstance(x, int) and isinstance(y, int):
+        return int(rest)
+    if isinstance(x, Unrounded) or isinstance(y, Unrounded):
+        return Unrounded(rest, max(scale_of(x), scale_of(y)))
+    return rest
+
+
+def _exact(value: Any) -> Decimal:
+    return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+
+
+def _round(value: Any, digits: int) -> Any:
+    """MySQL's ROUND(x, d): exact numbers half away from zero (a DECIMAL gets d places, an
+    integer stays one); a DOUBLE as MariaDB does it, rint(x * 10^d) / 10^d."""
+    if value is None:
+        return None
+    x = _numeric(value)
+    if isinstance(x, float):
+        if digits >= 0:
+            scale = 10.0**digits
+            return round(x * scale) / scale
+        scale = 10.0 ** (-digits)
+        return round(x / scale) * scale
+    with localcontext() as context:
+        context.prec = 100
+        if isinstance(x, int):
+            if digits >= 0:
+                return x
+            step = Decimal(1).scaleb(-digits)
+            return int((Decimal(x) / step).quantize(Decimal(1), rounding=ROUND_HALF_UP) * step)
+        if digits >= 0:
+            return x.quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP)
+        step = Decimal(1).scaleb(-digits)
+        return ((x / step).quantize(Decimal(1), rounding=ROUND_HALF_UP) * step).quantize(Decimal(1))
+
+
 def compare(a: Any, wa: Any, b: Any, wb: Any) -> int:
-    """-1, 0 or 1 as MySQL compares two non-NULL values (weights for strings, if any)."""
+    """-1, 0 or 1 as MySQL compares two non-NULL values (weights for strings, if any).
+
+    A quotient is compared at the scale it shows (MariaDB: ``1/3 = 0.3333`` is true, while
+    ``1/3*3`` is 1.0000: arithmetic goes on at full precision)."""
+    a, b = shown(a), shown(b)
     if isinstance(a, str) and isinstance(b, str):
         if wa is not None and wb is not None:
             if not wa or not wb:
@@ -919,7 +1199,12 @@ def _sign(a: Any, b: Any) -> int:
 def _negate(value: Any) -> Any:
     if value is None:
         return None
-    return -_numeric(value)
+    return _like(-_numeric(value), value)
+
+
+def _like(result: Any, value: Any) -> Any:
+    """``result`` unrounded, with ``value``'s scale, when ``value`` is (minus, ABS)."""
+    return Unrounded(result, value.scale) if isinstance(value, Unrounded) else result
 
 
 def _numeric(value: Any) -> Any:
@@ -932,13 +1217,23 @@ def _numeric(value: Any) -> Any:
     )
 
 
-def _arith(op: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+def _arith(
+    op: Callable[[Any, Any], Any], scale: Callable[[int, int], int]
+) -> Callable[[Any, Any], Any]:
+    """An operator with MySQL's types: doubles when either side is one; exact otherwise, and
+    an Unrounded operand (a quotient) keeps the result unrounded, with the result's scale
+    (``scale`` of the operands' scales: the larger for + and -, their sum for *)."""
+
     def apply(a: Any, b: Any) -> Any:
         if a is None or b is None:
             return None
         x, y = _numeric(a), _numeric(b)
         if isinstance(x, float) or isinstance(y, float):
             return op(float(x), float(y))
+        if isinstance(x, Unrounded) or isinstance(y, Unrounded):
+            with localcontext() as context:
+                context.prec = 100
+                return Unrounded(op(Decimal(x), Decimal(y)), scale(scale_of(x), scale_of(y)))
         return op(x, y)
 
     return apply
@@ -947,25 +1242,23 @@ def _arith(op: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
 def _divide(a: Any, b: Any) -> Any:
     """MySQL's ``/``: NULL for a zero divisor, a double for doubles, otherwise a DECIMAL with
     the dividend's scale plus div_precision_increment, rounded half up."""
-    if a is None or b is None:
+    pair = _dividing(a, b)
+    if pair is None:
         return None
-    x, y = _numeric(a), _numeric(b)
-    if y == 0:
-        return None
+    x, y = pair
     if isinstance(x, float) or isinstance(y, float):
         return float(x) / float(y)
-    dx = Decimal(x)
-    exponent = dx.as_tuple().exponent
-    scale = (-exponent if isinstance(exponent, int) and exponent < 0 else 0) + AVG_SCALE_INCREMENT
+    # Kept at full precision while the expression goes on (HAVING SUM(a) / 3 > 1.3333 compares
+    # 1.33333...); the scale is the dividend's plus div_precision_increment, shown at the end.
     with localcontext() as context:
         context.prec = 100
-        return (dx / Decimal(y)).quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP)
+        return Unrounded(Decimal(x) / Decimal(y), scale_of(x) + AVG_SCALE_INCREMENT)
 
 
 _ARITHMETIC_OPS: dict[type[exp.Expression], Callable[[Any, Any], Any]] = {
-    exp.Add: _arith(lambda x, y: x + y),
-    exp.Sub: _arith(lambda x, y: x - y),
-    exp.Mul: _arith(lambda x, y: x * y),
+    exp.Add: _arith(lambda x, y: x + y, max),
+    exp.Sub: _arith(lambda x, y: x - y, max),
+    exp.Mul: _arith(lambda x, y: x * y, lambda a, b: a + b),
     exp.Div: _divide,
 }
 
@@ -995,7 +1288,7 @@ def _truth(value: Any) -> bool | None:
 def _absolute(value: Any) -> Any:
     if value is None:
         return None
-    return abs(_numeric(value))
+    return _like(abs(_numeric(value)), value)
 
 
 def _and(a: bool | None, b: bool | None) -> bool | None:

@@ -389,7 +389,27 @@ def aggregate(g: Gen, cols: list[Col]) -> str:
             # partials rounded to div_precision_increment and then summed are not the same.
             g.features.add("agg:of-division")
             return f"{g.pick(['SUM', 'AVG'])}({icol.ref} / {g.pick([3, 7])})"
-        return "COUNT(*) + 1"
+        if g.chance(0.5):
+            return "COUNT(*) + 1"
+        # Expressions over aggregates the merge computes (issue 11 item 3).
+        g.features.add("agg:computed")
+        return g.pick(
+            [
+                f"ROUND(AVG({icol.ref}) / 100, 2)",
+                f"ROUND(AVG({icol.ref}))",
+                f"COALESCE(SUM({icol.ref}), 0)",
+                f"IFNULL(MAX({icol.ref}), -1)",
+                "CASE WHEN COUNT(*) > 2 THEN 'many' ELSE 'few' END",
+                f"SUM({icol.ref}) DIV 7",
+                f"SUM({icol.ref}) % 7",
+                f"AVG({icol.ref}) * 2",
+                f"NULLIF(COUNT({icol.ref}), 0)",
+                f"ABS(MIN({icol.ref}) - 50)",
+                f"SUM({icol.ref}) / 3 * 3",
+                "COUNT(*) > 1",
+                f"IF(SUM({icol.ref}) > 100, 1.5, 2)",
+            ]
+        )
     g.features.add("agg:group_concat")
     return f"GROUP_CONCAT(DISTINCT {col.ref} ORDER BY {col.ref})"
 

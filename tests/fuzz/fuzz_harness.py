@@ -931,6 +931,7 @@ CAUSES = (
     "having:alias",
     "agg:avg",
     "agg:group_concat",
+    "agg:computed",
     "agg:distinct",
     "join",
     "subquery",

@@ -76,7 +76,7 @@ def test_having_functions_compute_what_one_database_computes(
     world: dict[str, Any],  # noqa: F811
     having: str,
 ) -> None:
-    if " IS NULL" in having or "(COUNT(" in having:
+    if "(COUNT(" in having:  # (MariaDB answers NULLIF over an aggregate in HAVING wrongly)
         refused(
             world,
             "SELECT user_id, COUNT(*) AS n FROM orders GROUP BY user_id HAVING " + having,

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import text
 from test_router_oracle import check, world  # noqa: F401  (the module's 4 shards + oracle)
 
-from shardrouter.errors import FanoutLimitError, KeyValueError, RoutingError
+from shardrouter.errors import FanoutLimitError, KeyValueError, RoutingError, UnsupportedQueryError
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(120)]
 
@@ -297,3 +297,72 @@ def test_having_parameter_of_no_scalar_type_is_refused(world: dict[str, Any]) ->
     with pytest.raises(RoutingError) as info:
         world["router"].execute(sql, {"n": [1, 2]})
     assert ":n" in str(info.value)
+
+
+# -- item 3: expressions over aggregates, computed after the merge --------------------------
+
+OVER_AGGREGATES = [
+    "SELECT SUM(amount_cents)/100 FROM orders",
+    "SELECT SUM(amount_cents) / 100 AS eur FROM orders WHERE status = :s",
+    "SELECT status, SUM(amount_cents)/COUNT(*) FROM orders GROUP BY status ORDER BY status",
+    "SELECT ROUND(AVG(amount_cents)/100, 2) FROM orders",
+    "SELECT ROUND(AVG(amount_cents), 2), ROUND(AVG(amount_cents)), ROUND(SUM(amount_cents), -3)"
+    " FROM orders",
+    "SELECT COALESCE(SUM(amount_cents), 0) FROM orders WHERE status = 'nope'",
+    "SELECT COALESCE(SUM(amount_cents), 0), IFNULL(MAX(amount_cents), -1) FROM orders",
+    "SELECT status, CASE WHEN COUNT(*) > 150 THEN 'many' ELSE 'few' END AS size FROM orders"
+    " GROUP BY status ORDER BY status",
+    "SELECT merchant_id, CASE COUNT(*) % 3 WHEN 0 THEN 'a' WHEN 1 THEN 'b' END FROM orders"
+    " GROUP BY merchant_id ORDER BY merchant_id",
+    "SELECT merchant_id, SUM(amount_cents) DIV 100, SUM(amount_cents) % 7 FROM orders"
+    " GROUP BY merchant_id ORDER BY merchant_id",
+    "SELECT MAX(amount_cents) - MIN(amount_cents), COUNT(*) * 2 + 1 FROM orders",
+    "SELECT SUM(amount_cents) / SUM(1), COUNT(amount_cents) / COUNT(*) FROM orders",
+    "SELECT status, 100 * COUNT(*) / 7 FROM orders GROUP BY status ORDER BY status",
+    "SELECT ROUND(SUM(amount_cents) / COUNT(amount_cents), 1) FROM orders",
+    "SELECT IF(COUNT(*) > 100, 'big', 'small'), COUNT(*) > 100, COUNT(*) BETWEEN 1 AND 5"
+    " FROM orders",
+    "SELECT merchant_id, AVG(amount_cents) * 2, -AVG(amount_cents), ABS(-SUM(amount_cents) / 3)"
+    " FROM orders GROUP BY merchant_id ORDER BY merchant_id",
+    "SELECT status, SUM(amount_cents) / 100 AS eur FROM orders GROUP BY status ORDER BY eur DESC",
+    "SELECT merchant_id, SUM(amount_cents) / 3 AS third FROM orders GROUP BY merchant_id"
+    " HAVING third > 10000 ORDER BY third, merchant_id LIMIT 5",
+    "SELECT merchant_id, SUM(amount_cents) / 3 FROM orders GROUP BY merchant_id"
+    " ORDER BY SUM(amount_cents) / 3 DESC, merchant_id LIMIT :n",
+    "SELECT NULLIF(COUNT(*), 0), COUNT(*) / 0, 1 / 3 * 3, SUM(amount_cents) / 3 * 3 FROM orders",
+]
+
+
+@pytest.mark.parametrize("sql", OVER_AGGREGATES)
+def test_expressions_over_aggregates_across_shards(world: dict[str, Any], sql: str) -> None:  # noqa: F811
+    params = {"s": "paid", "n": 4}
+    rows = check(world, sql, params)
+    # Exactly as one database answers: values, types and DECIMAL scales (repr).
+    got = world["router"].execute(sql, params)
+    assert len(got.shards) > 1
+    assert [tuple(map(repr, r)) for r in got.rows] == [tuple(map(repr, r)) for r in rows], sql
+    with world["oracle"].connect() as conn:
+        labels = list(conn.execute(text(sql), params).keys())
+    assert list(got.columns) == labels
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT CAST(SUM(amount_cents) AS CHAR) FROM orders",
+        "SELECT FLOOR(SUM(amount_cents) / 1000) FROM orders",
+        "SELECT GREATEST(MAX(amount_cents), 1000) FROM orders",
+        "SELECT ROUND(SUM(amount_cents), :d) FROM orders",
+        "SELECT SUM(amount_cents) / :d FROM orders",
+        "SELECT DISTINCT COUNT(*) % 2 FROM orders GROUP BY merchant_id",
+    ],
+)
+def test_expressions_the_merge_cannot_compute_are_refused(
+    world: dict[str, Any],  # noqa: F811
+    sql: str,
+) -> None:
+    with pytest.raises(UnsupportedQueryError):
+        world["router"].execute(sql, {"d": 2})
+    user = _orders(world)[0]["user_id"]  # on one shard the shard computes it
+    one = sql.replace("FROM orders", "FROM orders WHERE user_id = :u")
+    check(world, one, {"d": 2, "u": user})
