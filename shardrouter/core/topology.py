@@ -157,7 +157,13 @@ class KeyRule:
         if type(value) is self._exact or self.key_type.accepts(value):
             return value
         if self._exact is int and type(value) is str and _DECIMAL_INT.fullmatch(value):
-            return int(value)
+            digits = value.lstrip("+-").lstrip("0")
+            if len(digits) <= 20:  # (a 64-bit key has at most 20 digits; int() stops at 4300)
+                return -int(digits or "0") if value.startswith("-") else int(digits or "0")
+            raise KeyValueError(
+                f"{self.table}.{self.column}: value {value[:40]!r}... ({len(value)} characters)"
+                f" is outside the 64-bit range of strategy {self.strategy.name}"
+            )
         shown = "None (NULL)" if value is None else repr(value)
         problem = "cannot be routed" if value is None else f"is not {self.key_type.label}"
         way = " (or a string of its decimal digits)" if self._exact is int else ""

@@ -15,7 +15,7 @@ text as written, and the labels must not change.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -85,8 +85,14 @@ class LateParams:
                 )
         return out
 
-    def write(self, sql: str, values: Mapping[str, Any]) -> str:
-        """``sql`` with this statement's late placeholders replaced by SQL literals."""
+    def literals(self, values: Mapping[str, Any]) -> tuple[str, ...]:
+        """The SQL literals of ``values`` (checked by ``values()``), in this order: what
+        ``write`` writes in."""
+        return tuple(_literal(values[name]) for name in (*self.limit, *self.having))
+
+    def write(self, sql: str, literals: Sequence[str]) -> str:
+        """``sql`` with this statement's late placeholders replaced by ``literals``."""
+        values = dict(zip((*self.limit, *self.having), literals, strict=True))
         tokens = MySQL().tokenize(sql)
         edits: list[tuple[int, int, str]] = []
         if self.limit:
@@ -126,14 +132,14 @@ def _last_top_level(tokens: list[Token], kinds: set[TokenType]) -> int:
 
 
 def _placeholders(
-    tokens: list[Token], start: int, end: int, names: set[str], values: Mapping[str, Any]
+    tokens: list[Token], start: int, end: int, names: set[str], values: Mapping[str, str]
 ) -> list[tuple[int, int, str]]:
     """(begin, end, literal) for each ``:name`` of ``names`` in tokens[start:end]."""
     edits = []
     for i in range(start, min(end, len(tokens) - 1)):
         colon, name = tokens[i], tokens[i + 1]
         if colon.token_type == TokenType.COLON and name.text in names:
-            edits.append((colon.start, name.end + 1, _literal(values[name.text])))
+            edits.append((colon.start, name.end + 1, values[name.text]))
     return edits
 
 

@@ -392,24 +392,26 @@ class Planner:
             return self._write(sql, tree, "update", shapes.check(tree, "update"))
         if isinstance(tree, exp.Delete):
             return self._write(sql, tree, "delete", shapes.check(tree, "delete"))
-        raise UnsupportedQueryError(_not_routed(tree))
+        raise UnsupportedQueryError(_not_routed(tree, sql))
 
     def _late_binder(self, sql: str, late: LateParams) -> Callable[[Mapping[str, Any]], Plan]:
         """``params`` -> the plan of ``sql`` with its LIMIT/OFFSET and HAVING parameters
         written in as the values they hold (see shardrouter.sql.late); planned once per
         distinct values, the last 64 kept."""
-        bound: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
+        bound: OrderedDict[tuple[str, ...], Plan] = OrderedDict()
 
         def bind(params: Mapping[str, Any]) -> Plan:
-            values = late.values(params)
-            key = tuple((type(v).__name__, v) for v in values.values())  # (1, True, 1.0 differ)
-            plan = bound.get(key)
+            # Keyed by the literals written in: values Python holds equal may be written
+            # differently (Decimal('1') and Decimal('1.0'), datetimes in other time zones).
+            literals = late.literals(late.values(params))
+            plan = bound.get(literals)
             if plan is None:
-                plan = self.plan(late.write(sql, values))
+                # Not through self.plan: paging through offsets would evict the other plans.
+                plan = self._build(late.write(sql, literals))
                 if plan.late is not None:  # (cannot happen: the same clauses named them)
                     raise UnsupportedQueryError(f"parameters not written in: {sql}")
                 with self._lock:
-                    bound[key] = plan
+                    bound[literals] = plan
                     if len(bound) > 64:
                         bound.popitem(last=False)
             return plan
@@ -697,7 +699,7 @@ _BIND = re.compile(r"(?<![:\w\\]):\w")
 
 
 _REPLACE = re.compile(
-    r"(?:\s|/\*.*?\*/|(?:--|#)[^\n]*(?:\n|$))*REPLACE\b", re.IGNORECASE | re.DOTALL
+    r"(?:\s|/\*(?:[^*]|\*(?!/))*\*/|(?:--|#)[^\n]*(?:\n|$))*REPLACE\b", re.IGNORECASE
 )
 """A statement that begins with REPLACE (after blanks and comments)."""
 
@@ -713,9 +715,19 @@ _DDL = (exp.Create, exp.Drop, exp.Alter, exp.TruncateTable)
 _SET_OPERATIONS = (exp.Union, exp.Intersect, exp.Except)
 
 
-def _not_routed(tree: exp.Expression) -> str:
+def _not_routed(tree: exp.Expression, sql: str) -> str:
     """Why a statement of this kind is refused, and what to do instead."""
-    kind = str(tree.this).upper() if isinstance(tree, exp.Command) else type(tree).__name__.upper()
+    if isinstance(tree, exp.Subquery):
+        return "a SELECT in parentheses is not routed: send it without the parentheses"
+    if isinstance(tree, exp.Command):
+        kind = str(tree.this).upper()
+    elif isinstance(tree, exp.Alias | exp.Anonymous | exp.Values):
+        # What sqlglot makes of a statement it does not know (SAVEPOINT, FLUSH, VALUES):
+        # named by its first word.
+        first = next(iter(MySQL().tokenize(sql)), None)
+        kind = first.text.upper() if first is not None else type(tree).__name__.upper()
+    else:
+        kind = type(tree).__name__.upper()
     kind = {"TRUNCATETABLE": "TRUNCATE", "TRANSACTION": "BEGIN"}.get(kind, kind)
     if isinstance(tree, _DDL) or kind == "RENAME":
         return (

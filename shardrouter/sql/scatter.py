@@ -665,10 +665,22 @@ class _Having:
             value = self.operand(expr.this, expr.this)
             return lambda row: value(row)[0] is None  # never NULL itself
         if isinstance(expr, exp.Between):
-            # MySQL: x BETWEEN a AND b is x >= a AND x <= b, each compared by its own types.
-            low = self.build(exp.GTE(this=expr.this, expression=expr.args["low"]))
-            high = self.build(exp.LTE(this=expr.this, expression=expr.args["high"]))
-            return lambda row: _and(low(row), high(row))
+            # x >= a AND x <= b, with one comparison type for all three (MariaDB: with a
+            # number among strings all compare as numbers, '10' BETWEEN 9 AND '2' is false).
+            value = self.operand(expr.this, expr.args["low"])
+            low = self.operand(expr.args["low"], expr.this)
+            high = self.operand(expr.args["high"], expr.this)
+
+            def between(row: tuple[Any, ...]) -> bool | None:
+                x, a, b = value(row), low(row), high(row)
+                present = [v for v, _ in (x, a, b) if v is not None]
+                if any(isinstance(v, str) for v in present) and any(_is_number(v) for v in present):
+                    x, a, b = ((None if v is None else _numeric(v), None) for v, _ in (x, a, b))
+                above = None if x[0] is None or a[0] is None else compare(*x, *a) >= 0
+                below = None if x[0] is None or b[0] is None else compare(*x, *b) <= 0
+                return _and(above, below)
+
+            return between
         if isinstance(expr, exp.In) and expr.expressions and not expr.args.get("query"):
             # x IN (a, b): true if x = one of them, else NULL if x or one of them is NULL.
             tests = [self.build(exp.EQ(this=expr.this, expression=e)) for e in expr.expressions]
@@ -1033,6 +1045,7 @@ def _dividing(a: Any, b: Any) -> tuple[Any, Any] | None:
         return None
     x, y = _numeric(a), _numeric(b)
     return None if y == 0 else (x, y)
+
 
 def _int_divide(a: Any, b: Any) -> Any:
     """MySQL's DIV: the quotient truncated toward zero, an integer; NULL for a zero divisor."""

@@ -64,7 +64,7 @@ def test_no_late_parameters() -> None:
 )
 def test_written_as_the_driver_writes_them(sql: str, values: dict[str, Any], written: str) -> None:
     found = late(sql)
-    assert found.write(sql, found.values(values)) == written
+    assert found.write(sql, found.literals(found.values(values))) == written
 
 
 @pytest.mark.parametrize("bad", [-1, "5", 2.0, True, None, 2**64], ids=repr)
