@@ -523,6 +523,7 @@ class Planner:
                     tree,
                     _int_columns(tree, self.topology),
                     frozenset(c for t in tables for c in t.keys),
+                    _int_columns(tree, self.topology, partitioned=True),
                 )
                 plan.offset_depth = plan.merge.offset
             except UnsupportedQueryError as exc:
@@ -750,9 +751,13 @@ def _not_routed(tree: exp.Expression, sql: str) -> str:
     )
 
 
-def _int_columns(tree: exp.Select, topology: Topology) -> dict[str, frozenset[str]]:
+def _int_columns(
+    tree: exp.Select, topology: Topology, *, partitioned: bool = False
+) -> dict[str, frozenset[str]]:
     """Sharding-key columns whose strategy takes ints, by the qualifier naming their table
-    (and ``""`` when the statement reads one table): their values are never strings."""
+    (and ``""`` when the statement reads one table): their values are never strings.
+    ``partitioned``: only functional keys (not lookups): a value of one lives in one slot, so
+    on one shard and in one split, and distinct values counted per target add up."""
     tables = list(tree.find_all(exp.Table))
     found: dict[str, frozenset[str]] = {}
     for table in tables:
@@ -760,7 +765,9 @@ def _int_columns(tree: exp.Select, topology: Topology) -> dict[str, frozenset[st
         if rule is None:
             continue
         names = frozenset(
-            column.lower() for column, key in rule.keys.items() if key.key_type is KeyType.INT
+            column.lower()
+            for column, key in rule.keys.items()
+            if key.key_type is KeyType.INT and not (partitioned and key.lookup_table is not None)
         )
         found[(table.alias or table.name).lower()] = names
         if len(tables) == 1:

@@ -150,6 +150,7 @@ def scatter(
     tree: exp.Select,
     int_columns: Mapping[str, frozenset[str]] | None = None,
     key_columns: frozenset[str] = frozenset(),
+    partitioned: Mapping[str, frozenset[str]] | None = None,
 ) -> tuple[exp.Select, MergePlan]:
     """Rewrite a SELECT for fan-out and describe how to merge the shards' rows.
 
@@ -157,8 +158,11 @@ def scatter(
     one table), lower-case names of columns that hold integers (sharding keys whose strategy
     takes ints): they need no collation weight. ``key_columns``: names of the sharding
     columns of the statement's tables (columns that exist, for GROUP BY name resolution).
+    ``partitioned``: as ``int_columns``, the integer keys whose each value lives on one target
+    (functional strategies): COUNT/SUM/AVG(DISTINCT) of one merge from per-target partials.
     """
     integers = int_columns or {}
+    by_key = partitioned or {}
     # Names known to be columns of the FROM tables (a GROUP BY name is a column before an
     # alias): the sharding keys, and names used as columns where no alias can be meant
     # (the select items' expressions, WHERE, ON).
@@ -202,7 +206,11 @@ def scatter(
                 f"aggregate {name} cannot be merged across shards (only COUNT, SUM, MIN, MAX and"
                 " AVG can); route by a key"
             )
-        if isinstance(node, exp.Sum | exp.Avg) and isinstance(node.this, exp.Distinct):
+        if (
+            isinstance(node, exp.Sum | exp.Avg)
+            and isinstance(node.this, exp.Distinct)
+            and not _of_partitioned_key(node, by_key)
+        ):
             raise UnsupportedQueryError(
                 f"{name}(DISTINCT ...) across shards cannot be merged from partial sums;"
                 " route by a key"
@@ -312,12 +320,16 @@ def scatter(
                 continue
             new_items.append(item)
             continue
-        if isinstance(inner, exp.Count) and (
-            inner.args.get("distinct") or isinstance(inner.this, exp.Distinct)
+        if (
+            isinstance(inner, exp.Count)
+            and (inner.args.get("distinct") or isinstance(inner.this, exp.Distinct))
+            and not _of_partitioned_key(inner, by_key)
         ):
             raise UnsupportedQueryError(
-                "COUNT(DISTINCT ...) across shards cannot be merged from partial counts;"
-                " select DISTINCT values and count them, or route by a key"
+                "COUNT(DISTINCT ...) across shards cannot be merged from partial counts (a"
+                " value on two shards would count twice) unless it counts one integer sharding"
+                " key, whose values each live on one shard; select DISTINCT values and count"
+                " them, or route by a key"
             )
         if func == "avg":
             arg = inner.this
@@ -383,7 +395,9 @@ def scatter(
         )
         if isinstance(g, exp.Column)
     }
-    computing = _Computed(position_of, weight_of, add_hidden, expression_at, group_columns, width)
+    computing = _Computed(
+        position_of, weight_of, add_hidden, expression_at, group_columns, width, by_key
+    )
     computed = tuple(Computed(i, computing.value(expr)) for i, expr in pending)
     if computed and shard.args.get("distinct"):
         # MariaDB 10.11 answers SELECT DISTINCT COUNT(*) % 2 ... GROUP BY m with only the
@@ -404,7 +418,7 @@ def scatter(
         # Partial groups cannot be filtered: HAVING moves to the merge. Without grouping it
         # filters single rows like WHERE and stays on the shards (before their LIMIT).
         having_fn = _Having(
-            position_of, weight_of, add_hidden, expression_at, group_columns, width
+            position_of, weight_of, add_hidden, expression_at, group_columns, width, by_key
         ).compile(having.this)
         shard.set("having", None)
     order = shard.args.get("order")
@@ -417,10 +431,11 @@ def scatter(
                 continue
             pos = position_of(ordered.this)
             extra = hidden[pos - width] if pos >= width else None
-            if extra is not None and _distinct_aggregate(extra) is not None:
+            distinct = _distinct_aggregate(extra) if extra is not None else None
+            if distinct is not None and not _of_partitioned_key(distinct, by_key):
                 # A value counted (or summed) on two shards would count twice.
                 raise UnsupportedQueryError(
-                    f"ORDER BY {extra.sql(dialect='mysql')!r} across shards: an aggregate with"
+                    f"ORDER BY {distinct.sql(dialect='mysql')!r} across shards: an aggregate with"
                     " DISTINCT cannot be merged from partial values; route by a key"
                 )
             if extra is not None and (
@@ -502,6 +517,20 @@ def scatter(
         if plan.shard_limit is not None:
             shard.set("limit", exp.Limit(expression=exp.Literal.number(plan.shard_limit)))
     return shard, plan
+
+
+def _of_partitioned_key(
+    agg: exp.Expression | exp.AggFunc, partitioned: Mapping[str, frozenset[str]]
+) -> bool:
+    """Whether ``agg`` is COUNT/SUM/AVG(DISTINCT k) of one column k whose values each live
+    on one target (an integer functional sharding key): per-target partials then add up."""
+    arg = agg.this
+    if not isinstance(arg, exp.Distinct) or len(arg.expressions) != 1:
+        return False
+    column = arg.expressions[0]
+    if not isinstance(column, exp.Column):
+        return False
+    return column.name.lower() in partitioned.get(column.table.lower(), frozenset())
 
 
 def _label(item: exp.Expression) -> exp.Identifier | str:
@@ -637,7 +666,10 @@ class _Having:
         expression_at: Callable[[int], exp.Expression],
         group_columns: dict[str, int],
         width: int,
+        partitioned: Mapping[str, frozenset[str]] | None = None,
     ) -> None:
+        self.partitioned = partitioned or {}
+        """Integer sharding keys by qualifier (see scatter): their DISTINCT aggregates merge."""
         self.width = width
         self.position_of = position_of
         self.weight_of = weight_of
@@ -745,7 +777,7 @@ class _Having:
                 "AVG in HAVING across shards: select the AVG and filter on its alias"
             )
         distinct = _distinct_aggregate(expr)
-        if distinct is not None:
+        if distinct is not None and not _of_partitioned_key(distinct, self.partitioned):
             # Partial COUNT(DISTINCT)/SUM(DISTINCT) values add up a value seen on two shards
             # twice.
             raise UnsupportedQueryError(

@@ -366,3 +366,59 @@ def test_expressions_the_merge_cannot_compute_are_refused(
     user = _orders(world)[0]["user_id"]  # on one shard the shard computes it
     one = sql.replace("FROM orders", "FROM orders WHERE user_id = :u")
     check(world, one, {"d": 2, "u": user})
+
+
+# -- item 9: COUNT/SUM/AVG(DISTINCT) of a sharding key ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT COUNT(DISTINCT user_id) FROM orders",
+        "SELECT COUNT(DISTINCT user_id), COUNT(*), SUM(DISTINCT user_id) FROM orders",
+        "SELECT status, COUNT(DISTINCT user_id) AS buyers FROM orders GROUP BY status"
+        " ORDER BY buyers DESC, status",
+        "SELECT AVG(DISTINCT user_id), COUNT(DISTINCT order_id) FROM orders WHERE status = :s",
+        "SELECT COUNT(DISTINCT o.order_id), COUNT(*) FROM orders o JOIN order_items i"
+        " ON i.order_id = o.order_id WHERE i.qty > 1",
+        "SELECT COUNT(DISTINCT user_id) / COUNT(*) FROM orders",
+        "SELECT merchant_id, COUNT(DISTINCT user_id) FROM orders GROUP BY merchant_id"
+        " ORDER BY merchant_id LIMIT :n",
+    ],
+)
+def test_distinct_aggregates_of_a_sharding_key_across_shards(
+    world: dict[str, Any],  # noqa: F811
+    sql: str,
+) -> None:
+    params = {"s": "paid", "n": 5}
+    rows = check(world, sql, params)
+    got = world["router"].execute(sql, params)
+    assert len(got.shards) > 1
+    assert [tuple(map(repr, r)) for r in got.rows] == [tuple(map(repr, r)) for r in rows]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT COUNT(DISTINCT merchant_id) FROM orders",  # a lookup column: on many shards
+        "SELECT COUNT(DISTINCT status) FROM orders",
+        "SELECT SUM(DISTINCT amount_cents) FROM orders",
+        "SELECT COUNT(DISTINCT user_id, status) FROM orders",
+        "SELECT COUNT(DISTINCT user_id + 1) FROM orders",
+    ],
+)
+def test_distinct_aggregates_of_other_columns_are_refused(
+    world: dict[str, Any],  # noqa: F811
+    sql: str,
+) -> None:
+    with pytest.raises(UnsupportedQueryError):
+        world["router"].execute(sql)
+
+
+def test_distinct_key_aggregates_in_having_and_order_by(world: dict[str, Any]) -> None:  # noqa: F811
+    check(
+        world,
+        "SELECT merchant_id, COUNT(*) FROM orders GROUP BY merchant_id"
+        " HAVING COUNT(DISTINCT user_id) > :n ORDER BY COUNT(DISTINCT user_id), merchant_id",
+        {"n": 15},
+    )
