@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -246,6 +247,10 @@ class TableRule:
     bound_to: str | None
     split: int
     physical_names: tuple[str, ...]
+    placement: str = ""
+    """How its group's primary key places rows (strategy, its parameters, key type): two
+    groups with equal placements put rows of equal keys in one slot, hence one shard ("" for
+    a broadcast table)."""
 
     def key(self, column: str) -> KeyRule:
         rule = self.keys.get(column)
@@ -389,8 +394,17 @@ class Topology:
                     keys[sec.column] = KeyRule(name, sec.column, sec.type, strategy, primary=False)
         split = source.split
         physical = (name,) if split == 1 else tuple(f"{name}_{i:04d}" for i in range(split))
+        spec = source.strategy if isinstance(source.strategy, dict) else {"name": source.strategy}
+        placement = json.dumps([spec, source.type.value], sort_keys=True)
         return TableRule(
-            name, "sharded", primary, MappingProxyType(keys), table.bound_to, split, physical
+            name,
+            "sharded",
+            primary,
+            MappingProxyType(keys),
+            table.bound_to,
+            split,
+            physical,
+            placement,
         )
 
     # -- routing ------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ import operator
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal, localcontext
+from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, localcontext
 from typing import Any, Literal, TypeVar, get_args
 
 from ..errors import UnsupportedQueryError
@@ -491,24 +491,53 @@ def scale_of(value: Any) -> int:
 
 def shown(value: Any) -> Any:
     """``value`` as it leaves an expression: an Unrounded rounded (half away from zero) to its
-    scale, a plain Decimal; anything else as it is."""
-    if not isinstance(value, Unrounded):
-        return value
+    scale, a plain Decimal; a zero without its sign (MariaDB has no -0); anything else as it
+    is."""
+    if isinstance(value, Unrounded):
+        with localcontext() as context:
+            context.prec = 200
+            value = Decimal(value).quantize(
+                Decimal(1).scaleb(-min(value.scale, MAX_SCALE)), rounding=ROUND_HALF_UP
+            )
+    if isinstance(value, Decimal | float) and value == 0:
+        return abs(value)  # Decimal('-0.00') -> Decimal('0.00'), -0.0 -> 0.0
+    return value
+
+
+MAX_SCALE = 38
+"""MariaDB's largest DECIMAL scale (DECIMAL_MAX_SCALE)."""
+
+
+def quotient(x: Any, y: Any) -> Unrounded:
+    """MariaDB's DECIMAL ``x / y`` (exact x, y; y not 0) as an expression keeps it: cut off
+    (not rounded) after a whole number of 9-digit words, enough for the operands' digits plus
+    div_precision_increment (decimal_div: ``COUNT(*)/7/7*49`` is 43.99999999 for 44 rows), and
+    shown at the dividend's scale plus 4."""
+    digits = _digits(x) + _digits(y) + AVG_SCALE_INCREMENT
+    words = -(-digits // 9) * 9
     with localcontext() as context:
-        context.prec = 100
-        return Decimal(value).quantize(Decimal(1).scaleb(-value.scale), rounding=ROUND_HALF_UP)
+        context.prec = 200
+        exact = Decimal(x) / Decimal(y)
+        cut = exact.quantize(Decimal(1).scaleb(-words), rounding=ROUND_DOWN)
+    return Unrounded(cut, scale_of(x) + AVG_SCALE_INCREMENT)
+
+
+def _digits(value: Any) -> int:
+    """Digits after the point a number holds (an Unrounded: all it keeps, not its scale)."""
+    if isinstance(value, Decimal) and value.is_finite():
+        exponent = value.as_tuple().exponent
+        return max(0, -exponent) if isinstance(exponent, int) else 0
+    return 0
 
 
 def inner_average(total: Any, count: Any) -> Any:
-    """AVG inside an expression: the quotient at full precision (Unrounded, the sum's scale
-    plus 4 shown); ``average`` is the same value as a column shows it."""
+    """AVG inside an expression: the quotient as MariaDB keeps it (``quotient``: the sum's
+    scale plus 4 shown); ``average`` is the same value as a column shows it."""
     if total is None or count is None or count == 0:
         return None
     if isinstance(total, float):
         return total / count
-    with localcontext() as context:
-        context.prec = 100
-        return Unrounded(Decimal(total) / int(count), scale_of(total) + AVG_SCALE_INCREMENT)
+    return quotient(total, int(count))
 
 
 def average(total: Any, count: Any) -> Any:

@@ -421,7 +421,14 @@ class Planner:
     def _refuse_nested(self, tree: exp.Expression) -> None:
         _refuse_nested_in(tree, self.topology)
 
-    def _tables(self, tree: exp.Expression) -> tuple[tuple[TableRule, ...], TableRule | None]:
+    def _tables(
+        self, tree: exp.Expression, *, reading: bool = False
+    ) -> tuple[tuple[TableRule, ...], TableRule | None]:
+        """The statement's tables, sharded first, and the driving one. Sharded tables must be
+        one bound group, or (``reading``: a SELECT) groups co-located by construction: equal
+        placements, and splits that each divide the largest, whose table drives (its splits
+        are the targets; a table of fewer splits is found in split ``target % its split``).
+        Their joins are checked apart (_refuse_unsafe_joins)."""
         topology = self.topology
         rules: list[TableRule] = []
         targets = _delete_targets(tree)
@@ -439,14 +446,24 @@ class Planner:
         if not sharded:
             return tuple(rules), None
         groups = {r.bound_to or r.name for r in sharded}
-        if len(groups) > 1:
-            names = ", ".join(r.name for r in sharded)
-            raise UnsupportedQueryError(
-                f"statement joins sharded tables that are not bound together ({names}):"
-                " their rows live on different shards. Bind one to the other (bound_to),"
-                " or query them separately"
-            )
         driving = sharded[0]
+        if len(groups) > 1:
+            widest = max(sharded, key=lambda r: r.split)
+            if not (
+                reading
+                and len({r.placement for r in sharded}) == 1
+                and all(widest.split % r.split == 0 for r in sharded)
+            ):
+                names = ", ".join(r.name for r in sharded)
+                raise UnsupportedQueryError(
+                    f"statement joins sharded tables that are not bound together ({names}):"
+                    " their rows live on different shards. A SELECT may join tables sharded"
+                    " the same way (same strategy and parameters, splits that divide each"
+                    " other) on their sharding column; otherwise bind one to the other"
+                    " (bound_to), or query them separately"
+                )
+            driving = widest
+            sharded = [driving, *(r for r in sharded if r is not driving)]
         return tuple(sharded + [r for r in rules if r.kind != "sharded"]), driving
 
     def _conditions(
@@ -488,7 +505,7 @@ class Planner:
     def _select(self, sql: str, tree: exp.Select, verdict: shapes.Verdict) -> Plan:
         self._refuse_nested(tree)
         label_as_written(sql, tree)
-        tables, driving = self._tables(tree)
+        tables, driving = self._tables(tree, reading=True)
         conditions = self._conditions(tree, tables)
         plan = Plan(sql, "select", tables, driving, conditions, tree)
         plan.has_limit = tree.args.get("limit") is not None
@@ -968,7 +985,8 @@ def _refuse_unsafe_joins(
     user_id, or order_id = order_id whose gene carries the user's slot). An equality under OR
     or NOT, against a constant, or of a reference with itself proves nothing. A broadcast table
     must not be the preserved side of an outer join with a sharded one, or each shard would add
-    its own unmatched copy. Comma and CROSS joins of sharded tables are refused (no ON).
+    its own unmatched copy. A comma join (or a JOIN without ON) is an inner join whose condition
+    is the WHERE: a WHERE conjunct proves it; a CROSS JOIN of sharded tables is refused.
     """
     rules = {t.name: t for t in tables}
     aliases: dict[str, TableRule] = {}
@@ -996,7 +1014,20 @@ def _refuse_unsafe_joins(
                     " can see which tables it equates"
                 )
             earlier = [r for r in present if aliases[r].kind == "sharded"]
-            if not _colocated(join.args.get("on"), ref, earlier, aliases):
+            on = join.args.get("on")
+            if on is None and not join.args.get("kind") and not side:
+                # FROM a, b WHERE a.user_id = b.user_id (or JOIN without ON): an inner join
+                # whose condition is the WHERE, so a WHERE conjunct may prove co-location.
+                on = tree.args.get("where")
+            if side and len({aliases[r].split for r in [*earlier, ref]}) > 1:
+                # Each split of the wider table is joined with the whole narrower one: an
+                # outer join would add the narrower table's unmatched rows once per split.
+                raise UnsupportedQueryError(
+                    f"{side} JOIN of {rule.name} with a sharded table of another split count:"
+                    " each split would add the unmatched rows again; use an inner join, or"
+                    " query the tables separately"
+                )
+            if not _colocated(on, ref, earlier, aliases):
                 raise UnsupportedQueryError(
                     f"join of {rule.name} on {_show(join.args.get('on'))}: rows of sharded"
                     " tables meet only inside one shard, so the ON must have, as a top-level"

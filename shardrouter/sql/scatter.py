@@ -15,8 +15,8 @@ from sqlglot import exp
 
 from ..errors import UnsupportedQueryError
 from .merge import (
-    AVG_SCALE_INCREMENT,
     MAX_LIMIT,
+    MAX_SCALE,
     WEIGHT_CHARS,
     Aggregate,
     Average,
@@ -24,6 +24,7 @@ from .merge import (
     MergePlan,
     Unrounded,
     inner_average,
+    quotient,
     scale_of,
     shown,
 )
@@ -184,7 +185,9 @@ def scatter(
     ]
     star_at = stars[0] if stars else None
     if star_at is not None:
-        if shard.args.get("group") or any(_aggregate_of(i) for i in select_items):
+        if shard.args.get("group") or any(
+            _aggregate_of(i) or i.find(exp.AggFunc) for i in select_items
+        ):
             raise UnsupportedQueryError(
                 "SELECT * with aggregates or GROUP BY across shards is not supported; name the"
                 " columns"
@@ -395,10 +398,29 @@ def scatter(
         )
         if isinstance(g, exp.Column)
     }
-    computing = _Computed(
-        position_of, weight_of, add_hidden, expression_at, group_columns, width, by_key
+    if any(pos in computed_at for pos in group_positions):
+        raise UnsupportedQueryError(  # MariaDB: 1056 Can't group on it
+            "GROUP BY an expression over aggregates cannot group; group by columns"
+        )
+    # Both evaluators see the merged row the same way: positions, weights, hidden partials.
+    context = (
+        position_of,
+        weight_of,
+        add_hidden,
+        expression_at,
+        group_columns,
+        width,
+        by_key,
+        frozenset(computed_at),
+        frozenset(a.index for a in averages),
+    )
+    computing = _Computed(*context)
+    computing.aliases = frozenset(
+        str(item.alias).lower() for item in select_items if isinstance(item, exp.Alias)
     )
     computed = tuple(Computed(i, computing.value(expr)) for i, expr in pending)
+    for pos in computing.partial_sums:
+        aggregates.append(Aggregate(index=pos, func="sum"))
     if computed and shard.args.get("distinct"):
         # MariaDB 10.11 answers SELECT DISTINCT COUNT(*) % 2 ... GROUP BY m with only the
         # first group's value: no answer here would match the single database's.
@@ -417,9 +439,7 @@ def scatter(
     if having is not None and grouping:
         # Partial groups cannot be filtered: HAVING moves to the merge. Without grouping it
         # filters single rows like WHERE and stays on the shards (before their LIMIT).
-        having_fn = _Having(
-            position_of, weight_of, add_hidden, expression_at, group_columns, width, by_key
-        ).compile(having.this)
+        having_fn = _Having(*context).compile(having.this)
         shard.set("having", None)
     order = shard.args.get("order")
     sort_keys: list[SortKey] = []
@@ -430,6 +450,13 @@ def scatter(
                 # literal is a position).
                 continue
             pos = position_of(ordered.this)
+            if pos in computed_at and not _numeric_valued(dict(pending)[pos]):
+                # A string (or a column's value) the merge made: no shard weighed it.
+                raise UnsupportedQueryError(
+                    f"ORDER BY {ordered.this.sql(dialect='mysql')} across shards: a value the"
+                    " merge computes that may be a string sorts by bytes here and by the"
+                    " collation in one database; order by an aggregate, or route by a key"
+                )
             extra = hidden[pos - width] if pos >= width else None
             distinct = _distinct_aggregate(extra) if extra is not None else None
             if distinct is not None and not _of_partitioned_key(distinct, by_key):
@@ -667,9 +694,18 @@ class _Having:
         group_columns: dict[str, int],
         width: int,
         partitioned: Mapping[str, frozenset[str]] | None = None,
+        computed_at: frozenset[int] = frozenset(),
+        averaged_at: frozenset[int] = frozenset(),
     ) -> None:
         self.partitioned = partitioned or {}
         """Integer sharding keys by qualifier (see scatter): their DISTINCT aggregates merge."""
+        self.computed_at = computed_at
+        """Positions of select items the merge computes (expressions over aggregates)."""
+        self.averaged_at = averaged_at
+        """Positions of AVG items: their merged value is rounded to its scale, while MariaDB
+        does arithmetic on the unrounded quotient."""
+        self._arithmetic = 0
+        """How deep inside arithmetic the operand being compiled is."""
         self.width = width
         self.position_of = position_of
         self.weight_of = weight_of
@@ -681,9 +717,13 @@ class _Having:
         predicate = self.build(node)
         return lambda row: predicate(row) is True
 
-    def build(self, expr: exp.Expression) -> Callable[[tuple[Any, ...]], bool | None]:
+    def build(
+        self, expr: exp.Expression, *, rounded: bool = True
+    ) -> Callable[[tuple[Any, ...]], bool | None]:
+        """``rounded``: a comparison sees a quotient at its scale (MariaDB's ``=``, ``<`` ...);
+        IN and BETWEEN see it unrounded."""
         if isinstance(expr, exp.Paren):
-            return self.build(expr.this)
+            return self.build(expr.this, rounded=rounded)
         if isinstance(expr, exp.And):
             left, right = self.build(expr.this), self.build(expr.expression)
             return lambda row: _and(left(row), right(row))
@@ -699,23 +739,34 @@ class _Having:
         if isinstance(expr, exp.Between):
             # x >= a AND x <= b, with one comparison type for all three (MariaDB: with a
             # number among strings all compare as numbers, '10' BETWEEN 9 AND '2' is false).
-            value = self.operand(expr.this, expr.args["low"])
-            low = self.operand(expr.args["low"], expr.this)
-            high = self.operand(expr.args["high"], expr.this)
+            value = _no_merged_string(expr, expr.this, self.operand(expr.this, expr.args["low"]))
+            low = _no_merged_string(
+                expr, expr.args["low"], self.operand(expr.args["low"], expr.this)
+            )
+            high = _no_merged_string(
+                expr, expr.args["high"], self.operand(expr.args["high"], expr.this)
+            )
 
             def between(row: tuple[Any, ...]) -> bool | None:
                 x, a, b = value(row), low(row), high(row)
                 present = [v for v, _ in (x, a, b) if v is not None]
                 if any(isinstance(v, str) for v in present) and any(_is_number(v) for v in present):
                     x, a, b = ((None if v is None else _numeric(v), None) for v, _ in (x, a, b))
-                above = None if x[0] is None or a[0] is None else compare(*x, *a) >= 0
-                below = None if x[0] is None or b[0] is None else compare(*x, *b) <= 0
+                above = (
+                    None if x[0] is None or a[0] is None else compare(*x, *a, rounded=False) >= 0
+                )
+                below = (
+                    None if x[0] is None or b[0] is None else compare(*x, *b, rounded=False) <= 0
+                )
                 return _and(above, below)
 
             return between
         if isinstance(expr, exp.In) and expr.expressions and not expr.args.get("query"):
             # x IN (a, b): true if x = one of them, else NULL if x or one of them is NULL.
-            tests = [self.build(exp.EQ(this=expr.this, expression=e)) for e in expr.expressions]
+            tests = [
+                self.build(exp.EQ(this=expr.this, expression=e), rounded=False)
+                for e in expr.expressions
+            ]
 
             def any_equal(row: tuple[Any, ...]) -> bool | None:
                 found: bool | None = False
@@ -734,14 +785,14 @@ class _Having:
                 " arithmetic and literals)"
             )
         left_node, right_node = expr.this, expr.expression
-        left_value = self.operand(left_node, right_node)
-        right_value = self.operand(right_node, left_node)
+        left_value = _no_merged_string(expr, left_node, self.operand(left_node, right_node))
+        right_value = _no_merged_string(expr, right_node, self.operand(right_node, left_node))
 
         def check(row: tuple[Any, ...]) -> bool | None:
             (a, wa), (b, wb) = left_value(row), right_value(row)
             if a is None or b is None:
                 return None
-            return test(compare(a, wa, b, wb))
+            return test(compare(a, wa, b, wb, rounded=rounded))
 
         return check
 
@@ -769,7 +820,11 @@ class _Having:
             inner = self.operand(expr.this, other)
             return lambda row: (_negate(inner(row)[0]), None)
         if isinstance(expr, _ARITHMETIC):
-            a, b = self.operand(expr.this, other), self.operand(expr.expression, other)
+            self._arithmetic += 1
+            try:
+                a, b = self.operand(expr.this, other), self.operand(expr.expression, other)
+            finally:
+                self._arithmetic -= 1
             apply = _ARITHMETIC_OPS[type(expr)]
             return lambda row: (apply(a(row)[0], b(row)[0]), None)
         if isinstance(expr, exp.Avg):
@@ -813,6 +868,18 @@ class _Having:
                     " IFNULL/COALESCE, IF and ABS over selected columns, aggregates and"
                     " literals); select it and filter on its alias"
                 )
+        if pos in self.computed_at:
+            raise UnsupportedQueryError(
+                f"{self.clause} reads {expr.sql(dialect='mysql')!r}, an expression over"
+                " aggregates the merge computes, across shards; write the expression itself"
+                " there (HAVING SUM(a) / 100 > 5), not its alias"
+            )
+        if pos in self.averaged_at and self._arithmetic:
+            raise UnsupportedQueryError(
+                f"{self.clause} does arithmetic on {expr.sql(dialect='mysql')!r}, an AVG the merge"
+                " rounds, across shards, where one database uses its unrounded value; write"
+                " AVG(...) itself in the expression"
+            )
         weight_pos = self.weight_of(pos)
         if weight_pos is None:
             return lambda row: (row[pos], None)
@@ -931,6 +998,13 @@ class _Computed(_Having):
     AVG (from hidden SUM and COUNT partials), ROUND, CASE, DIV and %."""
 
     clause = "expression over aggregates"
+    aliases: frozenset[str] = frozenset()
+    """The select aliases (lower case), which an item cannot name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.partial_sums: list[int] = []
+        """Hidden positions of COALESCE(SUM(x), 0) partials, combined by adding."""
 
     def value(self, expr: exp.Expression) -> Callable[[tuple[Any, ...]], Any]:
         while isinstance(expr, exp.Paren):
@@ -954,6 +1028,24 @@ class _Computed(_Having):
                 " MIN, MAX, AVG, group columns and literals; select the aggregates and compute"
                 " the rest in the application, or route by a key"
             )
+        if (
+            isinstance(expr, exp.Column)
+            and not expr.table
+            and expr.name.lower() in self.aliases
+            and expr.name.lower() not in self.group_columns
+        ):
+            # MariaDB: 1054 Unknown column (a select alias is not visible in another item).
+            raise UnsupportedQueryError(
+                f"{expr.name!r} in an expression over aggregates is a select alias, which"
+                " another select item cannot name (MariaDB: unknown column); write the"
+                " expression"
+            )
+        if _sum_or_zero(expr):
+            # COALESCE(SUM(x), 0): each shard's is the column's DECIMAL (0.00 on a shard
+            # without rows) and they add up to the answer, typed as one database types it.
+            pos = self.add_hidden(expr.copy())
+            self.partial_sums.append(pos)
+            return lambda row: (row[pos], None)
         if isinstance(expr, exp.Avg) and _distinct_aggregate(expr) is None:
             total = self.add_hidden(exp.Sum(this=expr.this.copy()))
             count = self.add_hidden(exp.Count(this=expr.this.copy()))
@@ -980,7 +1072,19 @@ class _Computed(_Having):
                         " integer literal"
                     )
                 digits = ref.literal
-            return lambda row: (_round(inner(row)[0], digits), None)
+            kind = _kind(expr.this)
+            decimal = False
+            if digits < 0 and kind not in ("exact", "double"):
+                if kind != "bigint":
+                    # INT stays an integer, BIGINT becomes a DECIMAL: the column's type decides.
+                    raise UnsupportedQueryError(
+                        f"{expr.sql(dialect='mysql')} across shards: ROUND to negative places"
+                        " of a value whose integer type the router cannot see; ROUND a SUM,"
+                        " an AVG or a quotient, or route by a key"
+                    )
+                decimal = True  # COUNT is a BIGINT
+            places = min(digits, MAX_SCALE)
+            return lambda row: (_round(inner(row)[0], places, decimal), None)
         if isinstance(expr, exp.Case):
             chosen = self.case(expr, other)
         else:
@@ -988,21 +1092,7 @@ class _Computed(_Having):
             if found is None or not isinstance(expr, exp.Coalesce | exp.If):
                 return found
             chosen = found
-        # One result type for all the branches: with a DECIMAL among them (SUM, AVG, a
-        # quotient, 1.5), an integer chosen is a DECIMAL too (COALESCE(SUM(a), 0) is 0 as a
-        # DECIMAL, Decimal('0')).
-        branches = _branches(expr)
-        if not any(_decimal_typed(b) for b in branches):
-            return chosen
-        scale = max((scale_of(_number(b.this)) for b in branches if _decimal_literal(b)), default=0)
-
-        def unified(row: tuple[Any, ...]) -> tuple[Any, Any]:
-            value, weight = chosen(row)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return Decimal(value).quantize(Decimal(1).scaleb(-scale)), weight
-            return value, weight
-
-        return unified
+        return _one_type(expr, chosen)
 
     @staticmethod
     def _truth_of(value: _Operand) -> Callable[[tuple[Any, ...]], bool | None]:
@@ -1049,25 +1139,129 @@ def _branches(expr: exp.Expression) -> list[exp.Expression]:
     return [*values, *([default] if default is not None else [])]
 
 
-def _decimal_literal(expr: exp.Expression) -> bool:
-    return (
-        isinstance(expr, exp.Literal)
-        and not expr.is_string
-        and "." in expr.this
-        and "e" not in expr.this.lower()
+def _no_merged_string(expr: exp.Expression, node: exp.Expression, value: _Operand) -> _Operand:
+    """``value``, refusing to be compared when ``node`` is an IF/CASE/COALESCE/NULLIF the
+    merge evaluates and it gives a string: no shard weighed it, and the collation ('x' = 'X',
+    'a ' = 'a') is not the byte order (when every branch is a string literal, at once)."""
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if not isinstance(node, exp.Coalesce | exp.If | exp.Case | exp.Nullif):
+        return value
+    shown_node = node.sql(dialect="mysql")
+
+    def refused() -> UnsupportedQueryError:
+        return UnsupportedQueryError(
+            f"{expr.sql(dialect='mysql')} across shards compares a string the merge makes"
+            f" ({shown_node}) without its collation; compare the values themselves, or route"
+            " by a key"
+        )
+
+    branches = [node.this] if isinstance(node, exp.Nullif) else _branches(node)
+    if {_kind(b) for b in branches if _kind(b) != "null"} == {"str"}:
+        raise refused()
+
+    def checked(row: tuple[Any, ...]) -> tuple[Any, Any]:
+        found = value(row)
+        if isinstance(found[0], str) and found[1] is None:
+            raise refused()
+        return found
+
+    return checked
+
+
+def _literal_kind(expr: exp.Literal) -> str:
+    if expr.is_string:
+        return "str"
+    if "e" in expr.this.lower():
+        return "double"
+    if "." in expr.this:
+        return f"dec:{len(expr.this.split('.', 1)[1])}"
+    return "int"
+
+
+def _kind(expr: exp.Expression) -> str:
+    """What the router knows of the type MySQL gives ``expr``: "str", "int" (an INT literal
+    or arithmetic of them), "bigint" (COUNT, a comparison, DIV), "dec:<scale>" (a decimal
+    literal), "double" (1e0), "null", "exact" (a number whose value carries its type and
+    scale: SUM, AVG, a quotient), or "any" (a column's type, unknown: MIN, MAX, a column)."""
+    while isinstance(expr, exp.Paren):
+        expr = expr.this
+    if isinstance(expr, exp.Literal):
+        return _literal_kind(expr)
+    if isinstance(expr, exp.Null):
+        return "null"
+    if isinstance(expr, (exp.Count, exp.IntDiv, *_PREDICATES)):
+        return "bigint"
+    if isinstance(expr, exp.Sum | exp.Avg | exp.Div | exp.Mod | exp.Round):
+        return "exact"
+    if isinstance(expr, exp.Neg | exp.Abs):
+        return _kind(expr.this)
+    if isinstance(expr, exp.Add | exp.Sub | exp.Mul):
+        kinds = {_kind(expr.this), _kind(expr.expression)}
+        if kinds <= {"int"}:
+            return "int"
+        if kinds <= {"int", "bigint"}:
+            return "bigint"
+        return "double" if "double" in kinds else "exact" if "any" not in kinds else "any"
+    return "any"
+
+
+def _one_type(expr: exp.Expression, chosen: _Operand) -> _Operand:
+    """COALESCE, IF and CASE give every branch one type, from all of them: the chosen value
+    converted to it, or UnsupportedQueryError when it depends on a column's declared type,
+    which the router cannot see (IF(c, MAX(price), 1) is 1.00 for a DECIMAL(10,2) price)."""
+    branches = [b for b in _branches(expr) if _kind(b) != "null"]
+    kinds = {_kind(b) for b in branches}
+    if len(branches) <= 1 or len({b.sql() for b in branches}) == 1 or kinds <= {"str"}:
+        return chosen
+    if kinds <= {"int", "bigint"}:
+        return chosen
+    literal = {k for k in kinds if k.startswith("dec:")}
+    if kinds <= {"int", "bigint", "double", *literal}:
+        if "double" in kinds:
+            return lambda row: _as(chosen(row), float)
+        scale = max(int(k[4:]) for k in literal)
+        step = Decimal(1).scaleb(-scale)
+        return lambda row: _as(chosen(row), lambda v: Decimal(v).quantize(step))
+    raise UnsupportedQueryError(
+        f"{expr.sql(dialect='mysql')} across shards: MySQL gives all its branches one type,"
+        " which here depends on a column's declared type (DECIMAL scale, INT or DOUBLE) that"
+        " the router cannot see; select the values and choose in the application, or route"
+        " by a key"
     )
 
 
-def _decimal_typed(expr: exp.Expression) -> bool:
-    """Whether MySQL types ``expr`` DECIMAL whatever its value: SUM and AVG (of exact
-    numbers, as order columns are), a quotient, a decimal literal, arithmetic over one."""
+def _as(value: tuple[Any, Any], convert: Callable[[Any], Any]) -> tuple[Any, Any]:
+    number, weight = value
+    if number is None or isinstance(number, str | bool):
+        return value
+    return convert(number), weight
+
+
+def _sum_or_zero(expr: exp.Expression) -> bool:
+    """Whether ``expr`` is COALESCE(SUM(x), 0) or IFNULL(SUM(x), 0) (SUM without DISTINCT)."""
+    if not isinstance(expr, exp.Coalesce) or len(expr.expressions) != 1:
+        return False
+    total, zero = expr.this, expr.expressions[0]
+    return (
+        isinstance(total, exp.Sum)
+        and _distinct_aggregate(total) is None
+        and isinstance(zero, exp.Literal)
+        and not zero.is_string
+        and zero.this == "0"
+    )
+
+
+def _numeric_valued(expr: exp.Expression) -> bool:
+    """Whether ``expr`` is always a number (or NULL): what the merge may order by."""
     while isinstance(expr, exp.Paren):
         expr = expr.this
-    if isinstance(expr, exp.Sum | exp.Avg | exp.Div) or _decimal_literal(expr):
-        return True
-    if isinstance(expr, exp.Add | exp.Sub | exp.Mul | exp.Neg):
-        return any(_decimal_typed(e) for e in (expr.this, expr.args.get("expression")) if e)
-    return False
+    if isinstance(expr, exp.Coalesce | exp.If | exp.Case | exp.Nullif):
+        values = _branches(expr) if not isinstance(expr, exp.Nullif) else [expr.this]
+        return all(_numeric_valued(v) for v in values)
+    return _kind(expr) not in ("str", "any") or isinstance(
+        expr, exp.Add | exp.Sub | exp.Mul | exp.Neg
+    )
 
 
 def _dividing(a: Any, b: Any) -> tuple[Any, Any] | None:
@@ -1112,12 +1306,15 @@ def _exact(value: Any) -> Decimal:
     return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
 
 
-def _round(value: Any, digits: int) -> Any:
+def _round(value: Any, digits: int, decimal: bool = False) -> Any:
     """MySQL's ROUND(x, d): exact numbers half away from zero (a DECIMAL gets d places, an
-    integer stays one); a DOUBLE as MariaDB does it, rint(x * 10^d) / 10^d."""
+    integer stays one, or becomes a DECIMAL for ``decimal``: a BIGINT to negative places); a
+    DOUBLE as MariaDB does it, rint(x * 10^d) / 10^d."""
     if value is None:
         return None
     x = _numeric(value)
+    if decimal and isinstance(x, int):
+        x = Decimal(x)
     if isinstance(x, float):
         if digits >= 0:
             scale = 10.0**digits
@@ -1137,12 +1334,14 @@ def _round(value: Any, digits: int) -> Any:
         return ((x / step).quantize(Decimal(1), rounding=ROUND_HALF_UP) * step).quantize(Decimal(1))
 
 
-def compare(a: Any, wa: Any, b: Any, wb: Any) -> int:
+def compare(a: Any, wa: Any, b: Any, wb: Any, *, rounded: bool = True) -> int:
     """-1, 0 or 1 as MySQL compares two non-NULL values (weights for strings, if any).
 
-    A quotient is compared at the scale it shows (MariaDB: ``1/3 = 0.3333`` is true, while
-    ``1/3*3`` is 1.0000: arithmetic goes on at full precision)."""
-    a, b = shown(a), shown(b)
+    ``rounded``: a quotient is compared at the scale it shows (MariaDB: ``1/3 = 0.3333`` is
+    true, while ``1/3*3`` is 1.0000), except with a DOUBLE and in IN and BETWEEN, which see
+    the digits it keeps."""
+    if rounded and not (isinstance(a, float) or isinstance(b, float)):
+        a, b = shown(a), shown(b)
     if isinstance(a, str) and isinstance(b, str):
         if wa is not None and wb is not None:
             if not wa or not wb:
@@ -1151,7 +1350,7 @@ def compare(a: Any, wa: Any, b: Any, wb: Any) -> int:
                     " shards; route by a key"
                 )
             return _sign(wa, wb)
-        return _sign(a, b)
+        return _sign(a, b)  # (SQLite: no weights, binary collation)
     if isinstance(a, str) or isinstance(b, str):
         text, value, flip = (a, b, 1) if isinstance(a, str) else (b, a, -1)
         if isinstance(value, dt.date):
@@ -1293,11 +1492,9 @@ def _divide(a: Any, b: Any) -> Any:
     x, y = pair
     if isinstance(x, float) or isinstance(y, float):
         return float(x) / float(y)
-    # Kept at full precision while the expression goes on (HAVING SUM(a) / 3 > 1.3333 compares
-    # 1.33333...); the scale is the dividend's plus div_precision_increment, shown at the end.
-    with localcontext() as context:
-        context.prec = 100
-        return Unrounded(Decimal(x) / Decimal(y), scale_of(x) + AVG_SCALE_INCREMENT)
+    # Kept to MariaDB's digits while the expression goes on (HAVING SUM(a) / 3 * 3 = SUM(a)),
+    # shown at the dividend's scale plus div_precision_increment at the end (merge.quotient).
+    return quotient(x, y)
 
 
 _ARITHMETIC_OPS: dict[type[exp.Expression], Callable[[Any, Any], Any]] = {

@@ -309,7 +309,12 @@ OVER_AGGREGATES = [
     "SELECT ROUND(AVG(amount_cents), 2), ROUND(AVG(amount_cents)), ROUND(SUM(amount_cents), -3)"
     " FROM orders",
     "SELECT COALESCE(SUM(amount_cents), 0) FROM orders WHERE status = 'nope'",
-    "SELECT COALESCE(SUM(amount_cents), 0), IFNULL(MAX(amount_cents), -1) FROM orders",
+    "SELECT COALESCE(SUM(amount_cents), 0), IFNULL(SUM(amount_cents), 0) FROM orders",
+    "SELECT status, COALESCE(SUM(amount_cents), 0) FROM orders WHERE amount_cents IS NULL"
+    " GROUP BY status ORDER BY status",
+    "SELECT merchant_id, IF(COUNT(*) > 50, 1.5, 2.25), IF(COUNT(*) > 50, 1, 2.5e0)"
+    " FROM orders GROUP BY merchant_id ORDER BY merchant_id",
+    "SELECT COUNT(*)/7/7*49, AVG(amount_cents)/AVG(merchant_id), ROUND(COUNT(*), -1) FROM orders",
     "SELECT status, CASE WHEN COUNT(*) > 150 THEN 'many' ELSE 'few' END AS size FROM orders"
     " GROUP BY status ORDER BY status",
     "SELECT merchant_id, CASE COUNT(*) % 3 WHEN 0 THEN 'a' WHEN 1 THEN 'b' END FROM orders"
@@ -326,7 +331,7 @@ OVER_AGGREGATES = [
     " FROM orders GROUP BY merchant_id ORDER BY merchant_id",
     "SELECT status, SUM(amount_cents) / 100 AS eur FROM orders GROUP BY status ORDER BY eur DESC",
     "SELECT merchant_id, SUM(amount_cents) / 3 AS third FROM orders GROUP BY merchant_id"
-    " HAVING third > 10000 ORDER BY third, merchant_id LIMIT 5",
+    " HAVING SUM(amount_cents) / 3 > 10000 ORDER BY third, merchant_id LIMIT 5",
     "SELECT merchant_id, SUM(amount_cents) / 3 FROM orders GROUP BY merchant_id"
     " ORDER BY SUM(amount_cents) / 3 DESC, merchant_id LIMIT :n",
     "SELECT NULLIF(COUNT(*), 0), COUNT(*) / 0, 1 / 3 * 3, SUM(amount_cents) / 3 * 3 FROM orders",
@@ -355,6 +360,13 @@ def test_expressions_over_aggregates_across_shards(world: dict[str, Any], sql: s
         "SELECT ROUND(SUM(amount_cents), :d) FROM orders",
         "SELECT SUM(amount_cents) / :d FROM orders",
         "SELECT DISTINCT COUNT(*) % 2 FROM orders GROUP BY merchant_id",
+        # the type of the branches depends on the column's declared type
+        "SELECT IFNULL(MAX(amount_cents), -1) FROM orders",
+        # a computed alias in HAVING (write the expression), a string the merge made ordered
+        "SELECT merchant_id, SUM(amount_cents) / 3 AS t FROM orders GROUP BY merchant_id"
+        " HAVING t > 1",
+        "SELECT merchant_id, IF(COUNT(*) > 1, 'a', 'B') AS k FROM orders GROUP BY merchant_id"
+        " ORDER BY k",
     ],
 )
 def test_expressions_the_merge_cannot_compute_are_refused(
@@ -422,3 +434,109 @@ def test_distinct_key_aggregates_in_having_and_order_by(world: dict[str, Any]) -
         " HAVING COUNT(DISTINCT user_id) > :n ORDER BY COUNT(DISTINCT user_id), merchant_id",
         {"n": 15},
     )
+
+
+# -- item 1: joins co-located by construction, comma joins ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def people(world: dict[str, Any]) -> Iterator[list[int]]:  # noqa: F811
+    """users (hash on user_id like orders, split 1 where orders has 4) and their email lookup
+    table on the shards, users on the oracle: the buyers of the first orders."""
+    router = world["router"]
+    ddl = [
+        "CREATE TABLE users (user_id BIGINT PRIMARY KEY, name VARCHAR(32) NOT NULL,"
+        " email VARCHAR(64) NOT NULL)",
+        "CREATE TABLE user_emails (email VARCHAR(64) PRIMARY KEY, user_id BIGINT NOT NULL)",
+    ]
+    engines = list(router.engines.primaries.values())
+    for engine in engines:
+        with engine.begin() as conn:
+            for statement in ddl:
+                conn.execute(text(statement))
+    with world["oracle"].begin() as conn:
+        conn.execute(text(ddl[0]))
+    buyers = sorted({o["user_id"] for o in _orders(world)})[::3]
+    rows = [{"u": u, "n": f"name-{i % 7}", "e": f"u{u}@example.com"} for i, u in enumerate(buyers)]
+    insert = "INSERT INTO users (user_id, name, email) VALUES (:u, :n, :e)"
+    for row in rows:
+        router.execute(insert, row)
+    with world["oracle"].begin() as conn:
+        conn.execute(text(insert), rows)
+    try:
+        yield buyers
+    finally:
+        for engine in engines:
+            with engine.begin() as conn:
+                conn.execute(text("DROP TABLE users"))
+                conn.execute(text("DROP TABLE user_emails"))
+        with world["oracle"].begin() as conn:
+            conn.execute(text("DROP TABLE users"))
+
+
+def test_tables_sharded_alike_join_on_one_shard(
+    world: dict[str, Any],  # noqa: F811
+    people: list[int],
+) -> None:
+    for user in people[:6]:
+        for sql in (
+            "SELECT u.name, o.order_id, o.status FROM users u JOIN orders o"
+            " ON u.user_id = o.user_id WHERE u.user_id = :u ORDER BY o.order_id",
+            "SELECT u.name, o.order_id FROM orders o JOIN users u ON o.user_id = u.user_id"
+            " WHERE o.user_id = :u ORDER BY o.order_id",
+            "SELECT u.name, o.order_id FROM users u, orders o"
+            " WHERE u.user_id = o.user_id AND o.user_id = :u ORDER BY o.order_id",
+            "SELECT o.order_id, i.line, i.sku FROM orders o, order_items i"
+            " WHERE o.order_id = i.order_id AND o.user_id = :u ORDER BY o.order_id, i.line",
+        ):
+            assert check(world, sql, {"u": user})
+            _one_shard(world, sql, {"u": user})
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # users (split 1) named first: the targets are still every split of orders
+        "SELECT u.name, COUNT(*), SUM(o.amount_cents) FROM users u JOIN orders o"
+        " ON o.user_id = u.user_id GROUP BY u.name ORDER BY u.name",
+        "SELECT u.user_id, o.order_id FROM users u JOIN orders o ON o.user_id = u.user_id"
+        " WHERE o.status = 'paid' ORDER BY o.order_id LIMIT 15",
+        "SELECT o.order_id, u.name, i.line FROM orders o LEFT JOIN order_items i"
+        " ON i.order_id = o.order_id AND i.qty > 4 JOIN users u ON u.user_id = o.user_id"
+        " ORDER BY o.order_id, i.line",
+        "SELECT COUNT(*) FROM users u, orders o, order_items i"
+        " WHERE u.user_id = o.user_id AND i.order_id = o.order_id AND i.qty > 2",
+        "SELECT u.name, COUNT(DISTINCT o.user_id) FROM orders o JOIN users u"
+        " ON u.user_id = o.user_id GROUP BY u.name ORDER BY u.name",
+    ],
+)
+def test_tables_sharded_alike_join_across_shards(
+    world: dict[str, Any],  # noqa: F811
+    people: list[int],
+    sql: str,
+) -> None:
+    assert check(world, sql)
+    assert len(world["router"].execute(sql).shards) > 1
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1 FROM users u JOIN orders o ON u.user_id = o.merchant_id",
+        "SELECT 1 FROM users u JOIN merchant_orders m ON u.user_id = m.merchant_id",
+        "SELECT 1 FROM users u CROSS JOIN orders o WHERE u.user_id = o.user_id",
+        "SELECT 1 FROM users u, orders o WHERE u.user_id = o.user_id OR o.user_id = 1",
+        "SELECT 1 FROM users u, orders o WHERE u.name = o.status",
+        "UPDATE users u JOIN orders o ON u.user_id = o.user_id SET u.name = 'x'",
+        # each split of orders would add the users without orders again
+        "SELECT u.name, o.order_id FROM users u LEFT JOIN orders o ON o.user_id = u.user_id",
+        "SELECT u.name FROM orders o RIGHT JOIN users u ON o.user_id = u.user_id",
+    ],
+)
+def test_joins_that_are_not_co_located_are_refused(
+    world: dict[str, Any],  # noqa: F811
+    people: list[int],
+    sql: str,
+) -> None:
+    with pytest.raises(UnsupportedQueryError):
+        world["router"].execute(sql)
