@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -503,7 +503,7 @@ class Planner:
         return tuple(found)
 
     def _select(self, sql: str, tree: exp.Select, verdict: shapes.Verdict) -> Plan:
-        self._refuse_nested(tree)
+        nested = _confined_subqueries(tree, self.topology)
         label_as_written(sql, tree)
         tables, driving = self._tables(tree, reading=True)
         conditions = self._conditions(tree, tables)
@@ -514,8 +514,8 @@ class Planner:
             _refuse_unsafe_joins(
                 tree, first.this if first is not None else None, tree.args.get("joins"), tables
             )
-            if verdict.fanout_refusal is not None:
-                plan.scatter_refusal = verdict.fanout_refusal
+            if verdict.fanout_refusal is not None or nested is not None:
+                plan.scatter_refusal = verdict.fanout_refusal or nested
                 return plan
             if tree.args.get("locks"):
                 # Each shard would lock its rows on its own connection outside any one
@@ -969,6 +969,157 @@ def _refuse_nested_in(tree: exp.Expression, topology: Topology) -> None:
                 "subqueries and UNIONs over sharded tables are not routed (a subquery may need"
                 " rows from other shards); run the inner query first and pass its result"
             )
+
+
+def _confined_subqueries(tree: exp.Select, topology: Topology) -> str | None:
+    """Check the subqueries of a SELECT over sharded tables; return why the statement may
+    run on one target only (None: anywhere), or raise UnsupportedQueryError.
+
+    A subquery is answered inside one shard (and split), so it must need no other shard's
+    rows: over broadcast tables only (every shard holds the same copy), or correlated to the
+    outer rows by an equality of the same functional sharding key (``i.order_id =
+    o.order_id``: the rows it reads sit with the outer row), or restricted to the outer query's
+    own key value (``user_id = :u`` in both: one target). One level deep, no UNION. Outside
+    the WHERE (select list, HAVING, ORDER BY) or when confined by value, on one target only:
+    the scatter rewrite and the merge do not look inside subqueries."""
+    outer_refs = _direct_tables(tree, topology)
+    outer_values = _key_values(tree, outer_refs)
+    where = tree.args.get("where")
+    refusal: str | None = None
+    for found in tree.find_all(exp.Select, exp.Union):
+        node = cast(exp.Expression, found)
+        if node is tree:
+            continue
+        inner_tables = [topology.tables.get(t.name) for t in node.find_all(exp.Table)]
+        if not any(t is not None and t.kind == "sharded" for t in inner_tables):
+            if not _within(node, where):
+                refusal = refusal or _ONE_TARGET_SUBQUERY
+            continue  # over broadcast (or no) tables: the same on every shard
+        if isinstance(node, exp.Union) or _nested_in_subquery(node, tree):
+            raise UnsupportedQueryError(
+                f"subquery {_show(node)} over sharded tables: only one level of SELECT"
+                " subqueries (no UNION) is routed; run the inner query first"
+            )
+        assert isinstance(node, exp.Select)
+        inner_refs = _direct_tables(node, topology)
+        first = node.args.get("from_")
+        _refuse_unsafe_joins(
+            node,
+            first.this if first is not None else None,
+            node.args.get("joins"),
+            list(dict.fromkeys(inner_refs.values())),
+        )
+        if _correlated_by_key(node, inner_refs, outer_refs):
+            if not _within(node, where):
+                refusal = refusal or _ONE_TARGET_SUBQUERY
+            continue
+        inner_values = _key_values(node, inner_refs)
+        if any(refs & outer_values.get(key, set()) for key, refs in inner_values.items()):
+            refusal = refusal or (
+                f"subquery {_show(node)} is confined to the outer query's key value, so the"
+                " statement runs on that key's target only; route it by that key"
+            )
+            continue
+        raise UnsupportedQueryError(
+            f"subquery {_show(node)} over sharded tables is not confined to one shard: it needs"
+            " an equality of the same sharding key with the outer query's table (i.order_id ="
+            " o.order_id) or the outer query's key value (user_id = :u in both); run the inner"
+            " query first and pass its result"
+        )
+    return refusal
+
+
+_ONE_TARGET_SUBQUERY = (
+    "a subquery outside the WHERE (in the select list, HAVING or ORDER BY) is answered on one"
+    " target only: the merge does not look inside it; route the statement by a key"
+)
+
+
+def _direct_tables(select: exp.Select, topology: Topology) -> dict[str, TableRule]:
+    """{reference: rule} of the tables in ``select``'s own FROM and JOINs."""
+    out: dict[str, TableRule] = {}
+    sources = [select.args.get("from_"), *(select.args.get("joins") or ())]
+    for source in sources:
+        table = source.this if source is not None else None
+        if isinstance(table, exp.Table):
+            out[str(table.alias_or_name)] = topology.table(table.name)
+    return out
+
+
+def _key_values(
+    select: exp.Select, refs: Mapping[str, TableRule]
+) -> dict[tuple[str, str], set[ValueRef]]:
+    """{(key column, strategy): values} of the top-level WHERE equalities ``t.k = v`` of
+    ``select`` on a functional key of one of its own tables (``refs``)."""
+    found: dict[tuple[str, str], set[ValueRef]] = defaultdict(set)
+    for node in _conjuncts(select.args.get("where")):
+        if not isinstance(node, exp.EQ):
+            continue
+        for column, other in ((node.this, node.expression), (node.expression, node.this)):
+            ref = value_ref(other)
+            rule = _column_rule(column, refs)
+            if ref is not None and rule is not None:
+                found[(rule.column.lower(), rule.strategy.name)].add(ref)
+    return found
+
+
+def _column_rule(column: exp.Expression, refs: Mapping[str, TableRule]) -> KeyRule | None:
+    """The functional key rule of ``column`` when it names one of ``refs``' tables (by its
+    qualifier, or unqualified when there is one table)."""
+    if not isinstance(column, exp.Column):
+        return None
+    if column.table:
+        table = refs.get(column.table)
+    else:
+        table = next(iter(refs.values())) if len(refs) == 1 else None
+    if table is None or table.kind != "sharded":
+        return None
+    rule = _key_of(table, column.name)
+    return rule if rule is not None and rule.lookup_table is None else None
+
+
+def _correlated_by_key(
+    select: exp.Select, inner: Mapping[str, TableRule], outer: Mapping[str, TableRule]
+) -> bool:
+    """Whether a top-level WHERE conjunct of the subquery equates a functional key of one of
+    its tables with the same key of an outer table (qualified, not shadowed by an inner one)."""
+    outer_only = {name: rule for name, rule in outer.items() if name not in inner}
+    for node in _conjuncts(select.args.get("where")):
+        if not isinstance(node, exp.EQ):
+            continue
+        a, b = node.this, node.expression
+        for mine, theirs in ((a, b), (b, a)):
+            if not (isinstance(mine, exp.Column) and isinstance(theirs, exp.Column)):
+                continue
+            if not mine.table or not theirs.table or theirs.table not in outer_only:
+                continue
+            key_in, key_out = _column_rule(mine, inner), _column_rule(theirs, outer_only)
+            if (
+                key_in is not None
+                and key_out is not None
+                and key_in.column.lower() == key_out.column.lower()
+                and key_in.strategy.name == key_out.strategy.name
+            ):
+                return True
+    return False
+
+
+def _within(node: exp.Expression, scope: exp.Expression | None) -> bool:
+    parent = node.parent
+    while parent is not None:
+        if parent is scope:
+            return True
+        parent = parent.parent
+    return False
+
+
+def _nested_in_subquery(node: exp.Expression, top: exp.Expression) -> bool:
+    parent = node.parent
+    while parent is not None and parent is not top:
+        if isinstance(parent, exp.Select | exp.Union):
+            return True
+        parent = parent.parent
+    return False
 
 
 def _refuse_unsafe_joins(

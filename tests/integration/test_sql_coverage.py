@@ -540,3 +540,97 @@ def test_joins_that_are_not_co_located_are_refused(
 ) -> None:
     with pytest.raises(UnsupportedQueryError):
         world["router"].execute(sql)
+
+
+# -- item 2: subqueries confined to one shard, subqueries over broadcast tables -------------
+
+
+def test_subqueries_on_the_outer_key(world: dict[str, Any]) -> None:  # noqa: F811
+    for user in sorted({o["user_id"] for o in _orders(world)})[:6]:
+        for sql in (
+            # EXISTS on the user's items (correlated by the gene key)
+            "SELECT o.order_id FROM orders o WHERE o.user_id = :u AND EXISTS"
+            " (SELECT 1 FROM order_items i WHERE i.order_id = o.order_id AND i.qty > 2)"
+            " ORDER BY o.order_id",
+            # a scalar AVG over the same user's orders (the same key value)
+            "SELECT order_id, amount_cents FROM orders WHERE user_id = :u AND amount_cents >"
+            " (SELECT AVG(amount_cents) FROM orders WHERE user_id = :u) ORDER BY order_id",
+            # in the select list, correlated
+            "SELECT o.order_id, (SELECT COUNT(*) FROM order_items i WHERE i.order_id ="
+            " o.order_id) AS n_lines FROM orders o WHERE o.user_id = :u ORDER BY o.order_id",
+            "SELECT o.order_id FROM orders o WHERE o.user_id = :u AND o.order_id IN"
+            " (SELECT i.order_id FROM order_items i WHERE i.user_id = :u AND i.sku LIKE 'sku-0%')"
+            " ORDER BY o.order_id",
+        ):
+            check(world, sql, {"u": user})
+            _one_shard(world, sql, {"u": user})
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # correlated by the key in the WHERE: answered across shards
+        "SELECT o.order_id FROM orders o WHERE EXISTS (SELECT 1 FROM order_items i"
+        " WHERE i.order_id = o.order_id AND i.qty = 5) ORDER BY o.order_id",
+        "SELECT COUNT(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM order_items i"
+        " WHERE i.order_id = o.order_id AND i.line > 0)",
+        "SELECT o.status, COUNT(*) FROM orders o WHERE o.amount_cents > (SELECT AVG(p.amount_cents)"
+        " FROM orders p WHERE p.user_id = o.user_id) GROUP BY o.status ORDER BY o.status",
+        # over a broadcast table
+        "SELECT order_id FROM orders WHERE status IN (SELECT LOWER(code) FROM countries)"
+        " ORDER BY order_id LIMIT 5",
+        "SELECT COUNT(*) FROM orders WHERE merchant_id < (SELECT COUNT(*) FROM countries)",
+    ],
+)
+def test_confined_subqueries_across_shards(world: dict[str, Any], sql: str) -> None:  # noqa: F811
+    check(world, sql)
+    assert len(world["router"].execute(sql).shards) > 1
+
+
+@pytest.mark.parametrize(
+    ("sql", "params"),
+    [
+        (
+            "SELECT order_id FROM orders WHERE amount_cents > (SELECT AVG(amount_cents) FROM orders)",
+            {},
+        ),
+        (
+            "SELECT order_id FROM orders WHERE user_id = :u AND amount_cents >"
+            " (SELECT AVG(amount_cents) FROM orders WHERE user_id = :v)",
+            {"u": 1, "v": 2},
+        ),
+        (  # correlated on a lookup column, which does not place rows
+            "SELECT o.order_id FROM orders o WHERE EXISTS (SELECT 1 FROM orders p"
+            " WHERE p.merchant_id = o.merchant_id AND p.order_id <> o.order_id)",
+            {},
+        ),
+        (
+            "SELECT o.order_id FROM orders o WHERE EXISTS (SELECT 1 FROM order_items i"
+            " WHERE i.order_id = o.order_id OR i.qty > 1)",
+            {},
+        ),
+        (
+            "SELECT order_id FROM orders WHERE user_id IN (SELECT user_id FROM orders"
+            " WHERE status = 'paid' UNION SELECT 1)",
+            {},
+        ),
+    ],
+)
+def test_unconfined_subqueries_are_refused(
+    world: dict[str, Any],  # noqa: F811
+    sql: str,
+    params: dict[str, Any],
+) -> None:
+    with pytest.raises(UnsupportedQueryError):
+        world["router"].execute(sql, params)
+
+
+def test_a_subquery_in_the_select_list_runs_on_one_target_only(
+    world: dict[str, Any],  # noqa: F811
+) -> None:
+    sql = (
+        "SELECT o.order_id, (SELECT COUNT(*) FROM order_items i WHERE i.order_id ="
+        " o.order_id) FROM orders o ORDER BY o.order_id"
+    )
+    with pytest.raises(UnsupportedQueryError, match="one target"):
+        world["router"].execute(sql)
