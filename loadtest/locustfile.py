@@ -33,12 +33,13 @@ says nothing ran (a write held past a switch, a lock conflict, an aborted transa
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,25 @@ class Shopper(User):
         self.p.log(name, ms, error is None, retries, type(error).__name__ if error else "")
         return (error is None, error if error is not None else result)
 
+    @contextlib.contextmanager
+    def _in_doubt(self, record: Callable[[], Any]) -> Iterator[None]:
+        """Run a write; when the user is stopped in the middle of it (Locust kills user
+        greenlets at the end of a run: GreenletExit, a BaseException), ``record`` notes its
+        outcome as unknown before the stop goes on: the server may have committed it."""
+        try:
+            yield
+        except Exception:
+            raise
+        except BaseException:
+            record()
+            raise
+
+    def _placed(
+        self, key: int, user: int, merchant: int, lines: list[Any], ok: bool | None
+    ) -> None:
+        if self.p.ledger is not None:
+            self.p.ledger.placed(key, user, merchant, len(lines), ok, lines)
+
     def _shard(self, **key: Any) -> str:
         return str(self.p.router.route_key(**key)[0])
 
@@ -278,15 +298,15 @@ class Shopper(User):
             for _ in range(rng.randint(1, 3))
         ]
         key = self.service.new_order_key(user)
-        ok, _ = self._call(
-            "place_order",
-            self._shard(user_id=user),
-            lambda: self.service.place_order(user, merchant, items, idempotency_key=key),
-            retryable=IDEMPOTENT_RETRY,
-        )
-        if self.p.ledger is not None:
-            lines = [(i.sku, i.qty, i.price_cents) for i in items]
-            self.p.ledger.placed(key, user, merchant, len(items), True if ok else None, lines)
+        lines = [(i.sku, i.qty, i.price_cents) for i in items]
+        with self._in_doubt(lambda: self._placed(key, user, merchant, lines, None)):
+            ok, _ = self._call(
+                "place_order",
+                self._shard(user_id=user),
+                lambda: self.service.place_order(user, merchant, items, idempotency_key=key),
+                retryable=IDEMPOTENT_RETRY,
+            )
+        self._placed(key, user, merchant, lines, True if ok else None)
         if ok:
             self._remember(key, NEW)
 
@@ -320,9 +340,11 @@ class Shopper(User):
 
     def _transition(self, name: str, order: int, before: str, after: str) -> None:
         move = self.service.pay if after == PAID else self.service.cancel
-        ok, changed = self._call(name, self._shard(order_id=order), lambda: move(order))
-        if self.p.ledger is not None:
-            self.p.ledger.moved(order, before, after, bool(changed) if ok else None)
+        ledger = self.p.ledger
+        with self._in_doubt(lambda: ledger and ledger.moved(order, before, after, None)):
+            ok, changed = self._call(name, self._shard(order_id=order), lambda: move(order))
+        if ledger is not None:
+            ledger.moved(order, before, after, bool(changed) if ok else None)
         if ok and changed:
             self._remember(order, after)
         elif not ok:
@@ -342,9 +364,11 @@ class Shopper(User):
         order = self._pick(CANCELLED)
         if order is None:
             return
-        ok, done = self._call(
-            "purge", self._shard(order_id=order), lambda: self.service.purge(order)
-        )
-        if self.p.ledger is not None:
-            self.p.ledger.purged(order, bool(done) if ok else None)
+        ledger = self.p.ledger
+        with self._in_doubt(lambda: ledger and ledger.purged(order, None)):
+            ok, done = self._call(
+                "purge", self._shard(order_id=order), lambda: self.service.purge(order)
+            )
+        if ledger is not None:
+            ledger.purged(order, bool(done) if ok else None)
         self.orders.pop(order, None)

@@ -5,6 +5,7 @@ load whose switch then waited on 13 late acknowledgements)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,58 @@ def test_users_starting_together_share_one_process_state() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["1", "1"]
+
+
+KILLED = """
+from gevent import monkey; monkey.patch_all()
+import sys, json, types, gevent
+sys.path.insert(0, %(loadtest)r)
+import locustfile
+from ledger import LedgerWriter
+from pathlib import Path
+
+class Events:
+    class request:
+        @staticmethod
+        def fire(**kw): pass
+
+class Service:
+    def new_order_key(self, user): return 4242
+    def place_order(self, *a, **k): gevent.sleep(5)      # in flight when the user is stopped
+    def pay(self, order): gevent.sleep(5)
+
+out = Path(%(out)r)
+p = types.SimpleNamespace(
+    ledger=LedgerWriter(out), rng=__import__("random").Random(1),
+    users=types.SimpleNamespace(draw=lambda: 7), merchants=types.SimpleNamespace(draw=lambda: 3),
+    router=types.SimpleNamespace(route_key=lambda **k: ("s0", 1)), log=lambda *a: None,
+)
+user = object.__new__(locustfile.Shopper)
+user.p, user.service, user.orders = p, Service(), {99: "new"}
+user.environment = types.SimpleNamespace(events=Events)
+for op in (user.place_order, user.pay):
+    g = gevent.spawn(op)
+    gevent.sleep(0.05)
+    g.kill()                 # what Locust does to its users at the end of a run
+p.ledger.close()
+for path in sorted(out.glob("ledger-*.jsonl")):
+    print(path.read_text())
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_write_in_flight_when_the_user_is_stopped_is_recorded_in_doubt(
+    tmp_path: Path,
+) -> None:
+    """Locust kills user greenlets at the end of a run (GreenletExit): a write in flight then
+    may have committed, so the ledger says its outcome is unknown rather than nothing (the
+    ledger check found a committed order 'in no ledger', and a pay it never heard of)."""
+    script = KILLED % {"loadtest": str(ROOT / "loadtest"), "out": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50, cwd=ROOT,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    found = {(r["op"], r["o"], r["ok"]) for r in records}
+    assert found == {("place", 4242, None), ("move", 99, None)}, records
