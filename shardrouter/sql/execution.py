@@ -263,6 +263,8 @@ def run(
     ends instead (see LookupLedger)."""
     if plan.kind == "insert":
         return (yield from _insert(topology, plan, params, bind, ledger))
+    if plan.union:
+        return (yield from _union(topology, plan, params, limits, bind, ledger))
     found = _direct_targets(topology, plan, params)
     if found is None:
         found = yield from _indirect_targets(topology, plan, params, ledger)
@@ -523,6 +525,128 @@ def _returning(plan: Plan, owner: TableRule) -> str:
 
 
 # -- targets --------------------------------------------------------------------------------
+
+
+def _union(
+    topology: Topology,
+    plan: Plan,
+    params: Mapping[str, Any],
+    limits: Limits,
+    bind: Bind | None,
+    ledger: LookupLedger | None,
+) -> Step:
+    """A UNION [ALL]. When every SELECT routes to one and the same target, that target runs
+    the UNION as written (MySQL's own types, collation and order). Otherwise each SELECT runs
+    as it would alone and the router combines them: UNION ALL concatenates; UNION removes
+    duplicates, ORDER BY sorts and LIMIT cuts, exactly, on values that compare the same
+    everywhere (numbers, dates, NULL). Refused (UnsupportedQueryError) when a column's values
+    are of different kinds in different SELECTs (MySQL would convert them to one type), or
+    when strings are deduplicated or ordered (the collation is the shards'; route by a key or
+    use UNION ALL)."""
+    founds = []
+    for member in plan.union:
+        found = _direct_targets(topology, member, params)
+        if found is None:
+            found = yield from _indirect_targets(topology, member, params, ledger)
+        founds.append(found)
+    places = {(t.shard, t.split) for f in founds if not f.anywhere for t in f.targets}
+    plain = all(t.only is None and t.exclude is None for f in founds for t in f.targets)
+    if all(len(f.targets) == 1 for f in founds) and len(places) <= 1 and plain:
+        shard, split = next(iter(places)) if places else (founds[0].targets[0].shard, 0)
+        if bind is not None:
+            bind({ShardId(shard)})
+        target = Target(shard, split)
+        (result,) = yield [Job(ShardId(shard), plan.render(target, scatter=False), params, "read")]
+        rows = result.rows if isinstance(result.rows, list) else list(result.rows)
+        return ResultSet(result.columns, rows, len(rows), (ShardId(shard),))
+    results = []
+    for member in plan.union:
+        results.append((yield from run(topology, member, params, limits, bind, ledger)))
+    rows = _union_rows(plan, [r.rows for r in results])
+    shards = tuple(dict.fromkeys(s for r in results for s in r.shards))
+    lookups = tuple(dict.fromkeys(s for r in results for s in r.lookups))
+    return ResultSet(results[0].columns, rows, len(rows), shards, lookups, True)
+
+
+def _union_rows(plan: Plan, members: Sequence[Sequence[tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
+    kinds: list[set[str]] = []
+    scales: list[int] = []
+    for rows in members:
+        for row in rows:
+            if not kinds:
+                kinds = [set() for _ in row]
+                scales = [0 for _ in row]
+            for i, value in enumerate(row):
+                if value is not None:
+                    kinds[i].add(_value_kind(value))
+                    if isinstance(value, Decimal):
+                        exponent = value.as_tuple().exponent
+                        if isinstance(exponent, int):
+                            scales[i] = max(scales[i], -exponent)
+    convert: dict[int, Callable[[Any], Any]] = {}
+    for i, found in enumerate(kinds):
+        if len(found) > 1 and found <= {"integer", "decimal", "float"}:
+            # Numbers of several types: MySQL's column is a DOUBLE with one, else a DECIMAL.
+            convert[i] = float if "float" in found else Decimal
+            continue
+        if len(found) > 1:
+            raise UnsupportedQueryError(
+                f"UNION column {i + 1} has values of different types in its SELECTs"
+                f" ({', '.join(sorted(found))}), which MySQL converts to one type; give the"
+                " SELECTs columns of one type (CAST), or route the UNION by a key"
+            )
+    combined: list[tuple[Any, ...]] = []
+    for rows in members:
+        for row in rows:
+            values = [
+                convert[i](v) if i in convert and v is not None else v for i, v in enumerate(row)
+            ]
+            combined.append(
+                tuple(
+                    _at_scale(v, scales[i]) if isinstance(v, Decimal) else v
+                    for i, v in enumerate(values)
+                )
+            )
+    compared = set(range(len(kinds))) if plan.union_distinct else set()
+    compared |= {pos for pos, _ in plan.union_order}
+    for pos in compared:
+        if kinds and kinds[pos] & {"str", "bytes"}:
+            raise UnsupportedQueryError(
+                f"UNION across shards compares strings in column {pos + 1} (to remove duplicates"
+                " or to order), which one database does by its collation ('a' = 'A'); use"
+                " UNION ALL without ordering by it, or route the UNION by a key"
+            )
+    if plan.union_distinct:
+        combined = list(dict.fromkeys(combined))
+    for pos, descending in reversed(plan.union_order):
+        # NULL first ascending, last descending (MySQL's NULL is the smallest value).
+        combined.sort(key=_null_first(pos), reverse=descending)
+    end = None if plan.union_limit is None else plan.union_offset + plan.union_limit
+    return combined[plan.union_offset : end]
+
+
+def _null_first(pos: int) -> Callable[[tuple[Any, ...]], tuple[bool, Any]]:
+    def key(row: tuple[Any, ...]) -> tuple[bool, Any]:
+        value = row[pos]
+        return (False, 0) if value is None else (True, value)
+
+    return key
+
+
+def _value_kind(value: Any) -> str:
+    if isinstance(value, bool | int):
+        return "integer"
+    if isinstance(value, Decimal):
+        return "decimal"
+    if isinstance(value, dt.datetime):
+        return "datetime"
+    return type(value).__name__
+
+
+def _at_scale(value: Decimal, scale: int) -> Decimal:
+    """A DECIMAL at the column's scale (MySQL gives a UNION column the largest of its
+    SELECTs')."""
+    return value.quantize(Decimal(1).scaleb(-scale)) if value.is_finite() else value
 
 
 def _all_targets(topology: Topology, plan: Plan, table: TableRule, reading: bool) -> list[Target]:

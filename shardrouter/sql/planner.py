@@ -144,6 +144,14 @@ class Plan:
     values (each shard returns offset + limit rows, the merge evaluates HAVING), which come
     with the execution: ``bind_late`` gives the plan of the statement with them written in."""
     bind_late: Callable[[Mapping[str, Any]], Plan] | None = None
+    union: tuple[Plan, ...] = ()
+    """A UNION [ALL]: the plan of each SELECT (``ast`` is the whole UNION, which one target
+    runs as it is when every SELECT routes to that target)."""
+    union_distinct: bool = False
+    union_order: tuple[tuple[int, bool], ...] = ()
+    """The UNION's own ORDER BY: (column position, descending) per term."""
+    union_limit: int | None = None
+    union_offset: int = 0
     scatter_refusal: str | None = None
     """Why this statement cannot run on more than one target (raised only if it would)."""
     strings_compared: bool = False
@@ -384,6 +392,8 @@ class Planner:
                 f"{len(statements)} statements in one call; send one statement per execute()"
             )
         tree = _bare_time_functions(cast(exp.Expression, statements[0]))
+        if type(tree) is exp.Union:
+            return self._union(sql, tree)
         if isinstance(tree, exp.Select):
             return self._select(sql, tree, shapes.check(tree, "select"))
         if isinstance(tree, exp.Insert):
@@ -393,6 +403,51 @@ class Planner:
         if isinstance(tree, exp.Delete):
             return self._write(sql, tree, "delete", shapes.check(tree, "delete"))
         raise UnsupportedQueryError(_not_routed(tree, sql))
+
+    def _union(self, sql: str, tree: exp.Union) -> Plan:
+        """UNION [ALL] of SELECTs each routable: see execution._union for how it runs."""
+        unknown = set(tree.args) - {"this", "expression", "distinct", "order", "limit", "offset"}
+        if any(tree.args.get(a) for a in unknown):
+            raise UnsupportedQueryError(f"UNION with {', '.join(sorted(unknown))} is not routed")
+        branches: list[exp.Expression] = []
+        node: exp.Expression = tree
+        while type(node) is exp.Union:
+            if node is not tree and any(node.args.get(a) for a in ("order", "limit", "offset")):
+                raise UnsupportedQueryError("a UNION inside a UNION with its own ORDER BY/LIMIT")
+            if bool(node.args.get("distinct")) != bool(tree.args.get("distinct")):
+                raise UnsupportedQueryError(
+                    "UNION mixed with UNION ALL is not routed; write one kind (or run them apart)"
+                )
+            branches.append(node.expression)
+            node = node.this
+        branches.append(node)
+        branches.reverse()
+        plans = []
+        for i, branch in enumerate(branches):
+            if not isinstance(branch, exp.Select) or any(
+                branch.args.get(a) for a in ("order", "limit", "offset", "locks")
+            ):
+                raise UnsupportedQueryError(
+                    f"UNION member {_show(branch)}: each must be a plain SELECT (no parentheses,"
+                    " ORDER BY, LIMIT or locking of its own); order and limit the whole UNION"
+                )
+            text = sql if i == 0 else branch.sql(dialect="mysql")  # (the first labels it)
+            plans.append(self._select(text, branch, shapes.check(branch, "select")))
+        width = len(branches[0].expressions)
+        if any(len(b.expressions) != width for b in branches):
+            raise UnsupportedQueryError(
+                "the SELECTs of a UNION have different numbers of columns (MySQL error 1222)"
+            )
+        tables = tuple(dict.fromkeys(t for p in plans for t in p.tables))
+        driving = next((p.sharded for p in plans if p.sharded is not None), None)
+        plan = Plan(sql, "select", tables, driving, (), tree)
+        plan.union = tuple(plans)
+        plan.union_distinct = bool(tree.args.get("distinct"))
+        plan.union_order = _union_order(tree, cast(exp.Select, branches[0]), width)
+        limit, offset = tree.args.get("limit"), tree.args.get("offset")
+        plan.union_limit = _count_of(limit.expression) if limit is not None else None
+        plan.union_offset = _count_of(offset.expression) if offset is not None else 0
+        return plan
 
     def _late_binder(self, sql: str, late: LateParams) -> Callable[[Mapping[str, Any]], Plan]:
         """``params`` -> the plan of ``sql`` with its LIMIT/OFFSET and HAVING parameters
@@ -969,6 +1024,44 @@ def _refuse_nested_in(tree: exp.Expression, topology: Topology) -> None:
                 "subqueries and UNIONs over sharded tables are not routed (a subquery may need"
                 " rows from other shards); run the inner query first and pass its result"
             )
+
+
+def _union_order(tree: exp.Union, first: exp.Select, width: int) -> tuple[tuple[int, bool], ...]:
+    """The UNION's ORDER BY as (position, descending): a position, or a label of the first
+    SELECT (its alias, or a column's name)."""
+    order = tree.args.get("order")
+    if order is None:
+        return ()
+    labels = [
+        (item.alias if isinstance(item, exp.Alias) else item.name).lower()
+        if isinstance(item, exp.Alias | exp.Column)
+        else None
+        for item in first.expressions
+    ]
+    out = []
+    for term in order.expressions:
+        key = term.this
+        if isinstance(key, exp.Literal) and not key.is_string and key.this.isdigit():
+            pos = int(key.this) - 1
+        elif isinstance(key, exp.Column) and not key.table and key.name.lower() in labels:
+            pos = labels.index(key.name.lower())
+        else:
+            raise UnsupportedQueryError(
+                f"ORDER BY {key.sql(dialect='mysql')} of a UNION: order by a position or a"
+                " column name of the first SELECT"
+            )
+        if not 0 <= pos < width:
+            raise UnsupportedQueryError(f"ORDER BY position {pos + 1} of a UNION is out of range")
+        out.append((pos, bool(term.args.get("desc"))))
+    return tuple(out)
+
+
+def _count_of(node: exp.Expression) -> int:
+    if isinstance(node, exp.Literal) and not node.is_string and node.this.isdigit():
+        return int(node.this)
+    raise UnsupportedQueryError(
+        "LIMIT/OFFSET of a UNION must be integer literals; write the numbers"
+    )
 
 
 def _confined_subqueries(tree: exp.Select, topology: Topology) -> str | None:

@@ -634,3 +634,93 @@ def test_a_subquery_in_the_select_list_runs_on_one_target_only(
     )
     with pytest.raises(UnsupportedQueryError, match="one target"):
         world["router"].execute(sql)
+
+
+# -- item 6: UNION / UNION ALL ----------------------------------------------------------------
+
+
+def test_union_on_one_target_runs_as_written(world: dict[str, Any]) -> None:  # noqa: F811
+    user = _orders(world)[0]["user_id"]
+    sql = (
+        "SELECT order_id, status FROM orders WHERE user_id = :u AND status = 'new'"
+        " UNION SELECT order_id, status FROM orders WHERE user_id = :u AND amount_cents > 100"
+        " ORDER BY order_id DESC LIMIT 3"
+    )
+    check(world, sql, {"u": user})
+    _one_shard(world, sql, {"u": user})
+    # strings deduplicated by the shard's collation: that target runs it whole
+    check(
+        world,
+        "SELECT status FROM orders WHERE user_id = :u UNION SELECT UPPER(status)"
+        " FROM orders WHERE user_id = :u ORDER BY 1",
+        {"u": user},
+        ordered=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("sql", "ordered"),
+    [
+        (
+            "SELECT order_id FROM orders WHERE status = 'new' UNION ALL"
+            " SELECT order_id FROM orders WHERE amount_cents > 40000",
+            False,
+        ),
+        (
+            "SELECT order_id, amount_cents FROM orders WHERE status = 'new' UNION"
+            " SELECT order_id, amount_cents FROM orders WHERE amount_cents > 40000"
+            " ORDER BY amount_cents DESC, order_id LIMIT 10 OFFSET 2",
+            True,
+        ),
+        (
+            "SELECT merchant_id, COUNT(*) FROM orders GROUP BY merchant_id UNION ALL"
+            " SELECT merchant_id, SUM(amount_cents) FROM orders GROUP BY merchant_id"
+            " ORDER BY 1, 2",
+            True,
+        ),
+        (
+            "SELECT user_id FROM orders WHERE merchant_id = 3 UNION"
+            " SELECT user_id FROM order_items WHERE qty = 5 ORDER BY user_id",
+            True,
+        ),
+        (
+            "SELECT created_at FROM orders WHERE status = 'paid' UNION"
+            " SELECT created_at FROM orders WHERE status = 'done' ORDER BY 1 DESC LIMIT 7",
+            True,
+        ),
+        (
+            "SELECT order_id, NULL FROM orders WHERE merchant_id = 1 UNION ALL"
+            " SELECT order_id, amount_cents FROM orders WHERE merchant_id = 2 ORDER BY 2, 1",
+            True,
+        ),
+    ],
+)
+def test_union_across_shards(world: dict[str, Any], sql: str, ordered: bool) -> None:  # noqa: F811
+    rows = check(world, sql, ordered=ordered)
+    assert rows
+    assert len(world["router"].execute(sql).shards) > 1
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # strings deduplicated or ordered across shards: the collation is the shards'
+        "SELECT status FROM orders WHERE merchant_id = 1 UNION SELECT status FROM orders"
+        " WHERE merchant_id = 2",
+        "SELECT status FROM orders UNION ALL SELECT sku FROM order_items ORDER BY 1",
+        # a column of numbers in one SELECT and strings in another: MySQL makes them strings
+        "SELECT order_id FROM orders UNION ALL SELECT status FROM orders",
+        "SELECT order_id FROM orders UNION SELECT order_id FROM orders UNION ALL"
+        " SELECT order_id FROM orders",
+        "SELECT order_id FROM orders UNION SELECT order_id, user_id FROM orders",
+        "(SELECT order_id FROM orders ORDER BY order_id LIMIT 1) UNION SELECT 1",
+        "SELECT order_id FROM orders UNION SELECT order_id FROM orders ORDER BY user_id",
+        "SELECT order_id FROM orders INTERSECT SELECT order_id FROM order_items",
+    ],
+)
+def test_unions_the_router_cannot_combine_are_refused(
+    world: dict[str, Any],  # noqa: F811
+    sql: str,
+) -> None:
+    with pytest.raises(UnsupportedQueryError):
+        world["router"].execute(sql)
