@@ -395,7 +395,7 @@ class Topology:
         split = source.split
         physical = (name,) if split == 1 else tuple(f"{name}_{i:04d}" for i in range(split))
         spec = source.strategy if isinstance(source.strategy, dict) else {"name": source.strategy}
-        placement = json.dumps([spec, source.type.value], sort_keys=True)
+        placement = json.dumps([spec, source.type.value], sort_keys=True, default=str)
         return TableRule(
             name,
             "sharded",

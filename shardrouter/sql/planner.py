@@ -503,7 +503,16 @@ class Planner:
         groups = {r.bound_to or r.name for r in sharded}
         driving = sharded[0]
         if len(groups) > 1:
-            widest = max(sharded, key=lambda r: r.split)
+            # The widest of the statement's own tables drives (a subquery's table is read in
+            # the driving split: it may not have more splits, or its rows outside that split
+            # would be missing, and the outer rows would repeat once per split).
+            own = [
+                topology.table(s.this.name)
+                for s in [tree.args.get("from_"), *(tree.args.get("joins") or ())]
+                if s is not None and isinstance(s.this, exp.Table)
+            ]
+            own_sharded = [r for r in own if r.kind == "sharded"] or sharded
+            widest = max(own_sharded, key=lambda r: r.split)
             if not (
                 reading
                 and len({r.placement for r in sharded}) == 1
@@ -558,11 +567,27 @@ class Planner:
         return tuple(found)
 
     def _select(self, sql: str, tree: exp.Select, verdict: shapes.Verdict) -> Plan:
-        nested = _confined_subqueries(tree, self.topology)
+        confined_by: list[set[tuple[tuple[str, str], ValueRef]]] = []
+        nested = _confined_subqueries(tree, self.topology, confined_by)
         label_as_written(sql, tree)
         tables, driving = self._tables(tree, reading=True)
         conditions = self._conditions(tree, tables)
         plan = Plan(sql, "select", tables, driving, conditions, tree)
+        if confined_by:
+            # The statement runs where its routing condition sends it: each subquery confined
+            # by value must be confined to that very key and value.
+            route = plan.routing_condition
+            used = (
+                ((route.rule.column.lower(), route.rule.strategy.name), route.refs[0])
+                if route is not None and len(route.refs) == 1
+                else None
+            )
+            if any(used not in pairs for pairs in confined_by):
+                raise UnsupportedQueryError(
+                    "a subquery confined to a key value the statement is not routed by (it"
+                    " routes by its cheapest key condition: an order_id before a user_id);"
+                    " give the subquery the outer query's routing key and value"
+                )
         plan.has_limit = tree.args.get("limit") is not None
         if driving is not None:
             first = tree.args.get("from_")
@@ -830,7 +855,10 @@ def _int_columns(
     (and ``""`` when the statement reads one table): their values are never strings.
     ``partitioned``: only functional keys (not lookups): a value of one lives in one slot, so
     on one shard and in one split, and distinct values counted per target add up."""
-    tables = list(tree.find_all(exp.Table))
+    # The statement's own FROM and JOINs (a subquery's alias of the same name is another
+    # table, and its columns are not the merge's).
+    sources = [tree.args.get("from_"), *(tree.args.get("joins") or ())]
+    tables = [s.this for s in sources if s is not None and isinstance(s.this, exp.Table)]
     found: dict[str, frozenset[str]] = {}
     for table in tables:
         rule = topology.tables.get(table.name)
@@ -1064,7 +1092,9 @@ def _count_of(node: exp.Expression) -> int:
     )
 
 
-def _confined_subqueries(tree: exp.Select, topology: Topology) -> str | None:
+def _confined_subqueries(
+    tree: exp.Select, topology: Topology, confined_by: list[set[tuple[tuple[str, str], ValueRef]]]
+) -> str | None:
     """Check the subqueries of a SELECT over sharded tables; return why the statement may
     run on one target only (None: anywhere), or raise UnsupportedQueryError.
 
@@ -1074,7 +1104,8 @@ def _confined_subqueries(tree: exp.Select, topology: Topology) -> str | None:
     o.order_id``: the rows it reads sit with the outer row), or restricted to the outer query's
     own key value (``user_id = :u`` in both: one target). One level deep, no UNION. Outside
     the WHERE (select list, HAVING, ORDER BY) or when confined by value, on one target only:
-    the scatter rewrite and the merge do not look inside subqueries."""
+    the scatter rewrite and the merge do not look inside subqueries. ``confined_by`` gets, per
+    subquery confined by value, the (key, value) pairs it shares with the outer query."""
     outer_refs = _direct_tables(tree, topology)
     outer_values = _key_values(tree, outer_refs)
     where = tree.args.get("where")
@@ -1107,7 +1138,15 @@ def _confined_subqueries(tree: exp.Select, topology: Topology) -> str | None:
                 refusal = refusal or _ONE_TARGET_SUBQUERY
             continue
         inner_values = _key_values(node, inner_refs)
-        if any(refs & outer_values.get(key, set()) for key, refs in inner_values.items()):
+        shared = {
+            (key, ref)
+            for key, refs in inner_values.items()
+            for ref in refs & outer_values.get(key, set())
+        }
+        if shared:
+            # One target only: the one the outer query routes to, which must be this key's
+            # (checked against the plan's routing condition by _select).
+            confined_by.append(shared)
             refusal = refusal or (
                 f"subquery {_show(node)} is confined to the outer query's key value, so the"
                 " statement runs on that key's target only; route it by that key"
@@ -1234,11 +1273,19 @@ def _refuse_unsafe_joins(
     """
     rules = {t.name: t for t in tables}
     aliases: dict[str, TableRule] = {}
-    targets = _delete_targets(tree)
-    for node in tree.find_all(exp.Table):
-        rule = rules.get(node.name)
-        if rule is not None and not any(node is t for t in targets):
-            aliases[str(node.alias_or_name)] = rule
+    # This statement's own references (FROM and JOINs), not a subquery's: an inner alias of
+    # the same name would stand for another table.
+    for source in [first, *(j.this for j in joins or [])]:
+        if isinstance(source, exp.Table) and source.name in rules:
+            aliases[str(source.alias_or_name)] = rules[source.name]
+        elif source is not None and any(
+            t.name in rules and rules[t.name].kind == "sharded" for t in source.find_all(exp.Table)
+        ):
+            raise UnsupportedQueryError(
+                f"{_show(source)}: a parenthesized join or a derived table over sharded"
+                " tables is not routed (its co-location is not checked); write the joins"
+                " flat, JOIN ... ON ... JOIN ... ON ..."
+            )
     present: list[str] = []  # references in the FROM so far
     if isinstance(first, exp.Table) and str(first.alias_or_name) in aliases:
         present.append(str(first.alias_or_name))
