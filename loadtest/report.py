@@ -243,6 +243,9 @@ def render(report: Mapping[str, Any], md: bool = False) -> str:
             f"Throughput {r['throughput']:.2f}x, p99 {r['p99']:.2f}x (router / baseline).",
             "",
         ]
+        if len(r.get("rounds", ())) > 1:
+            each = ", ".join(f"{p['throughput']:.2f}x" for p in r["rounds"])
+            out += [f"Median of {len(r['rounds'])} rounds; throughput per round: {each}.", ""]
     if report.get("reshard_error"):
         out.append(f"RESHARD FAILED: {report['reshard_error']}")
         if report.get("reshard_settled"):

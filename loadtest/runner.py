@@ -21,12 +21,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import random
 import re
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -519,6 +521,13 @@ def analyse(name: str, run_dir: Path, phases: list[dict[str, Any]], title: str) 
 @click.option("--seed", "rng_seed", default=1, show_default=True, help="Random seed.")
 @click.option("--baseline", is_flag=True, help="One plain database, no router.")
 @click.option("--compare", is_flag=True, help="The baseline, then the router; their ratio.")
+@click.option(
+    "--rounds",
+    default=1,
+    show_default=True,
+    help="With --compare: this many baseline/router pairs, alternating which goes first"
+    " (B R, R B, ...), each -t long; the ratio is the median of the pairs' ratios.",
+)
 @click.option("--reshard", is_flag=True, help="Reshard 2 -> 4 shards in the middle of the run.")
 @click.option(
     "--reshard-at",
@@ -553,6 +562,7 @@ def main(
     rng_seed: int,
     baseline: bool,
     compare: bool,
+    rounds: int,
     reshard: bool,
     reshard_at: float | None,
     shadow_seconds: float,
@@ -588,6 +598,8 @@ def main(
         (not 1024 <= port <= 65_000, f"--port {port}: give 1024..65000"),
         (not lookups and config_path is not None, "--no-lookups changes the sandbox's"
          " topology: drop --config"),
+        (not 1 <= rounds <= 20, f"--rounds {rounds}: give 1..20"),
+        (rounds > 1 and not compare, "--rounds goes with --compare"),
     ]  # fmt: skip
     for bad, message in checks:
         if bad:
@@ -616,7 +628,7 @@ def main(
     try:
         report = _run(
             out, config_path, reset, port, directory, settings, orders_per_user,
-            baseline, compare, reshard, at, shadow_seconds, lookups, quiet,
+            baseline, compare, reshard, at, shadow_seconds, lookups, quiet, rounds,
         )  # fmt: skip
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -654,13 +666,24 @@ def _run(
     shadow_s: float,
     lookups: bool,
     quiet: bool,
+    rounds: int = 1,
 ) -> dict[str, Any]:
     import ledger as ledgers
 
     from shardrouter.core.config import config_from_dict
     from shardrouter.core.topology import Topology
 
-    kinds = ["baseline", "router"] if compare else ["baseline" if baseline else "router"]
+    # (kind, folder): with --rounds the pairs alternate their order (B R, R B, ...), so a
+    # drift of the machine's speed weighs on both sides alike.
+    kinds: list[tuple[str, str]] = []
+    if compare:
+        for r in range(rounds):
+            pair = ("baseline", "router") if r % 2 == 0 else ("router", "baseline")
+            kinds += [(kind, kind if r == 0 else f"{kind}-{r + 1}") for kind in pair]
+    else:
+        kinds = [("baseline", "baseline")] if baseline else [("router", "router")]
+    seeded: set[str] = set()
+    routed_dirs: list[Path] = []
     report: dict[str, Any] = {
         "settings": vars(settings) | {"reshard": reshard, "lookups": lookups},
         "runs": [],
@@ -681,30 +704,32 @@ def _run(
                     quiet,
                 )
             )
-        for kind in kinds:
-            run_dir = out / kind
+        for kind, name in kinds:
+            run_dir = out / name
             run_dir.mkdir(parents=True, exist_ok=True)
             is_baseline = kind == "baseline"
-            report.setdefault("seed", {})[kind] = seed(
-                cluster, run_dir, settings.seed_users, orders_per_user, settings.merchants,
-                settings.seed, is_baseline, quiet,
-            )  # fmt: skip
+            if kind not in seeded:  # (later rounds run on the same data, and add to it)
+                seeded.add(kind)
+                report.setdefault("seed", {})[kind] = seed(
+                    cluster, run_dir, settings.seed_users, orders_per_user, settings.merchants,
+                    settings.seed, is_baseline, quiet,
+                )  # fmt: skip
             driver = None
             if reshard:
                 driver = ReshardDriver(cluster, at, shadow_s, run_dir / "reshard.log")
             say(
-                f"{kind}: Locust, {settings.users} users for {settings.seconds:g} s"
+                f"{name}: Locust, {settings.users} users for {settings.seconds:g} s"
                 + (f", reshard 2 -> 4 shards from {at:g} s" if driver else ""),
                 quiet,
             )
             try:
                 rc = run_locust(
-                    kind, cluster, run_dir, settings, is_baseline,
+                    name, cluster, run_dir, settings, is_baseline,
                     on_start=driver.start if driver else None,
                 )  # fmt: skip
                 if rc != 0:
                     report["locust_error"] = (
-                        f"{kind}: Locust exited {rc}; see {run_dir / f'{kind}-locust.log'}"
+                        f"{name}: Locust exited {rc}; see {run_dir / f'{name}-locust.log'}"
                     )
             finally:
                 if driver is not None:
@@ -716,21 +741,40 @@ def _run(
             ):
                 report["reshard_error"] = driver.error or UNFINISHED
                 report["reshard_settled"] = driver.settle()
-            title = f"{kind}: {settings.users} users" + (", reshard 2 -> 4" if driver else "")
-            run = analyse(kind, run_dir, phases, title)
+            title = f"{name}: {settings.users} users" + (", reshard 2 -> 4" if driver else "")
+            run = analyse(name, run_dir, phases, title)
             if driver is not None:
                 run["reshard_log"] = str(run_dir / "reshard.log")
             if not is_baseline:
+                # Every router round's ledger so far: the rounds write to one cluster.
+                routed_dirs.append(run_dir)
                 final = Topology(config_from_dict(_without_meta(_current(cluster))))
-                run["ledger"] = ledgers.check_directory(run_dir, final).as_dict()
+                records = itertools.chain.from_iterable(
+                    ledgers.read_records(d) for d in routed_dirs
+                )
+                run["ledger"] = ledgers.check(
+                    ledgers.expected(records), ledgers.scan(final), final
+                ).as_dict()
             report["runs"].append(run)
     if compare:
-        base, routed = (r["summary"]["all"] for r in report["runs"])
-        report["ratio"] = {
-            "throughput": routed["rps"] / base["rps"],
-            "p99": routed["p99_ms"] / base["p99_ms"],
-        }
+        report["ratio"] = ratio_of(report["runs"])
     return report
+
+
+def ratio_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Router / baseline throughput and p99 of each pair of runs (in the order they ran), and
+    their medians (one pair: its own ratios)."""
+    pairs = []
+    for first, second in zip(runs[::2], runs[1::2], strict=True):
+        is_base = first["name"].startswith("baseline")
+        base, routed = (first, second) if is_base else (second, first)
+        b, r = base["summary"]["all"], routed["summary"]["all"]
+        pairs.append({"throughput": r["rps"] / b["rps"], "p99": r["p99_ms"] / b["p99_ms"]})
+    return {
+        "throughput": statistics.median(p["throughput"] for p in pairs),
+        "p99": statistics.median(p["p99"] for p in pairs),
+        "rounds": pairs,
+    }
 
 
 def _current(cluster: Cluster) -> dict[str, Any]:

@@ -238,6 +238,34 @@ def test_compare_without_lookups_with_two_locust_processes(
     assert "Router / baseline" in (tmp_path / "summary.md").read_text()
 
 
+@pytest.mark.timeout(400)
+def test_compare_in_alternating_rounds(
+    scratch_dir: Path, scratch_port: int, tmp_path: Path
+) -> None:
+    """--rounds 2: baseline then router, then router then baseline, on the data of the first
+    round; each router round's ledger check covers every router round so far; the ratio is
+    the median of the pairs'."""
+    done = run(
+        "--compare", "--rounds", "2", "--mix", "keyed", "--no-lookups", "--port",
+        str(scratch_port), "--dir", str(scratch_dir), "-u", "4", "-t", "4s",
+        "--seed-users", "50", "--out", str(tmp_path), "--json", timeout=300,
+    )  # fmt: skip
+    report = report_of(done)
+    names = [r["name"] for r in report["runs"]]
+    assert names == ["baseline", "router", "router-2", "baseline-2"]
+    assert set(report["seed"]) == {"baseline", "router"}  # seeded once per side
+    assert all(r["ledger"]["ok"] for r in report["runs"] if "ledger" in r)
+    later = report["runs"][2]["ledger"]
+    assert later["orders_in_ledger"] > report["runs"][1]["ledger"]["orders_in_ledger"]
+    pairs = report["ratio"]["rounds"]
+    assert len(pairs) == 2
+    assert report["ratio"]["throughput"] == pytest.approx(
+        sorted(p["throughput"] for p in pairs)[0] / 2
+        + sorted(p["throughput"] for p in pairs)[1] / 2
+    )
+    assert "Median of 2 rounds" in (tmp_path / "summary.md").read_text()
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("args", "message"),

@@ -867,3 +867,48 @@ def test_seconds_of(text: str, seconds: float) -> None:
 def test_seconds_of_rejects(text: str) -> None:
     with pytest.raises(click.BadParameter, match="is not a duration"):
         runner.seconds_of(text)
+
+
+# -- loadtest/run --compare --rounds: alternating pairs, the median of their ratios ------------
+
+
+def _run(name: str, rps: float, p99: float) -> dict[str, Any]:
+    return {"name": name, "summary": {"all": {"rps": rps, "p99_ms": p99}}}
+
+
+def test_ratio_of_pairs_in_either_order_is_their_median() -> None:
+    runs = [
+        _run("baseline", 1000, 30),
+        _run("router", 900, 36),  # 0.90
+        _run("router-2", 950, 33),  # then the router first: 0.95
+        _run("baseline-2", 1000, 30),
+        _run("baseline-3", 1000, 30),
+        _run("router-3", 800, 45),  # 0.80
+    ]
+    ratio = runner.ratio_of(runs)
+    assert [round(p["throughput"], 2) for p in ratio["rounds"]] == [0.9, 0.95, 0.8]
+    assert ratio["throughput"] == pytest.approx(0.9)
+    assert ratio["p99"] == pytest.approx(1.2)
+    text = reporting.render({"label": "x", "command": "c", "runs": [], "ratio": ratio})
+    assert "Throughput 0.90x" in text and "0.90x, 0.95x, 0.80x" in text
+
+
+def test_one_pair_is_its_own_ratio() -> None:
+    ratio = runner.ratio_of([_run("baseline", 1000, 30), _run("router", 880, 39)])
+    assert ratio["throughput"] == pytest.approx(0.88) and ratio["p99"] == pytest.approx(1.3)
+    text = reporting.render({"label": "x", "command": "c", "runs": [], "ratio": ratio})
+    assert "Median of" not in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rounds", "2"], "--rounds goes with --compare"),
+        (["--compare", "--rounds", "0"], "--rounds 0: give 1..20"),
+    ],
+)
+def test_rounds_usage_errors(args: list[str], message: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(runner.main, [*args, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and message in result.output
