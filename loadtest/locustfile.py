@@ -47,7 +47,7 @@ import gevent
 from baseline import PlainDatabase
 from ledger import LedgerWriter
 from locust import User, constant, constant_throughput, events, task
-from locust.runners import WorkerRunner
+from locust.runners import STATE_STOPPED, STATE_STOPPING, WorkerRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 from order_service import CANCELLED, NEW, PAID, Item, OrderService
 
@@ -183,6 +183,11 @@ def _flush(environment: Any, **kwargs: Any) -> None:
 def _close(environment: Any, **kwargs: Any) -> None:
     global _process
     if _process is not None:
+        runner = environment.runner
+        if runner is not None and runner.state not in (STATE_STOPPED, STATE_STOPPING):
+            # Locust fires `quitting` before it stops the users (SIGTERM, Ctrl-C): stop them
+            # first, so a write in flight records its outcome before the ledger is closed.
+            runner.stop()
         _process.close()
         _process = None
 

@@ -420,15 +420,54 @@ def run_locust(
         try:
             if on_start is not None:
                 on_start()
-            return proc.wait(timeout=settings.seconds + 120)
+            rc = proc.wait(timeout=settings.seconds + 120)
+            # With --processes the master exits without waiting for its workers, which
+            # write their ledgers as they stop: the check must not read them before.
+            _wait_group(proc.pid, timeout=30)
+            return rc
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+            if proc.poll() is None or _group_alive(proc.pid):
+                _signal_group(proc.pid, signal.SIGTERM)
                 try:
                     proc.wait(timeout=15)
+                    _wait_group(proc.pid, timeout=15)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    _signal_group(proc.pid, signal.SIGKILL)
                     proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (a zombie, exited but not yet reaped by
+    whoever adopted it, does not count: it writes nothing more)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # exited meanwhile
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _wait_group(pgid: int, timeout: float) -> None:
+    """Until every process of the group has exited; TimeoutExpired after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(f"process group {pgid}", timeout)
+        time.sleep(0.1)
 
 
 def analyse(name: str, run_dir: Path, phases: list[dict[str, Any]], title: str) -> dict[str, Any]:

@@ -912,3 +912,35 @@ def test_rounds_usage_errors(args: list[str], message: str, tmp_path: Path) -> N
 
     result = CliRunner().invoke(runner.main, [*args, "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and message in result.output
+
+
+def test_run_waits_for_the_whole_locust_process_group(tmp_path: Path) -> None:
+    """With --processes the Locust master exits without waiting for its workers, which write
+    their ledgers as they stop: the runner waits for every process of the group (a zombie, not
+    yet reaped by whoever adopted it, does not count)."""
+    import subprocess
+    import time
+
+    done = tmp_path / "written"
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"import time\ntime.sleep(1.0)\nopen({str(done)!r}, 'w').write('x')\n")
+    master = tmp_path / "master.py"
+    master.write_text(
+        "import os, subprocess, sys\n"
+        f"subprocess.Popen([sys.executable, {str(worker)!r}])\n"
+        "os._exit(0)\n"
+    )
+    leader = subprocess.Popen([sys.executable, str(master)], start_new_session=True)
+    leader.wait(timeout=10)  # the master is gone, its worker still runs
+    assert runner._group_alive(leader.pid)
+    start = time.monotonic()
+    runner._wait_group(leader.pid, timeout=10)
+    assert done.exists() and time.monotonic() - start < 10
+    assert not runner._group_alive(leader.pid)
+    with pytest.raises(subprocess.TimeoutExpired):
+        sleeper = subprocess.Popen(["sleep", "5"], start_new_session=True)
+        try:
+            runner._wait_group(sleeper.pid, timeout=0.3)
+        finally:
+            sleeper.kill()
+            sleeper.wait()

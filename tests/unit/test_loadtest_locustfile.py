@@ -94,3 +94,35 @@ def test_a_write_in_flight_when_the_user_is_stopped_is_recorded_in_doubt(
     records = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     found = {(r["op"], r["o"], r["ok"]) for r in records}
     assert found == {("place", 4242, None), ("move", 99, None)}, records
+
+
+QUITTING = """
+from gevent import monkey; monkey.patch_all()
+import sys, types
+sys.path.insert(0, %(loadtest)r)
+import locustfile
+from locust.runners import STATE_RUNNING, STATE_STOPPED
+calls = []
+class Process:
+    def close(self): calls.append("close")
+class Runner:
+    state = STATE_RUNNING
+    def stop(self):
+        calls.append("stop")      # the users' in-doubt records are written here
+        self.state = STATE_STOPPED
+locustfile._process = Process()
+locustfile._close(types.SimpleNamespace(runner=Runner()))
+print(" ".join(calls))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_quitting_stops_the_users_before_closing_the_ledger() -> None:
+    """Locust fires `quitting` before it stops the users (SIGTERM, Ctrl-C): the ledger is
+    closed only after they stopped, so a write in flight still records its outcome."""
+    done = subprocess.run(
+        [sys.executable, "-c", QUITTING % {"loadtest": str(ROOT / "loadtest")}],
+        capture_output=True, text=True, timeout=50, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["stop", "close"]
