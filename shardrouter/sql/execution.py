@@ -13,7 +13,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any, Literal
 
 from sqlalchemy import and_, column, delete, or_, select, table, update
@@ -553,10 +553,14 @@ def _union(
     plain = all(t.only is None and t.exclude is None for f in founds for t in f.targets)
     if all(len(f.targets) == 1 for f in founds) and len(places) <= 1 and plain:
         shard, split = next(iter(places)) if places else (founds[0].targets[0].shard, 0)
-        if bind is not None:
+        anywhere = not places  # broadcast tables only: any shard (a transaction's own) answers
+        if bind is not None and not anywhere:
             bind({ShardId(shard)})
         target = Target(shard, split)
-        (result,) = yield [Job(ShardId(shard), plan.render(target, scatter=False), params, "read")]
+        job = Job(
+            ShardId(shard), plan.render(target, scatter=False), params, "read", anywhere=anywhere
+        )
+        (result,) = yield [job]
         rows = result.rows if isinstance(result.rows, list) else list(result.rows)
         return ResultSet(result.columns, rows, len(rows), (ShardId(shard),))
     results = []
@@ -645,8 +649,12 @@ def _value_kind(value: Any) -> str:
 
 def _at_scale(value: Decimal, scale: int) -> Decimal:
     """A DECIMAL at the column's scale (MySQL gives a UNION column the largest of its
-    SELECTs')."""
-    return value.quantize(Decimal(1).scaleb(-scale)) if value.is_finite() else value
+    SELECTs'), with MariaDB's 65 digits of precision (Python's default context has 28)."""
+    if not value.is_finite():
+        return value
+    with localcontext() as context:
+        context.prec = 65
+        return value.quantize(Decimal(1).scaleb(-scale))
 
 
 def _all_targets(topology: Topology, plan: Plan, table: TableRule, reading: bool) -> list[Target]:

@@ -431,7 +431,10 @@ class Planner:
                     f"UNION member {_show(branch)}: each must be a plain SELECT (no parentheses,"
                     " ORDER BY, LIMIT or locking of its own); order and limit the whole UNION"
                 )
-            text = sql if i == 0 else branch.sql(dialect="mysql")  # (the first labels it)
+            if i == 0:  # the first labels the columns: by its text as written in the UNION
+                label_as_written(sql, branch)
+            # Its own text (a late binder re-plans it: the UNION's text would be planned whole).
+            text = branch.sql(dialect="mysql")
             plans.append(self._select(text, branch, shapes.check(branch, "select")))
         width = len(branches[0].expressions)
         if any(len(b.expressions) != width for b in branches):
