@@ -49,7 +49,7 @@ from ..sql.execution import (
     together_order,
 )
 from ..types import ShardId, Slot
-from . import readpool, xa
+from . import direct, readpool, xa
 from .engines import DEADLOCK_ERRNO, ShardEngines, classify
 from .readpool import ReadPool
 from .shadow import ShadowReader, shadow_read
@@ -361,16 +361,23 @@ class Transaction:
             self._end(commit)
             committed = commit
         finally:
-            # Lookup rows written for owners this transaction did not commit are removed.
-            snap = self._settle_snapshot()
-            try:
-                _Runner(self._router).drive(self._ledger.settle(snap.topology, committed), snap)
-            except Exception as exc:  # best effort: the crash case, which check lookups fixes
-                log.error("transaction end: lookup rows not settled: %s", exc)
-            finally:
-                if snap is not self._snap:
-                    snap.release()
+            if self._ledger.pending:
+                self._settle(committed)
+            else:  # no lookup row written or removed: nothing to settle
                 self._snap.release()
+
+    def _settle(self, committed: bool) -> None:
+        """Lookup rows written for owners this transaction did not commit are removed (and
+        the rest of LookupLedger.settle); then the transaction's snapshot is released."""
+        snap = self._settle_snapshot()
+        try:
+            _Runner(self._router).drive(self._ledger.settle(snap.topology, committed), snap)
+        except Exception as exc:  # best effort: the crash case, which check lookups fixes
+            log.error("transaction end: lookup rows not settled: %s", exc)
+        finally:
+            if snap is not self._snap:
+                snap.release()
+            self._snap.release()
 
     def _settle_snapshot(self) -> Snapshot:
         """The snapshot the ledger settles under: the transaction's, unless it freezes a range
@@ -760,15 +767,22 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
                 self._execute_on(conn, replace(job, statement=sql)) for sql in job.statement
             )
             return JobResult((), [], sum(p.rowcount for p in parts), parts)
-        stmt = self._text(job.statement) if isinstance(job.statement, str) else job.statement
-        log_statement(job.shard, stmt, job.params)
+        sql = job.statement
+        log_statement(job.shard, sql, job.params)
         if job.returning:
             require_returning(conn.dialect, job.shard)
         thread_id = _thread_id(conn)  # known before: a connection whose link failed is dropped
         try:
-            return JobResult.of(conn.execute(stmt, job.params))
+            if isinstance(sql, str):
+                params = job.params
+                if isinstance(params, Mapping):  # (a list of them: executemany, SQLAlchemy's)
+                    statements = direct.direct_for(conn)
+                    if statements is not None:  # no SQLAlchemy execution layer: engine.direct
+                        return direct.execute(conn, statements, sql, params, job.shard)
+                return JobResult.of(conn.execute(self._text(sql), params))
+            return JobResult.of(conn.execute(sql, job.params))
         except (DBAPIError, PoolTimeoutError) as exc:
-            error = classify(exc, job.shard, str(stmt))
+            error = classify(exc, job.shard, str(sql))
             if isinstance(error, ShardUnavailableError):  # the read timeout gave up, not the server
                 pool = self.topology.shards[job.shard].pool
                 readpool.stop_statement_in_thread(conn.engine, job.shard, pool, thread_id)
