@@ -56,9 +56,11 @@ ORM routes and refuses exactly as ``router.execute`` does:
 
 - key criteria (``=`` or ``IN`` on the primary or a functional secondary key, a top-level
   ``AND`` term; ``session.get`` on an id with a gene) run on their placements only; a lazy or
-  selectin load of a bound table (``order.items``) runs on the parent's placement; lookup keys
-  (``merchant_id``) and everything else fan out to every placement of the table (correct, not
-  cheap: one statement per placement, in turn, on the session's connections);
+  selectin load of a bound table (``order.items``) runs on the parent's placement; a lookup
+  key (``merchant_id = 7``, ``IN``) reads its lookup table first, as ``router.execute`` does,
+  and runs on the placements of the owners found there (none found: one placement, so an
+  aggregate still returns its row); everything else fans out to every placement of the table
+  (correct, not cheap: one statement per placement, in turn, on the session's connections);
 - across placements, ORDER BY, LIMIT and OFFSET are merged correctly (each placement returns its
   first ``offset + limit`` rows in order, with the sort keys as extra columns; a k-way merge of
   ``shardrouter.sql.merge`` keeps the global first ``limit`` after ``offset``); entity and column
@@ -193,6 +195,7 @@ from ..sql.execution import (
     index_ordered_columns,
     log,
     lookup_rows,
+    lookup_targets,
     read_shards,
     write_lookups,
 )
@@ -310,6 +313,12 @@ class _Routing:
         if rule.split == 1:
             return self._base[shard]
         return self._split[shard][slot % rule.split]
+
+    def token_at(self, rule: TableRule, shard: str, split: int) -> str:
+        """The token of the placement of ``rule``'s table on ``shard``, split ``split``."""
+        if rule.split == 1:
+            return self._base[ShardId(shard)]
+        return self._split[ShardId(shard)][split]
 
     def fanout(self, rule: TableRule, *, reading: bool = True) -> list[str]:
         """Every placement of ``rule``'s table, each physical table once: for a read, of
@@ -1371,6 +1380,30 @@ class RoutedSession(ShardedSession):
         )
         return list(dict.fromkeys(tokens))
 
+    def _lookup_tokens(self, plan: Plan, values: Mapping[str, Any]) -> list[str] | None:
+        """The placements of the owners a lookup key condition names (``merchant_id = 7``:
+        the ``merchant_orders`` rows of 7 say which users' placements hold its orders), read
+        first as the router reads them (execution.lookup_targets, on the router's threads,
+        outside the session's transaction: lookup rows are committed before their owners, so
+        the session's own flushed rows are found too; the session's ledger gives the values
+        it handed to other owners). None: no lookup condition, or a migration's copies are
+        on a target (the router then also restricts the statement to the owner keys, which
+        a placement cannot), and the query fans out instead."""
+        table = plan.sharded
+        assert table is not None
+        condition = next((c for c in plan.conditions if c.rule.lookup_table is not None), None)
+        if condition is None:
+            return None
+        found = _Runner(self.router).drive(
+            lookup_targets(self._snap.topology, table, condition, values, True, self._ledger),
+            self._snap,
+        )
+        if any(t.only is not None or t.exclude is not None for t in found.targets):
+            return None
+        return list(
+            dict.fromkeys(self._routing.token_at(table, t.shard, t.split) for t in found.targets)
+        )
+
     def _check_limits(self, tokens: Sequence[str], offset: int) -> None:
         limits = self.router.limits
         shards = {self._routing.placements[t].shard for t in tokens}
@@ -1404,7 +1437,11 @@ class RoutedSession(ShardedSession):
             return self._invoke(ctx, self._routing.fanout(plan.tables[0])[0])
         tokens = self._key_tokens(plan, values)
         if tokens is None:
-            tokens = self._parent_tokens(ctx, table) or self._routing.fanout(table)
+            tokens = (
+                self._parent_tokens(ctx, table)
+                or self._lookup_tokens(plan, values)
+                or self._routing.fanout(table)
+            )
         self._check_limits(tokens, plan.offset_depth)
         if len(tokens) == 1:
             return self._invoke(ctx, tokens[0])

@@ -756,11 +756,11 @@ def _indirect_targets(
     lookup = next((c for c in plan.conditions if c.rule.lookup_table is not None), None)
     if lookup is not None:
         reading = plan.kind == "select"
-        return (yield from _lookup_targets(topology, table, lookup, params, reading, ledger))
+        return (yield from lookup_targets(topology, table, lookup, params, reading, ledger))
     return _Targets(_all_targets(topology, plan, table, plan.kind == "select"), True)
 
 
-def _lookup_targets(
+def lookup_targets(
     topology: Topology,
     table: TableRule,
     cond: KeyCondition,
@@ -768,7 +768,8 @@ def _lookup_targets(
     reading: bool = True,
     ledger: LookupLedger | None = None,
 ) -> Generator[list[Job], list[JobResult], _Targets]:
-    """Read the lookup table, then target the owners' shards (orphans cost a wasted query)."""
+    """Read the lookup table, then target the owners' shards (orphans cost a wasted query).
+    The router's reads and writes by a lookup key, and the ORM session's reads."""
     rule = cond.rule
     strategy = rule.strategy
     assert isinstance(strategy, LookupStrategy) and rule.lookup_table is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -228,6 +229,91 @@ def test_get_and_key_queries_hit_one_shard(router: Router, world: dict[str, Any]
         recorder.seen.clear()
         assert [i.line for i in order.items] == [0, 1]
         assert [s for s, _ in recorder.seen] == [route.shard]
+
+
+def _orders_queried(recorder: Recorder) -> set[tuple[str, str]]:
+    """(shard, physical orders table) of every statement on an orders table it recorded."""
+    return {
+        (shard, name)
+        for shard, statement in recorder.seen
+        for name in re.findall(r"\borders_\d+\b", statement)
+    }
+
+
+def test_lookup_key_queries_read_the_lookup_table_first(
+    router: Router, world: dict[str, Any]
+) -> None:
+    """merchant_id = / IN: the merchant_orders rows name the owners; only their placements are
+    queried (not all 16), and the answer is the whole one, as router.execute's."""
+    topology = router.topology
+
+    def placements(merchants: set[int]) -> set[tuple[str, str]]:
+        out = set()
+        for _, user, merchant, _ in world["orders"]:
+            if merchant in merchants:
+                route = topology.route("orders", "user_id", user)
+                out.add((route.shard, route.physical_table))
+        return out
+
+    one, two = FIRST_USER + 3, FIRST_USER + 4
+    with Recorder(router) as recorder, world["make"]() as session:
+        found = session.scalars(
+            select(Order).where(Order.merchant_id == one).order_by(Order.order_id)
+        ).all()
+        assert [o.order_id for o in found] == sorted(
+            o for o, _, m, _ in world["orders"] if m == one
+        )
+        assert _orders_queried(recorder) == placements({one})
+        assert 1 < len(placements({one})) < 16
+        recorder.seen.clear()
+        rows = session.execute(
+            select(Order.merchant_id, func.count(), func.sum(Order.amount_cents))
+            .where(Order.merchant_id.in_([one, two]))
+            .group_by(Order.merchant_id)
+            .order_by(Order.merchant_id)
+        ).all()
+        expected = [
+            (
+                m,
+                sum(1 for o in world["orders"] if o[2] == m),
+                sum(o[3] for o in world["orders"] if o[2] == m),
+            )
+            for m in (one, two)
+        ]
+        assert [(m, c, int(t)) for m, c, t in rows] == expected
+        assert _orders_queried(recorder) == placements({one, two})
+        recorder.seen.clear()
+        nobody = FIRST_USER + 999
+        count = session.scalar(
+            select(func.count()).select_from(Order).where(Order.merchant_id == nobody)
+        )
+        assert count == 0 and len(_orders_queried(recorder)) == 1  # still one row: 0
+
+
+def test_lookup_key_query_finds_the_sessions_own_rows(
+    router: Router, world: dict[str, Any]
+) -> None:
+    """An order flushed (not committed) in the session is found by its merchant: its lookup
+    row was written before the flush; after a rollback it is gone, lookup row included."""
+    merchant = FIRST_USER + 777
+    user = USERS[5]
+    oid = router.topology.id_generator("orders").next_id(user_id=user)
+    with world["make"]() as session:
+        session.add(
+            Order(
+                order_id=oid,
+                user_id=user,
+                merchant_id=merchant,
+                status="new",
+                amount_cents=5,
+                created_at=dt.datetime(2026, 1, 2),
+            )
+        )
+        found = session.scalars(select(Order.order_id).where(Order.merchant_id == merchant))
+        assert found.all() == [oid]  # autoflushed, found through its lookup row
+        session.rollback()
+        assert session.scalars(select(Order).where(Order.merchant_id == merchant)).all() == []
+    assert where_is(router, "merchant_orders", "merchant_id", merchant) == []
 
 
 def test_fan_out_order_by_limit_equals_the_single_database_answer(
