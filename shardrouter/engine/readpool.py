@@ -47,7 +47,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, overload
+from typing import Any, NoReturn, overload
 
 import aiomysql.connection as _aiomysql_connection
 import pymysql.connections as _pymysql_connections
@@ -222,7 +222,17 @@ def _finish(conn: Any, result: Any) -> JobResult:
 
 
 def _query_lazy(conn: Any, sql: str, args: tuple[Any, ...] | Mapping[str, Any]) -> JobResult:
+    _send(conn, sql, args)
+    return _read_lazy(conn)
+
+
+def _send(conn: Any, sql: str, args: tuple[Any, ...] | Mapping[str, Any]) -> None:
+    """Send a statement on a PyMySQL connection (its answer: _read_lazy)."""
     conn._execute_command(COMMAND.COM_QUERY, _bind(conn, sql, args))
+
+
+def _read_lazy(conn: Any) -> JobResult:
+    """Read the answer to the statement last sent on a PyMySQL connection, rows lazily."""
     result = _PyMySQLLazyResult(conn)
     result.read()
     return _finish(conn, result)
@@ -387,11 +397,32 @@ class _Slots:
             self._free -= 1
             return True
 
+    def try_acquire(self) -> bool:
+        """One slot if one is free now; never waits."""
+        with self._cond:
+            if self._free <= 0:
+                return False
+            self._free -= 1
+            return True
+
     def release(self) -> None:
         with self._cond:
             self._free += 1
             if self._waiting:
                 self._cond.notify()
+
+
+@dataclass(slots=True)
+class Pending:
+    """A statement ReadPool.send sent, its answer not read yet."""
+
+    held: _Held
+    statement: str
+
+
+class _Abandoned(BaseException):
+    """Why a sent statement's connection is dropped unread (see in_flight: its statement
+    may still run, so it is stopped on its server)."""
 
 
 class ReadPool(_Shell):
@@ -428,6 +459,71 @@ class ReadPool(_Shell):
             return result
         finally:
             self._slots.release()
+
+    @property
+    def pipelines(self) -> bool:
+        """Whether ``send``/``receive`` work here (PyMySQL: the statement is sent by this
+        module, so its answer can be read later)."""
+        return self._native
+
+    def send(self, statement: str, params: Mapping[str, Any]) -> Pending | None:
+        """Send ``statement`` on a free connection and return at once; None (nothing
+        sent, nothing held) when no connection is free now: the caller runs it with run()
+        instead, so a caller holding connections of other pools never also waits for one
+        (two fan-outs waiting for each other's connections). Answer with ``receive``, or
+        give it up with ``abandon``. PyMySQL only (``pipelines``)."""
+        if not self._slots.try_acquire():
+            return None
+        try:
+            held = self._checkout()
+        except BaseException:
+            self._slots.release()
+            raise
+        try:
+            log_statement(self.shard, statement, params)
+            sql, args = self._statements.bind(statement, params, self.shard)
+            try:
+                _send(held.conn, sql, args)
+            except KeyError as exc:  # a pyformat statement names a parameter params lack
+                raise _missing(exc, params, self.shard) from None
+        except BaseException as exc:
+            self._fail(held, exc, statement)
+        return Pending(held, statement)
+
+    def receive(self, pending: Pending, lazy: bool = False) -> JobResult:
+        """The answer to a ``send``; the connection goes back to the pool (or is dropped
+        after an error, its statement stopped on its server if it may still run)."""
+        held = pending.held
+        try:
+            found = _eager(_read_lazy(held.conn), lazy)
+        except BaseException as exc:
+            self._fail(held, exc, pending.statement)
+        now = time.monotonic()
+        with self._lock:
+            kept = self._idle.give(held, now)
+        if not kept:
+            _close(held.conn)
+        self._slots.release()
+        return found
+
+    def abandon(self, pending: Pending) -> None:
+        """Give up a ``send`` whose answer will not be read: the connection is dropped and
+        its statement stopped on its server (it may still be computing)."""
+        self._drop(pending.held, _Abandoned())
+
+    def _fail(self, held: _Held, exc: BaseException, statement: str) -> NoReturn:
+        error = classify(exc, self.shard, statement) if isinstance(exc, self._errors) else exc
+        self._drop(held, error)
+        if error is exc:
+            raise exc
+        raise error from exc
+
+    def _drop(self, held: _Held, exc: BaseException) -> None:
+        thread_id = _thread_id(held.conn)
+        _close(held.conn)
+        self._slots.release()
+        if in_flight(exc):
+            stop_statement_in_thread(self._engine, self.shard, self._pool, thread_id)
 
     def _checkout(self) -> _Held:
         now = time.monotonic()

@@ -51,7 +51,7 @@ from ..sql.execution import (
 from ..types import ShardId, Slot
 from . import direct, readpool, xa
 from .engines import DEADLOCK_ERRNO, ShardEngines, classify
-from .readpool import ReadPool
+from .readpool import Pending, ReadPool
 from .shadow import ShadowReader, shadow_read
 from .snapshot import (
     HOLD_POLL_S,
@@ -878,6 +878,83 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
         self, jobs: Sequence[Job], replica: bool = False, snap: Snapshot | None = None
     ) -> list[JobResult]:
         snap = snap or self._snap
+        pools = self._pipelines(jobs, replica, snap)
+        if pools is not None:
+            return self._pipelined(jobs, pools, replica, snap)
+        return self._threaded(jobs, replica, snap)
+
+    def _pipelines(
+        self, jobs: Sequence[Job], replica: bool, snap: Snapshot
+    ) -> list[ReadPool] | None:
+        """The lean pools to pipeline ``jobs`` on, or None (not all reads of one SQL text on
+        a PyMySQL lean pool): see _pipelined."""
+        pools: list[ReadPool] = []
+        for job in jobs:
+            if not (
+                job.kind == "read"
+                and isinstance(job.statement, str)
+                and isinstance(job.params, Mapping)
+            ):
+                return None
+            engines = snap.engines
+            engine = engines.reader(job.shard) if replica else engines.primary(job.shard)
+            lean = snap.lean.get(engine)
+            if lean is None:
+                lean = self._lean_pool(engine, job.shard, snap)
+            if lean is False or not lean.pipelines:
+                return None
+            pools.append(lean)
+        return pools
+
+    def _pipelined(
+        self, jobs: Sequence[Job], pools: Sequence[ReadPool], replica: bool, snap: Snapshot
+    ) -> list[JobResult]:
+        """A scatter read without threads: every shard is sent its statement before any
+        answer is read, so the shards work at once while this thread reads the answers in
+        turn (they wait in the sockets). A job whose pool has no connection free now is not
+        sent (no waiting while holding the others' connections); it runs after the others
+        are answered and their connections returned, on the thread pool. On an error the
+        other answers are still read (each bounded by its read timeout), then the first error
+        is raised; on an interrupt (KeyboardInterrupt, a cancelled greenlet) the unread ones
+        are dropped and their statements stopped on their servers."""
+        sent: list[Pending | None] = []
+        try:
+            for job, pool in zip(jobs, pools, strict=True):
+                statement, params = job.statement, job.params
+                assert isinstance(statement, str) and isinstance(params, Mapping)  # _pipelines
+                sent.append(pool.send(statement, params))
+        except BaseException:
+            for pool, pending in zip(pools, sent, strict=False):
+                if pending is not None:
+                    pool.abandon(pending)
+            raise
+        results: list[JobResult | None] = [None] * len(jobs)
+        first_error: Exception | None = None
+        for i, (job, pool, pending) in enumerate(zip(jobs, pools, sent, strict=True)):
+            if pending is None:
+                continue
+            try:
+                results[i] = pool.receive(pending, job.lazy)
+            except Exception as exc:
+                first_error = first_error or exc
+            except BaseException:
+                for later, unread in zip(pools[i + 1 :], sent[i + 1 :], strict=True):
+                    if unread is not None:
+                        later.abandon(unread)
+                raise
+        if first_error is not None:
+            raise first_error
+        waiting = [i for i, pending in enumerate(sent) if pending is None]
+        if waiting:
+            rest = self._threaded([jobs[i] for i in waiting], replica, snap)
+            for i, result in zip(waiting, rest, strict=True):
+                results[i] = result
+        return cast(list[JobResult], results)
+
+    def _threaded(self, jobs: Sequence[Job], replica: bool, snap: Snapshot) -> list[JobResult]:
+        """Jobs on the thread pool, the caller's thread taking the first."""
+        if len(jobs) == 1:
+            return [self._run_job(jobs[0], replica, snap)]
         futures: list[Future[JobResult]] = [
             self._pool.submit(self._run_job, j, replica, snap) for j in jobs[1:]
         ]

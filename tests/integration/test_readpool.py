@@ -194,6 +194,13 @@ def _no_sleepers_left(request: pytest.FixtureRequest) -> Iterator[None]:
     if "world" not in request.fixturenames:
         return
     world: World = request.getfixturevalue("world")
+    _statements(world, "%SLEEP(%", kill=True)
+
+
+def _statements(world: World, like: str, kill: bool = False) -> int:
+    """How many of this module's statements whose text is LIKE ``like`` run on the shards
+    now; ``kill``: stop them (KILL QUERY)."""
+    count = 0
     for sid, database in world.databases.items():
         conn = _admin(world.url(sid))
         try:
@@ -201,13 +208,16 @@ def _no_sleepers_left(request: pytest.FixtureRequest) -> Iterator[None]:
                 cur.execute(
                     "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = %s"
                     " AND INFO LIKE %s AND ID <> CONNECTION_ID()",
-                    (database, "%SLEEP(%"),
+                    (database, like),
                 )
-                for (pid,) in cur.fetchall():
+                found = cur.fetchall()
+                count += len(found)
+                for (pid,) in found if kill else ():
                     with contextlib.suppress(pymysql.err.OperationalError):  # finished since
                         cur.execute(f"KILL QUERY {int(pid)}")
         finally:
             conn.close()
+    return count
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -240,10 +250,12 @@ def _through(
 def _spy_lazy(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Record every result of the lazy read functions (they still run for real)."""
     seen: list[Any] = []
-    sync_real, async_real = readpool._query_lazy, readpool._query_lazy_async
+    # sync: the reader of every answer, one statement at a time (_query_lazy) or pipelined
+    # (ReadPool.send/receive)
+    sync_real, async_real = readpool._read_lazy, readpool._query_lazy_async
 
-    def spy(conn: Any, sql: str, args: Any) -> Any:
-        result = sync_real(conn, sql, args)
+    def spy(conn: Any) -> Any:
+        result = sync_real(conn)
         seen.append(result)
         return result
 
@@ -252,7 +264,7 @@ def _spy_lazy(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
         seen.append(result)
         return result
 
-    monkeypatch.setattr(readpool, "_query_lazy", spy)
+    monkeypatch.setattr(readpool, "_read_lazy", spy)
     monkeypatch.setattr(readpool, "_query_lazy_async", async_spy)
     return seen
 
@@ -932,3 +944,142 @@ def test_close_closes_lean_connections_async(world: World, driver: str) -> None:
     opened, gone = asyncio.run(run())
     assert all(len(ids) == 1 for ids in opened.values()), opened
     assert gone, _new_since(world, before)
+
+
+# -- 10. the sync scatter pipelines (PyMySQL): sent to every shard before any answer is read ----
+
+
+def _waiting_reads(world: World) -> int:
+    """This module's reads of vals running (waiting) on the shards now."""
+    return _statements(world, "SELECT%FROM vals%")
+
+
+@contextlib.contextmanager
+def _tables_locked(world: World) -> Iterator[None]:
+    """Every shard's vals tables locked for writing by a plain connection: reads of them wait
+    until the block ends."""
+    held = []
+    try:
+        for sid, database in world.databases.items():
+            conn = _admin(world.url(sid), database)
+            held.append(conn)
+            names = world.topology.table("vals").physical_names
+            with conn.cursor() as cur:
+                cur.execute("LOCK TABLES " + ", ".join(f"{n} WRITE" for n in names))
+        yield
+    finally:
+        for conn in held:
+            with contextlib.suppress(Exception):
+                conn.cursor().execute("UNLOCK TABLES")
+            conn.close()
+
+
+SCATTER_IDS = "SELECT id, user_id FROM vals ORDER BY id LIMIT 7"
+
+
+def test_scatter_pipelines_without_threads(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every shard is sent its statement before any answer is read: with the shards' tables
+    locked, all four reads wait on their servers at once; no thread is used."""
+    expected = _oracle(world, SCATTER_IDS)
+
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("the scatter went to the thread pool")
+
+    with Router(world.topology_with("pymysql")) as router:
+        router.execute(SCATTER_IDS)  # connections made
+        monkeypatch.setattr(Router, "_threaded", refuse)
+        found: dict[str, Any] = {}
+        with _tables_locked(world):
+            reader = threading.Thread(
+                target=lambda: found.update(rows=_rows(router.execute(SCATTER_IDS)))
+            )
+            reader.start()
+            deadline = time.monotonic() + 3
+            while _waiting_reads(world) < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            waiting = _waiting_reads(world)
+        reader.join(5)
+    assert waiting == 4  # one caller thread, four statements in flight
+    assert found["rows"] == expected
+
+
+def test_mysqlclient_scatters_on_threads(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mysqlclient's statements are sent by its C code, so it cannot pipeline: threads."""
+    used = []
+    real = Router._threaded
+
+    def spy(self: Router, *args: Any) -> Any:
+        used.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(Router, "_threaded", spy)
+    with Router(world.topology_with("mysqldb")) as router:
+        assert _rows(router.execute("SELECT COUNT(*) FROM vals")) == [(ROWS,)]
+    assert used
+
+
+def test_pipelined_scatter_never_waits_holding_connections(world: World) -> None:
+    """One connection per shard. A scatter finds shard s2's taken (a slow read): it reads the
+    other shards' answers, returns their connections, then waits for s2. Meanwhile a read on
+    s0 gets s0's only connection at once: the waiting scatter holds none."""
+    shard = "s2"
+    holder_user = world.user_on(shard, 0)
+    tight = {"size": 1, "max_overflow": 0, "timeout_s": 3.0}
+    with Router(world.topology_with("pymysql", **tight)) as router:
+        router.execute("SELECT COUNT(*) FROM vals")  # one idle connection per shard
+        results: dict[str, Any] = {}
+
+        def hold() -> None:
+            results["held"] = _rows(router.execute(SLEEPY, {"u": holder_user}))
+
+        def scatter() -> None:
+            results["scatter"] = _rows(router.execute("SELECT COUNT(*), SUM(id) FROM vals"))
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        time.sleep(0.3)  # the holder has s2's connection, sleeping 1.2 s
+        waiting = threading.Thread(target=scatter)
+        waiting.start()
+        time.sleep(0.3)  # the scatter has read s0, s1, s3 and waits for s2
+        far = world.user_on("s0")
+        started = time.monotonic()
+        point = router.execute(POINT, {"u": far}).one()
+        took = time.monotonic() - started
+        holder.join(5)
+        waiting.join(5)
+    assert point[0] == world.row_of(far)["id"]
+    assert took < 0.3, took  # s0's connection was free, not held by the waiting scatter
+    assert results["held"] == [(0, world.row_of(holder_user)["id"])]
+    assert results["scatter"] == [(ROWS, sum(r["id"] for r in world.rows))]
+
+
+class _Interrupt(BaseException):
+    """What a signal handler or a killed greenlet raises mid-read."""
+
+
+def test_interrupted_pipelined_scatter_stops_every_statement(world: World) -> None:
+    """Interrupted while waiting for the answers: the unread connections are dropped and
+    their statements stopped on their servers (KILL QUERY), not left waiting there."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupt()
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with Router(world.topology_with("pymysql")) as router:
+            with _tables_locked(world):
+                signal.setitimer(signal.ITIMER_REAL, 0.4)
+                with pytest.raises(_Interrupt):
+                    router.execute(SCATTER_IDS)
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                deadline = time.monotonic() + 2
+                while _waiting_reads(world) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                left = _waiting_reads(world)  # the locks are still held
+            assert left == 0
+            # the pool's count of connections in use is back: reads go on
+            assert _rows(router.execute("SELECT COUNT(*) FROM vals")) == [(ROWS,)]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
