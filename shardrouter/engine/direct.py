@@ -31,17 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pymysql.connections as _pymysql_connections
 from pymysql.constants import COMMAND
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, text
 
-from ..errors import ExecutionError
 from ..sql.execution import JobResult, index_ordered_columns
 from ..types import ShardId
-from .readpool import SYNC_DRIVERS, _bind, _finish, _missing, _Statements
+from .readpool import SYNC_DRIVERS, _finish, _missing, _Statements
 
 _STATEMENTS: weakref.WeakKeyDictionary[Engine, _Statements | None] = weakref.WeakKeyDictionary()
 """Per engine: its compiled statements, or None when its driver takes SQLAlchemy's path."""
@@ -80,13 +79,17 @@ def execute(
     cursor = None
     try:
         if isinstance(dbapi, _pymysql_connections.Connection):
-            # PyMySQL's own query(), minus the cursor: the packet its cursor would send, the
-            # result read as its query() reads it (readpool reads the same way).
+            # PyMySQL's own cursor.execute() and query(), minus the cursor: its escaping
+            # (conn.literal, which readpool's hex literals for bytes are not: a bytes value
+            # selected back would come back as bytes), its packet, its result.
             try:
-                packet = _bind(dbapi, driver_sql, args)
+                query = driver_sql % _Literals(dbapi, args)
             except KeyError as missing:  # the driver's % found no value for a name
                 raise _missing(missing, params, shard) from None
-            dbapi._execute_command(COMMAND.COM_QUERY, packet)
+            # encoded as query() encodes it (bytes literals carry surrogate escapes)
+            dbapi._execute_command(
+                COMMAND.COM_QUERY, query.encode(dbapi.encoding, "surrogateescape")
+            )
             result = _pymysql_connections.MySQLResult(dbapi)
             result.read()
             dbapi._affected_rows = result.affected_rows
@@ -102,16 +105,52 @@ def execute(
         enums = index_ordered_columns(cursor)
         rows = [tuple(row) for row in cursor.fetchall()]
         return JobResult(tuple(d[0] for d in description), rows, len(rows), (), enums)
-    except ExecutionError:
-        raise  # ours (a missing parameter), before anything was sent: the connection is fine
     except BaseException as exc:
-        # Everything else as SQLAlchemy's own execute handles it (wrapping, invalidation).
-        conn._handle_dbapi_exception(exc, driver_sql, args, cursor, None)  # raises
+        if isinstance(exc, Exception) and not isinstance(exc, conn.dialect.loaded_dbapi.Error):
+            # Ours (a missing parameter, before anything was sent) or the driver's own
+            # (TypeError: a value it cannot escape; a decode error): raised as they are, as
+            # SQLAlchemy's execute raises them.
+            raise
+        # The driver's errors and interrupts as SQLAlchemy's execute handles them (wrapping,
+        # invalidation). The parameters shown are the statement's own, as SQLAlchemy shows
+        # them, not the rest of the caller's mapping.
+        conn._handle_dbapi_exception(exc, driver_sql, _named(conn, sql, args), cursor, None)
         raise  # pragma: no cover (for the type checker: the handler always raises)
     finally:
         if cursor is not None:
             with contextlib.suppress(Exception):  # a buffered cursor's close does no I/O
                 cursor.close()
+
+
+class _Literals(Mapping[str, str]):
+    """The SQL literal of each parameter a pyformat statement names, made by the PyMySQL
+    connection as its cursor makes them (``conn.literal``), on lookup: a caller's mapping may
+    hold more than the statement uses."""
+
+    __slots__ = ("_args", "_conn")
+
+    def __init__(self, conn: Any, args: tuple[Any, ...] | Mapping[str, Any]) -> None:
+        self._conn = conn
+        self._args = args
+
+    def __getitem__(self, key: str) -> str:
+        return str(self._conn.literal(self._args[key]))  # type: ignore[call-overload]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._args)
+
+    def __len__(self) -> int:
+        return len(self._args)
+
+
+def _named(
+    conn: Connection, sql: str, args: tuple[Any, ...] | Mapping[str, Any]
+) -> tuple[Any, ...] | dict[str, Any]:
+    """The arguments the statement names (positional ones are those already)."""
+    if not isinstance(args, Mapping):
+        return args
+    names = text(sql).compile(dialect=conn.dialect).params  # an error path: not cached
+    return {name: args[name] for name in names if name in args}
 
 
 __all__ = ["direct_for", "execute"]
