@@ -51,7 +51,9 @@ from typing import Any, NoReturn, overload
 
 import aiomysql.connection as _aiomysql_connection
 import pymysql.connections as _pymysql_connections
-from pymysql.constants import COMMAND
+from pymysql import err as _pymysql_err
+from pymysql.constants import COMMAND, CR
+from pymysql.protocol import MysqlPacket
 from sqlalchemy import Engine, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
@@ -74,6 +76,8 @@ KILL_WAIT_S = 0.5
 before it lets the cancellation through; the kill then goes on in the background, within the
 shard's connect_timeout_s + query_timeout_s (see stop_statement)."""
 _NO_SUCH_THREAD = 1094
+_MAX_PACKET_LEN = 2**24 - 1
+"""A packet of this length is continued in the next (the protocol's 16 MB split)."""
 _stopping: set[asyncio.Task[None]] = set()
 """The kills in flight (the event loop keeps only weak references to tasks)."""
 
@@ -82,25 +86,28 @@ _stopping: set[asyncio.Task[None]] = set()
 
 
 class LazyRows(Sequence[tuple[Any, ...]]):
-    """Result rows kept as the server's packets; a row is decoded each time it is read.
+    """Result rows kept as the server's packets; a row is decoded when first read, and kept.
 
     Decoding needs only the packet and the result's converters, not the connection, so the
-    connection goes back to its pool before the merge reads anything.
+    connection goes back to its pool before the merge reads anything. A row read twice (the
+    merge's type check reads each result's first row, then the merge itself) is decoded once.
     """
 
-    __slots__ = ("_decode", "_packets")
+    __slots__ = ("_decode", "_packets", "_rows")
 
-    def __init__(self, packets: list[Any], read_row: Callable[[Any], tuple[Any, ...]]) -> None:
+    def __init__(self, packets: list[Any], decode: Callable[[Any], tuple[Any, ...]]) -> None:
         self._packets = packets
-
-        def decode(packet: Any) -> tuple[Any, ...]:
-            packet.rewind()  # a packet keeps a read position; read twice, a row starts over
-            return read_row(packet)
-
         self._decode = decode
+        self._rows: list[tuple[Any, ...] | None] = [None] * len(packets)
 
     def __len__(self) -> int:
         return len(self._packets)
+
+    def _row(self, index: int) -> tuple[Any, ...]:
+        row = self._rows[index]
+        if row is None:
+            row = self._rows[index] = self._decode(self._packets[index])
+        return row
 
     @overload
     def __getitem__(self, index: int) -> tuple[Any, ...]: ...
@@ -110,11 +117,15 @@ class LazyRows(Sequence[tuple[Any, ...]]):
 
     def __getitem__(self, index: int | slice) -> tuple[Any, ...] | list[tuple[Any, ...]]:
         if isinstance(index, slice):
-            return [self._decode(p) for p in self._packets[index]]
-        return self._decode(self._packets[index])
+            return [self._row(i) for i in range(*index.indices(len(self._packets)))]
+        if index < 0:
+            index += len(self._packets)
+        if not 0 <= index < len(self._packets):
+            raise IndexError("LazyRows index out of range")
+        return self._row(index)
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        return map(self._decode, self._packets)
+        return map(self._row, range(len(self._packets)))
 
 
 def _lazy_capable(result_class: type) -> bool:
@@ -131,17 +142,98 @@ def _lazy_capable(result_class: type) -> bool:
 
 class _PyMySQLLazyResult(_pymysql_connections.MySQLResult):  # type: ignore[misc]
     def _read_rowdata_packet(self) -> None:
-        # PyMySQL's own loop, minus the decoding.
-        packets = []
-        read = self.connection._read_packet  # type: ignore[has-type]
+        # PyMySQL's own loop (_read_packet per row), minus the decoding, and minus most of its
+        # cost per packet: the rows are read straight from the connection's buffered socket
+        # file, each kept as its payload bytes (a MysqlPacket is made only for a row that is
+        # read). A scatter reads k x LIMIT row packets to use about LIMIT of them: PyMySQL's
+        # per-packet path (two _read_bytes calls, a settimeout each, a MysqlPacket) was the
+        # largest part of a sync scatter's client time. Errors as PyMySQL raises them.
+        conn = self.connection  # type: ignore[has-type]
+        payloads = _read_rows(conn)
+        self._check_packet_is_eof(MysqlPacket(payloads.pop(), conn.encoding))
+        self.connection = None
+        self.affected_rows = len(payloads)
+        read_row, encoding = self._read_row_from_packet, conn.encoding
+
+        def decode(payload: bytes) -> tuple[Any, ...]:
+            return read_row(MysqlPacket(payload, encoding))  # type: ignore[no-any-return]
+
+        self.rows = LazyRows(payloads, decode)
+
+
+def _read_rows(conn: Any) -> list[bytes]:
+    """The payloads of a result's row packets up to and including its EOF packet (last), read
+    from a PyMySQL connection as its _read_packet reads them: sequence numbers checked, a
+    packet of 16 MB or more joined with its continuation, an error packet raised, a lost or
+    timed-out socket closed and raised as OperationalError 2013."""
+    rfile = conn._rfile
+    conn._sock.settimeout(conn._read_timeout)
+    payloads: list[bytes] = []
+    seq = conn._next_seq_id
+    try:
         while True:
-            packet = read()
-            if self._check_packet_is_eof(packet):
-                self.connection = None
-                break
-            packets.append(packet)
-        self.affected_rows = len(packets)
-        self.rows = LazyRows(packets, self._read_row_from_packet)
+            header = rfile.read(4)
+            if len(header) < 4:
+                raise _short()
+            length = header[0] | header[1] << 8 | header[2] << 16
+            if header[3] != seq:
+                conn._next_seq_id = seq
+                return _slow_rest(conn, payloads, header)
+            seq = (seq + 1) % 256
+            payload = rfile.read(length)
+            if len(payload) < length:
+                raise _short()
+            if length >= _MAX_PACKET_LEN:  # continued: PyMySQL's own loop from here
+                conn._next_seq_id = seq
+                return _slow_rest(conn, payloads, None, payload)
+            first = payload[0] if payload else None
+            if first == 0xFF:  # an error packet (the statement failed mid-result)
+                conn._next_seq_id = seq
+                MysqlPacket(payload, conn.encoding).raise_for_error()
+            payloads.append(payload)
+            if first == 0xFE and length < 9:  # EOF
+                conn._next_seq_id = seq
+                return payloads
+    except OSError as exc:
+        conn._force_close()
+        raise _pymysql_err.OperationalError(
+            CR.CR_SERVER_LOST, f"Lost connection to MySQL server during query ({exc})"
+        ) from exc
+    except _pymysql_err.MySQLError:
+        raise
+    except BaseException:
+        conn._force_close()  # the protocol's state is unknown: as PyMySQL's _read_bytes
+        raise
+
+
+def _short() -> BaseException:
+    return OSError("the server closed the connection mid-packet")
+
+
+def _slow_rest(
+    conn: Any, payloads: list[bytes], header: bytes | None, head: bytes | None = None
+) -> list[bytes]:
+    """The rest of the result through PyMySQL's own _read_packet: a sequence number it will
+    refuse (``header``, already read: its check raises as PyMySQL's does), or a packet of
+    16 MB or more whose first part is ``head``."""
+    if header is not None:
+        conn._force_close()
+        if header[3] == 0:  # MariaDB's error packet with sequence 0 at shutdown
+            raise _pymysql_err.OperationalError(
+                CR.CR_SERVER_LOST, "Lost connection to MySQL server during query"
+            )
+        raise _pymysql_err.InternalError(
+            f"Packet sequence number wrong - got {header[3]} expected {conn._next_seq_id}"
+        )
+    assert head is not None
+    rest = conn._read_packet()  # the continuation: PyMySQL joins the parts until one is short
+    payloads.append(head + rest.get_all_data())
+    while True:
+        packet = conn._read_packet()
+        data = packet.get_all_data()
+        payloads.append(data)
+        if packet.is_eof_packet():
+            return payloads
 
 
 class _AiomysqlLazyResult(_aiomysql_connection.MySQLResult):  # type: ignore[misc]
@@ -156,7 +248,13 @@ class _AiomysqlLazyResult(_aiomysql_connection.MySQLResult):  # type: ignore[mis
                 break
             packets.append(packet)
         self.affected_rows = len(packets)
-        self.rows = LazyRows(packets, self._read_row_from_packet)
+        read_row = self._read_row_from_packet
+
+        def decode(packet: Any) -> tuple[Any, ...]:
+            packet.rewind()  # a packet keeps a read position; read twice, a row starts over
+            return read_row(packet)  # type: ignore[no-any-return]
+
+        self.rows = LazyRows(packets, decode)
 
 
 LAZY_DRIVERS = frozenset(

@@ -1083,3 +1083,57 @@ def test_interrupted_pipelined_scatter_stops_every_statement(world: World) -> No
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# -- 11. PyMySQL's rows read straight from the socket file: every protocol case ------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_row_over_16_mb_through_the_row_reader(world: World) -> None:
+    """A row packet of 16 MB or more comes in two protocol packets: joined, as PyMySQL joins
+    them; the connection stays in step for the next statement."""
+    shard = "s1"
+    admin = _admin(world.url(shard))
+    with admin.cursor() as cur:
+        cur.execute("SELECT @@GLOBAL.max_allowed_packet")
+        before = int(cur.fetchone()[0])
+        cur.execute("SET GLOBAL max_allowed_packet = 67108864")  # new connections: 64 MB
+    try:
+        topology = world.topology_with("pymysql")
+        with Router(topology) as router:
+            pool = ReadPool(router.engines.primary(shard), shard, topology.shards[shard].pool)
+            try:
+                sql = "SELECT id, REPEAT('ab', 8500000) AS big, name FROM vals ORDER BY id LIMIT 3"
+                rows = list(pool.run(sql, {}, lazy=True).rows)
+                ids = sorted(
+                    r["id"] for r in world.rows if topology.shard_for("vals", r["user_id"]) == shard
+                )[:3]
+                assert [r[0] for r in rows] == ids
+                assert all(r[1] == "ab" * 8_500_000 for r in rows)
+                assert [r[2] for r in rows] == [world.rows[i - 1]["name"] for i in ids]
+                assert pool.run("SELECT 1 AS one", {}).rows == [(1,)]
+            finally:
+                pool.close()
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"SET GLOBAL max_allowed_packet = {before}")
+        admin.close()
+
+
+def test_an_error_after_the_first_rows_is_raised(world: World) -> None:
+    """A statement that fails after sending rows (a subquery that returns two rows for the
+    second row): the server's error, classified; the pool goes on with a fresh connection."""
+    shard = "s2"
+    topology = world.topology_with("pymysql")
+    sql = (
+        "SELECT v.id, (SELECT v2.id FROM vals v2 WHERE v2.id <= v.id) AS s"
+        " FROM vals v ORDER BY v.id"
+    )
+    with Router(topology) as router:
+        pool = ReadPool(router.engines.primary(shard), shard, topology.shards[shard].pool)
+        try:
+            with pytest.raises(ExecutionError, match="1242"):
+                pool.run(sql, {}, lazy=True)
+            assert pool.run("SELECT 2 AS two", {}).rows == [(2,)]
+        finally:
+            pool.close()
