@@ -6,7 +6,9 @@ then times in one run, alternating A/B blocks so drift hits both sides alike:
 
 - point query by user id: explicit path (router.connection) and raw-SQL path (router.execute,
   plan cached) against SQLAlchemy Core on the shard's own engine, same SQL, same driver;
-- ORDER BY ... LIMIT 20 over every shard (sync and async) against the same query on one shard.
+- ORDER BY ... LIMIT 20 over every shard (sync and async) against the same query on one shard,
+  and the floor of a pipelined scatter: the four statements sent on plain PyMySQL connections
+  and their answers read undecoded, no router.
 
 Usage: python3 tools/bench_router.py [--seconds 2] [--config topology.yaml]
 """
@@ -25,9 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pymysql
+from pymysql.constants import COMMAND
 from sqlalchemy import text
 
 from shardrouter.core.topology import Topology
+from shardrouter.engine import readpool
 from shardrouter.engine.aio import AsyncRouter
 from shardrouter.engine.router import Router
 from shardrouter.ops import sandbox as sb
@@ -181,6 +186,45 @@ def measure(topology: Topology, seconds: float) -> dict[str, Any]:
         single(i)
     sync = ab(scatter_sync, single, seconds)
     results["scatter_limit20_sync_vs_one_shard"] = {**sync, "slowdown": round(1 / sync["ratio"], 3)}
+
+    # The floor of a pipelined scatter on this machine: no router, each shard's statement sent
+    # on a plain PyMySQL connection, then every answer's packets read undecoded (what the
+    # router's scatter does before it decodes the rows its merge reads, and merges).
+    shard_sql = {
+        shard: (
+            plan.render_union([Target(shard, i) for i in range(table_of.split)])
+            if table_of.split > 1
+            else plan.render(Target(shard, 0), scatter=True)
+        ).encode()
+        for shard in topology.shards
+    }
+    raw = {}
+    for shard in topology.shards:
+        url = topology.shards[shard].primary
+        raw[shard] = pymysql.connect(
+            host=url.host,
+            port=url.port or 3306,
+            user=url.username,
+            password=url.password or "",
+            database=url.database,
+            autocommit=True,
+        )
+
+    def floor(i: int) -> None:
+        for shard, conn in raw.items():
+            conn._execute_command(COMMAND.COM_QUERY, shard_sql[shard])
+        for conn in raw.values():
+            readpool._read_lazy(conn)
+
+    for i in range(50):
+        floor(i)
+    bare = ab(floor, single, seconds)
+    results["scatter_floor_pipelined_driver_vs_one_shard"] = {
+        **bare,
+        "slowdown": round(1 / bare["ratio"], 3),
+    }
+    for conn in raw.values():
+        conn.close()
 
     async def async_part() -> dict[str, Any]:
         aio = AsyncRouter(topology)

@@ -202,35 +202,37 @@ _FAST: dict[Any, Any] = {
 def _read_rows(conn: Any) -> list[bytes]:
     """The payloads of a result's row packets up to and including its EOF packet (last), read
     from a PyMySQL connection as its _read_packet reads them: sequence numbers checked, a
-    packet of 16 MB or more joined with its continuation, an error packet raised, a lost or
-    timed-out socket closed and raised as OperationalError 2013."""
+    payload of 16 MB or more joined with its continuation parts (the last one shorter, maybe
+    empty), an error packet raised, a lost or timed-out socket closed and raised as
+    OperationalError 2013."""
     rfile = conn._rfile
     conn._sock.settimeout(conn._read_timeout)
     payloads: list[bytes] = []
     seq = conn._next_seq_id
     try:
         while True:
-            header = rfile.read(4)
-            if len(header) < 4:
-                raise _short()
-            length = header[0] | header[1] << 8 | header[2] << 16
-            if header[3] != seq:
-                conn._next_seq_id = seq
-                return _slow_rest(conn, payloads, header)
-            seq = (seq + 1) % 256
-            payload = rfile.read(length)
-            if len(payload) < length:
-                raise _short()
-            if length >= _MAX_PACKET_LEN:  # continued: PyMySQL's own loop from here
-                conn._next_seq_id = seq
-                return _slow_rest(conn, payloads, None, payload)
+            parts: list[bytes] = []
+            while True:  # one logical packet: parts of 2**24 - 1 bytes, then a shorter one
+                header = rfile.read(4)
+                if len(header) < 4:
+                    raise _short()
+                if header[3] != seq:
+                    _wrong_sequence(conn, header[3], seq)
+                seq = (seq + 1) % 256
+                length = header[0] | header[1] << 8 | header[2] << 16
+                part = rfile.read(length)
+                if len(part) < length:
+                    raise _short()
+                parts.append(part)
+                if length < _MAX_PACKET_LEN:
+                    break
+            payload = parts[0] if len(parts) == 1 else b"".join(parts)
+            conn._next_seq_id = seq
             first = payload[0] if payload else None
             if first == 0xFF:  # an error packet (the statement failed mid-result)
-                conn._next_seq_id = seq
                 MysqlPacket(payload, conn.encoding).raise_for_error()
             payloads.append(payload)
-            if first == 0xFE and length < 9:  # EOF
-                conn._next_seq_id = seq
+            if first == 0xFE and len(payload) < 9:  # EOF
                 return payloads
     except OSError as exc:
         conn._force_close()
@@ -248,30 +250,16 @@ def _short() -> BaseException:
     return OSError("the server closed the connection mid-packet")
 
 
-def _slow_rest(
-    conn: Any, payloads: list[bytes], header: bytes | None, head: bytes | None = None
-) -> list[bytes]:
-    """The rest of the result through PyMySQL's own _read_packet: a sequence number it will
-    refuse (``header``, already read: its check raises as PyMySQL's does), or a packet of
-    16 MB or more whose first part is ``head``."""
-    if header is not None:
-        conn._force_close()
-        if header[3] == 0:  # MariaDB's error packet with sequence 0 at shutdown
-            raise _pymysql_err.OperationalError(
-                CR.CR_SERVER_LOST, "Lost connection to MySQL server during query"
-            )
-        raise _pymysql_err.InternalError(
-            f"Packet sequence number wrong - got {header[3]} expected {conn._next_seq_id}"
+def _wrong_sequence(conn: Any, got: int, expected: int) -> None:
+    """Raise as PyMySQL's _read_packet does for a packet out of sequence."""
+    conn._force_close()
+    if got == 0:  # MariaDB's error packet with sequence 0 at shutdown
+        raise _pymysql_err.OperationalError(
+            CR.CR_SERVER_LOST, "Lost connection to MySQL server during query"
         )
-    assert head is not None
-    rest = conn._read_packet()  # the continuation: PyMySQL joins the parts until one is short
-    payloads.append(head + rest.get_all_data())
-    while True:
-        packet = conn._read_packet()
-        data = packet.get_all_data()
-        payloads.append(data)
-        if packet.is_eof_packet():
-            return payloads
+    raise _pymysql_err.InternalError(
+        f"Packet sequence number wrong - got {got} expected {expected}"
+    )
 
 
 class _AiomysqlLazyResult(_aiomysql_connection.MySQLResult):  # type: ignore[misc]
@@ -561,15 +549,31 @@ class _Abandoned(BaseException):
     may still run, so it is stopped on its server)."""
 
 
+def _write_wait(pool: PoolConfig, depth: int) -> str:
+    """The session setting of a pipelining connection: a pipelined answer waits in its
+    socket while the answers sent before it are read, each up to the read timeout; a large
+    one fills the socket and the server waits in its write, which it abandons after
+    net_write_timeout (60 s by default, less on some servers) by dropping the connection. So
+    the server waits at least as long as the reads ahead of it may take (only while the client
+    is alive: a closed connection ends the write at once)."""
+    seconds = depth * max(1, pool.read_timeout_s) + 10
+    return f"SET SESSION net_write_timeout = GREATEST(@@SESSION.net_write_timeout, {seconds})"
+
+
 class ReadPool(_Shell):
     """Lean reads on one sync engine (PyMySQL or mysqlclient)."""
 
-    def __init__(self, engine: Engine, shard: ShardId, pool: PoolConfig) -> None:
+    def __init__(
+        self, engine: Engine, shard: ShardId, pool: PoolConfig, pipeline_depth: int = 1
+    ) -> None:
+        """``pipeline_depth``: how many statements a caller may send before it reads this
+        one's answer (the router's: its shard count; see _write_wait)."""
         super().__init__(engine, shard, pool)
         self._engine = engine
         self._lock = threading.Lock()
         self._slots = _Slots(pool.size + pool.max_overflow)
         self._mysqldb = engine.url.get_driver_name() == "mysqldb"
+        self._write_wait = _write_wait(pool, pipeline_depth) if self._native else None
 
     def run(
         self, statement: str | tuple[str, ...], params: Mapping[str, Any], lazy: bool = False
@@ -677,6 +681,8 @@ class ReadPool(_Shell):
             try:
                 conn = self._dialect.connect(*self._cargs, **self._cparams)
                 conn.autocommit(True)
+                if self._write_wait is not None:
+                    conn.query(self._write_wait)
             except self._errors as exc:
                 raise classify(exc, self.shard) from exc
             held = _Held(conn, now, now)

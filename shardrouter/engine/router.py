@@ -97,10 +97,17 @@ class _Runner:
     """Runs jobs (one inline, several on the pool), optionally inside one bound transaction."""
 
     def __init__(
-        self, router: Router, transaction: Transaction | None = None, *, sticky: bool = False
+        self,
+        router: Router,
+        transaction: Transaction | None = None,
+        *,
+        sticky: bool = False,
+        primary: bool = False,
     ) -> None:
         self.router = router
         self.transaction = transaction
+        self.primary = primary
+        """Reads on primaries only (the ORM session's: every other read of it is)."""
         self.sticky = sticky
         """Once this runner wrote, its reads stay on primaries (read-your-writes)."""
         self.wrote = False
@@ -178,7 +185,9 @@ class _Runner:
                     txn._undo(marks, exc)
                 raise
             return out
-        replica = self.router.replica_reads and not (self.sticky and self.wrote)
+        replica = (
+            self.router.replica_reads and not self.primary and not (self.sticky and self.wrote)
+        )
         if any(job.kind == "write" for job in jobs):
             self.wrote = True
         if len(jobs) == 1:
@@ -823,8 +832,11 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
             lean = snap.lean.get(engine)
             if lean is None:
                 ok = readpool.supported(engine)
+                depth = len(snap.topology.shards)  # a scatter sends at most one per shard
                 lean = snap.lean[engine] = (
-                    ReadPool(engine, shard, snap.topology.shards[shard].pool) if ok else False
+                    ReadPool(engine, shard, snap.topology.shards[shard].pool, depth)
+                    if ok
+                    else False
                 )
             return lean
 
@@ -923,6 +935,12 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
                 statement, params = job.statement, job.params
                 assert isinstance(statement, str) and isinstance(params, Mapping)  # _pipelines
                 sent.append(pool.send(statement, params))
+        except Exception:
+            # A shard that cannot be sent to (down, a missing parameter): the answers already
+            # sent are read, so their connections stay pooled (dropping them would make every
+            # scatter during an outage reconnect to the healthy shards), then the error.
+            self._drain(jobs, pools, sent)
+            raise
         except BaseException:
             for pool, pending in zip(pools, sent, strict=False):
                 if pending is not None:
@@ -950,6 +968,25 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
             for i, result in zip(waiting, rest, strict=True):
                 results[i] = result
         return cast(list[JobResult], results)
+
+    @staticmethod
+    def _drain(
+        jobs: Sequence[Job], pools: Sequence[ReadPool], sent: Sequence[Pending | None]
+    ) -> None:
+        """Read and discard the answers of ``sent`` (errors ignored: the caller raises its
+        own); on an interrupt the rest are abandoned."""
+        for i, (job, pool, pending) in enumerate(zip(jobs, pools, sent, strict=False)):
+            if pending is None:
+                continue
+            try:
+                pool.receive(pending, job.lazy)
+            except Exception:  # the caller's error is the one raised
+                continue
+            except BaseException:
+                for later, unread in zip(pools[i + 1 :], sent[i + 1 :], strict=False):
+                    if unread is not None:
+                        later.abandon(unread)
+                raise
 
     def _threaded(self, jobs: Sequence[Job], replica: bool, snap: Snapshot) -> list[JobResult]:
         """Jobs on the thread pool, the caller's thread taking the first."""

@@ -650,6 +650,9 @@ class RoutedSession(ShardedSession):
         self._ran = False
         """Something of this transaction ran on a shard (a connection of it began, or lookup
         rows were written for it): a flush that meets a switch is refused, not held (flush)."""
+        self._begun: set[Engine] = set()
+        """The engines (shards) whose connection this transaction has begun: their rows are
+        read in its snapshot (see _lookup_tokens)."""
         # Ahead of horizontal_shard's own handler, which then runs each routed piece.
         event.listen(self, "do_orm_execute", _weakly(self._on_execute), retval=True, insert=True)
         event.listen(self, "before_flush", _weakly(self._before_flush))
@@ -946,6 +949,7 @@ class RoutedSession(ShardedSession):
 
     def _began(self, session: Session, transaction: Any, connection: Connection) -> None:
         self._ran = True  # a connection of the session's transaction: it may run anything now
+        self._begun.add(connection.engine)
 
     def connection_callable(
         self,
@@ -1274,6 +1278,7 @@ class RoutedSession(ShardedSession):
             committed, self._committed = self._committed, False
             self._wrote = False
             self._ran = False
+            self._begun.clear()
             snap = self._snapshot_pin.snap  # None: nothing routed, so nothing to settle
             try:
                 if snap is not None:
@@ -1384,25 +1389,31 @@ class RoutedSession(ShardedSession):
         """The placements of the owners a lookup key condition names (``merchant_id = 7``:
         the ``merchant_orders`` rows of 7 say which users' placements hold its orders), read
         first as the router reads them (execution.lookup_targets, on the router's threads,
-        outside the session's transaction: lookup rows are committed before their owners, so
-        the session's own flushed rows are found too; the session's ledger gives the values
-        it handed to other owners). None: no lookup condition, or a migration's copies are
-        on a target (the router then also restricts the statement to the owner keys, which
-        a placement cannot), and the query fans out instead."""
+        outside the session's transaction, from the primaries like every read of the session:
+        lookup rows are committed before their owners, so the session's own flushed rows are
+        found too; the session's ledger gives the values it handed to other owners). Plus every
+        placement of the table on a shard the session's transaction has begun: its rows are
+        read in that transaction's snapshot, where an owner whose lookup rows another client
+        has removed since is still there, as one database at REPEATABLE READ would return it.
+        None: no lookup condition, or a migration's copies are on a target (the router then
+        also restricts the statement to the owner keys, which a placement cannot), and the
+        query fans out instead."""
         table = plan.sharded
         assert table is not None
         condition = next((c for c in plan.conditions if c.rule.lookup_table is not None), None)
         if condition is None:
             return None
-        found = _Runner(self.router).drive(
+        found = _Runner(self.router, primary=True).drive(
             lookup_targets(self._snap.topology, table, condition, values, True, self._ledger),
             self._snap,
         )
         if any(t.only is not None or t.exclude is not None for t in found.targets):
             return None
-        return list(
-            dict.fromkeys(self._routing.token_at(table, t.shard, t.split) for t in found.targets)
-        )
+        tokens = [self._routing.token_at(table, t.shard, t.split) for t in found.targets]
+        routing = self._routing
+        begun = {p.shard for k, p in routing.placements.items() if routing.binds[k] in self._begun}
+        tokens += [t for t in routing.fanout(table) if routing.placements[t].shard in begun]
+        return list(dict.fromkeys(tokens))
 
     def _check_limits(self, tokens: Sequence[str], offset: int) -> None:
         limits = self.router.limits
