@@ -143,6 +143,34 @@ def _lazy_capable(result_class: type) -> bool:
 
 
 class _PyMySQLLazyResult(_pymysql_connections.MySQLResult):  # type: ignore[misc]
+    def _get_descriptions(self) -> None:
+        # The column definitions, read raw; parsed by PyMySQL's own _get_descriptions only the
+        # first time a connection sees these exact bytes (a scatter's statement comes back with
+        # the same columns every time: parsing them was a tenth of its client time). Kept per
+        # connection, whose encoding and decoders are fixed; fields and converters read-only.
+        me: Any = self  # PyMySQL's attributes are untyped
+        conn = me.connection
+        payloads = _read_rows(conn)  # the field packets, then the EOF packet
+        cache: dict[tuple[bytes, ...], tuple[list[Any], list[Any], Any]] | None = getattr(
+            conn, "_shardrouter_columns", None
+        )
+        if cache is None:
+            cache = {}
+            conn._shardrouter_columns = cache
+        key = tuple(payloads)
+        hit = cache.get(key)
+        if hit is None:
+            me.connection = _Replay(conn, payloads)
+            try:
+                super()._get_descriptions()
+            finally:
+                me.connection = conn
+            fast = [(enc, _FAST.get(c, c)) for enc, c in me.converters]
+            if len(cache) >= _COLUMNS_KEPT:
+                cache.clear()
+            hit = cache[key] = (me.fields, fast, me.description)
+        me.fields, me.converters, me.description = list(hit[0]), list(hit[1]), hit[2]
+
     def _read_rowdata_packet(self) -> None:
         # PyMySQL's own loop (_read_packet per row), minus the decoding, and minus most of its
         # cost per packet: the rows are read straight from the connection's buffered socket
@@ -152,7 +180,6 @@ class _PyMySQLLazyResult(_pymysql_connections.MySQLResult):  # type: ignore[misc
         # largest part of a sync scatter's client time. Errors as PyMySQL raises them.
         conn = self.connection  # type: ignore[has-type]
         payloads = _read_rows(conn)
-        self.converters = [(enc, _FAST.get(c, c)) for enc, c in self.converters]  # type: ignore[has-type]
         self._check_packet_is_eof(MysqlPacket(payloads.pop(), conn.encoding))
         self.connection = None
         self.affected_rows = len(payloads)
@@ -162,6 +189,24 @@ class _PyMySQLLazyResult(_pymysql_connections.MySQLResult):  # type: ignore[misc
             return read_row(MysqlPacket(payload, encoding))  # type: ignore[no-any-return]
 
         self.rows = LazyRows(payloads, decode)
+
+
+class _Replay:
+    """What PyMySQL's _get_descriptions reads of its connection, with the packets it reads
+    replayed from payloads already read."""
+
+    def __init__(self, conn: Any, payloads: Sequence[bytes]) -> None:
+        self.use_unicode = conn.use_unicode
+        self.encoding = conn.encoding
+        self.decoders = conn.decoders
+        self._payloads = iter(payloads)
+
+    def _read_packet(self, packet_type: Any = MysqlPacket) -> Any:
+        return packet_type(next(self._payloads), self.encoding)
+
+
+_COLUMNS_KEPT = 64
+"""Column sets a lean connection keeps parsed (statements it runs again and again)."""
 
 
 def _fast_datetime(value: str | bytes) -> Any:

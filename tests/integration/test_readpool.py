@@ -1137,3 +1137,37 @@ def test_an_error_after_the_first_rows_is_raised(world: World) -> None:
             assert pool.run("SELECT 2 AS two", {}).rows == [(2,)]
         finally:
             pool.close()
+
+
+def test_column_definitions_parsed_once_per_connection(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lean PyMySQL connection parses a result's column definitions the first time it sees
+    those exact bytes, then reuses them; other columns (another alias, another type) are
+    parsed for themselves, and every answer is the one a fresh parse gives."""
+    parsed: list[int] = []
+    real = pymysql.connections.MySQLResult._get_descriptions
+
+    def spy(self: Any) -> None:
+        parsed.append(1)
+        real(self)
+
+    monkeypatch.setattr(pymysql.connections.MySQLResult, "_get_descriptions", spy)
+    shard = "s3"
+    topology = world.topology_with("pymysql", size=1, max_overflow=0)
+    user = world.user_on(shard)
+    row = world.row_of(user)
+    with Router(topology) as router:
+        first = router.execute(f"SELECT {COLUMNS} FROM vals WHERE user_id = :u", {"u": user})
+        again = router.execute(f"SELECT {COLUMNS} FROM vals WHERE user_id = :u", {"u": user})
+        assert len(parsed) == 1  # the second answer reused the first's columns
+        assert first.columns == again.columns == tuple(COLUMNS.split(", "))
+        assert _rows(first) == _rows(again) and _rows(first)[0][0] == row["id"]
+        renamed = router.execute("SELECT id AS other, at FROM vals WHERE user_id = :u", {"u": user})
+        assert renamed.columns == ("other", "at") and len(parsed) == 2
+        assert _rows(renamed) == [(row["id"], row["at"])]
+        retyped = router.execute(
+            "SELECT name AS other, id FROM vals WHERE user_id = :u", {"u": user}
+        )
+        assert retyped.columns == ("other", "id") and len(parsed) == 3
+        assert _rows(retyped) == [(row["name"], row["id"])]
