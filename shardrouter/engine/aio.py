@@ -365,6 +365,7 @@ class AsyncRouter(SnapshotHolder[AsyncShardEngines, AsyncReadPool]):
         allow_scatter_write: bool = False,
         max_fanout: int | None = None,
         max_offset: int | None = 10_000,
+        max_distinct_rows: int | None = 100_000,
         max_concurrency: int | None = None,
         max_held_writes: int = 1000,
     ) -> None:
@@ -379,7 +380,7 @@ class AsyncRouter(SnapshotHolder[AsyncShardEngines, AsyncReadPool]):
         """Snapshots not yet disposed: what a retired one may dispose is what none holds."""
         self.resolver = WriteResolver(lambda: self._snap)
         """The one door of every write (slot -> shard) and the fencing check."""
-        self.limits = Limits(allow_scatter_write, max_fanout, max_offset)
+        self.limits = Limits(allow_scatter_write, max_fanout, max_offset, max_distinct_rows)
         self.max_concurrency = max_concurrency or 4 * max(1, len(topology.shards))
         self._texts: dict[str, TextClause] = {}
         self._doomed: list[AsyncEngine | AsyncReadPool] = []

@@ -480,6 +480,7 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
         allow_scatter_write: bool = False,
         max_fanout: int | None = None,
         max_offset: int | None = 10_000,
+        max_distinct_rows: int | None = 100_000,
         max_concurrency: int | None = None,
         engines: ShardEngines | None = None,
         xa: bool = False,
@@ -499,7 +500,7 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
         """Snapshots not yet disposed: what a retired one may dispose is what none holds."""
         self.resolver = WriteResolver(lambda: self._snap)
         """The one door of every write (slot -> shard) and the fencing check."""
-        self.limits = Limits(allow_scatter_write, max_fanout, max_offset)
+        self.limits = Limits(allow_scatter_write, max_fanout, max_offset, max_distinct_rows)
         workers = max_concurrency or min(32, 4 * max(1, len(topology.shards)))
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardrouter")
         self._texts: OrderedDict[str, TextClause] = OrderedDict()

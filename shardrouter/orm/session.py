@@ -196,6 +196,7 @@ from ..sql.execution import (
     log,
     lookup_rows,
     lookup_targets,
+    merged_rows,
     read_shards,
     write_lookups,
 )
@@ -1578,9 +1579,8 @@ class RoutedSession(ShardedSession):
             )
             # JobResult.of reads the ENUM/SET flags too, as the router's execution does
             results.append(JobResult.of(conn.execute(text(sql), dict(values))))
-        _refuse_index_ordered(merge_plan, results)
         columns = results[0].columns
-        merged = list(merge(merge_plan, [r.rows for r in results]))
+        merged = merged_rows(merge_plan, results, self.router.limits)
         visible = columns[: merge_plan.visible_width(len(columns))]
         return IteratorResult(SimpleResultMetaData(visible), iter(merged))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, localcontext
 from typing import Any, Literal
@@ -227,6 +227,9 @@ class Limits:
     allow_scatter_write: bool = False
     max_fanout: int | None = None
     max_offset: int | None = 10_000
+    max_distinct_rows: int | None = 100_000
+    """Rows one shard may send for a DISTINCT aggregate merged from distinct values
+    (COUNT(DISTINCT merchant_id) across shards: one row per group and value)."""
 
 
 Step = Generator[list[Job], list[JobResult], ResultSet]
@@ -383,14 +386,37 @@ def run(
         return ResultSet(
             columns, rows, len(rows), shards, tuple(found.lookups), found.scatter, flagged
         )
-    _refuse_index_ordered(plan.merge, results)
-    merged = list(merge(plan.merge, [r.rows for r in results]))
+    merged = merged_rows(plan.merge, results, limits)
     width = plan.merge.visible_width(len(columns))
     visible = columns[:width]
     flagged = frozenset(p for p in flagged if p < width)
     return ResultSet(
         visible, merged, len(merged), shards, tuple(found.lookups), found.scatter, flagged
     )
+
+
+def merged_rows(
+    merge_plan: MergePlan, results: Sequence[JobResult], limits: Limits
+) -> list[tuple[Any, ...]]:
+    """The shards' answers to a scatter SELECT merged into one database's answer (the router's
+    and the ORM's fan-outs alike), within ``limits``."""
+    _refuse_index_ordered(merge_plan, results)
+    shard_rows: list[Iterable[Sequence[Any]]] = [r.rows for r in results]
+    if merge_plan.first is not None and limits.max_distinct_rows:
+        shard_rows = [_capped(rows, limits.max_distinct_rows) for rows in shard_rows]
+    return list(merge(merge_plan, shard_rows))
+
+
+def _capped(rows: Iterable[Sequence[Any]], cap: int) -> Iterator[Sequence[Any]]:
+    """A shard's rows for a merge from distinct values, refused past ``cap`` of them."""
+    for n, row in enumerate(rows, 1):
+        if n > cap:
+            raise FanoutLimitError(
+                f"a DISTINCT aggregate across shards is merged from each group's distinct"
+                f" values, and one shard has more than {cap} (max_distinct_rows={cap}); route"
+                " by a key, count fewer values, or raise max_distinct_rows"
+            )
+        yield row
 
 
 def _compares(merge_plan: MergePlan | None) -> bool:

@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 AggFunc = Literal["count", "sum", "min", "max"]
+"""How partials combine (``max`` also merges a DISTINCT partial seen on several shards)."""
 _AGG_FUNCS: frozenset[str] = frozenset(get_args(AggFunc))
 
 _Row = TypeVar("_Row", bound=Sequence[Any])
@@ -154,6 +155,15 @@ class MergePlan:
     merge compares the weight when it is not NULL, the value otherwise."""
     hidden: int = 0
     """How many trailing columns are the planner's helpers (used when ``width`` is None)."""
+    first: MergePlan | None = None
+    """A merge the shards' rows go through before this one, or None. COUNT/SUM/AVG(DISTINCT x)
+    of a column whose values may live on several shards: each shard groups by the statement's
+    groups *and* x, ``first`` merges those rows into one per (group, x) (the DISTINCT partials
+    taking ``max``: a value on two shards counts once), and this plan adds them up per group."""
+    numbers: tuple[int, ...] = ()
+    """Positions whose values must not be strings (checked as the rows are grouped): the
+    arguments of SUM/AVG(DISTINCT), which MariaDB deduplicates as numbers ('1' and '1.0' are
+    one value) while the merge groups strings by their collation."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -259,6 +269,9 @@ def merge(plan: MergePlan, shards: Sequence[Iterable[Sequence[Any]]]) -> Iterato
         # LIMIT 0 is empty whatever the shards hold (and no result has 2**63 rows to skip);
         # do not touch their cursors.
         return iter(())
+    if plan.first is not None:
+        # One row per (group, DISTINCT value) first: the shards' rows combined exactly.
+        shards = [merge(plan.first, shards)]
     need = plan.columns_needed
     inputs = [_checked(rows, need, number) for number, rows in enumerate(shards)]
     rows = _grouped(plan, inputs, need) if plan.grouped else _streamed(plan, inputs)
@@ -377,7 +390,10 @@ def _grouped(
     carried = {w for w, _ in paired.values()}
     getters = [_getter(i, weights) for i in plan.group_by]
     groups: dict[tuple[Any, ...], list[Any]] = {}
-    for row in itertools.chain.from_iterable(inputs):
+    rows: Iterable[Sequence[Any]] = itertools.chain.from_iterable(inputs)
+    if plan.numbers:
+        rows = _numeric(rows, plan.numbers)
+    for row in rows:
         # Python's None == None puts every NULL key in one group, as SQL's GROUP BY does.
         key = tuple(get(row) for get in getters)
         state = groups.get(key)
@@ -408,6 +424,19 @@ def _grouped(
         order, reverse = ordering(plan.order_by, weights)
         merged = sorted(merged, key=order, reverse=reverse)
     yield from merged
+
+
+def _numeric(rows: Iterable[Sequence[Any]], positions: tuple[int, ...]) -> Iterator[Sequence[Any]]:
+    """``rows``, refusing a string at ``positions`` (see MergePlan.numbers)."""
+    for row in rows:
+        for p in positions:
+            if isinstance(row[p], str | bytes | bytearray):
+                raise UnsupportedQueryError(
+                    f"SUM/AVG(DISTINCT x) across shards where x is a string ({row[p]!r}):"
+                    " MariaDB deduplicates its numeric value, the merge would deduplicate the"
+                    " strings; SUM(DISTINCT CAST(x AS DECIMAL(...))), or route by a key"
+                )
+        yield row
 
 
 def _better(value: Any, weight: Any, best: Any, best_weight: Any, smallest: bool) -> bool:

@@ -18,6 +18,7 @@ from .merge import (
     MAX_LIMIT,
     MAX_SCALE,
     WEIGHT_CHARS,
+    AggFunc,
     Aggregate,
     Average,
     Computed,
@@ -209,15 +210,6 @@ def scatter(
                 f"aggregate {name} cannot be merged across shards (only COUNT, SUM, MIN, MAX and"
                 " AVG can); route by a key"
             )
-        if (
-            isinstance(node, exp.Sum | exp.Avg)
-            and isinstance(node.this, exp.Distinct)
-            and not _of_partitioned_key(node, by_key)
-        ):
-            raise UnsupportedQueryError(
-                f"{name}(DISTINCT ...) across shards cannot be merged from partial sums;"
-                " route by a key"
-            )
         if isinstance(node, exp.Sum | exp.Avg):
             inexact = _inexact_term(node.this)
             if inexact is not None:
@@ -227,6 +219,13 @@ def scatter(
                     " computes. SUM the numerator (and COUNT) and divide after the query, or"
                     " route by a key"
                 )
+    # COUNT/SUM/AVG(DISTINCT x) of anything but a partitioned key: the shards group by x too.
+    spread = _spread_arguments(tree, by_key)
+
+    def mergeable(agg: exp.Expression | exp.AggFunc) -> bool:
+        """Whether a DISTINCT aggregate merges: from distinct values, or per-target partials."""
+        return spread is not None or _of_partitioned_key(agg, by_key)
+
     width = len(select_items)
     hidden: list[exp.Expression] = []
     # With a `*`, only the items before it have a position known before the shards answer;
@@ -323,17 +322,6 @@ def scatter(
                 continue
             new_items.append(item)
             continue
-        if (
-            isinstance(inner, exp.Count)
-            and (inner.args.get("distinct") or isinstance(inner.this, exp.Distinct))
-            and not _of_partitioned_key(inner, by_key)
-        ):
-            raise UnsupportedQueryError(
-                "COUNT(DISTINCT ...) across shards cannot be merged from partial counts (a"
-                " value on two shards would count twice) unless it counts one integer sharding"
-                " key, whose values each live on one shard; select DISTINCT values and count"
-                " them, or route by a key"
-            )
         if func == "avg":
             arg = inner.this
             sum_expr = exp.Sum(this=arg.copy())
@@ -410,7 +398,7 @@ def scatter(
         expression_at,
         group_columns,
         width,
-        by_key,
+        mergeable,
         frozenset(computed_at),
         frozenset(a.index for a in averages),
     )
@@ -459,7 +447,7 @@ def scatter(
                 )
             extra = hidden[pos - width] if pos >= width else None
             distinct = _distinct_aggregate(extra) if extra is not None else None
-            if distinct is not None and not _of_partitioned_key(distinct, by_key):
+            if distinct is not None and not mergeable(distinct):
                 # A value counted (or summed) on two shards would count twice.
                 raise UnsupportedQueryError(
                     f"ORDER BY {distinct.sql(dialect='mysql')!r} across shards: an aggregate with"
@@ -498,6 +486,13 @@ def scatter(
     compared += [a.index for a in aggregates if a.func in ("min", "max")]
     if shard.args.get("distinct"):
         compared += range(width)
+    spread_at: tuple[int, ...] = ()
+    if spread is not None:
+        # Hidden copies (a select item of that name may be an alias of something else).
+        spread_at = tuple(add_hidden(x) for x in spread)
+        compared += spread_at
+        keys = list(group.expressions) if group is not None else []
+        shard.set("group", exp.Group(expressions=[*keys, *(x.copy() for x in spread)]))
     for pos in compared:
         weight_of(pos)
     limit = shard.args.get("limit")
@@ -533,6 +528,18 @@ def scatter(
         offset=offset_n,
         weights=tuple((final(v), final(w)) for v, w in weights.items()),
         hidden=len(hidden),
+        first=_first_merge(
+            spread_at,
+            group_positions,
+            aggregates,
+            averages,
+            expression_at,
+            width + len(hidden),
+            tuple(weights.items()),
+        )
+        if spread is not None
+        else None,
+        numbers=_summed_distinct(spread_at, spread, tree),
     )
     if grouped:
         # Partial groups must all reach the merge: no LIMIT, ORDER or HAVING on the shards.
@@ -558,6 +565,98 @@ def _of_partitioned_key(
     if not isinstance(column, exp.Column):
         return False
     return column.name.lower() in partitioned.get(column.table.lower(), frozenset())
+
+
+def _distinct_arguments(agg: exp.Expression | exp.AggFunc) -> tuple[exp.Expression, ...] | None:
+    """The argument list of COUNT/SUM/AVG(DISTINCT ...), or None for another aggregate."""
+    arg = agg.this if isinstance(agg, exp.Count | exp.Sum | exp.Avg) else None
+    if not isinstance(arg, exp.Distinct):
+        return None
+    return tuple(arg.expressions)
+
+
+def _spread_arguments(
+    tree: exp.Select, partitioned: Mapping[str, frozenset[str]]
+) -> tuple[exp.Expression, ...] | None:
+    """The arguments of the statement's DISTINCT aggregates when they must be merged from
+    distinct values (some argument is not a partitioned key), or None.
+
+    The shards then group by the statement's groups and these arguments, so every DISTINCT
+    aggregate must have the same ones: COUNT(DISTINCT a) per (group, b) rows would count an
+    ``a`` once per ``b``.
+    """
+    found: list[tuple[exp.AggFunc, tuple[exp.Expression, ...]]] = []
+    for node in tree.find_all(exp.AggFunc):
+        if isinstance(node, exp.Count) and node.args.get("distinct"):
+            raise UnsupportedQueryError(  # (sqlglot's other spelling; never seen from MySQL)
+                f"{node.sql(dialect='mysql')!r} across shards: write COUNT(DISTINCT x)"
+            )
+        args = _distinct_arguments(node)
+        if args is not None:
+            found.append((node, args))
+    if all(_of_partitioned_key(node, partitioned) for node, _ in found):
+        return None
+    first, args = found[0]
+    for node, other in found[1:]:
+        if other != args:
+            raise UnsupportedQueryError(
+                f"{first.sql(dialect='mysql')!r} and {node.sql(dialect='mysql')!r} across"
+                " shards: the merge fetches each group's distinct values of one argument list,"
+                " and these differ; run one query per argument list, or route by a key"
+            )
+    for x in args:
+        bad = next(x.find_all(exp.Placeholder, exp.Subquery, exp.Select, exp.AggFunc), None)
+        if bad is not None or not any(True for _ in x.find_all(exp.Column)):
+            # The shards GROUP BY the argument: a bound constant there would group by it (or,
+            # an integer, by that position), a subquery or aggregate cannot be grouped.
+            raise UnsupportedQueryError(
+                f"{first.sql(dialect='mysql')!r} across shards: the argument"
+                f" {x.sql(dialect='mysql')!r} must be a column or an expression over columns"
+                " (no parameters, subqueries or aggregates); route by a key"
+            )
+    return args
+
+
+def _first_merge(
+    spread_at: tuple[int, ...],
+    group_positions: tuple[int, ...],
+    aggregates: list[Aggregate],
+    averages: list[Average],
+    expression_at: Callable[[int], exp.Expression],
+    columns: int,
+    weights: tuple[tuple[int, int], ...],
+) -> MergePlan:
+    """The merge of the shards' rows into one row per (group, DISTINCT arguments): every
+    partial combines as it will per group, except the DISTINCT ones, which are the same on
+    every shard that holds the value (0/1 counts, the value as its sum) and take ``max``."""
+    funcs: dict[int, AggFunc] = {a.index: a.func for a in aggregates}
+    for avg in averages:
+        funcs[avg.sum_index] = "sum"
+        funcs[avg.count_index] = "count"
+    for pos, func in funcs.items():
+        if func in ("count", "sum") and _distinct_arguments(expression_at(pos)) is not None:
+            funcs[pos] = "max"
+    return MergePlan(
+        width=columns,
+        group_by=group_positions + spread_at,
+        aggregates=tuple(Aggregate(pos, func) for pos, func in funcs.items()),
+        weights=weights,
+    )
+
+
+def _summed_distinct(
+    spread_at: tuple[int, ...], spread: tuple[exp.Expression, ...] | None, tree: exp.Select
+) -> tuple[int, ...]:
+    """Positions of the fetched DISTINCT arguments that SUM/AVG(DISTINCT) add up (see
+    MergePlan.numbers), when the statement has such an aggregate."""
+    if spread is None:
+        return ()
+    if any(
+        isinstance(node, exp.Sum | exp.Avg) and _distinct_arguments(node) is not None
+        for node in tree.find_all(exp.AggFunc)
+    ):
+        return spread_at
+    return ()
 
 
 def _label(item: exp.Expression) -> exp.Identifier | str:
@@ -693,12 +792,12 @@ class _Having:
         expression_at: Callable[[int], exp.Expression],
         group_columns: dict[str, int],
         width: int,
-        partitioned: Mapping[str, frozenset[str]] | None = None,
+        mergeable: Callable[[exp.Expression | exp.AggFunc], bool] = lambda agg: False,
         computed_at: frozenset[int] = frozenset(),
         averaged_at: frozenset[int] = frozenset(),
     ) -> None:
-        self.partitioned = partitioned or {}
-        """Integer sharding keys by qualifier (see scatter): their DISTINCT aggregates merge."""
+        self.mergeable = mergeable
+        """Whether a DISTINCT aggregate merges (see scatter)."""
         self.computed_at = computed_at
         """Positions of select items the merge computes (expressions over aggregates)."""
         self.averaged_at = averaged_at
@@ -832,7 +931,7 @@ class _Having:
                 "AVG in HAVING across shards: select the AVG and filter on its alias"
             )
         distinct = _distinct_aggregate(expr)
-        if distinct is not None and not _of_partitioned_key(distinct, self.partitioned):
+        if distinct is not None and not self.mergeable(distinct):
             # Partial COUNT(DISTINCT)/SUM(DISTINCT) values add up a value seen on two shards
             # twice.
             raise UnsupportedQueryError(

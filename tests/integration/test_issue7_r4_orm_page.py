@@ -171,15 +171,14 @@ def _oracle_rows(world: dict[str, Any], stmt: Any) -> list[tuple[Any, ...]]:
 @pytest.mark.parametrize(
     "stmt",
     [
-        select(func.count(distinct(User.name))),
-        select(func.sum(distinct(User.score))),
+        select(func.count(distinct(User.name)), func.sum(distinct(User.score))),
         select(User.user_id, func.now()),
         select(func.group_concat(User.name)),
         # SQLAlchemy binds the 5 (HAVING count(*) > %s): a parameter in HAVING is refused
         # across shards, so every ORM HAVING across shards ends here
         select(User.name, func.count()).group_by(User.name).having(func.count() > 5),
     ],
-    ids=["count_distinct", "sum_distinct", "now", "group_concat", "having"],
+    ids=["two_distinct_arguments", "now", "group_concat", "having"],
 )
 def test_orm_scatter_refusal_is_typed(world: dict[str, Any], stmt: Any) -> None:
     """What the router refuses across shards (Plan.scatter_refusal: COUNT(DISTINCT), NOW(),
@@ -188,6 +187,22 @@ def test_orm_scatter_refusal_is_typed(world: dict[str, Any], stmt: Any) -> None:
     AttributeError). The router's typed UnsupportedQueryError is expected."""
     with pytest.raises(ShardRouterError):
         _orm_rows(world, stmt)
+
+
+@pytest.mark.parametrize(
+    "stmt",
+    [
+        select(func.count(distinct(User.name))),
+        select(func.sum(distinct(User.score)), func.count(distinct(User.score)), func.count()),
+        select(User.score, func.count(distinct(User.name))).group_by(User.score),
+    ],
+    ids=["count_distinct", "sum_distinct", "grouped"],
+)
+def test_orm_distinct_aggregates_across_shards(world: dict[str, Any], stmt: Any) -> None:
+    """COUNT/SUM(DISTINCT) of any column through the ORM: the router's merge from distinct
+    values (issue 11 item 9), equal to the one database's answer."""
+    got = sorted(_orm_rows(world, stmt), key=repr)
+    assert got == sorted(_oracle_rows(world, stmt), key=repr) and got
 
 
 @pytest.mark.parametrize(
@@ -305,7 +320,7 @@ def test_orm_refusals_name_the_construct(world: dict[str, Any]) -> None:
     """The ORM raises the router's own refusal (Plan.scatter_refusal), typed, not an
     AssertionError."""
     with pytest.raises(UnsupportedQueryError, match=r"(?i)distinct"):
-        _orm_rows(world, select(func.count(distinct(User.name))))
+        _orm_rows(world, select(func.count(distinct(User.name)), func.sum(distinct(User.score))))
     with pytest.raises(UnsupportedQueryError, match=r"(?i)group_concat"):
         _orm_rows(world, select(func.group_concat(User.name)))
 

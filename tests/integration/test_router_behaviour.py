@@ -234,7 +234,7 @@ def test_update_and_delete_by_key(router: Router, ids: Any) -> None:
             id="subquery",
         ),
         pytest.param(
-            "SELECT COUNT(DISTINCT merchant_id) FROM orders",
+            "SELECT COUNT(DISTINCT merchant_id), COUNT(DISTINCT status) FROM orders",
             UnsupportedQueryError,
             "COUNT(DISTINCT",
             id="count-distinct",

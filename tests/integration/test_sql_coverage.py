@@ -409,22 +409,7 @@ def test_distinct_aggregates_of_a_sharding_key_across_shards(
     assert [tuple(map(repr, r)) for r in got.rows] == [tuple(map(repr, r)) for r in rows]
 
 
-@pytest.mark.parametrize(
-    "sql",
-    [
-        "SELECT COUNT(DISTINCT merchant_id) FROM orders",  # a lookup column: on many shards
-        "SELECT COUNT(DISTINCT status) FROM orders",
-        "SELECT SUM(DISTINCT amount_cents) FROM orders",
-        "SELECT COUNT(DISTINCT user_id, status) FROM orders",
-        "SELECT COUNT(DISTINCT user_id + 1) FROM orders",
-    ],
-)
-def test_distinct_aggregates_of_other_columns_are_refused(
-    world: dict[str, Any],  # noqa: F811
-    sql: str,
-) -> None:
-    with pytest.raises(UnsupportedQueryError):
-        world["router"].execute(sql)
+# (COUNT/SUM/AVG(DISTINCT) of other columns: tests/integration/test_distinct_values.py)
 
 
 def test_distinct_key_aggregates_in_having_and_order_by(world: dict[str, Any]) -> None:  # noqa: F811

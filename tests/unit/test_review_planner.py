@@ -34,8 +34,8 @@ def test_changing_a_key_column_in_another_case_is_refused(planner: Planner, sql:
     [
         "SELECT GROUP_CONCAT(order_id) FROM orders",
         "SELECT status, STDDEV(amount_cents) FROM orders GROUP BY status",
-        "SELECT SUM(DISTINCT amount_cents) FROM orders",
-        "SELECT AVG(DISTINCT amount_cents) FROM orders",
+        "SELECT COUNT(DISTINCT status), SUM(DISTINCT amount_cents) FROM orders",
+        "SELECT AVG(DISTINCT amount_cents), COUNT(DISTINCT user_id) FROM orders",
         "SELECT order_id, ROW_NUMBER() OVER (ORDER BY order_id) FROM orders",
         "SELECT a.order_id FROM orders a JOIN orders b ON a.merchant_id = b.merchant_id",
         "SELECT o.order_id FROM orders o JOIN order_items i ON i.sku = o.status",
