@@ -192,6 +192,7 @@ from ..sql.execution import (
     LookupRow,
     Written,
     _refuse_index_ordered,
+    at_most,
     index_ordered_columns,
     log,
     lookup_rows,
@@ -1577,8 +1578,21 @@ class RoutedSession(ShardedSession):
                 scatter=True,
                 backend=conn.dialect.name,
             )
+            if merge_plan.first is not None:
+                sql = at_most(sql, self.router.limits.max_distinct_rows)
             # JobResult.of reads the ENUM/SET flags too, as the router's execution does
             results.append(JobResult.of(conn.execute(text(sql), dict(values))))
+        if (
+            merge_plan.first is not None
+            and not merge_plan.group_by
+            and not any(r.rows for r in results)
+        ):
+            # One row over no rows all the same (execution.run does the same).
+            placement = self._routing.placements[tokens[0]]
+            conn = self.connection(bind_arguments={"shard_id": tokens[0]})
+            sql = plan.render_empty(Target(placement.shard, placement.residue or 0))
+            empty = JobResult.of(conn.execute(text(sql), dict(values)))
+            return IteratorResult(SimpleResultMetaData(empty.columns), iter(empty.rows))
         columns = results[0].columns
         merged = merged_rows(merge_plan, results, self.router.limits)
         visible = columns[: merge_plan.visible_width(len(columns))]

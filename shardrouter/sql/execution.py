@@ -300,6 +300,8 @@ def run(
     jobs: list[Job] = []
     unions: list[int] = []  # the jobs that run a shard's splits in one UNION
     lazy = scatter_sql and plan.merge is not None  # the merge may read only some rows
+    spread = scatter_sql and plan.merge is not None and plan.merge.first is not None
+    cap = limits.max_distinct_rows if spread else None  # (rows a shard sends: _at_most)
     for shard, targets in by_shard.items():
         backend = _backend(topology, shard) if scatter_sql else "mysql"
         bound = params
@@ -310,19 +312,21 @@ def run(
                 plan.render(t, scatter=False, backend=backend) + returning for t in targets
             )
         elif len(targets) == 1:
-            statement = plan.render(targets[0], scatter=scatter_sql, backend=backend)
+            statement = at_most(plan.render(targets[0], scatter=scatter_sql, backend=backend), cap)
         elif (
             scatter_sql
             and backend != "sqlite"
             and all(t.keep is None and t.only is None and t.exclude is None for t in targets)
         ):
-            statement = plan.render_union(targets)
+            statement = at_most(plan.render_union(targets), cap)
             if plan.strings_compared and _compares(plan.merge):
                 statement = (plan.render_probe(targets[0]), statement)
             else:
                 unions.append(len(jobs))
         else:
-            statement = tuple(plan.render(t, scatter=scatter_sql, backend=backend) for t in targets)
+            statement = tuple(
+                at_most(plan.render(t, scatter=scatter_sql, backend=backend), cap) for t in targets
+            )
         jobs.append(
             Job(
                 shard,
@@ -386,6 +390,16 @@ def run(
         return ResultSet(
             columns, rows, len(rows), shards, tuple(found.lookups), found.scatter, flagged
         )
+    if plan.merge.first is not None and not plan.merge.group_by:
+        results = [replace(r, rows=list(r.rows)) for r in results]
+        if not any(r.rows for r in results):
+            # An aggregate without GROUP BY over no rows is one row all the same, with its
+            # constants and parameters: no shard sent a row to take them from.
+            target = found.targets[0]
+            shard = ShardId(target.shard)
+            (empty,) = yield [Job(shard, plan.render_empty(target), params, "read")]
+            rows = list(empty.rows)
+            return ResultSet(empty.columns, rows, len(rows), shards, tuple(found.lookups), True)
     merged = merged_rows(plan.merge, results, limits)
     width = plan.merge.visible_width(len(columns))
     visible = columns[:width]
@@ -393,6 +407,12 @@ def run(
     return ResultSet(
         visible, merged, len(merged), shards, tuple(found.lookups), found.scatter, flagged
     )
+
+
+def at_most(statement: str, cap: int | None) -> str:
+    """A grouped scatter statement (no LIMIT of its own) sending at most ``cap + 1`` rows: one
+    past the cap tells the merge (_capped) the cap was reached (router and ORM fan-outs)."""
+    return f"{statement} LIMIT {cap + 1}" if cap else statement
 
 
 def merged_rows(
@@ -422,7 +442,7 @@ def _capped(rows: Iterable[Sequence[Any]], cap: int) -> Iterator[Sequence[Any]]:
 def _compares(merge_plan: MergePlan | None) -> bool:
     """Whether the merge orders, groups or deduplicates rows (compares their values)."""
     return merge_plan is not None and bool(
-        merge_plan.order_by or merge_plan.group_by or merge_plan.distinct
+        merge_plan.order_by or merge_plan.group_by or merge_plan.distinct or merge_plan.concats
     )
 
 
@@ -431,8 +451,16 @@ def _compared(merge_plan: MergePlan, width: int) -> set[int]:
     groups or deduplicates by."""
     if merge_plan.distinct:
         return set(range(merge_plan.visible_width(width)))
+    return {p % width for p in _ordered_positions(merge_plan) if -width <= p < width}
+
+
+def _ordered_positions(merge_plan: MergePlan) -> set[int]:
+    """Positions the merge orders or groups by (ORDER BY, GROUP BY, GROUP_CONCAT's own ORDER
+    BY and DISTINCT argument)."""
     positions = {k.index for k in merge_plan.order_by} | set(merge_plan.group_by)
-    return {p % width for p in positions if -width <= p < width}
+    for concat in merge_plan.concats:
+        positions |= {k.index for k in concat.order_by} | set(concat.distinct)
+    return positions
 
 
 def _may_be_index_ordered(merge_plan: MergePlan, results: Sequence[JobResult]) -> bool:
@@ -466,7 +494,7 @@ def _refuse_index_ordered(merge_plan: MergePlan, results: Sequence[JobResult]) -
     flagged = frozenset().union(*(r.index_ordered for r in results))
     if not flagged:
         return
-    compared = {k.index for k in merge_plan.order_by} | set(merge_plan.group_by)
+    compared = _ordered_positions(merge_plan)
     if merge_plan.distinct or flagged & compared:
         columns = next((r.columns for r in results if r.columns), ())
         names = ", ".join(columns[p] for p in sorted(flagged) if p < len(columns))

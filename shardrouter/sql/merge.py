@@ -37,6 +37,7 @@ date, a binary string, a SQLite shard whose strings compare as BINARY) means: co
 
 from __future__ import annotations
 
+import datetime as dt
 import heapq
 import itertools
 import operator
@@ -56,6 +57,7 @@ __all__ = [
     "Aggregate",
     "Average",
     "Computed",
+    "Concat",
     "MergePlan",
     "SortKey",
     "average",
@@ -125,6 +127,26 @@ class Computed:
 
 
 @dataclass(frozen=True, slots=True)
+class Concat:
+    """A GROUP_CONCAT column: each shard row holds, at ``index``, the GROUP_CONCAT of its
+    (group, ORDER BY values, DISTINCT values) rows, a *piece*; the merge joins a group's pieces.
+
+    ``length``: the piece's length in bytes as the shard measured it (LENGTH), for the cut at
+    ``group_concat_max_len`` (the shard's value at ``max_len``). ``order_by``: the GROUP_CONCAT's
+    own ORDER BY over the row. ``distinct``: for GROUP_CONCAT(DISTINCT ...), the positions of its
+    arguments, whose collation weights deduplicate the pieces (a value on two shards appears
+    once). ``separator``: ASCII (its length in bytes is its length in characters).
+    """
+
+    index: int
+    length: int
+    max_len: int
+    order_by: tuple[SortKey, ...] = ()
+    distinct: tuple[int, ...] = ()
+    separator: str = ","
+
+
+@dataclass(frozen=True, slots=True)
 class MergePlan:
     """How to combine the shards' rows of one SELECT into the single-database answer.
 
@@ -160,10 +182,15 @@ class MergePlan:
     of a column whose values may live on several shards: each shard groups by the statement's
     groups *and* x, ``first`` merges those rows into one per (group, x) (the DISTINCT partials
     taking ``max``: a value on two shards counts once), and this plan adds them up per group."""
+    concats: tuple[Concat, ...] = ()
+    """GROUP_CONCAT columns: joined from the pieces of a group's rows (see Concat)."""
     numbers: tuple[int, ...] = ()
-    """Positions whose values must not be strings (checked as the rows are grouped): the
-    arguments of SUM/AVG(DISTINCT), which MariaDB deduplicates as numbers ('1' and '1.0' are
-    one value) while the merge groups strings by their collation."""
+    """Positions of the fetched arguments of SUM/AVG(DISTINCT), which MariaDB deduplicates as
+    the numbers they convert to ('1' and '1.0', two DATETIME(6) a microsecond apart are one)
+    and sums in its own order: a string, a date or time, or a float there is refused."""
+    exact: tuple[int, ...] = ()
+    """Positions of fetched DISTINCT arguments (see ``first``): a float there is refused, as a
+    FLOAT comes back in 6 digits (three FLOATs a shard tells apart decode equal)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -206,6 +233,14 @@ class MergePlan:
         for value, weight in self.weights:
             yield "weighted value", value
             yield "weight", weight
+        for concat in self.concats:
+            yield "concat", concat.index
+            yield "concat length", concat.length
+            yield "concat max_len", concat.max_len
+            for key in concat.order_by:
+                yield "concat order_by", key.index
+            for index in concat.distinct:
+                yield "concat distinct", index
 
     def _combine_conflicts(self) -> list[str]:
         # A position may be shared (two AVGs over one column share a COUNT partial), but it
@@ -223,7 +258,9 @@ class MergePlan:
     @property
     def grouped(self) -> bool:
         """Whether rows combine into groups (GROUP BY, or a global aggregate)."""
-        return bool(self.group_by or self.aggregates or self.averages or self.computed)
+        return bool(
+            self.group_by or self.aggregates or self.averages or self.computed or self.concats
+        )
 
     @property
     def columns_needed(self) -> int:
@@ -390,12 +427,16 @@ def _grouped(
     carried = {w for w, _ in paired.values()}
     getters = [_getter(i, weights) for i in plan.group_by]
     groups: dict[tuple[Any, ...], list[Any]] = {}
+    pieces: dict[tuple[Any, ...], list[Sequence[Any]]] = {}
+    """Every row of a group, when GROUP_CONCAT columns join them (_joined)."""
     rows: Iterable[Sequence[Any]] = itertools.chain.from_iterable(inputs)
-    if plan.numbers:
-        rows = _numeric(rows, plan.numbers)
+    if plan.numbers or plan.exact:
+        rows = _numeric(rows, plan.numbers, plan.exact)
     for row in rows:
         # Python's None == None puts every NULL key in one group, as SQL's GROUP BY does.
         key = tuple(get(row) for get in getters)
+        if plan.concats:
+            pieces.setdefault(key, []).append(row)
         state = groups.get(key)
         if state is None:
             groups[key] = list(row)
@@ -414,6 +455,9 @@ def _grouped(
     if not plan.group_by and not groups:
         # A global aggregate over no rows at all is still one row: COUNT 0, the rest NULL.
         groups[()] = [None] * need
+    for key, state in groups.items():
+        for concat in plan.concats:
+            state[concat.index] = _joined(concat, pieces.get(key, ()), weights)
     merged: Iterable[tuple[Any, ...]] = (_finish(plan, state) for state in groups.values())
     if plan.having is not None:
         having = plan.having
@@ -426,15 +470,92 @@ def _grouped(
     yield from merged
 
 
-def _numeric(rows: Iterable[Sequence[Any]], positions: tuple[int, ...]) -> Iterator[Sequence[Any]]:
-    """``rows``, refusing a string at ``positions`` (see MergePlan.numbers)."""
+def _joined(
+    concat: Concat, rows: Iterable[Sequence[Any]], weights: Mapping[int, int]
+) -> str | bytes | None:
+    """A group's GROUP_CONCAT from its rows' pieces: deduplicated (DISTINCT), ordered, joined
+    and cut at ``group_concat_max_len`` bytes as MariaDB cuts it (not inside a character)."""
+    found = [row for row in rows if row[concat.index] is not None]
+    if not found:
+        return None  # GROUP_CONCAT of no (non-NULL) value is NULL
+    if concat.distinct:
+        getters = [_getter(i, weights) for i in concat.distinct]
+        seen: set[tuple[Any, ...]] = set()
+        unique = []
+        for row in found:
+            seen_as = tuple(get(row) for get in getters)
+            if seen_as not in seen:
+                seen.add(seen_as)
+                unique.append(row)
+        found = unique
+    order = concat.order_by or tuple(SortKey(i) for i in concat.distinct)
+    if order:
+        sort_by, reverse = ordering(order, weights)
+        found.sort(key=sort_by, reverse=reverse)
+    limit = found[0][concat.max_len]
+    parts: list[Any] = []
+    used = 0
+    for n, row in enumerate(found):
+        piece = row[concat.index]
+        if n:
+            if used + len(concat.separator) > limit:
+                parts.append(concat.separator[: limit - used])
+                break
+            parts.append(concat.separator)
+            used += len(concat.separator)
+        size = row[concat.length]
+        if used + size <= limit:
+            parts.append(piece)
+            used += size
+            continue
+        parts.append(_cut_piece(piece, size, limit - used))
+        break
+    if isinstance(found[0][concat.index], bytes | bytearray):
+        return b"".join(p if isinstance(p, bytes | bytearray) else p.encode() for p in parts)
+    return "".join(parts)
+
+
+def _cut_piece(piece: str | bytes, size: int, room: int) -> str | bytes:
+    """The first ``room`` bytes of a piece of ``size`` bytes (in the shard's character set),
+    without a partial character."""
+    if isinstance(piece, bytes | bytearray):
+        return piece[:room]
+    if size == len(piece):  # one byte a character (latin1, ASCII text)
+        return piece[:room]
+    if size == len(piece.encode()):  # UTF-8
+        return piece.encode()[:room].decode(errors="ignore")
+    raise UnsupportedQueryError(
+        "GROUP_CONCAT across shards is cut at group_concat_max_len inside a value of a"
+        " multi-byte character set other than UTF-8, where the merge cannot find the character"
+        " boundary; raise group_concat_max_len, or route by a key"
+    )
+
+
+_NOT_A_NUMBER = (str, bytes, bytearray, float, dt.date, dt.time, dt.timedelta)
+
+
+def _numeric(
+    rows: Iterable[Sequence[Any]], numbers: tuple[int, ...], exact: tuple[int, ...]
+) -> Iterator[Sequence[Any]]:
+    """``rows``, refusing what MergePlan.numbers and MergePlan.exact exclude."""
     for row in rows:
-        for p in positions:
-            if isinstance(row[p], str | bytes | bytearray):
+        for p in numbers:
+            if isinstance(row[p], _NOT_A_NUMBER):
+                kind = "string" if isinstance(row[p], str | bytes | bytearray) else "float"
+                if isinstance(row[p], dt.date | dt.time | dt.timedelta):
+                    kind = "date or time"
                 raise UnsupportedQueryError(
-                    f"SUM/AVG(DISTINCT x) across shards where x is a string ({row[p]!r}):"
-                    " MariaDB deduplicates its numeric value, the merge would deduplicate the"
-                    " strings; SUM(DISTINCT CAST(x AS DECIMAL(...))), or route by a key"
+                    f"SUM/AVG(DISTINCT x) across shards where x is a {kind}"
+                    f" ({row[p]!r}): MariaDB deduplicates and adds the numbers it converts to,"
+                    " the merge would deduplicate the values; SUM(DISTINCT x) of an integer or"
+                    " DECIMAL (CAST), or route by a key"
+                )
+        for p in exact:
+            if isinstance(row[p], float):
+                raise UnsupportedQueryError(
+                    f"COUNT/SUM/AVG(DISTINCT x) across shards where x is a float ({row[p]!r}):"
+                    " a FLOAT reaches the router in 6 digits, so values the shards tell apart"
+                    " would merge; CAST(x AS DECIMAL(...)), or route by a key"
                 )
         yield row
 

@@ -206,6 +206,19 @@ class Plan:
             self._rendered[key] = sql
         return sql
 
+    def render_empty(self, target: Target) -> str:
+        """The statement as written for ``target`` (physical names), over no rows (``AND
+        FALSE``): what one database answers for an aggregate without GROUP BY when no row
+        matches (one row: COUNT 0, constants, parameters, HAVING applied). A merge from
+        distinct values (MergePlan.first) has no row from any shard to take those from."""
+        key = ("empty", target.split)
+        sql = self._rendered.get(key)
+        if sql is None:
+            sql = self._render(target, False, empty=True)
+            with self._lock:
+                self._rendered[key] = sql
+        return sql
+
     def render_probe(self, target: Target) -> str:
         """``target``'s scatter query with LIMIT 0 and no lock (MySQL): no rows, and the result
         metadata of its columns, ENUM/SET flags included, which a render_union loses. The
@@ -219,9 +232,16 @@ class Plan:
         return sql
 
     def _render(
-        self, target: Target, scatter: bool, backend: str = "mysql", probe: bool = False
+        self,
+        target: Target,
+        scatter: bool,
+        backend: str = "mysql",
+        probe: bool = False,
+        empty: bool = False,
     ) -> str:
         tree = (self.scatter_ast if scatter and self.scatter_ast is not None else self.ast).copy()
+        if empty and isinstance(tree, exp.Select):
+            tree = tree.where(exp.false())
         if probe and isinstance(tree, exp.Select):
             tree.set("offset", None)
             tree.set("locks", None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 from typing import Any, cast
 
@@ -22,6 +22,7 @@ from .merge import (
     Aggregate,
     Average,
     Computed,
+    Concat,
     MergePlan,
     Unrounded,
     inner_average,
@@ -139,8 +140,22 @@ def without_weights(tree: exp.Expression) -> exp.Expression:
     """``tree`` for a shard without WEIGHT_STRING (SQLite, whose strings compare as BINARY,
     i.e. by code point, as Python's do): every weight column becomes NULL, so the merge
     compares the values."""
+    if any(True for _ in tree.find_all(exp.GroupConcat)):
+        # SQLite spells it GROUP_CONCAT(x, sep), with no ORDER BY, DISTINCT with a separator
+        # or group_concat_max_len: the demo backend answers it on one target only.
+        raise UnsupportedQueryError(
+            "GROUP_CONCAT across SQLite shards: SQLite has no GROUP_CONCAT(... ORDER BY ..."
+            " SEPARATOR ...) to send; route by a key"
+        )
     copy = tree.copy()
     for node in list(copy.find_all(exp.If)):
+        if node.meta.get(_WEIGHT) and node.find(exp.Collate) is not None:
+            # The merge compares the values as Python does (BINARY); a COLLATE NOCASE value
+            # that the shards group or order by their own rule would merge otherwise.
+            raise UnsupportedQueryError(
+                "COLLATE on a value ordered, grouped or deduplicated across SQLite shards: the"
+                " merge compares SQLite strings as BINARY; drop the COLLATE, or route by a key"
+            )
         if node.meta.get(_WEIGHT):
             node.replace(exp.Null())
         elif node.meta.get(_PICK):
@@ -205,6 +220,14 @@ def scatter(
         )
     for node in tree.find_all(exp.AggFunc):
         name = type(node).__name__.upper()
+        if isinstance(node, exp.GroupConcat):
+            if _selected(node, tree):
+                continue  # joined by the merge (MergePlan.concats)
+            raise UnsupportedQueryError(
+                f"{node.sql(dialect='mysql')} across shards is joined by the merge only as a"
+                " select item of its own (not inside an expression, HAVING or ORDER BY);"
+                " route by a key"
+            )
         if not isinstance(node, (*_AGGREGATES, exp.Avg)):
             raise UnsupportedQueryError(
                 f"aggregate {name} cannot be merged across shards (only COUNT, SUM, MIN, MAX and"
@@ -419,6 +442,7 @@ def scatter(
         )
     grouping = bool(
         group_positions
+        or any(isinstance(i.unalias(), exp.GroupConcat) for i in select_items)
         or aggregates
         or averages
         or computed
@@ -493,6 +517,52 @@ def scatter(
         compared += spread_at
         keys = list(group.expressions) if group is not None else []
         shard.set("group", exp.Group(expressions=[*keys, *(x.copy() for x in spread)]))
+    concats: list[Concat] = []
+    concat_keys: list[exp.Expression] = []
+    for i, item in enumerate(select_items):
+        gc = item.unalias()
+        if not isinstance(gc, exp.GroupConcat):
+            continue
+        if spread is not None or shard.args.get("distinct"):
+            raise UnsupportedQueryError(
+                "GROUP_CONCAT across shards with SELECT DISTINCT, or beside COUNT/SUM/AVG"
+                " (DISTINCT ...) of a column that is not a sharding key, cannot be merged; run"
+                " them as separate queries, or route by a key"
+            )
+        if i in group_positions or any(k.index == i for k in sort_keys):
+            raise UnsupportedQueryError(
+                "ORDER BY or GROUP BY a GROUP_CONCAT across shards: the merge makes the value,"
+                " no shard can weigh it; route by a key"
+            )
+        argument, order, deduplicated, separator = _concat_parts(gc)
+        keys = [argument] if deduplicated else [o.this for o in order]
+        concat_keys += [k for k in keys if k not in concat_keys]
+        order_by = tuple(SortKey(add_hidden(o.this), bool(o.args.get("desc"))) for o in order)
+        at = (add_hidden(argument),) if deduplicated else ()
+        compared += [k.index for k in order_by] + list(at)
+        concats.append(
+            Concat(
+                index=i,
+                length=add_hidden(exp.Anonymous(this="LENGTH", expressions=[gc.copy()])),
+                max_len=add_hidden(
+                    exp.SessionParameter(this=exp.to_identifier("group_concat_max_len"))
+                ),
+                order_by=order_by,
+                distinct=at,
+                separator=separator,
+            )
+        )
+    if concat_keys:
+        for node in _own_aggregates(tree):
+            if _distinct_arguments(node) is not None:
+                # Per-target DISTINCT partials add up only over the statement's own groups.
+                raise UnsupportedQueryError(
+                    f"GROUP_CONCAT with ORDER BY or DISTINCT beside {node.sql(dialect='mysql')!r}"
+                    " across shards cannot be merged; run them as separate queries, or route by"
+                    " a key"
+                )
+        keys = list(group.expressions) if group is not None else []
+        shard.set("group", exp.Group(expressions=[*keys, *(k.copy() for k in concat_keys)]))
     for pos in compared:
         weight_of(pos)
     limit = shard.args.get("limit")
@@ -540,6 +610,8 @@ def scatter(
         if spread is not None
         else None,
         numbers=_summed_distinct(spread_at, spread, tree),
+        exact=spread_at,
+        concats=tuple(concats),
     )
     if grouped:
         # Partial groups must all reach the merge: no LIMIT, ORDER or HAVING on the shards.
@@ -567,6 +639,76 @@ def _of_partitioned_key(
     return column.name.lower() in partitioned.get(column.table.lower(), frozenset())
 
 
+def _selected(node: exp.Expression, tree: exp.Select) -> bool:
+    """Whether ``node`` is a select item of ``tree`` itself (aliased or not), not inside one."""
+    parent = node.parent.parent if isinstance(node.parent, exp.Alias) else node.parent
+    item = node.parent if isinstance(node.parent, exp.Alias) else node
+    return parent is tree and item.arg_key == "expressions"
+
+
+def _concat_parts(
+    gc: exp.GroupConcat,
+) -> tuple[exp.Expression, list[exp.Ordered], bool, str]:
+    """GROUP_CONCAT's argument, ORDER BY terms, DISTINCT and separator, or a refusal naming
+    what the merge cannot join."""
+    text = gc.sql(dialect="mysql")
+    this = gc.this
+    order: list[exp.Ordered] = []
+    if isinstance(this, exp.Order):
+        order = list(this.expressions)
+        this = this.this
+    distinct = isinstance(this, exp.Distinct)
+    if distinct:
+        if len(this.expressions) != 1 or isinstance(this.expressions[0], exp.Concat):
+            raise UnsupportedQueryError(
+                f"{text} across shards: GROUP_CONCAT(DISTINCT ...) of several arguments (or of"
+                " a CONCAT) is not merged; concatenate one argument, or route by a key"
+            )
+        this = this.expressions[0]
+    for term in order:
+        key = term.this
+        if (
+            next(key.find_all(exp.Placeholder, exp.Subquery, exp.AggFunc), None) is not None
+            or not any(True for _ in key.find_all(exp.Column))
+            or (distinct and key != this)
+        ):
+            raise UnsupportedQueryError(
+                f"{text} across shards: its ORDER BY must name columns (or expressions over"
+                " them) without parameters, and with DISTINCT only its argument; route by a key"
+            )
+    if distinct and (
+        next(this.find_all(exp.Placeholder, exp.Subquery), None) is not None
+        or not any(True for _ in this.find_all(exp.Column))
+    ):
+        raise UnsupportedQueryError(
+            f"{text} across shards: GROUP_CONCAT(DISTINCT ...) needs a column argument"
+            " (no parameters or subqueries); route by a key"
+        )
+    separator = gc.args.get("separator")
+    if separator is None:
+        return this, order, distinct, ","
+    if (
+        not (isinstance(separator, exp.Literal) and separator.is_string)
+        or not str(separator.this).isascii()
+    ):
+        raise UnsupportedQueryError(
+            f"{text} across shards: the SEPARATOR must be an ASCII string literal (its length"
+            " in bytes is then its length in characters); route by a key"
+        )
+    return this, order, distinct, str(separator.this)
+
+
+def _own_aggregates(tree: exp.Select) -> Iterator[exp.AggFunc]:
+    """The aggregates of ``tree`` itself: not those of its subqueries (a COUNT(DISTINCT x)
+    in a WHERE subquery belongs to that subquery)."""
+    for node in tree.find_all(exp.AggFunc):
+        scope = node.parent
+        while scope is not None and scope is not tree and not isinstance(scope, exp.Query):
+            scope = scope.parent
+        if scope is tree:
+            yield node
+
+
 def _distinct_arguments(agg: exp.Expression | exp.AggFunc) -> tuple[exp.Expression, ...] | None:
     """The argument list of COUNT/SUM/AVG(DISTINCT ...), or None for another aggregate."""
     arg = agg.this if isinstance(agg, exp.Count | exp.Sum | exp.Avg) else None
@@ -586,7 +728,7 @@ def _spread_arguments(
     ``a`` once per ``b``.
     """
     found: list[tuple[exp.AggFunc, tuple[exp.Expression, ...]]] = []
-    for node in tree.find_all(exp.AggFunc):
+    for node in _own_aggregates(tree):
         if isinstance(node, exp.Count) and node.args.get("distinct"):
             raise UnsupportedQueryError(  # (sqlglot's other spelling; never seen from MySQL)
                 f"{node.sql(dialect='mysql')!r} across shards: write COUNT(DISTINCT x)"
@@ -653,7 +795,7 @@ def _summed_distinct(
         return ()
     if any(
         isinstance(node, exp.Sum | exp.Avg) and _distinct_arguments(node) is not None
-        for node in tree.find_all(exp.AggFunc)
+        for node in _own_aggregates(tree)
     ):
         return spread_at
     return ()
@@ -1145,7 +1287,9 @@ class _Computed(_Having):
             pos = self.add_hidden(expr.copy())
             self.partial_sums.append(pos)
             return lambda row: (row[pos], None)
-        if isinstance(expr, exp.Avg) and _distinct_aggregate(expr) is None:
+        if isinstance(expr, exp.Avg) and (
+            _distinct_aggregate(expr) is None or self.mergeable(expr)
+        ):
             total = self.add_hidden(exp.Sum(this=expr.this.copy()))
             count = self.add_hidden(exp.Count(this=expr.this.copy()))
             return lambda row: (inner_average(row[total], row[count]), None)

@@ -182,8 +182,9 @@ _FUNCTION_LIST: tuple[Function, ...] = (
     Function("MIN", exp.Min, ANYWHERE),
     Function("MAX", exp.Max, ANYWHERE),
     Function("AVG", exp.Avg, ANYWHERE),
+    # joined from the shards' pieces when it is a select item (scatter.py refuses it elsewhere)
+    Function("GROUP_CONCAT", exp.GroupConcat, ANYWHERE),
     # aggregates no merge can combine: right on one target
-    Function("GROUP_CONCAT", exp.GroupConcat, ONE_TARGET, _AGG),
     Function("STDDEV_POP", exp.StddevPop, ONE_TARGET, _AGG),
     Function("STDDEV_SAMP", exp.StddevSamp, ONE_TARGET, _AGG),
     Function("STDDEV", exp.Stddev, ONE_TARGET, _AGG),

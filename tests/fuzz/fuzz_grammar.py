@@ -411,7 +411,10 @@ def aggregate(g: Gen, cols: list[Col]) -> str:
             ]
         )
     g.features.add("agg:group_concat")
-    return f"GROUP_CONCAT(DISTINCT {col.ref} ORDER BY {col.ref})"
+    # One order only (DISTINCT values ordered by themselves): one database's list is defined.
+    direction = g.pick(["", " DESC"])
+    separator = g.pick(["", " SEPARATOR ';'", " SEPARATOR ''", " SEPARATOR ' | '"])
+    return f"GROUP_CONCAT(DISTINCT {col.ref} ORDER BY {col.ref}{direction}{separator})"
 
 
 # ------------------------------------------------------------------------------- WHERE trees

@@ -33,6 +33,7 @@ from shardrouter.core.config import config_from_dict
 from shardrouter.core.topology import Topology
 from shardrouter.engine.aio import AsyncRouter
 from shardrouter.engine.router import Router
+from shardrouter.errors import UnsupportedQueryError
 
 pytestmark = pytest.mark.mariadb
 
@@ -211,6 +212,17 @@ def check(
         else:
             assert Counter(_norm(got)) == Counter(_norm(expected)), sql
     return expected
+
+
+def refused(
+    world: dict[str, Any], sql: str, params: dict[str, Any] | None = None, match: str | None = None
+) -> None:
+    """Both routers refuse ``sql`` with UnsupportedQueryError, its message matching ``match``."""
+    params = params or {}
+    with pytest.raises(UnsupportedQueryError, match=match):
+        world["router"].execute(sql, params)
+    with pytest.raises(UnsupportedQueryError, match=match):
+        world["loop"].run_until_complete(world["aio"].execute(sql, params))
 
 
 def users(world: dict[str, Any]) -> list[int]:

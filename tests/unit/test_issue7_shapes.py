@@ -298,7 +298,7 @@ def test_constructs_outside_the_allow_list_are_refused(
         ("SELECT CONNECTION_ID(), order_id FROM orders", "CONNECTION_ID"),
         ("SELECT @@sql_mode, order_id FROM orders", "system variable"),
         ("UPDATE orders SET status = CONCAT('x', UUID()) WHERE status = 'y'", "UUID"),
-        ("SELECT GROUP_CONCAT(order_id) FROM orders", "GROUP_CONCAT"),
+        ("SELECT LENGTH(GROUP_CONCAT(order_id)) FROM orders", "GROUP_CONCAT"),
         ("SELECT order_id, ROW_NUMBER() OVER (ORDER BY order_id) FROM orders", "window"),
     ],
 )

@@ -498,3 +498,18 @@ def test_broadcast_reads_go_to_one_shard(router: Router) -> None:
         assert len(recorder.seen) == 1
     finally:
         recorder.close()
+
+
+def test_distinct_aggregates_and_group_concat_on_sqlite_shards(
+    router: Router, world: dict[str, Any]
+) -> None:
+    """COUNT/SUM(DISTINCT) of a lookup column merge from distinct values on the demo backend
+    too (SQLite strings and numbers compare as Python's); GROUP_CONCAT, which SQLite spells
+    otherwise, is refused across its shards with a typed error and runs on one target."""
+    merchants = sorted({u % 5 for u in USERS})
+    sql = "SELECT COUNT(DISTINCT merchant_id), SUM(DISTINCT merchant_id), COUNT(*) FROM orders"
+    result = router.execute(sql)
+    assert len(result.shards) > 1
+    assert result.rows == [(len(merchants), sum(merchants), 3 * len(USERS))]
+    with pytest.raises(UnsupportedQueryError, match="SQLite"):
+        router.execute("SELECT GROUP_CONCAT(order_id ORDER BY order_id) FROM orders")

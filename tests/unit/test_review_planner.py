@@ -32,7 +32,7 @@ def test_changing_a_key_column_in_another_case_is_refused(planner: Planner, sql:
 @pytest.mark.parametrize(
     "sql",
     [
-        "SELECT GROUP_CONCAT(order_id) FROM orders",
+        "SELECT LENGTH(GROUP_CONCAT(order_id)) FROM orders",
         "SELECT status, STDDEV(amount_cents) FROM orders GROUP BY status",
         "SELECT COUNT(DISTINCT status), SUM(DISTINCT amount_cents) FROM orders",
         "SELECT AVG(DISTINCT amount_cents), COUNT(DISTINCT user_id) FROM orders",
