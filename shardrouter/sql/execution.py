@@ -620,13 +620,27 @@ def _union(
     results = []
     for member in plan.union:
         results.append((yield from run(topology, member, params, limits, bind, ledger)))
-    rows = _union_rows(plan, [r.rows for r in results])
+    typed: Sequence[Any] = ()
+    width = len(results[0].columns)
+    if width and any(r.rows for r in results):
+        # The columns' types as one database gives them (a member without rows counts too).
+        shard = next((s for r in results for s in r.shards), ShardId(next(iter(topology.shards))))
+        (zeros,) = yield [
+            Job(shard, plan.render_union_types(Target(shard, 0), width), params, "read")
+        ]
+        typed = zeros.rows[0] if zeros.rows else ()
+    rows = _union_rows(plan, [r.rows for r in results], typed)
     shards = tuple(dict.fromkeys(s for r in results for s in r.shards))
     lookups = tuple(dict.fromkeys(s for r in results for s in r.lookups))
     return ResultSet(results[0].columns, rows, len(rows), shards, lookups, True)
 
 
-def _union_rows(plan: Plan, members: Sequence[Sequence[tuple[Any, ...]]]) -> list[tuple[Any, ...]]:
+def _union_rows(
+    plan: Plan, members: Sequence[Sequence[tuple[Any, ...]]], typed: Sequence[Any] = ()
+) -> list[tuple[Any, ...]]:
+    """The members' rows as one database's UNION: numbers brought to the column's type
+    (``typed``: a zero of each column's type, from render_union_types), deduplicated, ordered
+    and cut."""
     kinds: list[set[str]] = []
     scales: list[int] = []
     for rows in members:
@@ -638,9 +652,15 @@ def _union_rows(plan: Plan, members: Sequence[Sequence[tuple[Any, ...]]]) -> lis
                 if value is not None:
                     kinds[i].add(_value_kind(value))
                     if isinstance(value, Decimal):
-                        exponent = value.as_tuple().exponent
-                        if isinstance(exponent, int):
-                            scales[i] = max(scales[i], -exponent)
+                        scales[i] = max(scales[i], _scale(value))
+    for i, zero in enumerate(typed):
+        if i >= len(kinds) or not kinds[i] <= {"integer", "decimal", "float"}:
+            continue  # strings, dates: as they came (mixed kinds are refused below)
+        if isinstance(zero, float):
+            kinds[i].add("float")
+        elif isinstance(zero, Decimal) and _scale(zero):
+            kinds[i].add("decimal")
+            scales[i] = _scale(zero)
     convert: dict[int, Callable[[Any], Any]] = {}
     for i, found in enumerate(kinds):
         if len(found) > 1 and found <= {"integer", "decimal", "float"}:
@@ -681,6 +701,11 @@ def _union_rows(plan: Plan, members: Sequence[Sequence[tuple[Any, ...]]]) -> lis
         combined.sort(key=_null_first(pos), reverse=descending)
     end = None if plan.union_limit is None else plan.union_offset + plan.union_limit
     return combined[plan.union_offset : end]
+
+
+def _scale(value: Decimal) -> int:
+    exponent = value.as_tuple().exponent
+    return -exponent if isinstance(exponent, int) and exponent < 0 else 0
 
 
 def _null_first(pos: int) -> Callable[[tuple[Any, ...]], tuple[bool, Any]]:

@@ -206,30 +206,38 @@ class Plan:
             self._rendered[key] = sql
         return sql
 
+    def _cached(self, key: tuple[Any, ...], make: Callable[[], str]) -> str:
+        sql = self._rendered.get(key)
+        if sql is None:
+            sql = make()
+            with self._lock:
+                self._rendered[key] = sql
+        return sql
+
     def render_empty(self, target: Target) -> str:
         """The statement as written for ``target`` (physical names), over no rows (``AND
         FALSE``): what one database answers for an aggregate without GROUP BY when no row
         matches (one row: COUNT 0, constants, parameters, HAVING applied). A merge from
         distinct values (MergePlan.first) has no row from any shard to take those from."""
-        key = ("empty", target.split)
-        sql = self._rendered.get(key)
-        if sql is None:
-            sql = self._render(target, False, empty=True)
-            with self._lock:
-                self._rendered[key] = sql
-        return sql
+        return self._cached(
+            ("empty", target.split), lambda: self._render(target, False, empty=True)
+        )
+
+    def render_union_types(self, target: Target, width: int) -> str:
+        """A UNION whose members run on different targets, as one statement reading no rows
+        (each member LIMIT 0) plus a row of ``width`` zeros: MySQL types the zeros as it types
+        the UNION's columns, from every member's declared types, rows or not (``0.0000`` for
+        a DECIMAL(., 4) member, ``0.0`` for a DOUBLE one), which the members' values alone
+        cannot tell (a member without rows, or with only NULLs)."""
+        return self._cached(
+            ("union-types", width), lambda: self._render(target, False, union_types=width)
+        )
 
     def render_probe(self, target: Target) -> str:
         """``target``'s scatter query with LIMIT 0 and no lock (MySQL): no rows, and the result
         metadata of its columns, ENUM/SET flags included, which a render_union loses. The
         server answers it without reading a row ("Zero limit")."""
-        key = ("probe", target.split)
-        sql = self._rendered.get(key)
-        if sql is None:
-            sql = self._render(target, True, probe=True)
-            with self._lock:
-                self._rendered[key] = sql
-        return sql
+        return self._cached(("probe", target.split), lambda: self._render(target, True, probe=True))
 
     def _render(
         self,
@@ -238,10 +246,13 @@ class Plan:
         backend: str = "mysql",
         probe: bool = False,
         empty: bool = False,
+        union_types: int = 0,
     ) -> str:
         tree = (self.scatter_ast if scatter and self.scatter_ast is not None else self.ast).copy()
         if empty and isinstance(tree, exp.Select):
             tree = tree.where(exp.false())
+        if union_types and isinstance(tree, exp.Union):
+            tree = _typed_zeros(tree, union_types)
         if probe and isinstance(tree, exp.Select):
             tree.set("offset", None)
             tree.set("locks", None)
@@ -1019,6 +1030,27 @@ def _refuse_omitted_lookup_columns(table: TableRule, columns: Sequence[str]) -> 
                 f" and reads by {name} would miss the row; write {', '.join(omitted)}"
                 " explicitly in the INSERT's column list"
             )
+
+
+def _typed_zeros(union: exp.Union, width: int) -> exp.Expression:
+    """``union`` with each member reading no rows (LIMIT 0), no ORDER BY or LIMIT of its own,
+    and a last member of ``width`` zeros (see Plan.render_union_types)."""
+    union.set("order", None)
+    union.set("limit", None)
+    union.set("offset", None)
+    stack: list[exp.Expression] = [union]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, exp.Union):
+            stack += [node.this, node.expression]
+            continue
+        inner = node.this if isinstance(node, exp.Subquery) else node
+        if isinstance(inner, exp.Select):
+            inner.set("order", None)
+            inner.set("offset", None)
+            node.replace(exp.Subquery(this=inner.limit(0)))
+    zeros = exp.select(*(exp.Literal.number(0) for _ in range(width)))
+    return exp.union(union, zeros, distinct=False)
 
 
 def _lock_sql(lock: exp.Expression) -> str:

@@ -46,10 +46,6 @@ def test_having_param_in_the_first_member_fanned_out(world: dict[str, Any]) -> N
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 11): a UNION column's type is taken from the values that came back, not from each SELECT's column type (a member without rows or with only NULLs); the values are equal",
-)
 def test_decimal_member_without_rows_still_types_the_column(
     world: dict[str, Any],  # noqa: F811
 ) -> None:
@@ -62,10 +58,6 @@ def test_decimal_member_without_rows_still_types_the_column(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 11): a UNION column's type is taken from the values that came back, not from each SELECT's column type (a member without rows or with only NULLs); the values are equal",
-)
 def test_decimal_scale_of_a_member_without_rows(world: dict[str, Any]) -> None:  # noqa: F811
     # Oracle Decimal('499.17000') (scale 5 from the empty SELECT); router Decimal('499.1700').
     _exact(
@@ -76,10 +68,6 @@ def test_decimal_scale_of_a_member_without_rows(world: dict[str, Any]) -> None: 
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (issue 11): a UNION column's type is taken from the values that came back, not from each SELECT's column type (a member without rows or with only NULLs); the values are equal",
-)
 def test_double_member_of_only_nulls_makes_the_column_double(
     world: dict[str, Any],  # noqa: F811
 ) -> None:
