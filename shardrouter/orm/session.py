@@ -1582,11 +1582,7 @@ class RoutedSession(ShardedSession):
                 sql = at_most(sql, self.router.limits.max_distinct_rows)
             # JobResult.of reads the ENUM/SET flags too, as the router's execution does
             results.append(JobResult.of(conn.execute(text(sql), dict(values))))
-        if (
-            merge_plan.first is not None
-            and not merge_plan.group_by
-            and not any(r.rows for r in results)
-        ):
+        if merge_plan.regrouped and not any(r.rows for r in results):
             # One row over no rows all the same (execution.run does the same).
             placement = self._routing.placements[tokens[0]]
             conn = self.connection(bind_arguments={"shard_id": tokens[0]})

@@ -390,7 +390,7 @@ def run(
         return ResultSet(
             columns, rows, len(rows), shards, tuple(found.lookups), found.scatter, flagged
         )
-    if plan.merge.first is not None and not plan.merge.group_by:
+    if plan.merge.regrouped:
         results = [replace(r, rows=list(r.rows)) for r in results]
         if not any(r.rows for r in results):
             # An aggregate without GROUP BY over no rows is one row all the same, with its

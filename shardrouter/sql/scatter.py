@@ -263,11 +263,22 @@ def scatter(
         return width + len(hidden) - 1
 
     def position_of(expr: exp.Expression, *, grouping: bool = False) -> int:
-        """Position of ``expr`` among select items (by alias, position or equality).
+        """Position of ``expr`` among select items (by alias, position or equality); a
+        GROUP_CONCAT item is refused (the merge joins it: no shard has its value).
 
         ``grouping``: a GROUP BY name, which MySQL resolves to a column of the FROM tables
-        before a select alias (ORDER BY and HAVING take the alias first).
-        """
+        before a select alias (ORDER BY and HAVING take the alias first)."""
+        pos = _position_of(expr, grouping=grouping)
+        if pos < width and isinstance(select_items[pos].unalias(), exp.GroupConcat):
+            raise UnsupportedQueryError(
+                f"{expr.sql(dialect='mysql')} names a GROUP_CONCAT across shards, in ORDER BY,"
+                " GROUP BY or HAVING: the merge makes the list, no shard has it to compare;"
+                " route by a key"
+            )
+        return pos
+
+    def _position_of(expr: exp.Expression, *, grouping: bool = False) -> int:
+        """position_of without the GROUP_CONCAT check."""
         while isinstance(expr, exp.Paren):
             expr = expr.this  # MySQL reads ORDER BY (2) as position 2, like ORDER BY 2
         if isinstance(expr, exp.Placeholder):
@@ -610,7 +621,8 @@ def scatter(
         if spread is not None
         else None,
         numbers=_summed_distinct(spread_at, spread, tree),
-        exact=spread_at,
+        exact=spread_at + tuple(k for c in concats for k in (*c.distinct, *_indexes(c))),
+        regrouped=bool(spread_at or concat_keys) and group is None,
         concats=tuple(concats),
     )
     if grouped:
@@ -637,6 +649,10 @@ def _of_partitioned_key(
     if not isinstance(column, exp.Column):
         return False
     return column.name.lower() in partitioned.get(column.table.lower(), frozenset())
+
+
+def _indexes(concat: Concat) -> tuple[int, ...]:
+    return tuple(k.index for k in concat.order_by)
 
 
 def _selected(node: exp.Expression, tree: exp.Select) -> bool:

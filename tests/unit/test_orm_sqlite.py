@@ -505,7 +505,7 @@ def test_distinct_aggregates_and_group_concat_on_sqlite_shards(
 ) -> None:
     """COUNT/SUM(DISTINCT) of a lookup column merge from distinct values on the demo backend
     too (SQLite strings and numbers compare as Python's); GROUP_CONCAT, which SQLite spells
-    otherwise, is refused across its shards with a typed error and runs on one target."""
+    otherwise, is refused across its shards with a typed error before anything runs."""
     merchants = sorted({u % 5 for u in USERS})
     sql = "SELECT COUNT(DISTINCT merchant_id), SUM(DISTINCT merchant_id), COUNT(*) FROM orders"
     result = router.execute(sql)
