@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import BigInteger, String, distinct, false, func, literal, select, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy import distinct, false, func, literal, select, text
+from test_review20_distinct import _Order
 from test_router_oracle import check, refused, world  # noqa: F401  (4 shards + oracle)
 
 from shardrouter.core.topology import Topology
@@ -105,18 +105,6 @@ def test_empty_global_group_concat_keeps_its_constant_items(
     ``render_empty`` on one shard) is only taken when ``plan.merge.first`` is set (DISTINCT
     aggregates), not for ``plan.merge.concats`` with keys."""
     check(world, sql, params)
-
-
-class _Base(DeclarativeBase):
-    pass
-
-
-class _Order(_Base):
-    __tablename__ = "orders"
-    order_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    user_id: Mapped[int] = mapped_column(BigInteger)
-    merchant_id: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(16))
 
 
 def test_orm_empty_global_group_concat_keeps_its_constant_items(world: dict[str, Any]) -> None:
