@@ -183,12 +183,55 @@ class _PyMySQLLazyResult(_pymysql_connections.MySQLResult):  # type: ignore[misc
         self._check_packet_is_eof(MysqlPacket(payloads.pop(), conn.encoding))
         self.connection = None
         self.affected_rows = len(payloads)
-        read_row, encoding = self._read_row_from_packet, conn.encoding
+        converters = tuple(self.converters)
 
         def decode(payload: bytes) -> tuple[Any, ...]:
-            return read_row(MysqlPacket(payload, encoding))  # type: ignore[no-any-return]
+            return _decode_row(payload, converters)
 
         self.rows = LazyRows(payloads, decode)
+
+
+def _decode_row(payload: bytes, converters: Sequence[tuple[str | None, Any]]) -> tuple[Any, ...]:
+    """A text-protocol row as PyMySQL's MySQLResult._read_row_from_packet decodes it: per
+    column a length-coded string (0xFB: NULL), decoded by the column's encoding, then its
+    converter; a row shorter than its columns ends there. Without a MysqlPacket per row."""
+    row: list[Any] = []
+    pos = 0
+    end = len(payload)
+    for encoding, converter in converters:
+        if pos >= end:
+            break  # no more columns in this row (PyMySQL: the IndexError it catches)
+        first = payload[pos]
+        if first < 251:
+            length = first
+            pos += 1
+        elif first == 251:
+            row.append(None)
+            pos += 1
+            continue
+        elif first == 252:
+            length = payload[pos + 1] | payload[pos + 2] << 8
+            pos += 3
+        elif first == 253:
+            length = payload[pos + 1] | payload[pos + 2] << 8 | payload[pos + 3] << 16
+            pos += 4
+        elif first == 254:
+            length = int.from_bytes(payload[pos + 1 : pos + 9], "little")
+            pos += 9
+        else:  # 255 is no length: PyMySQL reads it as NULL
+            row.append(None)
+            pos += 1
+            continue
+        data: Any = payload[pos : pos + length]
+        if len(data) != length:  # as PyMySQL's MysqlPacket.read refuses it
+            raise AssertionError(f"Result length not requested length: expected={length}")
+        pos += length
+        if encoding is not None:
+            data = data.decode(encoding)
+        if converter is not None:
+            data = converter(data)
+        row.append(data)
+    return tuple(row)
 
 
 class _Replay:

@@ -268,6 +268,33 @@ def run(
         return (yield from _insert(topology, plan, params, bind, ledger))
     if plan.union:
         return (yield from _union(topology, plan, params, limits, bind, ledger))
+    fanout: _FanOut | None = plan.fanout
+    if (
+        fanout is not None
+        and fanout.topology is topology
+        and fanout.strings_compared == plan.strings_compared
+    ):
+        # A SELECT of every shard seen before on this topology: its jobs as they were.
+        _check_limits(plan, fanout.found, limits, topology)
+        if bind is not None:
+            bind(set(fanout.shards))
+        answers = yield [
+            Job(j.shard, j.statement, params, "read", lazy=j.lazy) for j in fanout.jobs
+        ]
+        return (
+            yield from _merged(
+                topology,
+                plan,
+                params,
+                limits,
+                ledger,
+                fanout.found,
+                answers,
+                fanout.jobs,
+                fanout.unions,
+                fanout.shards,
+            )
+        )
     found = _direct_targets(topology, plan, params)
     if found is None:
         found = yield from _indirect_targets(topology, plan, params, ledger)
@@ -338,7 +365,67 @@ def run(
                 returning=returning is not None,
             )
         )
+    if (
+        scatter_sql
+        and found.scatter
+        and not found.lookups
+        and not found.anywhere
+        and not plan.conditions
+        and plan.bind_late is None
+        and type(topology) is Topology  # (not a migration's SlotRecorder)
+        and not topology.mirrored
+        and all(t.only is None and t.keep is None and t.exclude is None for t in found.targets)
+    ):
+        plan.fanout = _FanOut(
+            topology, plan.strings_compared, found, tuple(jobs), tuple(unions), tuple(by_shard)
+        )
     answers = yield jobs
+    return (
+        yield from _merged(
+            topology,
+            plan,
+            params,
+            limits,
+            ledger,
+            found,
+            answers,
+            jobs,
+            unions,
+            tuple(by_shard),
+            owner,
+            returning,
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _FanOut:
+    """The jobs of a SELECT that reads every shard (Plan.fanout), for one topology."""
+
+    topology: Topology
+    strings_compared: bool
+    found: _Targets
+    jobs: tuple[Job, ...]
+    unions: tuple[int, ...]
+    shards: tuple[ShardId, ...]
+
+
+def _merged(
+    topology: Topology,
+    plan: Plan,
+    params: Mapping[str, Any],
+    limits: Limits,
+    ledger: LookupLedger | None,
+    found: _Targets,
+    answers: list[JobResult],
+    jobs: Sequence[Job],
+    unions: Sequence[int],
+    shards: tuple[ShardId, ...],
+    owner: TableRule | None = None,
+    returning: str | None = None,
+) -> Step:
+    """The statement's ResultSet from its jobs' answers (the rest of run)."""
+    scatter_sql = len(found.targets) > 1 and plan.kind == "select"
     if (
         unions
         and plan.merge is not None
@@ -348,13 +435,12 @@ def run(
         # its flag there. Ask those shards for the flags (no rows: render_probe), and send
         # every later run's UNIONs with their probe (Plan.strings_compared).
         plan.strings_compared = True
+        first = {t.shard: t for t in reversed(found.targets)}  # each shard's first target
         probes = yield [
-            replace(jobs[i], statement=plan.render_probe(by_shard[jobs[i].shard][0]))
-            for i in unions
+            replace(jobs[i], statement=plan.render_probe(first[jobs[i].shard])) for i in unions
         ]
         answers = [*answers, *probes]  # no rows: only their flags count
     results = [part for r in answers for part in r.flat()]
-    shards = tuple(by_shard)
     if plan.kind != "select":
         if plan.sharded is None:
             rowcount = _broadcast_rowcount(plan, shards, results)

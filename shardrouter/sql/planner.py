@@ -159,6 +159,9 @@ class Plan:
     be an ENUM or SET the UNION typed VARCHAR (losing the flag the ENUM refusal reads): every
     shard's UNION goes with a render_probe of its flags. Set by execution.run the first time
     it sees such a string, never reset (the probe is always right, only one round trip more)."""
+    fanout: Any = None
+    """execution.run's jobs for this SELECT when it reads every shard whatever its parameters
+    (no key condition): computed once per topology (execution._FanOut)."""
     _rendered: dict[tuple[Any, ...], str] = field(default_factory=dict)
     """Rendered SQL per kind of target; bounded (IN subsets could vary without end)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)

@@ -528,7 +528,19 @@ class World:
                 self.norm_rows(row[:-1] for row in ranked.rows), ranked.rows, strict=True
             )
         ]
-        self._judge_rows(case, "oracle-self", oracle, oracle, pairs, harness=True)
+        try:
+            self._judge_rows(case, "oracle-self", oracle, oracle, pairs, harness=True)
+        except HarnessError:
+            ranked_values = Counter(r for r, _ in pairs)
+            if all(row in ranked_values for row in self.norm_rows(oracle.rows)):
+                raise  # the same values ranked otherwise: the harness's own defect
+            # MariaDB computes the values otherwise beside the rank's window function (10.11:
+            # MAX(x) - MIN(x) over one row is NULL there, 0 without it), so the ranks do not
+            # describe this answer: compare the rows without them, or not at all past a LIMIT.
+            self.counts["outcome:oracle-window-differs"] += 1
+            if case.limit is not None or case.offset:
+                return
+            pairs = [(r, 1) for r in self.norm_rows(oracle.rows)]
         # Rows first (a wrong value is worse than a wrong label, and a label defect must not
         # hide one), then labels.
         for side, got in (("sync", sync), ("async", aio)):
