@@ -275,26 +275,14 @@ def run(
         and fanout.strings_compared == plan.strings_compared
     ):
         # A SELECT of every shard seen before on this topology: its jobs as they were.
-        _check_limits(plan, fanout.found, limits, topology)
+        _check_limits(plan, fanout.sent.found, limits, topology)
         if bind is not None:
-            bind(set(fanout.shards))
+            bind(set(fanout.sent.shards))
         answers = yield [
-            Job(j.shard, j.statement, params, "read", lazy=j.lazy) for j in fanout.jobs
+            Job(j.shard, j.statement, params, "read", lazy=j.lazy) for j in fanout.sent.jobs
         ]
-        return (
-            yield from _merged(
-                topology,
-                plan,
-                params,
-                limits,
-                ledger,
-                fanout.found,
-                answers,
-                fanout.jobs,
-                fanout.unions,
-                fanout.shards,
-            )
-        )
+        context = (topology, plan, params, limits, ledger)
+        return (yield from _merged(context, fanout.sent, answers))
     found = _direct_targets(topology, plan, params)
     if found is None:
         found = yield from _indirect_targets(topology, plan, params, ledger)
@@ -365,6 +353,7 @@ def run(
                 returning=returning is not None,
             )
         )
+    sent = _Sent(found, tuple(jobs), tuple(unions), tuple(by_shard), returning)
     if (
         scatter_sql
         and found.scatter
@@ -376,26 +365,21 @@ def run(
         and not topology.mirrored
         and all(t.only is None and t.keep is None and t.exclude is None for t in found.targets)
     ):
-        plan.fanout = _FanOut(
-            topology, plan.strings_compared, found, tuple(jobs), tuple(unions), tuple(by_shard)
-        )
+        plan.fanout = _FanOut(topology, plan.strings_compared, sent)
     answers = yield jobs
-    return (
-        yield from _merged(
-            topology,
-            plan,
-            params,
-            limits,
-            ledger,
-            found,
-            answers,
-            jobs,
-            unions,
-            tuple(by_shard),
-            owner,
-            returning,
-        )
-    )
+    return (yield from _merged((topology, plan, params, limits, ledger), sent, answers, owner))
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """A statement's jobs as run sent them, and what they were made of."""
+
+    found: _Targets
+    jobs: tuple[Job, ...]
+    unions: tuple[int, ...]
+    """The jobs that run a shard's splits in one UNION."""
+    shards: tuple[ShardId, ...]
+    returning: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,27 +388,24 @@ class _FanOut:
 
     topology: Topology
     strings_compared: bool
-    found: _Targets
-    jobs: tuple[Job, ...]
-    unions: tuple[int, ...]
-    shards: tuple[ShardId, ...]
+    sent: _Sent
 
 
 def _merged(
-    topology: Topology,
-    plan: Plan,
-    params: Mapping[str, Any],
-    limits: Limits,
-    ledger: LookupLedger | None,
-    found: _Targets,
+    context: tuple[Topology, Plan, Mapping[str, Any], Limits, LookupLedger | None],
+    sent: _Sent,
     answers: list[JobResult],
-    jobs: Sequence[Job],
-    unions: Sequence[int],
-    shards: tuple[ShardId, ...],
     owner: TableRule | None = None,
-    returning: str | None = None,
 ) -> Step:
     """The statement's ResultSet from its jobs' answers (the rest of run)."""
+    topology, plan, params, limits, ledger = context
+    found, jobs, unions, shards, returning = (
+        sent.found,
+        sent.jobs,
+        sent.unions,
+        sent.shards,
+        sent.returning,
+    )
     scatter_sql = len(found.targets) > 1 and plan.kind == "select"
     if (
         unions
