@@ -1578,7 +1578,7 @@ class RoutedSession(ShardedSession):
                 scatter=True,
                 backend=conn.dialect.name,
             )
-            if merge_plan.first is not None:
+            if merge_plan.expanded:
                 sql = at_most(sql, self.router.limits.max_distinct_rows)
             # JobResult.of reads the ENUM/SET flags too, as the router's execution does
             results.append(JobResult.of(conn.execute(text(sql), dict(values))))

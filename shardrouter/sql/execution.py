@@ -228,8 +228,8 @@ class Limits:
     max_fanout: int | None = None
     max_offset: int | None = 10_000
     max_distinct_rows: int | None = 100_000
-    """Rows one shard may send for a DISTINCT aggregate merged from distinct values
-    (COUNT(DISTINCT merchant_id) across shards: one row per group and value)."""
+    """Rows one shard may send for a DISTINCT aggregate or GROUP_CONCAT merged from distinct
+    values (COUNT(DISTINCT merchant_id) across shards: one row per group and value)."""
 
 
 Step = Generator[list[Job], list[JobResult], ResultSet]
@@ -315,7 +315,7 @@ def run(
     jobs: list[Job] = []
     unions: list[int] = []  # the jobs that run a shard's splits in one UNION
     lazy = scatter_sql and plan.merge is not None  # the merge may read only some rows
-    spread = scatter_sql and plan.merge is not None and plan.merge.first is not None
+    spread = scatter_sql and plan.merge is not None and plan.merge.expanded
     cap = limits.max_distinct_rows if spread else None  # (rows a shard sends: _at_most)
     for shard, targets in by_shard.items():
         backend = _backend(topology, shard) if scatter_sql else "mysql"
@@ -489,7 +489,7 @@ def merged_rows(
     and the ORM's fan-outs alike), within ``limits``."""
     _refuse_index_ordered(merge_plan, results)
     shard_rows: list[Iterable[Sequence[Any]]] = [r.rows for r in results]
-    if merge_plan.first is not None and limits.max_distinct_rows:
+    if merge_plan.expanded and limits.max_distinct_rows:
         shard_rows = [_capped(rows, limits.max_distinct_rows) for rows in shard_rows]
     return list(merge(merge_plan, shard_rows))
 
@@ -499,9 +499,10 @@ def _capped(rows: Iterable[Sequence[Any]], cap: int) -> Iterator[Sequence[Any]]:
     for n, row in enumerate(rows, 1):
         if n > cap:
             raise FanoutLimitError(
-                f"a DISTINCT aggregate across shards is merged from each group's distinct"
-                f" values, and one shard has more than {cap} (max_distinct_rows={cap}); route"
-                " by a key, count fewer values, or raise max_distinct_rows"
+                f"a DISTINCT aggregate or GROUP_CONCAT across shards is merged from each"
+                f" group's distinct values, and one shard has more than {cap}"
+                f" (max_distinct_rows={cap}); route by a key, fetch fewer values, or raise"
+                " max_distinct_rows"
             )
         yield row
 

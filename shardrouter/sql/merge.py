@@ -192,10 +192,9 @@ class MergePlan:
     """Positions of fetched DISTINCT arguments (see ``first``) and GROUP_CONCAT keys: a float
     there is refused, as a FLOAT comes back in 6 digits (three FLOATs a shard tells apart
     decode equal)."""
-    regrouped: bool = False
-    """The statement has no GROUP BY but the shards group (by DISTINCT arguments, GROUP_CONCAT
-    keys): a shard without matching rows sends no row, so when none sends one the answer is
-    the statement run over no rows (Plan.render_empty), not a row made up here."""
+    expanded: bool = False
+    """The shards group by more than the statement does (DISTINCT arguments, GROUP_CONCAT
+    keys): their rows grow with the distinct values (Limits.max_distinct_rows)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -259,6 +258,13 @@ class MergePlan:
             if index in seen:
                 problems.append(f"column {index} is both a group key and a {seen[index]!r}")
         return problems
+
+    @property
+    def regrouped(self) -> bool:
+        """The statement has no GROUP BY but the shards group (``expanded``): a shard without
+        matching rows sends no row, so when none sends one the answer is the statement run
+        over no rows (Plan.render_empty), not a row made up here."""
+        return self.expanded and not self.group_by
 
     @property
     def grouped(self) -> bool:

@@ -622,7 +622,7 @@ def scatter(
         else None,
         numbers=_summed_distinct(spread_at, spread, tree),
         exact=spread_at + tuple(k for c in concats for k in (*c.distinct, *_indexes(c))),
-        regrouped=bool(spread_at or concat_keys) and group is None,
+        expanded=bool(spread_at or concat_keys),
         concats=tuple(concats),
     )
     if grouped:

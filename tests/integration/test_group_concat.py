@@ -14,6 +14,7 @@ from sqlalchemy import text
 from test_router_oracle import check, refused, world  # noqa: F401  (the module's 4 shards + oracle)
 
 from shardrouter.engine.router import Router
+from shardrouter.errors import FanoutLimitError
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(180)]
 
@@ -148,3 +149,21 @@ def test_group_concat_the_merge_cannot_join_is_refused(
     names: str,
 ) -> None:
     refused(world, sql, {"p": 1}, match=names)
+
+
+def test_the_pieces_are_capped(world: dict[str, Any]) -> None:  # noqa: F811
+    """max_distinct_rows bounds the pieces one shard sends for a list (one per ORDER BY value
+    here: every order)."""
+    router = Router(world["topology"], max_distinct_rows=10)
+    try:
+        with pytest.raises(FanoutLimitError, match="max_distinct_rows=10"):
+            router.execute("SELECT GROUP_CONCAT(order_id ORDER BY order_id) FROM orders")
+        # Within the cap: 2 statuses, 2 pieces per split table of a shard.
+        assert 2 * len(world["topology"].table("orders").physical_names) <= 10
+        sql = (
+            "SELECT GROUP_CONCAT(DISTINCT status ORDER BY status) FROM orders"
+            " WHERE status IN ('new', 'paid')"
+        )
+        assert router.execute(sql).rows == check(world, sql)
+    finally:
+        router.close()
