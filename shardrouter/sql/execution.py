@@ -273,6 +273,7 @@ def run(
         fanout is not None
         and fanout.topology is topology
         and fanout.strings_compared == plan.strings_compared
+        and fanout.cap == limits.max_distinct_rows
     ):
         # A SELECT of every shard seen before on this topology: its jobs as they were.
         _check_limits(plan, fanout.sent.found, limits, topology)
@@ -365,7 +366,7 @@ def run(
         and not topology.mirrored
         and all(t.only is None and t.keep is None and t.exclude is None for t in found.targets)
     ):
-        plan.fanout = _FanOut(topology, plan.strings_compared, sent)
+        plan.fanout = _FanOut(topology, plan.strings_compared, limits.max_distinct_rows, sent)
     answers = yield jobs
     return (yield from _merged((topology, plan, params, limits, ledger), sent, answers, owner))
 
@@ -388,6 +389,8 @@ class _FanOut:
 
     topology: Topology
     strings_compared: bool
+    cap: int | None
+    """Limits.max_distinct_rows, written into the statements (at_most)."""
     sent: _Sent
 
 

@@ -6,6 +6,7 @@ group_concat_max_len as MariaDB does."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -165,5 +166,23 @@ def test_the_pieces_are_capped(world: dict[str, Any]) -> None:  # noqa: F811
             " WHERE status IN ('new', 'paid')"
         )
         assert router.execute(sql).rows == check(world, sql)
+    finally:
+        router.close()
+
+
+def test_a_changed_cap_is_not_served_from_the_fan_out_cache(world: dict[str, Any]) -> None:  # noqa: F811
+    """The statements a fan-out keeps (Plan.fanout) carry LIMIT max_distinct_rows + 1: a
+    router whose limits change gets statements with the new cap."""
+    router = Router(world["topology"])
+    sql = "SELECT GROUP_CONCAT(order_id ORDER BY order_id) FROM orders"
+    try:
+        first = router.execute(sql).rows
+        assert first == check(world, sql)
+        assert router.planner.plan(sql).fanout is not None  # kept
+        router.limits = dataclasses.replace(router.limits, max_distinct_rows=10)
+        with pytest.raises(FanoutLimitError, match="max_distinct_rows=10"):
+            router.execute(sql)
+        router.limits = dataclasses.replace(router.limits, max_distinct_rows=100_000)
+        assert router.execute(sql).rows == first
     finally:
         router.close()
