@@ -411,9 +411,13 @@ def aggregate(g: Gen, cols: list[Col]) -> str:
             ]
         )
     g.features.add("agg:group_concat")
-    # One order only (DISTINCT values ordered by themselves): one database's list is defined.
+    # One order only (DISTINCT values ordered by themselves, or every row of one table ordered
+    # by a unique key after the value): one database's list is defined.
     direction = g.pick(["", " DESC"])
     separator = g.pick(["", " SEPARATOR ';'", " SEPARATOR ''", " SEPARATOR ' | '"])
+    if len({c.table for c in cols}) == 1 and g.chance(0.5):
+        unique = ", ".join(Col(col.alias, col.table, c, "").ref for c in UNIQUE[col.table])
+        return f"GROUP_CONCAT({col.ref} ORDER BY {col.ref}{direction}, {unique}{separator})"
     return f"GROUP_CONCAT(DISTINCT {col.ref} ORDER BY {col.ref}{direction}{separator})"
 
 
