@@ -37,7 +37,17 @@ from ..errors import (
 )
 from ..types import ShardId, Slot
 from .merge import MergePlan, merge
-from .planner import Exclusion, KeyCondition, Plan, Target, only_params
+from .planner import (
+    DATE_PROBE,
+    FLOAT_PROBE,
+    NULL_PROBE,
+    ZERO,
+    Exclusion,
+    KeyCondition,
+    Plan,
+    Target,
+    only_params,
+)
 
 log = logging.getLogger("shardrouter")
 
@@ -692,14 +702,15 @@ def _union(
     for member in plan.union:
         results.append((yield from run(topology, member, params, limits, bind, ledger)))
     typed: Sequence[Any] = ()
-    width = len(results[0].columns)
-    if width and any(r.rows for r in results):
+    kinds = _union_kinds([r.rows for r in results])
+    shard = next((s for r in results for s in r.shards), ShardId(next(iter(topology.shards))))
+    if kinds and _backend(topology, shard) != "sqlite":
         # The columns' types as one database gives them (a member without rows counts too).
-        shard = next((s for r in results for s in r.shards), ShardId(next(iter(topology.shards))))
-        (zeros,) = yield [
-            Job(shard, plan.render_union_types(Target(shard, 0), width), params, "read")
+        zeros = tuple(_probe_for(k) for k in kinds)
+        (answer,) = yield [
+            Job(shard, plan.render_union_types(Target(shard, 0), zeros), params, "read")
         ]
-        typed = zeros.rows[0] if zeros.rows else ()
+        typed = answer.rows[0] if answer.rows else ()
     rows = _union_rows(plan, [r.rows for r in results], typed)
     shards = tuple(dict.fromkeys(s for r in results for s in r.shards))
     lookups = tuple(dict.fromkeys(s for r in results for s in r.lookups))
@@ -712,28 +723,44 @@ def _union_rows(
     """The members' rows as one database's UNION: numbers brought to the column's type
     (``typed``: a zero of each column's type, from render_union_types), deduplicated, ordered
     and cut."""
-    kinds: list[set[str]] = []
-    scales: list[int] = []
+    kinds = _union_kinds(members)
+    scales = [0] * len(kinds)
     for rows in members:
         for row in rows:
-            if not kinds:
-                kinds = [set() for _ in row]
-                scales = [0 for _ in row]
             for i, value in enumerate(row):
-                if value is not None:
-                    kinds[i].add(_value_kind(value))
-                    if isinstance(value, Decimal):
-                        scales[i] = max(scales[i], _scale(value))
-    for i, zero in enumerate(typed):
-        if i >= len(kinds) or not kinds[i] <= {"integer", "decimal", "float"}:
-            continue  # strings, dates: as they came (mixed kinds are refused below)
-        if isinstance(zero, float):
-            kinds[i].add("float")
-        elif isinstance(zero, Decimal) and _scale(zero):
-            kinds[i].add("decimal")
-            scales[i] = _scale(zero)
+                if isinstance(value, Decimal):
+                    scales[i] = max(scales[i], _scale(value))
     convert: dict[int, Callable[[Any], Any]] = {}
+    for i, zero in enumerate(typed):
+        found = kinds[i] if i < len(kinds) else set()
+        if not found or zero is None:
+            continue
+        if isinstance(zero, str | bytes | bytearray) and not found <= {"str", "bytes"}:
+            raise UnsupportedQueryError(
+                f"UNION column {i + 1}: one database types it as a string (a SELECT of strings,"
+                f" with rows or not), so its {', '.join(sorted(found))} values become strings"
+                " there; CAST the SELECTs to one type, or route the UNION by a key"
+            )
+        if "float" in found:
+            if zero != 0.1:  # (the probe's 0.1 through a FLOAT column: render_union_types)
+                raise UnsupportedQueryError(
+                    f"UNION column {i + 1} across targets holds floats and one database types"
+                    " it DOUBLE or DECIMAL: a FLOAT SELECT's values reach the router in 6"
+                    " digits, which that column shows in full; CAST(x AS DECIMAL(...)) or"
+                    " DOUBLE in every SELECT, or route the UNION by a key"
+                )
+        elif isinstance(zero, float):
+            found.add("float")
+        elif isinstance(zero, Decimal) and _scale(zero):
+            found.add("decimal")
+            scales[i] = _scale(zero)
+        elif isinstance(zero, dt.datetime) and "date" in found:
+            found.discard("date")  # a DATETIME column: one database's dates are midnights
+            found.add("datetime")
+            convert[i] = _midnight
     for i, found in enumerate(kinds):
+        if i in convert:
+            continue
         if len(found) > 1 and found <= {"integer", "decimal", "float"}:
             # Numbers of several types: MySQL's column is a DOUBLE with one, else a DECIMAL.
             convert[i] = float if "float" in found else Decimal
@@ -772,6 +799,37 @@ def _union_rows(
         combined.sort(key=_null_first(pos), reverse=descending)
     end = None if plan.union_limit is None else plan.union_offset + plan.union_limit
     return combined[plan.union_offset : end]
+
+
+def _union_kinds(members: Sequence[Sequence[tuple[Any, ...]]]) -> list[set[str]]:
+    """Per column, the kinds of value the members' rows hold (empty lists: no row at all)."""
+    kinds: list[set[str]] = []
+    for rows in members:
+        for row in rows:
+            if not kinds:
+                kinds = [set() for _ in row]
+            for i, value in enumerate(row):
+                if value is not None:
+                    kinds[i].add(_value_kind(value))
+    return kinds
+
+
+def _probe_for(kinds: set[str]) -> str:
+    """The value render_union_types asks one database to type for a column of these kinds."""
+    if "float" in kinds:
+        return FLOAT_PROBE
+    if kinds and kinds <= {"integer", "decimal"}:
+        return ZERO
+    if kinds & {"date", "datetime"}:
+        return DATE_PROBE
+    return NULL_PROBE  # strings, or only NULLs: nothing to convert
+
+
+def _midnight(value: Any) -> Any:
+    """A DATE as a DATETIME column holds it (other values as they are)."""
+    if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        return dt.datetime(value.year, value.month, value.day)
+    return value
 
 
 def _scale(value: Decimal) -> int:

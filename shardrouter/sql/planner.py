@@ -226,14 +226,15 @@ class Plan:
             ("empty", target.split), lambda: self._render(target, False, empty=True)
         )
 
-    def render_union_types(self, target: Target, width: int) -> str:
+    def render_union_types(self, target: Target, zeros: tuple[str, ...]) -> str:
         """A UNION whose members run on different targets, as one statement reading no rows
-        (each member LIMIT 0) plus a row of ``width`` zeros: MySQL types the zeros as it types
-        the UNION's columns, from every member's declared types, rows or not (``0.0000`` for
-        a DECIMAL(., 4) member, ``0.0`` for a DOUBLE one), which the members' values alone
-        cannot tell (a member without rows, or with only NULLs)."""
+        (each member LIMIT 0) plus a row of ``zeros`` (one per column: ``ZERO``,
+        ``FLOAT_PROBE``, ``DATE_PROBE`` or ``NULL_PROBE``): MySQL types that row as it types the
+        UNION's columns, from every member's declared types, rows or not (``0.0000`` for a
+        DECIMAL(., 4) member, a datetime for a DATETIME one, a string for a VARCHAR one), which
+        the members' values alone cannot tell (a member without rows, or with only NULLs)."""
         return self._cached(
-            ("union-types", width), lambda: self._render(target, False, union_types=width)
+            ("union-types", zeros), lambda: self._render(target, False, union_types=zeros)
         )
 
     def render_probe(self, target: Target) -> str:
@@ -249,7 +250,7 @@ class Plan:
         backend: str = "mysql",
         probe: bool = False,
         empty: bool = False,
-        union_types: int = 0,
+        union_types: tuple[str, ...] = (),
     ) -> str:
         tree = (self.scatter_ast if scatter and self.scatter_ast is not None else self.ast).copy()
         if empty and isinstance(tree, exp.Select):
@@ -471,7 +472,8 @@ class Planner:
             text = branch.sql(dialect="mysql")
             plans.append(self._select(text, branch, shapes.check(branch, "select")))
         width = len(branches[0].expressions)
-        if any(len(b.expressions) != width for b in branches):
+        stars = any(isinstance(e, exp.Star) or e.is_star for b in branches for e in b.expressions)
+        if not stars and any(len(b.expressions) != width for b in branches):
             raise UnsupportedQueryError(
                 "the SELECTs of a UNION have different numbers of columns (MySQL error 1222)"
             )
@@ -1035,9 +1037,19 @@ def _refuse_omitted_lookup_columns(table: TableRule, columns: Sequence[str]) -> 
             )
 
 
-def _typed_zeros(union: exp.Union, width: int) -> exp.Expression:
+ZERO = "0"
+FLOAT_PROBE = "CAST(0.1 AS FLOAT)"
+"""0.1 through a FLOAT column (its 6 digits), 0.10000000149011612 through a DOUBLE one."""
+DATE_PROBE = "CAST('2000-01-01' AS DATE)"
+NULL_PROBE = "NULL"
+_ZEROS = {
+    z: sqlglot.parse_one(z, read="mysql") for z in (ZERO, FLOAT_PROBE, DATE_PROBE, NULL_PROBE)
+}
+
+
+def _typed_zeros(union: exp.Union, zeros: tuple[str, ...]) -> exp.Expression:
     """``union`` with each member reading no rows (LIMIT 0), no ORDER BY or LIMIT of its own,
-    and a last member of ``width`` zeros (see Plan.render_union_types)."""
+    and a last member of ``zeros`` (see Plan.render_union_types)."""
     union.set("order", None)
     union.set("limit", None)
     union.set("offset", None)
@@ -1052,8 +1064,8 @@ def _typed_zeros(union: exp.Union, width: int) -> exp.Expression:
             inner.set("order", None)
             inner.set("offset", None)
             node.replace(exp.Subquery(this=inner.limit(0)))
-    zeros = exp.select(*(exp.Literal.number(0) for _ in range(width)))
-    return exp.union(union, zeros, distinct=False)
+    row = exp.select(*(_ZEROS[z].copy() for z in zeros))
+    return exp.union(union, row, distinct=False)
 
 
 def _lock_sql(lock: exp.Expression) -> str:
