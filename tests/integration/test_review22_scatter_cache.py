@@ -17,28 +17,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from test_review17_union import _exact, _oracle
 from test_router_oracle import refused, world  # noqa: F401  (4 shards + oracle)
 
 from shardrouter.engine.router import Router
 from shardrouter.sql.execution import Limits
 
 pytestmark = [pytest.mark.mariadb, pytest.mark.timeout(180)]
-
-
-def _oracle(world: dict[str, Any], sql: str, params: dict[str, Any]) -> Any:
-    with world["oracle"].connect() as conn:
-        result = conn.execute(text(sql), params)
-        return tuple(result.keys()), [tuple(r) for r in result]
-
-
-def _exact(world: dict[str, Any], sql: str, params: dict[str, Any] | None = None) -> None:
-    params = params or {}
-    expected = _oracle(world, sql, params)
-    sync = world["router"].execute(sql, params)
-    aio = world["loop"].run_until_complete(world["aio"].execute(sql, params))
-    for got in (sync, aio):
-        assert repr((tuple(got.columns), list(got.rows))) == repr(expected), sql
 
 
 # -- the fan-out cache (Plan.fanout) ------------------------------------------------------------
