@@ -9,6 +9,7 @@ lookups, the order of lookup writes and the merge all live here, once.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
@@ -553,18 +554,25 @@ def _may_be_index_ordered(merge_plan: MergePlan, results: Sequence[JobResult]) -
         rows = result.rows
         if not rows:
             continue
-        unknown = _compared(merge_plan, len(rows[0]))
-        for row in rows:
+        first = rows[0]
+        compared = _compared(merge_plan, len(first))
+        if any(isinstance(first[p], _TEXT) for p in compared):
+            return True
+        unknown = [p for p in compared if first[p] is None]
+        for row in itertools.islice(rows, 1, None) if unknown else ():
             for p in list(unknown):
                 value = row[p]
                 if value is None:
                     continue
-                if isinstance(value, str | bytes | bytearray):
+                if isinstance(value, _TEXT):
                     return True
-                unknown.discard(p)
+                unknown.remove(p)
             if not unknown:
                 break
     return False
+
+
+_TEXT = (str, bytes, bytearray)
 
 
 def _refuse_index_ordered(merge_plan: MergePlan, results: Sequence[JobResult]) -> None:
