@@ -471,16 +471,14 @@ def _merged(
         return ResultSet(
             columns, rows, len(rows), shards, tuple(found.lookups), found.scatter, flagged
         )
-    if plan.merge.regrouped:
-        results = [replace(r, rows=list(r.rows)) for r in results]
-        if not any(r.rows for r in results):
-            # An aggregate without GROUP BY over no rows is one row all the same, with its
-            # constants and parameters: no shard sent a row to take them from.
-            target = found.targets[0]
-            shard = ShardId(target.shard)
-            (empty,) = yield [Job(shard, plan.render_empty(target), params, "read")]
-            rows = list(empty.rows)
-            return ResultSet(empty.columns, rows, len(rows), shards, tuple(found.lookups), True)
+    if plan.merge.regrouped and not any(r.rows for r in results):
+        # An aggregate without GROUP BY over no rows is one row all the same, with its
+        # constants and parameters: no shard sent a row to take them from.
+        target = found.targets[0]
+        shard = ShardId(target.shard)
+        (empty,) = yield [Job(shard, plan.render_empty(target), params, "read")]
+        rows = list(empty.rows)
+        return ResultSet(empty.columns, rows, len(rows), shards, tuple(found.lookups), True)
     merged = merged_rows(plan.merge, results, limits)
     width = plan.merge.visible_width(len(columns))
     visible = columns[:width]
@@ -719,19 +717,21 @@ def _union(
             Job(shard, plan.render_union_types(Target(shard, 0), zeros), params, "read")
         ]
         typed = answer.rows[0] if answer.rows else ()
-    rows = _union_rows(plan, [r.rows for r in results], typed)
+    rows = _union_rows(plan, [r.rows for r in results], kinds, typed)
     shards = tuple(dict.fromkeys(s for r in results for s in r.shards))
     lookups = tuple(dict.fromkeys(s for r in results for s in r.lookups))
     return ResultSet(results[0].columns, rows, len(rows), shards, lookups, True)
 
 
 def _union_rows(
-    plan: Plan, members: Sequence[Sequence[tuple[Any, ...]]], typed: Sequence[Any] = ()
+    plan: Plan,
+    members: Sequence[Sequence[tuple[Any, ...]]],
+    kinds: list[set[str]],
+    typed: Sequence[Any] = (),
 ) -> list[tuple[Any, ...]]:
-    """The members' rows as one database's UNION: numbers brought to the column's type
-    (``typed``: a zero of each column's type, from render_union_types), deduplicated, ordered
-    and cut."""
-    kinds = _union_kinds(members)
+    """The members' rows as one database's UNION: values brought to the column's type
+    (``kinds``: _union_kinds of the members; ``typed``: a value of each column's type, from
+    render_union_types), deduplicated, ordered and cut."""
     scales = [0] * len(kinds)
     for rows in members:
         for row in rows:
@@ -743,7 +743,7 @@ def _union_rows(
         found = kinds[i] if i < len(kinds) else set()
         if not found or zero is None:
             continue
-        if isinstance(zero, str | bytes | bytearray) and not found <= {"str", "bytes"}:
+        if isinstance(zero, _TEXT) and not found <= {"str", "bytes"}:
             raise UnsupportedQueryError(
                 f"UNION column {i + 1}: one database types it as a string (a SELECT of strings,"
                 f" with rows or not), so its {', '.join(sorted(found))} values become strings"

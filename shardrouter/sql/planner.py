@@ -1048,22 +1048,18 @@ _ZEROS = {
 
 
 def _typed_zeros(union: exp.Union, zeros: tuple[str, ...]) -> exp.Expression:
-    """``union`` with each member reading no rows (LIMIT 0), no ORDER BY or LIMIT of its own,
-    and a last member of ``zeros`` (see Plan.render_union_types)."""
+    """``union`` with each member reading no rows (LIMIT 0), without the UNION's ORDER BY or
+    LIMIT, and a last member of ``zeros`` (see Plan.render_union_types)."""
     union.set("order", None)
     union.set("limit", None)
     union.set("offset", None)
     stack: list[exp.Expression] = [union]
-    while stack:
+    while stack:  # (members are plain SELECTs: Planner._union refuses others)
         node = stack.pop()
         if isinstance(node, exp.Union):
             stack += [node.this, node.expression]
-            continue
-        inner = node.this if isinstance(node, exp.Subquery) else node
-        if isinstance(inner, exp.Select):
-            inner.set("order", None)
-            inner.set("offset", None)
-            node.replace(exp.Subquery(this=inner.limit(0)))
+        elif isinstance(node, exp.Select):
+            node.replace(exp.Subquery(this=node.limit(0)))
     row = exp.select(*(_ZEROS[z].copy() for z in zeros))
     return exp.union(union, row, distinct=False)
 

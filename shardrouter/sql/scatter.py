@@ -526,8 +526,6 @@ def scatter(
         # Hidden copies (a select item of that name may be an alias of something else).
         spread_at = tuple(add_hidden(x) for x in spread)
         compared += spread_at
-        keys = list(group.expressions) if group is not None else []
-        shard.set("group", exp.Group(expressions=[*keys, *(x.copy() for x in spread)]))
     concats: list[Concat] = []
     concat_keys: list[exp.Expression] = []
     for i, item in enumerate(select_items):
@@ -539,11 +537,6 @@ def scatter(
                 "GROUP_CONCAT across shards with SELECT DISTINCT, or beside COUNT/SUM/AVG"
                 " (DISTINCT ...) of a column that is not a sharding key, cannot be merged; run"
                 " them as separate queries, or route by a key"
-            )
-        if i in group_positions or any(k.index == i for k in sort_keys):
-            raise UnsupportedQueryError(
-                "ORDER BY or GROUP BY a GROUP_CONCAT across shards: the merge makes the value,"
-                " no shard can weigh it; route by a key"
             )
         argument, order, deduplicated, separator = _concat_parts(gc)
         keys = [argument] if deduplicated else [o.this for o in order]
@@ -572,8 +565,11 @@ def scatter(
                     " across shards cannot be merged; run them as separate queries, or route by"
                     " a key"
                 )
+    regroup = list(spread or concat_keys)  # (never both: refused above)
+    if regroup:
+        # The shards group finer: by the DISTINCT arguments, or the GROUP_CONCAT keys.
         keys = list(group.expressions) if group is not None else []
-        shard.set("group", exp.Group(expressions=[*keys, *(k.copy() for k in concat_keys)]))
+        shard.set("group", exp.Group(expressions=[*keys, *(k.copy() for k in regroup)]))
     for pos in compared:
         weight_of(pos)
     limit = shard.args.get("limit")
@@ -622,7 +618,7 @@ def scatter(
         else None,
         numbers=_summed_distinct(spread_at, spread, tree),
         exact=spread_at + tuple(k for c in concats for k in (*c.distinct, *_indexes(c))),
-        expanded=bool(spread_at or concat_keys),
+        expanded=bool(regroup),
         concats=tuple(concats),
     )
     if grouped:
