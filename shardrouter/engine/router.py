@@ -943,9 +943,7 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
             self._drain(jobs, pools, sent)
             raise
         except BaseException:
-            for pool, pending in zip(pools, sent, strict=False):
-                if pending is not None:
-                    pool.abandon(pending)
+            self._abandon(pools, sent)
             raise
         results: list[JobResult | None] = [None] * len(jobs)
         first_error: Exception | None = None
@@ -957,9 +955,7 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
             except Exception as exc:
                 first_error = first_error or exc
             except BaseException:
-                for later, unread in zip(pools[i + 1 :], sent[i + 1 :], strict=True):
-                    if unread is not None:
-                        later.abandon(unread)
+                self._abandon(pools[i + 1 :], sent[i + 1 :])
                 raise
         if first_error is not None:
             raise first_error
@@ -984,10 +980,16 @@ class Router(SnapshotHolder[ShardEngines, ReadPool]):
             except Exception:  # the caller's error is the one raised
                 continue
             except BaseException:
-                for later, unread in zip(pools[i + 1 :], sent[i + 1 :], strict=False):
-                    if unread is not None:
-                        later.abandon(unread)
+                Router._abandon(pools[i + 1 :], sent[i + 1 :])
                 raise
+
+    @staticmethod
+    def _abandon(pools: Sequence[ReadPool], sent: Sequence[Pending | None]) -> None:
+        """Drop the unread answers of ``sent`` (an interrupt): their statements are stopped on
+        their servers and their connections not pooled again (ReadPool.abandon)."""
+        for pool, pending in zip(pools, sent, strict=False):
+            if pending is not None:
+                pool.abandon(pending)
 
     def _threaded(self, jobs: Sequence[Job], replica: bool, snap: Snapshot) -> list[JobResult]:
         """Jobs on the thread pool, the caller's thread taking the first."""

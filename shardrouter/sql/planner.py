@@ -32,7 +32,7 @@ from . import shapes
 from .late import LateParams
 from .merge import MergePlan
 from .refs import ValueRef, value_ref
-from .scatter import scatter, union_order_by, without_weights
+from .scatter import mysql_label, scatter, union_order_by, without_weights
 
 Kind = Literal["select", "insert", "update", "delete"]
 
@@ -968,7 +968,7 @@ def label_as_written(sql: str, tree: exp.Select) -> None:
             or _BIND.search(text)
         ):
             continue
-        items[i] = exp.alias_(item, text, quoted=True)
+        items[i] = exp.alias_(item, mysql_label(text), quoted=True)
     tree.set("expressions", items)
 
 

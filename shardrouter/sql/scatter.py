@@ -819,7 +819,18 @@ def _label(item: exp.Expression) -> exp.Identifier | str:
     alias = item.args.get("alias") if isinstance(item, exp.Alias) else None
     if isinstance(alias, exp.Identifier):
         return alias.copy()
-    return cast(exp.Expression, item.unalias()).sql(dialect="mysql")
+    return mysql_label(cast(exp.Expression, item.unalias()).sql(dialect="mysql"))
+
+
+_SUPPLEMENTARY = re.compile("[\U00010000-\U0010ffff]")
+
+
+def mysql_label(text: str) -> str:
+    """``text`` as MariaDB labels an unaliased item: its identifiers hold no character beyond
+    the Basic Multilingual Plane (an alias with one is refused, error 1300), and it writes
+    each such character of an item's text as ``?`` (``CONCAT(s, '😀')`` is labelled
+    ``CONCAT(s, '?')``)."""
+    return _SUPPLEMENTARY.sub("?", text)
 
 
 def is_position(expr: exp.Expression) -> bool:

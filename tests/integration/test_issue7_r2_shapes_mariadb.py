@@ -292,6 +292,11 @@ def test_order_by_zero_or_negative_is_refused(world: dict[str, Any]) -> None:
         "SELECT DISTINCT UPPER(status) FROM orders ORDER BY 1",
         "SELECT CONCAT(email, 'x' ), DATE_FORMAT(created_at, '%H:%i') FROM users u"
         " ORDER BY u.user_id",
+        # Characters beyond the BMP: MariaDB labels them '?' and refuses them in an alias.
+        "SELECT CONCAT(status, '😀'), COUNT(*) FROM orders GROUP BY 1 ORDER BY 1",
+        "SELECT CONCAT(status, '🦄x') FROM orders WHERE user_id = :u ORDER BY order_id",
+        "SELECT '😀', COUNT(*), SUM(amount_cents) + 1 FROM orders",
+        "SELECT CONCAT('😀', status) AS `ok é` FROM orders ORDER BY order_id",
     ],
 )
 def test_labels_are_the_items_as_written(world: dict[str, Any], sql: str) -> None:
