@@ -45,7 +45,7 @@ import datetime
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, overload
@@ -590,46 +590,66 @@ class _Shell:
 
 
 class _Slots:
-    """A bounded count of connections in use, waited on only when none is free.
+    """A bounded count of connections in use, waited on only when none is free, handed out in
+    the order callers started waiting.
 
-    Not threading.BoundedSemaphore: its release() notifies a Condition over a plain Lock,
-    whose ownership check tries a non-blocking acquire of the held lock; under gevent (Locust)
-    that failed acquire yields to the hub, one greenlet switch per read for nothing. A
-    Condition over an RLock checks ownership directly, and release() notifies only when a
-    caller waits."""
+    Fair: a released slot goes straight to the longest waiter, never back to the pool while
+    someone waits. Otherwise a thread that releases and at once acquires again (a hot key's
+    point reads) takes the slot before the woken waiter runs, every time, and a scatter
+    waiting for that shard fails at pool.timeout_s (review 23). Not threading.BoundedSemaphore
+    (unfair the same way; and its release() notifies a Condition over a plain Lock, whose
+    ownership check tries a non-blocking acquire of the held lock: under gevent (Locust) that
+    failed acquire yields to the hub, one greenlet switch per read for nothing). An RLock
+    checks ownership directly; a waiter's Condition is made only when it must wait."""
 
-    __slots__ = ("_cond", "_free", "_waiting")
+    __slots__ = ("_free", "_lock", "_queue")
 
     def __init__(self, size: int) -> None:
-        self._cond = threading.Condition(threading.RLock())
+        self._lock = threading.RLock()
         self._free = size
-        self._waiting = 0
+        self._queue: deque[_Waiter] = deque()
+        """Waiters, oldest first; never empty while ``_free`` > 0 (release hands to them)."""
 
     def acquire(self, timeout: float) -> bool:
-        with self._cond:
-            if self._free <= 0:
-                self._waiting += 1
-                try:
-                    if not self._cond.wait_for(lambda: self._free > 0, timeout):
-                        return False
-                finally:
-                    self._waiting -= 1
-            self._free -= 1
+        with self._lock:
+            if self._free > 0:
+                self._free -= 1
+                return True
+            waiter = _Waiter(threading.Condition(self._lock))
+            self._queue.append(waiter)
+            deadline = time.monotonic() + timeout
+            while not waiter.granted:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._queue.remove(waiter)
+                    return False
+                waiter.wake.wait(left)
             return True
 
     def try_acquire(self) -> bool:
-        """One slot if one is free now; never waits."""
-        with self._cond:
+        """One slot if one is free now (then nobody waits for one); never waits."""
+        with self._lock:
             if self._free <= 0:
                 return False
             self._free -= 1
             return True
 
     def release(self) -> None:
-        with self._cond:
-            self._free += 1
-            if self._waiting:
-                self._cond.notify()
+        with self._lock:
+            if self._queue:
+                waiter = self._queue.popleft()
+                waiter.granted = True  # the slot is the waiter's: _free stays as it is
+                waiter.wake.notify()
+            else:
+                self._free += 1
+
+
+@dataclass(slots=True)
+class _Waiter:
+    """A caller of _Slots.acquire waiting for a slot."""
+
+    wake: threading.Condition
+    granted: bool = False
 
 
 @dataclass(slots=True)

@@ -67,6 +67,39 @@ def _switches(kind: str) -> int:
     return int(out.stdout.strip())
 
 
+def test_a_released_slot_goes_to_the_longest_waiter() -> None:
+    # Fair: the releasing thread cannot take its slot back while others wait (review 23: a
+    # hot key's point reads starved a scatter waiting on the same pool), and waiters are
+    # served oldest first.
+    slots = _Slots(1)
+    assert slots.acquire(1.0)
+    order: list[str] = []
+    waiters = []
+    for name in ("first", "second"):
+        t = threading.Thread(target=lambda n=name: slots.acquire(5.0) and order.append(n))
+        t.start()
+        waiters.append(t)
+        time.sleep(0.1)  # "first" is queued before "second"
+    slots.release()
+    assert slots.try_acquire() is False  # handed over, not free
+    assert slots.acquire(0.0) is False
+    waiters[0].join(5)
+    assert order == ["first"]
+    slots.release()
+    waiters[1].join(5)
+    assert order == ["first", "second"]
+    slots.release()
+    assert slots.try_acquire()  # nobody waits: free again
+
+
+def test_a_timed_out_waiter_leaves_the_queue() -> None:
+    slots = _Slots(1)
+    assert slots.acquire(1.0)
+    assert slots.acquire(0.05) is False  # gave up
+    slots.release()  # not handed to the waiter that left
+    assert slots.try_acquire()
+
+
 def test_no_greenlet_switch_per_read_under_gevent() -> None:
     # threading.BoundedSemaphore yields at every release (the contrast: the check can fail).
     assert _switches("semaphore") >= 200
