@@ -484,6 +484,12 @@ def _grouped(
     if plan.order_by:
         order, reverse = ordering(plan.order_by, weights)
         merged = sorted(merged, key=order, reverse=reverse)
+    elif plan.group_by:
+        # Without ORDER BY, MariaDB returns the groups sorted by the GROUP BY values (MySQL
+        # 5.x's documented rule, which MariaDB keeps; MySQL 8 leaves the order undefined, so
+        # this order is right there too): a LIMIT keeps the first groups in that order.
+        by_group = sort_key([SortKey(i) for i in plan.group_by], weights)
+        merged = sorted(merged, key=by_group)
     yield from merged
 
 
