@@ -38,7 +38,7 @@ import pymysql.connections as _pymysql_connections
 from pymysql.constants import COMMAND
 from sqlalchemy import Connection, Engine, text
 
-from ..sql.execution import JobResult, index_ordered_columns
+from ..sql.execution import JobResult, float_columns, index_ordered_columns
 from ..types import ShardId
 from .readpool import SYNC_DRIVERS, _finish, _missing, _Statements
 
@@ -104,7 +104,8 @@ def execute(
             return JobResult((), [], cursor.rowcount)
         enums = index_ordered_columns(cursor)
         rows = [tuple(row) for row in cursor.fetchall()]
-        return JobResult(tuple(d[0] for d in description), rows, len(rows), (), enums)
+        floats = float_columns(description)
+        return JobResult(tuple(d[0] for d in description), rows, len(rows), (), enums, floats)
     except BaseException as exc:
         if isinstance(exc, Exception) and not isinstance(exc, conn.dialect.loaded_dbapi.Error):
             # Ours (a missing parameter, before anything was sent) or the driver's own

@@ -62,7 +62,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from ..core.config import PoolConfig
 from ..errors import ExecutionError, ShardUnavailableError
-from ..sql.execution import JobResult, index_ordered_columns, log_statement
+from ..sql.execution import JobResult, float_columns, index_ordered_columns, log_statement
 from ..types import ShardId
 from .engines import classify, engine_options
 
@@ -1030,7 +1030,8 @@ def _result(description: Any, rows: Sequence[Any], rowcount: int) -> JobResult:
     if description is None:
         return JobResult((), [], rowcount)
     kept = rows if isinstance(rows, LazyRows) else list(rows)
-    return JobResult(tuple(d[0] for d in description), kept, len(kept))
+    floats = float_columns(description)
+    return JobResult(tuple(d[0] for d in description), kept, len(kept), floats=floats)
 
 
 def _close(conn: Any) -> None:

@@ -191,8 +191,10 @@ from ..sql.execution import (
     LookupLedger,
     LookupRow,
     Written,
+    _refuse_floats,
     _refuse_index_ordered,
     at_most,
+    float_columns,
     index_ordered_columns,
     log,
     lookup_rows,
@@ -1772,9 +1774,12 @@ def _refuse_index_ordered_sort_keys(plan: MergePlan, part: Result[Any]) -> None:
     sort_keys = tuple(
         SortKey(i, False) for i, name in enumerate(names) if name.startswith(_SORT_LABEL)
     )
-    flagged = index_ordered_columns(cursor)
-    found = JobResult(tuple(names), [], 0, (), flagged)
-    _refuse_index_ordered(replace(plan, order_by=sort_keys, group_by=(), distinct=False), [found])
+    found = JobResult(
+        tuple(names), [], 0, (), index_ordered_columns(cursor), float_columns(description)
+    )
+    keys_only = replace(plan, order_by=sort_keys, group_by=(), distinct=False)
+    _refuse_index_ordered(keys_only, [found])
+    _refuse_floats(replace(keys_only, having=None, computed=()), [found])
 
 
 class _WeightString(FunctionElement[bytes]):

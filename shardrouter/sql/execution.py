@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -49,6 +50,7 @@ from .planner import (
     Target,
     only_params,
 )
+from .scatter import hidden_name
 
 log = logging.getLogger("shardrouter")
 
@@ -153,15 +155,19 @@ class JobResult:
     index_ordered: frozenset[int] = frozenset()
     """Positions of ENUM/SET columns (ordered by index, not text), from the driver's result
     metadata (see index_ordered_columns)."""
+    floats: frozenset[int] = frozenset()
+    """Positions of FLOAT columns, whose values reach the client in 6 digits (float_columns)."""
 
     @classmethod
     def of(cls, result: Any) -> JobResult:
         """From an executed (buffered) SQLAlchemy result; sync and async results alike."""
         if result.returns_rows:
-            enums = index_ordered_columns(result.cursor)  # before all() closes the cursor
+            cursor = result.cursor
+            enums = index_ordered_columns(cursor)  # before all() closes the cursor
+            floats = float_columns(cursor.description)
             # all() fetches in one call; iterating the Result row by row costs ~60 us more.
             rows = [tuple(r) for r in result.all()]
-            return cls(tuple(result.keys()), rows, len(rows), (), enums)
+            return cls(tuple(result.keys()), rows, len(rows), (), enums, floats)
         return cls((), [], result.rowcount)
 
     def flat(self) -> tuple[JobResult, ...]:
@@ -191,6 +197,19 @@ def index_ordered_columns(cursor: Any) -> frozenset[int]:
     return frozenset(found) if found else _NONE
 
 
+_FLOAT = 4  # the protocol's MYSQL_TYPE_FLOAT (DBAPI type_code of PyMySQL, mysqlclient, aiomysql)
+
+
+def float_columns(description: Any) -> frozenset[int]:
+    """Positions of the FLOAT columns of a DBAPI description. MariaDB and MySQL send a FLOAT
+    as text of 6 significant digits (16777217 as 1.67772e7), and compare, group and compute
+    with the stored value: a merge on those digits is not one database's answer."""
+    if not description:
+        return _NONE
+    found = [i for i, d in enumerate(description) if d[1] == _FLOAT]
+    return frozenset(found) if found else _NONE
+
+
 @dataclass(slots=True)
 class ResultSet:
     """Rows of a routed statement and the route it took."""
@@ -206,6 +225,8 @@ class ResultSet:
     """Whether the statement fanned out to every shard."""
     index_ordered: frozenset[int] = frozenset()
     """Positions of the ENUM/SET columns any shard reported (JobResult.index_ordered)."""
+    floats: frozenset[int] = frozenset()
+    """Positions of the FLOAT columns any shard reported (JobResult.floats)."""
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         return iter(self.rows)
@@ -316,7 +337,12 @@ def run(
         (result,) = yield [job]
         rows = result.rows if isinstance(result.rows, list) else list(result.rows)
         return ResultSet(
-            result.columns, rows, len(rows), (shard,), index_ordered=result.index_ordered
+            result.columns,
+            rows,
+            len(rows),
+            (shard,),
+            index_ordered=result.index_ordered,
+            floats=result.floats,
         )
     scatter_sql = len(found.targets) > 1 and plan.kind == "select"
     owner = _deleted_owner(plan) if plan.kind == "delete" else None
@@ -466,10 +492,11 @@ def _merged(
         return ResultSet((), [], rowcount, shards, tuple(found.lookups), found.scatter)
     columns = results[0].columns if results else ()
     flagged = frozenset().union(*(r.index_ordered for r in results))
+    floats = frozenset().union(*(r.floats for r in results))
     if not scatter_sql or plan.merge is None:
         rows = [row for r in results for row in r.rows]
         return ResultSet(
-            columns, rows, len(rows), shards, tuple(found.lookups), found.scatter, flagged
+            columns, rows, len(rows), shards, tuple(found.lookups), found.scatter, flagged, floats
         )
     if plan.merge.regrouped and not any(r.rows for r in results):
         # An aggregate without GROUP BY over no rows is one row all the same, with its
@@ -483,8 +510,9 @@ def _merged(
     width = plan.merge.visible_width(len(columns))
     visible = columns[:width]
     flagged = frozenset(p for p in flagged if p < width)
+    floats = frozenset(p for p in floats if p < width)
     return ResultSet(
-        visible, merged, len(merged), shards, tuple(found.lookups), found.scatter, flagged
+        visible, merged, len(merged), shards, tuple(found.lookups), found.scatter, flagged, floats
     )
 
 
@@ -500,6 +528,7 @@ def merged_rows(
     """The shards' answers to a scatter SELECT merged into one database's answer (the router's
     and the ORM's fan-outs alike), within ``limits``."""
     _refuse_index_ordered(merge_plan, results)
+    _refuse_floats(merge_plan, results)
     shard_rows: list[Iterable[Sequence[Any]]] = [r.rows for r in results]
     if merge_plan.expanded and limits.max_distinct_rows:
         shard_rows = [_capped(rows, limits.max_distinct_rows) for rows in shard_rows]
@@ -589,6 +618,41 @@ def _refuse_index_ordered(merge_plan: MergePlan, results: Sequence[JobResult]) -
             f"ORDER BY, GROUP BY or DISTINCT on an ENUM or SET column ({names}) across shards"
             " or split tables: MySQL orders those by their index, the merge would order them by"
             " text; order by `col + 0` (the index) or route the statement by a key"
+        )
+
+
+def _refuse_floats(merge_plan: MergePlan, results: Sequence[JobResult]) -> None:
+    """A FLOAT column reaches the merge in 6 digits (float_columns): refused where the merge
+    compares it (ORDER BY, GROUP BY, DISTINCT, GROUP_CONCAT keys) or may compute with it
+    (HAVING, expressions over aggregates), where one database uses the stored value. MIN and
+    MAX of it merge right (the 6-digit rounding keeps the order); SUM and AVG are DOUBLE."""
+    floats = frozenset().union(*(r.floats for r in results))
+    if not floats:
+        return
+    columns = next((r.columns for r in results if r.columns), ())
+    width = len(columns)
+    if merge_plan.having is not None or merge_plan.computed:
+        positions = set(range(width))
+    else:
+        positions = _compared(merge_plan, width)
+    _refuse_float_at(floats & positions, columns)
+
+
+_HIDDEN = re.compile(re.escape(hidden_name(0)[:-1]) + r"\d+$")
+
+
+def _refuse_float_at(positions: Iterable[int], columns: Sequence[str]) -> None:
+    """Refuse a merge that compares or computes with these FLOAT columns (_refuse_floats)."""
+    hit = sorted(positions)
+    if hit:
+        # The planner's hidden columns (shardrouter_h0...) mean nothing to the caller.
+        shown = [columns[p] for p in hit if p < len(columns) and not _HIDDEN.match(columns[p])]
+        names = ", ".join(shown) if shown else "an ORDER BY, GROUP BY or HAVING value"
+        raise UnsupportedQueryError(
+            f"a FLOAT value ({names}) is ordered, grouped, deduplicated or computed with"
+            " across shards: MySQL sends a FLOAT in 6 digits (16777217 as 1.67772e7) and"
+            " compares the stored value, so the merge would not give one database's answer;"
+            " use CAST(x AS DOUBLE) there (exact), or route the statement by a key"
         )
 
 
@@ -717,7 +781,8 @@ def _union(
             Job(shard, plan.render_union_types(Target(shard, 0), zeros), params, "read")
         ]
         typed = answer.rows[0] if answer.rows else ()
-    rows = _union_rows(plan, [r.rows for r in results], kinds, typed)
+    floats = frozenset().union(*(r.floats for r in results))
+    rows = _union_rows(plan, [r.rows for r in results], kinds, typed, floats, results[0].columns)
     shards = tuple(dict.fromkeys(s for r in results for s in r.shards))
     lookups = tuple(dict.fromkeys(s for r in results for s in r.lookups))
     return ResultSet(results[0].columns, rows, len(rows), shards, lookups, True)
@@ -728,10 +793,13 @@ def _union_rows(
     members: Sequence[Sequence[tuple[Any, ...]]],
     kinds: list[set[str]],
     typed: Sequence[Any] = (),
+    floats: frozenset[int] = frozenset(),
+    columns: Sequence[str] = (),
 ) -> list[tuple[Any, ...]]:
     """The members' rows as one database's UNION: values brought to the column's type
     (``kinds``: _union_kinds of the members; ``typed``: a value of each column's type, from
-    render_union_types), deduplicated, ordered and cut."""
+    render_union_types), deduplicated, ordered and cut. ``floats``: the FLOAT columns of any
+    member (ResultSet.floats), refused where compared."""
     scales = [0] * len(kinds)
     for rows in members:
         for row in rows:
@@ -793,6 +861,7 @@ def _union_rows(
             )
     compared = set(range(len(kinds))) if plan.union_distinct else set()
     compared |= {pos for pos, _ in plan.union_order}
+    _refuse_float_at(floats & compared, columns)
     for pos in compared:
         if kinds and kinds[pos] & {"str", "bytes"}:
             raise UnsupportedQueryError(
