@@ -49,6 +49,7 @@ from .planner import (
     Plan,
     Target,
     only_params,
+    quotient_items,
 )
 from .scatter import hidden_name
 
@@ -827,13 +828,28 @@ def _union_rows(
                 )
         elif isinstance(zero, float):
             found.add("float")
-        elif isinstance(zero, Decimal) and _scale(zero):
+        elif isinstance(zero, Decimal):
+            # A DECIMAL column, DECIMAL(20, 0) included (BIGINT UNSIGNED beside BIGINT): one
+            # database's integers there are Decimals.
             found.add("decimal")
             scales[i] = _scale(zero)
         elif isinstance(zero, dt.datetime) and "date" in found:
             found.discard("date")  # a DATETIME column: one database's dates are midnights
             found.add("datetime")
             convert[i] = _midnight
+    for k, rows in enumerate(members):
+        quotients = quotient_items(plan.union[k].ast) if k < len(plan.union) else frozenset()
+        for row in rows if quotients else ():
+            for i in quotients:
+                value = row[i]
+                if isinstance(value, Decimal) and _scale(value) < scales[i]:
+                    raise UnsupportedQueryError(
+                        f"UNION column {i + 1} across targets: SELECT {k + 1} sends a quotient"
+                        f" (a division or AVG) rounded to {_scale(value)} decimals, and one"
+                        f" database's column holds {scales[i]}, rounded from the exact"
+                        " quotient; ROUND or CAST it to one scale in every SELECT, or route"
+                        " the UNION by a key"
+                    )
     for i, found in enumerate(kinds):
         if i in convert:
             continue

@@ -15,6 +15,7 @@ text as written, and the labels must not change.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -82,6 +83,12 @@ class LateParams:
                 raise RoutingError(
                     f"HAVING parameter :{name} is {type(value).__name__} {value!r}; pass a"
                     " number, a string, a date or time, bytes or None"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                # No SQL literal: the driver would write `nan`, which the server refuses.
+                raise RoutingError(
+                    f"HAVING parameter :{name} is {value!r}, which MySQL has no value for;"
+                    " pass a finite number or None"
                 )
         return out
 

@@ -942,6 +942,34 @@ def _bare_time_functions(tree: exp.Expression) -> exp.Expression:
     return tree
 
 
+def quotient_items(tree: exp.Expression) -> frozenset[int]:
+    """Positions of a SELECT's items holding a division or an AVG (up to a ``*``, after which
+    positions are the tables'): a DECIMAL quotient, which its SELECT sends rounded at its own
+    scale, while a UNION column of a larger scale holds it rounded at that scale."""
+    if not isinstance(tree, exp.Select):
+        return frozenset()
+    found = set()
+    for i, item in enumerate(tree.expressions):
+        if isinstance(item, exp.Star) or isinstance(item.unalias(), exp.Star):
+            break
+        if item.find(exp.Avg) is not None or any(
+            not _exact_division(d) for d in item.find_all(exp.Div)
+        ):
+            found.add(i)
+    return frozenset(found)
+
+
+def _exact_division(div: exp.Div) -> bool:
+    """``x / 10``, ``x / 100``... up to 10**4 (div_precision_increment's default): exact at the
+    scale its SELECT sends (cents to units), unlike other quotients."""
+    divisor = div.expression
+    return (
+        isinstance(divisor, exp.Literal)
+        and not divisor.is_string
+        and divisor.this in ("1", "10", "100", "1000", "10000")
+    )
+
+
 def label_as_written(sql: str, tree: exp.Select) -> None:
     """Alias each unaliased expression of the select list with its text as written.
 
