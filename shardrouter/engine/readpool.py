@@ -394,10 +394,9 @@ LAZY_DRIVERS = frozenset(
 
 
 def _escape(conn: Any, value: Any) -> str:
-    if isinstance(value, bytes | bytearray):
-        # A hex literal, as PyMySQL 1.2 writes it: aiomysql 0.3.2 calls a helper that PyMySQL
-        # 1.2 replaced with a string, so its own escaping fails on bytes.
-        return f"X'{bytes(value).hex()}'"
+    """``value`` as the driver's own cursor writes it (bytes too: PyMySQL as a string,
+    aiomysql as a _binary string; one database answers each differently), so a lean read
+    answers as the driver's SQLAlchemy path would."""
     return str(conn.escape(value))
 
 

@@ -989,6 +989,11 @@ def label_as_written(sql: str, tree: exp.Select) -> None:
         inner: exp.Expression = item
         while isinstance(inner, exp.Paren):
             inner = inner.this
+        label = _literal_label(item, text)
+        if label is not None:
+            if label != item.sql(dialect="mysql"):
+                items[i] = exp.alias_(item, mysql_label(label), quoted=True)
+            continue
         if (
             isinstance(item, exp.Alias)
             or isinstance(inner, _NOT_RELABELLED)
@@ -998,6 +1003,22 @@ def label_as_written(sql: str, tree: exp.Select) -> None:
             continue
         items[i] = exp.alias_(item, mysql_label(text), quoted=True)
     tree.set("expressions", items)
+
+
+def _literal_label(item: exp.Expression, text: str) -> str | None:
+    """The label MySQL gives a literal select item written as ``text``, where sqlglot's
+    rendering says otherwise: a number by its text (``.5``, which sqlglot writes 0.5; not
+    ``+3``, labelled 3), adjacent strings by their joined value (``'a' 'b'`` is ``ab``, which
+    sqlglot writes as CONCAT). None for any other item."""
+    if isinstance(item, exp.Literal) and not item.is_string and not text.startswith("+"):
+        return text
+    if (
+        isinstance(item, exp.Concat)
+        and text[:1] in ("'", '"')
+        and all(isinstance(e, exp.Literal) and e.is_string for e in item.expressions)
+    ):
+        return "".join(e.this for e in item.expressions)
+    return None
 
 
 def _item_texts(sql: str, count: int) -> list[str] | None:

@@ -813,6 +813,10 @@ def _summed_distinct(
     return ()
 
 
+_MERGED = "HAVING or a select item over aggregates"
+"""Who evaluates after the merge (both share the evaluator): its refusals name both."""
+
+
 def _label(item: exp.Expression) -> exp.Identifier | str:
     """The label a single database gives a select item, for a stand-in in its place: its
     alias, identifier kept (quoting included: `my avg`), or the item's text."""
@@ -1612,8 +1616,8 @@ def compare(a: Any, wa: Any, b: Any, wb: Any, *, rounded: bool = True) -> int:
         if wa is not None and wb is not None:
             if not wa or not wb:
                 raise UnsupportedQueryError(
-                    f"HAVING compares a string longer than {WEIGHT_CHARS} characters across"
-                    " shards; route by a key"
+                    f"{_MERGED} compares a string longer than {WEIGHT_CHARS} characters"
+                    " across shards; route by a key"
                 )
             return _sign(wa, wb)
         return _sign(a, b)  # (SQLite: no weights, binary collation)
@@ -1638,8 +1642,8 @@ def compare(a: Any, wa: Any, b: Any, wb: Any, *, rounded: bool = True) -> int:
     if isinstance(a, dt.date) and isinstance(b, dt.date):
         return _sign(_as_datetime(a), _as_datetime(b))
     raise UnsupportedQueryError(
-        f"HAVING compares a {type(a).__name__} with a {type(b).__name__} across shards;"
-        " compare values of one type"
+        f"{_MERGED} compares a {type(a).__name__} with a {type(b).__name__} across"
+        " shards; compare values of one type"
     )
 
 
@@ -1651,16 +1655,16 @@ def _coerce(text: str, value: Any) -> Any:
             return _as_datetime(dt.datetime.fromisoformat(text.strip()))
         except ValueError:
             raise UnsupportedQueryError(
-                f"HAVING compares a date with {text!r}, which is not a date or datetime literal"
-                " ('YYYY-MM-DD' or 'YYYY-MM-DD hh:mm:ss')"
+                f"{_MERGED} compares a date with {text!r}, which is not a date or datetime"
+                " literal ('YYYY-MM-DD' or 'YYYY-MM-DD hh:mm:ss')"
             ) from None
     if _is_number(value):
         return _leading_number(text)
     if isinstance(value, bytes):
         return text.encode()
     raise UnsupportedQueryError(
-        f"HAVING compares {text!r} with a {type(value).__name__} across shards; compare values"
-        " of one type"
+        f"{_MERGED} compares {text!r} with a {type(value).__name__} across shards;"
+        " compare values of one type"
     )
 
 
@@ -1723,7 +1727,7 @@ def _numeric(value: Any) -> Any:
     if _is_number(value):
         return value
     raise UnsupportedQueryError(
-        f"HAVING does arithmetic on a {type(value).__name__} across shards; only numbers merge"
+        f"{_MERGED} does arithmetic on a {type(value).__name__} across shards; only numbers merge"
     )
 
 
@@ -1777,8 +1781,8 @@ def _first_of(values: list[tuple[Any, Any]], *, check_only: bool = False) -> tup
     present = [v for v in values if v[0] is not None]
     if len({isinstance(v[0], str | bytes) for v in present}) > 1:
         raise UnsupportedQueryError(
-            "HAVING mixes strings and numbers in IFNULL/COALESCE/IF across shards; compare"
-            " values of one type"
+            f"{_MERGED} mixes strings and numbers in IFNULL/COALESCE/IF across shards;"
+            " compare values of one type"
         )
     if check_only or not present:
         return None, None
