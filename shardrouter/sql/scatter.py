@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from sqlglot import exp
 
-from ..errors import UnsupportedQueryError
+from ..errors import ExecutionError, UnsupportedQueryError
 from .merge import (
     MAX_LIMIT,
     MAX_SCALE,
@@ -1748,9 +1748,29 @@ def _arith(
             with localcontext() as context:
                 context.prec = 100
                 return Unrounded(op(Decimal(x), Decimal(y)), scale(scale_of(x), scale_of(y)))
-        return op(x, y)
+        result = op(x, y)
+        if type(x) is int and type(y) is int:
+            _in_bigint_range(result, x, y)
+        return result
 
     return apply
+
+
+_SIGNED_MIN, _UNSIGNED_MAX, _SIGNED_MAX = -(2**63), 2**64 - 1, 2**63 - 1
+
+
+def _in_bigint_range(result: int, x: int, y: int) -> None:
+    """MySQL's integer arithmetic is BIGINT, UNSIGNED when an operand is: a result outside
+    both ranges, or below zero with an operand only UNSIGNED holds, is error 1690 on one
+    database, raised here too. (A small UNSIGNED operand cannot be told from a signed one by
+    its value: ``MIN(u) - 1`` with MIN(u) = 0 is a known gap, docs/SQL.md.)"""
+    unsigned = x > _SIGNED_MAX or y > _SIGNED_MAX
+    if not _SIGNED_MIN <= result <= _UNSIGNED_MAX or (unsigned and result < 0):
+        kind = "BIGINT UNSIGNED" if unsigned else "BIGINT"
+        raise ExecutionError(
+            f"{kind} value is out of range ({x} and {y} give {result}) in {_MERGED} across"
+            " shards, as one database refuses it (error 1690)"
+        )
 
 
 def _divide(a: Any, b: Any) -> Any:
