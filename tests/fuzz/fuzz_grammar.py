@@ -415,7 +415,8 @@ def aggregate(g: Gen, cols: list[Col]) -> str:
     # by a unique key after the value): one database's list is defined.
     direction = g.pick(["", " DESC"])
     separator = g.pick(["", " SEPARATOR ';'", " SEPARATOR ''", " SEPARATOR ' | '"])
-    if len({c.table for c in cols}) == 1 and g.chance(0.5):
+    if len({c.table for c in cols}) == 1 and col.table in UNIQUE and g.chance(0.5):
+        # (a derived table has no unique key to order by)
         unique = ", ".join(Col(col.alias, col.table, c, "").ref for c in UNIQUE[col.table])
         return f"GROUP_CONCAT({col.ref} ORDER BY {col.ref}{direction}, {unique}{separator})"
     return f"GROUP_CONCAT(DISTINCT {col.ref} ORDER BY {col.ref}{direction}{separator})"
@@ -669,7 +670,9 @@ def select_case(g: Gen) -> Case:
         body += f" HAVING {having}"
     order_text = (" ORDER BY " + ", ".join(o for o, _ in order)) if order else ""
     sql = head + select_list + body + order_text + limit_text + lock
-    window = ", ".join(r for _, r in order) if order else "NULL"
+    # Without ORDER BY, MariaDB returns groups sorted by the GROUP BY values: a LIMIT keeps
+    # the first groups in that order (review 24), so the rank orders by them.
+    window = ", ".join(r for _, r in order) if order else ", ".join(group) if group else "NULL"
     rank_sql = (
         f"SELECT {distinct}{select_list}, DENSE_RANK() OVER (ORDER BY {window}) AS {RANK}{body}"
     )
