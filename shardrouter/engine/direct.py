@@ -38,7 +38,7 @@ import pymysql.connections as _pymysql_connections
 from pymysql.constants import COMMAND
 from sqlalchemy import Connection, Engine, text
 
-from ..sql.execution import JobResult, float_columns, index_ordered_columns
+from ..sql.execution import JobResult, column_flags, float_columns
 from ..types import ShardId
 from .readpool import SYNC_DRIVERS, _finish, _missing, _Statements
 
@@ -102,10 +102,12 @@ def execute(
         description = cursor.description
         if description is None:
             return JobResult((), [], cursor.rowcount)
-        enums = index_ordered_columns(cursor)
+        enums, unsigned = column_flags(cursor)
         rows = [tuple(row) for row in cursor.fetchall()]
         floats = float_columns(description)
-        return JobResult(tuple(d[0] for d in description), rows, len(rows), (), enums, floats)
+        return JobResult(
+            tuple(d[0] for d in description), rows, len(rows), (), enums, floats, unsigned
+        )
     except BaseException as exc:
         if isinstance(exc, Exception) and not isinstance(exc, conn.dialect.loaded_dbapi.Error):
             # Ours (a missing parameter, before anything was sent) or the driver's own

@@ -62,7 +62,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from ..core.config import PoolConfig
 from ..errors import ExecutionError, ShardUnavailableError
-from ..sql.execution import JobResult, float_columns, index_ordered_columns, log_statement
+from ..sql.execution import JobResult, float_columns, log_statement
 from ..types import ShardId
 from .engines import classify, engine_options
 
@@ -436,8 +436,7 @@ def _finish(conn: Any, result: Any) -> JobResult:
         conn.server_status = result.server_status
     rows = result.rows if result.rows is not None else []  # an empty LazyRows stays one
     found = _result(result.description, rows, result.affected_rows)
-    enums = index_ordered_columns(conn)  # conn._result is this result
-    return replace(found, index_ordered=enums) if enums else found
+    return found.flagged(conn)  # conn._result is this result
 
 
 def _query_lazy(conn: Any, sql: str, args: tuple[Any, ...] | Mapping[str, Any]) -> JobResult:
@@ -818,8 +817,7 @@ class ReadPool(_Shell):
             try:
                 cursor.execute(sql, args)
                 found = _result(cursor.description, cursor.fetchall(), cursor.rowcount)
-                enums = index_ordered_columns(cursor)
-                return replace(found, index_ordered=enums) if enums else found
+                return found.flagged(cursor)
             finally:
                 cursor.close()
         except self._errors as exc:
@@ -914,8 +912,7 @@ class AsyncReadPool(_Shell):
                 await cursor.execute(sql, args)
                 rows = await cursor.fetchall()
                 found = _result(cursor.description, rows, cursor.rowcount)
-                enums = index_ordered_columns(cursor)
-                return replace(found, index_ordered=enums) if enums else found
+                return found.flagged(cursor)
             finally:
                 await cursor.close()
         except self._errors as exc:

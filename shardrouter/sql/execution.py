@@ -38,7 +38,7 @@ from ..errors import (
     UnsupportedQueryError,
 )
 from ..types import ShardId, Slot
-from .merge import MergePlan, merge
+from .merge import MergePlan, merge, with_unsigned
 from .planner import (
     DATE_PROBE,
     FLOAT_PROBE,
@@ -158,18 +158,27 @@ class JobResult:
     metadata (see index_ordered_columns)."""
     floats: frozenset[int] = frozenset()
     """Positions of FLOAT columns, whose values reach the client in 6 digits (float_columns)."""
+    unsigned: frozenset[int] = frozenset()
+    """Positions of UNSIGNED columns (column_flags): MySQL's arithmetic on them is unsigned."""
 
     @classmethod
     def of(cls, result: Any) -> JobResult:
         """From an executed (buffered) SQLAlchemy result; sync and async results alike."""
         if result.returns_rows:
             cursor = result.cursor
-            enums = index_ordered_columns(cursor)  # before all() closes the cursor
+            enums, unsigned = column_flags(cursor)  # before all() closes the cursor
             floats = float_columns(cursor.description)
             # all() fetches in one call; iterating the Result row by row costs ~60 us more.
             rows = [tuple(r) for r in result.all()]
-            return cls(tuple(result.keys()), rows, len(rows), (), enums, floats)
+            return cls(tuple(result.keys()), rows, len(rows), (), enums, floats, unsigned)
         return cls((), [], result.rowcount)
+
+    def flagged(self, cursor: Any) -> JobResult:
+        """This result with the ENUM/SET and UNSIGNED positions of ``cursor``'s metadata."""
+        enums, unsigned = column_flags(cursor)
+        if enums or unsigned:
+            return replace(self, index_ordered=enums, unsigned=unsigned)
+        return self
 
     def flat(self) -> tuple[JobResult, ...]:
         return self.parts or (self,)
@@ -179,8 +188,17 @@ _INDEX_ORDERED_FLAGS = 256 | 2048  # the protocol's ENUM_FLAG and SET_FLAG
 _NONE: frozenset[int] = frozenset()
 
 
+_UNSIGNED_FLAG = 32  # the protocol's UNSIGNED_FLAG
+
+
 def index_ordered_columns(cursor: Any) -> frozenset[int]:
-    """Positions of the ENUM and SET columns of a DBAPI cursor's last result.
+    """Positions of the ENUM and SET columns of a DBAPI cursor's last result (column_flags)."""
+    return column_flags(cursor)[0]
+
+
+def column_flags(cursor: Any) -> tuple[frozenset[int], frozenset[int]]:
+    """Positions of the ENUM and SET columns, and of the UNSIGNED ones, of a DBAPI cursor's
+    last result.
 
     DBAPI descriptions carry no column flags, so each driver's own field metadata is read:
     mysqlclient's ``description_flags``, PyMySQL's, aiomysql's and asyncmy's ``_result.fields``
@@ -192,10 +210,11 @@ def index_ordered_columns(cursor: Any) -> frozenset[int]:
     if flags is None:
         fields = getattr(getattr(raw, "_result", None), "fields", None)
         if not fields:
-            return _NONE
+            return _NONE, _NONE
         flags = [field.flags for field in fields]
-    found = [i for i, flag in enumerate(flags) if flag & _INDEX_ORDERED_FLAGS]
-    return frozenset(found) if found else _NONE
+    enums = [i for i, flag in enumerate(flags) if flag & _INDEX_ORDERED_FLAGS]
+    unsigned = [i for i, flag in enumerate(flags) if flag & _UNSIGNED_FLAG]
+    return (frozenset(enums) if enums else _NONE, frozenset(unsigned) if unsigned else _NONE)
 
 
 _FLOAT = 4  # the protocol's MYSQL_TYPE_FLOAT (DBAPI type_code of PyMySQL, mysqlclient, aiomysql)
@@ -533,7 +552,8 @@ def merged_rows(
     shard_rows: list[Iterable[Sequence[Any]]] = [r.rows for r in results]
     if merge_plan.expanded and limits.max_distinct_rows:
         shard_rows = [_capped(rows, limits.max_distinct_rows) for rows in shard_rows]
-    return list(merge(merge_plan, shard_rows))
+    unsigned = frozenset().union(*(r.unsigned for r in results))
+    return list(merge(with_unsigned(merge_plan, unsigned), shard_rows))
 
 
 def _capped(rows: Iterable[Sequence[Any]], cap: int) -> Iterator[Sequence[Any]]:

@@ -43,7 +43,7 @@ import itertools
 import operator
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_DOWN, ROUND_HALF_UP, Decimal, localcontext
 from typing import Any, Literal, TypeVar, get_args
 
@@ -166,7 +166,8 @@ class MergePlan:
     aggregates: tuple[Aggregate, ...] = ()
     averages: tuple[Average, ...] = ()
     computed: tuple[Computed, ...] = ()
-    """Expressions over aggregates, computed (in order) after AVG, before HAVING."""
+    """Expressions over aggregates, computed (in order) after AVG and HAVING (which never
+    reads them: an item's alias in HAVING is refused)."""
     having: Callable[[tuple[Any, ...]], bool] | None = None
     distinct: bool = False
     limit: int | None = None
@@ -304,6 +305,41 @@ def _partials(plan: MergePlan) -> Iterator[tuple[int, AggFunc]]:
     for avg in plan.averages:
         yield avg.sum_index, "sum"
         yield avg.count_index, "count"
+
+
+class Unsigned(int):
+    """An integer of an UNSIGNED column (the result metadata's flag), as HAVING and the
+    expressions over aggregates see it: MySQL's arithmetic with it is unsigned (``0 - 1`` is
+    error 1690), which a plain int cannot tell when the value is small."""
+
+    __slots__ = ()
+
+
+def with_unsigned(plan: MergePlan, positions: frozenset[int]) -> MergePlan:
+    """``plan`` whose HAVING and computed items see the integers at ``positions`` (UNSIGNED
+    columns) as Unsigned; a computed item gives a plain int back. The plan itself when there
+    is nothing to mark."""
+    if not positions or (plan.having is None and not plan.computed):
+        return plan
+
+    def marked(row: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(
+            Unsigned(v) if type(v) is int and i in positions else v for i, v in enumerate(row)
+        )
+
+    def computing(value: Callable[[tuple[Any, ...]], Any]) -> Callable[[tuple[Any, ...]], Any]:
+        def compute(row: tuple[Any, ...]) -> Any:
+            result = value(marked(row))
+            return int(result) if type(result) is Unsigned else result
+
+        return compute
+
+    having = plan.having
+    return replace(
+        plan,
+        having=None if having is None else (lambda row: having(marked(row))),
+        computed=tuple(Computed(c.index, computing(c.value)) for c in plan.computed),
+    )
 
 
 def merge(plan: MergePlan, shards: Sequence[Iterable[Sequence[Any]]]) -> Iterator[tuple[Any, ...]]:
@@ -479,6 +515,10 @@ def _grouped(
     if plan.having is not None:
         having = plan.having
         merged = (row for row in merged if having(row))
+    if plan.computed:
+        # After HAVING, as MySQL evaluates select items only for the groups it keeps (an
+        # item's range error in a group HAVING drops is no error there).
+        merged = (_computed(plan, row) for row in merged)
     if plan.distinct:
         merged = _distinct(merged, _cut(plan), weights)
     if plan.order_by:
@@ -623,10 +663,14 @@ def _finish(plan: MergePlan, state: list[Any]) -> tuple[Any, ...]:
     ]
     for index, value in values:
         state[index] = value
-    if plan.computed:
-        merged = tuple(state)  # every computed item reads partials and AVGs, not each other
-        for item in plan.computed:
-            state[item.index] = item.value(merged)
+    return tuple(state)
+
+
+def _computed(plan: MergePlan, row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``row`` with its computed items: each reads partials and AVGs, not the others."""
+    state = list(row)
+    for item in plan.computed:
+        state[item.index] = item.value(row)
     return tuple(state)
 
 

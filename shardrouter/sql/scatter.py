@@ -25,6 +25,7 @@ from .merge import (
     Concat,
     MergePlan,
     Unrounded,
+    Unsigned,
     inner_average,
     quotient,
     scale_of,
@@ -1749,28 +1750,30 @@ def _arith(
                 context.prec = 100
                 return Unrounded(op(Decimal(x), Decimal(y)), scale(scale_of(x), scale_of(y)))
         result = op(x, y)
-        if type(x) is int and type(y) is int:
-            _in_bigint_range(result, x, y)
+        if type(x) in _INTEGERS and type(y) in _INTEGERS:
+            return _bigint(result, x, y)
         return result
 
     return apply
 
 
+_INTEGERS = (int, Unsigned)
 _SIGNED_MIN, _UNSIGNED_MAX, _SIGNED_MAX = -(2**63), 2**64 - 1, 2**63 - 1
 
 
-def _in_bigint_range(result: int, x: int, y: int) -> None:
-    """MySQL's integer arithmetic is BIGINT, UNSIGNED when an operand is: a result outside
-    both ranges, or below zero with an operand only UNSIGNED holds, is error 1690 on one
-    database, raised here too. (A small UNSIGNED operand cannot be told from a signed one by
-    its value: ``MIN(u) - 1`` with MIN(u) = 0 is a known gap, docs/SQL.md.)"""
-    unsigned = x > _SIGNED_MAX or y > _SIGNED_MAX
-    if not _SIGNED_MIN <= result <= _UNSIGNED_MAX or (unsigned and result < 0):
+def _bigint(result: int, x: int, y: int) -> int:
+    """``result`` of ``x`` and ``y`` as MySQL's BIGINT arithmetic gives it: UNSIGNED when an
+    operand is (an Unsigned, from an UNSIGNED column; or beyond the signed range), then from 0
+    to 2**64 - 1, else signed; outside its range, error 1690 as on one database."""
+    unsigned = Unsigned in (type(x), type(y)) or x > _SIGNED_MAX or y > _SIGNED_MAX
+    low, high = (0, _UNSIGNED_MAX) if unsigned else (_SIGNED_MIN, _SIGNED_MAX)
+    if not low <= result <= high:
         kind = "BIGINT UNSIGNED" if unsigned else "BIGINT"
         raise ExecutionError(
             f"{kind} value is out of range ({x} and {y} give {result}) in {_MERGED} across"
             " shards, as one database refuses it (error 1690)"
         )
+    return Unsigned(result) if unsigned else result
 
 
 def _divide(a: Any, b: Any) -> Any:

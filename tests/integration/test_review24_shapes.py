@@ -3,7 +3,7 @@ from one MariaDB holding the same rows, on 4 real MariaDB shards against the ora
 
 Each test marked FINDING failed on the reviewed code; its docstring gives the statement, what one
 database answers and what the router answered. All are fixed (some by a typed refusal, the test
-then asserting it and the way out the message names), except the one strict xfail: a known gap. The tests at the end (``test_passing_*``) pin
+then asserting it and the way out the message names). The tests at the end (``test_passing_*``) pin
 combinations that were attacked and found right.
 
 The module has its own tables beside the demo's ``orders``: ``pays`` (hash on user_id, one
@@ -357,16 +357,12 @@ def test_union_of_unsigned_and_signed_bigint_is_decimal(w24: dict[str, Any]) -> 
     "sql",
     [
         "SELECT user_id, COUNT(*) FROM pays GROUP BY user_id HAVING MAX(u) + 1 > 0",
-        pytest.param(
-            "SELECT user_id, COUNT(*) FROM pays GROUP BY user_id HAVING MIN(u) - 1 < 0",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known gap (docs/SQL.md): a small UNSIGNED operand cannot be told from"
-                " a signed one by its value; the merge has no column flags for it",
-            ),
-        ),
+        "SELECT user_id, COUNT(*) FROM pays GROUP BY user_id HAVING MIN(u) - 1 < 0",
+        "SELECT user_id, MIN(u) - 1 FROM pays GROUP BY user_id",
+        "SELECT user_id, COUNT(*) FROM pays GROUP BY user_id"
+        " HAVING MAX(pay_id) * 9223372036854775807 > 0",
     ],
-    ids=["plus", "minus"],
+    ids=["plus", "minus", "minus-item", "signed"],
 )
 def test_unsigned_overflow_in_having_is_an_error_as_on_one_database(
     w24: dict[str, Any], sql: str
@@ -379,8 +375,26 @@ def test_unsigned_overflow_in_having_is_an_error_as_on_one_database(
     integers without MariaDB's unsigned range checks."""
     with pytest.raises(Exception, match="out of range"):
         _oracle(w24, sql)
-    with pytest.raises(ShardRouterError):
+    with pytest.raises(ShardRouterError, match="out of range"):
         w24["router"].execute(sql)
+    with pytest.raises(ShardRouterError, match="out of range"):
+        w24["loop"].run_until_complete(w24["aio"].execute(sql))
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # UNSIGNED arithmetic inside its range, and a plain int beside it: as one database.
+        "SELECT user_id, MAX(u) - 1, MAX(u) DIV 2, MAX(u) + COUNT(*) FROM pays"
+        " WHERE u < 1000 GROUP BY user_id ORDER BY user_id",
+        "SELECT user_id, MAX(u) - 18446744073709551614 FROM pays GROUP BY user_id"
+        " HAVING MAX(u) > 1000 ORDER BY user_id",
+        "SELECT user_id, COUNT(*) - 5, MIN(pay_id) - 100 FROM pays GROUP BY user_id"
+        " HAVING COUNT(*) - 5 < 0 ORDER BY user_id",
+    ],
+)
+def test_unsigned_arithmetic_in_range_as_on_one_database(w24: dict[str, Any], sql: str) -> None:
+    _exact(w24, sql)
 
 
 # -- 5. errors that are not shardrouter's ---------------------------------------------------------
