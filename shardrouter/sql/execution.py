@@ -38,6 +38,7 @@ from ..errors import (
     UnsupportedQueryError,
 )
 from ..types import ShardId, Slot
+from .late import LateParams
 from .merge import MergePlan, merge, with_unsigned
 from .planner import (
     DATE_PROBE,
@@ -803,7 +804,10 @@ def _union(
         ]
         typed = answer.rows[0] if answer.rows else ()
     floats = frozenset().union(*(r.floats for r in results))
-    rows = _union_rows(plan, [r.rows for r in results], kinds, typed, floats, results[0].columns)
+    window = _union_window(plan, params)
+    rows = _union_rows(
+        plan, [r.rows for r in results], kinds, typed, floats, results[0].columns, window
+    )
     shards = tuple(dict.fromkeys(s for r in results for s in r.shards))
     lookups = tuple(dict.fromkeys(s for r in results for s in r.lookups))
     return ResultSet(results[0].columns, rows, len(rows), shards, lookups, True)
@@ -816,6 +820,7 @@ def _union_rows(
     typed: Sequence[Any] = (),
     floats: frozenset[int] = frozenset(),
     columns: Sequence[str] = (),
+    window: tuple[int, int | None] = (0, None),
 ) -> list[tuple[Any, ...]]:
     """The members' rows as one database's UNION: values brought to the column's type
     (``kinds``: _union_kinds of the members; ``typed``: a value of each column's type, from
@@ -910,8 +915,19 @@ def _union_rows(
     for pos, descending in reversed(plan.union_order):
         # NULL first ascending, last descending (MySQL's NULL is the smallest value).
         combined.sort(key=_null_first(pos), reverse=descending)
-    end = None if plan.union_limit is None else plan.union_offset + plan.union_limit
-    return combined[plan.union_offset : end]
+    offset, limit = window
+    return combined[offset : None if limit is None else offset + limit]
+
+
+def _union_window(plan: Plan, params: Mapping[str, Any]) -> tuple[int, int | None]:
+    """The UNION's (OFFSET, LIMIT) as numbers, a parameter's value checked as LIMIT :n's."""
+    names = tuple(n for n in (plan.union_limit, plan.union_offset) if isinstance(n, str))
+    values = LateParams(names, ()).values(params) if names else {}
+    limit, offset = (
+        values[n] if isinstance(n, str) else n for n in (plan.union_limit, plan.union_offset)
+    )
+    assert isinstance(offset, int)
+    return offset, limit
 
 
 def _union_kinds(members: Sequence[Sequence[tuple[Any, ...]]]) -> list[set[str]]:

@@ -150,8 +150,10 @@ class Plan:
     union_distinct: bool = False
     union_order: tuple[tuple[int, bool], ...] = ()
     """The UNION's own ORDER BY: (column position, descending) per term."""
-    union_limit: int | None = None
-    union_offset: int = 0
+    union_limit: int | str | None = None
+    union_offset: int | str = 0
+    """The UNION's own LIMIT and OFFSET: numbers, or the names of the parameters holding them
+    (``LIMIT :n``, read when it runs: execution._union)."""
     scatter_refusal: str | None = None
     """Why this statement cannot run on more than one target (raised only if it would)."""
     strings_compared: bool = False
@@ -1199,11 +1201,14 @@ def _union_order(tree: exp.Union, first: exp.Select, width: int) -> tuple[tuple[
     return tuple(out)
 
 
-def _count_of(node: exp.Expression) -> int:
+def _count_of(node: exp.Expression) -> int | str:
+    """A UNION's LIMIT or OFFSET: its number, or its parameter's name."""
     if isinstance(node, exp.Literal) and not node.is_string and node.this.isdigit():
         return int(node.this)
+    if isinstance(node, exp.Placeholder) and node.this:
+        return str(node.this)
     raise UnsupportedQueryError(
-        "LIMIT/OFFSET of a UNION must be integer literals; write the numbers"
+        "LIMIT/OFFSET of a UNION must be integers or named parameters (LIMIT :n); write one"
     )
 
 

@@ -531,3 +531,46 @@ def test_bytes_parameter_in_the_select_list(w24: dict[str, Any]) -> None:
 )
 def test_passing_combined_shapes(w24: dict[str, Any], sql: str, params: dict[str, Any]) -> None:
     _exact(w24, sql, params)
+
+
+# -- UNION with LIMIT :n / OFFSET :m (refused when review 24 ran; now read at execution) --------
+
+
+@pytest.mark.parametrize(
+    ("sql", "params"),
+    [
+        (
+            "SELECT user_id, amount_cents FROM orders WHERE amount_cents > 300 UNION"
+            " SELECT user_id, amt * 100 FROM pays ORDER BY 1, 2 LIMIT :n OFFSET :m",
+            {"n": 4, "m": 3},
+        ),
+        (
+            "SELECT user_id FROM orders UNION ALL SELECT user_id FROM pays"
+            " ORDER BY 1 DESC LIMIT :m, :n",
+            {"n": 5, "m": 2},
+        ),
+        (
+            "SELECT order_id FROM orders WHERE user_id = :u UNION ALL"
+            " SELECT order_id FROM orders WHERE user_id = :u ORDER BY 1 LIMIT :n",
+            {"u": 8, "n": 2},
+        ),
+        (
+            "SELECT user_id FROM orders UNION SELECT user_id FROM pays ORDER BY 1 LIMIT :n",
+            {"n": 0},
+        ),
+    ],
+    ids=["limit-offset", "comma-form", "one-target", "zero"],
+)
+def test_union_limit_offset_parameters(
+    w24: dict[str, Any], sql: str, params: dict[str, Any]
+) -> None:
+    _exact(w24, sql, params)
+
+
+@pytest.mark.parametrize("value", [-1, "3", 1.5, None, True])
+def test_union_limit_parameter_of_a_wrong_value_is_named(w24: dict[str, Any], value: Any) -> None:
+    sql = "SELECT user_id FROM orders UNION SELECT user_id FROM pays ORDER BY 1 LIMIT :n"
+    with pytest.raises(ShardRouterError, match=":n"):
+        w24["router"].execute(sql, {"n": value})
+    with pytest.raises(ShardRouterError, match="has no value"):
+        w24["router"].execute(sql, {})
