@@ -1460,6 +1460,11 @@ class RoutedSession(ShardedSession):
         self._check_limits(tokens, plan.offset_depth)
         if len(tokens) == 1:
             return self._invoke(ctx, tokens[0])
+        if plan.bind_late is not None:
+            # HAVING values and select-item values over aggregates (SQLAlchemy binds every
+            # Python number: func.sum(x) / 100, having(func.count() > 5)) written in, as
+            # the router's fan-out does (execution.run).
+            plan = plan.bind_late(values)
         if plan.scatter_refusal is not None:  # as the router refuses it (execution._check_limits)
             raise UnsupportedQueryError(plan.scatter_refusal)
         merge_plan = plan.merge

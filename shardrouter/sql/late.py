@@ -43,6 +43,9 @@ class LateParams:
     """The parameters of the top-level LIMIT and OFFSET (``LIMIT :n OFFSET :m``)."""
     having: tuple[str, ...]
     """The parameters in the top-level HAVING (``HAVING COUNT(*) > :n``)."""
+    items: tuple[str, ...] = ()
+    """The parameters in top-level select items over aggregates (``SUM(a) / :d``: the ORM
+    writes every Python number so), computed after the merge."""
 
     @classmethod
     def of(cls, tree: exp.Select) -> LateParams | None:
@@ -57,16 +60,25 @@ class LateParams:
             if having_node is not None
             else []
         )
-        if not limit and not having:
+        items = [
+            str(p.this)
+            for item in tree.expressions
+            if item.find(exp.AggFunc) is not None
+            for p in item.find_all(exp.Placeholder)
+            if p.this
+        ]
+        if not limit and not having and not items:
             return None
-        return cls(tuple(dict.fromkeys(limit)), tuple(dict.fromkeys(having)))
+        return cls(
+            tuple(dict.fromkeys(limit)), tuple(dict.fromkeys(having)), tuple(dict.fromkeys(items))
+        )
 
     def values(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The values these parameters hold, checked: a LIMIT/OFFSET an int from 0 to MySQL's
         largest, a HAVING value a scalar the driver would write (RoutingError naming the
         parameter otherwise)."""
         out: dict[str, Any] = {}
-        for name in (*self.limit, *self.having):
+        for name in self._names:
             try:
                 value = params[name]
             except KeyError:
@@ -77,31 +89,42 @@ class LateParams:
                     f" {MAX_LIMIT}"
                 )
             out[name] = value
-        for name in self.having:
+        for name in (*self.having, *self.items):
             value = out[name]
+            where = "HAVING" if name in self.having else "select item"
             if value is not None and not isinstance(value, _SCALARS):
                 raise RoutingError(
-                    f"HAVING parameter :{name} is {type(value).__name__} {value!r}; pass a"
+                    f"{where} parameter :{name} is {type(value).__name__} {value!r}; pass a"
                     " number, a string, a date or time, bytes or None"
                 )
             if isinstance(value, float) and not math.isfinite(value):
                 # No SQL literal: the driver would write `nan`, which the server refuses.
                 raise RoutingError(
-                    f"HAVING parameter :{name} is {value!r}, which MySQL has no value for;"
+                    f"{where} parameter :{name} is {value!r}, which MySQL has no value for;"
                     " pass a finite number or None"
                 )
         return out
 
+    @property
+    def _names(self) -> tuple[str, ...]:
+        return (*self.limit, *self.having, *self.items)
+
     def literals(self, values: Mapping[str, Any]) -> tuple[str, ...]:
         """The SQL literals of ``values`` (checked by ``values()``), in this order: what
         ``write`` writes in."""
-        return tuple(_literal(values[name]) for name in (*self.limit, *self.having))
+        return tuple(_literal(values[name]) for name in self._names)
 
     def write(self, sql: str, literals: Sequence[str]) -> str:
         """``sql`` with this statement's late placeholders replaced by ``literals``."""
-        values = dict(zip((*self.limit, *self.having), literals, strict=True))
+        values = dict(zip(self._names, literals, strict=True))
         tokens = MySQL().tokenize(sql)
         edits: list[tuple[int, int, str]] = []
+        if self.items:  # the select list: from SELECT to the top-level FROM
+            end = next(
+                (i for i in _top_level(tokens, 1) if tokens[i].token_type == TokenType.FROM),
+                len(tokens),
+            )
+            edits += _placeholders(tokens, 1, end, set(self.items), values)
         if self.limit:
             start = _last_top_level(tokens, {TokenType.LIMIT})
             edits += _placeholders(tokens, start + 1, len(tokens), set(self.limit), values)

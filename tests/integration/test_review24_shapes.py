@@ -574,3 +574,61 @@ def test_union_limit_parameter_of_a_wrong_value_is_named(w24: dict[str, Any], va
         w24["router"].execute(sql, {"n": value})
     with pytest.raises(ShardRouterError, match="has no value"):
         w24["router"].execute(sql, {})
+
+
+# -- parameters over aggregates across shards (the ORM binds every Python number) ---------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "params"),
+    [
+        (
+            "SELECT merchant_id, SUM(amount_cents) / :d AS x, COUNT(*) * :k FROM orders"
+            " GROUP BY merchant_id ORDER BY merchant_id",
+            {"d": 7, "k": 3},
+        ),
+        ("SELECT SUM(amt) / :d, ROUND(AVG(amt) * :k, 1) FROM pays", {"d": 3, "k": Decimal("2.5")}),
+        (
+            "SELECT user_id, COUNT(*) + :k FROM orders GROUP BY user_id HAVING COUNT(*) > :n"
+            " ORDER BY 2 DESC, user_id LIMIT 4",
+            {"k": 10, "n": 1},
+        ),
+        ("SELECT COUNT(*) / :d FROM orders WHERE user_id = :u", {"d": 0, "u": 8}),
+    ],
+    ids=["grouped", "global", "having", "one-target"],
+)
+def test_parameters_in_items_over_aggregates(
+    w24: dict[str, Any], sql: str, params: dict[str, Any]
+) -> None:
+    _exact(w24, sql, params)
+
+
+def test_a_parameter_over_aggregates_of_a_wrong_value_is_named(w24: dict[str, Any]) -> None:
+    sql = "SELECT SUM(amount_cents) / :d FROM orders"
+    with pytest.raises(ShardRouterError, match="select item parameter :d"):
+        w24["router"].execute(sql, {"d": [1, 2]})
+    with pytest.raises(ShardRouterError, match="select item parameter :d"):
+        w24["router"].execute(sql, {"d": float("inf")})
+
+
+def test_orm_numbers_over_aggregates_and_in_having(w24: dict[str, Any]) -> None:
+    """SQLAlchemy binds every Python number (func.sum(x) / 100, having(func.count() > 5)):
+    across shards they are written in as the router's fan-out writes them (were refused)."""
+    from sqlalchemy import bindparam
+
+    for stmt in (
+        select(func.sum(_Order.amount_cents) / 100),
+        select(_Order.merchant_id, func.count())
+        .group_by(_Order.merchant_id)
+        .having(func.count() > bindparam("n", 5))
+        .order_by(_Order.merchant_id),
+        select(_Order.merchant_id, func.sum(_Order.amount_cents) * 2)
+        .group_by(_Order.merchant_id)
+        .order_by(_Order.merchant_id)
+        .limit(2),
+    ):
+        with w24["oracle"].connect() as conn:
+            expected = [tuple(r) for r in conn.execute(stmt)]
+        with routed_sessionmaker(w24["router"])() as session:
+            got = [tuple(r) for r in session.execute(stmt)]
+        assert repr(got) == repr(expected)

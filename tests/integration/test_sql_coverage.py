@@ -335,6 +335,8 @@ OVER_AGGREGATES = [
     "SELECT merchant_id, SUM(amount_cents) / 3 FROM orders GROUP BY merchant_id"
     " ORDER BY SUM(amount_cents) / 3 DESC, merchant_id LIMIT :n",
     "SELECT NULLIF(COUNT(*), 0), COUNT(*) / 0, 1 / 3 * 3, SUM(amount_cents) / 3 * 3 FROM orders",
+    # Parameters over aggregates: written in when the statement fans out (sql/late.py).
+    "SELECT ROUND(SUM(amount_cents) / 7, :n), SUM(amount_cents) / :n FROM orders",
 ]
 
 
@@ -357,8 +359,6 @@ def test_expressions_over_aggregates_across_shards(world: dict[str, Any], sql: s
         "SELECT CAST(SUM(amount_cents) AS CHAR) FROM orders",
         "SELECT FLOOR(SUM(amount_cents) / 1000) FROM orders",
         "SELECT GREATEST(MAX(amount_cents), 1000) FROM orders",
-        "SELECT ROUND(SUM(amount_cents), :d) FROM orders",
-        "SELECT SUM(amount_cents) / :d FROM orders",
         "SELECT DISTINCT COUNT(*) % 2 FROM orders GROUP BY merchant_id",
         # the type of the branches depends on the column's declared type
         "SELECT IFNULL(MAX(amount_cents), -1) FROM orders",
