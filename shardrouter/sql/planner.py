@@ -554,11 +554,16 @@ class Planner:
             ]
             own_sharded = [r for r in own if r.kind == "sharded"] or sharded
             widest = max(own_sharded, key=lambda r: r.split)
-            if not (
-                reading
-                and len({r.placement for r in sharded}) == 1
-                and all(widest.split % r.split == 0 for r in sharded)
-            ):
+            colocated = reading and len({r.placement for r in sharded}) == 1
+            wider = [r for r in sharded if widest.split % r.split]
+            if colocated and wider:
+                raise UnsupportedQueryError(
+                    f"a subquery over {', '.join(r.name for r in wider)} ({wider[0].split} split"
+                    f" tables a shard) inside a statement over {widest.name} ({widest.split}):"
+                    " it would read one of those split tables only; write it as a JOIN (the"
+                    " statement then reads every split table), or query them separately"
+                )
+            if not colocated:
                 names = ", ".join(r.name for r in sharded)
                 raise UnsupportedQueryError(
                     f"statement joins sharded tables that are not bound together ({names}):"

@@ -610,6 +610,18 @@ def test_unconfined_subqueries_are_refused(
         world["router"].execute(sql, params)
 
 
+def test_a_subquery_over_more_split_tables_names_the_splits(world: dict[str, Any]) -> None:  # noqa: F811
+    # users and orders are co-located (a JOIN of them is answered, test_review16_joins), but
+    # orders has more split tables a shard: the subquery would read one of them only (review 24: the refusal said
+    # "not bound together").
+    sql = (
+        "SELECT u.user_id FROM users u WHERE u.user_id = :u AND EXISTS (SELECT 1 FROM orders o"
+        " WHERE o.user_id = u.user_id)"
+    )
+    with pytest.raises(UnsupportedQueryError, match=r"split tables.*write it as a JOIN"):
+        world["router"].execute(sql, {"u": 1})
+
+
 def test_a_subquery_in_the_select_list_runs_on_one_target_only(
     world: dict[str, Any],  # noqa: F811
 ) -> None:
