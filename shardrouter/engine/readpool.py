@@ -616,13 +616,28 @@ class _Slots:
             waiter = _Waiter(threading.Condition(self._lock))
             self._queue.append(waiter)
             deadline = time.monotonic() + timeout
-            while not waiter.granted:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._queue.remove(waiter)
-                    return False
-                waiter.wake.wait(left)
-            return True
+            try:
+                while not waiter.granted:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    waiter.wake.wait(left)
+            except BaseException:
+                # Interrupted (a signal, gevent.Timeout, a killed greenlet): the slot must not
+                # stay with a waiter that is gone.
+                self._leave(waiter)
+                raise
+            if waiter.granted:
+                return True
+            self._queue.remove(waiter)
+            return False
+
+    def _leave(self, waiter: _Waiter) -> None:
+        """``waiter`` gives up: out of the queue, or its slot, if handed over, passed on."""
+        if waiter.granted:
+            self.release()
+        else:
+            self._queue.remove(waiter)
 
     def try_acquire(self) -> bool:
         """One slot if one is free now (then nobody waits for one); never waits."""

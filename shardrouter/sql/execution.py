@@ -52,7 +52,6 @@ from .planner import (
     only_params,
     quotient_items,
 )
-from .scatter import hidden_name
 
 log = logging.getLogger("shardrouter")
 
@@ -227,8 +226,14 @@ def float_columns(description: Any) -> frozenset[int]:
     with the stored value: a merge on those digits is not one database's answer."""
     if not description:
         return _NONE
-    found = [i for i, d in enumerate(description) if d[1] == _FLOAT]
+    # FLOAT(M, D) is sent with its D decimals, which tell its stored values apart; a FLOAT's
+    # 31 (NOT_FIXED_DEC) means "as many as it takes", and MySQL takes 6 significant digits.
+    found = [i for i, d in enumerate(description) if d[1] == _FLOAT and _not_fixed(d[5])]
     return frozenset(found) if found else _NONE
+
+
+def _not_fixed(decimals: Any) -> bool:
+    return not isinstance(decimals, int) or decimals >= 31
 
 
 @dataclass(slots=True)
@@ -653,14 +658,13 @@ def _refuse_floats(merge_plan: MergePlan, results: Sequence[JobResult]) -> None:
         return
     columns = next((r.columns for r in results if r.columns), ())
     width = len(columns)
-    if merge_plan.having is not None or merge_plan.computed:
-        positions = set(range(width))
-    else:
-        positions = _compared(merge_plan, width)
+    positions = _compared(merge_plan, width)
+    positions |= {p % width for p in merge_plan.evaluated if -width <= p < width}
     _refuse_float_at(floats & positions, columns)
 
 
-_HIDDEN = re.compile(re.escape(hidden_name(0)[:-1]) + r"\d+$")
+_HIDDEN = re.compile(r"shardrouter_")
+"""The planner's hidden columns (hidden_name) and the ORM's sort keys: internal names."""
 
 
 def _refuse_float_at(positions: Iterable[int], columns: Sequence[str]) -> None:
@@ -844,12 +848,15 @@ def _union_rows(
                 " there; CAST the SELECTs to one type, or route the UNION by a key"
             )
         if "float" in found:
-            if zero != 0.1:  # (the probe's 0.1 through a FLOAT column: render_union_types)
+            # The probe's 0.1 comes back 0.1 only through a FLOAT column (render_union_types);
+            # a DOUBLE column shows a FLOAT SELECT's values in full, which reach the router
+            # in 6 digits. DOUBLE SELECTs only (no FLOAT in the metadata) are exact.
+            if zero != 0.1 and i in floats:
                 raise UnsupportedQueryError(
-                    f"UNION column {i + 1} across targets holds floats and one database types"
-                    " it DOUBLE or DECIMAL: a FLOAT SELECT's values reach the router in 6"
-                    " digits, which that column shows in full; CAST(x AS DECIMAL(...)) or"
-                    " DOUBLE in every SELECT, or route the UNION by a key"
+                    f"UNION column {i + 1} across targets holds a FLOAT SELECT's values and one"
+                    " database types it DOUBLE: they reach the router in 6 digits, which that"
+                    " column shows in full; CAST(x AS DOUBLE) in every SELECT, or route the"
+                    " UNION by a key"
                 )
         elif isinstance(zero, float):
             found.add("float")

@@ -196,6 +196,9 @@ class MergePlan:
     expanded: bool = False
     """The shards group by more than the statement does (DISTINCT arguments, GROUP_CONCAT
     keys): their rows grow with the distinct values (Limits.max_distinct_rows)."""
+    evaluated: tuple[int, ...] = ()
+    """Positions HAVING and the computed items read (the FLOAT refusal: a FLOAT only carried
+    along merges right)."""
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -317,8 +320,7 @@ class Unsigned(int):
 
 def with_unsigned(plan: MergePlan, positions: frozenset[int]) -> MergePlan:
     """``plan`` whose HAVING and computed items see the integers at ``positions`` (UNSIGNED
-    columns) as Unsigned; a computed item gives a plain int back. The plan itself when there
-    is nothing to mark."""
+    columns) as Unsigned. The plan itself when there is nothing to mark."""
     if not positions or (plan.having is None and not plan.computed):
         return plan
 
@@ -328,11 +330,7 @@ def with_unsigned(plan: MergePlan, positions: frozenset[int]) -> MergePlan:
         )
 
     def computing(value: Callable[[tuple[Any, ...]], Any]) -> Callable[[tuple[Any, ...]], Any]:
-        def compute(row: tuple[Any, ...]) -> Any:
-            result = value(marked(row))
-            return int(result) if type(result) is Unsigned else result
-
-        return compute
+        return lambda row: value(marked(row))  # (the value is a plain int: scatter._plain)
 
     having = plan.having
     return replace(
@@ -365,7 +363,10 @@ def merge(plan: MergePlan, shards: Sequence[Iterable[Sequence[Any]]]) -> Iterato
     # islice checks its stop before pulling, so no row past the last one needed is read.
     # C-level map/islice: no Python frame per row (a LIMIT 20 scatter is ~25 rows).
     visible = operator.itemgetter(slice(None, _cut(plan)))
-    return map(tuple, map(visible, itertools.islice(rows, plan.offset, stop)))
+    kept: Iterator[Sequence[Any]] = itertools.islice(rows, plan.offset, stop)
+    if plan.grouped and _computed_late(plan):
+        kept = (_computed(plan, tuple(row)) for row in kept)
+    return map(tuple, map(visible, kept))
 
 
 def _cut(plan: MergePlan) -> int | None:
@@ -515,22 +516,33 @@ def _grouped(
     if plan.having is not None:
         having = plan.having
         merged = (row for row in merged if having(row))
-    if plan.computed:
+    if plan.computed and not _computed_late(plan):
         # After HAVING, as MySQL evaluates select items only for the groups it keeps (an
         # item's range error in a group HAVING drops is no error there).
         merged = (_computed(plan, row) for row in merged)
+    if not plan.order_by and plan.group_by:
+        # Without ORDER BY, MariaDB returns the groups sorted by the GROUP BY values (MySQL
+        # 5.x's documented rule, which MariaDB keeps; MySQL 8 leaves the order undefined, so
+        # this order is right there too): a LIMIT keeps the first groups in that order, and
+        # DISTINCT the first group of each value.
+        by_group = sort_key([SortKey(i) for i in plan.group_by], weights)
+        merged = sorted(merged, key=by_group)
     if plan.distinct:
         merged = _distinct(merged, _cut(plan), weights)
     if plan.order_by:
         order, reverse = ordering(plan.order_by, weights)
         merged = sorted(merged, key=order, reverse=reverse)
-    elif plan.group_by:
-        # Without ORDER BY, MariaDB returns the groups sorted by the GROUP BY values (MySQL
-        # 5.x's documented rule, which MariaDB keeps; MySQL 8 leaves the order undefined, so
-        # this order is right there too): a LIMIT keeps the first groups in that order.
-        by_group = sort_key([SortKey(i) for i in plan.group_by], weights)
-        merged = sorted(merged, key=by_group)
     yield from merged
+
+
+def _computed_late(plan: MergePlan) -> bool:
+    """Whether the computed items wait for the LIMIT (merge): MySQL computes a select item
+    only for the rows it sends, unless it orders or deduplicates by it (an item's range error
+    in a group LIMIT drops is no error there)."""
+    if not plan.computed or plan.distinct:
+        return False
+    at = {c.index for c in plan.computed}
+    return not any(k.index in at for k in plan.order_by)
 
 
 def _joined(

@@ -957,8 +957,13 @@ def quotient_items(tree: exp.Expression) -> frozenset[int]:
         return frozenset()
     found = set()
     for i, item in enumerate(tree.expressions):
-        if isinstance(item, exp.Star) or isinstance(item.unalias(), exp.Star):
+        inner = item.unalias()
+        while isinstance(inner, exp.Paren):
+            inner = inner.this
+        if isinstance(inner, exp.Star):
             break
+        if isinstance(inner, exp.Round) and isinstance(inner.args.get("decimals"), exp.Literal):
+            continue  # exact at its places: padded to the column's scale as one database does
         if item.find(exp.Avg) is not None or any(
             not _exact_division(d) for d in item.find_all(exp.Div)
         ):
@@ -967,14 +972,23 @@ def quotient_items(tree: exp.Expression) -> frozenset[int]:
 
 
 def _exact_division(div: exp.Div) -> bool:
-    """``x / 10``, ``x / 100``... up to 10**4 (div_precision_increment's default): exact at the
-    scale its SELECT sends (cents to units), unlike other quotients."""
+    """A division by an integer of only the factors 2 and 5, each at most 4 times (``x / 100``,
+    ``x / 2``, ``x / 16``): exact within div_precision_increment's 4 more digits (its default),
+    so the scale its SELECT sends holds it, unlike other quotients."""
     divisor = div.expression
-    return (
-        isinstance(divisor, exp.Literal)
-        and not divisor.is_string
-        and divisor.this in ("1", "10", "100", "1000", "10000")
-    )
+    if not (isinstance(divisor, exp.Literal) and not divisor.is_string and divisor.this.isdigit()):
+        return False
+    n = int(divisor.this)
+    if n == 0:
+        return False
+    for factor in (2, 5):
+        count = 0
+        while n % factor == 0:
+            n //= factor
+            count += 1
+        if count > 4:
+            return False
+    return n == 1
 
 
 def label_as_written(sql: str, tree: exp.Select) -> None:
@@ -996,7 +1010,15 @@ def label_as_written(sql: str, tree: exp.Select) -> None:
         inner: exp.Expression = item
         while isinstance(inner, exp.Paren):
             inner = inner.this
-        label = _literal_label(item, text)
+        if isinstance(item, exp.Alias):
+            name = item.alias
+            if mysql_label(name) != name and not text.rstrip().endswith("`"):
+                # An alias written as a string ('x😀'): MariaDB labels it as it labels text,
+                # while the identifier the rendering makes of it would be refused (1300); an
+                # identifier alias (`x😀`) is refused by one database too, and stays.
+                item.set("alias", exp.to_identifier(mysql_label(name), quoted=True))
+            continue
+        label = _literal_label(inner, text)
         if label is not None:
             if label != item.sql(dialect="mysql"):
                 items[i] = exp.alias_(item, mysql_label(label), quoted=True)
@@ -1013,12 +1035,15 @@ def label_as_written(sql: str, tree: exp.Select) -> None:
 
 
 def _literal_label(item: exp.Expression, text: str) -> str | None:
-    """The label MySQL gives a literal select item written as ``text``, where sqlglot's
-    rendering says otherwise: a number by its text (``.5``, which sqlglot writes 0.5; not
-    ``+3``, labelled 3), adjacent strings by their joined value (``'a' 'b'`` is ``ab``, which
+    """The label MySQL gives a literal select item (``item``: its parentheses taken off)
+    written as ``text``, where sqlglot's rendering says otherwise: a number by its text
+    without parentheses and a leading ``+`` (``.5``, ``(.5)`` and ``+.5`` are all ``.5``, which
+    sqlglot writes 0.5), adjacent strings by their joined value (``'a' 'b'`` is ``ab``, which
     sqlglot writes as CONCAT). None for any other item."""
-    if isinstance(item, exp.Literal) and not item.is_string and not text.startswith("+"):
-        return text
+    while text.startswith("(") and text.endswith(")"):
+        text = text[1:-1].strip()
+    if isinstance(item, exp.Literal) and not item.is_string:
+        return text.lstrip("+ \t\r\n")
     if (
         isinstance(item, exp.Concat)
         and text[:1] in ("'", '"')

@@ -442,6 +442,7 @@ def scatter(
         str(item.alias).lower() for item in select_items if isinstance(item, exp.Alias)
     )
     computed = tuple(Computed(i, computing.value(expr)) for i, expr in pending)
+    evaluated = set(computing.reads)
     for pos in computing.partial_sums:
         aggregates.append(Aggregate(index=pos, func="sum"))
     if computed and shard.args.get("distinct"):
@@ -463,7 +464,9 @@ def scatter(
     if having is not None and grouping:
         # Partial groups cannot be filtered: HAVING moves to the merge. Without grouping it
         # filters single rows like WHERE and stays on the shards (before their LIMIT).
-        having_fn = _Having(*context).compile(having.this)
+        judge = _Having(*context)
+        having_fn = judge.compile(having.this)
+        evaluated |= judge.reads
         shard.set("having", None)
     order = shard.args.get("order")
     sort_keys: list[SortKey] = []
@@ -601,6 +604,7 @@ def scatter(
         averages=tuple(averages),
         computed=computed,
         having=having_fn,
+        evaluated=tuple(final(p) for p in sorted(evaluated)),
         distinct=bool(tree.args.get("distinct")),
         limit=limit_n,
         offset=offset_n,
@@ -975,6 +979,8 @@ class _Having:
         does arithmetic on the unrounded quotient."""
         self._arithmetic = 0
         """How deep inside arithmetic the operand being compiled is."""
+        self.reads: set[int] = set()
+        """The row positions the compiled expressions read (MergePlan.evaluated)."""
         self.width = width
         self.position_of = position_of
         self.weight_of = weight_of
@@ -1149,6 +1155,7 @@ class _Having:
                 " rounds, across shards, where one database uses its unrounded value; write"
                 " AVG(...) itself in the expression"
             )
+        self.reads.add(pos)
         weight_pos = self.weight_of(pos)
         if weight_pos is None:
             return lambda row: (row[pos], None)
@@ -1283,8 +1290,8 @@ class _Computed(_Having):
             return lambda row: None if (v := test(row)) is None else int(v)
         operand = self.operand(expr, expr)
         # The item's value as MySQL materializes it (for HAVING, ORDER BY and the caller):
-        # rounded to its scale once the expression is computed.
-        return lambda row: shown(operand(row)[0])
+        # rounded to its scale once the expression is computed; a plain int, not Unsigned.
+        return lambda row: _plain(shown(operand(row)[0]))
 
     def operand(self, expr: exp.Expression, other: exp.Expression) -> _Operand:
         if not isinstance(expr, _COMPUTABLE):
@@ -1314,12 +1321,14 @@ class _Computed(_Having):
             # without rows) and they add up to the answer, typed as one database types it.
             pos = self.add_hidden(expr.copy())
             self.partial_sums.append(pos)
+            self.reads.add(pos)
             return lambda row: (row[pos], None)
         if isinstance(expr, exp.Avg) and (
             _distinct_aggregate(expr) is None or self.mergeable(expr)
         ):
             total = self.add_hidden(exp.Sum(this=expr.this.copy()))
             count = self.add_hidden(exp.Count(this=expr.this.copy()))
+            self.reads |= {total, count}
             return lambda row: (inner_average(row[total], row[count]), None)
         if isinstance(expr, exp.IntDiv | exp.Mod):
             a, b = self.operand(expr.this, other), self.operand(expr.expression, other)
@@ -1552,7 +1561,11 @@ def _int_divide(a: Any, b: Any) -> Any:
     x, y = _exact(pair[0]), _exact(pair[1])
     with localcontext() as context:
         context.prec = 100
-        return int(x / y)
+        quotient = int(x / y)
+    a, b = pair
+    if type(a) in _INTEGERS and type(b) in _INTEGERS:
+        return _bigint(quotient, a, b)  # UNSIGNED when an operand is, as + - *
+    return quotient
 
 
 def _modulo(a: Any, b: Any) -> Any:
@@ -1567,7 +1580,8 @@ def _modulo(a: Any, b: Any) -> Any:
         context.prec = 100
         rest = Decimal(x) % Decimal(y)
     if isinstance(x, int) and isinstance(y, int):
-        return int(rest)
+        # UNSIGNED when the dividend is (MySQL's MOD takes its first argument's sign flag).
+        return Unsigned(int(rest)) if _unsigned(x) else int(rest)
     if isinstance(x, Unrounded) or isinstance(y, Unrounded):
         return Unrounded(rest, max(scale_of(x), scale_of(y)))
     return rest
@@ -1714,7 +1728,11 @@ def _sign(a: Any, b: Any) -> int:
 def _negate(value: Any) -> Any:
     if value is None:
         return None
-    return _like(-_numeric(value), value)
+    number = _numeric(value)
+    if type(number) in _INTEGERS and _SIGNED_MIN <= number <= _UNSIGNED_MAX:
+        # MySQL's minus of a BIGINT, UNSIGNED or not, is a signed BIGINT.
+        return _in_range(-number, False, f"-({number})")
+    return _like(-number, value)
 
 
 def _like(result: Any, value: Any) -> Any:
@@ -1761,19 +1779,36 @@ _INTEGERS = (int, Unsigned)
 _SIGNED_MIN, _UNSIGNED_MAX, _SIGNED_MAX = -(2**63), 2**64 - 1, 2**63 - 1
 
 
-def _bigint(result: int, x: int, y: int) -> int:
+def _bigint(result: int, x: int, y: int) -> Any:
     """``result`` of ``x`` and ``y`` as MySQL's BIGINT arithmetic gives it: UNSIGNED when an
     operand is (an Unsigned, from an UNSIGNED column; or beyond the signed range), then from 0
-    to 2**64 - 1, else signed; outside its range, error 1690 as on one database."""
+    to 2**64 - 1, else signed; outside its range, error 1690 as on one database. An operand
+    beyond both ranges is a literal MySQL types DECIMAL: DECIMAL arithmetic then."""
+    if not (_SIGNED_MIN <= x <= _UNSIGNED_MAX and _SIGNED_MIN <= y <= _UNSIGNED_MAX):
+        return Decimal(result)
     unsigned = Unsigned in (type(x), type(y)) or x > _SIGNED_MAX or y > _SIGNED_MAX
+    return _in_range(result, unsigned, f"{x} and {y}")
+
+
+def _in_range(result: int, unsigned: bool, operands: str) -> int:
+    """``result`` (an Unsigned when ``unsigned``) if it is in its BIGINT range, else error
+    1690 as on one database."""
     low, high = (0, _UNSIGNED_MAX) if unsigned else (_SIGNED_MIN, _SIGNED_MAX)
     if not low <= result <= high:
         kind = "BIGINT UNSIGNED" if unsigned else "BIGINT"
         raise ExecutionError(
-            f"{kind} value is out of range ({x} and {y} give {result}) in {_MERGED} across"
+            f"{kind} value is out of range ({operands} give {result}) in {_MERGED} across"
             " shards, as one database refuses it (error 1690)"
         )
     return Unsigned(result) if unsigned else result
+
+
+def _plain(value: Any) -> Any:
+    return int(value) if type(value) is Unsigned else value
+
+
+def _unsigned(x: Any) -> bool:
+    return type(x) is Unsigned or (type(x) is int and _SIGNED_MAX < x <= _UNSIGNED_MAX)
 
 
 def _divide(a: Any, b: Any) -> Any:
@@ -1823,7 +1858,11 @@ def _truth(value: Any) -> bool | None:
 def _absolute(value: Any) -> Any:
     if value is None:
         return None
-    return _like(abs(_numeric(value)), value)
+    number = _numeric(value)
+    if type(number) in _INTEGERS and _SIGNED_MIN <= number <= _UNSIGNED_MAX:
+        # ABS keeps its argument's type: ABS(-2**63) is out of the signed range.
+        return _in_range(abs(number), _unsigned(number), f"ABS({number})")
+    return _like(abs(number), value)
 
 
 def _and(a: bool | None, b: bool | None) -> bool | None:

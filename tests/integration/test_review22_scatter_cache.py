@@ -135,7 +135,7 @@ def test_union_of_a_float_and_an_integer_member_is_double(world: dict[str, Any])
         "SELECT CAST(amount_cents/7 AS FLOAT) FROM orders WHERE merchant_id = 1 UNION ALL"
         " SELECT qty FROM order_items WHERE order_id < 0 ORDER BY 1 DESC LIMIT 3",
     ):
-        refused(world, sql, match="floats")
+        refused(world, sql, match="FLOAT SELECT")
     floats = (
         "SELECT CAST(amount_cents/7 AS FLOAT) FROM orders WHERE merchant_id = 1 UNION ALL"
         " SELECT CAST(qty AS FLOAT) FROM order_items WHERE qty > 4"
