@@ -52,6 +52,14 @@ def rate(fn: Callable[[int], None], seconds: float) -> float:
     return n / (time.perf_counter() - start)
 
 
+def cpu_us(fn: Callable[[int], None], calls: int) -> float:
+    """Microseconds of this process's CPU time per call of fn(i), over ``calls`` calls."""
+    start = time.process_time()
+    for i in range(calls):
+        fn(i)
+    return round((time.process_time() - start) / calls * 1e6, 1)
+
+
 def summary(ra: list[float], rb: list[float]) -> dict[str, Any]:
     """Median rates of a and b, and the median and quartiles of the per-round ratio a/b.
 
@@ -186,6 +194,12 @@ def measure(topology: Topology, seconds: float) -> dict[str, Any]:
         single(i)
     sync = ab(scatter_sync, single, seconds)
     results["scatter_limit20_sync_vs_one_shard"] = {**sync, "slowdown": round(1 / sync["ratio"], 3)}
+    # The client's own CPU per call (process time: this process's user + system time), the
+    # part of the difference the router can act on.
+    results["client_cpu_us_per_call"] = {
+        "scatter_sync": cpu_us(scatter_sync, 1000),
+        "one_shard_core": cpu_us(single, 1000),
+    }
 
     # The floor of a pipelined scatter on this machine: no router, each shard's statement sent
     # on a plain PyMySQL connection, then every answer's packets read undecoded (what the
