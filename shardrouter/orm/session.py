@@ -1333,6 +1333,12 @@ class RoutedSession(ShardedSession):
                 self.router.resolver.write_shard(self._snap, shard, "orm", "statement")
             return self._invoke(ctx, token)
         if ctx.is_select:
+            if isinstance(stmt, CompoundSelect):
+                raise UnsupportedQueryError(
+                    "a UNION (CompoundSelect) through the ORM session is not routed; run it"
+                    " with router.execute(union_all(...)), which routes and merges its SELECTs,"
+                    " or run the SELECTs one by one"
+                )
             if not isinstance(stmt, Select):
                 raise UnsupportedQueryError(
                     f"{type(stmt).__name__} statements are not routed; use select()"

@@ -632,3 +632,18 @@ def test_orm_numbers_over_aggregates_and_in_having(w24: dict[str, Any]) -> None:
         with routed_sessionmaker(w24["router"])() as session:
             got = [tuple(r) for r in session.execute(stmt)]
         assert repr(got) == repr(expected)
+
+
+def test_orm_union_names_router_execute_which_answers_it(w24: dict[str, Any]) -> None:
+    from sqlalchemy import union_all
+
+    stmt = union_all(
+        select(_Order.user_id).where(_Order.amount_cents > 500),
+        select(_Order.user_id).where(_Order.amount_cents < 0),
+    ).order_by("user_id")
+    refusal = pytest.raises(UnsupportedQueryError, match=r"router\.execute\(union_all")
+    with routed_sessionmaker(w24["router"])() as session, refusal:
+        session.execute(stmt)
+    with w24["oracle"].connect() as conn:
+        expected = [tuple(r) for r in conn.execute(stmt)]
+    assert expected and [tuple(r) for r in w24["router"].execute(stmt).rows] == expected
