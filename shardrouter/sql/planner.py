@@ -422,7 +422,9 @@ class Planner:
         try:
             statements = sqlglot.parse(sql, read="mysql")
         except SqlglotError as exc:
-            raise UnsupportedQueryError(f"cannot parse SQL: {_first_line(exc)}") from None
+            raise UnsupportedQueryError(
+                f"cannot parse SQL: {_first_line(exc)}{_parse_hint(sql)}"
+            ) from None
         statements = [s for s in statements if s is not None]
         if len(statements) != 1:
             raise UnsupportedQueryError(
@@ -1155,6 +1157,28 @@ def _lock_sql(lock: exp.Expression) -> str:
     elif isinstance(wait, exp.Expression):
         text += f" WAIT {wait.sql(dialect='mysql')}"
     return text
+
+
+def _parse_hint(sql: str) -> str:
+    """The way out of a parse error the parser's message does not name: MariaDB's ``GROUP BY
+    x DESC`` (ordered groups), which sqlglot does not read."""
+    try:
+        tokens = SHARD_DIALECT.tokenize(sql)
+    except SqlglotError:
+        return ""
+    grouping = False
+    for token in tokens:
+        kind = token.token_type
+        if kind == TokenType.GROUP_BY:
+            grouping = True
+        elif kind in (TokenType.ORDER_BY, TokenType.HAVING, TokenType.LIMIT):
+            grouping = False
+        elif grouping and kind in (TokenType.ASC, TokenType.DESC):
+            return (
+                " (GROUP BY ... ASC/DESC, MariaDB's ordering of the groups, is not read; write"
+                " GROUP BY ... ORDER BY ... DESC)"
+            )
+    return ""
 
 
 def _first_line(exc: Exception) -> str:

@@ -425,3 +425,11 @@ def test_doc_lists_every_node() -> None:
     expected = {node.__name__: shapes.ANYWHERE for node in shapes.NODES}
     expected |= {node.__name__: shapes.ONE_TARGET for node in shapes.ONE_TARGET_NODES}
     assert documented == expected
+
+
+def test_group_by_with_a_direction_is_refused_with_the_way_out(planner: Planner) -> None:
+    # MariaDB accepts GROUP BY x DESC (ordered groups); sqlglot does not parse it.
+    message = refused(planner, "SELECT user_id, COUNT(*) FROM orders GROUP BY user_id DESC")
+    assert "GROUP BY ... ORDER BY ... DESC" in message
+    other = refused(planner, "SELECT user_id FROM orders WHERE (")
+    assert "GROUP BY" not in other
