@@ -647,3 +647,44 @@ def test_orm_union_names_router_execute_which_answers_it(w24: dict[str, Any]) ->
     with w24["oracle"].connect() as conn:
         expected = [tuple(r) for r in conn.execute(stmt)]
     assert expected and [tuple(r) for r in w24["router"].execute(stmt).rows] == expected
+
+
+def _orm_shapes() -> list[Any]:
+    from sqlalchemy import case, desc
+
+    o = _Order
+    return [
+        select(func.count()).select_from(o),
+        select(func.coalesce(func.sum(o.amount_cents), 0), func.max(o.amount_cents)),
+        select(o.status, func.count()).group_by(o.status).order_by(o.status),
+        select(o.status, func.avg(o.amount_cents).label("a"))
+        .group_by(o.status)
+        .order_by(desc("a"), o.status)
+        .limit(3),
+        select(o.merchant_id, case((func.count() > 5, "many"), else_="few"))
+        .group_by(o.merchant_id)
+        .order_by(o.merchant_id),
+        select(o.order_id, o.amount_cents)
+        .where(o.status.in_(["paid", "new"]))
+        .order_by(o.amount_cents.desc(), o.order_id)
+        .limit(5)
+        .offset(2),
+        select(func.count(o.amount_cents.distinct())),
+        select(o.user_id, func.sum(o.amount_cents) / 100)
+        .group_by(o.user_id)
+        .having(func.sum(o.amount_cents) > 1000)
+        .order_by(o.user_id)
+        .limit(4),
+    ]
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_orm_shapes_across_shards_as_one_database(w24: dict[str, Any], index: int) -> None:
+    """What an order service writes with SQLAlchemy (every number bound): answered across
+    shards as one database answers it, or refused typed."""
+    stmt = _orm_shapes()[index]
+    with w24["oracle"].connect() as conn:
+        expected = [tuple(r) for r in conn.execute(stmt)]
+    with routed_sessionmaker(w24["router"])() as session:
+        got = [tuple(r) for r in session.execute(stmt)]
+    assert repr(got) == repr(expected)
