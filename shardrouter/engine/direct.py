@@ -104,10 +104,9 @@ def execute(
             return JobResult((), [], cursor.rowcount)
         enums, unsigned = column_flags(cursor)
         rows = [tuple(row) for row in cursor.fetchall()]
-        floats = float_columns(description)
-        return JobResult(
-            tuple(d[0] for d in description), rows, len(rows), (), enums, floats, unsigned
-        )
+        floats, rounded = float_columns(description)
+        names = tuple(d[0] for d in description)
+        return JobResult(names, rows, len(rows), (), enums, floats, unsigned, rounded)
     except BaseException as exc:
         if isinstance(exc, Exception) and not isinstance(exc, conn.dialect.loaded_dbapi.Error):
             # Ours (a missing parameter, before anything was sent) or the driver's own

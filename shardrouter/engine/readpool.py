@@ -1041,8 +1041,9 @@ def _result(description: Any, rows: Sequence[Any], rowcount: int) -> JobResult:
     if description is None:
         return JobResult((), [], rowcount)
     kept = rows if isinstance(rows, LazyRows) else list(rows)
-    floats = float_columns(description)
-    return JobResult(tuple(d[0] for d in description), kept, len(kept), floats=floats)
+    floats, rounded = float_columns(description)
+    names = tuple(d[0] for d in description)
+    return JobResult(names, kept, len(kept), floats=floats, rounded=rounded)
 
 
 def _close(conn: Any) -> None:

@@ -1785,8 +1785,9 @@ def _refuse_index_ordered_sort_keys(plan: MergePlan, part: Result[Any]) -> None:
     sort_keys = tuple(
         SortKey(i, False) for i, name in enumerate(names) if name.startswith(_SORT_LABEL)
     )
+    floats, rounded = float_columns(description)
     found = JobResult(
-        tuple(names), [], 0, (), index_ordered_columns(cursor), float_columns(description)
+        tuple(names), [], 0, (), index_ordered_columns(cursor), floats, rounded=rounded
     )
     keys_only = replace(plan, order_by=sort_keys, group_by=(), distinct=False)
     _refuse_index_ordered(keys_only, [found])

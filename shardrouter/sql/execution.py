@@ -160,6 +160,9 @@ class JobResult:
     """Positions of FLOAT columns, whose values reach the client in 6 digits (float_columns)."""
     unsigned: frozenset[int] = frozenset()
     """Positions of UNSIGNED columns (column_flags): MySQL's arithmetic on them is unsigned."""
+    rounded: frozenset[int] = frozenset()
+    """Positions of FLOAT/DOUBLE columns with fixed decimals (FLOAT(7,2), SUM of one), whose
+    values reach the client rounded to them (float_columns)."""
 
     @classmethod
     def of(cls, result: Any) -> JobResult:
@@ -167,10 +170,10 @@ class JobResult:
         if result.returns_rows:
             cursor = result.cursor
             enums, unsigned = column_flags(cursor)  # before all() closes the cursor
-            floats = float_columns(cursor.description)
+            floats, rounded = float_columns(cursor.description)
             # all() fetches in one call; iterating the Result row by row costs ~60 us more.
             rows = [tuple(r) for r in result.all()]
-            return cls(tuple(result.keys()), rows, len(rows), (), enums, floats, unsigned)
+            return cls(tuple(result.keys()), rows, len(rows), (), enums, floats, unsigned, rounded)
         return cls((), [], result.rowcount)
 
     def flagged(self, cursor: Any) -> JobResult:
@@ -217,23 +220,26 @@ def column_flags(cursor: Any) -> tuple[frozenset[int], frozenset[int]]:
     return (frozenset(enums) if enums else _NONE, frozenset(unsigned) if unsigned else _NONE)
 
 
-_FLOAT = 4  # the protocol's MYSQL_TYPE_FLOAT (DBAPI type_code of PyMySQL, mysqlclient, aiomysql)
+_FLOAT, _DOUBLE = 4, 5  # the protocol's types (DBAPI type_code of PyMySQL, mysqlclient...)
 
 
-def float_columns(description: Any) -> frozenset[int]:
-    """Positions of the FLOAT columns of a DBAPI description. MariaDB and MySQL send a FLOAT
-    as text of 6 significant digits (16777217 as 1.67772e7), and compare, group and compute
-    with the stored value: a merge on those digits is not one database's answer."""
+def float_columns(description: Any) -> tuple[frozenset[int], frozenset[int]]:
+    """Positions of the FLOAT columns of a DBAPI description, and of its FLOAT/DOUBLE columns
+    with fixed decimals. MariaDB and MySQL send a FLOAT as text of 6 significant digits
+    (16777217 as 1.67772e7), a FLOAT(7,2) or a SUM of one with its 2 decimals (the stored 0.1
+    is 0.1000000015), and compare, group and compute with the stored value: a merge on that
+    text is not one database's answer (execution._refuse_floats)."""
     if not description:
-        return _NONE
-    # FLOAT(M, D) is sent with its D decimals, which tell its stored values apart; a FLOAT's
-    # 31 (NOT_FIXED_DEC) means "as many as it takes", and MySQL takes 6 significant digits.
-    found = [i for i, d in enumerate(description) if d[1] == _FLOAT and _not_fixed(d[5])]
-    return frozenset(found) if found else _NONE
+        return _NONE, _NONE
+    # Decimals 31 (NOT_FIXED_DEC) mean "as many as it takes": 6 significant digits for a FLOAT,
+    # 17 for a DOUBLE (exact).
+    floats = [i for i, d in enumerate(description) if d[1] == _FLOAT]
+    rounded = [i for i, d in enumerate(description) if d[1] in (_FLOAT, _DOUBLE) and _fixed(d[5])]
+    return (frozenset(floats) if floats else _NONE, frozenset(rounded) if rounded else _NONE)
 
 
-def _not_fixed(decimals: Any) -> bool:
-    return not isinstance(decimals, int) or decimals >= 31
+def _fixed(decimals: Any) -> bool:
+    return isinstance(decimals, int) and decimals < 31
 
 
 @dataclass(slots=True)
@@ -253,6 +259,8 @@ class ResultSet:
     """Positions of the ENUM/SET columns any shard reported (JobResult.index_ordered)."""
     floats: frozenset[int] = frozenset()
     """Positions of the FLOAT columns any shard reported (JobResult.floats)."""
+    rounded: frozenset[int] = frozenset()
+    """Positions of the fixed-decimal FLOAT/DOUBLE columns any shard reported."""
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         return iter(self.rows)
@@ -369,6 +377,7 @@ def run(
             (shard,),
             index_ordered=result.index_ordered,
             floats=result.floats,
+            rounded=result.rounded,
         )
     scatter_sql = len(found.targets) > 1 and plan.kind == "select"
     owner = _deleted_owner(plan) if plan.kind == "delete" else None
@@ -517,13 +526,17 @@ def _merged(
                     )
         return ResultSet((), [], rowcount, shards, tuple(found.lookups), found.scatter)
     columns = results[0].columns if results else ()
-    flagged = frozenset().union(*(r.index_ordered for r in results))
-    floats = frozenset().union(*(r.floats for r in results))
-    if not scatter_sql or plan.merge is None:
+    # Column kinds any shard reported, of the columns the caller sees.
+    merging = scatter_sql and plan.merge is not None
+    width = plan.merge.visible_width(len(columns)) if merging and plan.merge else len(columns)
+    kinds = [
+        frozenset(p for r in results for p in getattr(r, kind) if p < width)
+        for kind in ("index_ordered", "floats", "rounded")
+    ]
+    lookups = tuple(found.lookups)
+    if not merging or plan.merge is None:
         rows = [row for r in results for row in r.rows]
-        return ResultSet(
-            columns, rows, len(rows), shards, tuple(found.lookups), found.scatter, flagged, floats
-        )
+        return ResultSet(columns, rows, len(rows), shards, lookups, found.scatter, *kinds)
     if plan.merge.regrouped and not any(r.rows for r in results):
         # An aggregate without GROUP BY over no rows is one row all the same, with its
         # constants and parameters: no shard sent a row to take them from.
@@ -531,15 +544,9 @@ def _merged(
         shard = ShardId(target.shard)
         (empty,) = yield [Job(shard, plan.render_empty(target), params, "read")]
         rows = list(empty.rows)
-        return ResultSet(empty.columns, rows, len(rows), shards, tuple(found.lookups), True)
+        return ResultSet(empty.columns, rows, len(rows), shards, lookups, True)
     merged = merged_rows(plan.merge, results, limits)
-    width = plan.merge.visible_width(len(columns))
-    visible = columns[:width]
-    flagged = frozenset(p for p in flagged if p < width)
-    floats = frozenset(p for p in floats if p < width)
-    return ResultSet(
-        visible, merged, len(merged), shards, tuple(found.lookups), found.scatter, flagged, floats
-    )
+    return ResultSet(columns[:width], merged, len(merged), shards, lookups, found.scatter, *kinds)
 
 
 def at_most(statement: str, cap: int | None) -> str:
@@ -649,18 +656,26 @@ def _refuse_index_ordered(merge_plan: MergePlan, results: Sequence[JobResult]) -
 
 
 def _refuse_floats(merge_plan: MergePlan, results: Sequence[JobResult]) -> None:
-    """A FLOAT column reaches the merge in 6 digits (float_columns): refused where the merge
-    compares it (ORDER BY, GROUP BY, DISTINCT, GROUP_CONCAT keys) or may compute with it
-    (HAVING, expressions over aggregates), where one database uses the stored value. MIN and
-    MAX of it merge right (the 6-digit rounding keeps the order); SUM and AVG are DOUBLE."""
+    """A FLOAT column reaches the merge in 6 digits, a fixed-decimal FLOAT/DOUBLE one rounded
+    to its decimals (float_columns), while one database uses the stored value: refused where
+    the merge computes with them (HAVING, expressions over aggregates, adding SUM partials for
+    SUM and AVG) and, for a FLOAT, where it compares them (ORDER BY, GROUP BY, DISTINCT,
+    GROUP_CONCAT keys: fixed decimals keep stored values apart). MIN and MAX merge right (the
+    rounding keeps the order); a SUM of a plain FLOAT or DOUBLE is a full DOUBLE."""
     floats = frozenset().union(*(r.floats for r in results))
-    if not floats:
+    rounded = frozenset().union(*(r.rounded for r in results))
+    if not floats and not rounded:
         return
     columns = next((r.columns for r in results if r.columns), ())
     width = len(columns)
-    positions = _compared(merge_plan, width)
-    positions |= {p % width for p in merge_plan.evaluated if -width <= p < width}
-    _refuse_float_at(floats & positions, columns)
+    within = range(-width, width)
+    computed = {p % width for p in merge_plan.evaluated if p in within}
+    computed |= {
+        a.index % width for a in merge_plan.aggregates if a.func == "sum" and a.index in within
+    }
+    computed |= {a.sum_index % width for a in merge_plan.averages if a.sum_index in within}
+    compared = _compared(merge_plan, width)
+    _refuse_float_at(((floats - rounded) & compared) | ((floats | rounded) & computed), columns)
 
 
 _HIDDEN = re.compile(r"shardrouter_")
@@ -676,9 +691,10 @@ def _refuse_float_at(positions: Iterable[int], columns: Sequence[str]) -> None:
         names = ", ".join(shown) if shown else "an ORDER BY, GROUP BY or HAVING value"
         raise UnsupportedQueryError(
             f"a FLOAT value ({names}) is ordered, grouped, deduplicated or computed with"
-            " across shards: MySQL sends a FLOAT in 6 digits (16777217 as 1.67772e7) and"
-            " compares the stored value, so the merge would not give one database's answer;"
-            " use CAST(x AS DOUBLE) there (exact), or route the statement by a key"
+            " across shards: MySQL sends a FLOAT in 6 digits (16777217 as 1.67772e7), and a"
+            " FLOAT(M,D) or DOUBLE(M,D) rounded to D decimals, but compares and computes with"
+            " the stored value, so the merge would not give one database's answer; use"
+            " CAST(x AS DOUBLE) there (exact), or route the statement by a key"
         )
 
 
@@ -808,9 +824,10 @@ def _union(
         ]
         typed = answer.rows[0] if answer.rows else ()
     floats = frozenset().union(*(r.floats for r in results))
+    rounded = frozenset().union(*(r.rounded for r in results))
     window = _union_window(plan, params)
     rows = _union_rows(
-        plan, [r.rows for r in results], kinds, typed, floats, results[0].columns, window
+        plan, [r.rows for r in results], kinds, typed, (floats, rounded), results[0].columns, window
     )
     shards = tuple(dict.fromkeys(s for r in results for s in r.shards))
     lookups = tuple(dict.fromkeys(s for r in results for s in r.lookups))
@@ -822,14 +839,15 @@ def _union_rows(
     members: Sequence[Sequence[tuple[Any, ...]]],
     kinds: list[set[str]],
     typed: Sequence[Any] = (),
-    floats: frozenset[int] = frozenset(),
+    floats: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset()),
     columns: Sequence[str] = (),
     window: tuple[int, int | None] = (0, None),
 ) -> list[tuple[Any, ...]]:
     """The members' rows as one database's UNION: values brought to the column's type
     (``kinds``: _union_kinds of the members; ``typed``: a value of each column's type, from
-    render_union_types), deduplicated, ordered and cut. ``floats``: the FLOAT columns of any
-    member (ResultSet.floats), refused where compared."""
+    render_union_types), deduplicated, ordered and cut. ``floats``: the FLOAT and the
+    fixed-decimal FLOAT/DOUBLE columns of any member (ResultSet.floats, .rounded)."""
+    every_float, rounded = floats
     scales = [0] * len(kinds)
     for rows in members:
         for row in rows:
@@ -851,7 +869,7 @@ def _union_rows(
             # The probe's 0.1 comes back 0.1 only through a FLOAT column (render_union_types);
             # a DOUBLE column shows a FLOAT SELECT's values in full, which reach the router
             # in 6 digits. DOUBLE SELECTs only (no FLOAT in the metadata) are exact.
-            if zero != 0.1 and i in floats:
+            if zero != 0.1 and i in every_float | rounded:
                 raise UnsupportedQueryError(
                     f"UNION column {i + 1} across targets holds a FLOAT SELECT's values and one"
                     " database types it DOUBLE: they reach the router in 6 digits, which that"
@@ -909,7 +927,7 @@ def _union_rows(
             )
     compared = set(range(len(kinds))) if plan.union_distinct else set()
     compared |= {pos for pos, _ in plan.union_order}
-    _refuse_float_at(floats & compared, columns)
+    _refuse_float_at((every_float - rounded) & compared, columns)
     for pos in compared:
         if kinds and kinds[pos] & {"str", "bytes"}:
             raise UnsupportedQueryError(

@@ -1042,10 +1042,15 @@ def _literal_label(item: exp.Expression, text: str) -> str | None:
     without parentheses and a leading ``+`` (``.5``, ``(.5)`` and ``+.5`` are all ``.5``, which
     sqlglot writes 0.5), adjacent strings by their joined value (``'a' 'b'`` is ``ab``, which
     sqlglot writes as CONCAT). None for any other item."""
-    while text.startswith("(") and text.endswith(")"):
+    number = isinstance(item, exp.Literal) and not item.is_string
+    while True:  # ((.5)), +(.5), (+.5): MySQL drops both
+        if number:
+            text = text.lstrip("+ \t\r\n")
+        if not (text.startswith("(") and text.endswith(")")):
+            break
         text = text[1:-1].strip()
-    if isinstance(item, exp.Literal) and not item.is_string:
-        return text.lstrip("+ \t\r\n")
+    if number:
+        return text
     if (
         isinstance(item, exp.Concat)
         and text[:1] in ("'", '"')

@@ -1085,6 +1085,10 @@ class _Having:
         ref = value_ref(expr)
         if ref is not None and ref.param is None:
             value = ref.literal
+            if type(value) is int and not _SIGNED_MIN < value <= _UNSIGNED_MAX:
+                # -9223372036854775808 is the minus of an UNSIGNED literal, which MySQL
+                # reads as a DECIMAL (and so any literal beyond BIGINT).
+                value = Decimal(value)
             return lambda row: (value, None)
         if isinstance(expr, exp.Literal):
             number = _number(expr.this)
@@ -1563,9 +1567,9 @@ def _int_divide(a: Any, b: Any) -> Any:
         context.prec = 100
         quotient = int(x / y)
     a, b = pair
-    if type(a) in _INTEGERS and type(b) in _INTEGERS:
+    if type(a) in _INTEGERS and type(b) in _INTEGERS and _bigint_operands(a, b):
         return _bigint(quotient, a, b)  # UNSIGNED when an operand is, as + - *
-    return quotient
+    return quotient  # DIV is an integer, with a DECIMAL operand too
 
 
 def _modulo(a: Any, b: Any) -> Any:
@@ -1580,6 +1584,8 @@ def _modulo(a: Any, b: Any) -> Any:
         context.prec = 100
         rest = Decimal(x) % Decimal(y)
     if isinstance(x, int) and isinstance(y, int):
+        if not _bigint_operands(x, y):
+            return Decimal(int(rest))  # a literal beyond BIGINT is a DECIMAL: so is %
         # UNSIGNED when the dividend is (MySQL's MOD takes its first argument's sign flag).
         return Unsigned(int(rest)) if _unsigned(x) else int(rest)
     if isinstance(x, Unrounded) or isinstance(y, Unrounded):
@@ -1729,8 +1735,12 @@ def _negate(value: Any) -> Any:
     if value is None:
         return None
     number = _numeric(value)
-    if type(number) in _INTEGERS and _SIGNED_MIN <= number <= _UNSIGNED_MAX:
-        # MySQL's minus of a BIGINT, UNSIGNED or not, is a signed BIGINT.
+    if type(number) is int and not _SIGNED_MIN <= number <= _SIGNED_MAX:
+        # A literal beyond the signed range (9223372036854775808, or a DECIMAL one): MySQL
+        # reads -9223372036854775808 and its minus as DECIMAL.
+        return Decimal(-number)
+    if type(number) in _INTEGERS:
+        # MySQL's minus of a BIGINT, UNSIGNED (a column's) or not, is a signed BIGINT.
         return _in_range(-number, False, f"-({number})")
     return _like(-number, value)
 
@@ -1784,10 +1794,15 @@ def _bigint(result: int, x: int, y: int) -> Any:
     operand is (an Unsigned, from an UNSIGNED column; or beyond the signed range), then from 0
     to 2**64 - 1, else signed; outside its range, error 1690 as on one database. An operand
     beyond both ranges is a literal MySQL types DECIMAL: DECIMAL arithmetic then."""
-    if not (_SIGNED_MIN <= x <= _UNSIGNED_MAX and _SIGNED_MIN <= y <= _UNSIGNED_MAX):
+    if not _bigint_operands(x, y):
         return Decimal(result)
     unsigned = Unsigned in (type(x), type(y)) or x > _SIGNED_MAX or y > _SIGNED_MAX
     return _in_range(result, unsigned, f"{x} and {y}")
+
+
+def _bigint_operands(x: int, y: int) -> bool:
+    """Whether both are BIGINTs (signed or UNSIGNED): a literal beyond is a DECIMAL."""
+    return _SIGNED_MIN <= x <= _UNSIGNED_MAX and _SIGNED_MIN <= y <= _UNSIGNED_MAX
 
 
 def _in_range(result: int, unsigned: bool, operands: str) -> int:
