@@ -659,9 +659,9 @@ def _refuse_floats(merge_plan: MergePlan, results: Sequence[JobResult]) -> None:
     """A FLOAT column reaches the merge in 6 digits, a fixed-decimal FLOAT/DOUBLE one rounded
     to its decimals (float_columns), while one database uses the stored value: refused where
     the merge computes with them (HAVING, expressions over aggregates, adding SUM partials for
-    SUM and AVG) and, for a FLOAT, where it compares them (ORDER BY, GROUP BY, DISTINCT,
-    GROUP_CONCAT keys: fixed decimals keep stored values apart). MIN and MAX merge right (the
-    rounding keeps the order); a SUM of a plain FLOAT or DOUBLE is a full DOUBLE."""
+    SUM and AVG) or compares them (ORDER BY, GROUP BY, DISTINCT, GROUP_CONCAT keys). MIN and
+    MAX merge right (the rounding keeps the order); a SUM of a plain FLOAT or DOUBLE is a full
+    DOUBLE."""
     floats = frozenset().union(*(r.floats for r in results))
     rounded = frozenset().union(*(r.rounded for r in results))
     if not floats and not rounded:
@@ -674,8 +674,10 @@ def _refuse_floats(merge_plan: MergePlan, results: Sequence[JobResult]) -> None:
         a.index % width for a in merge_plan.aggregates if a.func == "sum" and a.index in within
     }
     computed |= {a.sum_index % width for a in merge_plan.averages if a.sum_index in within}
+    # Fixed decimals keep a column's stored values apart, not an expression's (f2 * 0.01 sent
+    # as 0.00 for 0.001 and 0.0011), and the metadata does not tell them apart: both refused.
     compared = _compared(merge_plan, width)
-    _refuse_float_at(((floats - rounded) & compared) | ((floats | rounded) & computed), columns)
+    _refuse_float_at((floats | rounded) & (compared | computed), columns)
 
 
 _HIDDEN = re.compile(r"shardrouter_")
@@ -927,7 +929,7 @@ def _union_rows(
             )
     compared = set(range(len(kinds))) if plan.union_distinct else set()
     compared |= {pos for pos, _ in plan.union_order}
-    _refuse_float_at((every_float - rounded) & compared, columns)
+    _refuse_float_at((every_float | rounded) & compared, columns)
     for pos in compared:
         if kinds and kinds[pos] & {"str", "bytes"}:
             raise UnsupportedQueryError(

@@ -1085,10 +1085,8 @@ class _Having:
         ref = value_ref(expr)
         if ref is not None and ref.param is None:
             value = ref.literal
-            if type(value) is int and not _SIGNED_MIN < value <= _UNSIGNED_MAX:
-                # -9223372036854775808 is the minus of an UNSIGNED literal, which MySQL
-                # reads as a DECIMAL (and so any literal beyond BIGINT).
-                value = Decimal(value)
+            if type(value) is int and not _SIGNED_MIN <= value <= _UNSIGNED_MAX:
+                value = Decimal(value)  # a literal beyond BIGINT is a DECIMAL in MySQL
             return lambda row: (value, None)
         if isinstance(expr, exp.Literal):
             number = _number(expr.this)
@@ -1097,7 +1095,10 @@ class _Having:
             return lambda row: (None, None)
         if isinstance(expr, exp.Neg):
             inner = self.operand(expr.this, other)
-            return lambda row: (_negate(inner(row)[0]), None)
+            # MySQL folds the minus of a constant: beyond BIGINT it is a DECIMAL there
+            # (-(-9223372036854775807 - 1)), while a column's is error 1690.
+            constant = next(expr.this.find_all(exp.Column, exp.AggFunc), None) is None
+            return lambda row: (_negate(inner(row)[0], constant=constant), None)
         if isinstance(expr, _ARITHMETIC):
             self._arithmetic += 1
             try:
@@ -1567,9 +1568,8 @@ def _int_divide(a: Any, b: Any) -> Any:
         context.prec = 100
         quotient = int(x / y)
     a, b = pair
-    if type(a) in _INTEGERS and type(b) in _INTEGERS and _bigint_operands(a, b):
-        return _bigint(quotient, a, b)  # UNSIGNED when an operand is, as + - *
-    return quotient  # DIV is an integer, with a DECIMAL operand too
+    # An integer, with DECIMAL operands too, in BIGINT's range (UNSIGNED when an operand is).
+    return _in_range(quotient, _unsigned(a) or _unsigned(b), f"{a} DIV {b}")
 
 
 def _modulo(a: Any, b: Any) -> Any:
@@ -1731,16 +1731,15 @@ def _sign(a: Any, b: Any) -> int:
     return int(a > b) - int(a < b)
 
 
-def _negate(value: Any) -> Any:
+def _negate(value: Any, *, constant: bool = False) -> Any:
+    """MySQL's unary minus: of a BIGINT, UNSIGNED (a column's) or not, a signed BIGINT, error
+    1690 beyond; of a ``constant`` beyond, a DECIMAL (9223372036854775808 and -(-2**63))."""
     if value is None:
         return None
     number = _numeric(value)
-    if type(number) is int and not _SIGNED_MIN <= number <= _SIGNED_MAX:
-        # A literal beyond the signed range (9223372036854775808, or a DECIMAL one): MySQL
-        # reads -9223372036854775808 and its minus as DECIMAL.
-        return Decimal(-number)
     if type(number) in _INTEGERS:
-        # MySQL's minus of a BIGINT, UNSIGNED (a column's) or not, is a signed BIGINT.
+        if constant and not _SIGNED_MIN <= -number <= _SIGNED_MAX:
+            return Decimal(-number)
         return _in_range(-number, False, f"-({number})")
     return _like(-number, value)
 
